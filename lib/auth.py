@@ -1,0 +1,96 @@
+"""Verification of Supabase access tokens: asymmetric keys through the project's JWKS, legacy HS256."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import jwt
+from jwt import PyJWKClient
+
+from lib.config import get_settings
+from lib.errors import Unauthorized
+
+ASYMMETRIC_ALGS = ("ES256", "RS256")
+LEEWAY_SECONDS = 30
+
+
+class TokenVerifier:
+    """Supabase 访问令牌校验器"""
+
+    def __init__(self):
+        settings = get_settings()
+        self.issuer = settings.auth_issuer
+        self.hs_secret = settings.supabase_jwt_secret
+        # PyJWKClient caches the key set (lifespan) and refetches once on an unknown kid.
+        self.jwks = PyJWKClient(
+            settings.jwks_url,
+            cache_jwk_set=True,
+            lifespan=settings.jwks_cache_seconds,
+            cache_keys=False,
+            timeout=5,
+            cooldown_duration=10,
+        )
+
+    def verify(self, token: str) -> dict:
+        """校验令牌并返回 claims（签名、过期、受众、签发者、sub）"""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthorized("Malformed access token.") from None
+        alg = header.get("alg")
+        try:
+            if alg in ASYMMETRIC_ALGS:
+                key = self.jwks.get_signing_key_from_jwt(token).key
+                claims = self._decode(token, key, alg)
+            elif alg == "HS256" and self.hs_secret:
+                claims = self._decode(token, self.hs_secret, "HS256")
+            else:
+                raise Unauthorized("Unsupported token algorithm.")
+        except jwt.ExpiredSignatureError:
+            raise Unauthorized("Access token expired.") from None
+        except jwt.PyJWKClientConnectionError:
+            raise Unauthorized("Could not fetch the signing keys.") from None
+        except jwt.PyJWTError:
+            raise Unauthorized("Invalid access token.") from None
+        try:
+            uuid.UUID(str(claims.get("sub")))
+        except ValueError:
+            raise Unauthorized("Access token has no valid subject.") from None
+        return claims
+
+    def _decode(self, token: str, key, alg: str) -> dict:
+        # One algorithm per key type: an HS256 token is never checked against a
+        # public key and an ES256 token never against the shared secret.
+        return jwt.decode(
+            token,
+            key,
+            algorithms=[alg],
+            audience="authenticated",
+            issuer=self.issuer,
+            leeway=LEEWAY_SECONDS,
+            options={"require": ["exp", "sub", "aud", "iss"]},
+        )
+
+    async def averify(self, token: str) -> dict:
+        """异步校验（JWKS 获取在线程中进行）"""
+        if self.jwks.jwk_set_cache is not None and not self.jwks.jwk_set_cache.is_expired():
+            return self.verify(token)
+        return await asyncio.to_thread(self.verify, token)
+
+
+_verifier: TokenVerifier | None = None
+
+
+def get_token_verifier() -> TokenVerifier:
+    """获取令牌校验器单例"""
+    global _verifier
+    if _verifier is None:
+        _verifier = TokenVerifier()
+    return _verifier
+
+
+def reset_token_verifier() -> None:
+    """丢弃缓存的校验器（配置变化后）"""
+    global _verifier
+    _verifier = None

@@ -1,0 +1,125 @@
+"""Typed settings, read from the environment and `.env` (pydantic-settings)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Settings that cloud mode cannot run without; checked at start, each missing one named.
+CLOUD_REQUIRED = (
+    "supabase_url",
+    "supabase_db_url",
+    "supabase_service_role_key",
+    "stripe_secret_key",
+    "stripe_webhook_secret",
+)
+PLACEHOLDER_PREFIXES = ("change-me", "your-", "<")
+
+
+class Settings(BaseSettings):
+    """应用配置"""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", case_sensitive=False)
+
+    # Mode and local server
+    spool_mode: Literal["local", "cloud"] = "local"
+    spool_host: str = "127.0.0.1"
+    spool_port: int = 8000
+    spool_home: Path = Path(".spool")
+    public_url: str | None = None  # how browsers reach the API; default http://SPOOL_HOST:SPOOL_PORT
+    cors_origins: list[str] = ["http://localhost:3000", "http://127.0.0.1:3000"]
+    log_level: str = "INFO"
+
+    # Supabase
+    supabase_url: str | None = None
+    supabase_db_url: str | None = None
+    supabase_service_role_key: str | None = None  # legacy service_role JWT or an sb_secret_ key
+    supabase_jwt_secret: str | None = None  # legacy HS256 signing secret, optional
+    supabase_anon_key: str | None = None
+    jwks_cache_seconds: int = Field(600, le=600)
+    storage_bucket: str = "media"
+    db_pool_min: int = 1
+    db_pool_max: int = 10
+
+    # Credits and tasks
+    signup_credits: int = Field(100, ge=0)
+    task_stall_seconds: int = Field(120, ge=5)
+    task_max_attempts: int = Field(3, ge=1)
+    max_active_tasks_per_user: int = Field(5, ge=1)
+    worker_concurrency: int = Field(1, ge=1)
+    reaper_interval_seconds: float = 5.0
+
+    # Uploads and media limits
+    max_direct_upload_bytes: int = 25 * 1024 * 1024
+    max_upload_bytes: int = 2 * 1024 * 1024 * 1024
+    signed_url_seconds: int = 3600
+    max_input_pixels: int = 40_000_000
+    max_output_pixels: int = 7680 * 4320
+    max_video_seconds: float = 600
+    max_video_frames: int = 36_000
+
+    # Stripe
+    stripe_secret_key: str | None = None
+    stripe_webhook_secret: str | None = None
+    stripe_api_base: str | None = None  # another server speaking Stripe's API (tests)
+    stripe_webhook_tolerance: int = 300
+    billing_allowed_origins: list[str] = ["http://localhost:3000", "http://127.0.0.1:3000"]
+    billing_success_url: str = "http://localhost:3000/billing/success"
+    billing_cancel_url: str = "http://localhost:3000/billing/cancel"
+
+    # Modal
+    modal_app_name: str = "spool"
+
+    # Kling AI
+    kling_ai_access_key: str | None = None
+    kling_ai_secret_key: str | None = None
+    kling_api_base: str = "https://api.klingai.com"
+    kling_poll_deadline_seconds: float = 1800
+    kling_poll_interval_seconds: float = 5
+
+    @field_validator("spool_home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def is_local(self) -> bool:
+        return self.spool_mode == "local"
+
+    @property
+    def auth_issuer(self) -> str:
+        return f"{self.supabase_url.rstrip('/')}/auth/v1" if self.supabase_url else ""
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.auth_issuer}/.well-known/jwks.json"
+
+    @property
+    def kling_configured(self) -> bool:
+        return bool(self.kling_ai_access_key and self.kling_ai_secret_key)
+
+    def missing_cloud_settings(self) -> list[str]:
+        """列出云模式缺失的配置项"""
+        missing = []
+        for name in CLOUD_REQUIRED:
+            value = getattr(self, name)
+            if not value or str(value).lower().startswith(PLACEHOLDER_PREFIXES):
+                missing.append(name.upper())
+        return missing
+
+    def require_complete(self) -> None:
+        """云模式下缺少必需配置时拒绝启动"""
+        if self.spool_mode == "cloud":
+            missing = self.missing_cloud_settings()
+            if missing:
+                raise RuntimeError("Cloud mode is missing required settings: " + ", ".join(missing))
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """获取缓存的配置对象"""
+    return Settings()

