@@ -8,12 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from functions import credits, health
+from functions import assets, billing, credits, health, models, projects, tasks
 from functions.errors import RequestIdMiddleware, install_error_handlers
 from lib import db
 from lib.config import get_settings
 
-ROUTERS = (health, credits)
+ROUTERS = (health, models, credits, billing, projects, assets, tasks)
 
 
 @asynccontextmanager

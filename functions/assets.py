@@ -1,0 +1,5 @@
+"""Assets."""
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/assets", tags=["Assets"])

@@ -1,0 +1,5 @@
+"""Billing."""
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/billing", tags=["Billing"])

@@ -1,0 +1,5 @@
+"""Projects."""
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/projects", tags=["Projects"])

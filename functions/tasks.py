@@ -1,0 +1,5 @@
+"""Tasks."""
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/tasks", tags=["Tasks"])

@@ -1,0 +1,44 @@
+"""Dispatch: hand a queued task to the job runner (local worker or Modal), behind one interface."""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from lib import db
+from lib.config import get_settings
+
+log = logging.getLogger("spool.dispatch")
+
+
+class Dispatcher(Protocol):
+    async def dispatch(self, *, task_id: str, model_key: str) -> None: ...
+
+    async def cancel(self, *, task_id: str, call_id: str | None) -> None: ...
+
+
+class LocalDispatcher:
+    """本地调度：任务入队时数据库 NOTIFY 已唤醒 worker，这里只需再提醒一次"""
+
+    async def dispatch(self, *, task_id: str, model_key: str) -> None:
+        """派发任务（本地：通知 worker）"""
+        await db.execute("select pg_notify('spool_task_queued', %s)", (task_id,))
+
+    async def cancel(self, *, task_id: str, call_id: str | None) -> None:
+        """取消任务（本地：worker 在下一个进度点发现取消）"""
+
+
+_dispatcher: Dispatcher | None = None
+
+
+def get_dispatcher() -> Dispatcher:
+    """获取当前模式的调度器单例"""
+    global _dispatcher
+    if _dispatcher is None:
+        if get_settings().is_local:
+            _dispatcher = LocalDispatcher()
+        else:
+            from lib.modal_dispatch import ModalDispatcher
+
+            _dispatcher = ModalDispatcher()
+    return _dispatcher
