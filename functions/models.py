@@ -1,5 +1,36 @@
-"""Models."""
+"""Models: the catalog and price quotes."""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
 
 from fastapi import APIRouter
+from pydantic import BaseModel, Field
+
+from functions.auth import CurrentUserId
+from functions.errors import ok
+from lib.catalog import list_models
+from lib.tasks import get_task_service
 
 router = APIRouter(prefix="/models", tags=["Models"])
+
+
+class QuoteRequest(BaseModel):
+    params: dict[str, Any] = Field(default_factory=dict)
+    input_asset_ids: list[UUID] | None = Field(
+        None, max_length=10, description="Optional: the input assets, which must match the asset ids in params."
+    )
+
+
+@router.get("")
+async def get_models():
+    """模型目录"""
+    return ok(list_models())
+
+
+@router.post("/{key}/quote")
+async def quote(key: str, body: QuoteRequest, user_id: CurrentUserId):
+    """按参数报价（不扣费）"""
+    return ok(await get_task_service().quote(user_id=user_id, model_key=key, params=body.params,
+                                                 input_asset_ids=body.input_asset_ids))

@@ -1,5 +1,67 @@
-"""Tasks."""
+"""Tasks: create (charged once, idempotent), list, read, cancel."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from typing import Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Header, Query, Response
+from pydantic import BaseModel, Field
+
+from functions.auth import CurrentUserId
+from functions.errors import ok
+from lib.tasks import get_task_service
 
 router = APIRouter(prefix="/tasks", tags=["Tasks"])
+
+TaskStatus = Literal["queued", "processing", "completed", "failed", "canceled"]
+
+
+class TaskCreate(BaseModel):
+    model_key: str = Field(min_length=1, max_length=100, examples=["image.upscale"])
+    params: dict[str, Any] = Field(default_factory=dict)
+    project_id: UUID | None = None
+
+
+@router.post("", status_code=201)
+async def create_task(
+    body: TaskCreate,
+    user_id: CurrentUserId,
+    response: Response,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=200),
+):
+    """创建任务（扣除积分；同一 Idempotency-Key 重放返回同一任务）"""
+    task, created = await get_task_service().create_task(
+        user_id=user_id, model_key=body.model_key, params=body.params,
+        project_id=str(body.project_id) if body.project_id else None, idempotency_key=idempotency_key,
+    )
+    if not created:
+        response.status_code = 200  # a replay: same task, nothing charged
+    return ok(task)
+
+
+@router.get("")
+async def list_tasks(
+    user_id: CurrentUserId,
+    status: TaskStatus | None = None,
+    project_id: UUID | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    cursor: str | None = None,
+):
+    """任务列表"""
+    return ok(await get_task_service().list_tasks(
+        user_id=user_id, status=status, project_id=str(project_id) if project_id else None,
+        limit=limit, cursor=cursor,
+    ))
+
+
+@router.get("/{task_id}")
+async def get_task(task_id: UUID, user_id: CurrentUserId):
+    """查询任务"""
+    return ok(await get_task_service().get_task(user_id=user_id, task_id=str(task_id)))
+
+
+@router.post("/{task_id}/cancel")
+async def cancel_task(task_id: UUID, user_id: CurrentUserId):
+    """取消任务并退款"""
+    return ok(await get_task_service().cancel_task(user_id=user_id, task_id=str(task_id)))

@@ -7,7 +7,7 @@ import json
 
 from psycopg import errors as pg_errors
 
-from lib import db
+from lib import catalog, db
 from lib.errors import InsufficientCredits, InvalidInput, NotFound, TooManyActiveTasks
 
 SQLSTATE_ERRORS = {"SP402": InsufficientCredits, "SP429": TooManyActiveTasks, "SP404": NotFound}
@@ -42,6 +42,11 @@ def decode_cursor(cursor: str | None) -> dict | None:
 
 class CreditService:
     """积分服务"""
+
+    def calculate_credits(self, *, model_key: str, params, assets: dict[str, dict]) -> int:
+        """计算任务价格（先检查输出限制）"""
+        spec = catalog.get_model(model_key)
+        return catalog.price_of(spec, params, assets)
 
     async def get_balance(self, *, user_id: str) -> int:
         """查询余额"""

@@ -1,0 +1,253 @@
+"""run_task(task_id): claim → inputs → handler → outputs → asset rows → finish. One entry point for Modal and the local worker."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+import mimetypes
+import tempfile
+import time
+from pathlib import Path
+
+from gpu_jobs.handlers import JobContext, OutputFile
+from gpu_jobs.task_base import (
+    ClaimLost,
+    create_asset_record,
+    download_file_to_temp,
+    save_task_state,
+    update_task_status,
+    upload_to_supabase,
+)
+from lib import catalog, db
+from lib.config import get_settings
+from lib.errors import InvalidInput, TaskCanceled, TransientError
+
+log = logging.getLogger("spool.runner")
+
+PROGRESS_SECONDS = 0.5
+PROGRESS_STEP = 0.05
+UNEXPECTED = "Processing failed unexpectedly. Your credits were refunded."
+
+
+class Superseded(Exception):
+    """任务在完成前已被取消或被接手：丢弃产出"""
+
+
+class Progress:
+    """节流的进度回调（处理器线程调用）；每次写入同时刷新心跳并发现取消"""
+
+    def __init__(self, task_id: str, attempt: int, loop: asyncio.AbstractEventLoop):
+        self.task_id, self.attempt, self.loop = task_id, attempt, loop
+        self.stop: BaseException | None = None
+        self._last_time = 0.0
+        self._last_fraction = -1.0
+
+    def __call__(self, fraction: float, message: str | None = None) -> None:
+        if self.stop is not None:
+            raise self.stop
+        now = time.monotonic()
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        if now - self._last_time < PROGRESS_SECONDS and fraction - self._last_fraction < PROGRESS_STEP:
+            return
+        self._last_time, self._last_fraction = now, fraction
+        self.write(round(fraction * 0.95, 4), message)  # the last 5 % is the upload
+
+    def write(self, fraction: float | None, message: str | None = None) -> None:
+        future = asyncio.run_coroutine_threadsafe(self.awrite(fraction, message), self.loop)
+        future.result(timeout=60)
+        if self.stop is not None:
+            raise self.stop
+
+    async def awrite(self, fraction: float | None, message: str | None = None) -> None:
+        try:
+            await update_task_status(self.task_id, self.attempt, progress=fraction, message=message)
+        except (TaskCanceled, ClaimLost) as exc:
+            self.stop = exc
+        except Exception as exc:  # a missed progress write must not kill the job
+            log.warning("progress write for task %s failed: %s", self.task_id, exc)
+
+    async def heartbeat(self, every: float) -> None:
+        """处理器长时间没有进度时也保持心跳"""
+        while self.stop is None:
+            await asyncio.sleep(every)
+            await self.awrite(None)
+
+
+def load_handler(path: str):
+    """按 "module:function" 导入处理器"""
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
+    """运行一个任务，返回其最终状态（未能认领时返回 'skipped'）"""
+    task = claimed or await db.fetch_one("select * from public.claim_task(%s)", (task_id,))
+    if task is None:
+        log.info("task %s is not queued; nothing to do", task_id)
+        return "skipped"
+    task = {**task, "id": str(task["id"]), "user_id": str(task["user_id"])}
+    attempt = task["attempts"]
+    settings = get_settings()
+    progress = Progress(task["id"], attempt, asyncio.get_running_loop())
+    beat = asyncio.create_task(progress.heartbeat(max(1.0, settings.task_stall_seconds / 4)))
+    log.info("task %s (%s) started, attempt %d", task["id"], task["model_key"], attempt)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"spool-{task['id'][:8]}-") as tmp:
+            return await _run(task, attempt, progress, Path(tmp))
+    except (TaskCanceled, Superseded):
+        log.info("task %s was canceled or finished elsewhere; outputs discarded", task["id"])
+        return "canceled"
+    except ClaimLost as exc:
+        log.warning("task %s: %s; stopping", task["id"], exc)
+        return "lost"
+    except InvalidInput as exc:
+        await _fail(task, attempt, "invalid_input", exc.message)
+        return "failed"
+    except TransientError as exc:
+        log.warning("task %s: %s", task["id"], exc)
+        row = await db.fetch_one(
+            "select public.requeue_task(%s, %s, %s, %s) as status",
+            (task["id"], attempt, settings.task_max_attempts, "A temporary problem interrupted the job; retrying."),
+        )
+        return row["status"]
+    except Exception:
+        log.exception("task %s failed unexpectedly", task["id"])
+        await _fail(task, attempt, "processing_error", UNEXPECTED)
+        return "failed"
+    finally:
+        beat.cancel()
+
+
+async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> str:
+    spec = catalog.get_model(task["model_key"])
+    params = spec.params.model_validate(task["params"])
+    assets = await _input_assets(task)
+    inputs = {asset_id: await download_file_to_temp(asset, workdir) for asset_id, asset in assets.items()}
+    await update_task_status(task["id"], attempt, progress=0.02, message="Processing")
+    loop = asyncio.get_running_loop()
+    ctx = JobContext(
+        task_id=task["id"], params=params, inputs=inputs, input_meta=assets, workdir=workdir,
+        progress=progress, device=_device(), state=dict(task.get("state") or {}),
+        save_state=lambda state: asyncio.run_coroutine_threadsafe(
+            save_task_state(task["id"], attempt, state), loop).result(timeout=60),
+    )
+    handler = load_handler(spec.handler)
+    try:
+        outputs: list[OutputFile] = await asyncio.to_thread(handler, ctx)
+    except InvalidInput as exc:
+        if spec.key == "media.probe":
+            await _settle_probe(task, ctx, reason=exc.message)
+        raise
+    if progress.stop is not None:
+        raise progress.stop
+    await update_task_status(task["id"], attempt, progress=0.96, message="Saving the result")
+    return await _publish(task, attempt, spec, ctx, outputs)
+
+
+async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: list[OutputFile]) -> str:
+    """上传产出，并在一个事务里写资源行与 completed；若任务已被取消则回滚并删除上传的对象"""
+    from lib.storage import get_storage
+
+    settings = get_settings()
+    storage = get_storage()
+    uploaded: list[tuple[OutputFile, str]] = []
+    try:
+        for index, output in enumerate(outputs):
+            ext = Path(output.path).suffix or mimetypes.guess_extension(output.mime) or ""
+            path = f"{task['user_id']}/tasks/{task['id']}/{output.role}-{index}{ext}"
+            await upload_to_supabase(output.path, path, output.mime)
+            uploaded.append((output, path))
+        if spec.key == "media.probe":
+            await _settle_probe(task, ctx, reason=None)
+        async with db.transaction() as conn:
+            records = [
+                await create_asset_record(conn, task=task, output=output, bucket=settings.storage_bucket, path=path)
+                for output, path in uploaded
+            ]
+            results = [r for r, (output, _) in zip(records, uploaded, strict=True) if output.role == "result"]
+            main = results[0] if results else None
+            result = {
+                "asset_ids": [str(r["id"]) for r in records],
+                **({"asset_id": str(main["id"]), "path": main["path"], "kind": main["kind"],
+                    "width": main["width"], "height": main["height"], "duration_s": main["duration_s"],
+                    "fps": main["fps"]} if main else {}),
+                **ctx.result,
+            }
+            result_url = (await storage.create_signed_url(path=main["path"], expires_in=settings.signed_url_seconds)
+                          if main else None)
+            cur = await conn.execute(
+                "select public.finish_task(%s, 'completed', %s::jsonb, %s, null, %s, %s) as r",
+                (task["id"], json.dumps(result, default=str), result_url, "Done", attempt),
+            )
+            if not (await cur.fetchone())["r"]["changed"]:
+                raise Superseded(task["id"])
+    except BaseException:
+        if uploaded:
+            await _remove_quietly([path for _, path in uploaded])
+        raise
+    log.info("task %s completed with %d output(s)", task["id"], len(uploaded))
+    return "completed"
+
+
+async def _fail(task: dict, attempt: int, code: str, message: str) -> None:
+    await db.fetch_one(
+        "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s)",
+        (task["id"], json.dumps({"code": code, "message": message}), message, attempt),
+    )
+
+
+async def _settle_probe(task: dict, ctx: JobContext, *, reason: str | None) -> None:
+    from lib.assets import get_asset_service
+
+    asset_id = str(ctx.params.asset_id)
+    await get_asset_service().mark_probed(asset_id=asset_id, probe=ctx.result.get("probe"), reason=reason)
+
+
+async def _input_assets(task: dict) -> dict[str, dict]:
+    ids = [str(i) for i in task.get("input_asset_ids") or []]
+    if not ids:
+        return {}
+    rows = await db.fetch_all(
+        "select * from public.assets where id = any(%s::uuid[]) and user_id = %s", (ids, task["user_id"])
+    )
+    found = {str(r["id"]): {**r, "id": str(r["id"])} for r in rows}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        raise InvalidInput("An input file of this task was deleted before it could run.")
+    return {i: found[i] for i in ids}
+
+
+async def _remove_quietly(paths: list[str]) -> None:
+    from lib.storage import get_storage
+
+    try:
+        await get_storage().remove(paths=paths)
+    except Exception as exc:
+        log.warning("could not remove discarded outputs %s: %s", paths, exc)
+
+
+def _device() -> str:
+    import os
+
+    if os.environ.get("SPOOL_DEVICE"):
+        return os.environ["SPOOL_DEVICE"]
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def run_task(task_id: str) -> str:
+    """同步入口（Modal 函数与命令行调用）"""
+
+    async def main() -> str:
+        try:
+            return await run_task_async(task_id)
+        finally:
+            await db.close_pool()
+
+    return asyncio.run(main())

@@ -1,0 +1,265 @@
+"""The model catalog: what users can run, with bounded params, a price rule and where it runs. No torch here."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lib.config import Settings, get_settings
+from lib.errors import InvalidInput
+
+# Modal GPU classes, each with a fallback list (first available wins).
+GPU_CLASSES: dict[str, list[str]] = {
+    "gpu-small": ["L4", "A10G"],
+    "gpu-large": ["H100", "A100-80GB"],
+}
+MINUTES = 60
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageUpscaleParams(Params):
+    image_asset_id: UUID
+    scale: Literal[2, 4] = 2
+    sharpen: float = Field(0.0, ge=0, le=1, description="Unsharp-mask strength after upscaling.")
+    format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class VideoUpscaleParams(Params):
+    video_asset_id: UUID
+    scale: Literal[2, 4] = 2
+
+
+class ImageAnimateParams(Params):
+    image_asset_id: UUID
+    motion: Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down", "ken_burns"] = "ken_burns"
+    duration: float = Field(5, ge=2, le=10, description="Clip length in seconds.")
+    fps: Literal[24, 30] = 24
+    aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
+    resolution: Literal[480, 720, 1080] = Field(720, description="Short side of the output in pixels.")
+
+
+class VideoInterpolateParams(Params):
+    video_asset_id: UUID
+    factor: Literal[2, 4] = 2
+    mode: Literal["motion", "blend"] = Field(
+        "motion", description="'motion': motion-compensated; 'blend': plain cross-fade fallback."
+    )
+
+
+class MediaProbeParams(Params):
+    asset_id: UUID
+
+
+class KlingParams(Params):
+    prompt: str = Field(min_length=1, max_length=2500)
+    negative_prompt: str | None = Field(None, max_length=2500)
+    model_name: Literal["kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1"] = "kling-v1-6"
+    mode: Literal["std", "pro"] = "std"
+    duration: Literal["5", "10"] = "5"
+    aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
+    cfg_scale: float = Field(0.5, ge=0, le=1)
+
+
+class KlingImageParams(KlingParams):
+    image_asset_id: UUID
+    prompt: str = Field("", max_length=2500)
+
+
+KLING_PRICES = {("std", "5"): 35, ("std", "10"): 70, ("pro", "5"): 60, ("pro", "10"): 120}
+
+Assets = dict[str, dict]  # input asset id -> asset row (width, height, duration_s, fps, kind, ...)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """一个可运行的模型"""
+
+    key: str
+    kind: Literal["image", "video"]
+    title: str
+    params: type[Params]
+    price: Callable[[Any, Assets], int]
+    price_rule: str
+    handler: str  # "module:function", imported only by the runner
+    gpu: str | None = None  # a GPU_CLASSES key; None runs on the CPU function
+    timeout_s: int = 30 * MINUTES
+    inputs: dict[str, str] = field(default_factory=dict)  # params field -> required asset kind
+    check: Callable[[Any, Assets, Settings], None] | None = None  # limits, before charging
+    available: Callable[[Settings], bool] = lambda settings: True
+    public: bool = True  # internal models (the probe) are hidden from /models
+
+    def input_asset_ids(self, params: Params) -> list[str]:
+        """参数里引用的输入资源 id"""
+        return [str(getattr(params, name)) for name in self.inputs]
+
+    def public_view(self, settings: Settings) -> dict:
+        return {
+            "key": self.key,
+            "kind": self.kind,
+            "title": self.title,
+            "params_schema": self.params.model_json_schema(),
+            "price_rule": self.price_rule,
+            "gpu": self.gpu,
+            "available": self.available(settings),
+        }
+
+
+def _only(assets: Assets) -> dict:
+    return next(iter(assets.values()))
+
+
+def _seconds(asset: dict) -> int:
+    return max(1, math.ceil(asset.get("duration_s") or 0))
+
+
+def _check_upscale(params, assets: Assets, settings: Settings) -> None:
+    asset = _only(assets)
+    out_pixels = (asset.get("width") or 0) * (asset.get("height") or 0) * params.scale**2
+    if out_pixels > settings.max_output_pixels:
+        raise InvalidInput(
+            f"The result would be {out_pixels:,} pixels; the limit is {settings.max_output_pixels:,}. "
+            "Choose a smaller scale or a smaller input.",
+            details=[{"field": "params.scale", "message": "output exceeds the pixel limit"}],
+        )
+
+
+def _image_upscale_price(params: ImageUpscaleParams, assets: Assets) -> int:
+    asset = _only(assets)
+    megapixels = (asset.get("width") or 0) * (asset.get("height") or 0) * params.scale**2 / 1e6
+    return max(2, math.ceil(megapixels))
+
+
+CATALOG: dict[str, ModelSpec] = {
+    spec.key: spec
+    for spec in [
+        ModelSpec(
+            key="image.upscale",
+            kind="image",
+            title="Image upscale (2× / 4×)",
+            params=ImageUpscaleParams,
+            price=_image_upscale_price,
+            price_rule="1 credit per output megapixel, at least 2",
+            handler="gpu_jobs.handlers.image_upscale:run",
+            gpu="gpu-small",
+            timeout_s=10 * MINUTES,
+            inputs={"image_asset_id": "image"},
+            check=_check_upscale,
+        ),
+        ModelSpec(
+            key="video.upscale",
+            kind="video",
+            title="Video upscale (2× / 4×)",
+            params=VideoUpscaleParams,
+            price=lambda p, a: _seconds(_only(a)) * (2 if p.scale == 2 else 6),
+            price_rule="2 credits per second at 2×, 6 per second at 4× (seconds rounded up)",
+            handler="gpu_jobs.handlers.video_upscale:run",
+            gpu="gpu-large",
+            timeout_s=60 * MINUTES,
+            inputs={"video_asset_id": "video"},
+            check=_check_upscale,
+        ),
+        ModelSpec(
+            key="image.animate",
+            kind="video",
+            title="Animate a still (camera motion)",
+            params=ImageAnimateParams,
+            price=lambda p, a: math.ceil(p.duration) * (2 if p.resolution < 1080 else 3),
+            price_rule="2 credits per second (3 at 1080p)",
+            handler="gpu_jobs.handlers.image_animate:run",
+            gpu="gpu-small",
+            timeout_s=15 * MINUTES,
+            inputs={"image_asset_id": "image"},
+        ),
+        ModelSpec(
+            key="video.interpolate",
+            kind="video",
+            title="Frame interpolation (2× / 4× fps)",
+            params=VideoInterpolateParams,
+            price=lambda p, a: _seconds(_only(a)) * (1 if p.mode == "blend" else 2) * (p.factor // 2),
+            price_rule="2 credits per second per 2× (motion), 1 (blend); 4× costs double",
+            handler="gpu_jobs.handlers.video_interpolate:run",
+            gpu="gpu-large",
+            timeout_s=60 * MINUTES,
+            inputs={"video_asset_id": "video"},
+        ),
+        ModelSpec(
+            key="media.probe",
+            kind="image",
+            title="Probe an upload",
+            params=MediaProbeParams,
+            price=lambda p, a: 0,
+            price_rule="free (runs when an upload completes)",
+            handler="gpu_jobs.handlers.media_probe:run",
+            timeout_s=5 * MINUTES,
+            public=False,
+        ),
+        ModelSpec(
+            key="kling.text2video",
+            kind="video",
+            title="Kling AI — text to video",
+            params=KlingParams,
+            price=lambda p, a: KLING_PRICES[(p.mode, p.duration)],
+            price_rule="std: 35 (5 s) / 70 (10 s); pro: 60 (5 s) / 120 (10 s)",
+            handler="gpu_jobs.handlers.kling:run",
+            timeout_s=45 * MINUTES,
+            available=lambda s: s.kling_configured,
+        ),
+        ModelSpec(
+            key="kling.image2video",
+            kind="video",
+            title="Kling AI — image to video",
+            params=KlingImageParams,
+            price=lambda p, a: KLING_PRICES[(p.mode, p.duration)],
+            price_rule="std: 35 (5 s) / 70 (10 s); pro: 60 (5 s) / 120 (10 s)",
+            handler="gpu_jobs.handlers.kling:run",
+            timeout_s=45 * MINUTES,
+            inputs={"image_asset_id": "image"},
+            available=lambda s: s.kling_configured,
+        ),
+    ]
+}
+
+
+def get_model(key: str) -> ModelSpec:
+    """按 key 查找模型"""
+    spec = CATALOG.get(key)
+    if spec is None:
+        raise InvalidInput(
+            f"Unknown model '{key}'.", details=[{"field": "model_key", "message": "unknown model"}]
+        )
+    return spec
+
+
+def list_models() -> list[dict]:
+    """公开的模型列表"""
+    settings = get_settings()
+    return [spec.public_view(settings) for spec in CATALOG.values() if spec.public]
+
+
+def validate_params(spec: ModelSpec, raw: Any) -> Params:
+    """按模型的参数模型校验（失败 → 422，带字段详情）"""
+    from pydantic import ValidationError
+
+    try:
+        return spec.params.model_validate(raw if raw is not None else {})
+    except ValidationError as exc:
+        details = [
+            {"field": ".".join(["params", *(str(p) for p in err["loc"])]), "message": err["msg"]}
+            for err in exc.errors()
+        ]
+        raise InvalidInput("The parameters are not valid for this model.", details=details) from None
+
+
+def price_of(spec: ModelSpec, params: Params, assets: Assets) -> int:
+    """按参数与输入资源计算价格（先检查限制）"""
+    if spec.check is not None:
+        spec.check(params, assets, get_settings())
+    return int(spec.price(params, assets))

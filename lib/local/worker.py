@@ -1,0 +1,120 @@
+"""The local worker: claims queued tasks (FOR UPDATE SKIP LOCKED), woken by NOTIFY, WORKER_CONCURRENCY at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import psycopg
+
+from lib import db
+from lib.config import get_settings
+from lib.reaper import reap
+
+log = logging.getLogger("spool.worker")
+POLL_SECONDS = 5.0
+
+
+class LocalWorker:
+    """本地任务 worker"""
+
+    def __init__(self, concurrency: int | None = None):
+        self.settings = get_settings()
+        self.concurrency = concurrency or self.settings.worker_concurrency
+        self.wake = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.running: dict[asyncio.Task, dict] = {}
+
+    async def run(self) -> None:
+        """运行直到 stop()"""
+        from gpu_jobs.runner import run_task_async  # torch and av load here, in the worker only
+
+        self._run_task = run_task_async
+        background = [asyncio.create_task(self._listen()), asyncio.create_task(self._reap_loop())]
+        log.info("worker ready (concurrency %d)", self.concurrency)
+        try:
+            while not self.stopping.is_set():
+                await self._fill_slots()
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.wake.wait(), POLL_SECONDS)
+        finally:
+            for task in background:
+                task.cancel()
+            await self._release_running()
+
+    def stop(self) -> None:
+        """停止领取新任务"""
+        self.stopping.set()
+        self.wake.set()
+
+    async def _fill_slots(self) -> None:
+        while len(self.running) < self.concurrency and not self.stopping.is_set():
+            try:
+                task = await db.fetch_one("select * from public.claim_next_task()")
+            except psycopg.Error as exc:
+                log.warning("claim failed: %s", exc)
+                return
+            if task is None:
+                return
+            job = asyncio.create_task(self._run_task(str(task["id"]), claimed=task))
+            self.running[job] = task
+            job.add_done_callback(self._done)
+
+    def _done(self, job: asyncio.Task) -> None:
+        self.running.pop(job, None)
+        self.wake.set()
+
+    async def _release_running(self) -> None:
+        """退出时把仍在运行的任务放回队列，下次启动立即继续"""
+        for job, task in list(self.running.items()):
+            job.cancel()
+            with contextlib.suppress(Exception):
+                await db.fetch_one(
+                    "select public.requeue_task(%s, %s, %s, %s)",
+                    (task["id"], task["attempts"], self.settings.task_max_attempts + 1,
+                     "The worker restarted; resuming."),
+                )
+
+    async def _listen(self) -> None:
+        """LISTEN spool_task_queued；连接断开时重连"""
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                    self.settings.supabase_db_url, autocommit=True
+                ) as conn:
+                    await conn.execute("listen spool_task_queued")
+                    self.wake.set()  # catch anything queued while we were not listening
+                    async for _ in conn.notifies():
+                        self.wake.set()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("listener lost its connection (%s); reconnecting", exc)
+                await asyncio.sleep(1)
+
+    async def _reap_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.reaper_interval_seconds)
+            try:
+                await reap()
+            except Exception as exc:
+                log.warning("reaper pass failed: %s", exc)
+
+
+def run_worker() -> None:
+    """运行 worker，直到 SIGINT/SIGTERM"""
+
+    async def main() -> None:
+        worker = LocalWorker()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, worker.stop)
+        try:
+            await worker.run()
+        finally:
+            await db.close_pool()
+
+    asyncio.run(main())

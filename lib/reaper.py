@@ -1,0 +1,29 @@
+"""The reaper: requeue stalled tasks, fail and refund those out of attempts, redispatch the forgotten."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from lib import db
+from lib.config import get_settings
+
+log = logging.getLogger("spool.reaper")
+
+
+async def reap() -> dict[str, int]:
+    """回收一轮：返回各动作的数量"""
+    from lib.tasks import get_task_service
+
+    settings = get_settings()
+    rows = await db.fetch_all(
+        "select * from public.reap_tasks(%s, %s, %s)",
+        (settings.task_stall_seconds, settings.task_max_attempts, max(5, settings.task_stall_seconds // 2)),
+    )
+    counts = Counter(row["action"] for row in rows)
+    for row in rows:
+        if row["action"] in ("requeued", "redispatch"):
+            await get_task_service().dispatch(task_id=str(row["task_id"]), model_key=row["model_key"])
+    if rows:
+        log.info("reaper: %s", dict(counts))
+    return dict(counts)

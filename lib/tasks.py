@@ -1,0 +1,182 @@
+"""Tasks: create (validate → price → one SQL call → dispatch), read, list and cancel."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from lib import catalog, db
+from lib.config import get_settings
+from lib.credits import decode_cursor, encode_cursor, get_credit_service
+from lib.dispatch import get_dispatcher
+from lib.errors import Conflict, InvalidInput, NotFound, ProviderUnavailable
+
+log = logging.getLogger("spool.tasks")
+
+TERMINAL = ("completed", "failed", "canceled")
+PUBLIC_COLUMNS = (
+    "id, project_id, model_key, params, status, progress, message, cost, input_asset_ids, result, "
+    "result_url, error, attempts, created_at, started_at, finished_at, updated_at"
+)
+
+
+class TaskService:
+    """任务服务"""
+
+    async def create_task(self, *, user_id: str, model_key: str, params: dict, project_id: str | None = None,
+                          idempotency_key: str | None = None) -> tuple[dict, bool]:
+        """创建任务并扣除积分；返回 (任务, 是否新建)"""
+        if idempotency_key:
+            existing = await self._by_idempotency_key(user_id, idempotency_key)
+            if existing is not None:
+                return existing, False
+        spec = catalog.get_model(model_key)
+        if not spec.public:
+            raise InvalidInput(f"Model '{model_key}' cannot be run directly.",
+                               details=[{"field": "model_key", "message": "internal model"}])
+        settings = get_settings()
+        if not spec.available(settings):
+            raise ProviderUnavailable(f"'{spec.title}' is not available right now.")
+        valid = catalog.validate_params(spec, params)
+        assets = await self._input_assets(user_id, spec, valid)
+        if project_id:
+            await self._require_project(user_id, project_id)
+        credits = get_credit_service()
+        cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
+        outcome = await credits.consume_credits(
+            user_id=user_id, model_key=model_key, params=valid.model_dump(mode="json"), cost=cost,
+            idempotency_key=idempotency_key, project_id=project_id, input_asset_ids=list(assets),
+            max_active=settings.max_active_tasks_per_user,
+        )
+        task = public_task(outcome["task"])
+        if outcome["created"]:
+            await self.dispatch(task_id=task["id"], model_key=model_key)
+        return task, outcome["created"]
+
+    async def quote(self, *, user_id: str, model_key: str, params: dict, input_asset_ids=None) -> dict:
+        """报价：与创建任务相同的校验与计价，但不扣费"""
+        spec = catalog.get_model(model_key)
+        valid = catalog.validate_params(spec, params)
+        named = set(spec.input_asset_ids(valid))
+        if input_asset_ids is not None and {str(i) for i in input_asset_ids} != named:
+            raise InvalidInput("input_asset_ids must match the assets named in params.",
+                               details=[{"field": "input_asset_ids", "message": "does not match params"}])
+        assets = await self._input_assets(user_id, spec, valid)
+        credits = get_credit_service()
+        cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
+        balance = await credits.get_balance(user_id=user_id)
+        return {"model_key": model_key, "credits": cost, "balance": balance, "affordable": balance >= cost}
+
+    async def dispatch(self, *, task_id: str, model_key: str) -> None:
+        """派发任务；失败时任务保持排队，由回收器重新派发"""
+        try:
+            await get_dispatcher().dispatch(task_id=task_id, model_key=model_key)
+        except Exception:
+            log.exception("dispatch of task %s failed; the reaper will retry", task_id)
+            await db.execute(
+                "select public.set_task_dispatch(%s, null, %s)",
+                (task_id, "Waiting for a worker (dispatch will be retried)."),
+            )
+
+    async def get_task(self, *, user_id: str, task_id: str) -> dict:
+        """查询自己的一个任务"""
+        async with db.as_user(user_id) as conn:
+            row = await (await conn.execute(
+                f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,)
+            )).fetchone()
+        if row is None:
+            raise NotFound("Task not found.")
+        return row
+
+    async def list_tasks(self, *, user_id: str, status: str | None = None, project_id: str | None = None,
+                         limit: int = 20, cursor: str | None = None) -> dict:
+        """任务列表（最新在前，游标分页）"""
+        after = decode_cursor(cursor) or {}
+        async with db.as_user(user_id) as conn:
+            rows = await (await conn.execute(
+                f"select {PUBLIC_COLUMNS} from public.tasks"
+                " where (%(status)s::text is null or status = %(status)s)"
+                " and (%(project)s::uuid is null or project_id = %(project)s)"
+                " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+                " order by created_at desc, id desc limit %(limit)s",
+                {"status": status, "project": project_id, "at": after.get("created_at"),
+                 "id": after.get("id"), "limit": limit + 1},
+            )).fetchall()
+        next_cursor = None
+        if len(rows) > limit:
+            last = rows[limit - 1]
+            next_cursor = encode_cursor({"created_at": last["created_at"].isoformat(), "id": str(last["id"])})
+        return {"items": rows[:limit], "next_cursor": next_cursor}
+
+    async def cancel_task(self, *, user_id: str, task_id: str) -> dict:
+        """取消排队中或处理中的任务并退款；已结束的任务 → 409"""
+        task = await self.get_task(user_id=user_id, task_id=task_id)
+        if task["status"] in TERMINAL:
+            raise Conflict(f"The task is already {task['status']}.")
+        outcome = await get_credit_service().refund(
+            task_id=task_id, status="canceled", error={"code": "canceled", "message": "Canceled by the user."},
+            message="Canceled.",
+        )
+        if not outcome["changed"]:
+            raise Conflict(f"The task is already {outcome['task']['status']}.")
+        call = await db.fetch_one("select call_id from public.tasks where id = %s", (task_id,))
+        try:
+            await get_dispatcher().cancel(task_id=task_id, call_id=call and call["call_id"])
+        except Exception:
+            log.warning("could not cancel the running job of task %s; it stops at its next progress point", task_id)
+        return public_task(outcome["task"])
+
+    async def _by_idempotency_key(self, user_id: str, key: str) -> dict | None:
+        async with db.as_user(user_id) as conn:
+            return await (await conn.execute(
+                f"select {PUBLIC_COLUMNS} from public.tasks where idempotency_key = %s", (key,)
+            )).fetchone()
+
+    async def _input_assets(self, user_id: str, spec: catalog.ModelSpec, params) -> dict[str, dict]:
+        ids = spec.input_asset_ids(params)
+        if not ids:
+            return {}
+        async with db.as_user(user_id) as conn:
+            rows = await (await conn.execute(
+                "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
+                " from public.assets where id = any(%s::uuid[])", (ids,)
+            )).fetchall()
+        found = {str(r["id"]): r for r in rows}
+        for field, kind in spec.inputs.items():
+            asset_id = str(getattr(params, field))
+            asset = found.get(asset_id)
+            if asset is None:
+                raise NotFound(f"Asset {asset_id} not found.")
+            if asset["status"] != "ready":
+                raise InvalidInput(f"Asset {asset_id} is {asset['status']}, not ready.",
+                                   details=[{"field": f"params.{field}", "message": "asset not ready"}])
+            if asset["kind"] != kind:
+                raise InvalidInput(f"This model needs a {kind}, but asset {asset_id} is a {asset['kind']}.",
+                                   details=[{"field": f"params.{field}", "message": f"expected a {kind}"}])
+        return {asset_id: found[asset_id] for asset_id in ids}
+
+    async def _require_project(self, user_id: str, project_id: str) -> None:
+        async with db.as_user(user_id) as conn:
+            row = await (await conn.execute("select 1 from public.projects where id = %s", (project_id,))).fetchone()
+        if row is None:
+            raise NotFound("Project not found.")
+
+
+def public_task(row: dict) -> dict:
+    """只保留对外字段（SQL 函数返回的 jsonb 行 → 与查询结果同形）"""
+    task = {key: row.get(key) for key in PUBLIC_COLUMNS.split(", ")}
+    for key in ("created_at", "started_at", "finished_at", "updated_at"):
+        if isinstance(task[key], str):
+            task[key] = datetime.fromisoformat(task[key])
+    return task
+
+
+_service: TaskService | None = None
+
+
+def get_task_service() -> TaskService:
+    """获取任务服务单例"""
+    global _service
+    if _service is None:
+        _service = TaskService()
+    return _service

@@ -1,0 +1,140 @@
+"""Access tokens: what passes and what is refused with 401 unauthorized."""
+
+import base64
+import json
+import time
+import uuid
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from lib.auth import reset_token_verifier
+from lib.config import get_settings
+from lib.local.stack import local_issuer
+
+HS_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
+
+
+def claims(**overrides) -> dict:
+    now = int(time.time())
+    base = {
+        "sub": str(uuid.uuid4()),
+        "aud": "authenticated",
+        "iss": get_settings().auth_issuer,
+        "role": "authenticated",
+        "iat": now,
+        "exp": now + 600,
+    }
+    return {**base, **overrides}
+
+
+def es256(payload: dict, *, key=None, kid: str | None = None) -> str:
+    issuer = local_issuer()
+    return jwt.encode(payload, key or issuer.private_key, algorithm="ES256", headers={"kid": kid or issuer.kid})
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+@pytest.fixture
+def hs256_enabled(monkeypatch):
+    monkeypatch.setenv("SUPABASE_JWT_SECRET", HS_SECRET)
+    get_settings.cache_clear()
+    reset_token_verifier()
+    yield
+    monkeypatch.delenv("SUPABASE_JWT_SECRET")
+    get_settings.cache_clear()
+    reset_token_verifier()
+
+
+async def balance_status(client, token: str) -> tuple[int, dict]:
+    resp = await client.get("/credits", headers={"Authorization": f"Bearer {token}"})
+    return resp.status_code, resp.json()
+
+
+async def test_valid_es256_token_via_jwks(client, make_user):
+    user = await make_user()
+    status, body = await balance_status(client, es256(claims(sub=user.id)))
+    assert status == 200 and body["data"]["balance"] == 100
+
+
+async def test_valid_hs256_token(client, make_user, hs256_enabled):
+    user = await make_user()
+    token = jwt.encode(claims(sub=user.id), HS_SECRET, algorithm="HS256")
+    status, _ = await balance_status(client, token)
+    assert status == 200
+
+
+def _forged_tokens() -> dict[str, str]:
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    good = es256(claims())
+    header, payload, signature = good.split(".")
+    tampered_payload = b64(json.dumps({**claims(), "sub": str(uuid.uuid4())}).encode())
+    public_pem = local_issuer().private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    none_header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    hs_with_public_key = ".".join([
+        b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": local_issuer().kid}).encode()),
+        b64(json.dumps(claims()).encode()),
+    ])
+    import hashlib
+    import hmac
+
+    mac = hmac.new(public_pem, hs_with_public_key.encode(), hashlib.sha256).digest()
+    return {
+        "expired": es256(claims(exp=int(time.time()) - 3600, iat=int(time.time()) - 7200)),
+        "wrong audience": es256(claims(aud="anon")),
+        "wrong issuer": es256(claims(iss="https://evil.example.com/auth/v1")),
+        "tampered payload": f"{header}.{tampered_payload}.{signature}",
+        "alg none": f"{none_header}.{b64(json.dumps(claims()).encode())}.",
+        "hs256 signed with the public key": f"{hs_with_public_key}.{b64(mac)}",
+        "unknown kid": es256(claims(), key=other_key, kid="not-a-known-kid"),
+        "signed by another key": es256(claims(), key=other_key),
+        "subject not a uuid": es256(claims(sub="admin")),
+        "garbage": "not.a.token",
+    }
+
+
+@pytest.mark.parametrize("case", list(_forged_tokens()))
+async def test_bad_tokens_are_refused(client, case):
+    token = _forged_tokens()[case]
+    status, body = await balance_status(client, token)
+    assert status == 401, case
+    assert body["success"] is False
+    assert body["error"]["code"] == "unauthorized"
+
+
+async def test_hs256_refused_when_no_secret_configured(client):
+    token = jwt.encode(claims(), HS_SECRET, algorithm="HS256")
+    status, _ = await balance_status(client, token)
+    assert status == 401
+
+
+@pytest.mark.parametrize("header", ["", "Bearer", "Bearer ", "Basic abc", "Token x.y.z"])
+async def test_missing_or_malformed_header(client, header):
+    resp = await client.get("/credits", headers={"Authorization": header} if header else {})
+    assert resp.status_code == 401
+    assert resp.json()["error"]["code"] == "unauthorized"
+
+
+async def test_dev_users_returns_same_user_for_same_email(client):
+    first = (await client.post("/dev/users", json={"email": "Same@Example.com"})).json()["data"]
+    second = (await client.post("/dev/users", json={"email": "same@example.com"})).json()["data"]
+    assert first["user_id"] == second["user_id"]
+    assert (await client.post("/dev/users", json={"email": "not-an-email"})).status_code == 422
+
+
+async def test_dev_users_absent_from_the_product_app(postgres):
+    """产品应用（云模式所用）不含本地替身：/dev/users 为 404"""
+    import httpx
+
+    from functions.app import create_app
+
+    transport = httpx.ASGITransport(app=create_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://cloud.test") as cloud:
+        assert (await cloud.post("/dev/users", json={"email": "a@example.com"})).status_code == 404
+        assert (await cloud.get("/auth/v1/.well-known/jwks.json")).status_code == 404

@@ -1,0 +1,167 @@
+"""The schema: migrations, row level security on every table, service-role-only functions, the signup grant."""
+
+import json
+import uuid
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from lib.local.migrate import migrate, migration_files
+
+PUBLIC_TABLES = {
+    "app_settings", "profiles", "credit_accounts", "credit_ledger", "projects", "assets", "tasks",
+    "credit_packages", "purchases", "stripe_events",
+}
+SERVICE_FUNCTIONS = [
+    "create_task(uuid, text, jsonb, bigint, text, uuid, uuid[], int)",
+    "finish_task(uuid, text, jsonb, text, jsonb, text, int)",
+    "grant_credits(uuid, bigint, text, text)",
+    "claim_task(uuid)",
+    "claim_next_task(text[])",
+    "report_task_progress(uuid, int, real, text)",
+    "requeue_task(uuid, int, int, text)",
+    "reap_tasks(int, int, int)",
+    "set_task_dispatch(uuid, text, text)",
+    "save_task_state(uuid, int, jsonb)",
+]
+
+
+def new_user(conn, email=None) -> str:
+    user_id = str(uuid.uuid4())
+    conn.execute("insert into auth.users (id, email) values (%s, %s)", (user_id, email or f"{user_id}@example.com"))
+    return user_id
+
+
+def as_role(conn, role: str, user_id: str | None = None):
+    conn.execute("select set_config('role', %s, false)", (role,))
+    conn.execute("select set_config('request.jwt.claims', %s, false)",
+                 (json.dumps({"sub": user_id, "role": role}) if user_id else "",))
+
+
+def test_migrations_apply_to_empty_database_once(postgres):
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute("drop database if exists migrate_check")
+        admin.execute("create database migrate_check")
+    url = postgres.replace("/postgres?", "/migrate_check?")
+    try:
+        first = migrate(url)
+        assert first == [p.stem.partition("_")[0] for p in migration_files()]
+        assert migrate(url) == []
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute("drop database migrate_check with (force)")
+
+
+def test_every_public_table_has_row_level_security(db_conn):
+    rows = db_conn.execute(
+        "select c.relname, c.relrowsecurity from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = 'public' and c.relkind = 'r'"
+    ).fetchall()
+    tables = {r["relname"]: r["relrowsecurity"] for r in rows}
+    assert PUBLIC_TABLES <= set(tables)
+    assert all(tables.values()), [t for t, on in tables.items() if not on]
+
+
+def test_signup_grants_credits_once(db_conn):
+    user = new_user(db_conn)
+    again = db_conn.execute("select * from public.grant_credits(%s, 100, 'grant', %s)",
+                            (user, f"signup:{user}")).fetchone()
+    assert again["applied"] is False
+    account = db_conn.execute("select balance from public.credit_accounts where user_id = %s", (user,)).fetchone()
+    ledger = db_conn.execute("select sum(delta) as total, count(*) as n from public.credit_ledger"
+                             " where user_id = %s", (user,)).fetchone()
+    assert account["balance"] == 100 == ledger["total"] and ledger["n"] == 1
+    assert db_conn.execute("select email from public.profiles where id = %s", (user,)).fetchone()
+
+
+def _seed_rows_of(conn, owner: str) -> None:
+    project = conn.execute("insert into public.projects (user_id, name) values (%s, 'A') returning id",
+                           (owner,)).fetchone()["id"]
+    asset = conn.execute(
+        "insert into public.assets (user_id, project_id, kind, bucket, path, status)"
+        " values (%s, %s, 'image', 'media', %s, 'ready') returning id", (owner, project, f"{owner}/a.png"),
+    ).fetchone()["id"]
+    conn.execute("select public.create_task(%s, 'image.upscale', '{}'::jsonb, 5, 'k', %s, %s::uuid[], null)",
+                 (owner, project, [asset]))
+    conn.execute("insert into public.purchases (user_id, package_id, credits, amount_cents, currency)"
+                 " values (%s, 'starter', 500, 500, 'usd')", (owner,))
+    conn.execute("insert into public.stripe_events (id, type) values (%s, 'checkout.session.completed')",
+                 (f"evt_{owner}",))
+
+
+OWNED = {
+    "profiles": "id", "credit_accounts": "user_id", "credit_ledger": "user_id", "projects": "user_id",
+    "assets": "user_id", "tasks": "user_id", "purchases": "user_id",
+}
+
+
+def test_rls_hides_and_protects_other_users_rows(postgres):
+    with psycopg.connect(postgres, autocommit=True, row_factory=dict_row) as conn:
+        alice, bob = new_user(conn), new_user(conn)
+        _seed_rows_of(conn, alice)
+        as_role(conn, "authenticated", bob)
+        for table, column in OWNED.items():
+            seen = conn.execute(f"select count(*) as n from public.{table} where {column} = %s", (alice,))
+            assert seen.fetchone()["n"] == 0, table
+            updated = _try(conn, f"update public.{table} set {column} = {column} where {column} = %s", (alice,))
+            assert updated in (0, None), table
+            deleted = _try(conn, f"delete from public.{table} where {column} = %s", (alice,))
+            assert deleted in (0, None), table
+        for table in ("stripe_events", "app_settings"):
+            assert _try(conn, f"select * from public.{table}") is None, table
+        # Writes of one's own money rows are refused too.
+        assert _try(conn, "update public.credit_accounts set balance = 1000000") in (0, None)
+        assert _try(conn, "insert into public.credit_ledger (user_id, delta, kind, balance_after)"
+                          " values (%s, 1000, 'grant', 1000)", (bob,)) is None
+        assert _try(conn, "insert into public.tasks (user_id, model_key) values (%s, 'x')", (bob,)) is None
+        assert _try(conn, "insert into public.projects (user_id, name) values (%s, 'x')", (alice,)) is None
+        # ...while one's own rows are visible.
+        assert conn.execute("select balance from public.credit_accounts").fetchone()["balance"] == 100
+        as_role(conn, "postgres")
+
+
+def _try(conn, sql, params=None):
+    """执行一条语句：返回受影响行数，被拒绝时返回 None"""
+    try:
+        with conn.transaction():
+            return conn.execute(sql, params).rowcount
+    except psycopg.errors.InsufficientPrivilege:
+        return None
+    except psycopg.errors.Error:
+        return None
+
+
+@pytest.mark.parametrize("role", ["anon", "authenticated"])
+@pytest.mark.parametrize("function", SERVICE_FUNCTIONS)
+def test_money_and_task_functions_are_service_role_only(db_conn, role, function):
+    assert db_conn.execute("select has_function_privilege(%s, %s, 'execute') as ok",
+                           (role, f"public.{function}")).fetchone()["ok"] is False
+    assert db_conn.execute("select has_function_privilege('service_role', %s, 'execute') as ok",
+                           (f"public.{function}",)).fetchone()["ok"] is True
+
+
+def test_authenticated_cannot_call_create_task(postgres):
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        user = new_user(conn)
+        as_role(conn, "authenticated", user)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("select public.create_task(%s, 'image.upscale', '{}'::jsonb, 0)", (user,))
+
+
+def test_security_definer_functions_pin_search_path(db_conn):
+    rows = db_conn.execute(
+        "select p.proname, p.proconfig from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
+        " where n.nspname = 'public' and p.prosecdef"
+    ).fetchall()
+    assert rows
+    for row in rows:
+        assert row["proconfig"] and any(c.startswith("search_path=") for c in row["proconfig"]), row["proname"]
+
+
+def test_realtime_publication_and_replica_identity(db_conn):
+    published = {r["tablename"] for r in db_conn.execute(
+        "select tablename from pg_publication_tables where pubname = 'supabase_realtime'")}
+    assert {"tasks", "credit_accounts"} <= published
+    identity = db_conn.execute("select relreplident from pg_class where oid = 'public.tasks'::regclass").fetchone()
+    assert identity["relreplident"] == "f"
