@@ -1,0 +1,192 @@
+"""POST /tasks and friends: validation, pricing, the one charge, idempotency, concurrency, cancel."""
+
+import asyncio
+
+import pytest
+
+from lib.config import get_settings
+from tests.factories import balance, ledger, make_asset, set_balance, task_row
+
+
+@pytest.fixture
+def many_active(monkeypatch):
+    monkeypatch.setenv("MAX_ACTIVE_TASKS_PER_USER", "1000")
+    get_settings.cache_clear()
+    yield
+    monkeypatch.delenv("MAX_ACTIVE_TASKS_PER_USER")
+    get_settings.cache_clear()
+
+
+def upscale(asset_id: str, **params) -> dict:
+    return {"model_key": "image.upscale", "params": {"image_asset_id": asset_id, "scale": 2, **params}}
+
+
+async def test_create_task_charges_once_and_returns_201(client, make_user):
+    user = await make_user()
+    asset = make_asset(user.id, width=1000, height=1000)  # 2x → 4 MP → 4 credits
+    resp = await client.post("/tasks", json=upscale(asset), headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    task = resp.json()["data"]
+    assert task["status"] == "queued" and task["cost"] == 4 and task["progress"] == 0
+    assert task["params"]["image_asset_id"] == asset and task["model_key"] == "image.upscale"
+    assert balance(user.id) == 96
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_quote_matches_the_charge(client, make_user):
+    user = await make_user()
+    asset = make_asset(user.id, width=1000, height=1000)
+    resp = await client.post("/models/image.upscale/quote",
+                             json={"params": {"image_asset_id": asset, "scale": 4}, "input_asset_ids": [asset]},
+                             headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"]["credits"] == 16
+    created = await client.post("/tasks", json=upscale(asset, scale=4), headers=user.headers)
+    assert created.json()["data"]["cost"] == 16
+
+
+async def test_models_lists_catalog_with_schemas(client):
+    resp = await client.get("/models")
+    models = {m["key"]: m for m in resp.json()["data"]}
+    assert "image.upscale" in models and "media.probe" not in models
+    schema = models["image.upscale"]["params_schema"]
+    assert schema["properties"]["scale"]["enum"] == [2, 4]
+    assert models["image.upscale"]["available"] is True
+
+
+@pytest.mark.parametrize("params, field", [
+    ({"scale": 3}, "params.scale"),
+    ({"sharpen": 2}, "params.sharpen"),
+    ({"format": "gif"}, "params.format"),
+    ({"surprise": 1}, "params.surprise"),
+])
+async def test_bad_params_are_422_and_charge_nothing(client, make_user, params, field):
+    user = await make_user()
+    asset = make_asset(user.id)
+    resp = await client.post("/tasks", json=upscale(asset, **params), headers=user.headers)
+    body = resp.json()
+    assert resp.status_code == 422
+    assert body["error"]["code"] == "validation_error"
+    assert field in [d["field"] for d in body["error"]["details"]]
+    assert balance(user.id) == 100
+
+
+async def test_unknown_model_and_output_pixel_limit_are_422(client, make_user):
+    user = await make_user()
+    huge = make_asset(user.id, width=6000, height=4000)  # 4x → 384 MP, over the limit
+    resp = await client.post("/tasks", json=upscale(huge, scale=4), headers=user.headers)
+    assert resp.status_code == 422 and "limit" in resp.json()["error"]["message"]
+    resp = await client.post("/tasks", json={"model_key": "nope", "params": {}}, headers=user.headers)
+    assert resp.status_code == 422
+    assert balance(user.id) == 100
+
+
+async def test_input_asset_rules(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    theirs = make_asset(bob.id)
+    pending = make_asset(alice.id, status="pending")
+    video = make_asset(alice.id, kind="video", duration_s=2, fps=24)
+    assert (await client.post("/tasks", json=upscale(theirs), headers=alice.headers)).status_code == 404
+    assert (await client.post("/tasks", json=upscale(pending), headers=alice.headers)).status_code == 422
+    assert (await client.post("/tasks", json=upscale(video), headers=alice.headers)).status_code == 422
+    assert balance(alice.id) == 100
+
+
+async def test_insufficient_credits_is_402(client, make_user):
+    user = await make_user()
+    set_balance(user.id, 3)
+    asset = make_asset(user.id, width=1000, height=1000)
+    resp = await client.post("/tasks", json=upscale(asset), headers=user.headers)
+    assert resp.status_code == 402
+    assert resp.json()["error"]["code"] == "insufficient_credits"
+    assert balance(user.id) == 3
+
+
+async def test_too_many_active_tasks_is_429(client, make_user, monkeypatch):
+    monkeypatch.setenv("MAX_ACTIVE_TASKS_PER_USER", "2")
+    get_settings.cache_clear()
+    try:
+        user = await make_user()
+        asset = make_asset(user.id)
+        codes = [(await client.post("/tasks", json=upscale(asset), headers=user.headers)).status_code
+                 for _ in range(3)]
+        assert codes == [201, 201, 429]
+    finally:
+        monkeypatch.delenv("MAX_ACTIVE_TASKS_PER_USER")
+        get_settings.cache_clear()
+
+
+async def test_fifty_concurrent_creates_for_ten_affordable(client, make_user, many_active):
+    user = await make_user()
+    asset = make_asset(user.id, width=2500, height=1000)  # 2x → 10 MP → 10 credits; balance 100
+    responses = await asyncio.gather(*[
+        client.post("/tasks", json=upscale(asset), headers=user.headers) for _ in range(50)
+    ])
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(201) == 10 and codes.count(402) == 40, codes
+    assert balance(user.id) == 0
+    assert len(ledger(user.id)) == 1 + 10  # signup grant + ten charges
+
+
+async def test_twenty_concurrent_replays_make_one_task(client, make_user, many_active):
+    user = await make_user()
+    asset = make_asset(user.id, width=1000, height=1000)
+    headers = {**user.headers, "Idempotency-Key": "same-key"}
+    responses = await asyncio.gather(*[client.post("/tasks", json=upscale(asset), headers=headers)
+                                       for _ in range(20)])
+    ids = {r.json()["data"]["id"] for r in responses}
+    assert len(ids) == 1
+    assert sorted(r.status_code for r in responses) == [200] * 19 + [201]
+    assert balance(user.id) == 96
+
+
+async def test_other_users_task_is_404(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    task = (await client.post("/tasks", json=upscale(make_asset(alice.id)), headers=alice.headers)).json()["data"]
+    for method, path in [("GET", f"/tasks/{task['id']}"), ("POST", f"/tasks/{task['id']}/cancel")]:
+        resp = await client.request(method, path, headers=bob.headers)
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    listed = (await client.get("/tasks", headers=bob.headers)).json()["data"]["items"]
+    assert listed == []
+    assert task_row(task["id"])["status"] == "queued"
+
+
+async def test_cancel_queued_refunds_once_then_409(client, make_user):
+    user = await make_user()
+    task = (await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)).json()["data"]
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["data"]["status"] == "canceled"
+    again = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    assert balance(user.id) == 100
+
+
+async def test_list_filters_and_cursor(client, make_user, many_active):
+    user = await make_user()
+    asset = make_asset(user.id)
+    created = [(await client.post("/tasks", json=upscale(asset), headers=user.headers)).json()["data"]["id"]
+               for _ in range(5)]
+    await client.post(f"/tasks/{created[0]}/cancel", headers=user.headers)
+    seen, cursor = [], None
+    while True:
+        page = (await client.get("/tasks", params={"limit": 2, **({"cursor": cursor} if cursor else {})},
+                                 headers=user.headers)).json()["data"]
+        seen += [t["id"] for t in page["items"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == list(reversed(created))
+    canceled = (await client.get("/tasks?status=canceled", headers=user.headers)).json()["data"]["items"]
+    assert [t["id"] for t in canceled] == [created[0]]
+    assert (await client.get("/tasks?status=bogus", headers=user.headers)).status_code == 422
+    assert (await client.get("/tasks?cursor=%%%", headers=user.headers)).status_code == 422
+
+
+async def test_ledger_is_newest_first_with_cursor(client, make_user):
+    user = await make_user()
+    await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)
+    page = (await client.get("/credits/ledger?limit=1", headers=user.headers)).json()["data"]
+    assert page["items"][0]["kind"] == "charge" and page["next_cursor"]
+    rest = (await client.get(f"/credits/ledger?cursor={page['next_cursor']}", headers=user.headers)).json()["data"]
+    assert [e["kind"] for e in rest["items"]] == ["grant"] and rest["next_cursor"] is None
