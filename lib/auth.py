@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
-
-import jwt
-from jwt import PyJWKClient
 
 from lib.config import get_settings
 from lib.errors import Unauthorized
 
+log = logging.getLogger("spool.auth")
 ASYMMETRIC_ALGS = ("ES256", "RS256")
 LEEWAY_SECONDS = 30
 
@@ -19,6 +18,8 @@ class TokenVerifier:
     """Supabase 访问令牌校验器"""
 
     def __init__(self):
+        from jwt import PyJWKClient  # imported on first use: /health and cold starts don't pay for it
+
         settings = get_settings()
         self.issuer = settings.auth_issuer
         self.hs_secret = settings.supabase_jwt_secret
@@ -34,6 +35,8 @@ class TokenVerifier:
 
     def verify(self, token: str) -> dict:
         """校验令牌并返回 claims（签名、过期、受众、签发者、sub）"""
+        import jwt
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -49,7 +52,8 @@ class TokenVerifier:
                 raise Unauthorized("Unsupported token algorithm.")
         except jwt.ExpiredSignatureError:
             raise Unauthorized("Access token expired.") from None
-        except jwt.PyJWKClientConnectionError:
+        except jwt.PyJWKClientConnectionError as exc:
+            log.warning("could not fetch the JWKS from %s: %s", self.jwks.uri, exc)
             raise Unauthorized("Could not fetch the signing keys.") from None
         except jwt.PyJWTError:
             raise Unauthorized("Invalid access token.") from None
@@ -60,6 +64,8 @@ class TokenVerifier:
         return claims
 
     def _decode(self, token: str, key, alg: str) -> dict:
+        import jwt
+
         # One algorithm per key type: an HS256 token is never checked against a
         # public key and an ES256 token never against the shared secret.
         return jwt.decode(
@@ -74,7 +80,8 @@ class TokenVerifier:
 
     async def averify(self, token: str) -> dict:
         """异步校验（JWKS 获取在线程中进行）"""
-        if self.jwks.jwk_set_cache is not None and not self.jwks.jwk_set_cache.is_expired():
+        cache = self.jwks.jwk_set_cache
+        if cache is not None and cache.get() is not None:  # keys cached: no network, verify inline
             return self.verify(token)
         return await asyncio.to_thread(self.verify, token)
 

@@ -72,7 +72,8 @@ async def transaction() -> AsyncIterator[psycopg.AsyncConnection]:
 async def as_user(user_id: str, claims: dict | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
     """以用户身份执行（与 PostgREST 相同：authenticated 角色 + JWT claims），由 RLS 把关"""
     claims = {"sub": user_id, "role": "authenticated", **(claims or {})}
-    async with transaction() as conn:
+    # Pipeline mode: BEGIN, the claims and the caller's first query travel in one round trip.
+    async with connection() as conn, conn.pipeline(), conn.transaction():
         await conn.execute(
             "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)",
             (json.dumps(claims),),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from lib import db
 from lib.config import get_settings
 
 log = logging.getLogger("spool.dispatch")
@@ -18,11 +17,10 @@ class Dispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """本地调度：任务入队时数据库 NOTIFY 已唤醒 worker，这里只需再提醒一次"""
+    """本地调度：任务变为 queued 时数据库触发器已 NOTIFY 唤醒 worker，无需再做什么"""
 
     async def dispatch(self, *, task_id: str, model_key: str) -> None:
-        """派发任务（本地：通知 worker）"""
-        await db.execute("select pg_notify('spool_task_queued', %s)", (task_id,))
+        """派发任务（本地：由触发器的 NOTIFY 完成）"""
 
     async def cancel(self, *, task_id: str, call_id: str | None) -> None:
         """取消任务（本地：worker 在下一个进度点发现取消）"""

@@ -25,11 +25,7 @@ class TaskService:
 
     async def create_task(self, *, user_id: str, model_key: str, params: dict, project_id: str | None = None,
                           idempotency_key: str | None = None) -> tuple[dict, bool]:
-        """创建任务并扣除积分；返回 (任务, 是否新建)"""
-        if idempotency_key:
-            existing = await self._by_idempotency_key(user_id, idempotency_key)
-            if existing is not None:
-                return existing, False
+        """创建任务并扣除积分；返回 (任务, 是否新建)。重放由 create_task SQL 按幂等键返回原任务"""
         spec = catalog.get_model(model_key)
         if not spec.public:
             raise InvalidInput(f"Model '{model_key}' cannot be run directly.",
@@ -86,7 +82,7 @@ class TaskService:
             )).fetchone()
         if row is None:
             raise NotFound("Task not found.")
-        return row
+        return await with_fresh_result_url(row)
 
     async def list_tasks(self, *, user_id: str, status: str | None = None, project_id: str | None = None,
                          limit: int = 20, cursor: str | None = None) -> dict:
@@ -126,12 +122,6 @@ class TaskService:
             log.warning("could not cancel the running job of task %s; it stops at its next progress point", task_id)
         return public_task(outcome["task"])
 
-    async def _by_idempotency_key(self, user_id: str, key: str) -> dict | None:
-        async with db.as_user(user_id) as conn:
-            return await (await conn.execute(
-                f"select {PUBLIC_COLUMNS} from public.tasks where idempotency_key = %s", (key,)
-            )).fetchone()
-
     async def _input_assets(self, user_id: str, spec: catalog.ModelSpec, params) -> dict[str, dict]:
         ids = spec.input_asset_ids(params)
         if not ids:
@@ -160,6 +150,18 @@ class TaskService:
             row = await (await conn.execute("select 1 from public.projects where id = %s", (project_id,))).fetchone()
         if row is None:
             raise NotFound("Project not found.")
+
+
+async def with_fresh_result_url(task: dict) -> dict:
+    """已完成任务：换上新签名的结果下载地址（存储的地址会过期）"""
+    path = (task.get("result") or {}).get("path")
+    if task["status"] == "completed" and path:
+        from lib.storage import get_storage
+
+        settings = get_settings()
+        task = {**task, "result_url": await get_storage().create_signed_url(
+            path=path, expires_in=settings.signed_url_seconds)}
+    return task
 
 
 def public_task(row: dict) -> dict:

@@ -1,0 +1,146 @@
+"""POST /tasks throughput and latency against the API under uvicorn, next to the database's own ceiling.
+
+Run: .venv/bin/python bench/create_task.py [--requests 400]
+Starts the embedded Postgres and the API (uvicorn, one process) on a free port. For each concurrency
+(1, 16, 64) it creates tasks through HTTP (auth, validation, pricing, the create_task SQL call, dispatch)
+and, in the same run, the same number of single-row insert transactions straight through psycopg: the
+ceiling POST /tasks sits on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def run_load(n: int, concurrency: int, one) -> tuple[float, list[float]]:
+    """以给定并发执行 n 次操作，返回 (每秒次数, 各次延迟)"""
+    latencies: list[float] = []
+    queue = iter(range(n))
+
+    async def lane():
+        for i in queue:
+            start = time.perf_counter()
+            await one(i)
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    await asyncio.gather(*[lane() for _ in range(concurrency)])
+    return n / (time.perf_counter() - start), latencies
+
+
+async def main_async(args) -> None:
+    import httpx
+    import psycopg
+    from psycopg_pool import AsyncConnectionPool
+
+    from lib.config import get_settings
+
+    settings = get_settings()
+    base = f"http://127.0.0.1:{settings.spool_port}"
+    async with httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=100)) as http:
+        for _ in range(200):
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                await asyncio.sleep(0.1)
+        # One user per lane: a user's own creates serialize on their credit account's row lock, by design.
+        users = []
+        with psycopg.connect(settings.supabase_db_url, autocommit=True) as conn:
+            for _ in range(64):
+                user = (await http.post("/dev/users", json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com"}))
+                user_id, token = user.json()["data"]["user_id"], user.json()["data"]["access_token"]
+                conn.execute("select public.grant_credits(%s, 100000000, 'adjustment', %s)",
+                             (user_id, str(uuid.uuid4())))
+                asset = conn.execute(
+                    "insert into public.assets (user_id, kind, bucket, path, mime, width, height, status)"
+                    " values (%s, 'image', 'media', %s, 'image/png', 512, 512, 'ready') returning id",
+                    (user_id, f"{user_id}/bench.png"),
+                ).fetchone()[0]
+                users.append(({"Authorization": f"Bearer {token}"},
+                              {"model_key": "image.upscale", "params": {"image_asset_id": str(asset), "scale": 2}}))
+            conn.execute("create table if not exists bench_rows (id uuid primary key, user_id uuid, params jsonb,"
+                         " created_at timestamptz default now())")
+        user_id = None
+
+        async def create(i):
+            headers, body = users[i % len(users)]
+            r = await http.post("/tasks", json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
+            assert r.status_code == 201, r.text
+
+        pool = AsyncConnectionPool(settings.supabase_db_url, min_size=10, max_size=10, open=False,
+                                   kwargs={"autocommit": True, "prepare_threshold": None})
+        await pool.open()
+
+        async def insert(i):
+            async with pool.connection() as conn:
+                await conn.execute("insert into bench_rows (id, user_id, params) values (%s, %s, %s)",
+                                   (uuid.uuid4(), user_id, '{"scale": 2}'))  # same row shape, no RLS/auth
+
+        print(f"POST /tasks vs single-row insert transactions, {args.requests} each, "
+              f"{os.cpu_count()} CPUs, API: 1 uvicorn process")
+        print(f"{'concurrency':>11} {'API req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'insert tx/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'API/ceiling':>12}")
+        for concurrency in (1, 16, 64):
+            await run_load(20, concurrency, create)  # warm-up
+            api_rate, api_lat = await run_load(args.requests, concurrency, create)
+            db_rate, db_lat = await run_load(args.requests, min(concurrency, 10), insert)
+            print(f"{concurrency:>11} {api_rate:>10.0f} {statistics.median(api_lat) * 1000:>8.1f} "
+                  f"{percentile(api_lat, 0.99) * 1000:>8.1f} {db_rate:>12.0f} "
+                  f"{statistics.median(db_lat) * 1000:>8.1f} {percentile(db_lat, 0.99) * 1000:>8.1f} "
+                  f"{api_rate / db_rate:>11.0%}")
+            # Active-task limits: finish what was created so the next round is not refused.
+            async with pool.connection() as conn:
+                await conn.execute("update public.tasks set status = 'canceled' where status = 'queued'")
+        async with pool.connection() as conn:
+            await conn.execute("drop table bench_rows")
+        await pool.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=400)
+    args = parser.parse_args()
+    os.environ.setdefault("SPOOL_HOME", tempfile.mkdtemp(prefix="spool-bench-"))
+    os.environ["SPOOL_PORT"] = str(free_port())
+    os.environ["MAX_ACTIVE_TASKS_PER_USER"] = "100000"
+    os.environ["LOG_LEVEL"] = "WARNING"
+    from lib.local import stack
+
+    pg = stack.prepare()
+    server = subprocess.Popen([sys.executable, "-m", "lib.local", "serve"], cwd=ROOT, env=os.environ.copy())
+    try:
+        asyncio.run(main_async(args))
+    finally:
+        server.terminate()
+        server.wait(10)
+        if pg is not None:
+            pg.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Handlers used by runner tests: slow, failing, refusing and quick jobs behind the real runner."""
+
+from __future__ import annotations
+
+import time
+
+from gpu_jobs.handlers import JobContext, OutputFile
+from lib.errors import InvalidInput
+
+
+def slow(ctx: JobContext) -> list[OutputFile]:
+    """缓慢推进的任务（用于取消测试）"""
+    steps = int(ctx.params.seconds / 0.02)
+    for step in range(steps):
+        ctx.progress(step / steps, f"step {step}")
+        ctx.state["steps"] = step
+        time.sleep(0.02)
+    return quick(ctx)
+
+
+def boom(ctx: JobContext) -> list[OutputFile]:
+    raise RuntimeError("driver exploded: secret detail")
+
+
+def refuse(ctx: JobContext) -> list[OutputFile]:
+    raise InvalidInput("The file is not a picture we can read.")
+
+
+def quick(ctx: JobContext) -> list[OutputFile]:
+    """写出一张 8×8 的 PNG"""
+    from PIL import Image
+
+    path = ctx.workdir / "out.png"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(path)
+    ctx.progress(1.0)
+    return [OutputFile(path=path, kind="image", mime="image/png", width=8, height=8)]

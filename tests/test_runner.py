@@ -1,0 +1,140 @@
+"""The runner around a handler: progress, failure and refund, cancel (queued, processing, racing), requeue."""
+
+import asyncio
+import random
+
+import pytest
+from pydantic import Field
+
+from gpu_jobs.runner import run_task_async
+from lib import catalog
+from lib.config import get_settings
+from lib.reaper import reap
+from tests.factories import balance, ledger, sql, task_row
+
+
+class JobParams(catalog.Params):
+    seconds: float = Field(0.5, ge=0, le=10)
+
+
+@pytest.fixture
+def job_models(monkeypatch):
+    """把测试处理器登记进目录（真实的 runner 与 SQL 路径照常运行）"""
+    for name in ("slow", "boom", "refuse", "quick"):
+        monkeypatch.setitem(catalog.CATALOG, f"test.{name}", catalog.ModelSpec(
+            key=f"test.{name}", kind="image", title=name, params=JobParams, price=lambda p, a: 5,
+            price_rule="5", handler=f"tests.job_handlers:{name}",
+        ))
+
+
+async def create(client, user, name: str, **params) -> dict:
+    resp = await client.post("/tasks", json={"model_key": f"test.{name}", "params": params}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["data"]
+
+
+async def test_completed_task_has_result_asset_and_one_charge(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    assert await run_task_async(task["id"]) == "completed"
+    row = task_row(task["id"])
+    assert row["status"] == "completed" and row["progress"] == 1 and row["attempts"] == 1
+    assert row["result"]["width"] == 8 and row["result_url"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+    assets = sql("select * from public.assets where source_task_id = %s", (task["id"],))
+    assert len(assets) == 1 and assets[0]["status"] == "ready"
+    fresh = (await client.get(f"/tasks/{task['id']}", headers=user.headers)).json()["data"]
+    assert fresh["result_url"]
+
+
+async def test_second_run_of_a_claimed_task_does_nothing(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    assert await run_task_async(task["id"]) == "completed"
+    assert await run_task_async(task["id"]) == "skipped"
+    assert task_row(task["id"])["attempts"] == 1
+
+
+async def test_handler_crash_fails_with_generic_message_and_refunds_once(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "boom")
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["status"] == "failed" and row["error"]["code"] == "processing_error"
+    assert "secret" not in str(row["error"]) and "refunded" in row["error"]["message"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    assert balance(user.id) == 100
+
+
+async def test_invalid_input_fails_with_the_reason(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "refuse")
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"] == {"code": "invalid_input", "message": "The file is not a picture we can read."}
+    assert balance(user.id) == 100
+
+
+async def test_cancel_while_processing_stops_the_job(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=5)
+    job = asyncio.create_task(run_task_async(task["id"]))
+    while task_row(task["id"])["progress"] < 0.05:
+        await asyncio.sleep(0.05)
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200
+    assert await asyncio.wait_for(job, 5) == "canceled"
+    row = task_row(task["id"])
+    assert row["status"] == "canceled" and row["progress"] < 0.5
+    assert sql("select id from public.assets where source_task_id = %s", (task["id"],)) == []
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_cancel_racing_completion_has_exactly_one_outcome(client, make_user, job_models):
+    user = await make_user()
+    outcomes = set()
+    for _ in range(8):
+        task = await create(client, user, "quick")
+        job = asyncio.create_task(run_task_async(task["id"]))
+        await asyncio.sleep(random.uniform(0, 0.15))
+        await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+        await job
+        row = task_row(task["id"])
+        kinds = [e["kind"] for e in ledger(user.id, task["id"])]
+        assets = sql("select id from public.assets where source_task_id = %s", (task["id"],))
+        if row["status"] == "completed":
+            assert kinds == ["charge"] and len(assets) == 1
+        else:
+            assert row["status"] == "canceled" and kinds == ["charge", "refund"] and assets == []
+        outcomes.add(row["status"])
+    assert outcomes <= {"completed", "canceled"}
+
+
+async def test_stalled_task_is_requeued_then_failed_after_max_attempts(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    max_attempts = get_settings().task_max_attempts
+    for attempt in range(1, max_attempts + 1):
+        claimed = sql("select * from public.claim_task(%s)", (task["id"],))
+        assert claimed and claimed[0]["attempts"] == attempt
+        sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+        await reap()
+        expected = "queued" if attempt < max_attempts else "failed"
+        assert task_row(task["id"])["status"] == expected
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "worker_lost"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_stale_worker_cannot_finish_after_requeue(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=1)
+    first = asyncio.create_task(run_task_async(task["id"]))
+    while task_row(task["id"])["status"] != "processing":
+        await asyncio.sleep(0.02)
+    # The reaper thinks the first worker died and another worker claims the task.
+    sql("update public.tasks set status = 'queued' where id = %s", (task["id"],))
+    assert await run_task_async(task["id"]) == "completed"
+    assert await first == "lost"
+    assert len(sql("select id from public.assets where source_task_id = %s", (task["id"],))) == 1
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
