@@ -101,18 +101,24 @@ async def main_async(args) -> None:
                 await conn.execute("insert into bench_rows (id, user_id, params) values (%s, %s, %s)",
                                    (uuid.uuid4(), user_id, '{"scale": 2}'))  # same row shape, no RLS/auth
 
+        async def health(i):
+            r = await http.get("/health")
+            assert r.status_code == 200, r.text
+
         print(f"POST /tasks vs single-row insert transactions, {args.requests} each, "
-              f"{os.cpu_count()} CPUs, API: 1 uvicorn process")
-        print(f"{'concurrency':>11} {'API req/s':>10} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'insert tx/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'API/ceiling':>12}")
+              f"{os.cpu_count()} CPUs, API: 1 uvicorn process, load from this process (httpx)")
+        print("also: GET /health (one SELECT through the same HTTP stack) as the HTTP floor")
+        print(f"{'concurrency':>11} {'tasks/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'insert tx/s':>11} "
+              f"{'p50 ms':>7} {'p99 ms':>7} | {'tasks/ceiling':>13} | {'/health req/s':>13}")
         for concurrency in (1, 16, 64):
             await run_load(20, concurrency, create)  # warm-up
             api_rate, api_lat = await run_load(args.requests, concurrency, create)
             db_rate, db_lat = await run_load(args.requests, min(concurrency, 10), insert)
-            print(f"{concurrency:>11} {api_rate:>10.0f} {statistics.median(api_lat) * 1000:>8.1f} "
-                  f"{percentile(api_lat, 0.99) * 1000:>8.1f} {db_rate:>12.0f} "
-                  f"{statistics.median(db_lat) * 1000:>8.1f} {percentile(db_lat, 0.99) * 1000:>8.1f} "
-                  f"{api_rate / db_rate:>11.0%}")
+            health_rate, _ = await run_load(args.requests, concurrency, health)
+            print(f"{concurrency:>11} {api_rate:>8.0f} {statistics.median(api_lat) * 1000:>7.1f} "
+                  f"{percentile(api_lat, 0.99) * 1000:>7.1f} | {db_rate:>11.0f} "
+                  f"{statistics.median(db_lat) * 1000:>7.1f} {percentile(db_lat, 0.99) * 1000:>7.1f} | "
+                  f"{api_rate / db_rate:>13.0%} | {health_rate:>13.0f}")
             # Active-task limits: finish what was created so the next round is not refused.
             async with pool.connection() as conn:
                 await conn.execute("update public.tasks set status = 'canceled' where status = 'queued'")

@@ -10,6 +10,7 @@ import signal
 import psycopg
 
 from lib import db
+from lib.catalog import CATALOG
 from lib.config import get_settings
 from lib.reaper import reap
 
@@ -26,6 +27,7 @@ class LocalWorker:
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
         self.running: dict[asyncio.Task, dict] = {}
+        self.model_keys = list(CATALOG)  # claim only what this worker can run
 
     async def run(self) -> None:
         """运行直到 stop()"""
@@ -53,7 +55,7 @@ class LocalWorker:
     async def _fill_slots(self) -> None:
         while len(self.running) < self.concurrency and not self.stopping.is_set():
             try:
-                task = await db.fetch_one("select * from public.claim_next_task()")
+                task = await db.fetch_one("select * from public.claim_next_task(%s)", (self.model_keys,))
             except psycopg.Error as exc:
                 log.warning("claim failed: %s", exc)
                 return
