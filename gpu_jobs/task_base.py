@@ -57,7 +57,7 @@ async def update_task_status(task_id: str, attempt: int, *, progress: float | No
                              message: str | None = None) -> str:
     """写进度并刷新心跳；任务已取消 → TaskCanceled，尝试已失效 → ClaimLost"""
     row = await db.fetch_one(
-        "select * from public.report_task_progress(%s, %s, %s, %s)", (task_id, attempt, progress, message)
+        "select * from public.report_task_progress(%s, %s, %s::real, %s)", (task_id, attempt, progress, message)
     )
     if row is None:
         raise ClaimLost(f"task {task_id} no longer exists")

@@ -71,6 +71,7 @@ class KlingParams(Params):
 class KlingImageParams(KlingParams):
     image_asset_id: UUID
     prompt: str = Field("", max_length=2500)
+    aspect_ratio: None = Field(None, description="Not used: the video takes the image's shape.")
 
 
 KLING_PRICES = {("std", "5"): 35, ("std", "10"): 70, ("pro", "5"): 60, ("pro", "10"): 120}
@@ -128,6 +129,16 @@ def _check_upscale(params, assets: Assets, settings: Settings) -> None:
             f"The result would be {out_pixels:,} pixels; the limit is {settings.max_output_pixels:,}. "
             "Choose a smaller scale or a smaller input.",
             details=[{"field": "params.scale", "message": "output exceeds the pixel limit"}],
+        )
+
+
+def _check_kling_image(params, assets: Assets, settings: Settings) -> None:
+    asset = _only(assets)
+    width, height = asset.get("width") or 0, asset.get("height") or 0
+    if min(width, height) < 300 or max(width, height) > 2.5 * min(width, height):
+        raise InvalidInput(
+            "Kling needs an image at least 300 px on each side and no wider or taller than 2.5:1.",
+            details=[{"field": "params.image_asset_id", "message": "image size or shape not accepted"}],
         )
 
 
@@ -222,6 +233,7 @@ CATALOG: dict[str, ModelSpec] = {
             handler="gpu_jobs.handlers.kling:run",
             timeout_s=45 * MINUTES,
             inputs={"image_asset_id": "image"},
+            check=_check_kling_image,
             available=lambda s: s.kling_configured,
         ),
     ]

@@ -9,9 +9,10 @@ for media it refuses. The runner downloads, uploads, records assets and settles.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 
 class ProgressFn(Protocol):

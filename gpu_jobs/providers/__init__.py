@@ -1,0 +1,241 @@
+"""External video providers: the small interface an adapter implements, and the one flow that runs a provider task.
+
+A provider task runs on a CPU function: submit (or resume) → poll with backoff under a deadline → download the
+result into the workdir → probe it → hand it to the runner, which re-hosts it in our storage and settles credits.
+
+A provider job is paid the moment it is submitted, so the flow stores the provider's job id on our task
+(``ctx.save_state``) before it waits; a restarted job resumes polling that id instead of submitting again. Adding a
+provider is one module: a class with ``submit``, ``find``, ``status`` and ``fetch_result`` (see ``Provider``), and a
+handler that calls ``run_provider_job``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import httpx
+
+from gpu_jobs.handlers import JobContext, OutputFile
+from lib.errors import InvalidInput, TransientError
+
+log = logging.getLogger("spool.providers")
+
+JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
+MAX_FRACTION = 0.89  # waiting never reports more than this: the download and the upload come after
+PAUSE_SLICE = 2.0  # seconds between cancel checks while waiting between polls
+DOWNLOAD_CHUNK = 1 << 20
+
+
+class ProviderError(InvalidInput):
+    """外部提供方拒绝或失败：任务失败并退款，消息直接给用户看"""
+
+    task_error_code = "provider_error"  # for the runner, should it record a distinct error code
+
+
+class ProviderBusy(Exception):
+    """提供方暂时不可用（429、5xx、网络），可稍后重试"""
+
+    def __init__(self, message: str, *, ambiguous: bool = False, retry_after: float | None = None):
+        super().__init__(message)
+        self.ambiguous = ambiguous  # the request may have reached the provider (a submit may have been accepted)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ProviderJob:
+    """提供方任务的状态"""
+
+    job_id: str
+    state: JobState
+    raw_state: str  # the provider's own word, for logs
+    message: str | None = None  # for failed jobs: the reason, in words a user understands
+    result_urls: tuple[str, ...] = ()
+
+
+class Provider(Protocol):
+    """外部提供方适配器接口"""
+
+    name: str  # shown to users: "Queued at Kling"
+
+    def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path]) -> str:
+        """提交任务，返回提供方任务 id（ProviderError：被拒绝；ProviderBusy：暂时失败）"""
+        ...
+
+    def find(self, external_id: str) -> ProviderJob | None:
+        """按我们的任务 id 查找已提交的任务（提交结果不明时使用）"""
+        ...
+
+    def status(self, job_id: str) -> ProviderJob:
+        """查询任务状态"""
+        ...
+
+    def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
+        """把成功任务的结果下载到本地目录"""
+        ...
+
+
+def backoff(base: float, tries: int, cap: float) -> list[float]:
+    """指数退避的等待时间列表"""
+    return [min(cap, base * 2**i) for i in range(tries)]
+
+
+def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, interval_s: float) -> list[OutputFile]:
+    """运行一个提供方任务：提交或恢复、轮询、下载、探测"""
+    job_id, started_at = submit_or_resume(ctx, provider)
+    job = wait_for(ctx, provider, job_id, started_at=started_at, deadline_s=deadline_s, interval_s=interval_s)
+    ctx.progress(0.9, f"Downloading the video from {provider.name}")
+    try:
+        path = provider.fetch_result(job, ctx.workdir)
+    except ProviderBusy as exc:
+        raise TransientError(f"download from {provider.name} failed: {exc}") from exc
+    ctx.progress(0.95, "Checking the video")
+    ctx.result.update({"provider": provider.name.lower(), "provider_job_id": job.job_id})
+    return [probe_output(path, provider, job)]
+
+
+def submit_or_resume(ctx: JobContext, provider: Provider) -> tuple[str, float]:
+    """已有提供方任务 id 则恢复轮询；否则提交，并在等待前保存 id"""
+    state = ctx.state
+    if state.get("provider_job_id"):
+        log.info("task %s: resuming %s job %s", ctx.task_id, provider.name, state["provider_job_id"])
+        return state["provider_job_id"], float(state.get("provider_submitted_at") or time.time())
+    if state.get("provider_submitting"):  # an earlier attempt died between submitting and saving the id
+        found = _find(provider, ctx.task_id)
+        if found is not None:
+            log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
+            return _saved(ctx, found.job_id)
+    ctx.progress(0.03, f"Sending the request to {provider.name}")
+    _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True})
+    try:
+        job_id = provider.submit(external_id=ctx.task_id, params=ctx.params, inputs=ctx.inputs)
+    except ProviderBusy as exc:  # the next attempt looks the job up by our id before submitting again
+        raise TransientError(f"{provider.name} did not accept the job: {exc}") from exc
+    log.info("task %s: submitted %s job %s", ctx.task_id, provider.name, job_id)
+    return _saved(ctx, job_id)
+
+
+def wait_for(ctx: JobContext, provider: Provider, job_id: str, *, started_at: float, deadline_s: float,
+             interval_s: float) -> ProviderJob:
+    """轮询直到成功；失败或超过期限 → ProviderError；未知状态视为仍在运行"""
+    deadline = started_at + deadline_s
+    interval_s = max(interval_s, 0.01)
+    delay, cap = interval_s, max(interval_s, min(6 * interval_s, 30.0))
+    state, message, last_raw = "queued", f"Queued at {provider.name}", None
+    while True:
+        try:
+            job = provider.status(job_id)
+        except ProviderBusy as exc:  # the poll loop is itself the retry, until the deadline
+            log.warning("task %s: status of %s job %s unavailable: %s", ctx.task_id, provider.name, job_id, exc)
+            job = None
+        if job is not None:
+            if job.state == "succeeded":
+                return job
+            if job.state == "failed":
+                raise ProviderError(job.message or f"{provider.name} could not generate the video. "
+                                                   "Your credits were refunded.")
+            if job.state == "unknown" and job.raw_state != last_raw:
+                log.warning("task %s: unknown %s state %r; still waiting", ctx.task_id, provider.name, job.raw_state)
+            last_raw = job.raw_state
+            state = "queued" if job.state == "queued" else "running"
+            message = f"Queued at {provider.name}" if state == "queued" else "Generating video"
+        now = time.time()
+        if now >= deadline:
+            raise ProviderError(f"The provider did not finish within {_minutes(deadline_s)}; "
+                                "your credits were refunded.")
+        fraction = waiting_fraction(state, now - started_at, deadline_s)
+        _pause(ctx, min(delay, deadline - now), fraction, message)
+        delay = min(delay * 1.5, cap)
+
+
+def waiting_fraction(state: str, elapsed: float, deadline_s: float) -> float:
+    """等待中的进度：随时间上升，排队时不超过 0.3，永远不到 0.9"""
+    tau = max(1.0, min(deadline_s / 3, 120.0))
+    fraction = 0.9 - 0.85 * math.exp(-max(0.0, elapsed) / tau)
+    fraction = min(fraction, 0.3) if state == "queued" else max(fraction, 0.3)
+    return min(fraction, MAX_FRACTION)
+
+
+def download_file(client: httpx.Client, url: str, dest: Path, *, max_bytes: int, delays: list[float],
+                  what: str) -> Path:
+    """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError）"""
+    for attempt, delay in enumerate([*delays, None], start=1):
+        try:
+            with client.stream("GET", url) as resp:
+                if resp.status_code == 429 or resp.status_code >= 500:
+                    raise ProviderBusy(f"{what}: HTTP {resp.status_code}")
+                if resp.status_code >= 400:
+                    raise ProviderError(f"The finished video could not be downloaded from {what} "
+                                        f"(HTTP {resp.status_code}). Your credits were refunded.")
+                size = 0
+                with open(dest, "wb") as out:
+                    for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise ProviderError(f"The video from {what} is larger than {max_bytes:,} bytes. "
+                                                "Your credits were refunded.")
+                        out.write(chunk)
+            return dest
+        except (ProviderBusy, httpx.TransportError) as exc:
+            if delay is None:
+                raise ProviderBusy(f"{what}: {exc}") from exc
+            log.warning("download from %s failed (try %d): %s; retrying in %.1fs", what, attempt, exc, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def probe_output(path: Path, provider: Provider, job: ProviderJob) -> OutputFile:
+    """探测下载的视频，生成输出文件"""
+    from gpu_jobs.media import probe_file
+
+    try:
+        info = probe_file(path)
+    except InvalidInput as exc:
+        raise ProviderError(f"{provider.name} returned a file we could not read ({exc.message}). "
+                            "Your credits were refunded.") from None
+    if info["kind"] != "video":
+        raise ProviderError(f"{provider.name} returned {info['kind']} instead of a video. "
+                            "Your credits were refunded.")
+    return OutputFile(
+        path=path, kind="video", mime=info["mime"], width=info["width"], height=info["height"],
+        duration_s=info["duration_s"], fps=info["fps"],
+        metadata={"provider": provider.name.lower(), "provider_job_id": job.job_id},
+    )
+
+
+def _find(provider: Provider, external_id: str) -> ProviderJob | None:
+    try:
+        return provider.find(external_id)
+    except ProviderBusy as exc:
+        raise TransientError(f"could not look up the {provider.name} job: {exc}") from exc
+
+
+def _saved(ctx: JobContext, job_id: str) -> tuple[str, float]:
+    started_at = time.time()
+    _save(ctx, {"provider_job_id": job_id, "provider_submitted_at": started_at, "provider_submitting": False})
+    return job_id, started_at
+
+
+def _save(ctx: JobContext, state: dict) -> None:
+    ctx.save_state(state)
+    ctx.state.update(state)
+
+
+def _pause(ctx: JobContext, seconds: float, fraction: float, message: str) -> None:
+    """等待下一次轮询；期间定期报告进度（也借此发现取消）"""
+    ctx.progress(fraction, message)
+    end = time.monotonic() + max(0.0, seconds)
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, PAUSE_SLICE))
+        ctx.progress(fraction, message)
+
+
+def _minutes(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:g} seconds"
+    minutes = round(seconds / 60, 1)
+    return "1 minute" if minutes == 1 else f"{minutes:g} minutes"

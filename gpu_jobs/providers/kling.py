@@ -1,0 +1,262 @@
+"""The Kling AI adapter: JWT auth, text2video / image2video submit, status, result download, errors in plain words.
+
+API: ``POST {base}/v1/videos/{endpoint}`` and ``GET {base}/v1/videos/{endpoint}/{id}`` (``id`` is Kling's task id or
+our ``external_task_id``); every answer is ``{code, message, request_id, data}`` and ``code != 0`` is an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import jwt
+
+from gpu_jobs.providers import ProviderBusy, ProviderError, ProviderJob, backoff, download_file
+from lib.config import Settings
+from lib.errors import InvalidInput
+
+log = logging.getLogger("spool.providers.kling")
+
+Endpoint = Literal["text2video", "image2video"]
+TOKEN_SECONDS = 1800
+TOKEN_NOT_BEFORE = 5
+STATES = {"submitted": "queued", "processing": "running", "succeed": "succeeded", "failed": "failed"}
+# Kling's error codes (https://app.klingai.com/global/dev/document-api/apiReference/commonInfo)
+AUTH_CODES = range(1000, 1100)  # 1000-1004: the token is missing, invalid, not yet valid or expired
+ACCOUNT_CODES = range(1100, 1200)  # arrears, resource pack used up, no access (sent with HTTP 429 or 403)
+NOT_FOUND_CODE = 1203
+CONTENT_CODES = (1300, 1301)  # platform strategy / content security policy
+BUSY_CODES = (1302, 1303, 1304, 5000, 5001, 5002)  # rate and concurrency limits, server errors
+IMAGE_MAX_BYTES = 10 * 1024 * 1024  # Kling's limit for the input image
+IMAGE_MIN_SIDE = 300
+IMAGE_MAX_RATIO = 2.5
+IMAGE_REENCODE_SIDE = 4096
+REASON_CHARS = 300
+
+
+class JobNotFound(ProviderError):
+    """Kling 不认识这个任务 id"""
+
+
+class KlingProvider:
+    """Kling AI 适配器"""
+
+    name = "Kling"
+
+    def __init__(self, *, access_key: str, secret_key: str, base_url: str, endpoint: Endpoint,
+                 retry_base: float = 1.0, retries: int = 4, max_download_bytes: int = 2 * 1024**3,
+                 clock: Callable[[], float] = time.time, transport: httpx.BaseTransport | None = None):
+        self.access_key, self.secret_key = access_key, secret_key
+        self.endpoint = endpoint
+        self.delays = backoff(retry_base, retries, cap=30.0)
+        self.max_download_bytes = max_download_bytes
+        self.clock = clock
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), transport=transport, follow_redirects=True,
+                                 timeout=httpx.Timeout(60.0, connect=10.0))
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, endpoint: Endpoint) -> KlingProvider:
+        """按配置创建（重试节奏跟随轮询间隔，最多 1 秒起步）"""
+        return cls(access_key=settings.kling_ai_access_key or "", secret_key=settings.kling_ai_secret_key or "",
+                   base_url=settings.kling_api_base, endpoint=endpoint,
+                   retry_base=min(1.0, settings.kling_poll_interval_seconds),
+                   max_download_bytes=settings.max_upload_bytes)
+
+    def __enter__(self) -> KlingProvider:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.http.close()
+
+    # ------------------------------------------------------------ the Provider interface
+
+    def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path]) -> str:
+        """提交文生视频或图生视频任务，返回 Kling 任务 id"""
+        body = self.request_body(external_id=external_id, params=params, inputs=inputs)
+        for attempt, delay in enumerate([*self.delays, None], start=1):
+            try:
+                return str(self._send("POST", f"/v1/videos/{self.endpoint}", body)["task_id"])
+            except ProviderBusy as exc:
+                if exc.ambiguous:  # the job may exist although we got no answer: never submit it twice
+                    found = self.find(external_id)
+                    if found is not None:
+                        return found.job_id
+                if delay is None:
+                    raise
+                self._wait("submit", attempt, exc, delay)
+        raise AssertionError("unreachable")
+
+    def find(self, external_id: str) -> ProviderJob | None:
+        """按 external_task_id 查找任务；不存在 → None"""
+        try:
+            return self.status(external_id)
+        except JobNotFound:
+            return None
+
+    def status(self, job_id: str) -> ProviderJob:
+        """查询任务状态"""
+        data = self._call("GET", f"/v1/videos/{self.endpoint}/{job_id}")
+        raw = str(data.get("task_status") or "")
+        state = STATES.get(raw, "unknown")
+        videos = ((data.get("task_result") or {}).get("videos")) or []
+        urls = tuple(str(v["url"]) for v in videos if v.get("url"))
+        if state == "succeeded" and not urls:
+            state = "unknown"  # succeeded without a video yet: keep polling until it shows up or the deadline
+        message = failure_message(data.get("task_status_msg")) if state == "failed" else None
+        return ProviderJob(job_id=str(data.get("task_id") or job_id), state=state, raw_state=raw,
+                           message=message, result_urls=urls)
+
+    def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
+        """下载生成的视频（Kling 的地址会过期，所以要转存）"""
+        if not job.result_urls:
+            raise ProviderError("Kling finished without a video. Your credits were refunded.")
+        return download_file(self.http, job.result_urls[0], dest_dir / f"kling-{job.job_id}.mp4",
+                             max_bytes=self.max_download_bytes, delays=self.delays, what="Kling")
+
+    # ------------------------------------------------------------ requests
+
+    def token(self) -> str:
+        """签发新的 JWT（每个请求一个，永不复用）"""
+        now = int(self.clock())
+        claims = {"iss": self.access_key, "exp": now + TOKEN_SECONDS, "nbf": now - TOKEN_NOT_BEFORE}
+        return jwt.encode(claims, self.secret_key, algorithm="HS256", headers={"alg": "HS256", "typ": "JWT"})
+
+    def request_body(self, *, external_id: str, params: Any, inputs: dict[str, Path]) -> dict:
+        """构造提交请求体"""
+        body: dict[str, Any] = {
+            "model_name": params.model_name,
+            "mode": params.mode,
+            "duration": str(params.duration),
+            "cfg_scale": params.cfg_scale,
+            "external_task_id": external_id,
+        }
+        if params.prompt:
+            body["prompt"] = params.prompt
+        if params.negative_prompt:
+            body["negative_prompt"] = params.negative_prompt
+        if self.endpoint == "image2video":
+            path = inputs.get(str(params.image_asset_id))
+            if path is None:
+                raise InvalidInput("The input image of this task is missing.")
+            body["image"] = encode_image(Path(path))
+        else:  # image2video takes its shape from the image
+            body["aspect_ratio"] = params.aspect_ratio
+        return body
+
+    def _call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """带重试的请求（仅用于幂等请求）"""
+        for attempt, delay in enumerate([*self.delays, None], start=1):
+            try:
+                return self._send(method, path, body)
+            except ProviderBusy as exc:
+                if delay is None:
+                    raise
+                self._wait(f"{method} {path}", attempt, exc, delay)
+        raise AssertionError("unreachable")
+
+    def _send(self, method: str, path: str, body: dict | None = None) -> dict:
+        """发送一次请求；返回 data，或抛 ProviderBusy / ProviderError"""
+        headers = {"Authorization": f"Bearer {self.token()}"}
+        try:
+            resp = self.http.request(method, path, json=body, headers=headers)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise ProviderBusy(f"Kling unreachable: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise ProviderBusy(f"no answer from Kling: {exc!r}", ambiguous=True) from exc
+        try:
+            payload = resp.json()
+        except ValueError:
+            payload = {}
+        if not isinstance(payload, dict):
+            payload = {}
+        code = payload.get("code")
+        code = int(code) if isinstance(code, int | str) and str(code).lstrip("-").isdigit() else None
+        if resp.is_success and code == 0:
+            return payload.get("data") or {}
+        status = resp.status_code
+        log.warning("Kling %s %s: HTTP %d code %s %r (request %s)", method, path, status, code,
+                    payload.get("message"), payload.get("request_id"))
+        if code in BUSY_CODES or status >= 500 or (status == 429 and code not in ACCOUNT_CODES):
+            retry_after = _seconds(resp.headers.get("retry-after"))
+            raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
+        if status == 404 or code == NOT_FOUND_CODE:
+            raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
+        raise ProviderError(refusal_message(status, code, payload.get("message")))
+
+    def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
+        delay = max(delay, min(exc.retry_after or 0.0, 30.0))
+        log.warning("Kling %s busy (try %d): %s; retrying in %.2fs", what, attempt, exc, delay)
+        time.sleep(delay)
+
+
+def refusal_message(status: int, code: int | None, reason: Any) -> str:
+    """把 Kling 的拒绝原因翻译成用户能懂的话"""
+    reason = _reason(reason)
+    if status == 401 or (code is not None and code in AUTH_CODES):
+        return ("Kling did not accept our access keys. This is a problem on our side, not with your request; "
+                "your credits were refunded.")
+    if (code is not None and code in ACCOUNT_CODES) or status == 403:
+        return ("Kling cannot take new jobs on our account right now. This is a problem on our side; "
+                "your credits were refunded. Please try again later.")
+    if code in CONTENT_CODES:
+        return (f"Kling refused the prompt or image under its content rules ({reason}). "
+                "Please change them and try again; your credits were refunded.")
+    return (f"Kling rejected the request ({reason}). Please check the prompt and settings and try again; "
+            "your credits were refunded.")
+
+
+def failure_message(reason: Any) -> str:
+    """Kling 任务失败的原因（给用户看）"""
+    reason = _reason(reason)
+    hint = ""
+    if any(word in reason.lower() for word in ("risk", "sensitive", "content", "policy", "safety")):
+        hint = " Please change the prompt or image and try again."
+    return f"Kling could not generate the video ({reason}).{hint} Your credits were refunded."
+
+
+def encode_image(path: Path) -> str:
+    """把输入图片编码为 base64（JPEG/PNG 且不超过 10 MB 原样发送，否则转成 JPEG）"""
+    from PIL import Image
+
+    from gpu_jobs.media import open_image
+
+    try:
+        with Image.open(path) as img:
+            fmt, (width, height) = img.format, img.size
+    except OSError:
+        raise InvalidInput("The input image could not be read.") from None
+    if min(width, height) < IMAGE_MIN_SIDE:
+        raise InvalidInput(f"Kling needs an image at least {IMAGE_MIN_SIDE} pixels on each side; "
+                           f"this one is {width}x{height}.")
+    if max(width, height) / min(width, height) > IMAGE_MAX_RATIO:
+        raise InvalidInput(f"Kling needs an image no more than {IMAGE_MAX_RATIO:g} times as wide as it is tall "
+                           f"(or the reverse); this one is {width}x{height}.")
+    if fmt in ("JPEG", "PNG") and path.stat().st_size <= IMAGE_MAX_BYTES:
+        return base64.b64encode(path.read_bytes()).decode("ascii")
+    img = open_image(path)
+    img.thumbnail((IMAGE_REENCODE_SIDE, IMAGE_REENCODE_SIDE), Image.Resampling.LANCZOS)
+    for quality in (92, 85, 75):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=quality)
+        if buf.tell() <= IMAGE_MAX_BYTES:
+            return base64.b64encode(buf.getvalue()).decode("ascii")
+    raise InvalidInput("The input image is too large for Kling even after compression.")
+
+
+def _reason(reason: Any) -> str:
+    text = " ".join(str(reason or "").split())
+    text = text[:REASON_CHARS].rstrip(" .")
+    return text or "no reason given"
+
+
+def _seconds(value: str | None) -> float | None:
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

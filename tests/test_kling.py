@@ -1,0 +1,337 @@
+"""Kling provider tasks: the real runner against a local server that behaves as the Kling API."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import sys
+import time
+import uuid
+
+import httpx
+import jwt
+import pytest
+
+from gpu_jobs.providers import waiting_fraction
+from gpu_jobs.providers.kling import KlingProvider, refusal_message
+from gpu_jobs.runner import run_task_async
+from lib.catalog import KlingParams
+from lib.config import get_settings
+from lib.reaper import reap
+from tests.conftest import ROOT
+from tests.factories import balance, ledger, make_asset, set_balance, sql, task_row
+from tests.fake_kling import FakeKling
+
+AK, SK = "ak-test-access", "sk-test-secret-key-long-enough-for-hs256"
+KLING_ENV = ("KLING_AI_ACCESS_KEY", "KLING_AI_SECRET_KEY", "KLING_API_BASE", "KLING_POLL_INTERVAL_SECONDS",
+             "KLING_POLL_DEADLINE_SECONDS")
+
+
+def set_env(values: dict[str, str | None]) -> None:
+    for name, value in values.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    """假 Kling 生成的视频"""
+    from tests.media_factories import make_video
+
+    return make_video(tmp_path_factory.mktemp("kling") / "clip.mp4", 64, 48, frames=12, fps=12, audio=False)
+
+
+@pytest.fixture
+def kling(clip):
+    """运行中的假 Kling，且配置指向它（轮询间隔极短）"""
+    fake = FakeKling(access_key=AK, secret_key=SK, video=clip).start()
+    saved = {name: os.environ.get(name) for name in KLING_ENV}
+    set_env({"KLING_AI_ACCESS_KEY": AK, "KLING_AI_SECRET_KEY": SK, "KLING_API_BASE": fake.url,
+             "KLING_POLL_INTERVAL_SECONDS": "0.01", "KLING_POLL_DEADLINE_SECONDS": "30"})
+    yield fake
+    fake.stop()
+    set_env(saved)
+
+
+@pytest.fixture
+def no_kling():
+    saved = {name: os.environ.get(name) for name in KLING_ENV}
+    set_env({"KLING_AI_ACCESS_KEY": None, "KLING_AI_SECRET_KEY": None})
+    yield
+    set_env(saved)
+
+
+async def create(client, user, model: str = "kling.text2video", **params) -> dict:
+    if model == "kling.text2video":
+        params.setdefault("prompt", "a paper boat sailing down a rainy street")
+    resp = await client.post("/tasks", json={"model_key": model, "params": params}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["data"]
+
+
+def kinds(user, task) -> list[str]:
+    return [e["kind"] for e in ledger(user.id, task["id"])]
+
+
+def outputs(task) -> list[dict]:
+    return sql("select * from public.assets where source_task_id = %s", (task["id"],))
+
+
+async def wait_until(predicate, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        await asyncio.sleep(0.05)
+
+
+# ---------------------------------------------------------------- the adapter alone
+
+
+def test_token_has_kling_header_and_claims():
+    provider = KlingProvider(access_key=AK, secret_key=SK, base_url="http://kling.test", endpoint="text2video",
+                             clock=lambda: 1_000_000)
+    token = provider.token()
+    assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
+    claims = jwt.decode(token, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
+    assert claims == {"iss": AK, "exp": 1_001_800, "nbf": 999_995}
+
+
+def test_a_fresh_token_is_minted_for_every_request_and_every_retry():
+    now = [1_000_000.0]
+    sent: list[int] = []
+    answers = [429, 200, 200, 500, 200]
+
+    def kling_api(request: httpx.Request) -> httpx.Response:
+        token = request.headers["Authorization"].removeprefix("Bearer ")
+        claims = jwt.decode(token, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
+        assert claims["nbf"] <= now[0] < claims["exp"]  # valid at the moment it is sent
+        sent.append(claims["exp"])
+        now[0] += 1000  # time passes between requests: a reused token would expire
+        status = answers.pop(0)
+        if status != 200:
+            return httpx.Response(status, json={"code": 1302 if status == 429 else 5000, "message": "busy"})
+        data = {"task_id": "kt-1", "task_status": "processing"}
+        return httpx.Response(200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data})
+
+    provider = KlingProvider(access_key=AK, secret_key=SK, base_url="http://kling.test", endpoint="text2video",
+                             retry_base=0.001, clock=lambda: now[0], transport=httpx.MockTransport(kling_api))
+    for _ in range(3):
+        assert provider.status("kt-1").state == "running"
+    assert len(sent) == 5 and len(set(sent)) == 5
+
+
+def test_refusals_read_as_plain_words():
+    assert "content rules" in refusal_message(400, 1301, "Trigger the content security policy")
+    assert "problem on our side" in refusal_message(401, 1004, "Authorization is expired")
+    assert "problem on our side" in refusal_message(429, 1102, "Resource pack exhausted")
+    message = refusal_message(400, 1201, "prompt is too long")
+    assert "prompt is too long" in message and "refunded" in message
+
+
+def test_waiting_progress_rises_but_never_reaches_the_download():
+    deadline = 1800
+    queued = [waiting_fraction("queued", t, deadline) for t in (0, 10, 100, 10_000)]
+    running = [waiting_fraction("running", t, deadline) for t in (0, 10, 100, 600, 1799, 10**9)]
+    assert queued == sorted(queued) and max(queued) <= 0.3
+    assert running == sorted(running) and running[0] >= 0.3 and max(running) < 0.9
+
+
+# ---------------------------------------------------------------- availability
+
+
+async def test_missing_keys_make_kling_unavailable_and_charge_nothing(client, make_user, no_kling):
+    models = {m["key"]: m for m in (await client.get("/models")).json()["data"]}
+    assert models["kling.text2video"]["available"] is False
+    assert models["kling.image2video"]["available"] is False
+    user = await make_user()
+    resp = await client.post("/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}},
+                             headers=user.headers)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "provider_unavailable"
+    assert balance(user.id) == 100 and sql("select id from public.tasks where user_id = %s", (user.id,)) == []
+
+
+async def test_configured_keys_make_kling_available(client, kling):
+    models = {m["key"]: m for m in (await client.get("/models")).json()["data"]}
+    assert models["kling.text2video"]["available"] and models["kling.image2video"]["available"]
+
+
+# ---------------------------------------------------------------- the provider flow
+
+
+async def test_text2video_rehosts_the_video_and_charges_once(client, make_user, kling, clip):
+    user = await make_user()
+    set_balance(user.id, 500)
+    task = await create(client, user, mode="pro", duration="10", aspect_ratio="9:16", negative_prompt="blurry")
+    assert task["cost"] == 120
+    assert await run_task_async(task["id"]) == "completed"
+
+    [body] = kling.submits
+    assert body == {"model_name": "kling-v1-6", "prompt": "a paper boat sailing down a rainy street",
+                    "negative_prompt": "blurry", "cfg_scale": 0.5, "mode": "pro", "duration": "10",
+                    "aspect_ratio": "9:16", "external_task_id": task["id"]}
+    row = task_row(task["id"])
+    [job_id] = kling.jobs
+    assert row["status"] == "completed" and row["state"]["provider_job_id"] == job_id
+    assert row["result"]["provider_job_id"] == job_id and kling.downloads == 1
+    assert row["result_url"] and not row["result_url"].startswith(kling.url)
+    async with httpx.AsyncClient() as http:
+        stored = await http.get(row["result_url"])
+    assert stored.status_code == 200 and stored.content == clip.read_bytes()
+    [asset] = outputs(task)
+    assert (asset["kind"], asset["mime"], asset["width"], asset["height"]) == ("video", "video/mp4", 64, 48)
+    assert asset["duration_s"] == pytest.approx(1.0, abs=0.1) and asset["metadata"]["provider"] == "kling"
+    assert kinds(user, task) == ["charge"] and balance(user.id) == 500 - 120
+    assert kling.rejected == [] and len(kling.claims) == 1 + len(kling.polls)  # every API request had a valid token
+
+
+async def test_image2video_sends_the_input_image_as_base64(client, make_user, kling):
+    from PIL import Image
+
+    from lib.storage import get_storage
+
+    user = await make_user()
+    buf = io.BytesIO()
+    Image.new("RGB", (480, 360), (20, 120, 200)).save(buf, "PNG")
+    path = f"{user.id}/uploads/{uuid.uuid4()}.png"
+    await get_storage().upload_bytes(path=path, data=buf.getvalue(), content_type="image/png")
+    asset_id = make_asset(user.id, kind="image", width=480, height=360, path=path)
+    task = await create(client, user, "kling.image2video", image_asset_id=asset_id, prompt="the water ripples")
+    assert task["cost"] == 35
+    assert await run_task_async(task["id"]) == "completed"
+    [body] = kling.submits
+    assert base64.b64decode(body["image"]) == buf.getvalue()
+    assert body["prompt"] == "the water ripples" and "aspect_ratio" not in body
+    assert kling.polls and set(kling.polls) == set(kling.jobs)
+    assert len(outputs(task)) == 1 and kinds(user, task) == ["charge"]
+
+
+async def test_image_too_small_for_kling_is_refused_before_charging(client, make_user, kling):
+    user = await make_user()
+    asset_id = make_asset(user.id, kind="image", width=200, height=200)
+    resp = await client.post("/tasks", json={"model_key": "kling.image2video",
+                                             "params": {"image_asset_id": asset_id}}, headers=user.headers)
+    assert resp.status_code == 422 and "300 px" in resp.json()["error"]["message"]
+    assert kling.submits == [] and balance(user.id) == 100
+
+
+async def test_provider_failure_fails_with_its_reason_and_refunds_once(client, make_user, kling):
+    kling.fail("Failure to pass the risk control system")
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["status"] == "failed"
+    message = row["error"]["message"]
+    assert "risk control" in message and "refunded" in message and "change the prompt" in message
+    assert outputs(task) == [] and kling.downloads == 0
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_refused_prompt_fails_with_the_reason_and_refunds_once(client, make_user, kling):
+    kling.refuse = (400, 1301, "Trigger the content security policy")
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    message = task_row(task["id"])["error"]["message"]
+    assert "content rules" in message and "content security policy" in message and "refunded" in message
+    assert kling.jobs == {} and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_deadline_fails_and_refunds_once(client, make_user, kling):
+    kling.hang()
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})
+    user = await make_user()
+    task = await create(client, user)
+    started = time.monotonic()
+    assert await run_task_async(task["id"]) == "failed"
+    assert time.monotonic() - started < 10
+    row = task_row(task["id"])
+    assert row["error"]["message"] == ("The provider did not finish within 0.5 seconds; "
+                                       "your credits were refunded.")
+    assert len(kling.submits) == 1 and outputs(task) == []
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_rate_limits_and_server_errors_are_retried(client, make_user, kling):
+    kling.errors = [429, 500, 503, 429, 502]
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "completed"
+    assert kling.errors == [] and len(kling.submits) == 1 and len(kling.jobs) == 1
+    assert kinds(user, task) == ["charge"] and kling.rejected == []
+
+
+async def test_a_lost_submit_answer_adopts_the_job_instead_of_paying_twice(client, make_user, kling):
+    kling.lose_submit_response = True
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and task_row(task["id"])["state"]["provider_job_id"] == job_id
+
+
+async def test_unknown_provider_states_are_treated_as_running(client, make_user, kling):
+    kling.script = ["submitted", "queueing_for_gpu", "processing", "postprocess", "succeed"]
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "completed"
+    assert len(kling.polls) == 5 and kinds(user, task) == ["charge"]
+
+
+async def test_a_job_killed_after_submit_resumes_polling_the_same_provider_task(client, make_user, kling):
+    kling.hold_first_poll = True
+    user = await make_user()
+    task = await create(client, user)
+    code = f"from gpu_jobs.runner import run_task; run_task({task['id']!r})"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, cwd=ROOT, env=os.environ.copy())
+    try:
+        await wait_until(lambda: kling.polls or proc.returncode is not None)
+        assert proc.returncode is None, "the first run ended instead of waiting at Kling"
+        [job_id] = kling.jobs
+        assert task_row(task["id"])["state"]["provider_job_id"] == job_id  # stored before the first poll
+    finally:
+        proc.kill()  # SIGKILL: no cleanup, exactly like a lost container
+        await proc.wait()
+    kling.release.set()
+
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    assert (await reap()).get("requeued") == 1
+    assert await run_task_async(task["id"]) == "completed"
+    row = task_row(task["id"])
+    assert row["attempts"] == 2 and row["state"]["provider_job_id"] == job_id
+    assert len(kling.submits) == 1 and set(kling.polls) == {job_id}
+    assert len(outputs(task)) == 1 and kinds(user, task) == ["charge"] and kling.rejected == []
+
+
+async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, make_user, kling):
+    user = await make_user()
+    task = await create(client, user)
+    # An earlier attempt sent the submit and died before it could store Kling's id.
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    sql("update public.tasks set state = '{\"provider_submitting\": true}' where id = %s", (task["id"],))
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and task_row(task["id"])["state"]["provider_job_id"] == job_id
+
+
+async def test_cancel_refunds_and_abandons_the_provider_job(client, make_user, kling):
+    kling.hang()
+    user = await make_user()
+    task = await create(client, user)
+    job = asyncio.create_task(run_task_async(task["id"]))
+    await wait_until(lambda: task_row(task["id"])["message"] == "Generating video")
+    assert 0.3 * 0.95 <= task_row(task["id"])["progress"] < 0.9 * 0.95
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200
+    assert await asyncio.wait_for(job, 10) == "canceled"
+    polls = len(kling.polls)
+    await asyncio.sleep(0.3)
+    assert len(kling.polls) == polls  # nobody is polling the abandoned job
+    assert task_row(task["id"])["status"] == "canceled" and outputs(task) == []
+    assert len(kling.submits) == 1 and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
