@@ -1,5 +1,177 @@
-"""Assets."""
+"""Assets: signed uploads (then complete), small direct uploads, list, read with a fresh download URL, delete."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any, Literal
+from uuid import UUID
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from functions.auth import CurrentUserId
+from functions.errors import ok
+from lib.assets import get_asset_service
+from lib.config import get_settings
+from lib.errors import InvalidInput, PayloadTooLarge
 
 router = APIRouter(prefix="/assets", tags=["Assets"])
+
+FORM_OVERHEAD = 64 * 1024  # boundaries, part headers and the small fields around the file
+AssetKind = Literal["image", "video", "audio"]
+AssetStatus = Literal["pending", "ready", "rejected"]
+
+
+class AssetUploadCreate(BaseModel):
+    content_type: str = Field(min_length=1, max_length=100, examples=["video/mp4"])
+    bytes: int = Field(gt=0, description="Size of the file that will be uploaded.")
+    filename: str | None = Field(None, max_length=255)
+    project_id: UUID | None = None
+
+
+class AssetUploadTicket(BaseModel):
+    asset_id: UUID
+    upload_url: str = Field(description="PUT the file here (raw body or multipart field 'file'), then complete.")
+    token: str
+    expires_at: datetime
+
+
+class AssetPublic(BaseModel):
+    id: UUID
+    project_id: UUID | None
+    kind: AssetKind
+    status: AssetStatus
+    mime: str | None
+    bytes: int | None
+    width: int | None
+    height: int | None
+    duration_s: float | None
+    fps: float | None
+    source_task_id: UUID | None
+    metadata: dict[str, Any]
+    created_at: datetime
+    download_url: str | None = None
+    probe_task_id: UUID | None = None
+
+
+class AssetPage(BaseModel):
+    items: list[AssetPublic]
+    next_cursor: str | None
+
+
+DIRECT_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {"multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary"},
+                           "project_id": {"type": "string", "format": "uuid"}},
+        }}},
+    }
+}  # fmt: skip
+
+
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > limit:
+            raise PayloadTooLarge(_too_large())
+        yield chunk
+
+
+def _too_large() -> str:
+    return (f"The file is too large for a direct upload (at most {get_settings().max_direct_upload_bytes} bytes);"
+            " use POST /assets/uploads.")
+
+
+async def read_upload_form(request: Request):
+    """解析 multipart 表单（边读边限长，超过直传上限立即 413）"""
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        raise InvalidInput("Send the file as multipart/form-data in the field 'file'.",
+                           details=[{"field": "file", "message": "multipart/form-data expected"}])
+    limit = get_settings().max_direct_upload_bytes + FORM_OVERHEAD
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(_too_large())
+    parser = MultiPartParser(request.headers, _limited(request.stream(), limit), max_files=1, max_fields=5)
+    try:
+        return await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidInput(exc.message, details=[{"field": "file", "message": exc.message}]) from None
+
+
+def _project_field(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    try:
+        return str(UUID(str(value)))
+    except ValueError:
+        raise InvalidInput("project_id is not a valid id.",
+                           details=[{"field": "project_id", "message": "not a UUID"}]) from None
+
+
+@router.post("/uploads", status_code=201)
+async def create_upload(body: AssetUploadCreate, user_id: CurrentUserId):
+    """登记上传并签发上传 URL"""
+    ticket = await get_asset_service().create_upload(
+        user_id=user_id, content_type=body.content_type, size=body.bytes, filename=body.filename,
+        project_id=str(body.project_id) if body.project_id else None,
+    )
+    return ok(AssetUploadTicket.model_validate(ticket))
+
+
+@router.post("/{asset_id}/complete")
+async def complete_upload(asset_id: UUID, user_id: CurrentUserId):
+    """上传完成：检查文件类型并开始探测"""
+    return ok(AssetPublic.model_validate(
+        await get_asset_service().complete_upload(user_id=user_id, asset_id=str(asset_id))
+    ))
+
+
+@router.post("", status_code=201, openapi_extra=DIRECT_UPLOAD_BODY)
+async def upload_direct(request: Request, user_id: CurrentUserId):
+    """小文件直传（multipart 字段 file，可选 project_id）"""
+    form = await read_upload_form(request)
+    try:
+        file = form.get("file")
+        if not isinstance(file, UploadFile):
+            raise InvalidInput("The form has no file.", details=[{"field": "file", "message": "required"}])
+        asset = await get_asset_service().upload_direct(
+            user_id=user_id, file=file.file, filename=file.filename, project_id=_project_field(form.get("project_id"))
+        )
+    finally:
+        await form.close()
+    return ok(AssetPublic.model_validate(asset))
+
+
+@router.get("")
+async def list_assets(
+    user_id: CurrentUserId,
+    project_id: UUID | None = None,
+    kind: AssetKind | None = None,
+    status: AssetStatus | None = None,
+    limit: int = Query(20, ge=1, le=100),
+    cursor: str | None = None,
+):
+    """资源列表"""
+    return ok(AssetPage.model_validate(await get_asset_service().list_assets(
+        user_id=user_id, project_id=str(project_id) if project_id else None, kind=kind, status=status,
+        limit=limit, cursor=cursor,
+    )))
+
+
+@router.get("/{asset_id}")
+async def get_asset(asset_id: UUID, user_id: CurrentUserId):
+    """查询资源（ready 时附新签名的下载 URL）"""
+    return ok(AssetPublic.model_validate(await get_asset_service().get_asset(user_id=user_id, asset_id=str(asset_id))))
+
+
+@router.delete("/{asset_id}")
+async def delete_asset(asset_id: UUID, user_id: CurrentUserId):
+    """删除资源（连同存储对象）"""
+    await get_asset_service().delete_asset(user_id=user_id, asset_id=str(asset_id))
+    return ok({"id": str(asset_id), "deleted": True})

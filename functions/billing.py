@@ -1,5 +1,44 @@
-"""Billing."""
+"""Billing: Stripe Checkout for credit packs, and the Stripe webhook."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from fastapi import APIRouter, Header, Request
+from pydantic import BaseModel, Field
+
+from functions.auth import CurrentUserId
+from functions.errors import ok
+from lib.billing import get_billing_service
 
 router = APIRouter(prefix="/billing", tags=["Billing"])
+
+
+class CheckoutCreate(BaseModel):
+    package_id: str = Field(min_length=1, max_length=100, examples=["starter"])
+    success_url: str | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/success"])
+    cancel_url: str | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/cancel"])
+
+
+class CheckoutPublic(BaseModel):
+    checkout_url: str
+    session_id: str
+
+
+@router.post("/checkout")
+async def create_checkout(
+    body: CheckoutCreate,
+    user_id: CurrentUserId,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=200),
+):
+    """创建 Stripe 结账会话（同一 Idempotency-Key 重放返回同一会话）"""
+    checkout = await get_billing_service().create_checkout(
+        user_id=user_id, package_id=body.package_id, success_url=body.success_url, cancel_url=body.cancel_url,
+        idempotency_key=idempotency_key,
+    )
+    return ok(CheckoutPublic(**checkout).model_dump())
+
+
+@router.post("/webhook", include_in_schema=False)
+async def stripe_webhook(request: Request, stripe_signature: str | None = Header(None, alias="Stripe-Signature")):
+    """Stripe webhook（校验签名；每个事件只处理一次）"""
+    result = await get_billing_service().handle_webhook(payload=await request.body(), signature=stripe_signature)
+    return ok(result)

@@ -4,6 +4,7 @@ from fastapi import APIRouter, Query
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
+from lib.billing import get_billing_service
 from lib.credits import get_credit_service
 
 router = APIRouter(prefix="/credits", tags=["Credits"])
@@ -19,3 +20,9 @@ async def get_balance(user_id: CurrentUserId):
 async def list_ledger(user_id: CurrentUserId, limit: int = Query(50, ge=1, le=200), cursor: str | None = None):
     """积分流水（最新在前，游标分页）"""
     return ok(await get_credit_service().list_ledger(user_id=user_id, limit=limit, cursor=cursor))
+
+
+@router.get("/packages")
+async def list_packages(user_id: CurrentUserId):
+    """在售的积分包"""
+    return ok({"items": await get_billing_service().list_packages()})

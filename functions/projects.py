@@ -1,5 +1,87 @@
-"""Projects."""
+"""Projects: create, list, read, rename, delete (the caller's own; others' → 404)."""
 
-from fastapi import APIRouter
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, StringConstraints, model_validator
+
+from functions.auth import CurrentUserId
+from functions.errors import ok
+from lib.projects import get_project_service
 
 router = APIRouter(prefix="/projects", tags=["Projects"])
+
+ProjectName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Description = Annotated[str, StringConstraints(max_length=5000)]
+
+
+class ProjectCreate(BaseModel):
+    name: ProjectName
+    description: Description | None = None
+
+
+class ProjectUpdate(BaseModel):
+    name: ProjectName | None = None
+    description: Description | None = None
+
+    @model_validator(mode="after")
+    def _name_not_null(self):
+        if "name" in self.model_fields_set and self.name is None:
+            raise ValueError("name cannot be null")
+        return self
+
+
+class ProjectPublic(BaseModel):
+    id: UUID
+    name: str
+    description: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProjectPage(BaseModel):
+    items: list[ProjectPublic]
+    next_cursor: str | None
+
+
+@router.post("", status_code=201)
+async def create_project(body: ProjectCreate, user_id: CurrentUserId):
+    """创建项目"""
+    project = await get_project_service().create_project(user_id=user_id, name=body.name, description=body.description)
+    return ok(ProjectPublic.model_validate(project))
+
+
+@router.get("")
+async def list_projects(user_id: CurrentUserId, limit: int = Query(20, ge=1, le=100), cursor: str | None = None):
+    """项目列表（最新在前，游标分页）"""
+    return ok(ProjectPage.model_validate(
+        await get_project_service().list_projects(user_id=user_id, limit=limit, cursor=cursor)
+    ))
+
+
+@router.get("/{project_id}")
+async def get_project(project_id: UUID, user_id: CurrentUserId):
+    """查询项目"""
+    return ok(ProjectPublic.model_validate(
+        await get_project_service().get_project(user_id=user_id, project_id=str(project_id))
+    ))
+
+
+@router.patch("/{project_id}")
+async def update_project(project_id: UUID, body: ProjectUpdate, user_id: CurrentUserId):
+    """修改项目"""
+    project = await get_project_service().update_project(
+        user_id=user_id, project_id=str(project_id), changes=body.model_dump(exclude_unset=True)
+    )
+    return ok(ProjectPublic.model_validate(project))
+
+
+@router.delete("/{project_id}")
+async def delete_project(project_id: UUID, user_id: CurrentUserId):
+    """删除项目（资源与任务保留）"""
+    await get_project_service().delete_project(user_id=user_id, project_id=str(project_id))
+    return ok({"id": str(project_id), "deleted": True})

@@ -106,7 +106,7 @@ async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
         log.warning("task %s: %s; stopping", task["id"], exc)
         return "lost"
     except InvalidInput as exc:
-        await _fail(task, attempt, getattr(exc, "task_error_code", "invalid_input"), exc.message)
+        await _fail(task, attempt, exc.task_error_code, exc.message)
         return "failed"
     except TransientError as exc:
         log.warning("task %s: %s", task["id"], exc)

@@ -64,6 +64,7 @@ class InvalidInput(SpoolError):
 
     status_code = 422
     code = "validation_error"
+    task_error_code = "invalid_input"  # the code a failed task records
 
 
 class TooManyActiveTasks(SpoolError):

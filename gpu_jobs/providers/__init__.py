@@ -34,7 +34,7 @@ DOWNLOAD_CHUNK = 1 << 20
 class ProviderError(InvalidInput):
     """外部提供方拒绝或失败：任务失败并退款，消息直接给用户看"""
 
-    task_error_code = "provider_error"  # for the runner, should it record a distinct error code
+    task_error_code = "provider_error"
 
 
 class ProviderBusy(Exception):

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "supabase" / "migrations"
 SEED = ROOT / "supabase" / "seed.sql"
 SHIM = Path(__file__).with_name("supabase_shim.sql")
+REALTIME_FEED = Path(__file__).with_name("realtime_feed.sql")  # local Realtime triggers, re-applied every start
 
 log = logging.getLogger("spool.local.migrate")
 
@@ -52,6 +53,7 @@ def migrate(db_url: str, *, signup_credits: int | None = None) -> list[str]:
                     )
                 applied.append(version)
                 log.info("applied migration %s", path.name)
+            conn.execute(REALTIME_FEED.read_text())
             conn.execute(SEED.read_text())
             if signup_credits is not None:
                 conn.execute(

@@ -5,9 +5,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from functions.app import create_app
-from lib.local import dev_auth
+from lib.local import dev_auth, realtime
 
-LOCAL_ROUTERS = [dev_auth.router]
+LOCAL_ROUTERS = [dev_auth.router, realtime.router]
+LOCAL_ROUTERS.append(__import__("lib.local.storage_server", fromlist=["router"]).router)  # Storage subset
 
 
 def create_local_app() -> FastAPI:
