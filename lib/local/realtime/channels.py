@@ -1,0 +1,106 @@
+"""Joined channels, their subscribers' claims, and the registry the feed fans out from."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import jwt
+
+from lib.auth import get_token_verifier
+from lib.errors import Unauthorized
+from lib.local.realtime.bindings import Binding
+
+ANON_CLAIMS = {"role": "anon"}
+PROJECT_KEY_PREFIXES = ("sb_publishable_", "sb_secret_")  # project API keys, not user tokens
+
+
+class Outbox(Protocol):
+    vsn: str
+
+    def send_text(self, text: str) -> None: ...
+
+
+@dataclass(eq=False)
+class Channel:
+    """一个已加入的频道：连接、主题、订阅与订阅者的 claims"""
+
+    conn: Outbox
+    topic: str
+    join_ref: str | None
+    bindings: list[Binding]
+    claims: dict
+    expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+    @property
+    def role(self) -> str:
+        return "authenticated" if self.claims.get("role") == "authenticated" else "anon"
+
+    @property
+    def claims_json(self) -> str:
+        return json.dumps(self.claims, sort_keys=True, separators=(",", ":"))
+
+    def cancel_expiry(self) -> None:
+        """取消令牌过期计时"""
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry = None
+
+
+async def resolve_claims(token: str | None) -> dict:
+    """把 access_token 变成订阅者的 claims：用户令牌须通过校验；无令牌或项目密钥按 anon 处理"""
+    if not token or token.startswith(PROJECT_KEY_PREFIXES):
+        return dict(ANON_CLAIMS)
+    try:
+        unverified = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise Unauthorized("Invalid access token.") from None
+    if unverified.get("role") == "anon":
+        # An anon key grants nothing beyond the anon role: keep none of its other claims.
+        return dict(ANON_CLAIMS)
+    claims = await get_token_verifier().averify(token)
+    if claims.get("role") != "authenticated":
+        raise Unauthorized("Unsupported role in access token.")
+    return claims
+
+
+class Hub:
+    """按表索引的频道注册表"""
+
+    def __init__(self):
+        self._by_table: dict[tuple[str, str], set[Channel]] = defaultdict(set)
+
+    def add(self, channel: Channel) -> None:
+        """登记频道的全部订阅"""
+        for key in self._keys(channel):
+            self._by_table[key].add(channel)
+
+    def remove(self, channel: Channel) -> None:
+        """注销频道"""
+        channel.cancel_expiry()
+        for key in self._keys(channel):
+            channels = self._by_table.get(key)
+            if channels is not None:
+                channels.discard(channel)
+                if not channels:
+                    del self._by_table[key]
+
+    def channels_for(self, schema: str, table: str) -> Iterator[Channel]:
+        """可能关心这张表变更的频道"""
+        seen: set[int] = set()
+        for key in ((schema, table), (schema, "*"), ("*", "*")):
+            for channel in tuple(self._by_table.get(key, ())):
+                if id(channel) not in seen:
+                    seen.add(id(channel))
+                    yield channel
+
+    def __len__(self) -> int:
+        return len({id(c) for channels in self._by_table.values() for c in channels})
+
+    @staticmethod
+    def _keys(channel: Channel) -> set[tuple[str, str]]:
+        return {(b.schema, b.table) for b in channel.bindings}

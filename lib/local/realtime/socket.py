@@ -1,0 +1,235 @@
+"""The websocket at /realtime/v1/websocket: one Phoenix socket per client, its channels, heartbeats and auth."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, WebSocket
+from starlette.websockets import WebSocketState
+
+from lib.config import get_settings
+from lib.errors import Unauthorized
+from lib.local.realtime.bindings import BindingError, parse_bindings
+from lib.local.realtime.channels import Channel, Hub, resolve_claims
+from lib.local.realtime.feed import ChangeFeed
+from lib.local.realtime.protocol import (
+    PHOENIX_TOPIC,
+    VERSIONS,
+    VSN_1,
+    Frame,
+    ProtocolError,
+    decode,
+    encode,
+    reply,
+    subtopic,
+)
+
+log = logging.getLogger("spool.local.realtime")
+
+IDLE_TIMEOUT_S = 60.0  # Phoenix closes a socket that sent nothing (not even a heartbeat) for this long
+READY_TIMEOUT_S = 5.0
+OUTBOX_LIMIT = 10_000  # queued frames before a client that does not read is dropped
+
+
+class LocalRealtime:
+    """本地 Realtime 服务：频道注册表与变更流"""
+
+    def __init__(self, db_url: str):
+        self.hub = Hub()
+        self.feed = ChangeFeed(self.hub, db_url)
+
+
+_realtime: LocalRealtime | None = None
+
+
+def get_realtime() -> LocalRealtime:
+    """获取本进程的 Realtime 服务"""
+    global _realtime
+    if _realtime is None:
+        _realtime = LocalRealtime(get_settings().supabase_db_url)
+    return _realtime
+
+
+@asynccontextmanager
+async def lifespan(_app):
+    """服务器停止时关闭变更流"""
+    yield
+    global _realtime
+    if _realtime is not None:
+        realtime, _realtime = _realtime, None
+        await realtime.feed.stop()
+
+
+router = APIRouter(tags=["Local"], lifespan=lifespan)
+
+
+@router.websocket("/realtime/v1/websocket")
+async def realtime_websocket(websocket: WebSocket):
+    """Supabase Realtime 的本地子集（postgres_changes）"""
+    vsn = websocket.query_params.get("vsn", VSN_1)
+    if vsn not in VERSIONS:
+        await websocket.close(code=1008, reason=f"unsupported vsn {vsn}")
+        return
+    await websocket.accept()
+    await ClientConnection(websocket, vsn, websocket.query_params.get("apikey"), get_realtime()).serve()
+
+
+class ClientConnection:
+    """一个 websocket 客户端"""
+
+    def __init__(self, websocket: WebSocket, vsn: str, apikey: str | None, realtime: LocalRealtime):
+        self.ws = websocket
+        self.vsn = vsn
+        self.apikey = apikey
+        self.realtime = realtime
+        self.channels: dict[str, Channel] = {}
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        self._writer: asyncio.Task | None = None
+
+    # -- outgoing ------------------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        """排队发送一帧（不阻塞；读不过来的客户端被断开）"""
+        try:
+            self.outbox.put_nowait(text)
+        except asyncio.QueueFull:
+            if self._writer is not None and not self._writer.done():
+                log.warning("realtime client is not reading; dropping it")
+                self._writer.cancel()
+
+    def send(self, frame: Frame) -> None:
+        """排队发送一条消息"""
+        self.send_text(encode(frame, self.vsn))
+
+    async def _write(self) -> None:
+        while True:
+            text = await self.outbox.get()
+            await self.ws.send_text(text)
+
+    # -- the connection ------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """收发直到客户端离开、空闲超时或写不出去"""
+        self._writer = asyncio.create_task(self._write())
+        reader = asyncio.create_task(self._read())
+        try:
+            await asyncio.wait({reader, self._writer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (reader, self._writer):
+                task.cancel()
+            for task in (reader, self._writer):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            for channel in self.channels.values():
+                self.realtime.hub.remove(channel)
+            self.channels.clear()
+            if self.ws.application_state == WebSocketState.CONNECTED:
+                with contextlib.suppress(Exception):
+                    await self.ws.close()
+
+    async def _read(self) -> None:
+        while True:
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), IDLE_TIMEOUT_S)
+            except TimeoutError:
+                log.info("realtime client sent nothing for %ss; closing", IDLE_TIMEOUT_S)
+                return
+            if message["type"] == "websocket.disconnect":
+                return
+            text = message.get("text")
+            if text is None:
+                continue  # binary frames carry broadcasts, which this subset does not relay
+            try:
+                frame = decode(text, self.vsn)
+            except ProtocolError as exc:
+                log.debug("ignoring a malformed realtime frame: %s", exc)
+                continue
+            await self.handle(frame)
+
+    async def handle(self, frame: Frame) -> None:
+        """处理一条客户端消息"""
+        if frame.topic == PHOENIX_TOPIC:
+            if frame.event == "heartbeat":
+                self.send(reply(frame, "ok", {}))
+            return
+        if frame.event == "phx_join":
+            await self.join(frame)
+        elif frame.event == "phx_leave":
+            self.drop(frame.topic)
+            self.send(reply(frame, "ok", {}))
+        elif frame.topic not in self.channels:
+            self.send(reply(frame, "error", {"reason": "unmatched topic"}))
+        elif frame.event == "access_token":
+            await self.refresh_token(frame)
+        elif frame.ref is not None:
+            # broadcast / presence are not part of this subset: acknowledge, relay nothing.
+            self.send(reply(frame, "ok", {}))
+
+    # -- channels ------------------------------------------------------------------
+
+    async def join(self, frame: Frame) -> None:
+        """加入频道：校验令牌、解析订阅、回复 id，然后发 system 消息"""
+        self.drop(frame.topic)  # a rejoin replaces the old membership
+        config = frame.payload.get("config") or {}
+        try:
+            claims = await resolve_claims(frame.payload.get("access_token") or self.apikey)
+            bindings = parse_bindings(config.get("postgres_changes"))
+        except (Unauthorized, BindingError) as exc:
+            self.send(reply(frame, "error", {"reason": getattr(exc, "message", str(exc))}))
+            return
+        feed = self.realtime.feed
+        if bindings and not await feed.wait_ready(READY_TIMEOUT_S):
+            self.send(reply(frame, "error", {"reason": "Realtime is not connected to the database yet."}))
+            return
+        problems = await feed.check_bindings(bindings) if bindings else []
+        channel = Channel(self, frame.topic, frame.join_ref or frame.ref, bindings, claims)
+        response = {"postgres_changes": [{**b.params, "id": b.id} for b in bindings]}
+        self.send(reply(frame, "ok", response))
+        self.channels[frame.topic] = channel
+        self.realtime.hub.add(channel)
+        self._schedule_expiry(channel)
+        if bindings:
+            status, message = ("error", "; ".join(problems)) if problems else ("ok", "Subscribed to PostgreSQL")
+            self.system(channel, status, message, "postgres_changes")
+
+    async def refresh_token(self, frame: Frame) -> None:
+        """频道上的 access_token 刷新；无效则关闭频道"""
+        channel = self.channels[frame.topic]
+        try:
+            channel.claims = await resolve_claims(frame.payload.get("access_token"))
+        except Unauthorized as exc:
+            self.close_channel(channel, exc.message)
+            return
+        self._schedule_expiry(channel)
+
+    def drop(self, topic: str) -> None:
+        """离开频道（不通知客户端）"""
+        channel = self.channels.pop(topic, None)
+        if channel is not None:
+            self.realtime.hub.remove(channel)
+
+    def close_channel(self, channel: Channel, reason: str) -> None:
+        """服务器端关闭频道：system 错误，然后 phx_close"""
+        if self.channels.get(channel.topic) is not channel:
+            return
+        self.system(channel, "error", reason, "system")
+        self.send(Frame(channel.topic, "phx_close", {}, channel.join_ref, channel.join_ref))
+        self.drop(channel.topic)
+
+    def system(self, channel: Channel, status: str, message: str, extension: str) -> None:
+        """发送 system 消息"""
+        payload = {"status": status, "message": message, "extension": extension, "channel": subtopic(channel.topic)}
+        self.send(Frame(channel.topic, "system", payload, None, channel.join_ref))
+
+    def _schedule_expiry(self, channel: Channel) -> None:
+        channel.cancel_expiry()
+        exp = channel.claims.get("exp")
+        if isinstance(exp, int | float):
+            delay = max(0.0, exp - time.time())
+            channel.expiry = asyncio.get_running_loop().call_later(
+                delay, self.close_channel, channel, "Token has expired."
+            )

@@ -1,0 +1,176 @@
+-- Local Realtime change feed (local mode only; NOT a Supabase migration).
+-- In the cloud, Supabase Realtime reads the WAL of the tables in publication
+-- supabase_realtime. Locally, every table in that publication gets an AFTER ROW
+-- trigger that records the change in realtime_local.changes and sends only the
+-- change's id on channel spool_realtime, so a row of any size travels (NOTIFY
+-- payloads are limited to 8000 bytes). The local server reads the rows by id.
+-- Idempotent: lib/local/migrate.py applies it after the migrations on every start.
+
+create schema if not exists realtime_local;
+comment on schema realtime_local is 'Local Realtime stand-in: the change feed of the dev server (never in the cloud).';
+revoke all on schema realtime_local from public;
+grant usage on schema realtime_local to anon, authenticated;
+
+-- ---------------------------------------------------------------------------
+-- changes: one row per captured change. Server only (RLS on, no policy);
+-- pruned by the local server after a few minutes.
+-- ---------------------------------------------------------------------------
+create table if not exists realtime_local.changes (
+  id bigint generated always as identity primary key,
+  schema_name text not null,
+  table_name text not null,
+  type text not null check (type in ('INSERT', 'UPDATE', 'DELETE')),
+  record jsonb,
+  old_record jsonb,
+  committed_at timestamptz not null default clock_timestamp()
+);
+alter table realtime_local.changes enable row level security;
+revoke all on realtime_local.changes from public, anon, authenticated;
+create index if not exists changes_committed_at_idx on realtime_local.changes (committed_at);
+comment on table realtime_local.changes is
+  'Row changes of the tables in publication supabase_realtime, read by the local Realtime server (server only).';
+
+-- The trigger function: to_jsonb() of the rows, as Supabase Realtime casts WAL values.
+create or replace function realtime_local.capture()
+returns trigger
+language plpgsql security definer set search_path = ''
+as $$
+declare
+  v_id bigint;
+begin
+  insert into realtime_local.changes (schema_name, table_name, type, record, old_record)
+  values (
+    tg_table_schema, tg_table_name, tg_op,
+    case when tg_op <> 'DELETE' then to_jsonb(new) end,
+    case when tg_op <> 'INSERT' then to_jsonb(old) end
+  )
+  returning id into v_id;
+  perform pg_notify('spool_realtime', v_id::text);
+  return null;
+end;
+$$;
+revoke execute on function realtime_local.capture() from public, anon, authenticated;
+
+-- ---------------------------------------------------------------------------
+-- row_visible: would the current role (and request.jwt.claims) be allowed to
+-- SELECT this row? For a deleted row, which a query of the table can no longer
+-- find: the table's own SELECT policies, as stored in pg_policy, are evaluated
+-- by Postgres against the old row (permissive ones OR'ed, restrictive AND'ed).
+-- search_path '' makes pg_get_expr print every name schema-qualified.
+-- ---------------------------------------------------------------------------
+create or replace function realtime_local.row_visible(p_table regclass, p_row jsonb)
+returns boolean
+language plpgsql stable set search_path = ''
+as $$
+declare
+  v_name text;
+  v_rls boolean;
+  v_permissive text;
+  v_restrictive text;
+  v_visible boolean;
+begin
+  if not pg_catalog.has_table_privilege(p_table, 'select') then
+    return false;
+  end if;
+  select c.relname, c.relrowsecurity into v_name, v_rls from pg_catalog.pg_class c where c.oid = p_table;
+  if not v_rls then
+    return true;
+  end if;
+  select
+    string_agg('(' || coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'false') || ')', ' or ')
+      filter (where p.polpermissive),
+    string_agg('(' || coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'false') || ')', ' and ')
+      filter (where not p.polpermissive)
+  into v_permissive, v_restrictive
+  from pg_catalog.pg_policy p
+  where p.polrelid = p_table
+    and p.polcmd in ('r', '*')
+    and (p.polroles = '{0}' or exists (
+      select 1 from unnest(p.polroles) r where pg_catalog.pg_has_role(current_user, r, 'member')));
+  if v_permissive is null then
+    return false;  -- RLS on and no permissive policy: nothing is visible
+  end if;
+  execute format(
+    'select exists (select 1 from jsonb_populate_record(null::%s, $1) as %I where (%s) and (%s))',
+    p_table, v_name, v_permissive, coalesce(v_restrictive, 'true'))
+  into v_visible
+  using p_row;
+  return coalesce(v_visible, false);
+end;
+$$;
+revoke execute on function realtime_local.row_visible(regclass, jsonb) from public;
+grant execute on function realtime_local.row_visible(regclass, jsonb) to anon, authenticated;
+
+-- ---------------------------------------------------------------------------
+-- The capture trigger on every table of the publication (and off the tables
+-- that left it).
+-- ---------------------------------------------------------------------------
+do $$
+declare
+  t record;
+begin
+  for t in
+    select c.oid::regclass as rel from pg_catalog.pg_trigger g join pg_catalog.pg_class c on c.oid = g.tgrelid
+    where g.tgname = 'realtime_local_capture'
+      and not exists (
+        select 1 from pg_catalog.pg_publication_tables p join pg_catalog.pg_namespace n on n.nspname = p.schemaname
+        where p.pubname = 'supabase_realtime' and p.tablename = c.relname and n.oid = c.relnamespace)
+  loop
+    execute format('drop trigger realtime_local_capture on %s', t.rel);
+  end loop;
+  for t in select p.schemaname, p.tablename from pg_catalog.pg_publication_tables p where p.pubname = 'supabase_realtime'
+  loop
+    execute format(
+      'create or replace trigger realtime_local_capture after insert or update or delete on %I.%I'
+      ' for each row execute function realtime_local.capture()', t.schemaname, t.tablename);
+  end loop;
+end;
+$$;
+
+-- ---------------------------------------------------------------------------
+-- visible_rows: the feed's visibility check for a whole batch, one round trip
+-- (as Supabase's realtime.apply_rls, a loop that switches role and claims).
+-- p_checks: [{"role", "claims", "rel", "pk": [cols], "keys": [{pk values}],
+--             "deletes": [{"id": change id, "row": old row}]}, ...]
+-- Returns, per check number, the keys of the rows the subscriber can SELECT
+-- (looked up in the table under its role and claims, so RLS decides) and the
+-- ids of the deletes whose old row the table's SELECT policies admit.
+-- ---------------------------------------------------------------------------
+create or replace function realtime_local.visible_rows(p_checks jsonb)
+returns table (check_no int, kind text, item jsonb)
+language plpgsql volatile set search_path = ''
+as $$
+declare
+  v_check jsonb;
+  v_no int := -1;
+  v_rel regclass;
+  v_cols text;
+  v_xcols text;
+  v_delete jsonb;
+begin
+  for v_check in select value from jsonb_array_elements(p_checks) loop
+    v_no := v_no + 1;
+    v_rel := (v_check ->> 'rel')::regclass;
+    perform set_config('role', v_check ->> 'role', true),
+            set_config('request.jwt.claims', v_check ->> 'claims', true);
+    if jsonb_array_length(coalesce(v_check -> 'keys', '[]')) > 0 then
+      select string_agg(format('t.%I', c), ', '), string_agg(format('x.%I', c), ', ')
+        into v_cols, v_xcols
+        from jsonb_array_elements_text(v_check -> 'pk') c;
+      return query execute format(
+        'select %s, ''key''::text, to_jsonb(k) from (select %s from %s t where (%s) in'
+        ' (select %s from jsonb_populate_recordset(null::%s, $1) x)) k',
+        v_no, v_cols, v_rel, v_cols, v_xcols, v_rel)
+      using v_check -> 'keys';
+    end if;
+    for v_delete in select value from jsonb_array_elements(coalesce(v_check -> 'deletes', '[]')) loop
+      if realtime_local.row_visible(v_rel, v_delete -> 'row') then
+        check_no := v_no; kind := 'delete'; item := v_delete -> 'id';
+        return next;
+      end if;
+    end loop;
+    perform set_config('role', 'none', true), set_config('request.jwt.claims', '', true);
+  end loop;
+end;
+$$;
+revoke execute on function realtime_local.visible_rows(jsonb) from public, anon, authenticated;

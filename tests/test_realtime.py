@@ -1,0 +1,404 @@
+"""Local Realtime with the official clients: task progress, credit balance, RLS, restarts, dropped connections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import websockets
+from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+
+ROOT = Path(__file__).resolve().parents[1]
+JS_DIR = ROOT / "tests" / "realtime_js"
+WAIT_S = 10.0
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+class Subscription:
+    """一个官方 Python 客户端的订阅：收到的变更与订阅状态"""
+
+    def __init__(self, url: str, token: str, **client_options):
+        self.client = AsyncRealtimeClient(url, token, **client_options)
+        self.changes: asyncio.Queue = asyncio.Queue()
+        self.states: list[RealtimeSubscribeStates] = []
+        self.errors: list[str] = []
+        self.subscribed = asyncio.Event()
+
+    def _on_state(self, state, error):
+        self.states.append(state)
+        if error is not None:
+            self.errors.append(str(error))
+        if state == RealtimeSubscribeStates.SUBSCRIBED:
+            self.subscribed.set()
+
+    async def subscribe(self, topic: str, *bindings: dict, expect_ok: bool = True) -> Subscription:
+        channel = self.client.channel(topic)
+        for binding in bindings:
+            channel.on_postgres_changes(callback=self.changes.put_nowait, **binding)
+        await channel.subscribe(self._on_state)
+        if expect_ok:
+            assert self.states[-1] == RealtimeSubscribeStates.SUBSCRIBED, (self.states, self.errors)
+        self.channel = channel
+        return self
+
+    async def next(self, wait_s: float = WAIT_S) -> dict:
+        return await asyncio.wait_for(self.changes.get(), wait_s)
+
+    async def none_within(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        assert self.changes.empty(), self.changes.get_nowait()
+
+    async def close(self):
+        self.client.auto_reconnect = False
+        await self.client.close()
+
+
+@pytest.fixture
+def realtime_url(live_server) -> str:
+    return f"{live_server}/realtime/v1"
+
+
+@pytest.fixture
+async def subscriptions():
+    opened: list[Subscription] = []
+
+    def make(url: str, token: str, **options) -> Subscription:
+        sub = Subscription(url, token, **options)
+        opened.append(sub)
+        return sub
+
+    yield make
+    for sub in opened:
+        await sub.close()
+
+
+def create_task(conn, user_id: str, cost: int = 10) -> str:
+    row = conn.execute(
+        "select public.create_task(%s, 'image.upscale', '{}'::jsonb, %s, null, null, '{}', null) as r", (user_id, cost)
+    ).fetchone()
+    return row["r"]["task"]["id"]
+
+
+def run_task(conn, task_id: str, steps=(0.25, 0.5, 0.75)) -> None:
+    attempt = conn.execute("select attempts from public.claim_task(%s)", (task_id,)).fetchone()["attempts"]
+    for progress in steps:
+        conn.execute(
+            "select * from public.report_task_progress(%s::uuid, %s::int, %s::real, %s::text)",
+            (task_id, attempt, progress, "step"),
+        )
+    conn.execute("select public.finish_task(%s, 'completed', '{\"ok\": true}'::jsonb)", (task_id,))
+
+
+def fail_task(conn, task_id: str) -> None:
+    conn.execute("select * from public.claim_task(%s)", (task_id,))
+    conn.execute("select public.finish_task(%s, 'failed', null, null, '{\"code\": \"boom\"}'::jsonb)", (task_id,))
+
+
+# -- tasks -----------------------------------------------------------------------------
+
+
+async def test_owner_receives_every_status_change_in_order(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        f"task:{task_id}", {"event": "*", "table": "tasks", "schema": "public", "filter": f"id=eq.{task_id}"}
+    )
+    run_task(db_conn, task_id)
+
+    seen = []
+    while not seen or seen[-1]["data"]["record"]["status"] != "completed":
+        seen.append(await sub.next())
+    statuses = [m["data"]["record"]["status"] for m in seen]
+    progress = [m["data"]["record"]["progress"] for m in seen]
+    assert statuses == ["processing"] * 4 + ["completed"]
+    assert progress == sorted(progress) and progress[-1] == 1
+    first = seen[0]
+    assert first["ids"] == [sub.channel.postgres_changes_callbacks[0].id]
+    data = first["data"]
+    assert (data["schema"], data["table"], data["type"], data["errors"]) == ("public", "tasks", "UPDATE", None)
+    assert data["old_record"]["status"] == "queued"  # REPLICA IDENTITY FULL: the whole old row
+    assert data["record"]["id"] == task_id and data["record"]["user_id"] == a.id
+    assert {"name": "progress", "type": "float4"} in data["columns"]
+    assert data["commit_timestamp"].endswith("Z")
+    await sub.none_within(0.3)
+
+
+async def test_insert_and_in_filter(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "mine",
+        {"event": "INSERT", "table": "tasks", "filter": f"user_id=eq.{a.id}"},
+        {"event": "UPDATE", "table": "tasks", "filter": "status=in.(completed,failed)"},
+    )
+    insert_id, update_id = (cb.id for cb in sub.channel.postgres_changes_callbacks)
+    task_id = create_task(db_conn, a.id)
+    inserted = await sub.next()
+    assert inserted["data"]["type"] == "INSERT" and inserted["ids"] == [insert_id]
+    assert "old_record" not in inserted["data"]
+    run_task(db_conn, task_id)
+    finished = await sub.next()
+    assert finished["ids"] == [update_id] and finished["data"]["record"]["status"] == "completed"
+    await sub.none_within(0.3)
+
+
+async def test_other_users_rows_are_never_delivered(realtime_url, make_user, db_conn, subscriptions):
+    a, b = await make_user(), await make_user()
+    sub_b = await subscriptions(realtime_url, b.token).subscribe("all-tasks", {"event": "*", "table": "tasks"})
+    run_task(db_conn, create_task(db_conn, a.id))
+    db_conn.execute("delete from public.tasks where user_id = %s", (a.id,))
+    await sub_b.none_within(1.0)
+
+    # B's subscription works: B's own task arrives, and only B's.
+    own = create_task(db_conn, b.id)
+    assert (await sub_b.next())["data"]["record"]["id"] == own
+    db_conn.execute("delete from public.tasks where id = %s", (own,))
+    deleted = await sub_b.next()
+    assert deleted["data"]["type"] == "DELETE"
+    assert deleted["data"]["old_record"] == {"id": own}  # as in the cloud: only the key under RLS
+    await sub_b.none_within(0.3)
+
+
+async def test_invalid_or_expired_token_is_refused_and_gets_no_data(realtime_url, make_user, db_conn, subscriptions):
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    expired = local_issuer().mint(a.id, a.email, seconds=-3600)
+    forged = a.token[:-4] + ("AAAA" if not a.token.endswith("AAAA") else "BBBB")
+    subs = []
+    for token in ("not-a-token", expired, forged):
+        sub = await subscriptions(realtime_url, token).subscribe(
+            f"bad:{token[-6:]}", {"event": "*", "table": "tasks"}, expect_ok=False
+        )
+        assert sub.states[0] == RealtimeSubscribeStates.CHANNEL_ERROR, sub.states
+        subs.append(sub)
+    run_task(db_conn, create_task(db_conn, a.id))
+    for sub in subs:
+        await sub.none_within(0.3)
+
+
+async def test_raw_socket_rejects_bad_token_without_data(live_server, make_user, db_conn):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + "/realtime/v1/websocket?vsn=1.0.0"
+    async with websockets.connect(url) as ws:
+        join = {"config": {"postgres_changes": [{"event": "*", "schema": "public", "table": "tasks"}]}}
+        await ws.send(
+            json.dumps(
+                {
+                    "topic": "realtime:x",
+                    "event": "phx_join",
+                    "ref": "1",
+                    "join_ref": "1",
+                    "payload": {**join, "access_token": "bad"},
+                }
+            )
+        )
+        msg = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert msg["event"] == "phx_reply" and msg["payload"]["status"] == "error"
+        run_task(db_conn, create_task(db_conn, a.id))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.recv(), 1.0)
+
+
+async def test_vsn_2_array_frames_heartbeat_and_leave(live_server, make_user, db_conn):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+
+        async def recv():
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+
+        await ws.send(json.dumps([None, "1", "phoenix", "heartbeat", {}]))
+        assert await recv() == [None, "1", "phoenix", "phx_reply", {"status": "ok", "response": {}}]
+        binding = {"event": "UPDATE", "schema": "public", "table": "credit_accounts"}
+        await ws.send(json.dumps(["2", "2", "realtime:c", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        join_ref, ref, topic, event, payload = await recv()
+        assert (join_ref, ref, topic, event, payload["status"]) == ("2", "2", "realtime:c", "phx_reply", "ok")
+        [server_binding] = payload["response"]["postgres_changes"]
+        assert server_binding == {**binding, "id": server_binding["id"]}
+        system = await recv()
+        assert system[2:4] == ["realtime:c", "system"] and system[4]["message"] == "Subscribed to PostgreSQL"
+        create_task(db_conn, a.id)
+        change = await recv()
+        assert change[1] is None and change[3] == "postgres_changes"
+        assert change[4]["ids"] == [server_binding["id"]] and change[4]["data"]["record"]["balance"] == 90
+        await ws.send(json.dumps(["2", "3", "realtime:c", "phx_leave", {}]))
+        assert (await recv())[3:] == ["phx_reply", {"status": "ok", "response": {}}]
+        create_task(db_conn, a.id)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.recv(), 1.0)
+
+
+async def test_large_rows_arrive_whole(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "big", {"event": "UPDATE", "table": "tasks", "filter": f"id=eq.{task_id}"}
+    )
+    big = {"frames": ["x" * 100] * 2000}  # ~200 kB, far beyond NOTIFY's 8000 bytes
+    db_conn.execute("update public.tasks set result = %s where id = %s", (json.dumps(big), task_id))
+    assert (await sub.next())["data"]["record"]["result"] == big
+
+
+async def test_refreshed_invalid_token_closes_the_channel(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe("t", {"event": "*", "table": "credit_accounts"})
+    await sub.client.set_auth("garbage")
+    for _ in range(100):
+        if RealtimeSubscribeStates.CLOSED in sub.states:
+            break
+        await asyncio.sleep(0.05)
+    assert RealtimeSubscribeStates.CLOSED in sub.states
+    create_task(db_conn, a.id)
+    await sub.none_within(0.5)
+
+
+# -- credits ---------------------------------------------------------------------------
+
+
+async def test_credit_balance_follows_charge_and_refund(realtime_url, make_user, db_conn, subscriptions):
+    a, b = await make_user(), await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "credits", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    task_id = create_task(db_conn, a.id, cost=10)
+    create_task(db_conn, b.id, cost=10)
+    charged = await sub.next()
+    assert charged["data"]["record"]["balance"] == 90 and charged["data"]["old_record"]["balance"] == 100
+    fail_task(db_conn, task_id)
+    refunded = await sub.next()
+    assert refunded["data"]["record"]["balance"] == 100
+    await sub.none_within(0.3)
+
+
+# -- failures --------------------------------------------------------------------------
+
+
+async def test_feed_survives_a_dropped_database_connection(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "credits", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    killed = db_conn.execute(
+        "select count(pg_terminate_backend(pid)) as n from pg_stat_activity"
+        " where application_name like 'spool-realtime-%%'"
+    ).fetchone()["n"]
+    assert killed >= 2
+    create_task(db_conn, a.id, cost=10)  # committed while the feed may still be reconnecting
+    assert (await sub.next(wait_s=15))["data"]["record"]["balance"] == 90
+    create_task(db_conn, a.id, cost=10)
+    assert (await sub.next())["data"]["record"]["balance"] == 80
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(port: int, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "SPOOL_PORT": str(port)}
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lib.local", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("server did not start: " + log_path.read_text()[-3000:])
+        time.sleep(0.2)
+
+
+async def test_client_reconnects_after_a_server_restart(live_server, make_user, db_conn, subscriptions, tmp_path):
+    a = await make_user()
+    port = _free_port()
+    proc = await asyncio.to_thread(_start_server, port, tmp_path / "server.log")
+    try:
+        sub = await subscriptions(
+            f"http://127.0.0.1:{port}/realtime/v1", a.token, max_retries=10, initial_backoff=0.5
+        ).subscribe("credits", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"})
+        create_task(db_conn, a.id, cost=10)
+        assert (await sub.next())["data"]["record"]["balance"] == 90
+
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        sub.subscribed.clear()
+        proc = await asyncio.to_thread(_start_server, port, tmp_path / "server.log")
+        await asyncio.wait_for(sub.subscribed.wait(), 30)  # the client rejoined on its own
+
+        create_task(db_conn, a.id, cost=10)
+        assert (await sub.next())["data"]["record"]["balance"] == 80
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- the JavaScript client ---------------------------------------------------------------
+
+
+def _node_ready() -> bool:
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        return False
+    if not (JS_DIR / "node_modules" / "@supabase" / "realtime-js").exists():
+        result = subprocess.run(
+            ["npm", "install", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, timeout=180
+        )
+        if result.returncode != 0:
+            return False
+    return True
+
+
+async def test_supabase_realtime_js_receives_task_progress(live_server, make_user, db_conn):
+    if not await asyncio.to_thread(_node_ready):
+        pytest.skip("node/npm or the @supabase/realtime-js package is not available")
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    env = {**os.environ, "REALTIME_URL": f"{live_server}/realtime/v1", "ACCESS_TOKEN": a.token, "TASK_ID": task_id}
+    proc = await asyncio.create_subprocess_exec(
+        "node", "subscribe.mjs", cwd=JS_DIR, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+    async def line() -> dict:
+        raw = await asyncio.wait_for(proc.stdout.readline(), 20)
+        if not raw:
+            raise AssertionError("node exited: " + (await proc.stderr.read()).decode()[-2000:])
+        return json.loads(raw)
+
+    try:
+        status = await line()
+        assert status["status"] == "SUBSCRIBED", status
+        assert status["vsn"] == "2.0.0"
+        run_task(db_conn, task_id)
+        changes = []
+        while not changes or changes[-1]["new"]["status"] != "completed":
+            changes.append((await line())["change"])
+        assert [c["eventType"] for c in changes] == ["UPDATE"] * 5
+        progress = [c["new"]["progress"] for c in changes]
+        assert progress == sorted(progress) and progress[-1] == 1
+        assert changes[0]["old"]["status"] == "queued" and changes[0]["table"] == "tasks"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 10)
+        except TimeoutError:
+            proc.kill()
