@@ -232,16 +232,9 @@ async def _remove_quietly(paths: list[str]) -> None:
 
 
 def _device() -> str:
-    import os
+    from gpu_jobs.media import pick_device
 
-    if os.environ.get("SPOOL_DEVICE"):
-        return os.environ["SPOOL_DEVICE"]
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
+    return pick_device()
 
 
 def run_task(task_id: str) -> str:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from functions.app import create_app
-from lib.local import dev_auth, realtime
+from lib.local import dev_auth, realtime, storage_server
 
-LOCAL_ROUTERS = [dev_auth.router, realtime.router]
-LOCAL_ROUTERS.append(__import__("lib.local.storage_server", fromlist=["router"]).router)  # Storage subset
+LOCAL_ROUTERS = [dev_auth.router, storage_server.router, realtime.router]
 
 
 def create_local_app() -> FastAPI:

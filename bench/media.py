@@ -1,0 +1,240 @@
+"""Media handler throughput: video.upscale 2x stage by stage and end to end, against ffmpeg and Pillow,
+and image.animate.
+
+    .venv/bin/python bench/media.py                      # 720p clip, this machine's device
+    python3 bench/media.py --size 1080 --device cuda     # the GPU run (bench/gpu_check.sh)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from fractions import Fraction
+from itertools import islice
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from gpu_jobs import media
+from gpu_jobs.handlers import JobContext, image_animate, video_upscale
+
+FPS = 30
+
+
+def make_clip(path: Path, width: int, height: int, frames: int) -> None:
+    """A panning textured scene with noise and a sine-wave AAC track: x264 has real work to do."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0 : width + 4 * frames].astype(np.float32)
+    scene = np.stack(
+        [
+            128 + 90 * np.sin(xx / 37 + yy / 53) + 30 * np.sin(xx / 5),
+            128 + 80 * np.cos(yy / 29 - xx / 71),
+            128 + 60 * np.sin((xx + yy) / 13),
+        ],
+        -1,
+    )
+    for _ in range(12):  # hard-edged shapes
+        x0, y0 = rng.integers(0, scene.shape[1] - 200), rng.integers(0, height - 120)
+        scene[y0 : y0 + 120, x0 : x0 + 200] = rng.integers(0, 255, 3)
+    scene = scene.clip(0, 255).astype(np.uint8)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=FPS)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.options = {"preset": "veryfast", "crf": "20"}
+        audio = out.add_stream("aac", rate=44100)
+        audio.layout = "stereo"
+        for i in range(frames):
+            noisy = scene[:, 4 * i : 4 * i + width].astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
+            out.mux(
+                video.encode(av.VideoFrame.from_ndarray(noisy.clip(0, 255).astype(np.uint8), format="rgb24"))
+            )
+        out.mux(video.encode(None))
+        for start in range(0, int(frames / FPS * 44100), 1024):
+            wave = (0.2 * np.sin(2 * np.pi * 440 * (start + np.arange(1024)) / 44100)).astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+            frame.sample_rate, frame.pts = 44100, start
+            out.mux(audio.encode(frame))
+        out.mux(audio.encode(None))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def line(name: str, frames: int, seconds: float, extra: str = "") -> float:
+    fps = frames / seconds
+    print(f"  {name:<44} {fps:8.1f} frames/s  ({frames} frames in {seconds:5.2f} s){extra}")
+    return fps
+
+
+def ctx_for(workdir: Path, params: dict, inputs: dict) -> JobContext:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return JobContext("bench", params, inputs, {}, workdir, lambda fraction, message=None: None)
+
+
+def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch.device) -> None:
+    clip = tmp / "clip.mp4"
+    make_clip(clip, width, height, frames)
+    out_h, out_w = 2 * height, 2 * width
+    batch = media.batch_size_for(out_w, out_h, device)
+    print(
+        f"\nvideo.upscale 2x: {width}x{height} -> {out_w}x{out_h}, {frames} frames, batch {batch}, {device}"
+    )
+
+    # Decode on its own (the decode thread, batches into host buffers).
+    pin = device.type == "cuda"
+    seconds, decoded = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch, pin=pin)])
+    if pin:  # the pipeline copies from pinned buffers
+        decoded = [b.pin_memory() for b in decoded]
+    stages = {"decode": line("decode (PyAV, thread)", frames, seconds)}
+
+    # Process on its own: host batch -> device -> Lanczos 2x -> uint8 -> host, as the pipeline does.
+    def process() -> list[torch.Tensor]:
+        kept = []  # the first 32 outputs feed the encode stage; the rest are dropped as in the pipeline
+        host = None
+        for b in decoded:
+            out = media.to_uint8(media.resize(media.to_device(b, device), (out_h, out_w)))
+            if host is None or host.shape != out.shape:  # to a pinned buffer on CUDA, as the pipeline does
+                host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=pin)
+            host.copy_(out)
+            if len(kept) * batch < 32:
+                kept.append(host.clone())
+        sync(device)
+        return kept
+
+    process()  # warm up (kernels, plans)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds, processed = timed(process)
+    stages["process"] = line("process (to device, lanczos 2x, to host)", frames, seconds)
+
+    # Encode on its own: libx264 veryfast crf 18, yuv420p (the processed frames cycled).
+    keep = torch.cat(processed)
+    chunks = [keep[(torch.arange(i, min(i + batch, frames)) % len(keep))] for i in range(0, frames, batch)]
+
+    def encode() -> None:
+        with media.FrameWriter(tmp / "encode.mp4", out_w, out_h, FPS) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+
+    seconds, _ = timed(encode)
+    stages["encode"] = line("encode (libx264 veryfast, thread)", frames, seconds)
+
+    os.environ["SPOOL_DEVICE"] = device.type
+    ctx = ctx_for(tmp / "e2e", {"video_asset_id": "v", "scale": 2}, {"v": clip})
+    seconds, outputs = timed(lambda: video_upscale.run(ctx))
+    end_to_end = line("end to end (video.upscale handler)", frames, seconds)
+    bound = min(stages, key=stages.get)
+    print(
+        f"  bounding stage: {bound} ({stages[bound]:.1f} frames/s; end to end reaches "
+        f"{100 * end_to_end / stages[bound]:.0f}% of it)"
+    )
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        print(f"  torch.cuda.max_memory_allocated (process + end to end): {peak:.0f} MiB")
+
+    ffmpeg = shutil.which("ffmpeg")
+    if ffmpeg:
+        scale = ["-vf", "scale=iw*2:ih*2:flags=lanczos"]
+        run = [ffmpeg, "-hide_banner", "-loglevel", "error", "-y", "-i", str(clip), *scale]
+        seconds, _ = timed(lambda: subprocess.run([*run, "-f", "null", "-"], check=True))
+        line("ffmpeg lanczos 2x, no encode (CPU)", frames, seconds)
+        x264 = ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p", "-c:a", "copy"]
+        seconds, _ = timed(lambda: subprocess.run([*run, *x264, str(tmp / "ffmpeg.mp4")], check=True))
+        line("ffmpeg decode + lanczos 2x + libx264 (CPU)", frames, seconds)
+    else:
+        print("  ffmpeg: not installed, skipped (apt-get install -y ffmpeg to compare)")
+
+    # Pillow LANCZOS frame by frame, and how close we are to it (before and after encoding).
+    count = min(frames, 30)
+    pil_frames = [f.numpy() for f in torch.cat(decoded)[:count]]
+    seconds, refs = timed(
+        lambda: [np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.LANCZOS)) for f in pil_frames]
+    )
+    line("Pillow LANCZOS 2x, frame by frame (CPU)", count, seconds)
+    ours = media.to_uint8(
+        media.resize(media.to_device(torch.cat(decoded)[:count], device), (out_h, out_w))
+    ).cpu()
+    with av.open(str(outputs[0].path)) as container:
+        encoded = [f.to_ndarray(format="rgb24") for f in islice(container.decode(video=0), count)]
+    raw = np.mean([media.psnr(o, r) for o, r in zip(ours.numpy(), refs, strict=True)])
+    coded = np.mean([media.psnr(e, r) for e, r in zip(encoded, refs, strict=True)])
+    print(f"  PSNR vs Pillow LANCZOS: ours {raw:.2f} dB, ours after H.264 (crf 18) {coded:.2f} dB")
+
+
+def bench_animate(tmp: Path, size: int, device: torch.device) -> None:
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[0:2000, 0:3000].astype(np.float32)
+    picture = np.stack(
+        [128 + 100 * np.sin(xx / 41), 128 + 100 * np.cos(yy / 37), 128 + 60 * np.sin((xx - yy) / 9)], -1
+    )
+    picture = (picture + rng.normal(0, 5, picture.shape)).clip(0, 255).astype(np.uint8)
+    Image.fromarray(picture).save(tmp / "picture.jpg", quality=92)
+    width, height = image_animate.frame_size(Fraction(16, 9), size)
+    frames = 3 * FPS
+    print(f"\nimage.animate ken_burns: 3000x2000 picture -> {width}x{height}, {frames} frames, {device}")
+    source = image_animate.prepare_source(
+        media.load_image(tmp / "picture.jpg"), Fraction(16, 9), width, device
+    )
+    batch = media.batch_size_for(width, height, device)
+
+    def render() -> None:
+        for start in range(0, frames, batch):
+            count = min(batch, frames - start)
+            cams = image_animate.camera("ken_burns", start, count, frames)
+            media.to_uint8(image_animate.render(source, cams, width, height)).cpu()
+        sync(device)
+
+    render()
+    seconds, _ = timed(render)
+    line("render (grid_sample bicubic, to host)", frames, seconds)
+    params = {
+        "image_asset_id": "i",
+        "motion": "ken_burns",
+        "duration": 3,
+        "fps": FPS,
+        "aspect_ratio": "16:9",
+        "resolution": size,
+    }
+    seconds, _ = timed(lambda: image_animate.run(ctx_for(tmp / "anim", params, {"i": tmp / "picture.jpg"})))
+    line("end to end (image.animate handler, incl. load)", frames, seconds)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", type=int, default=720, help="short side of the test clip (720, 1080)")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--device", default=media.pick_device())
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    width = round(args.size * 16 / 9 / 2) * 2
+    print(
+        f"torch {torch.__version__}, PyAV {av.__version__}, {os.cpu_count()} CPUs, device {device}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
+    with tempfile.TemporaryDirectory(prefix="spool-bench-") as tmp:
+        bench_upscale(Path(tmp), width, args.size, round(args.seconds * FPS), device)
+        bench_animate(Path(tmp), args.size, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""media.probe: the facts of an uploaded file (container, codecs, size, duration, fps, frames), a poster."""
+
+from __future__ import annotations
+
+from gpu_jobs.handlers import JobContext, OutputFile
+from gpu_jobs.media import input_path, param, poster_image, probe_file
+
+
+def run(ctx: JobContext) -> list[OutputFile]:
+    """探测媒体并生成海报图"""
+    path = input_path(ctx, param(ctx.params, "asset_id"))
+    info = probe_file(path)
+    ctx.result["probe"] = info
+    ctx.progress(0.5, "Writing poster")
+    poster = poster_image(path, info)
+    out = ctx.workdir / "poster.jpg"
+    poster.save(out, format="JPEG", quality=85)
+    return [
+        OutputFile(
+            path=out,
+            kind="image",
+            mime="image/jpeg",
+            width=poster.width,
+            height=poster.height,
+            role="poster",
+            metadata={"source_kind": info["kind"]},
+        )
+    ]

@@ -1,0 +1,93 @@
+"""Small media files for tests, generated with PyAV, Pillow and numpy (no fixtures on disk)."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+SQUARE = 12  # side of the moving square, in pixels
+SQUARE_COLOR = (250, 240, 40)
+
+
+def pattern_frame(index: int, width: int, height: int, speed: float = 2.0) -> np.ndarray:
+    """一帧测试画面：渐变背景 + 匀速右移的方块"""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    frame = np.stack(
+        [40 + 60 * xx / width, 50 + 80 * yy / height, np.full_like(xx, 90) + 20 * np.sin(xx / 5)], axis=-1
+    ).astype(np.uint8)
+    x0 = round(4 + speed * index) % max(1, width - SQUARE)
+    y0 = (height - SQUARE) // 2
+    frame[y0 : y0 + SQUARE, x0 : x0 + SQUARE] = SQUARE_COLOR
+    return frame
+
+
+def square_x(index: int, width: int, speed: float = 2.0) -> float:
+    """第 index 帧方块的中心横坐标"""
+    return round(4 + speed * index) % max(1, width - SQUARE) + (SQUARE - 1) / 2
+
+
+def make_video(
+    path: str | Path,
+    width: int = 64,
+    height: int = 48,
+    frames: int = 24,
+    fps: int | Fraction = 24,
+    audio: bool = True,
+    *,
+    speed: float = 2.0,
+    audio_codec: str = "aac",
+    video_codec: str = "libx264",
+) -> Path:
+    """生成测试视频（移动方块 + 可选正弦波音轨）"""
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        video = out.add_stream(video_codec, rate=Fraction(fps))
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        if video_codec == "libx264":
+            video.options = {"preset": "ultrafast", "crf": "12"}
+        sound = _add_audio(out, audio_codec) if audio else None
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, speed), format="rgb24")
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        if sound is not None:
+            _write_sine(out, sound, frames / float(fps))
+    return path
+
+
+def make_audio(path: str | Path, seconds: float = 1.0, codec: str = "mp3") -> Path:
+    """生成纯音频文件"""
+    path = Path(path)
+    with av.open(str(path), "w") as out:
+        _write_sine(out, _add_audio(out, codec), seconds)
+    return path
+
+
+def make_image(path: str | Path, width: int = 64, height: int = 48, fmt: str = "PNG") -> Path:
+    """生成测试图片（渐变 + 方块 + 噪声）"""
+    rng = np.random.default_rng(0)
+    pixels = pattern_frame(3, width, height).astype(np.int16) + rng.integers(-8, 9, (height, width, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, format=fmt)
+    return Path(path)
+
+
+def _add_audio(out, codec: str):
+    stream = out.add_stream(codec, rate=44100)
+    stream.layout = "stereo"
+    return stream
+
+
+def _write_sine(out, stream, seconds: float) -> None:
+    rate, size = 44100, 1152
+    total = int(seconds * rate)
+    for start in range(0, total, size):
+        t = np.arange(start, min(start + size, total)) / rate
+        wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
+        frame.sample_rate, frame.pts = rate, start
+        out.mux(stream.encode(frame))
+    out.mux(stream.encode(None))

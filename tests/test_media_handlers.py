@@ -1,0 +1,432 @@
+"""Media handlers called directly with a JobContext (no database): real files in, real files out."""
+
+from __future__ import annotations
+
+import struct
+import threading
+import zlib
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gpu_jobs import media
+from gpu_jobs.handlers import (
+    JobContext,
+    image_animate,
+    image_upscale,
+    media_probe,
+    video_interpolate,
+    video_upscale,
+)
+from lib.config import get_settings
+from lib.errors import InvalidInput, TaskCanceled
+from tests.media_factories import make_audio, make_image, make_video, pattern_frame, square_x
+
+
+def make_ctx(workdir: Path, params, inputs: dict[str, Path], progress=None) -> JobContext:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return JobContext(
+        task_id="task-1",
+        params=params,
+        inputs={key: Path(value) for key, value in inputs.items()},
+        input_meta={},
+        workdir=workdir,
+        progress=progress or (lambda fraction, message=None: None),
+    )
+
+
+def decode(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def audio_codec(path: Path) -> str | None:
+    with av.open(str(path)) as container:
+        streams = container.streams.audio
+        return streams[0].codec_context.codec.canonical_name if streams else None
+
+
+def spool_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("spool-")]
+
+
+@pytest.fixture
+def limits(monkeypatch):
+    """Override media limits through the environment, as in production."""
+
+    def apply(**values):
+        for name, value in values.items():
+            monkeypatch.setenv(name.upper(), str(value))
+        get_settings.cache_clear()
+
+    yield apply
+    get_settings.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("media") / "clip.mp4", 64, 48, frames=24, fps=24, audio=True)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory) -> Path:
+    return make_image(tmp_path_factory.mktemp("media") / "picture.png", 96, 64)
+
+
+# ---------------------------------------------------------------- probe
+
+
+def test_probe_video(clip):
+    info = media.probe_file(clip)
+    assert info["kind"] == "video" and info["mime"] == "video/mp4"
+    assert (info["width"], info["height"], info["frame_count"]) == (64, 48, 24)
+    assert info["fps"] == 24 and info["duration_s"] == pytest.approx(1.0, abs=1e-3)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["has_audio"]
+
+
+def test_probe_counts_packets_when_the_container_has_no_frame_count(tmp_path):
+    path = make_video(tmp_path / "clip.mkv", 64, 48, frames=10, fps=30, audio=True, audio_codec="mp3")
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # Matroska keeps no count
+    info = media.probe_file(path)
+    assert info["frame_count"] == 10 and info["audio_codec"] == "mp3"
+    assert info["duration_s"] == pytest.approx(10 / 30, abs=2e-3)
+
+
+def test_probe_image(tmp_path):
+    info = media.probe_file(make_image(tmp_path / "a.jpg", 80, 60, "JPEG"))
+    assert (info["kind"], info["format"], info["width"], info["height"]) == ("image", "jpeg", 80, 60)
+
+
+def _truncated(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated_video", "truncated_png", "garbage", "audio_only"])
+def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
+    path = tmp_path / f"bad_{kind}"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated_video":
+        _truncated(clip, path)
+    elif kind == "truncated_png":
+        _truncated(picture, path)
+    elif kind == "garbage":
+        path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    else:
+        path = make_audio(tmp_path / "tone.mp3")
+    with pytest.raises(InvalidInput) as err:
+        media.probe_file(path)
+    assert err.value.message  # a sentence for the user
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims a huge size (a decompression bomb is refused before any pixel is decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+    return path
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    bomb = _png_header_only(tmp_path / "bomb.png", 8000, 8000)  # 64 MP > 40 MP default
+    with pytest.raises(InvalidInput, match="pixels"):
+        media.probe_file(bomb)
+    with pytest.raises(InvalidInput, match="pixels"):
+        media.load_image(bomb)
+
+
+def test_limits_from_settings(tmp_path, clip, picture, limits):
+    limits(max_output_pixels=100 * 100)
+    with pytest.raises(InvalidInput, match="output"):
+        video_upscale.run(make_ctx(tmp_path, {"video_asset_id": "v", "scale": 2}, {"v": clip}))
+    with pytest.raises(InvalidInput, match="output"):
+        image_upscale.run(make_ctx(tmp_path, {"image_asset_id": "i", "scale": 4}, {"i": picture}))
+    limits(max_output_pixels=33_177_600, max_input_pixels=1000)
+    with pytest.raises(InvalidInput, match="pixels"):
+        media.probe_file(clip)
+    limits(max_input_pixels=40_000_000, max_video_seconds=0.5)
+    with pytest.raises(InvalidInput, match="long"):
+        media.probe_file(clip)
+    limits(max_video_seconds=600, max_video_frames=10)
+    with pytest.raises(InvalidInput, match="frames"):
+        media.probe_file(clip)
+    assert not list(tmp_path.glob("*.mp4"))  # refused before any work
+
+
+# ---------------------------------------------------------------- resize
+
+
+def natural_image(height: int = 192, width: int = 256) -> np.ndarray:
+    """Smooth gradients, hard-edged shapes and sensor-like noise."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    img = np.stack(
+        [128 + 100 * np.sin(6 * xx + 3 * yy), 128 + 90 * np.cos(5 * yy - 2 * xx), 255 * xx * yy], -1
+    )
+    img[40:90, 60:140] = [200, 40, 60]
+    img[((yy - 0.5) ** 2 + (xx - 0.7) ** 2) < 0.01] = [20, 220, 120]
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def _ours(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+    return media.to_uint8(media.resize(x, size))[0].numpy()
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_lanczos_is_at_least_as_good_as_pillow(factor):
+    img = natural_image()
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    pil = Image.fromarray(img).resize((w, h), Image.LANCZOS).resize((w * factor, h * factor), Image.LANCZOS)
+    ours = _ours(_ours(img, (h, w)), (h * factor, w * factor))
+    assert media.psnr(ours, img) >= media.psnr(np.asarray(pil), img) - 0.05
+
+
+def test_resize_matches_pillow_for_any_ratio():
+    img = natural_image(60, 80)
+    for size in [(30, 40), (45, 53), (120, 160), (97, 131)]:
+        ref = np.asarray(Image.fromarray(img).resize(size[::-1], Image.LANCZOS))
+        assert media.psnr(_ours(img, size), ref) > 40  # Pillow rounds between passes; we do not
+
+
+# ---------------------------------------------------------------- image.upscale
+
+
+@pytest.mark.parametrize(("scale", "fmt", "mime"), [(2, "png", "image/png"), (4, "webp", "image/webp")])
+def test_image_upscale(tmp_path, picture, scale, fmt, mime):
+    params = SimpleNamespace(
+        image_asset_id="i", scale=scale, sharpen=0.5, format=fmt
+    )  # like a pydantic model
+    [out] = image_upscale.run(make_ctx(tmp_path, params, {"i": picture}))
+    assert (out.kind, out.mime, out.width, out.height) == ("image", mime, 96 * scale, 64 * scale)
+    with Image.open(out.path) as img:
+        assert img.size == (96 * scale, 64 * scale)
+
+
+@pytest.mark.parametrize(("scale", "sharpen"), [(2, 0.0), (2, 0.8), (4, 1.0)])
+def test_tiled_upscale_equals_whole_image(picture, scale, sharpen):
+    image = media.load_image(picture)
+    device = media.job_device(SimpleNamespace(device="cpu"))
+    whole = image_upscale.upscale_image(image, scale, sharpen, device, tile=4096)
+    tiled = image_upscale.upscale_image(image, scale, sharpen, device, tile=23)
+    assert (whole.int() - tiled.int()).abs().max() <= 1
+
+
+def test_image_upscale_refuses_a_video(tmp_path, clip):
+    with pytest.raises(InvalidInput, match="image"):
+        image_upscale.run(make_ctx(tmp_path, {"image_asset_id": "i", "scale": 2}, {"i": clip}))
+
+
+# ---------------------------------------------------------------- video.upscale
+
+
+def test_video_upscale(tmp_path, clip):
+    calls = []
+    ctx = make_ctx(
+        tmp_path, {"video_asset_id": "v", "scale": 2}, {"v": clip}, lambda f, m=None: calls.append(f)
+    )
+    [out] = video_upscale.run(ctx)
+    info = media.probe_file(out.path)
+    assert (info["width"], info["height"], info["frame_count"], info["fps"]) == (128, 96, 24, 24)
+    assert info["duration_s"] == pytest.approx(1.0, abs=1e-3) and out.duration_s == pytest.approx(1.0)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac"
+    with av.open(str(out.path)) as container:
+        assert container.streams.video[0].codec_context.pix_fmt == "yuv420p"
+    assert calls == sorted(calls) and calls[-1] == 1.0
+    # the picture survives the round trip: frame 5 against its exact 2x Lanczos
+    ref = _ours(pattern_frame(5, 64, 48), (96, 128))
+    assert media.psnr(decode(out.path)[5], ref) > 30
+    assert not spool_threads()
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec", "expected"), [(".mkv", "mp3", "mp3"), (".mov", "pcm_s16le", "aac")]
+)
+def test_video_upscale_keeps_other_audio(tmp_path, suffix, codec, expected):
+    """mp3 is copied into the MP4; PCM cannot go into MP4 and is transcoded to AAC."""
+    src = make_video(tmp_path / f"in{suffix}", 64, 48, frames=12, fps=24, audio_codec=codec)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    info = media.probe_file(out.path)
+    assert info["frame_count"] == 12 and info["has_audio"] and audio_codec(out.path) == expected
+
+
+def test_video_upscale_refuses_an_image(tmp_path, picture):
+    with pytest.raises(InvalidInput, match="video"):
+        video_upscale.run(make_ctx(tmp_path, {"video_asset_id": "v", "scale": 2}, {"v": picture}))
+
+
+def test_cancel_stops_within_one_batch(tmp_path, monkeypatch):
+    src = make_video(tmp_path / "long.mp4", 64, 48, frames=48, fps=24)
+    for device in ("cpu", "cuda"):
+        monkeypatch.setitem(media.BATCH_PIXELS, device, 128 * 96 * 4)  # 4 frames a batch
+    processed = []
+    real_resize = video_upscale.resize
+    monkeypatch.setattr(
+        video_upscale, "resize", lambda x, size: processed.append(len(x)) or real_resize(x, size)
+    )
+    calls = []
+
+    def progress(fraction, message=None):
+        calls.append(fraction)
+        if len(calls) == 3:  # the start, one batch, then the user cancels
+            raise TaskCanceled()
+
+    with pytest.raises(TaskCanceled):
+        video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}, progress))
+    assert len(calls) == 3 and sum(processed) == 8  # exactly the two batches reported, not one more
+    assert not spool_threads()
+    assert not list((tmp_path / "w").glob("*.mp4"))  # the partial output is removed
+
+
+def test_stream_stops_threads_when_processing_fails(tmp_path, clip):
+    def process(batches):
+        for x in batches:
+            yield x
+            raise RuntimeError("device fell over")
+
+    with pytest.raises(RuntimeError, match="device"):
+        media.stream_video(
+            clip,
+            tmp_path / "o.mp4",
+            process,
+            info=media.probe_file(clip),
+            out_size=(48, 64),
+            progress=lambda *a: None,
+            device=torch.device("cpu"),
+            batch_size=2,
+        )
+    assert not spool_threads()
+
+
+# ---------------------------------------------------------------- image.animate
+
+
+@pytest.mark.parametrize(
+    ("motion", "duration", "fps", "aspect", "size", "frames"),
+    [
+        ("zoom_in", 2, 24, "16:9", (228, 128), 48),
+        ("ken_burns", 2.5, 30, "9:16", (128, 228), 75),
+        ("pan_up", 2, 24, "1:1", (128, 128), 48),
+    ],
+)
+def test_image_animate(tmp_path, picture, motion, duration, fps, aspect, size, frames):
+    params = {
+        "image_asset_id": "i",
+        "motion": motion,
+        "duration": duration,
+        "fps": fps,
+        "aspect_ratio": aspect,
+        "resolution": 128,
+    }
+    calls = []
+    [out] = image_animate.run(make_ctx(tmp_path, params, {"i": picture}, lambda f, m=None: calls.append(f)))
+    assert calls == sorted(calls) and calls[-1] == 1.0
+    info = media.probe_file(out.path)
+    assert (info["width"], info["height"]) == size == (out.width, out.height)
+    assert info["frame_count"] == frames and info["fps"] == fps and not info["has_audio"]
+    assert info["duration_s"] == pytest.approx(frames / fps, abs=1e-3)
+
+
+def test_pan_left_moves_the_view_left(tmp_path):
+    img = np.zeros((180, 320, 3), np.uint8)
+    img[:, 160:] = 255  # dark left half, bright right half
+    Image.fromarray(img).save(tmp_path / "halves.png")
+    params = {
+        "image_asset_id": "i",
+        "motion": "pan_left",
+        "duration": 2,
+        "fps": 24,
+        "aspect_ratio": "16:9",
+        "resolution": 144,
+    }
+    [out] = image_animate.run(make_ctx(tmp_path, params, {"i": tmp_path / "halves.png"}))
+    frames = decode(out.path)
+    brightness = [f.mean() for f in frames]
+    assert brightness[0] > brightness[len(frames) // 2] > brightness[-1]  # starts right, ends left
+    assert np.all(np.diff(brightness) <= 0.5)  # eased and monotonic, no jumps back
+
+
+def test_image_animate_checks_params(tmp_path, picture):
+    with pytest.raises(InvalidInput, match="duration"):
+        image_animate.run(
+            make_ctx(tmp_path, {"image_asset_id": "i", "motion": "zoom_in", "duration": 12}, {"i": picture})
+        )
+
+
+# ---------------------------------------------------------------- video.interpolate
+
+
+@pytest.fixture(scope="module")
+def moving_square(tmp_path_factory) -> Path:
+    return make_video(tmp_path_factory.mktemp("media") / "square.mp4", 64, 48, frames=8, fps=12, speed=4)
+
+
+def test_interpolate_puts_the_square_halfway(tmp_path, moving_square):
+    results = {}
+    for mode in ("motion", "blend"):
+        params = {"video_asset_id": "v", "factor": 2, "mode": mode}
+        [out] = video_interpolate.run(make_ctx(tmp_path / mode, params, {"v": moving_square}))
+        info = media.probe_file(out.path)
+        assert info["frame_count"] == 16 and info["fps"] == 24 and info["has_audio"]
+        assert info["duration_s"] == pytest.approx(8 / 12, abs=2e-3)
+        results[mode] = decode(out.path)
+    for i in (2, 3, 4):
+        middle = results["motion"][2 * i + 1]
+        square = (middle[..., 0] > 180) & (middle[..., 2] < 110)
+        x = np.nonzero(square)[1].mean()
+        assert square_x(i, 64, 4) < x < square_x(i + 1, 64, 4)
+        assert x == pytest.approx((square_x(i, 64, 4) + square_x(i + 1, 64, 4)) / 2, abs=0.75)
+        truth = pattern_frame(i + 0.5, 64, 48, 4)
+        assert media.psnr(middle, truth) > media.psnr(results["blend"][2 * i + 1], truth) + 4
+
+
+def test_interpolate_4x(tmp_path, moving_square):
+    [out] = video_interpolate.run(
+        make_ctx(tmp_path, {"video_asset_id": "v", "factor": 4}, {"v": moving_square})
+    )
+    info = media.probe_file(out.path)
+    assert (info["frame_count"], info["fps"], out.fps) == (32, 48, 48)
+    assert info["duration_s"] == pytest.approx(8 / 12, abs=2e-3)
+    frames = decode(out.path)
+    xs = [np.nonzero((f[..., 0] > 180) & (f[..., 2] < 110))[1].mean() for f in frames[8:13]]
+    assert np.allclose(np.diff(xs), 1.0, atol=0.75)  # a quarter of the 4 px step each frame
+
+
+# ---------------------------------------------------------------- media.probe
+
+
+def test_media_probe_handler_video(tmp_path, clip):
+    ctx = make_ctx(tmp_path, {"asset_id": "a"}, {"a": clip})
+    [poster] = media_probe.run(ctx)
+    assert ctx.result["probe"]["frame_count"] == 24 and ctx.result["probe"]["has_audio"]
+    assert (poster.role, poster.kind, poster.mime, poster.width, poster.height) == (
+        "poster",
+        "image",
+        "image/jpeg",
+        64,
+        48,
+    )
+    with Image.open(poster.path) as img:
+        assert img.format == "JPEG" and img.size == (64, 48)
+
+
+def test_media_probe_handler_image(tmp_path, picture):
+    ctx = make_ctx(tmp_path, {"asset_id": "a"}, {"a": picture})
+    [poster] = media_probe.run(ctx)
+    assert ctx.result["probe"]["kind"] == "image" and (poster.width, poster.height) == (96, 64)
+
+
+def test_media_probe_handler_refuses_audio(tmp_path):
+    with pytest.raises(InvalidInput, match="audio"):
+        media_probe.run(make_ctx(tmp_path, {"asset_id": "a"}, {"a": make_audio(tmp_path / "tone.mp3")}))
