@@ -14,8 +14,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from lib.config import get_settings
 
-_pool: AsyncConnectionPool | None = None
-_pool_loop: asyncio.AbstractEventLoop | None = None
+# One pool per event loop: the API and the worker run one loop, but a sync entry point
+# (Modal's run_task, a CLI command) runs its own loop and must not take over another's pool.
+_pools: dict[asyncio.AbstractEventLoop, asyncio.Future[AsyncConnectionPool]] = {}
 
 
 def connect_kwargs() -> dict[str, Any]:
@@ -24,33 +25,36 @@ def connect_kwargs() -> dict[str, Any]:
     return {"prepare_threshold": None, "row_factory": dict_row, "autocommit": True}
 
 
+async def _open_pool() -> AsyncConnectionPool:
+    settings = get_settings()
+    if not settings.supabase_db_url:
+        raise RuntimeError("SUPABASE_DB_URL is not set")
+    pool = AsyncConnectionPool(
+        settings.supabase_db_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        kwargs=connect_kwargs(),
+        open=False,
+        check=AsyncConnectionPool.check_connection,
+    )
+    await pool.open(wait=True, timeout=30)
+    return pool
+
+
 async def get_pool() -> AsyncConnectionPool:
-    """获取（必要时创建）数据库连接池"""
-    global _pool, _pool_loop
+    """获取（必要时创建）当前事件循环的数据库连接池"""
     loop = asyncio.get_running_loop()
-    if _pool is None or _pool_loop is not loop:
-        settings = get_settings()
-        if not settings.supabase_db_url:
-            raise RuntimeError("SUPABASE_DB_URL is not set")
-        pool = AsyncConnectionPool(
-            settings.supabase_db_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            kwargs=connect_kwargs(),
-            open=False,
-            check=AsyncConnectionPool.check_connection,
-        )
-        await pool.open(wait=True, timeout=30)
-        _pool, _pool_loop = pool, loop
-    return _pool
+    opening = _pools.get(loop)
+    if opening is None or (opening.done() and opening.exception() is not None):
+        opening = _pools[loop] = asyncio.ensure_future(_open_pool())  # concurrent first callers share it
+    return await asyncio.shield(opening)
 
 
 async def close_pool() -> None:
-    """关闭连接池"""
-    global _pool, _pool_loop
-    if _pool is not None:
-        pool, _pool, _pool_loop = _pool, None, None
-        await pool.close()
+    """关闭当前事件循环的连接池"""
+    opening = _pools.pop(asyncio.get_running_loop(), None)
+    if opening is not None and opening.done() and opening.exception() is None:
+        await opening.result().close()
 
 
 @asynccontextmanager

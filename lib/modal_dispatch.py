@@ -1,0 +1,66 @@
+"""Modal dispatch: spawn the task's Modal function by name, keep the call id on the task, cancel the call.
+
+The deployed app (`modal_app.py`) has one job function per GPU class of the catalog plus one CPU function;
+`function_for(model_key)` names the one a model runs on, so the dispatcher and the app agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import modal
+
+from lib import catalog, db
+from lib.config import get_settings
+
+log = logging.getLogger("spool.dispatch")
+
+CPU_FUNCTION = "run_cpu"
+SPAWN_TIMEOUT_S = 10.0  # a spawn only enqueues; past this the task stays queued and the reaper retries
+CANCEL_TIMEOUT_S = 10.0
+
+
+def function_name(gpu_class: str | None) -> str:
+    """GPU 类别对应的 Modal 函数名（None → CPU 函数）"""
+    if gpu_class is None:
+        return CPU_FUNCTION
+    return "run_" + re.sub(r"[^0-9a-z]+", "_", gpu_class.lower()).strip("_")
+
+
+def function_for(model_key: str) -> str:
+    """模型对应的 Modal 函数名"""
+    return function_name(catalog.get_model(model_key).gpu)
+
+
+def job_functions() -> dict[str, str | None]:
+    """部署的任务函数：函数名 → GPU 类别（每个 GPU 类别一个，外加 CPU 函数）"""
+    functions: dict[str, str | None] = {function_name(gpu): gpu for gpu in catalog.GPU_CLASSES}
+    functions[CPU_FUNCTION] = None
+    return functions
+
+
+class ModalDispatcher:
+    """Modal 调度：spawn 任务所属的函数并记录 call id；不等待任务本身"""
+
+    def __init__(self, app_name: str | None = None) -> None:
+        self.app_name = app_name or get_settings().modal_app_name
+
+    async def dispatch(self, *, task_id: str, model_key: str) -> None:
+        """派发任务：spawn 对应的 Modal 函数，并把 call id 记在任务上（失败时抛出，由调用方保持排队）"""
+        name = function_for(model_key)
+        function = modal.Function.from_name(self.app_name, name)
+        async with asyncio.timeout(SPAWN_TIMEOUT_S):
+            call = await function.spawn.aio(task_id)
+        await db.execute("select public.set_task_dispatch(%s, %s, null)", (task_id, call.object_id))
+        log.info("task %s spawned on %s/%s as %s", task_id, self.app_name, name, call.object_id)
+
+    async def cancel(self, *, task_id: str, call_id: str | None) -> None:
+        """取消任务对应的 Modal 调用（没有 call id 时无事可做）"""
+        if not call_id:
+            return
+        call = modal.FunctionCall.from_id(call_id)
+        async with asyncio.timeout(CANCEL_TIMEOUT_S):
+            await call.cancel.aio()
+        log.info("task %s: Modal call %s canceled", task_id, call_id)

@@ -1,0 +1,291 @@
+"""The Modal deployment offline: the app's declarations, `api` and a job function run here, and the Modal
+dispatcher with the SDK replaced at its boundary (what `Function.from_name` / `FunctionCall.from_id` return)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import modal
+import pytest
+
+import modal_app
+from gpu_jobs.runner import run_task_async
+from lib import catalog, dispatch, modal_dispatch
+from lib.modal_dispatch import ModalDispatcher, function_for, function_name
+from lib.reaper import reap
+from tests.factories import ledger, make_asset, sql, task_row
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "av", "numpy", "PIL")
+
+
+# ---------------------------------------------------------------- the app's declarations
+
+
+def image_commands(image) -> list[str]:
+    """The Dockerfile commands of an image and its bases, as Modal would send them (SDK internals, modal 1.6.4)."""
+    from modal._image import _Image
+    from modal._utils.async_utils import synchronizer
+
+    def walk(img: _Image) -> list[str]:
+        commands = [c for dep in img._deps() if isinstance(dep, _Image) for c in walk(dep)]
+        cells = dict(zip(img._load.__code__.co_freevars, img._load.__closure__ or (), strict=True))
+        build = cells["dockerfile_function"].cell_contents if "dockerfile_function" in cells else None
+        return commands + (build("2025.06").commands if build else [])
+
+    return walk(synchronizer._translate_in(image))
+
+
+def pip_lines(image) -> list[str]:
+    return [c for c in image_commands(image) if "pip install" in c]
+
+
+def test_import_needs_no_credentials_and_loads_no_torch(tmp_path):
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}  # no Modal token, no ~/.modal.toml, no settings
+    code = (
+        "import sys, modal_app; print(modal_app.app.name, sorted(m for m in sys.modules"
+        f" if m.split('.')[0] in {HEAVY!r}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["spool", "[]"]
+
+
+def test_every_gpu_class_has_one_job_function_with_its_limits():
+    names = [function_name(gpu) for gpu in catalog.GPU_CLASSES]
+    assert len(set(names)) == len(names) and modal_dispatch.CPU_FUNCTION not in names
+    assert set(modal_app.JOB_FUNCTIONS) == {*names, modal_dispatch.CPU_FUNCTION}
+    for gpu, fallbacks in [*catalog.GPU_CLASSES.items(), (None, [])]:
+        info = modal_app.JOB_FUNCTIONS[function_name(gpu)].info()
+        models = [spec for spec in catalog.CATALOG.values() if spec.gpu == gpu]
+        assert info.gpus == [(name, 1) for name in fallbacks]
+        assert info.timeout == max(spec.timeout_s for spec in models)
+        assert info.max_retries == 2
+        assert "modal.Secret.from_name('spool-supabase')" in info.secrets
+        assert "modal.Secret.from_name('spool-settings')" in info.secrets
+        assert "modal.Secret.from_name('spool-stripe')" not in info.secrets  # jobs never touch Stripe
+        assert "Secret.from_dict([SPOOL_MODE, MODAL_APP_NAME])" in info.secrets
+        assert (modal_app.WEIGHTS_DIR in info.volumes) == (gpu is not None)
+        assert info.schedule is None and info.web_info is None
+    for key in catalog.CATALOG:
+        assert function_for(key) in modal_app.JOB_FUNCTIONS
+    assert function_for("image.upscale") == "run_gpu_small" and function_for("media.probe") == "run_cpu"
+    assert modal_app.CLOUD_ENV == {"SPOOL_MODE": "cloud", "MODAL_APP_NAME": "spool"}
+
+
+def test_a_gpu_class_without_a_function_stops_the_deploy(tmp_path):
+    code = "import lib.catalog as c; c.GPU_CLASSES['gpu-huge'] = ['B200']; import modal_app"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "declares no function for ['run_gpu_huge']" in out.stderr
+
+
+def test_api_is_a_concurrent_web_function_and_the_reaper_runs_every_minute():
+    api = modal_app.api.info()
+    assert api.web_info is not None and api.concurrency_info.max_inputs == 100 and api.gpus == []
+    for name in ("spool-settings", "spool-supabase", "spool-stripe", "spool-kling"):
+        assert f"modal.Secret.from_name('{name}')" in api.secrets
+    reaper = modal_app.reaper.info()
+    assert reaper.schedule == "Period(minutes=1)" and reaper.gpus == []
+    assert reaper.secrets == [
+        "modal.Secret.from_name('spool-settings')",
+        "modal.Secret.from_name('spool-supabase')",
+        "Secret.from_dict([SPOOL_MODE, MODAL_APP_NAME])",
+    ]
+
+
+def test_web_image_installs_neither_torch_nor_av_and_pins_come_from_requirements():
+    requirements = (ROOT / "requirements.txt").read_text()
+    web = " ".join(pip_lines(modal_app.web_image))
+    for package in ("torch", "av==", "numpy", "pillow"):
+        assert package not in web
+    for pin in modal_app.pinned(*modal_app.WEB_PACKAGES):
+        assert pin in requirements and pin in web
+    job = pip_lines(modal_app.job_image)
+    torch_line = next(line for line in job if "torch==" in line)
+    assert modal_app.pinned("torch")[0] in torch_line and f"--index-url {modal_app.TORCH_INDEX_URL}" in torch_line
+    assert all(pin in " ".join(job) for pin in modal_app.pinned("av", "pillow", "numpy"))
+
+
+# ---------------------------------------------------------------- running the app's functions here
+
+
+async def test_api_local_answers_health_against_the_local_database(postgres):
+    app = modal_app.api.local()
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://modal.test") as c:
+        resp = await c.get("/health")
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"] == {"status": "ok", "db": "ok"}
+
+
+# ---------------------------------------------------------------- the Modal dispatcher, SDK faked at its boundary
+
+
+class FakeModal:
+    """Stands in for what `modal.Function.from_name` and `modal.FunctionCall.from_id` return."""
+
+    def __init__(self) -> None:
+        self.spawned: list[tuple[str, str, tuple]] = []
+        self.canceled: list[str] = []
+        self.spawn_error: BaseException | None = None
+        self.spawn_delay = 0.0
+        self.cancel_error: BaseException | None = None
+        self._ids = itertools.count(1)
+
+    def from_name(self, app_name: str, name: str, **_) -> SimpleNamespace:
+        async def spawn(*args):
+            await asyncio.sleep(self.spawn_delay)
+            if self.spawn_error is not None:
+                raise self.spawn_error
+            self.spawned.append((app_name, name, args))
+            return SimpleNamespace(object_id=f"fc-{next(self._ids)}")  # no .get(): nobody waits on the job
+
+        return SimpleNamespace(spawn=SimpleNamespace(aio=spawn))
+
+    def from_id(self, call_id: str, **_) -> SimpleNamespace:
+        async def cancel():
+            if self.cancel_error is not None:
+                raise self.cancel_error
+            self.canceled.append(call_id)
+
+        return SimpleNamespace(cancel=SimpleNamespace(aio=cancel))
+
+
+@pytest.fixture
+def fake_modal(monkeypatch) -> FakeModal:
+    """Modal SDK 边界替身 + 注入 ModalDispatcher（本地配置不变）"""
+    fake = FakeModal()
+    monkeypatch.setattr(modal.Function, "from_name", fake.from_name)
+    monkeypatch.setattr(modal.FunctionCall, "from_id", fake.from_id)
+    monkeypatch.setattr(dispatch, "_dispatcher", ModalDispatcher(app_name="spool"))
+    return fake
+
+
+@pytest.fixture
+def gpu_job(monkeypatch) -> str:
+    """一个在 gpu-large 上运行的测试模型（处理器写出 8×8 PNG；真实的 runner 与 SQL 路径）"""
+    monkeypatch.setitem(
+        catalog.CATALOG,
+        "test.modal",
+        catalog.ModelSpec(
+            key="test.modal",
+            kind="image",
+            title="modal",
+            params=catalog.Params,
+            price=lambda p, a: 5,
+            price_rule="5",
+            handler="tests.job_handlers:quick",
+            gpu="gpu-large",
+        ),
+    )
+    return "test.modal"
+
+
+async def create_task(client, user, model_key: str, params: dict | None = None) -> dict:
+    resp = await client.post("/tasks", json={"model_key": model_key, "params": params or {}}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["data"]
+
+
+async def test_spawn_stores_the_call_id_and_the_request_does_not_wait(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)
+    assert task["status"] == "queued"
+    assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
+    row = task_row(task["id"])
+    assert row["call_id"] == "fc-1" and row["status"] == "queued" and row["message"] is None
+
+
+async def test_failed_spawn_leaves_the_task_queued_and_the_reaper_dispatches_it_again(
+    client, make_user, fake_modal, gpu_job
+):
+    user = await make_user()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    task = await create_task(client, user, gpu_job)
+    row = task_row(task["id"])
+    assert row["status"] == "queued" and row["call_id"] is None and "retried" in row["message"]
+    assert fake_modal.spawned == []
+
+    fake_modal.spawn_error = None
+    assert await reap() == {}  # too soon: a fresh task is left alone
+    sql("update public.tasks set updated_at = now() - interval '5 minutes' where id = %s", (task["id"],))
+    assert await reap() == {"redispatch": 1}
+    assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
+    assert task_row(task["id"])["call_id"] == "fc-1"
+
+    # Two calls for one task (a retried spawn that had reached Modal after all): the claim runs it once.
+    outcomes = await asyncio.gather(run_task_async(task["id"]), run_task_async(task["id"]))
+    assert sorted(outcomes) == ["completed", "skipped"]
+    assert task_row(task["id"])["attempts"] == 1
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_a_hanging_spawn_times_out_and_leaves_the_task_queued(
+    client, make_user, fake_modal, gpu_job, monkeypatch
+):
+    monkeypatch.setattr(modal_dispatch, "SPAWN_TIMEOUT_S", 0.2)
+    fake_modal.spawn_delay = 30
+    user = await make_user()
+    task = await asyncio.wait_for(create_task(client, user, gpu_job), 5)
+    row = task_row(task["id"])
+    assert row["status"] == "queued" and row["call_id"] is None
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_cancel_cancels_the_modal_call_and_refunds_once(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["data"]["status"] == "canceled"
+    assert fake_modal.canceled == ["fc-1"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_cancel_still_cancels_when_modal_refuses_or_there_is_no_call(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.cancel_error = ConnectionError("Modal is unreachable")
+    task = await create_task(client, user, gpu_job)
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200 and task_row(task["id"])["status"] == "canceled"
+
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    never_spawned = await create_task(client, user, gpu_job)
+    resp = await client.post(f"/tasks/{never_spawned['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200 and fake_modal.canceled == []
+    assert [e["kind"] for e in ledger(user.id, never_spawned["id"])] == ["charge", "refund"]
+
+
+@pytest.mark.filterwarnings("ignore:The run_gpu_small function is executing locally")
+async def test_run_task_local_completes_a_real_upscale(client, make_user, fake_modal):
+    """POST /tasks spawns `run_gpu_small`; running that function here completes the task against the local
+    database and storage, as the Modal container would."""
+    pytest.importorskip("gpu_jobs.handlers.image_upscale", reason="the image.upscale handler is not written yet")
+    storage_module = pytest.importorskip("lib.storage", reason="lib/storage.py is not written yet")
+    from PIL import Image
+
+    user = await make_user()
+    buffer = io.BytesIO()
+    Image.new("RGB", (24, 16), (10, 120, 200)).save(buffer, format="PNG")
+    path = f"{user.id}/uploads/in.png"
+    await storage_module.get_storage().upload_bytes(path=path, data=buffer.getvalue(), content_type="image/png")
+    asset = make_asset(user.id, width=24, height=16, path=path)
+
+    task = await create_task(client, user, "image.upscale", {"image_asset_id": asset, "scale": 2})
+    [(app_name, name, args)] = fake_modal.spawned
+    assert (app_name, name) == ("spool", "run_gpu_small")
+
+    status = await asyncio.to_thread(modal_app.JOB_FUNCTIONS[name].local, *args)
+    assert status == "completed"
+    row = task_row(task["id"])
+    assert row["status"] == "completed" and row["progress"] == 1 and row["result_url"]
+    assert (row["result"]["width"], row["result"]["height"]) == (48, 32)
+    assert await storage_module.get_storage().exists(path=row["result"]["path"])
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
