@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     signup_credits: int = Field(100, ge=0)
     task_stall_seconds: int = Field(120, ge=5)
     task_max_attempts: int = Field(3, ge=1)
+    task_queue_timeout_seconds: int = Field(6 * 3600, ge=60)
     max_active_tasks_per_user: int = Field(5, ge=1)
     worker_concurrency: int = Field(1, ge=1)
     reaper_interval_seconds: float = 5.0

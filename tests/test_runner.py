@@ -138,3 +138,13 @@ async def test_stale_worker_cannot_finish_after_requeue(client, make_user, job_m
     assert await first == "lost"
     assert len(sql("select id from public.assets where source_task_id = %s", (task["id"],))) == 1
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_task_never_started_is_failed_and_refunded(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    sql("update public.tasks set created_at = now() - interval '7 hours' where id = %s", (task["id"],))
+    assert (await reap()).get("expired") == 1
+    row = task_row(task["id"])
+    assert row["status"] == "failed" and row["error"]["code"] == "not_started"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]

@@ -21,7 +21,7 @@ SERVICE_FUNCTIONS = [
     "claim_next_task(text[])",
     "report_task_progress(uuid, int, real, text)",
     "requeue_task(uuid, int, int, text)",
-    "reap_tasks(int, int, int)",
+    "reap_tasks(int, int, int, int)",
     "set_task_dispatch(uuid, text, text)",
     "save_task_state(uuid, int, jsonb)",
 ]

@@ -284,11 +284,14 @@ $$;
 -- ---------------------------------------------------------------------------
 -- reap_tasks: the reaper's pass. Processing tasks whose heartbeat is older
 -- than p_stall_seconds are requeued, or failed + refunded once they used
--- p_max_attempts. Returns the tasks to dispatch again: those requeued, those
+-- p_max_attempts; tasks still queued p_queue_timeout_seconds after they were
+-- created (no worker could ever start them) are failed + refunded. Returns the tasks to dispatch again: those requeued, those
 -- queued without a dispatched call for p_redispatch_seconds (a failed spawn),
 -- and those whose call has not started them in 20 times that (a lost call).
 -- ---------------------------------------------------------------------------
-create function public.reap_tasks(p_stall_seconds int, p_max_attempts int, p_redispatch_seconds int)
+create function public.reap_tasks(
+  p_stall_seconds int, p_max_attempts int, p_redispatch_seconds int, p_queue_timeout_seconds int default 21600
+)
 returns table (task_id uuid, model_key text, action text)
 language plpgsql security definer set search_path = ''
 as $$
@@ -313,6 +316,19 @@ begin
       where id = v_task.id;
       task_id := v_task.id; model_key := v_task.model_key; action := 'requeued';
     end if;
+    return next;
+  end loop;
+
+  for v_task in
+    select * from public.tasks t
+    where t.status = 'queued' and t.created_at < now() - make_interval(secs => p_queue_timeout_seconds)
+    for update skip locked
+  loop
+    perform public.finish_task(v_task.id, 'failed', null, null,
+      jsonb_build_object('code', 'not_started',
+        'message', 'No worker could start this job in time; your credits were refunded.'),
+      'Never started.', null);
+    task_id := v_task.id; model_key := v_task.model_key; action := 'expired';
     return next;
   end loop;
 
@@ -359,7 +375,7 @@ begin
     'public.claim_next_task(text[])',
     'public.report_task_progress(uuid, int, real, text)',
     'public.requeue_task(uuid, int, int, text)',
-    'public.reap_tasks(int, int, int)',
+    'public.reap_tasks(int, int, int, int)',
     'public.set_task_dispatch(uuid, text, text)',
     'public.save_task_state(uuid, int, jsonb)'
   ] loop
