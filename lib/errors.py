@@ -17,6 +17,13 @@ class SpoolError(Exception):
         self.details = details
 
 
+class InvalidWebhook(SpoolError):
+    """Stripe webhook 无效（签名、时间戳或内容）"""
+
+    status_code = 400
+    code = "invalid_webhook"
+
+
 class Unauthorized(SpoolError):
     """未认证"""
 

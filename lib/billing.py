@@ -1,0 +1,235 @@
+"""Billing: credit packs, Stripe Checkout Sessions, and the webhook that grants (or claws back) credits once.
+
+Checkout: customer (created once, saved on the profile) → Checkout Session at Stripe → a `pending` purchase row.
+The row is written only after Stripe answers, so a Stripe error leaves nothing behind (the 502 says so).
+
+Webhook: verify the signature → map the event to one SQL function → in ONE transaction insert the event id into
+`stripe_events` (a duplicate conflicts there and is answered 200 without effect; a concurrent duplicate waits on
+that insert until the first commits) and apply the effect. Any error rolls both back: Stripe sees a 500 and retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from urllib.parse import urlsplit
+
+import stripe
+
+from lib import db
+from lib.config import get_settings
+from lib.errors import Conflict, InvalidInput, InvalidWebhook, NotFound, ProviderUnavailable, SpoolError, UpstreamError
+from lib.stripe_client import get_stripe_client
+
+log = logging.getLogger("spool.billing")
+
+PACKAGE_COLUMNS = "id, name, credits, price_cents, currency"
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str | None:
+    """URL 的源（scheme://host[:port]），无效时为 None"""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
+        return None
+    port_part = f":{port}" if port and port != DEFAULT_PORTS[parts.scheme] else ""
+    return f"{parts.scheme}://{parts.hostname}{port_part}"
+
+
+def _uuid_or_none(value) -> str | None:
+    try:
+        return str(uuid.UUID(str(value))) if value else None
+    except ValueError:
+        return None
+
+
+def _id_of(value) -> str | None:
+    """Stripe 字段的 id（字段可能是 id 字符串或展开的对象）"""
+    if isinstance(value, dict):
+        return value.get("id")
+    return value or None
+
+
+def event_effect(event: dict) -> tuple[str, tuple] | None:
+    """把 Stripe 事件映射为一次 SQL 调用（不处理的事件为 None）"""
+    kind, obj = event["type"], event["data"]["object"]
+    meta = obj.get("metadata") or {}
+    purchase_id = _uuid_or_none(meta.get("purchase_id"))
+    package_id = meta.get("package_id")
+    if kind.startswith("checkout.session.") and isinstance(obj.get("id"), str):
+        user_id = _uuid_or_none(meta.get("user_id") or obj.get("client_reference_id"))
+        ids = (purchase_id, obj["id"], _id_of(obj.get("payment_intent")), user_id, package_id)
+        paid = kind == "checkout.session.async_payment_succeeded" or (
+            kind == "checkout.session.completed" and obj.get("payment_status") == "paid")
+        if paid:
+            return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", (*ids, obj.get("amount_total"))
+        unpaid = {"checkout.session.completed": "pending", "checkout.session.async_payment_failed": "failed",
+                  "checkout.session.expired": "expired"}.get(kind)
+        if unpaid:
+            return "select public.apply_checkout_unpaid(%s, %s, %s, %s, %s, %s) as r", (*ids, unpaid)
+        return None
+    if kind == "charge.refunded":
+        user_id = _uuid_or_none(meta.get("user_id"))
+        return (
+            "select public.apply_charge_refunded(%s, %s, %s, %s, %s, %s) as r",
+            (purchase_id, _id_of(obj.get("payment_intent")), user_id, package_id,
+             obj.get("amount"), obj.get("amount_refunded") or 0),
+        )
+    return None
+
+
+def upstream_error(exc: stripe.StripeError) -> SpoolError:
+    """把 Stripe 错误变成清楚的领域错误（502；幂等键冲突为 409）"""
+    if isinstance(exc, stripe.IdempotencyError):
+        return Conflict("This Idempotency-Key was already used for a different checkout.")
+    if isinstance(exc, stripe.APIConnectionError):
+        return UpstreamError("Could not reach Stripe to start the checkout. Nothing was charged; try again.")
+    if isinstance(exc, stripe.CardError):
+        return UpstreamError(f"Stripe declined the payment: {exc.user_message or exc.code}. Nothing was charged.")
+    detail = exc.code or type(exc).__name__
+    return UpstreamError(f"Stripe could not start the checkout ({detail}). Nothing was charged; try again.")
+
+
+class BillingService:
+    """计费服务（积分包、Stripe 结账与 webhook）"""
+
+    async def list_packages(self) -> list[dict]:
+        """列出在售的积分包"""
+        return await db.fetch_all(
+            f"select {PACKAGE_COLUMNS} from public.credit_packages where active order by price_cents, id"
+        )
+
+    async def create_checkout(self, *, user_id: str, package_id: str, success_url: str | None = None,
+                              cancel_url: str | None = None, idempotency_key: str | None = None) -> dict:
+        """创建 Stripe Checkout Session 并记录待支付的购买"""
+        settings = get_settings()
+        success_url = self._allowed_url(success_url or settings.billing_success_url, "success_url")
+        cancel_url = self._allowed_url(cancel_url or settings.billing_cancel_url, "cancel_url")
+        package = await db.fetch_one(
+            f"select {PACKAGE_COLUMNS}, stripe_price_id from public.credit_packages where id = %s and active",
+            (package_id,),
+        )
+        if package is None:
+            raise NotFound(f"No credit pack '{package_id}'.")
+        # A replayed Idempotency-Key maps to the same purchase id, so Stripe returns the same session.
+        purchase_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"spool:checkout:{user_id}:{idempotency_key}")
+                          if idempotency_key else uuid.uuid4())
+        metadata = {"user_id": user_id, "package_id": package["id"], "purchase_id": purchase_id}
+        try:
+            customer_id = await self._customer_for(user_id=user_id)
+            session = await get_stripe_client().v1.checkout.sessions.create_async(
+                {
+                    "mode": "payment",
+                    "line_items": [self._line_item(package)],
+                    "customer": customer_id,
+                    "client_reference_id": user_id,
+                    "success_url": success_url,
+                    "cancel_url": cancel_url,
+                    "metadata": metadata,
+                    "payment_intent_data": {"metadata": metadata},
+                },
+                options={"idempotency_key": f"checkout-{purchase_id}"},
+            )
+        except stripe.StripeError as exc:
+            log.warning("stripe checkout failed for user %s: %s (%s)", user_id, type(exc).__name__, exc)
+            raise upstream_error(exc) from None
+        await db.execute(
+            "insert into public.purchases (id, user_id, package_id, checkout_session_id, credits, amount_cents,"
+            " currency) values (%s, %s, %s, %s, %s, %s, %s) on conflict do nothing",
+            (purchase_id, user_id, package["id"], session.id, package["credits"], package["price_cents"],
+             package["currency"]),
+        )
+        return {"checkout_url": session.url, "session_id": session.id}
+
+    async def handle_webhook(self, *, payload: bytes, signature: str | None) -> dict:
+        """校验并处理一个 Stripe webhook 事件（每个事件 id 只生效一次）"""
+        event = self._verify(payload, signature)
+        effect = event_effect(event)
+        async with db.transaction() as conn:
+            cur = await conn.execute(
+                "insert into public.stripe_events (id, type, processed_at) values (%s, %s, now())"
+                " on conflict (id) do nothing returning id",
+                (event["id"], event["type"]),
+            )
+            if await cur.fetchone() is None:
+                log.info("stripe event %s (%s) already processed", event["id"], event["type"])
+                return {"event_id": event["id"], "result": "duplicate"}
+            result = {"result": "ignored"}
+            if effect is not None:
+                row = await (await conn.execute(*effect)).fetchone()
+                result = row["r"]
+        log.info("stripe event %s (%s): %s", event["id"], event["type"], result.get("result"))
+        return {"event_id": event["id"], **result}
+
+    def _verify(self, payload: bytes, signature: str | None) -> dict:
+        settings = get_settings()
+        if not settings.stripe_webhook_secret:
+            raise ProviderUnavailable("Stripe webhooks are not configured: STRIPE_WEBHOOK_SECRET is not set.")
+        try:
+            event = get_stripe_client().construct_event(
+                payload, signature, settings.stripe_webhook_secret, tolerance=settings.stripe_webhook_tolerance
+            ).to_dict()
+        except stripe.SignatureVerificationError as exc:
+            raise InvalidWebhook(f"The Stripe signature is not valid: {exc.user_message or exc}") from None
+        except (ValueError, TypeError, AttributeError):  # not UTF-8, not JSON, not an object
+            raise InvalidWebhook("The webhook body is not a Stripe event.") from None
+        data = event.get("data")
+        if not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str) \
+                or not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+            raise InvalidWebhook("The webhook body is not a Stripe event.")
+        return event
+
+    def _allowed_url(self, url: str, field: str) -> str:
+        allowed = {origin_of(o) for o in get_settings().billing_allowed_origins}
+        if origin_of(url) not in allowed - {None}:
+            raise InvalidInput(
+                f"{field} must be on an allowed origin.",
+                details=[{"field": field, "message": "origin not allowed: " + ", ".join(sorted(allowed - {None}))}],
+            )
+        return url
+
+    def _line_item(self, package: dict) -> dict:
+        if package["stripe_price_id"]:
+            return {"price": package["stripe_price_id"], "quantity": 1}
+        return {
+            "price_data": {"currency": package["currency"], "unit_amount": package["price_cents"],
+                           "product_data": {"name": package["name"]}},
+            "quantity": 1,
+        }
+
+    async def _customer_for(self, *, user_id: str) -> str:
+        """用户的 Stripe 客户 id（首次结账时创建并保存到资料）"""
+        profile = await db.fetch_one("select email, stripe_customer_id from public.profiles where id = %s",
+                                     (user_id,))
+        if profile is None:
+            raise NotFound("No profile for this user.")
+        if profile["stripe_customer_id"]:
+            return profile["stripe_customer_id"]
+        params = {"metadata": {"user_id": user_id}}
+        if profile["email"]:
+            params["email"] = profile["email"]
+        # Same key for concurrent first checkouts: Stripe answers both with one customer.
+        customer = await get_stripe_client().v1.customers.create_async(
+            params, options={"idempotency_key": f"customer-{user_id}"}
+        )
+        row = await db.fetch_one(
+            "update public.profiles set stripe_customer_id = coalesce(stripe_customer_id, %s) where id = %s"
+            " returning stripe_customer_id",
+            (customer.id, user_id),
+        )
+        return row["stripe_customer_id"]
+
+
+_service: BillingService | None = None
+
+
+def get_billing_service() -> BillingService:
+    """获取计费服务单例"""
+    global _service
+    if _service is None:
+        _service = BillingService()
+    return _service

@@ -1,0 +1,444 @@
+"""Billing: credit packs, Stripe Checkout against a local fake Stripe, and webhooks signed as Stripe signs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+
+import pytest
+
+from lib.config import get_settings
+from lib.stripe_client import reset_stripe_client
+from tests import fake_stripe
+from tests.factories import balance, connect, ledger, set_balance
+
+SECRET = "whsec_test_local"  # conftest's STRIPE_WEBHOOK_SECRET
+SESSIONS = "/v1/checkout/sessions"
+CUSTOMERS = "/v1/customers"
+
+
+@pytest.fixture
+def stripe_api():
+    """本地假 Stripe：STRIPE_API_BASE 指向它，结束后恢复"""
+    fake = fake_stripe.FakeStripe().start()
+    previous = os.environ.get("STRIPE_API_BASE")
+    os.environ["STRIPE_API_BASE"] = fake.base_url
+    get_settings.cache_clear()
+    reset_stripe_client()
+    yield fake
+    fake.stop()
+    if previous is None:
+        os.environ.pop("STRIPE_API_BASE", None)
+    else:
+        os.environ["STRIPE_API_BASE"] = previous
+    get_settings.cache_clear()
+    reset_stripe_client()
+
+
+async def post_event(client, evt: dict | str, *, secret: str = SECRET, timestamp: int | None = None,
+                     signature: str | None = None, headers: dict | None = None):
+    payload = evt if isinstance(evt, str) else json.dumps(evt)
+    sig = signature if signature is not None else fake_stripe.sign(payload, secret, timestamp)
+    hdrs = {"Stripe-Signature": sig, "Content-Type": "application/json"} if headers is None else headers
+    return await client.post("/billing/webhook", content=payload, headers=hdrs)
+
+
+async def checkout(client, user, package_id: str = "starter", **body) -> dict:
+    """经假 Stripe 创建结账，返回 {session_id, metadata}"""
+    resp = await client.post("/billing/checkout", json={"package_id": package_id, **body}, headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"]
+
+
+def metadata_for(user, package_id: str = "starter") -> dict:
+    return {"user_id": user.id, "package_id": package_id, "purchase_id": str(uuid.uuid4())}
+
+
+def purchases(user_id: str) -> list[dict]:
+    with connect() as conn:
+        return conn.execute("select * from public.purchases where user_id = %s order by created_at",
+                            (user_id,)).fetchall()
+
+
+def stripe_event_count() -> int:
+    with connect() as conn:
+        return conn.execute("select count(*) as n from public.stripe_events").fetchone()["n"]
+
+
+def kinds(user_id: str) -> list[tuple[str, int]]:
+    return [(row["kind"], row["delta"]) for row in ledger(user_id)]
+
+
+# --- packs ----------------------------------------------------------------------------------------------------
+
+
+async def test_packages_lists_active_packs(client, make_user):
+    user = await make_user()
+    with connect() as conn:
+        conn.execute("update public.credit_packages set active = false where id = 'studio'")
+    try:
+        resp = await client.get("/credits/packages", headers=user.headers)
+    finally:
+        with connect() as conn:
+            conn.execute("update public.credit_packages set active = true where id = 'studio'")
+    assert resp.status_code == 200
+    items = resp.json()["data"]["items"]
+    assert [p["id"] for p in items] == ["starter", "creator"]
+    assert items[0] == {"id": "starter", "name": "Starter — 500 credits", "credits": 500, "price_cents": 500,
+                        "currency": "usd"}
+
+
+async def test_packages_need_sign_in(client):
+    assert (await client.get("/credits/packages")).status_code == 401
+
+
+# --- checkout -------------------------------------------------------------------------------------------------
+
+
+async def test_checkout_sends_price_mode_metadata_key_and_customer(client, make_user, stripe_api):
+    user = await make_user()
+    data = await checkout(client, user, "creator")
+
+    customer_req, = stripe_api.posts(CUSTOMERS)
+    assert customer_req.form == {"email": user.email, "metadata[user_id]": user.id}
+    assert customer_req.headers["idempotency-key"] == f"customer-{user.id}"
+    assert customer_req.headers["authorization"] == "Bearer sk_test_local"
+
+    req, = stripe_api.posts(SESSIONS)
+    form = req.form
+    purchase_id = form["metadata[purchase_id]"]
+    assert form["mode"] == "payment"
+    assert form["customer"] == "cus_fake1"
+    assert form["client_reference_id"] == user.id
+    assert form["line_items[0][quantity]"] == "1"
+    assert form["line_items[0][price_data][unit_amount]"] == "2000"
+    assert form["line_items[0][price_data][currency]"] == "usd"
+    assert form["line_items[0][price_data][product_data][name]"] == "Creator — 2,200 credits"
+    for prefix in ("metadata", "payment_intent_data[metadata]"):
+        assert form[f"{prefix}[user_id]"] == user.id
+        assert form[f"{prefix}[package_id]"] == "creator"
+        assert form[f"{prefix}[purchase_id]"] == purchase_id
+    assert form["success_url"] == "http://localhost:3000/billing/success"
+    assert form["cancel_url"] == "http://localhost:3000/billing/cancel"
+    assert req.headers["idempotency-key"] == f"checkout-{purchase_id}"
+
+    assert data == {"checkout_url": f"https://checkout.stripe.com/c/pay/{data['session_id']}",
+                    "session_id": data["session_id"]}
+    row, = purchases(user.id)
+    assert (str(row["id"]), row["checkout_session_id"], row["status"], row["credits"], row["amount_cents"]) == \
+        (purchase_id, data["session_id"], "pending", 2200, 2000)
+    assert balance(user.id) == 100  # nothing granted before the webhook
+
+
+async def test_customer_is_saved_and_reused(client, make_user, stripe_api):
+    user = await make_user()
+    await checkout(client, user)
+    await checkout(client, user, "studio")
+    assert len(stripe_api.posts(CUSTOMERS)) == 1
+    assert [r.form["customer"] for r in stripe_api.posts(SESSIONS)] == ["cus_fake1", "cus_fake1"]
+    with connect() as conn:
+        profile = conn.execute("select stripe_customer_id from public.profiles where id = %s", (user.id,)).fetchone()
+    assert profile["stripe_customer_id"] == "cus_fake1"
+
+
+async def test_checkout_uses_the_stripe_price_when_the_pack_has_one(client, make_user, stripe_api):
+    user = await make_user()
+    with connect() as conn:
+        conn.execute("update public.credit_packages set stripe_price_id = 'price_123' where id = 'starter'")
+    try:
+        await checkout(client, user)
+    finally:
+        with connect() as conn:
+            conn.execute("update public.credit_packages set stripe_price_id = null where id = 'starter'")
+    form = stripe_api.posts(SESSIONS)[0].form
+    assert form["line_items[0][price]"] == "price_123"
+    assert not any(k.startswith("line_items[0][price_data]") for k in form)
+
+
+async def test_checkout_replay_with_same_idempotency_key_returns_same_session(client, make_user, stripe_api):
+    user = await make_user()
+    headers = {**user.headers, "Idempotency-Key": "buy-1"}
+    first = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
+    again = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
+    assert first.json()["data"] == again.json()["data"]
+    assert len(purchases(user.id)) == 1
+    other = await client.post("/billing/checkout", json={"package_id": "studio"}, headers=headers)
+    assert other.status_code == 409
+    assert len(purchases(user.id)) == 1
+
+
+async def test_redirect_urls_must_be_on_allowed_origins(client, make_user, stripe_api):
+    user = await make_user()
+    for body in ({"success_url": "https://evil.example/steal"}, {"cancel_url": "javascript:alert(1)"},
+                 {"success_url": "http://localhost:3000@evil.example/"}, {"cancel_url": "http://localhost:4000/x"}):
+        resp = await client.post("/billing/checkout", json={"package_id": "starter", **body}, headers=user.headers)
+        assert resp.status_code == 422, body
+        assert resp.json()["error"]["details"][0]["field"] == next(iter(body))
+    assert stripe_api.requests == []
+    assert purchases(user.id) == []
+
+    await checkout(client, user, success_url="http://localhost:3000/thanks?s={CHECKOUT_SESSION_ID}",
+                   cancel_url="http://127.0.0.1:3000/")
+    form = stripe_api.posts(SESSIONS)[0].form
+    assert form["success_url"] == "http://localhost:3000/thanks?s={CHECKOUT_SESSION_ID}"
+    assert form["cancel_url"] == "http://127.0.0.1:3000/"
+
+
+async def test_unknown_or_inactive_pack_is_404(client, make_user, stripe_api):
+    user = await make_user()
+    resp = await client.post("/billing/checkout", json={"package_id": "nope"}, headers=user.headers)
+    assert resp.status_code == 404
+    assert stripe_api.requests == []
+
+
+async def test_card_declined_is_a_clear_502_and_nothing_is_recorded(client, make_user, stripe_api):
+    user = await make_user()
+    stripe_api.fail(SESSIONS, 402, fake_stripe.CARD_DECLINED)
+    resp = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=user.headers)
+    assert resp.status_code == 502
+    error = resp.json()["error"]
+    assert error["code"] == "upstream_error"
+    assert "declined" in error["message"] and "Nothing was charged" in error["message"]
+    assert purchases(user.id) == []
+    assert balance(user.id) == 100
+
+
+async def test_stripe_down_is_a_clear_502_and_nothing_is_recorded(client, make_user, stripe_api):
+    user = await make_user()
+    stripe_api.down()
+    resp = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=user.headers)
+    assert resp.status_code == 502
+    assert resp.json()["error"]["message"].startswith("Could not reach Stripe")
+    assert purchases(user.id) == []
+    assert balance(user.id) == 100
+
+
+async def test_checkout_needs_sign_in(client):
+    assert (await client.post("/billing/checkout", json={"package_id": "starter"})).status_code == 401
+
+
+# --- webhook: grants ------------------------------------------------------------------------------------------
+
+
+async def test_paid_session_grants_once(client, make_user, stripe_api):
+    user = await make_user()
+    data = await checkout(client, user)
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed",
+                                                      fake_stripe.session(data["session_id"], metadata)))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"]["result"] == "granted"
+    assert balance(user.id) == 600
+    assert [(r["kind"], r["delta"], r["ref"]) for r in ledger(user.id)][-1] == ("purchase", 500, data["session_id"])
+    row, = purchases(user.id)
+    assert (row["status"], row["payment_intent_id"]) == ("paid", "pi_test_1")
+
+
+async def test_same_event_twice_grants_once(client, make_user):
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_twice", metadata_for(user)))
+    assert (await post_event(client, evt)).json()["data"]["result"] == "granted"
+    assert (await post_event(client, evt)).json()["data"]["result"] == "duplicate"
+    assert balance(user.id) == 600
+    assert stripe_event_count() == 1
+
+
+async def test_same_event_delivered_concurrently_grants_once(client, make_user):
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_race", metadata_for(user)))
+    responses = await asyncio.gather(*(post_event(client, evt) for _ in range(4)))
+    assert [r.status_code for r in responses] == [200] * 4
+    assert sorted(r.json()["data"]["result"] for r in responses) == ["duplicate"] * 3 + ["granted"]
+    assert balance(user.id) == 600
+    assert len(purchases(user.id)) == 1
+
+
+async def test_two_events_for_one_session_grant_once(client, make_user):
+    user = await make_user()
+    obj = fake_stripe.session("cs_two", metadata_for(user))
+    completed = fake_stripe.event("checkout.session.completed", obj)
+    succeeded = fake_stripe.event("checkout.session.async_payment_succeeded", obj)
+    responses = await asyncio.gather(post_event(client, completed), post_event(client, succeeded))
+    assert sorted(r.json()["data"]["result"] for r in responses) == ["already_granted", "granted"]
+    assert balance(user.id) == 600
+    assert stripe_event_count() == 2
+
+
+async def test_async_success_after_pending_completion_grants_once(client, make_user, stripe_api):
+    user = await make_user()
+    data = await checkout(client, user)
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
+    unpaid = fake_stripe.session(data["session_id"], metadata, payment_status="unpaid")
+    assert (await post_event(client, fake_stripe.event("checkout.session.completed", unpaid))).status_code == 200
+    assert balance(user.id) == 100
+    assert purchases(user.id)[0]["status"] == "pending"
+
+    paid = fake_stripe.session(data["session_id"], metadata)
+    await post_event(client, fake_stripe.event("checkout.session.async_payment_succeeded", paid))
+    await post_event(client, fake_stripe.event("checkout.session.async_payment_succeeded", paid))  # a redelivery
+    assert balance(user.id) == 600
+    assert purchases(user.id)[0]["status"] == "paid"
+
+
+@pytest.mark.parametrize(("kind", "status"), [("checkout.session.async_payment_failed", "failed"),
+                                              ("checkout.session.expired", "expired")])
+async def test_failed_or_expired_session_grants_nothing(client, make_user, stripe_api, kind, status):
+    user = await make_user()
+    data = await checkout(client, user)
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
+    obj = fake_stripe.session(data["session_id"], metadata, payment_status="unpaid", status="expired")
+    resp = await post_event(client, fake_stripe.event(kind, obj))
+    assert resp.json()["data"]["status"] == status
+    assert purchases(user.id)[0]["status"] == status
+    assert balance(user.id) == 100
+    assert kinds(user.id) == [("grant", 100)]
+
+
+async def test_other_events_are_acknowledged_and_ignored(client, make_user):
+    user = await make_user()
+    resp = await post_event(client, fake_stripe.event("customer.created", {"id": "cus_x", "object": "customer"}))
+    assert resp.status_code == 200
+    assert resp.json()["data"]["result"] == "ignored"
+    # A charge we never sold (no metadata, unknown PaymentIntent) is ignored too.
+    resp = await post_event(client, fake_stripe.event("charge.refunded", fake_stripe.charge(
+        {}, amount_refunded=500, payment_intent="pi_unknown")))
+    assert resp.json()["data"]["result"] == "ignored"
+    assert balance(user.id) == 100
+
+
+# --- webhook: refunds -----------------------------------------------------------------------------------------
+
+
+async def test_refunds_claw_back_the_refunded_share_once(client, make_user):
+    user = await make_user()
+    metadata = metadata_for(user)
+    await post_event(client, fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_r", metadata)))
+    half = fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount_refunded=250))
+    assert (await post_event(client, half)).status_code == 200
+    await post_event(client, half)  # a redelivery owes nothing more
+    assert balance(user.id) == 350
+    assert purchases(user.id)[0]["status"] == "partially_refunded"
+
+    full = fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount_refunded=500))
+    await post_event(client, full)
+    # An older refund event arriving late (cumulative 250 < 500) changes nothing.
+    await post_event(client, fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount_refunded=250)))
+    assert balance(user.id) == 100
+    assert kinds(user.id) == [("grant", 100), ("purchase", 500), ("clawback", -250), ("clawback", -250)]
+    row, = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("refunded", 500, 0)
+
+
+async def test_clawback_never_goes_below_zero_and_records_the_shortfall(client, make_user):
+    user = await make_user()
+    metadata = metadata_for(user)
+    await post_event(client, fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_s", metadata)))
+    set_balance(user.id, 120)  # most of the pack was spent
+    resp = await post_event(client, fake_stripe.event("charge.refunded",
+                                                      fake_stripe.charge(metadata, amount_refunded=500)))
+    assert resp.json()["data"]["clawback_shortfall"] == 380
+    assert balance(user.id) == 0
+    row, = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("refunded", 120, 380)
+
+
+@pytest.mark.parametrize(("refunded", "expected_balance", "status"),
+                         [(500, 100, "refunded"), (100, 500, "partially_refunded")])
+async def test_refund_before_completion_ends_in_the_right_balance(client, make_user, stripe_api,
+                                                                  refunded, expected_balance, status):
+    user = await make_user()
+    data = await checkout(client, user)
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["payment_intent_data"]["metadata"]
+    resp = await post_event(client, fake_stripe.event("charge.refunded",
+                                                      fake_stripe.charge(metadata, amount_refunded=refunded)))
+    assert resp.status_code == 200
+    assert balance(user.id) == 100  # nothing granted yet, nothing to take back
+    assert purchases(user.id)[0]["amount_refunded_cents"] == refunded
+
+    completed = fake_stripe.event("checkout.session.completed", fake_stripe.session(data["session_id"], metadata))
+    assert (await post_event(client, completed)).status_code == 200
+    assert balance(user.id) == expected_balance
+    row, = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"]) == (status, 500 * refunded // 500)
+
+
+async def test_refund_first_without_a_pending_row_then_completion(client, make_user):
+    user = await make_user()
+    metadata = metadata_for(user, "creator")  # the checkout call never recorded its row
+    await post_event(client, fake_stripe.event("charge.refunded",
+                                               fake_stripe.charge(metadata, amount=2000, amount_refunded=2000)))
+    await post_event(client, fake_stripe.event("checkout.session.completed",
+                                               fake_stripe.session("cs_late", metadata, amount_total=2000)))
+    assert balance(user.id) == 100
+    assert kinds(user.id) == [("grant", 100), ("purchase", 2200), ("clawback", -2200)]
+    row, = purchases(user.id)
+    assert (str(row["id"]), row["checkout_session_id"], row["status"]) == (metadata["purchase_id"], "cs_late",
+                                                                           "refunded")
+
+
+# --- webhook: rejected and failed deliveries -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["bad_signature", "wrong_secret", "stale", "missing_header", "malformed_json",
+                                  "not_an_event", "garbled_header"])
+async def test_unverified_or_malformed_webhook_is_400_and_writes_nothing(client, make_user, case):
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_bad", metadata_for(user)))
+    payload = json.dumps(evt)
+    if case == "bad_signature":
+        resp = await post_event(client, payload, signature=fake_stripe.sign(payload + " ", SECRET))
+    elif case == "wrong_secret":
+        resp = await post_event(client, payload, secret="whsec_other")
+    elif case == "stale":
+        resp = await post_event(client, payload, timestamp=int(time.time()) - 301)
+    elif case == "missing_header":
+        resp = await post_event(client, payload, headers={"Content-Type": "application/json"})
+    elif case == "malformed_json":
+        resp = await post_event(client, payload[:-5])
+    elif case == "not_an_event":
+        resp = await post_event(client, "[1, 2]")
+    else:
+        resp = await post_event(client, payload, signature="nonsense")
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == "invalid_webhook"
+    assert stripe_event_count() == 0
+    assert purchases(user.id) == []
+    assert balance(user.id) == 100
+
+
+async def test_timestamp_within_tolerance_is_accepted(client, make_user):
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_old", metadata_for(user)))
+    resp = await post_event(client, evt, timestamp=int(time.time()) - 240)
+    assert resp.status_code == 200
+    assert balance(user.id) == 600
+
+
+async def test_error_while_applying_is_500_and_nothing_half_applied(client, make_user):
+    user = await make_user()
+    ghost = {"user_id": str(uuid.uuid4()), "package_id": "starter", "purchase_id": str(uuid.uuid4())}
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_ghost", ghost))
+    resp = await post_event(client, evt)
+    assert resp.status_code == 500
+    assert resp.json()["error"]["code"] == "internal_error"
+    assert stripe_event_count() == 0  # Stripe retries; the event is not marked as seen
+    with connect() as conn:
+        assert conn.execute("select count(*) as n from public.purchases").fetchone()["n"] == 0
+    assert balance(user.id) == 100
+
+
+async def test_webhook_without_a_configured_secret_is_503(client, monkeypatch):
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", "")
+    get_settings.cache_clear()
+    try:
+        evt = fake_stripe.event("customer.created", {"id": "cus_x", "object": "customer"})
+        resp = await post_event(client, evt)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert resp.status_code == 503
+    assert "STRIPE_WEBHOOK_SECRET" in resp.json()["error"]["message"]
+    assert stripe_event_count() == 0
