@@ -1,0 +1,293 @@
+"""Assets: a user's media files. Uploads are typed by their bytes, then probed by the worker (pending → ready/rejected).
+
+Reads run as the user (RLS: owners read their rows); writes are the server's (there is no write policy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+from lib import db
+from lib.config import get_settings
+from lib.credits import get_credit_service
+from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from lib.projects import get_project_service, page_after, page_of
+from lib.storage import HEAD_BYTES, check_path, get_storage, user_path
+
+log = logging.getLogger("spool.assets")
+
+PROBE_MODEL = "media.probe"
+ASSET_COLUMNS = (
+    "id, project_id, kind, mime, bytes, width, height, duration_s, fps, source_task_id, metadata, status, "
+    "created_at, path"
+)
+PROBE_COLUMNS = ("kind", "mime", "bytes", "width", "height", "duration_s", "fps")
+
+
+@dataclass(frozen=True)
+class MediaType:
+    """一种支持的媒体类型"""
+
+    kind: str
+    mime: str
+    ext: str
+
+
+MEDIA_TYPES = {
+    t.mime: t
+    for t in (
+        MediaType("image", "image/png", ".png"),
+        MediaType("image", "image/jpeg", ".jpg"),
+        MediaType("image", "image/webp", ".webp"),
+        MediaType("image", "image/gif", ".gif"),
+        MediaType("video", "video/mp4", ".mp4"),
+        MediaType("video", "video/quicktime", ".mov"),
+        MediaType("video", "video/webm", ".webm"),
+        MediaType("video", "video/x-matroska", ".mkv"),
+        MediaType("video", "video/x-msvideo", ".avi"),
+    )
+}
+UNSUPPORTED = "Unsupported file type: send a PNG, JPEG, WebP or GIF image, or an MP4, MOV, WebM, MKV or AVI video."
+NOT_MEDIA_BRANDS = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif", b"avis", b"M4A ", b"M4B ", b"M4P ", b"crx ")
+
+
+def sniff(head: bytes) -> MediaType | None:
+    """按文件开头的魔数判断媒体类型（不信任客户端声明）；不支持 → None"""
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return MEDIA_TYPES["image/png"]
+    if head.startswith(b"\xff\xd8\xff"):
+        return MEDIA_TYPES["image/jpeg"]
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return MEDIA_TYPES["image/gif"]
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return MEDIA_TYPES["image/webp"]
+    if head[:4] == b"RIFF" and head[8:12] == b"AVI ":
+        return MEDIA_TYPES["video/x-msvideo"]
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand in NOT_MEDIA_BRANDS:
+            return None
+        return MEDIA_TYPES["video/quicktime" if brand == b"qt  " else "video/mp4"]
+    if head[4:8] in (b"moov", b"mdat", b"wide", b"free") and len(head) >= 8:  # old QuickTime without ftyp
+        return MEDIA_TYPES["video/quicktime"]
+    if head.startswith(b"\x1a\x45\xdf\xa3"):  # EBML: the DocType sits in the header's first bytes
+        return MEDIA_TYPES["video/webm" if b"webm" in head[:64] else "video/x-matroska"]
+    return None
+
+
+def media_type_of(content_type: str) -> MediaType | None:
+    """客户端声明的内容类型 → 支持的媒体类型"""
+    return MEDIA_TYPES.get(content_type.split(";")[0].strip().lower())
+
+
+class AssetService:
+    """资源服务"""
+
+    # ------------------------------------------------------------ uploads
+
+    async def create_upload(self, *, user_id: str, content_type: str, size: int, filename: str | None = None,
+                            project_id: str | None = None) -> dict:
+        """登记一个待上传的资源并签发上传 URL"""
+        media = media_type_of(content_type)
+        if media is None:
+            raise InvalidInput(UNSUPPORTED, details=[{"field": "content_type", "message": "unsupported type"}])
+        limit = get_settings().max_upload_bytes
+        if size > limit:
+            raise PayloadTooLarge(f"The file is too large (at most {limit} bytes).")
+        if project_id:
+            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+        asset_id = str(uuid.uuid4())
+        path = user_path(user_id, "uploads", f"{asset_id}{media.ext}")
+        signed = await get_storage().create_signed_upload_url(path=path, user_id=user_id)
+        await self.create_asset_record(
+            asset_id=asset_id, user_id=user_id, project_id=project_id, kind=media.kind, path=path, mime=media.mime,
+            size=size, metadata={"filename": filename} if filename else {}, status="pending",
+        )
+        return {"asset_id": asset_id, "upload_url": signed["url"], "token": signed["token"],
+                "expires_at": datetime.fromtimestamp(signed["expires_at"], UTC)}
+
+    async def complete_upload(self, *, user_id: str, asset_id: str) -> dict:
+        """上传完成：确认对象存在、按字节判断类型，然后请 worker 探测"""
+        asset = await self.get_asset(user_id=user_id, asset_id=asset_id, sign=False)
+        if asset["status"] != "pending":
+            raise Conflict(f"The asset is already {asset['status']}.")
+        storage = get_storage()
+        info = await storage.info(path=asset["path"], user_id=user_id)
+        if info is None:
+            raise Conflict("The file has not been uploaded yet.")
+        limit = get_settings().max_upload_bytes
+        if info["size"] > limit:
+            await self._reject(asset, f"The file is larger than {limit} bytes.")
+            raise PayloadTooLarge(f"The file is too large (at most {limit} bytes).")
+        media = sniff(await storage.read_head(path=asset["path"], user_id=user_id))
+        if media is None:
+            await self._reject(asset, UNSUPPORTED)
+            raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
+        asset = await self._set_type(asset_id, media, info["size"])
+        return await self._request_probe(user_id=user_id, asset=asset)
+
+    async def upload_direct(self, *, user_id: str, file: BinaryIO, filename: str | None = None,
+                            project_id: str | None = None) -> dict:
+        """小文件直传：判断类型、存入存储、登记为 pending 并请 worker 探测"""
+        limit = get_settings().max_direct_upload_bytes
+        size = file.seek(0, 2)
+        file.seek(0)
+        if size > limit:
+            raise PayloadTooLarge(f"The file is too large for a direct upload (at most {limit} bytes); "
+                                  "use POST /assets/uploads.")
+        if size == 0:
+            raise InvalidInput("The file is empty.", details=[{"field": "file", "message": "empty"}])
+        data = await asyncio.to_thread(file.read)
+        media = sniff(data[:HEAD_BYTES])
+        if media is None:
+            raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
+        if project_id:
+            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+        asset_id = str(uuid.uuid4())
+        path = user_path(user_id, "uploads", f"{asset_id}{media.ext}")
+        storage = get_storage()
+        await storage.upload_bytes(path=path, data=data, content_type=media.mime, user_id=user_id, upsert=False)
+        try:
+            asset = await self.create_asset_record(
+                asset_id=asset_id, user_id=user_id, project_id=project_id, kind=media.kind, path=path,
+                mime=media.mime, size=size, metadata={"filename": filename} if filename else {}, status="pending",
+            )
+        except BaseException:
+            await self._remove_quietly(path, user_id)
+            raise
+        return await self._request_probe(user_id=user_id, asset=asset)
+
+    # ------------------------------------------------------------ reads and deletes
+
+    async def get_asset(self, *, user_id: str, asset_id: str, sign: bool = True) -> dict:
+        """查询自己的一个资源（他人的 → 404）；ready 时附新签名的下载 URL"""
+        async with db.as_user(user_id) as conn:
+            asset = await (await conn.execute(
+                f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,)
+            )).fetchone()
+        if asset is None:
+            raise NotFound("Asset not found.")
+        if sign:
+            asset["download_url"] = None
+            if asset["status"] == "ready":
+                asset["download_url"] = await get_storage().create_signed_url(path=asset["path"], user_id=user_id)
+        return asset
+
+    async def list_assets(self, *, user_id: str, project_id: str | None = None, kind: str | None = None,
+                          status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+        """资源列表（可按项目、类型、状态筛选；最新在前，游标分页）"""
+        after = page_after(cursor)
+        async with db.as_user(user_id) as conn:
+            rows = await (await conn.execute(
+                f"select {ASSET_COLUMNS} from public.assets"
+                " where (%(project)s::uuid is null or project_id = %(project)s)"
+                " and (%(kind)s::text is null or kind = %(kind)s)"
+                " and (%(status)s::text is null or status = %(status)s)"
+                " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+                " order by created_at desc, id desc limit %(limit)s",
+                {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
+            )).fetchall()
+        return page_of(rows, limit)
+
+    async def delete_asset(self, *, user_id: str, asset_id: str) -> None:
+        """删除资源：先删存储对象，再删行（失败可重试，不留悬空的行）"""
+        asset = await self.get_asset(user_id=user_id, asset_id=asset_id, sign=False)
+        await get_storage().remove(paths=[asset["path"]], user_id=user_id)
+        await db.execute("delete from public.assets where id = %s and user_id = %s", (asset_id, user_id))
+
+    # ------------------------------------------------------------ server side (the job runner)
+
+    async def mark_probed(self, *, asset_id: str, probe: dict | None, reason: str | None) -> dict | None:
+        """记录探测结果：ready（尺寸、时长、帧率等）或 rejected（原因）；只改 pending 的资源"""
+        if reason is not None or not probe:
+            reason = reason or "The file could not be probed."
+            return await db.fetch_one(
+                "update public.assets set status = 'rejected',"
+                " metadata = metadata || jsonb_build_object('reject_reason', %s::text)"
+                f" where id = %s and status = 'pending' returning {ASSET_COLUMNS}",
+                (reason, asset_id),
+            )
+        facts = {key: probe.get(key) for key in PROBE_COLUMNS}
+        if facts["kind"] not in ("image", "video", "audio"):
+            facts["kind"] = None
+        extra = {key: value for key, value in probe.items() if key not in PROBE_COLUMNS}
+        return await db.fetch_one(
+            "update public.assets set kind = coalesce(%(kind)s, kind), mime = coalesce(%(mime)s, mime),"
+            " bytes = coalesce(%(bytes)s, bytes), width = %(width)s, height = %(height)s,"
+            " duration_s = %(duration_s)s, fps = %(fps)s, metadata = metadata || %(extra)s::jsonb, status = 'ready'"
+            f" where id = %(id)s and status = 'pending' returning {ASSET_COLUMNS}",
+            {**facts, "extra": json.dumps(extra, default=str), "id": asset_id},
+        )
+
+    async def create_asset_record(self, *, user_id: str, kind: str, path: str, mime: str | None = None,
+                                  size: int | None = None, width: int | None = None, height: int | None = None,
+                                  duration_s: float | None = None, fps: float | None = None,
+                                  source_task_id: str | None = None, project_id: str | None = None,
+                                  metadata: dict | None = None, status: str = "ready", asset_id: str | None = None,
+                                  conn=None) -> dict:
+        """插入资源行（默认 ready；任务产出带 source_task_id）；可传入事务连接"""
+        check_path(path, user_id)
+        query = (
+            "insert into public.assets (id, user_id, project_id, kind, bucket, path, mime, bytes, width, height,"
+            " duration_s, fps, source_task_id, metadata, status)"
+            " values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            f" %s::jsonb, %s) returning {ASSET_COLUMNS}"
+        )
+        params = (asset_id, user_id, project_id, kind, get_settings().storage_bucket, path, mime, size, width, height,
+                  duration_s, fps, source_task_id, json.dumps(metadata or {}, default=str), status)
+        if conn is not None:
+            return await (await conn.execute(query, params)).fetchone()
+        return await db.fetch_one(query, params)
+
+    # ------------------------------------------------------------ steps
+
+    async def _request_probe(self, *, user_id: str, asset: dict) -> dict:
+        """创建（幂等）零价的探测任务并派发"""
+        from lib.tasks import get_task_service  # late: the task service may come to need assets
+
+        asset_id = str(asset["id"])
+        outcome = await get_credit_service().consume_credits(
+            user_id=user_id, model_key=PROBE_MODEL, params={"asset_id": asset_id}, cost=0,
+            idempotency_key=f"probe:{asset_id}", input_asset_ids=[asset_id],
+        )
+        task_id = str(outcome["task"]["id"])
+        if outcome["created"]:
+            await get_task_service().dispatch(task_id=task_id, model_key=PROBE_MODEL)
+        return {**asset, "probe_task_id": task_id}
+
+    async def _set_type(self, asset_id: str, media: MediaType, size: int) -> dict:
+        row = await db.fetch_one(
+            "update public.assets set kind = %s, mime = %s, bytes = %s where id = %s and status = 'pending'"
+            f" returning {ASSET_COLUMNS}",
+            (media.kind, media.mime, size, asset_id),
+        )
+        if row is None:
+            raise Conflict("The asset is no longer pending.")
+        return row
+
+    async def _reject(self, asset: dict, reason: str) -> None:
+        await self.mark_probed(asset_id=str(asset["id"]), probe=None, reason=reason)
+        await self._remove_quietly(asset["path"], None)
+
+    async def _remove_quietly(self, path: str, user_id: str | None) -> None:
+        try:
+            await get_storage().remove(paths=[path], user_id=user_id)
+        except Exception as exc:
+            log.warning("could not remove %s: %s", path, exc)
+
+
+_service: AssetService | None = None
+
+
+def get_asset_service() -> AssetService:
+    """获取资源服务单例"""
+    global _service
+    if _service is None:
+        _service = AssetService()
+    return _service

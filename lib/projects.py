@@ -1,0 +1,112 @@
+"""Projects: a user's folders of work. Every read and write runs as the user, so RLS guards it."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from psycopg import sql
+
+from lib import db
+from lib.credits import decode_cursor, encode_cursor
+from lib.errors import InvalidInput, NotFound
+
+PROJECT_COLUMNS = "id, name, description, created_at, updated_at"
+UPDATABLE = ("name", "description")
+
+
+def page_after(cursor: str | None) -> dict:
+    """解析 (created_at, id) 游标；无效 → 422"""
+    after = decode_cursor(cursor)
+    if after is None:
+        return {"at": None, "id": None}
+    try:
+        return {"at": datetime.fromisoformat(after["created_at"]), "id": str(uuid.UUID(after["id"]))}
+    except (KeyError, TypeError, ValueError):
+        raise InvalidInput("The cursor is not valid.") from None
+
+
+def page_of(rows: list[dict], limit: int) -> dict:
+    """取一页（多查一行判断是否还有下一页）"""
+    next_cursor = None
+    if len(rows) > limit:
+        last = rows[limit - 1]
+        next_cursor = encode_cursor({"created_at": last["created_at"].isoformat(), "id": str(last["id"])})
+    return {"items": rows[:limit], "next_cursor": next_cursor}
+
+
+class ProjectService:
+    """项目服务"""
+
+    async def create_project(self, *, user_id: str, name: str, description: str | None = None) -> dict:
+        """创建项目"""
+        async with db.as_user(user_id) as conn:
+            cur = await conn.execute(
+                f"insert into public.projects (user_id, name, description) values (%s, %s, %s)"
+                f" returning {PROJECT_COLUMNS}",
+                (user_id, name, description),
+            )
+            return await cur.fetchone()
+
+    async def list_projects(self, *, user_id: str, limit: int = 20, cursor: str | None = None) -> dict:
+        """项目列表（最新在前，游标分页）"""
+        after = page_after(cursor)
+        async with db.as_user(user_id) as conn:
+            rows = await (await conn.execute(
+                f"select {PROJECT_COLUMNS} from public.projects"
+                " where (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+                " order by created_at desc, id desc limit %(limit)s",
+                {**after, "limit": limit + 1},
+            )).fetchall()
+        return page_of(rows, limit)
+
+    async def get_project(self, *, user_id: str, project_id: str) -> dict:
+        """查询自己的一个项目（他人的 → 404）"""
+        async with db.as_user(user_id) as conn:
+            row = await (await conn.execute(
+                f"select {PROJECT_COLUMNS} from public.projects where id = %s", (project_id,)
+            )).fetchone()
+        if row is None:
+            raise NotFound("Project not found.")
+        return row
+
+    async def require_owned(self, *, user_id: str, project_id: str) -> None:
+        """确认项目属于该用户，否则 404"""
+        await self.get_project(user_id=user_id, project_id=project_id)
+
+    async def update_project(self, *, user_id: str, project_id: str, changes: dict) -> dict:
+        """修改项目（只改给出的字段）"""
+        changes = {k: v for k, v in changes.items() if k in UPDATABLE}
+        if not changes:
+            return await self.get_project(user_id=user_id, project_id=project_id)
+        assignments = sql.SQL(", ").join(
+            sql.SQL("{} = {}").format(sql.Identifier(k), sql.Placeholder(k)) for k in changes
+        )
+        query = sql.SQL(
+            "update public.projects set {}, updated_at = now() where id = %(id)s returning " + PROJECT_COLUMNS
+        ).format(assignments)
+        async with db.as_user(user_id) as conn:
+            row = await (await conn.execute(query, {**changes, "id": project_id})).fetchone()
+        if row is None:
+            raise NotFound("Project not found.")
+        return row
+
+    async def delete_project(self, *, user_id: str, project_id: str) -> None:
+        """删除项目（其资源与任务保留，project_id 置空）"""
+        async with db.as_user(user_id) as conn:
+            row = await (await conn.execute(
+                "delete from public.projects where id = %s returning id", (project_id,)
+            )).fetchone()
+        if row is None:
+            raise NotFound("Project not found.")
+
+
+_service: ProjectService | None = None
+
+
+def get_project_service() -> ProjectService:
+    """获取项目服务单例"""
+    global _service
+    if _service is None:
+        _service = ProjectService()
+    return _service

@@ -1,0 +1,246 @@
+"""Storage: the media bucket through supabase-py's storage client (storage3), the same code in both modes.
+
+Every object lives under its owner's folder (`{user_id}/...`). Methods take the path and, from request-handling
+code, the `user_id` it must belong to; server-side code (the job runner) may leave `user_id` out, and the path
+must still be a well-formed user path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+from storage3 import AsyncStorageClient
+from storage3.exceptions import StorageApiError
+
+from lib.config import get_settings
+from lib.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, UpstreamError
+
+log = logging.getLogger("spool.storage")
+
+SIGNED_UPLOAD_SECONDS = 2 * 60 * 60  # Supabase Storage: a signed upload URL is valid for two hours
+INTERNAL_URL_SECONDS = 10 * 60
+HEAD_BYTES = 64 * 1024
+CHUNK_BYTES = 1024 * 1024
+
+
+class StorageError(UpstreamError):
+    """存储服务出错（status 为存储返回的 HTTP 状态，5xx/429 可重试）"""
+
+    def __init__(self, message: str, *, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def user_path(user_id: str, *parts: str) -> str:
+    """生成用户名下的存储路径（{user_id}/...）"""
+    return check_path("/".join([str(uuid.UUID(str(user_id))), *parts]))
+
+
+def check_path(path: str, user_id: str | None = None) -> str:
+    """检查存储路径：形如 {user_id}/...、无 .. 段；给定 user_id 时必须属于该用户"""
+    parts = path.split("/") if isinstance(path, str) else []
+    if len(parts) < 2 or any(p in ("", ".", "..") or "\\" in p or "\x00" in p for p in parts):
+        raise Forbidden("The storage path is not valid.")
+    try:
+        owner = str(uuid.UUID(parts[0]))
+    except ValueError:
+        raise Forbidden("The storage path is not under a user.") from None
+    if owner != parts[0] or (user_id is not None and owner != str(uuid.UUID(str(user_id)))):
+        raise Forbidden("The storage path belongs to another user.")
+    return path
+
+
+class StorageService:
+    """存储服务（storage3 客户端，服务密钥）"""
+
+    def __init__(self) -> None:
+        self._client: AsyncStorageClient | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ------------------------------------------------------------ client
+
+    def _ensure_client(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._client is not None and self._loop is loop:
+            return
+        settings = get_settings()
+        if not settings.supabase_url or not settings.supabase_service_role_key:
+            raise RuntimeError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are needed for storage")
+        key = settings.supabase_service_role_key
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), follow_redirects=True)
+        self._client = AsyncStorageClient(
+            self.storage_url, {"apikey": key, "Authorization": f"Bearer {key}"}, http_client=self._http
+        )
+        self._loop = loop
+
+    @property
+    def storage_url(self) -> str:
+        """存储 API 的内部地址（以 / 结尾）"""
+        return f"{get_settings().supabase_url.rstrip('/')}/storage/v1/"
+
+    def _bucket(self):
+        self._ensure_client()
+        return self._client.from_(get_settings().storage_bucket)
+
+    def public_url(self, url: str) -> str:
+        """把内部存储地址换成浏览器可达的地址（本地模式下优先 PUBLIC_URL）"""
+        settings = get_settings()
+        if settings.is_local and settings.public_url and url.startswith(self.storage_url):
+            return f"{settings.public_url.rstrip('/')}/storage/v1/{url[len(self.storage_url):]}"
+        return url
+
+    async def close(self) -> None:
+        """关闭 HTTP 客户端"""
+        if self._http is not None and self._loop is asyncio.get_running_loop():
+            await self._http.aclose()
+        self._client = self._http = self._loop = None
+
+    @asynccontextmanager
+    async def _errors(self, what: str) -> AsyncIterator[None]:
+        try:
+            yield
+        except StorageApiError as exc:
+            status = int(exc.status) if str(exc.status).isdigit() else 502
+            if status == 404 or exc.code == "not_found":
+                raise NotFound("File not found.") from None
+            if status == 409:
+                raise Conflict("The file already exists.") from None
+            if status == 413:
+                raise PayloadTooLarge("The file is larger than storage accepts.") from None
+            log.warning("storage refused to %s: %s %s %s", what, exc.status, exc.code, exc.message)
+            raise StorageError(f"Storage could not {what}.", status=status) from exc
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            if status == 404:
+                raise NotFound("File not found.") from None
+            log.warning("storage refused to %s: HTTP %s", what, status)
+            raise StorageError(f"Storage could not {what}.", status=status) from exc
+        except httpx.TransportError as exc:
+            log.warning("storage unreachable while trying to %s: %r", what, exc)
+            raise StorageError(f"Storage could not {what}.", status=503) from exc
+
+    # ------------------------------------------------------------ writes
+
+    async def upload_file(self, *, path: str, local_file: str | Path, content_type: str, user_id: str | None = None,
+                          upsert: bool = True) -> str:
+        """从磁盘流式上传文件"""
+        check_path(path, user_id)
+        options = {"content-type": content_type, "cache-control": "3600", "upsert": "true" if upsert else "false"}
+        async with self._errors("upload the file"):
+            await self._bucket().upload(path, Path(local_file), options)
+        return path
+
+    async def upload_bytes(self, *, path: str, data: bytes, content_type: str, user_id: str | None = None,
+                           upsert: bool = True) -> str:
+        """上传内存中的字节"""
+        check_path(path, user_id)
+        options = {"content-type": content_type, "cache-control": "3600", "upsert": "true" if upsert else "false"}
+        async with self._errors("upload the file"):
+            await self._bucket().upload(path, data, options)
+        return path
+
+    async def create_signed_upload_url(self, *, path: str, user_id: str | None = None) -> dict:
+        """创建签名上传 URL（浏览器直传，约两小时有效，不可覆盖）"""
+        check_path(path, user_id)
+        async with self._errors("sign an upload"):
+            signed = await self._bucket().create_signed_upload_url(path)
+        return {"url": self.public_url(signed["signed_url"]), "token": signed["token"], "path": path,
+                "expires_at": int(time.time()) + SIGNED_UPLOAD_SECONDS}
+
+    async def remove(self, *, paths: list[str], user_id: str | None = None) -> list[str]:
+        """删除对象；返回确实被删除的路径"""
+        for path in paths:
+            check_path(path, user_id)
+        if not paths:
+            return []
+        async with self._errors("remove files"):
+            removed = await self._bucket().remove(list(paths))
+        return [item.get("name") for item in removed if isinstance(item, dict)]
+
+    # ------------------------------------------------------------ reads
+
+    async def create_signed_url(self, *, path: str, expires_in: int | None = None, user_id: str | None = None,
+                                download: str | bool | None = None) -> str:
+        """创建签名下载 URL（绝对地址，浏览器可用）"""
+        return self.public_url(await self._signed_url(path, expires_in or get_settings().signed_url_seconds,
+                                                      user_id, download))
+
+    async def _signed_url(self, path: str, expires_in: int, user_id: str | None,
+                          download: str | bool | None = None) -> str:
+        check_path(path, user_id)
+        options = {"download": download} if download else None
+        async with self._errors("sign a download"):
+            signed = await self._bucket().create_signed_url(path, expires_in, options)
+        return signed["signedURL"]
+
+    async def info(self, *, path: str, user_id: str | None = None) -> dict | None:
+        """对象信息（大小、内容类型）；不存在 → None"""
+        check_path(path, user_id)
+        try:
+            async with self._errors("read file info"):
+                data = await self._bucket().info(path)
+        except NotFound:
+            return None
+        size = data.get("size")
+        if size is None:
+            size = (data.get("metadata") or {}).get("size")
+        content_type = data.get("content_type") or (data.get("metadata") or {}).get("mimetype")
+        return {"path": path, "size": size, "content_type": content_type, "etag": data.get("etag")}
+
+    async def exists(self, *, path: str, user_id: str | None = None) -> bool:
+        """对象是否存在"""
+        return await self.info(path=path, user_id=user_id) is not None
+
+    async def read_head(self, *, path: str, size: int = HEAD_BYTES, user_id: str | None = None) -> bytes:
+        """流式读取对象的前若干字节（Range 请求，不下载整个文件）"""
+        url = await self._signed_url(path, INTERNAL_URL_SECONDS, user_id)
+        head = bytearray()
+        async with self._errors("read the file"), self._http.stream(
+            "GET", url, headers={"Range": f"bytes=0-{size - 1}"}
+        ) as resp:
+            resp.raise_for_status()
+            async for chunk in resp.aiter_bytes():
+                head += chunk
+                if len(head) >= size:
+                    break
+        return bytes(head[:size])
+
+    async def download_to(self, *, path: str, dest: str | Path, user_id: str | None = None) -> int:
+        """流式下载到本地文件（先写 .part 再改名）；返回字节数"""
+        url = await self._signed_url(path, INTERNAL_URL_SECONDS, user_id)
+        dest = Path(dest)
+        part = dest.with_name(dest.name + ".part")
+        written = 0
+        f = await asyncio.to_thread(part.open, "wb")
+        try:
+            async with self._errors("download the file"), self._http.stream("GET", url) as resp:
+                resp.raise_for_status()
+                async for chunk in resp.aiter_bytes(CHUNK_BYTES):
+                    await asyncio.to_thread(f.write, chunk)
+                    written += len(chunk)
+            await asyncio.to_thread(f.close)
+            await asyncio.to_thread(part.replace, dest)
+        except BaseException:
+            f.close()
+            part.unlink(missing_ok=True)
+            raise
+        return written
+
+
+_service: StorageService | None = None
+
+
+def get_storage() -> StorageService:
+    """获取存储服务单例"""
+    global _service
+    if _service is None:
+        _service = StorageService()
+    return _service

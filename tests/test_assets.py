@@ -1,0 +1,246 @@
+"""Assets: direct and signed uploads, typing by bytes, the probe task, reads with signed URLs, deletes, isolation."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import httpx
+import pytest
+from PIL import Image
+
+from lib.assets import get_asset_service, sniff
+from lib.config import get_settings
+from lib.errors import Forbidden
+from lib.storage import get_storage
+from tests.factories import balance, sql, task_row
+
+
+def png_bytes(width: int = 8, height: int = 6) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def direct_upload(client, user, data: bytes, name: str = "a.png", **form) -> httpx.Response:
+    return await client.post("/assets", files={"file": (name, data, "image/png")}, data=form, headers=user.headers)
+
+
+def storage_path(asset_id: str) -> str:
+    return sql("select path from public.assets where id = %s", (asset_id,))[0]["path"]
+
+
+async def test_direct_upload_is_pending_with_a_free_probe_task(client, make_user):
+    user = await make_user()
+    data = png_bytes()
+    resp = await direct_upload(client, user, data, "holiday.png")
+    assert resp.status_code == 201, resp.text
+    asset = resp.json()["data"]
+    assert asset["status"] == "pending" and asset["kind"] == "image" and asset["mime"] == "image/png"
+    assert asset["bytes"] == len(data) and asset["metadata"] == {"filename": "holiday.png"}
+    assert asset["download_url"] is None and "path" not in asset
+
+    task = task_row(asset["probe_task_id"])
+    assert task["model_key"] == "media.probe" and task["cost"] == 0 and task["status"] == "queued"
+    assert task["params"] == {"asset_id": asset["id"]} and [str(i) for i in task["input_asset_ids"]] == [asset["id"]]
+    assert task["idempotency_key"] == f"probe:{asset['id']}"
+    assert balance(user.id) == 100
+
+    path = storage_path(asset["id"])
+    assert path == f"{user.id}/uploads/{asset['id']}.png"
+    info = await get_storage().info(path=path, user_id=user.id)
+    assert info["size"] == len(data) and info["content_type"] == "image/png"
+
+
+async def test_signed_upload_then_complete_then_probed(client, make_user):
+    user = await make_user()
+    data = png_bytes(40, 30)
+    resp = await client.post("/assets/uploads", json={"content_type": "image/png", "bytes": len(data),
+                                                       "filename": "big.png"}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    ticket = resp.json()["data"]
+    assert set(ticket) == {"asset_id", "upload_url", "token", "expires_at"}
+    assert ticket["upload_url"].startswith(f"{get_settings().supabase_url}/storage/v1/object/upload/sign/media/")
+
+    early = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert early.status_code == 409 and early.json()["error"]["code"] == "conflict"
+
+    async with httpx.AsyncClient() as http:
+        put = await http.put(ticket["upload_url"], content=data, headers={"content-type": "image/png"})
+    assert put.status_code == 200, put.text
+
+    done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert done.status_code == 200, done.text
+    asset = done.json()["data"]
+    assert asset["status"] == "pending" and asset["bytes"] == len(data) and asset["probe_task_id"]
+    again = (await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)).json()["data"]
+    assert again["probe_task_id"] == asset["probe_task_id"]  # idempotent: one probe task
+    assert len(sql("select id from public.tasks where user_id = %s", (user.id,))) == 1
+
+    probe = {"kind": "image", "format": "png", "mime": "image/png", "width": 40, "height": 30, "duration_s": None,
+             "fps": None, "frame_count": 1, "bytes": len(data)}
+    await get_asset_service().mark_probed(asset_id=asset["id"], probe=probe, reason=None)
+    ready = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
+    assert ready["status"] == "ready" and (ready["width"], ready["height"]) == (40, 30)
+    assert ready["metadata"] == {"filename": "big.png", "format": "png", "frame_count": 1}
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(ready["download_url"])).content == data
+    late = await client.post(f"/assets/{asset['id']}/complete", headers=user.headers)
+    assert late.status_code == 409
+
+
+async def test_upload_ticket_validation(client, make_user, monkeypatch):
+    user = await make_user()
+    resp = await client.post("/assets/uploads", json={"content_type": "text/plain", "bytes": 10}, headers=user.headers)
+    assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "content_type"
+    monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
+    resp = await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 1001}, headers=user.headers)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+    resp = await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 10,
+                                                       "project_id": str(uuid.uuid4())}, headers=user.headers)
+    assert resp.status_code == 404
+
+
+async def test_signed_upload_of_a_non_media_file_is_rejected(client, make_user):
+    user = await make_user()
+    ticket = (await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 11},
+                                headers=user.headers)).json()["data"]
+    async with httpx.AsyncClient() as http:
+        await http.put(ticket["upload_url"], content=b"hello world")
+    resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
+    asset = (await client.get(f"/assets/{ticket['asset_id']}", headers=user.headers)).json()["data"]
+    assert asset["status"] == "rejected" and "Unsupported" in asset["metadata"]["reject_reason"]
+    assert not await get_storage().exists(path=storage_path(asset["id"]))
+    assert sql("select id from public.tasks where user_id = %s", (user.id,)) == []
+
+
+async def test_oversize_direct_upload_is_413(client, make_user, monkeypatch):
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_direct_upload_bytes", 1000)
+    for size in (1500, 200_000):  # within the form overhead (checked exactly), and far beyond (cut off while reading)
+        resp = await direct_upload(client, user, png_bytes() + b"\0" * size)
+        assert resp.status_code == 413, resp.text
+        body = resp.json()
+        assert body["success"] is False and body["error"]["code"] == "payload_too_large" and body["request_id"]
+    assert sql("select id from public.assets where user_id = %s", (user.id,)) == []
+
+
+async def test_oversize_chunked_upload_is_cut_off_while_reading(client, make_user, monkeypatch):
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_direct_upload_bytes", 1000)
+    sent = 0
+
+    async def body():  # no content-length: the limit must hold while streaming
+        nonlocal sent
+        yield b'--b\r\ncontent-disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + png_bytes()
+        for _ in range(1000):
+            sent += 1
+            yield b"\0" * 65536
+        yield b"\r\n--b--\r\n"
+
+    headers = {**user.headers, "content-type": "multipart/form-data; boundary=b"}
+    resp = await client.post("/assets", content=body(), headers=headers)
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
+    assert sent < 5  # stopped after the limit, not after the whole body
+
+
+async def test_text_file_named_png_is_422(client, make_user):
+    user = await make_user()
+    resp = await direct_upload(client, user, b"just some text, honestly", "fake.png")
+    assert resp.status_code == 422
+    assert resp.json()["error"]["code"] == "validation_error"
+    assert resp.json()["error"]["details"] == [{"field": "file", "message": "unsupported type"}]
+    resp = await client.post("/assets", json={"file": "x"}, headers=user.headers)
+    assert resp.status_code == 422
+    resp = await client.post("/assets", data={"project_id": "x"}, files={"other": ("a", b"b")}, headers=user.headers)
+    assert resp.status_code == 422
+
+
+async def test_direct_upload_into_a_project(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    project = (await client.post("/projects", json={"name": "p"}, headers=alice.headers)).json()["data"]
+    resp = await direct_upload(client, alice, png_bytes(), project_id=project["id"])
+    assert resp.json()["data"]["project_id"] == project["id"]
+    resp = await direct_upload(client, bob, png_bytes(), project_id=project["id"])
+    assert resp.status_code == 404
+
+
+async def test_other_users_assets_are_404(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    asset = (await direct_upload(client, alice, png_bytes())).json()["data"]
+    for method, url in (("GET", f"/assets/{asset['id']}"), ("DELETE", f"/assets/{asset['id']}"),
+                        ("POST", f"/assets/{asset['id']}/complete")):
+        resp = await client.request(method, url, headers=bob.headers)
+        assert resp.status_code == 404, (method, url)
+        assert resp.json()["error"]["code"] == "not_found"
+    assert (await client.get("/assets", headers=bob.headers)).json()["data"]["items"] == []
+    assert await get_storage().exists(path=storage_path(asset["id"]))
+    with pytest.raises(Forbidden):
+        await get_storage().create_signed_url(path=storage_path(asset["id"]), user_id=bob.id)
+
+
+async def test_delete_removes_the_object_and_the_row(client, make_user):
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    path = storage_path(asset["id"])
+    resp = await client.delete(f"/assets/{asset['id']}", headers=user.headers)
+    assert resp.json() == {"success": True, "data": {"id": asset["id"], "deleted": True}}
+    assert not await get_storage().exists(path=path)
+    assert (await client.get(f"/assets/{asset['id']}", headers=user.headers)).status_code == 404
+
+
+async def test_list_filters_and_pages(client, make_user):
+    user = await make_user()
+    service = get_asset_service()
+    ids = []
+    for _ in range(3):
+        ids.append((await direct_upload(client, user, png_bytes())).json()["data"]["id"])
+    await service.mark_probed(asset_id=ids[0], probe={"kind": "image", "width": 8, "height": 6}, reason=None)
+    await service.mark_probed(asset_id=ids[1], probe=None, reason="The image is truncated.")
+    video = await service.create_asset_record(user_id=user.id, kind="video", path=f"{user.id}/tasks/t/result-0.mp4",
+                                              mime="video/mp4", size=10, width=64, height=48, duration_s=1, fps=24)
+
+    async def listed(query: str = "") -> list[str]:
+        return [a["id"] for a in (await client.get(f"/assets?{query}", headers=user.headers)).json()["data"]["items"]]
+
+    assert await listed() == [str(video["id"]), ids[2], ids[1], ids[0]]
+    assert await listed("kind=video") == [str(video["id"])]
+    assert await listed("status=ready&kind=image") == [ids[0]]
+    assert await listed("status=rejected") == [ids[1]]
+    rejected = (await client.get(f"/assets/{ids[1]}", headers=user.headers)).json()["data"]
+    assert rejected["metadata"]["reject_reason"] == "The image is truncated."
+    page = (await client.get("/assets?limit=3", headers=user.headers)).json()["data"]
+    rest = (await client.get(f"/assets?limit=3&cursor={page['next_cursor']}", headers=user.headers)).json()["data"]
+    assert [a["id"] for a in rest["items"]] == [ids[0]] and rest["next_cursor"] is None
+    assert (await client.get("/assets?kind=document", headers=user.headers)).status_code == 422
+
+
+async def test_mark_probed_changes_only_pending_assets(client, make_user):
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    service = get_asset_service()
+    assert (await service.mark_probed(asset_id=asset["id"], probe={"width": 8, "height": 6}, reason=None))["status"] \
+        == "ready"
+    assert await service.mark_probed(asset_id=asset["id"], probe=None, reason="late") is None
+    with pytest.raises(Forbidden):
+        await service.create_asset_record(user_id=user.id, kind="image", path=f"{uuid.uuid4()}/x.png")
+
+
+@pytest.mark.parametrize(("head", "mime"), [
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 8, "image/png"),
+    (b"\xff\xd8\xff\xe0\0\x10JFIF", "image/jpeg"),
+    (b"GIF89a\x01\0", "image/gif"),
+    (b"RIFF\0\0\0\0WEBPVP8 ", "image/webp"),
+    (b"RIFF\0\0\0\0AVI LIST", "video/x-msvideo"),
+    (b"\0\0\0\x20ftypisom\0\0\2\0", "video/mp4"),
+    (b"\0\0\0\x14ftypqt  \0\0\0\0", "video/quicktime"),
+    (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "video/webm"),
+    (b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\x82\x88matroska", "video/x-matroska"),
+    (b"\0\0\0\x18ftypheic", None),
+    (b"%PDF-1.7", None),
+    (b"", None),
+])
+def test_sniff(head, mime):
+    media = sniff(head)
+    assert (media.mime if media else None) == mime

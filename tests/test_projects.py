@@ -1,0 +1,99 @@
+"""Projects: CRUD through the API, paging, and other users' projects are invisible (RLS)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from lib import db
+from lib.errors import NotFound
+from lib.projects import get_project_service
+from tests.factories import make_asset, sql
+
+
+async def test_create_read_update_delete(client, make_user):
+    user = await make_user()
+    resp = await client.post("/projects", json={"name": "  Trailer  ", "description": "cuts"}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    project = resp.json()["data"]
+    assert project["name"] == "Trailer" and project["description"] == "cuts"
+    assert set(project) == {"id", "name", "description", "created_at", "updated_at"}
+
+    got = (await client.get(f"/projects/{project['id']}", headers=user.headers)).json()["data"]
+    assert got == project
+
+    resp = await client.patch(f"/projects/{project['id']}", json={"description": None}, headers=user.headers)
+    patched = resp.json()["data"]
+    assert patched["name"] == "Trailer" and patched["description"] is None
+    assert patched["updated_at"] >= project["updated_at"]
+    resp = await client.patch(f"/projects/{project['id']}", json={"name": "Teaser"}, headers=user.headers)
+    assert resp.json()["data"]["name"] == "Teaser"
+
+    resp = await client.delete(f"/projects/{project['id']}", headers=user.headers)
+    assert resp.json() == {"success": True, "data": {"id": project["id"], "deleted": True}}
+    assert (await client.get(f"/projects/{project['id']}", headers=user.headers)).status_code == 404
+
+
+async def test_invalid_bodies_are_422(client, make_user):
+    user = await make_user()
+    for body in ({"name": ""}, {"name": "   "}, {"name": "x" * 201}, {}):
+        resp = await client.post("/projects", json=body, headers=user.headers)
+        assert resp.status_code == 422, body
+        assert resp.json()["error"]["code"] == "validation_error"
+    project = (await client.post("/projects", json={"name": "a"}, headers=user.headers)).json()["data"]
+    resp = await client.patch(f"/projects/{project['id']}", json={"name": None}, headers=user.headers)
+    assert resp.status_code == 422
+
+
+async def test_list_is_newest_first_with_cursor(client, make_user):
+    user = await make_user()
+    for i in range(5):
+        await client.post("/projects", json={"name": f"p{i}"}, headers=user.headers)
+    page = (await client.get("/projects?limit=2", headers=user.headers)).json()["data"]
+    names = [p["name"] for p in page["items"]]
+    while page["next_cursor"]:
+        resp = await client.get(f"/projects?limit=2&cursor={page['next_cursor']}", headers=user.headers)
+        page = resp.json()["data"]
+        names += [p["name"] for p in page["items"]]
+    assert names == ["p4", "p3", "p2", "p1", "p0"]
+    resp = await client.get("/projects?cursor=bm90LWpzb24", headers=user.headers)
+    assert resp.status_code == 422
+
+
+async def test_other_users_projects_are_404(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    project = (await client.post("/projects", json={"name": "mine"}, headers=alice.headers)).json()["data"]
+    url = f"/projects/{project['id']}"
+    assert (await client.get(url, headers=bob.headers)).status_code == 404
+    resp = await client.patch(url, json={"name": "stolen"}, headers=bob.headers)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    assert (await client.delete(url, headers=bob.headers)).status_code == 404
+    assert (await client.get("/projects", headers=bob.headers)).json()["data"]["items"] == []
+    assert (await client.get(url, headers=alice.headers)).json()["data"]["name"] == "mine"
+    assert (await client.get(f"/projects/{uuid.uuid4()}", headers=alice.headers)).status_code == 404
+    with pytest.raises(NotFound):
+        await get_project_service().require_owned(user_id=bob.id, project_id=project["id"])
+    await get_project_service().require_owned(user_id=alice.id, project_id=project["id"])
+
+
+async def test_rls_refuses_writing_a_project_for_someone_else(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    import psycopg
+
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        async with db.as_user(bob.id) as conn:
+            await conn.execute("insert into public.projects (user_id, name) values (%s, 'x')", (alice.id,))
+
+
+async def test_deleting_a_project_keeps_its_assets(client, make_user):
+    user = await make_user()
+    project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]
+    asset_id = make_asset(user.id)
+    sql("update public.assets set project_id = %s where id = %s", (project["id"], asset_id))
+    await client.delete(f"/projects/{project['id']}", headers=user.headers)
+    assert sql("select project_id from public.assets where id = %s", (asset_id,)) == [{"project_id": None}]
+
+
+async def test_projects_need_a_token(client):
+    assert (await client.get("/projects")).status_code == 401

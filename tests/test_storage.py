@@ -1,0 +1,167 @@
+"""Storage: the storage3 client against the local Storage subset, signed URLs, and the user-path guard."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import pytest
+from storage3 import AsyncStorageClient
+from storage3.exceptions import StorageApiError
+
+from lib.config import get_settings
+from lib.errors import Conflict, Forbidden, NotFound
+from lib.local import storage_server
+from lib.storage import get_storage, user_path
+
+BUCKET = "media"
+
+
+@pytest.fixture
+def storage(live_server):
+    return get_storage()
+
+
+@pytest.fixture
+def owner() -> str:
+    return str(uuid.uuid4())
+
+
+def raw_url(key: str) -> str:
+    return f"{get_settings().supabase_url}/storage/v1/object/{BUCKET}/{key}"
+
+
+def service_headers() -> dict:
+    key = get_settings().supabase_service_role_key
+    return {"apikey": key, "Authorization": f"Bearer {key}"}
+
+
+async def test_round_trip_upload_sign_download_remove(storage, owner, tmp_path):
+    path = user_path(owner, "notes", "a.bin")
+    data = bytes(range(256)) * 1000
+    await storage.upload_bytes(path=path, data=data, content_type="application/octet-stream", user_id=owner)
+
+    info = await storage.info(path=path, user_id=owner)
+    assert info["size"] == len(data) and info["content_type"] == "application/octet-stream"
+
+    url = await storage.create_signed_url(path=path, expires_in=60, user_id=owner)
+    assert url.startswith(f"{get_settings().supabase_url}/storage/v1/object/sign/{BUCKET}/{owner}/notes/a.bin?token=")
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(url)
+    assert resp.status_code == 200 and resp.content == data
+
+    assert await storage.read_head(path=path, size=10) == data[:10]
+    dest = tmp_path / "copy.bin"
+    assert await storage.download_to(path=path, dest=dest, user_id=owner) == len(data)
+    assert dest.read_bytes() == data
+
+    assert await storage.remove(paths=[path], user_id=owner) == [path]
+    assert not await storage.exists(path=path, user_id=owner)
+    with pytest.raises(NotFound):
+        await storage.create_signed_url(path=path, expires_in=60, user_id=owner)
+
+
+async def test_upload_file_streams_from_disk_and_keeps_content_type(storage, owner, tmp_path):
+    src = tmp_path / "clip.mp4"
+    src.write_bytes(b"\x00" * 300_000)
+    path = user_path(owner, "tasks", "clip.mp4")
+    await storage.upload_file(path=path, local_file=src, content_type="video/mp4")
+    info = await storage.info(path=path)
+    assert info == {"path": path, "size": 300_000, "content_type": "video/mp4", "etag": info["etag"]}
+    await storage.upload_file(path=path, local_file=src, content_type="video/mp4")  # upsert by default
+    with pytest.raises(Conflict):
+        await storage.upload_file(path=path, local_file=src, content_type="video/mp4", upsert=False)
+
+
+async def test_signed_upload_url_accepts_one_upload(storage, owner):
+    path = user_path(owner, "uploads", "x.png")
+    ticket = await storage.create_signed_upload_url(path=path, user_id=owner)
+    assert ticket["path"] == path and ticket["token"] in ticket["url"]
+    async with httpx.AsyncClient() as http:
+        resp = await http.put(ticket["url"], content=b"hello", headers={"content-type": "image/png"})
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["Key"] == f"{BUCKET}/{path}"
+        again = await http.put(ticket["url"], content=b"other")
+    assert again.status_code == 409 and again.json()["error"] == "Duplicate"
+    info = await storage.info(path=path)
+    assert info["size"] == 5 and info["content_type"] == "image/png"
+
+    # storage3's own upload_to_signed_url (multipart) works against it too
+    path2 = user_path(owner, "uploads", "y.bin")
+    ticket2 = await storage.create_signed_upload_url(path=path2)
+    await storage._bucket().upload_to_signed_url(path2, ticket2["token"], b"multipart body")
+    assert (await storage.info(path=path2))["size"] == len(b"multipart body")
+
+
+async def test_expired_or_tampered_tokens_are_refused(storage, owner):
+    path = user_path(owner, "t.txt")
+    await storage.upload_bytes(path=path, data=b"secret", content_type="text/plain")
+    base = f"{get_settings().supabase_url}/storage/v1/object/sign/{BUCKET}/{path}"
+    expired = storage_server.make_token(purpose="download", bucket=BUCKET, key=path, expires_at=int(time.time()) - 1)
+    good = (await storage.create_signed_url(path=path, expires_in=60)).split("token=")[1]
+    other = storage_server.make_token(purpose="download", bucket=BUCKET, key=user_path(owner, "other.txt"),
+                                      expires_at=int(time.time()) + 60)
+    upload = storage_server.make_token(purpose="upload", bucket=BUCKET, key=path, expires_at=int(time.time()) + 60)
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(f"{base}?token={good}")).content == b"secret"
+        for token, message in [(expired, "jwt expired"), (good[:-2] + ("AA" if good[-2:] != "AA" else "BB"),
+                                "invalid signature"), (other, "invalid signature"), (upload, "invalid signature"),
+                               ("", "Missing token")]:
+            resp = await http.get(f"{base}?token={token}")
+            assert resp.status_code == 400, token
+            assert resp.json() == {"statusCode": "400", "error": "InvalidJWT", "message": message}
+
+
+async def test_service_key_is_required(live_server, owner):
+    path = user_path(owner, "k.txt")
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(raw_url(path))).status_code == 401
+        wrong = await http.get(raw_url(path), headers={"apikey": "sb_secret_wrong", "Authorization": "Bearer x"})
+    assert wrong.status_code == 403 and wrong.json()["statusCode"] == "403"
+    bad = AsyncStorageClient(f"{get_settings().supabase_url}/storage/v1/",
+                             {"apikey": "nope", "Authorization": "Bearer nope"})
+    async with bad:
+        with pytest.raises(StorageApiError) as err:
+            await bad.from_(BUCKET).upload(path, b"x")
+    assert str(err.value.status) == "403"
+
+
+@pytest.mark.parametrize("key", ["..%2F..%2Fetc%2Fpasswd", "a%2F..%2F..%2Fx", "a%5Cb", "a%00b", "a%2F%2Fb", "%2Fabs"])
+async def test_path_traversal_is_refused(live_server, key):
+    async with httpx.AsyncClient() as http:
+        resp = await http.post(raw_url(key), content=b"x", headers=service_headers())
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == "InvalidKey"
+
+
+async def test_user_path_guard(storage, owner):
+    someone_else = str(uuid.uuid4())
+    path = user_path(someone_else, "private.png")
+    for call in (
+        storage.create_signed_url(path=path, expires_in=60, user_id=owner),
+        storage.remove(paths=[path], user_id=owner),
+        storage.info(path=path, user_id=owner),
+    ):
+        with pytest.raises(Forbidden):
+            await call
+    for bad in ("uploads/x.png", f"{owner}/../{someone_else}/x", f"{owner}", "not-a-uuid/x"):
+        with pytest.raises(Forbidden):
+            await storage.create_signed_upload_url(path=bad)
+
+
+async def test_missing_object_and_bucket(storage, owner, monkeypatch):
+    assert await storage.info(path=user_path(owner, "nothing")) is None
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(raw_url(user_path(owner, "nothing")), headers=service_headers())
+        assert resp.json() == {"statusCode": "404", "error": "not_found", "message": "Object not found"}
+        resp = await http.get(raw_url("x").replace(f"/{BUCKET}/", "/nobucket/"), headers=service_headers())
+    assert resp.status_code == 404 and resp.json()["message"] == "Bucket not found"
+
+
+async def test_public_url_is_used_for_browser_urls(storage, owner, monkeypatch):
+    path = user_path(owner, "p.txt")
+    await storage.upload_bytes(path=path, data=b"p", content_type="text/plain")
+    monkeypatch.setattr(get_settings(), "public_url", "https://spool.example.test")
+    url = await storage.create_signed_url(path=path, expires_in=60)
+    assert url.startswith(f"https://spool.example.test/storage/v1/object/sign/{BUCKET}/{path}?token=")
