@@ -17,7 +17,7 @@ dev: $(STAMP)
 	$(PY) -m lib.local dev
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

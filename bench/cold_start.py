@@ -53,8 +53,13 @@ def measure(imports: str, runs: int) -> tuple[float, float]:
     inner, outer = [], []
     for _ in range(runs):
         start = time.perf_counter()
-        out = subprocess.run([sys.executable, "-c", FIRST_RESPONSE.format(imports=imports)], cwd=ROOT,
-                             capture_output=True, text=True, env=os.environ.copy())
+        out = subprocess.run(
+            [sys.executable, "-c", FIRST_RESPONSE.format(imports=imports)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env=os.environ.copy(),
+        )
         outer.append(time.perf_counter() - start)
         if out.returncode != 0:
             raise SystemExit(out.stderr[-2000:])

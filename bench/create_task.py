@@ -72,19 +72,26 @@ async def main_async(args) -> None:
         users = []
         with psycopg.connect(settings.supabase_db_url, autocommit=True) as conn:
             for _ in range(64):
-                user = (await http.post("/dev/users", json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com"}))
+                user = await http.post("/dev/users", json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com"})
                 user_id, token = user.json()["data"]["user_id"], user.json()["data"]["access_token"]
-                conn.execute("select public.grant_credits(%s, 100000000, 'adjustment', %s)",
-                             (user_id, str(uuid.uuid4())))
+                conn.execute(
+                    "select public.grant_credits(%s, 100000000, 'adjustment', %s)", (user_id, str(uuid.uuid4()))
+                )
                 asset = conn.execute(
                     "insert into public.assets (user_id, kind, bucket, path, mime, width, height, status)"
                     " values (%s, 'image', 'media', %s, 'image/png', 512, 512, 'ready') returning id",
                     (user_id, f"{user_id}/bench.png"),
                 ).fetchone()[0]
-                users.append(({"Authorization": f"Bearer {token}"},
-                              {"model_key": "image.upscale", "params": {"image_asset_id": str(asset), "scale": 2}}))
-            conn.execute("create table if not exists bench_rows (id uuid primary key, user_id uuid, params jsonb,"
-                         " created_at timestamptz default now())")
+                users.append(
+                    (
+                        {"Authorization": f"Bearer {token}"},
+                        {"model_key": "image.upscale", "params": {"image_asset_id": str(asset), "scale": 2}},
+                    )
+                )
+            conn.execute(
+                "create table if not exists bench_rows (id uuid primary key, user_id uuid, params jsonb,"
+                " created_at timestamptz default now())"
+            )
         user_id = None
 
         async def create(i):
@@ -92,33 +99,46 @@ async def main_async(args) -> None:
             r = await http.post("/tasks", json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
             assert r.status_code == 201, r.text
 
-        pool = AsyncConnectionPool(settings.supabase_db_url, min_size=10, max_size=10, open=False,
-                                   kwargs={"autocommit": True, "prepare_threshold": None})
+        pool = AsyncConnectionPool(
+            settings.supabase_db_url,
+            min_size=10,
+            max_size=10,
+            open=False,
+            kwargs={"autocommit": True, "prepare_threshold": None},
+        )
         await pool.open()
 
         async def insert(i):
             async with pool.connection() as conn:
-                await conn.execute("insert into bench_rows (id, user_id, params) values (%s, %s, %s)",
-                                   (uuid.uuid4(), user_id, '{"scale": 2}'))  # same row shape, no RLS/auth
+                await conn.execute(
+                    "insert into bench_rows (id, user_id, params) values (%s, %s, %s)",
+                    (uuid.uuid4(), user_id, '{"scale": 2}'),
+                )  # same row shape, no RLS/auth
 
         async def health(i):
             r = await http.get("/health")
             assert r.status_code == 200, r.text
 
-        print(f"POST /tasks vs single-row insert transactions, {args.requests} each, "
-              f"{os.cpu_count()} CPUs, API: 1 uvicorn process, load from this process (httpx)")
+        print(
+            f"POST /tasks vs single-row insert transactions, {args.requests} each, "
+            f"{os.cpu_count()} CPUs, API: 1 uvicorn process, load from this process (httpx)"
+        )
         print("also: GET /health (one SELECT through the same HTTP stack) as the HTTP floor")
-        print(f"{'concurrency':>11} {'tasks/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'insert tx/s':>11} "
-              f"{'p50 ms':>7} {'p99 ms':>7} | {'tasks/ceiling':>13} | {'/health req/s':>13}")
+        print(
+            f"{'concurrency':>11} {'tasks/s':>8} {'p50 ms':>7} {'p99 ms':>7} | {'insert tx/s':>11} "
+            f"{'p50 ms':>7} {'p99 ms':>7} | {'tasks/ceiling':>13} | {'/health req/s':>13}"
+        )
         for concurrency in (1, 16, 64):
             await run_load(20, concurrency, create)  # warm-up
             api_rate, api_lat = await run_load(args.requests, concurrency, create)
             db_rate, db_lat = await run_load(args.requests, min(concurrency, 10), insert)
             health_rate, _ = await run_load(args.requests, concurrency, health)
-            print(f"{concurrency:>11} {api_rate:>8.0f} {statistics.median(api_lat) * 1000:>7.1f} "
-                  f"{percentile(api_lat, 0.99) * 1000:>7.1f} | {db_rate:>11.0f} "
-                  f"{statistics.median(db_lat) * 1000:>7.1f} {percentile(db_lat, 0.99) * 1000:>7.1f} | "
-                  f"{api_rate / db_rate:>13.0%} | {health_rate:>13.0f}")
+            print(
+                f"{concurrency:>11} {api_rate:>8.0f} {statistics.median(api_lat) * 1000:>7.1f} "
+                f"{percentile(api_lat, 0.99) * 1000:>7.1f} | {db_rate:>11.0f} "
+                f"{statistics.median(db_lat) * 1000:>7.1f} {percentile(db_lat, 0.99) * 1000:>7.1f} | "
+                f"{api_rate / db_rate:>13.0%} | {health_rate:>13.0f}"
+            )
             # Active-task limits: finish what was created so the next round is not refused.
             async with pool.connection() as conn:
                 await conn.execute("update public.tasks set status = 'canceled' where status = 'queued'")

@@ -55,9 +55,7 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> None:
         audio.layout = "stereo"
         for i in range(frames):
             noisy = scene[:, 4 * i : 4 * i + width].astype(np.int16) + rng.integers(-6, 7, (height, width, 3))
-            out.mux(
-                video.encode(av.VideoFrame.from_ndarray(noisy.clip(0, 255).astype(np.uint8), format="rgb24"))
-            )
+            out.mux(video.encode(av.VideoFrame.from_ndarray(noisy.clip(0, 255).astype(np.uint8), format="rgb24")))
         out.mux(video.encode(None))
         for start in range(0, int(frames / FPS * 44100), 1024):
             wave = (0.2 * np.sin(2 * np.pi * 440 * (start + np.arange(1024)) / 44100)).astype(np.float32)
@@ -94,9 +92,7 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     make_clip(clip, width, height, frames)
     out_h, out_w = 2 * height, 2 * width
     batch = media.batch_size_for(out_w, out_h, device)
-    print(
-        f"\nvideo.upscale 2x: {width}x{height} -> {out_w}x{out_h}, {frames} frames, batch {batch}, {device}"
-    )
+    print(f"\nvideo.upscale 2x: {width}x{height} -> {out_w}x{out_h}, {frames} frames, batch {batch}, {device}")
 
     # Decode on its own (the decode thread, batches into host buffers).
     pin = device.type == "cuda"
@@ -169,9 +165,7 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
         lambda: [np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.LANCZOS)) for f in pil_frames]
     )
     line("Pillow LANCZOS 2x, frame by frame (CPU)", count, seconds)
-    ours = media.to_uint8(
-        media.resize(media.to_device(torch.cat(decoded)[:count], device), (out_h, out_w))
-    ).cpu()
+    ours = media.to_uint8(media.resize(media.to_device(torch.cat(decoded)[:count], device), (out_h, out_w))).cpu()
     with av.open(str(outputs[0].path)) as container:
         encoded = [f.to_ndarray(format="rgb24") for f in islice(container.decode(video=0), count)]
     raw = np.mean([media.psnr(o, r) for o, r in zip(ours.numpy(), refs, strict=True)])
@@ -182,17 +176,13 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
 def bench_animate(tmp: Path, size: int, device: torch.device) -> None:
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:2000, 0:3000].astype(np.float32)
-    picture = np.stack(
-        [128 + 100 * np.sin(xx / 41), 128 + 100 * np.cos(yy / 37), 128 + 60 * np.sin((xx - yy) / 9)], -1
-    )
+    picture = np.stack([128 + 100 * np.sin(xx / 41), 128 + 100 * np.cos(yy / 37), 128 + 60 * np.sin((xx - yy) / 9)], -1)
     picture = (picture + rng.normal(0, 5, picture.shape)).clip(0, 255).astype(np.uint8)
     Image.fromarray(picture).save(tmp / "picture.jpg", quality=92)
     width, height = image_animate.frame_size(Fraction(16, 9), size)
     frames = 3 * FPS
     print(f"\nimage.animate ken_burns: 3000x2000 picture -> {width}x{height}, {frames} frames, {device}")
-    source = image_animate.prepare_source(
-        media.load_image(tmp / "picture.jpg"), Fraction(16, 9), width, device
-    )
+    source = image_animate.prepare_source(media.load_image(tmp / "picture.jpg"), Fraction(16, 9), width, device)
     batch = media.batch_size_for(width, height, device)
 
     def render() -> None:
@@ -218,9 +208,7 @@ def bench_animate(tmp: Path, size: int, device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=720, help="short side of the test clip (720, 1080)")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--device", default=media.pick_device())

@@ -84,15 +84,19 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
 
 
 def _too_large() -> str:
-    return (f"The file is too large for a direct upload (at most {get_settings().max_direct_upload_bytes} bytes);"
-            " use POST /assets/uploads.")
+    return (
+        f"The file is too large for a direct upload (at most {get_settings().max_direct_upload_bytes} bytes);"
+        " use POST /assets/uploads."
+    )
 
 
 async def read_upload_form(request: Request):
     """解析 multipart 表单（边读边限长，超过直传上限立即 413）"""
     if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        raise InvalidInput("Send the file as multipart/form-data in the field 'file'.",
-                           details=[{"field": "file", "message": "multipart/form-data expected"}])
+        raise InvalidInput(
+            "Send the file as multipart/form-data in the field 'file'.",
+            details=[{"field": "file", "message": "multipart/form-data expected"}],
+        )
     limit = get_settings().max_direct_upload_bytes + FORM_OVERHEAD
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -110,15 +114,19 @@ def _project_field(value: Any) -> str | None:
     try:
         return str(UUID(str(value)))
     except ValueError:
-        raise InvalidInput("project_id is not a valid id.",
-                           details=[{"field": "project_id", "message": "not a UUID"}]) from None
+        raise InvalidInput(
+            "project_id is not a valid id.", details=[{"field": "project_id", "message": "not a UUID"}]
+        ) from None
 
 
 @router.post("/uploads", status_code=201)
 async def create_upload(body: AssetUploadCreate, user_id: CurrentUserId):
     """登记上传并签发上传 URL"""
     ticket = await get_asset_service().create_upload(
-        user_id=user_id, content_type=body.content_type, size=body.bytes, filename=body.filename,
+        user_id=user_id,
+        content_type=body.content_type,
+        size=body.bytes,
+        filename=body.filename,
         project_id=str(body.project_id) if body.project_id else None,
     )
     return ok(AssetUploadTicket.model_validate(ticket))
@@ -127,9 +135,9 @@ async def create_upload(body: AssetUploadCreate, user_id: CurrentUserId):
 @router.post("/{asset_id}/complete")
 async def complete_upload(asset_id: UUID, user_id: CurrentUserId):
     """上传完成：检查文件类型并开始探测"""
-    return ok(AssetPublic.model_validate(
-        await get_asset_service().complete_upload(user_id=user_id, asset_id=str(asset_id))
-    ))
+    return ok(
+        AssetPublic.model_validate(await get_asset_service().complete_upload(user_id=user_id, asset_id=str(asset_id)))
+    )
 
 
 @router.post("", status_code=201, openapi_extra=DIRECT_UPLOAD_BODY)
@@ -158,10 +166,18 @@ async def list_assets(
     cursor: str | None = None,
 ):
     """资源列表"""
-    return ok(AssetPage.model_validate(await get_asset_service().list_assets(
-        user_id=user_id, project_id=str(project_id) if project_id else None, kind=kind, status=status,
-        limit=limit, cursor=cursor,
-    )))
+    return ok(
+        AssetPage.model_validate(
+            await get_asset_service().list_assets(
+                user_id=user_id,
+                project_id=str(project_id) if project_id else None,
+                kind=kind,
+                status=status,
+                limit=limit,
+                cursor=cursor,
+            )
+        )
+    )
 
 
 @router.get("/{asset_id}")

@@ -31,7 +31,10 @@ async def create_checkout(
 ):
     """创建 Stripe 结账会话（同一 Idempotency-Key 重放返回同一会话）"""
     checkout = await get_billing_service().create_checkout(
-        user_id=user_id, package_id=body.package_id, success_url=body.success_url, cancel_url=body.cancel_url,
+        user_id=user_id,
+        package_id=body.package_id,
+        success_url=body.success_url,
+        cancel_url=body.cancel_url,
         idempotency_key=idempotency_key,
     )
     return ok(CheckoutPublic(**checkout).model_dump())

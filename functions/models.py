@@ -32,5 +32,8 @@ async def get_models():
 @router.post("/{key}/quote")
 async def quote(key: str, body: QuoteRequest, user_id: CurrentUserId):
     """按参数报价（不扣费）"""
-    return ok(await get_task_service().quote(user_id=user_id, model_key=key, params=body.params,
-                                                 input_asset_ids=body.input_asset_ids))
+    return ok(
+        await get_task_service().quote(
+            user_id=user_id, model_key=key, params=body.params, input_asset_ids=body.input_asset_ids
+        )
+    )

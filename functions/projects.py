@@ -58,17 +58,21 @@ async def create_project(body: ProjectCreate, user_id: CurrentUserId):
 @router.get("")
 async def list_projects(user_id: CurrentUserId, limit: int = Query(20, ge=1, le=100), cursor: str | None = None):
     """项目列表（最新在前，游标分页）"""
-    return ok(ProjectPage.model_validate(
-        await get_project_service().list_projects(user_id=user_id, limit=limit, cursor=cursor)
-    ))
+    return ok(
+        ProjectPage.model_validate(
+            await get_project_service().list_projects(user_id=user_id, limit=limit, cursor=cursor)
+        )
+    )
 
 
 @router.get("/{project_id}")
 async def get_project(project_id: UUID, user_id: CurrentUserId):
     """查询项目"""
-    return ok(ProjectPublic.model_validate(
-        await get_project_service().get_project(user_id=user_id, project_id=str(project_id))
-    ))
+    return ok(
+        ProjectPublic.model_validate(
+            await get_project_service().get_project(user_id=user_id, project_id=str(project_id))
+        )
+    )
 
 
 @router.patch("/{project_id}")

@@ -32,8 +32,11 @@ async def create_task(
 ):
     """创建任务（扣除积分；同一 Idempotency-Key 重放返回同一任务）"""
     task, created = await get_task_service().create_task(
-        user_id=user_id, model_key=body.model_key, params=body.params,
-        project_id=str(body.project_id) if body.project_id else None, idempotency_key=idempotency_key,
+        user_id=user_id,
+        model_key=body.model_key,
+        params=body.params,
+        project_id=str(body.project_id) if body.project_id else None,
+        idempotency_key=idempotency_key,
     )
     if not created:
         response.status_code = 200  # a replay: same task, nothing charged
@@ -49,10 +52,15 @@ async def list_tasks(
     cursor: str | None = None,
 ):
     """任务列表"""
-    return ok(await get_task_service().list_tasks(
-        user_id=user_id, status=status, project_id=str(project_id) if project_id else None,
-        limit=limit, cursor=cursor,
-    ))
+    return ok(
+        await get_task_service().list_tasks(
+            user_id=user_id,
+            status=status,
+            project_id=str(project_id) if project_id else None,
+            limit=limit,
+            cursor=cursor,
+        )
+    )
 
 
 @router.get("/{task_id}")

@@ -102,8 +102,7 @@ def check_video_limits(info: dict) -> None:
     settings = get_settings()
     if (info.get("duration_s") or 0) > settings.max_video_seconds:
         raise InvalidInput(
-            f"The video is {info['duration_s']:.1f} s long; "
-            f"at most {settings.max_video_seconds:g} s are accepted."
+            f"The video is {info['duration_s']:.1f} s long; at most {settings.max_video_seconds:g} s are accepted."
         )
     if (info.get("frame_count") or 0) > settings.max_video_frames:
         raise InvalidInput(
@@ -144,9 +143,7 @@ def _probe_image(path: Path) -> dict | None:
         try:
             if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation that turns the picture by 90°
                 width, height = height, width
-            img.draft(
-                "RGB", (max(1, width // 8), max(1, height // 8))
-            )  # JPEG: 1/8 scale is enough to validate
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: 1/8 scale is enough to validate
             img.load()
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
@@ -182,9 +179,7 @@ def _probe_video(path: Path) -> dict:
         stream = container.streams.video[0]
         ctx = stream.codec_context
         if not ctx.width or not ctx.height:
-            raise InvalidInput(
-                f"The video stream ({ctx.name}) has no frame size; the file is corrupt or unsupported."
-            )
+            raise InvalidInput(f"The video stream ({ctx.name}) has no frame size; the file is corrupt or unsupported.")
         check_input_pixels(ctx.width, ctx.height)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else None
@@ -193,9 +188,7 @@ def _probe_video(path: Path) -> dict:
             next(container.decode(stream))
             ctx.skip_frame = "DEFAULT"
         except (av.FFmpegError, StopIteration) as exc:
-            raise InvalidInput(
-                f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}"
-            ) from None
+            raise InvalidInput(f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}") from None
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
         frames = stream.frames or _count_packets(container, stream)
@@ -585,9 +578,7 @@ class FrameWriter(_Worker):
         self.path, self.width, self.height = str(path), width, height
         self.rate = Fraction(rate).limit_denominator(1001000)
         # Keep the input's time base when every output frame time is a whole number of its ticks.
-        self.time_base = (
-            time_base if time_base and (1 / self.rate / time_base).denominator == 1 else 1 / self.rate
-        )
+        self.time_base = time_base if time_base and (1 / self.rate / time_base).denominator == 1 else 1 / self.rate
         self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
@@ -783,9 +774,7 @@ def stream_video(
     return writer.frames_written
 
 
-def encode_batches(
-    batches: Iterable[torch.Tensor], writer: FrameWriter, after_batch: Callable[[], None]
-) -> None:
+def encode_batches(batches: Iterable[torch.Tensor], writer: FrameWriter, after_batch: Callable[[], None]) -> None:
     """把设备上的浮点帧批次交给编码线程；每批之后调用 after_batch（进度/取消）"""
     for y in batches:
         frames = to_uint8(y)

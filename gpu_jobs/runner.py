@@ -131,10 +131,17 @@ async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> s
     await update_task_status(task["id"], attempt, progress=0.02, message="Processing")
     loop = asyncio.get_running_loop()
     ctx = JobContext(
-        task_id=task["id"], params=params, inputs=inputs, input_meta=assets, workdir=workdir,
-        progress=progress, device=_device(), state=dict(task.get("state") or {}),
+        task_id=task["id"],
+        params=params,
+        inputs=inputs,
+        input_meta=assets,
+        workdir=workdir,
+        progress=progress,
+        device=_device(),
+        state=dict(task.get("state") or {}),
         save_state=lambda state: asyncio.run_coroutine_threadsafe(
-            save_task_state(task["id"], attempt, state), loop).result(timeout=60),
+            save_task_state(task["id"], attempt, state), loop
+        ).result(timeout=60),
     )
     handler = load_handler(spec.handler)
     try:
@@ -166,20 +173,32 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
             await _settle_probe(task, ctx, reason=None)
         async with db.transaction() as conn:
             records = [
-                await create_asset_record(conn, task=task, output=output, bucket=settings.storage_bucket, path=path)
-                for output, path in uploaded
+                await create_asset_record(conn, task=task, output=output, path=path) for output, path in uploaded
             ]
             results = [r for r, (output, _) in zip(records, uploaded, strict=True) if output.role == "result"]
             main = results[0] if results else None
             result = {
                 "asset_ids": [str(r["id"]) for r in records],
-                **({"asset_id": str(main["id"]), "path": main["path"], "kind": main["kind"],
-                    "width": main["width"], "height": main["height"], "duration_s": main["duration_s"],
-                    "fps": main["fps"]} if main else {}),
+                **(
+                    {
+                        "asset_id": str(main["id"]),
+                        "path": main["path"],
+                        "kind": main["kind"],
+                        "width": main["width"],
+                        "height": main["height"],
+                        "duration_s": main["duration_s"],
+                        "fps": main["fps"],
+                    }
+                    if main
+                    else {}
+                ),
                 **ctx.result,
             }
-            result_url = (await storage.create_signed_url(path=main["path"], expires_in=settings.signed_url_seconds)
-                          if main else None)
+            result_url = (
+                await storage.create_signed_url(path=main["path"], expires_in=settings.signed_url_seconds)
+                if main
+                else None
+            )
             cur = await conn.execute(
                 "select public.finish_task(%s, 'completed', %s::jsonb, %s, null, %s, %s) as r",
                 (task["id"], json.dumps(result, default=str), result_url, "Done", attempt),

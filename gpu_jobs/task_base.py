@@ -53,8 +53,9 @@ def is_transient(exc: BaseException) -> bool:
         return False
 
 
-async def update_task_status(task_id: str, attempt: int, *, progress: float | None = None,
-                             message: str | None = None) -> str:
+async def update_task_status(
+    task_id: str, attempt: int, *, progress: float | None = None, message: str | None = None
+) -> str:
     """写进度并刷新心跳；任务已取消 → TaskCanceled，尝试已失效 → ClaimLost"""
     row = await db.fetch_one(
         "select * from public.report_task_progress(%s, %s, %s::real, %s)", (task_id, attempt, progress, message)
@@ -70,8 +71,9 @@ async def update_task_status(task_id: str, attempt: int, *, progress: float | No
 
 async def save_task_state(task_id: str, attempt: int, state: dict) -> None:
     """持久化任务状态（例如外部提供方的任务 id），重试后可恢复"""
-    row = await db.fetch_one("select public.save_task_state(%s, %s, %s::jsonb) as ok",
-                             (task_id, attempt, json.dumps(state)))
+    row = await db.fetch_one(
+        "select public.save_task_state(%s, %s, %s::jsonb) as ok", (task_id, attempt, json.dumps(state))
+    )
     if not row["ok"]:
         await update_task_status(task_id, attempt)  # raises TaskCanceled or ClaimLost
         raise ClaimLost(f"task {task_id}: state not saved")
@@ -83,8 +85,9 @@ async def download_file_to_temp(asset: dict, workdir: Path) -> Path:
 
     suffix = Path(asset["path"]).suffix or mimetypes.guess_extension(asset.get("mime") or "") or ""
     dest = workdir / f"input-{asset['id']}{suffix}"
-    await with_retries(f"download of asset {asset['id']}",
-                       lambda: get_storage().download_to(path=asset["path"], dest=dest))
+    await with_retries(
+        f"download of asset {asset['id']}", lambda: get_storage().download_to(path=asset["path"], dest=dest)
+    )
     return dest
 
 
@@ -92,20 +95,28 @@ async def upload_to_supabase(local_file: Path, storage_path: str, content_type: 
     """把输出文件上传到存储"""
     from lib.storage import get_storage
 
-    await with_retries(f"upload of {storage_path}",
-                       lambda: get_storage().upload_file(path=storage_path, local_file=local_file,
-                                                         content_type=content_type))
-
-
-async def create_asset_record(conn, *, task: dict, output, bucket: str, path: str) -> dict:
-    """在给定事务中插入任务产出的资源行（ready，带 source_task_id）"""
-    cur = await conn.execute(
-        "insert into public.assets (user_id, project_id, kind, bucket, path, mime, bytes, width, height,"
-        " duration_s, fps, source_task_id, metadata, status)"
-        " values (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, 'ready')"
-        " returning id, kind, mime, bytes, width, height, duration_s, fps, path",
-        (task["user_id"], task.get("project_id"), output.kind, bucket, path, output.mime,
-         output.path.stat().st_size, output.width, output.height, output.duration_s, output.fps,
-         task["id"], json.dumps({"role": output.role, **output.metadata})),
+    await with_retries(
+        f"upload of {storage_path}",
+        lambda: get_storage().upload_file(path=storage_path, local_file=local_file, content_type=content_type),
     )
-    return await cur.fetchone()
+
+
+async def create_asset_record(conn, *, task: dict, output, path: str) -> dict:
+    """在给定事务中插入任务产出的资源行（ready，带 source_task_id）"""
+    from lib.assets import get_asset_service
+
+    return await get_asset_service().create_asset_record(
+        user_id=task["user_id"],
+        project_id=task.get("project_id"),
+        kind=output.kind,
+        path=path,
+        mime=output.mime,
+        size=output.path.stat().st_size,
+        width=output.width,
+        height=output.height,
+        duration_s=output.duration_s,
+        fps=output.fps,
+        source_task_id=task["id"],
+        metadata={"role": output.role, **output.metadata},
+        conn=conn,
+    )

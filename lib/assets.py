@@ -91,8 +91,9 @@ class AssetService:
 
     # ------------------------------------------------------------ uploads
 
-    async def create_upload(self, *, user_id: str, content_type: str, size: int, filename: str | None = None,
-                            project_id: str | None = None) -> dict:
+    async def create_upload(
+        self, *, user_id: str, content_type: str, size: int, filename: str | None = None, project_id: str | None = None
+    ) -> dict:
         """登记一个待上传的资源并签发上传 URL"""
         media = media_type_of(content_type)
         if media is None:
@@ -106,11 +107,22 @@ class AssetService:
         path = user_path(user_id, "uploads", f"{asset_id}{media.ext}")
         signed = await get_storage().create_signed_upload_url(path=path, user_id=user_id)
         await self.create_asset_record(
-            asset_id=asset_id, user_id=user_id, project_id=project_id, kind=media.kind, path=path, mime=media.mime,
-            size=size, metadata={"filename": filename} if filename else {}, status="pending",
+            asset_id=asset_id,
+            user_id=user_id,
+            project_id=project_id,
+            kind=media.kind,
+            path=path,
+            mime=media.mime,
+            size=size,
+            metadata={"filename": filename} if filename else {},
+            status="pending",
         )
-        return {"asset_id": asset_id, "upload_url": signed["url"], "token": signed["token"],
-                "expires_at": datetime.fromtimestamp(signed["expires_at"], UTC)}
+        return {
+            "asset_id": asset_id,
+            "upload_url": signed["url"],
+            "token": signed["token"],
+            "expires_at": datetime.fromtimestamp(signed["expires_at"], UTC),
+        }
 
     async def complete_upload(self, *, user_id: str, asset_id: str) -> dict:
         """上传完成：确认对象存在、按字节判断类型，然后请 worker 探测"""
@@ -132,15 +144,17 @@ class AssetService:
         asset = await self._set_type(asset_id, media, info["size"])
         return await self._request_probe(user_id=user_id, asset=asset)
 
-    async def upload_direct(self, *, user_id: str, file: BinaryIO, filename: str | None = None,
-                            project_id: str | None = None) -> dict:
+    async def upload_direct(
+        self, *, user_id: str, file: BinaryIO, filename: str | None = None, project_id: str | None = None
+    ) -> dict:
         """小文件直传：判断类型、存入存储、登记为 pending 并请 worker 探测"""
         limit = get_settings().max_direct_upload_bytes
         size = file.seek(0, 2)
         file.seek(0)
         if size > limit:
-            raise PayloadTooLarge(f"The file is too large for a direct upload (at most {limit} bytes); "
-                                  "use POST /assets/uploads.")
+            raise PayloadTooLarge(
+                f"The file is too large for a direct upload (at most {limit} bytes); use POST /assets/uploads."
+            )
         if size == 0:
             raise InvalidInput("The file is empty.", details=[{"field": "file", "message": "empty"}])
         data = await asyncio.to_thread(file.read)
@@ -155,8 +169,15 @@ class AssetService:
         await storage.upload_bytes(path=path, data=data, content_type=media.mime, user_id=user_id, upsert=False)
         try:
             asset = await self.create_asset_record(
-                asset_id=asset_id, user_id=user_id, project_id=project_id, kind=media.kind, path=path,
-                mime=media.mime, size=size, metadata={"filename": filename} if filename else {}, status="pending",
+                asset_id=asset_id,
+                user_id=user_id,
+                project_id=project_id,
+                kind=media.kind,
+                path=path,
+                mime=media.mime,
+                size=size,
+                metadata={"filename": filename} if filename else {},
+                status="pending",
             )
         except BaseException:
             await self._remove_quietly(path, user_id)
@@ -168,9 +189,9 @@ class AssetService:
     async def get_asset(self, *, user_id: str, asset_id: str, sign: bool = True) -> dict:
         """查询自己的一个资源（他人的 → 404）；ready 时附新签名的下载 URL"""
         async with db.as_user(user_id) as conn:
-            asset = await (await conn.execute(
-                f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,)
-            )).fetchone()
+            asset = await (
+                await conn.execute(f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,))
+            ).fetchone()
         if asset is None:
             raise NotFound("Asset not found.")
         if sign:
@@ -179,20 +200,30 @@ class AssetService:
                 asset["download_url"] = await get_storage().create_signed_url(path=asset["path"], user_id=user_id)
         return asset
 
-    async def list_assets(self, *, user_id: str, project_id: str | None = None, kind: str | None = None,
-                          status: str | None = None, limit: int = 20, cursor: str | None = None) -> dict:
+    async def list_assets(
+        self,
+        *,
+        user_id: str,
+        project_id: str | None = None,
+        kind: str | None = None,
+        status: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> dict:
         """资源列表（可按项目、类型、状态筛选；最新在前，游标分页）"""
         after = page_after(cursor)
         async with db.as_user(user_id) as conn:
-            rows = await (await conn.execute(
-                f"select {ASSET_COLUMNS} from public.assets"
-                " where (%(project)s::uuid is null or project_id = %(project)s)"
-                " and (%(kind)s::text is null or kind = %(kind)s)"
-                " and (%(status)s::text is null or status = %(status)s)"
-                " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-                " order by created_at desc, id desc limit %(limit)s",
-                {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
-            )).fetchall()
+            rows = await (
+                await conn.execute(
+                    f"select {ASSET_COLUMNS} from public.assets"
+                    " where (%(project)s::uuid is null or project_id = %(project)s)"
+                    " and (%(kind)s::text is null or kind = %(kind)s)"
+                    " and (%(status)s::text is null or status = %(status)s)"
+                    " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+                    " order by created_at desc, id desc limit %(limit)s",
+                    {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
+                )
+            ).fetchall()
         return page_of(rows, limit)
 
     async def delete_asset(self, *, user_id: str, asset_id: str) -> None:
@@ -225,12 +256,25 @@ class AssetService:
             {**facts, "extra": json.dumps(extra, default=str), "id": asset_id},
         )
 
-    async def create_asset_record(self, *, user_id: str, kind: str, path: str, mime: str | None = None,
-                                  size: int | None = None, width: int | None = None, height: int | None = None,
-                                  duration_s: float | None = None, fps: float | None = None,
-                                  source_task_id: str | None = None, project_id: str | None = None,
-                                  metadata: dict | None = None, status: str = "ready", asset_id: str | None = None,
-                                  conn=None) -> dict:
+    async def create_asset_record(
+        self,
+        *,
+        user_id: str,
+        kind: str,
+        path: str,
+        mime: str | None = None,
+        size: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        duration_s: float | None = None,
+        fps: float | None = None,
+        source_task_id: str | None = None,
+        project_id: str | None = None,
+        metadata: dict | None = None,
+        status: str = "ready",
+        asset_id: str | None = None,
+        conn=None,
+    ) -> dict:
         """插入资源行（默认 ready；任务产出带 source_task_id）；可传入事务连接"""
         check_path(path, user_id)
         query = (
@@ -239,8 +283,23 @@ class AssetService:
             " values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
             f" %s::jsonb, %s) returning {ASSET_COLUMNS}"
         )
-        params = (asset_id, user_id, project_id, kind, get_settings().storage_bucket, path, mime, size, width, height,
-                  duration_s, fps, source_task_id, json.dumps(metadata or {}, default=str), status)
+        params = (
+            asset_id,
+            user_id,
+            project_id,
+            kind,
+            get_settings().storage_bucket,
+            path,
+            mime,
+            size,
+            width,
+            height,
+            duration_s,
+            fps,
+            source_task_id,
+            json.dumps(metadata or {}, default=str),
+            status,
+        )
         if conn is not None:
             return await (await conn.execute(query, params)).fetchone()
         return await db.fetch_one(query, params)
@@ -253,8 +312,12 @@ class AssetService:
 
         asset_id = str(asset["id"])
         outcome = await get_credit_service().consume_credits(
-            user_id=user_id, model_key=PROBE_MODEL, params={"asset_id": asset_id}, cost=0,
-            idempotency_key=f"probe:{asset_id}", input_asset_ids=[asset_id],
+            user_id=user_id,
+            model_key=PROBE_MODEL,
+            params={"asset_id": asset_id},
+            cost=0,
+            idempotency_key=f"probe:{asset_id}",
+            input_asset_ids=[asset_id],
         )
         task_id = str(outcome["task"]["id"])
         if outcome["created"]:

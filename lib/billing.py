@@ -64,11 +64,15 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
         user_id = _uuid_or_none(meta.get("user_id") or obj.get("client_reference_id"))
         ids = (purchase_id, obj["id"], _id_of(obj.get("payment_intent")), user_id, package_id)
         paid = kind == "checkout.session.async_payment_succeeded" or (
-            kind == "checkout.session.completed" and obj.get("payment_status") == "paid")
+            kind == "checkout.session.completed" and obj.get("payment_status") == "paid"
+        )
         if paid:
             return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", (*ids, obj.get("amount_total"))
-        unpaid = {"checkout.session.completed": "pending", "checkout.session.async_payment_failed": "failed",
-                  "checkout.session.expired": "expired"}.get(kind)
+        unpaid = {
+            "checkout.session.completed": "pending",
+            "checkout.session.async_payment_failed": "failed",
+            "checkout.session.expired": "expired",
+        }.get(kind)
         if unpaid:
             return "select public.apply_checkout_unpaid(%s, %s, %s, %s, %s, %s) as r", (*ids, unpaid)
         return None
@@ -76,8 +80,14 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
         user_id = _uuid_or_none(meta.get("user_id"))
         return (
             "select public.apply_charge_refunded(%s, %s, %s, %s, %s, %s) as r",
-            (purchase_id, _id_of(obj.get("payment_intent")), user_id, package_id,
-             obj.get("amount"), obj.get("amount_refunded") or 0),
+            (
+                purchase_id,
+                _id_of(obj.get("payment_intent")),
+                user_id,
+                package_id,
+                obj.get("amount"),
+                obj.get("amount_refunded") or 0,
+            ),
         )
     return None
 
@@ -103,8 +113,15 @@ class BillingService:
             f"select {PACKAGE_COLUMNS} from public.credit_packages where active order by price_cents, id"
         )
 
-    async def create_checkout(self, *, user_id: str, package_id: str, success_url: str | None = None,
-                              cancel_url: str | None = None, idempotency_key: str | None = None) -> dict:
+    async def create_checkout(
+        self,
+        *,
+        user_id: str,
+        package_id: str,
+        success_url: str | None = None,
+        cancel_url: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict:
         """创建 Stripe Checkout Session 并记录待支付的购买"""
         settings = get_settings()
         success_url = self._allowed_url(success_url or settings.billing_success_url, "success_url")
@@ -116,8 +133,11 @@ class BillingService:
         if package is None:
             raise NotFound(f"No credit pack '{package_id}'.")
         # A replayed Idempotency-Key maps to the same purchase id, so Stripe returns the same session.
-        purchase_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"spool:checkout:{user_id}:{idempotency_key}")
-                          if idempotency_key else uuid.uuid4())
+        purchase_id = str(
+            uuid.uuid5(uuid.NAMESPACE_URL, f"spool:checkout:{user_id}:{idempotency_key}")
+            if idempotency_key
+            else uuid.uuid4()
+        )
         metadata = {"user_id": user_id, "package_id": package["id"], "purchase_id": purchase_id}
         try:
             customer_id = await self._customer_for(user_id=user_id)
@@ -140,8 +160,15 @@ class BillingService:
         await db.execute(
             "insert into public.purchases (id, user_id, package_id, checkout_session_id, credits, amount_cents,"
             " currency) values (%s, %s, %s, %s, %s, %s, %s) on conflict do nothing",
-            (purchase_id, user_id, package["id"], session.id, package["credits"], package["price_cents"],
-             package["currency"]),
+            (
+                purchase_id,
+                user_id,
+                package["id"],
+                session.id,
+                package["credits"],
+                package["price_cents"],
+                package["currency"],
+            ),
         )
         return {"checkout_url": session.url, "session_id": session.id}
 
@@ -170,16 +197,24 @@ class BillingService:
         if not settings.stripe_webhook_secret:
             raise ProviderUnavailable("Stripe webhooks are not configured: STRIPE_WEBHOOK_SECRET is not set.")
         try:
-            event = get_stripe_client().construct_event(
-                payload, signature, settings.stripe_webhook_secret, tolerance=settings.stripe_webhook_tolerance
-            ).to_dict()
+            event = (
+                get_stripe_client()
+                .construct_event(
+                    payload, signature, settings.stripe_webhook_secret, tolerance=settings.stripe_webhook_tolerance
+                )
+                .to_dict()
+            )
         except stripe.SignatureVerificationError as exc:
             raise InvalidWebhook(f"The Stripe signature is not valid: {exc.user_message or exc}") from None
         except (ValueError, TypeError, AttributeError):  # not UTF-8, not JSON, not an object
             raise InvalidWebhook("The webhook body is not a Stripe event.") from None
         data = event.get("data")
-        if not isinstance(event.get("id"), str) or not isinstance(event.get("type"), str) \
-                or not isinstance(data, dict) or not isinstance(data.get("object"), dict):
+        if (
+            not isinstance(event.get("id"), str)
+            or not isinstance(event.get("type"), str)
+            or not isinstance(data, dict)
+            or not isinstance(data.get("object"), dict)
+        ):
             raise InvalidWebhook("The webhook body is not a Stripe event.")
         return event
 
@@ -196,15 +231,17 @@ class BillingService:
         if package["stripe_price_id"]:
             return {"price": package["stripe_price_id"], "quantity": 1}
         return {
-            "price_data": {"currency": package["currency"], "unit_amount": package["price_cents"],
-                           "product_data": {"name": package["name"]}},
+            "price_data": {
+                "currency": package["currency"],
+                "unit_amount": package["price_cents"],
+                "product_data": {"name": package["name"]},
+            },
             "quantity": 1,
         }
 
     async def _customer_for(self, *, user_id: str) -> str:
         """用户的 Stripe 客户 id（首次结账时创建并保存到资料）"""
-        profile = await db.fetch_one("select email, stripe_customer_id from public.profiles where id = %s",
-                                     (user_id,))
+        profile = await db.fetch_one("select email, stripe_customer_id from public.profiles where id = %s", (user_id,))
         if profile is None:
             raise NotFound("No profile for this user.")
         if profile["stripe_customer_id"]:

@@ -244,9 +244,7 @@ def get_model(key: str) -> ModelSpec:
     """按 key 查找模型"""
     spec = CATALOG.get(key)
     if spec is None:
-        raise InvalidInput(
-            f"Unknown model '{key}'.", details=[{"field": "model_key", "message": "unknown model"}]
-        )
+        raise InvalidInput(f"Unknown model '{key}'.", details=[{"field": "model_key", "message": "unknown model"}])
     return spec
 
 

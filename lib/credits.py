@@ -73,15 +73,32 @@ class CreditService:
         next_cursor = encode_cursor({"id": rows[limit - 1]["id"]}) if len(rows) > limit else None
         return {"items": rows[:limit], "next_cursor": next_cursor}
 
-    async def consume_credits(self, *, user_id: str, model_key: str, params: dict, cost: int,
-                              idempotency_key: str | None = None, project_id: str | None = None,
-                              input_asset_ids: list[str] | None = None, max_active: int | None = None) -> dict:
+    async def consume_credits(
+        self,
+        *,
+        user_id: str,
+        model_key: str,
+        params: dict,
+        cost: int,
+        idempotency_key: str | None = None,
+        project_id: str | None = None,
+        input_asset_ids: list[str] | None = None,
+        max_active: int | None = None,
+    ) -> dict:
         """扣除积分并创建任务（一次 SQL 调用，幂等）"""
         try:
             row = await db.fetch_one(
                 "select public.create_task(%s, %s, %s::jsonb, %s, %s, %s, %s::uuid[], %s) as r",
-                (user_id, model_key, json.dumps(params), cost, idempotency_key, project_id,
-                 input_asset_ids or [], max_active),
+                (
+                    user_id,
+                    model_key,
+                    json.dumps(params),
+                    cost,
+                    idempotency_key,
+                    project_id,
+                    input_asset_ids or [],
+                    max_active,
+                ),
             )
         except pg_errors.Error as exc:
             raise_domain_error(exc)
@@ -96,8 +113,9 @@ class CreditService:
         except pg_errors.Error as exc:
             raise_domain_error(exc)
 
-    async def refund(self, *, task_id: str, status: str = "failed", error: dict | None = None,
-                     message: str | None = None) -> dict:
+    async def refund(
+        self, *, task_id: str, status: str = "failed", error: dict | None = None, message: str | None = None
+    ) -> dict:
         """结束任务为失败/取消并退款（只退一次）"""
         try:
             row = await db.fetch_one(

@@ -52,20 +52,22 @@ class ProjectService:
         """项目列表（最新在前，游标分页）"""
         after = page_after(cursor)
         async with db.as_user(user_id) as conn:
-            rows = await (await conn.execute(
-                f"select {PROJECT_COLUMNS} from public.projects"
-                " where (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-                " order by created_at desc, id desc limit %(limit)s",
-                {**after, "limit": limit + 1},
-            )).fetchall()
+            rows = await (
+                await conn.execute(
+                    f"select {PROJECT_COLUMNS} from public.projects"
+                    " where (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+                    " order by created_at desc, id desc limit %(limit)s",
+                    {**after, "limit": limit + 1},
+                )
+            ).fetchall()
         return page_of(rows, limit)
 
     async def get_project(self, *, user_id: str, project_id: str) -> dict:
         """查询自己的一个项目（他人的 → 404）"""
         async with db.as_user(user_id) as conn:
-            row = await (await conn.execute(
-                f"select {PROJECT_COLUMNS} from public.projects where id = %s", (project_id,)
-            )).fetchone()
+            row = await (
+                await conn.execute(f"select {PROJECT_COLUMNS} from public.projects where id = %s", (project_id,))
+            ).fetchone()
         if row is None:
             raise NotFound("Project not found.")
         return row
@@ -94,9 +96,9 @@ class ProjectService:
     async def delete_project(self, *, user_id: str, project_id: str) -> None:
         """删除项目（其资源与任务保留，project_id 置空）"""
         async with db.as_user(user_id) as conn:
-            row = await (await conn.execute(
-                "delete from public.projects where id = %s returning id", (project_id,)
-            )).fetchone()
+            row = await (
+                await conn.execute("delete from public.projects where id = %s returning id", (project_id,))
+            ).fetchone()
         if row is None:
             raise NotFound("Project not found.")
 

@@ -1,4 +1,4 @@
-"""The reaper: requeue stalled tasks, fail and refund those out of attempts or never started, redispatch the forgotten."""
+"""The reaper: requeue stalled tasks, fail and refund the worn-out and the never-started, redispatch the forgotten."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ async def reap() -> dict[str, int]:
     settings = get_settings()
     rows = await db.fetch_all(
         "select * from public.reap_tasks(%s, %s, %s, %s)",
-        (settings.task_stall_seconds, settings.task_max_attempts, max(5, settings.task_stall_seconds // 2),
-         settings.task_queue_timeout_seconds),
+        (
+            settings.task_stall_seconds,
+            settings.task_max_attempts,
+            max(5, settings.task_stall_seconds // 2),
+            settings.task_queue_timeout_seconds,
+        ),
     )
     counts = Counter(row["action"] for row in rows)
     for row in rows:

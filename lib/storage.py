@@ -94,7 +94,7 @@ class StorageService:
         """把内部存储地址换成浏览器可达的地址（本地模式下优先 PUBLIC_URL）"""
         settings = get_settings()
         if settings.is_local and settings.public_url and url.startswith(self.storage_url):
-            return f"{settings.public_url.rstrip('/')}/storage/v1/{url[len(self.storage_url):]}"
+            return f"{settings.public_url.rstrip('/')}/storage/v1/{url[len(self.storage_url) :]}"
         return url
 
     async def close(self) -> None:
@@ -129,8 +129,9 @@ class StorageService:
 
     # ------------------------------------------------------------ writes
 
-    async def upload_file(self, *, path: str, local_file: str | Path, content_type: str, user_id: str | None = None,
-                          upsert: bool = True) -> str:
+    async def upload_file(
+        self, *, path: str, local_file: str | Path, content_type: str, user_id: str | None = None, upsert: bool = True
+    ) -> str:
         """从磁盘流式上传文件"""
         check_path(path, user_id)
         options = {"content-type": content_type, "cache-control": "3600", "upsert": "true" if upsert else "false"}
@@ -138,8 +139,9 @@ class StorageService:
             await self._bucket().upload(path, Path(local_file), options)
         return path
 
-    async def upload_bytes(self, *, path: str, data: bytes, content_type: str, user_id: str | None = None,
-                           upsert: bool = True) -> str:
+    async def upload_bytes(
+        self, *, path: str, data: bytes, content_type: str, user_id: str | None = None, upsert: bool = True
+    ) -> str:
         """上传内存中的字节"""
         check_path(path, user_id)
         options = {"content-type": content_type, "cache-control": "3600", "upsert": "true" if upsert else "false"}
@@ -152,8 +154,12 @@ class StorageService:
         check_path(path, user_id)
         async with self._errors("sign an upload"):
             signed = await self._bucket().create_signed_upload_url(path)
-        return {"url": self.public_url(signed["signed_url"]), "token": signed["token"], "path": path,
-                "expires_at": int(time.time()) + SIGNED_UPLOAD_SECONDS}
+        return {
+            "url": self.public_url(signed["signed_url"]),
+            "token": signed["token"],
+            "path": path,
+            "expires_at": int(time.time()) + SIGNED_UPLOAD_SECONDS,
+        }
 
     async def remove(self, *, paths: list[str], user_id: str | None = None) -> list[str]:
         """删除对象；返回确实被删除的路径"""
@@ -167,14 +173,22 @@ class StorageService:
 
     # ------------------------------------------------------------ reads
 
-    async def create_signed_url(self, *, path: str, expires_in: int | None = None, user_id: str | None = None,
-                                download: str | bool | None = None) -> str:
+    async def create_signed_url(
+        self,
+        *,
+        path: str,
+        expires_in: int | None = None,
+        user_id: str | None = None,
+        download: str | bool | None = None,
+    ) -> str:
         """创建签名下载 URL（绝对地址，浏览器可用）"""
-        return self.public_url(await self._signed_url(path, expires_in or get_settings().signed_url_seconds,
-                                                      user_id, download))
+        return self.public_url(
+            await self._signed_url(path, expires_in or get_settings().signed_url_seconds, user_id, download)
+        )
 
-    async def _signed_url(self, path: str, expires_in: int, user_id: str | None,
-                          download: str | bool | None = None) -> str:
+    async def _signed_url(
+        self, path: str, expires_in: int, user_id: str | None, download: str | bool | None = None
+    ) -> str:
         check_path(path, user_id)
         options = {"download": download} if download else None
         async with self._errors("sign a download"):
@@ -203,9 +217,10 @@ class StorageService:
         """流式读取对象的前若干字节（Range 请求，不下载整个文件）"""
         url = await self._signed_url(path, INTERNAL_URL_SECONDS, user_id)
         head = bytearray()
-        async with self._errors("read the file"), self._http.stream(
-            "GET", url, headers={"Range": f"bytes=0-{size - 1}"}
-        ) as resp:
+        async with (
+            self._errors("read the file"),
+            self._http.stream("GET", url, headers={"Range": f"bytes=0-{size - 1}"}) as resp,
+        ):
             resp.raise_for_status()
             async for chunk in resp.aiter_bytes():
                 head += chunk

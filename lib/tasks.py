@@ -23,25 +23,41 @@ PUBLIC_COLUMNS = (
 class TaskService:
     """任务服务"""
 
-    async def create_task(self, *, user_id: str, model_key: str, params: dict, project_id: str | None = None,
-                          idempotency_key: str | None = None) -> tuple[dict, bool]:
+    async def create_task(
+        self,
+        *,
+        user_id: str,
+        model_key: str,
+        params: dict,
+        project_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> tuple[dict, bool]:
         """创建任务并扣除积分；返回 (任务, 是否新建)。重放由 create_task SQL 按幂等键返回原任务"""
         spec = catalog.get_model(model_key)
         if not spec.public:
-            raise InvalidInput(f"Model '{model_key}' cannot be run directly.",
-                               details=[{"field": "model_key", "message": "internal model"}])
+            raise InvalidInput(
+                f"Model '{model_key}' cannot be run directly.",
+                details=[{"field": "model_key", "message": "internal model"}],
+            )
         settings = get_settings()
         if not spec.available(settings):
             raise ProviderUnavailable(f"'{spec.title}' is not available right now.")
         valid = catalog.validate_params(spec, params)
         assets = await self._input_assets(user_id, spec, valid)
         if project_id:
-            await self._require_project(user_id, project_id)
+            from lib.projects import get_project_service
+
+            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
         credits = get_credit_service()
         cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
         outcome = await credits.consume_credits(
-            user_id=user_id, model_key=model_key, params=valid.model_dump(mode="json"), cost=cost,
-            idempotency_key=idempotency_key, project_id=project_id, input_asset_ids=list(assets),
+            user_id=user_id,
+            model_key=model_key,
+            params=valid.model_dump(mode="json"),
+            cost=cost,
+            idempotency_key=idempotency_key,
+            project_id=project_id,
+            input_asset_ids=list(assets),
             max_active=settings.max_active_tasks_per_user,
         )
         task = public_task(outcome["task"])
@@ -55,8 +71,10 @@ class TaskService:
         valid = catalog.validate_params(spec, params)
         named = set(spec.input_asset_ids(valid))
         if input_asset_ids is not None and {str(i) for i in input_asset_ids} != named:
-            raise InvalidInput("input_asset_ids must match the assets named in params.",
-                               details=[{"field": "input_asset_ids", "message": "does not match params"}])
+            raise InvalidInput(
+                "input_asset_ids must match the assets named in params.",
+                details=[{"field": "input_asset_ids", "message": "does not match params"}],
+            )
         assets = await self._input_assets(user_id, spec, valid)
         credits = get_credit_service()
         cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
@@ -77,27 +95,41 @@ class TaskService:
     async def get_task(self, *, user_id: str, task_id: str) -> dict:
         """查询自己的一个任务"""
         async with db.as_user(user_id) as conn:
-            row = await (await conn.execute(
-                f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,)
-            )).fetchone()
+            row = await (
+                await conn.execute(f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,))
+            ).fetchone()
         if row is None:
             raise NotFound("Task not found.")
         return await with_fresh_result_url(row)
 
-    async def list_tasks(self, *, user_id: str, status: str | None = None, project_id: str | None = None,
-                         limit: int = 20, cursor: str | None = None) -> dict:
+    async def list_tasks(
+        self,
+        *,
+        user_id: str,
+        status: str | None = None,
+        project_id: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> dict:
         """任务列表（最新在前，游标分页）"""
         after = decode_cursor(cursor) or {}
         async with db.as_user(user_id) as conn:
-            rows = await (await conn.execute(
-                f"select {PUBLIC_COLUMNS} from public.tasks"
-                " where (%(status)s::text is null or status = %(status)s)"
-                " and (%(project)s::uuid is null or project_id = %(project)s)"
-                " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-                " order by created_at desc, id desc limit %(limit)s",
-                {"status": status, "project": project_id, "at": after.get("created_at"),
-                 "id": after.get("id"), "limit": limit + 1},
-            )).fetchall()
+            rows = await (
+                await conn.execute(
+                    f"select {PUBLIC_COLUMNS} from public.tasks"
+                    " where (%(status)s::text is null or status = %(status)s)"
+                    " and (%(project)s::uuid is null or project_id = %(project)s)"
+                    " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+                    " order by created_at desc, id desc limit %(limit)s",
+                    {
+                        "status": status,
+                        "project": project_id,
+                        "at": after.get("created_at"),
+                        "id": after.get("id"),
+                        "limit": limit + 1,
+                    },
+                )
+            ).fetchall()
         next_cursor = None
         if len(rows) > limit:
             last = rows[limit - 1]
@@ -110,7 +142,9 @@ class TaskService:
         if task["status"] in TERMINAL:
             raise Conflict(f"The task is already {task['status']}.")
         outcome = await get_credit_service().refund(
-            task_id=task_id, status="canceled", error={"code": "canceled", "message": "Canceled by the user."},
+            task_id=task_id,
+            status="canceled",
+            error={"code": "canceled", "message": "Canceled by the user."},
             message="Canceled.",
         )
         if not outcome["changed"]:
@@ -127,10 +161,13 @@ class TaskService:
         if not ids:
             return {}
         async with db.as_user(user_id) as conn:
-            rows = await (await conn.execute(
-                "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
-                " from public.assets where id = any(%s::uuid[])", (ids,)
-            )).fetchall()
+            rows = await (
+                await conn.execute(
+                    "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
+                    " from public.assets where id = any(%s::uuid[])",
+                    (ids,),
+                )
+            ).fetchall()
         found = {str(r["id"]): r for r in rows}
         for field, kind in spec.inputs.items():
             asset_id = str(getattr(params, field))
@@ -138,18 +175,16 @@ class TaskService:
             if asset is None:
                 raise NotFound(f"Asset {asset_id} not found.")
             if asset["status"] != "ready":
-                raise InvalidInput(f"Asset {asset_id} is {asset['status']}, not ready.",
-                                   details=[{"field": f"params.{field}", "message": "asset not ready"}])
+                raise InvalidInput(
+                    f"Asset {asset_id} is {asset['status']}, not ready.",
+                    details=[{"field": f"params.{field}", "message": "asset not ready"}],
+                )
             if asset["kind"] != kind:
-                raise InvalidInput(f"This model needs a {kind}, but asset {asset_id} is a {asset['kind']}.",
-                                   details=[{"field": f"params.{field}", "message": f"expected a {kind}"}])
+                raise InvalidInput(
+                    f"This model needs a {kind}, but asset {asset_id} is a {asset['kind']}.",
+                    details=[{"field": f"params.{field}", "message": f"expected a {kind}"}],
+                )
         return {asset_id: found[asset_id] for asset_id in ids}
-
-    async def _require_project(self, user_id: str, project_id: str) -> None:
-        async with db.as_user(user_id) as conn:
-            row = await (await conn.execute("select 1 from public.projects where id = %s", (project_id,))).fetchone()
-        if row is None:
-            raise NotFound("Project not found.")
 
 
 async def with_fresh_result_url(task: dict) -> dict:
@@ -159,8 +194,10 @@ async def with_fresh_result_url(task: dict) -> dict:
         from lib.storage import get_storage
 
         settings = get_settings()
-        task = {**task, "result_url": await get_storage().create_signed_url(
-            path=path, expires_in=settings.signed_url_seconds)}
+        task = {
+            **task,
+            "result_url": await get_storage().create_signed_url(path=path, expires_in=settings.signed_url_seconds),
+        }
     return task
 
 

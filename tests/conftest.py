@@ -65,8 +65,13 @@ def base_url(postgres) -> str:
 def live_server(postgres, base_url):
     """本地服务器（独立进程：JWKS、存储、实时）"""
     log = open(_HOME / "server.log", "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "lib.local", "serve"], cwd=ROOT, env=os.environ.copy(),
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib.local", "serve"],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -135,8 +140,11 @@ async def db_conn(postgres):
 def clean_database(request):
     """每个测试后：检查 balance = sum(ledger)，然后清空数据"""
     yield
-    if "postgres" not in request.fixturenames and "live_server" not in request.fixturenames \
-            and "client" not in request.fixturenames:
+    if (
+        "postgres" not in request.fixturenames
+        and "live_server" not in request.fixturenames
+        and "client" not in request.fixturenames
+    ):
         return
     import psycopg
 

@@ -104,8 +104,9 @@ class FakeKling:
         try:
             if jwt.get_unverified_header(token).get("typ") != "JWT":
                 raise jwt.InvalidTokenError("typ is not JWT")
-            claims = jwt.decode(token, self.secret_key, algorithms=["HS256"], leeway=0,
-                                options={"require": ["iss", "exp", "nbf"]})
+            claims = jwt.decode(
+                token, self.secret_key, algorithms=["HS256"], leeway=0, options={"require": ["iss", "exp", "nbf"]}
+            )
         except jwt.ExpiredSignatureError:
             self.rejected.append("expired")
             return 1004, "Authorization is expired"
@@ -137,14 +138,26 @@ class FakeKling:
             if external and any(job["external_task_id"] == external for job in self.jobs.values()):
                 return _error(400, 1201, "external_task_id already exists")
             task_id = f"kt-{uuid.uuid4().hex[:12]}"
-            self.jobs[task_id] = {"task_id": task_id, "kind": kind, "external_task_id": external, "polls": 0,
-                                  "created_at": int(time.time() * 1000)}
+            self.jobs[task_id] = {
+                "task_id": task_id,
+                "kind": kind,
+                "external_task_id": external,
+                "polls": 0,
+                "created_at": int(time.time() * 1000),
+            }
             self.submits.append(req)
             if self.lose_submit_response:
                 self.lose_submit_response = False
                 return _error(500, 5000, "Server internal error")
-        return _ok({"task_id": task_id, "task_status": "submitted", "task_info": {"external_task_id": external},
-                    "created_at": self.jobs[task_id]["created_at"], "updated_at": self.jobs[task_id]["created_at"]})
+        return _ok(
+            {
+                "task_id": task_id,
+                "task_status": "submitted",
+                "task_info": {"external_task_id": external},
+                "created_at": self.jobs[task_id]["created_at"],
+                "updated_at": self.jobs[task_id]["created_at"],
+            }
+        )
 
     def _status(self, kind: str, ref: str) -> tuple[int, dict, bytes, str]:
         job = self.jobs.get(ref) or next((j for j in self.jobs.values() if j["external_task_id"] == ref), None)
@@ -158,14 +171,22 @@ class FakeKling:
         with self._lock:
             state = self.script[min(job["polls"], len(self.script) - 1)]
             job["polls"] += 1
-        data = {"task_id": job["task_id"], "task_status": state, "task_status_msg": "",
-                "task_info": {"external_task_id": job["external_task_id"]},
-                "created_at": job["created_at"], "updated_at": int(time.time() * 1000)}
+        data = {
+            "task_id": job["task_id"],
+            "task_status": state,
+            "task_status_msg": "",
+            "task_info": {"external_task_id": job["external_task_id"]},
+            "created_at": job["created_at"],
+            "updated_at": int(time.time() * 1000),
+        }
         if state == "failed":
             data["task_status_msg"] = self.fail_reason
         if state == "succeed":
-            data["task_result"] = {"videos": [{"id": f"v-{job['task_id']}", "url": f"{self.url}/files/"
-                                               f"{job['task_id']}.mp4", "duration": "1.0"}]}
+            data["task_result"] = {
+                "videos": [
+                    {"id": f"v-{job['task_id']}", "url": f"{self.url}/files/{job['task_id']}.mp4", "duration": "1.0"}
+                ]
+            }
         return _ok(data)
 
 

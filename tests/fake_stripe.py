@@ -54,8 +54,12 @@ class FakeStripe:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0)).decode()
-                request = FakeRequest("POST", self.path, dict(parse_qsl(body, keep_blank_values=True)),
-                                      {k.lower(): v for k, v in self.headers.items()})
+                request = FakeRequest(
+                    "POST",
+                    self.path,
+                    dict(parse_qsl(body, keep_blank_values=True)),
+                    {k.lower(): v for k, v in self.headers.items()},
+                )
                 status, payload, extra = fake.answer(request)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
@@ -99,8 +103,17 @@ class FakeStripe:
         if key and key in self._replays:
             form, status, body = self._replays[key]
             if form != request.form:
-                return 400, {"error": {"type": "idempotency_error", "message": "Keys for idempotent requests can"
-                                       " only be used with the same parameters they were first used with."}}, {}
+                return (
+                    400,
+                    {
+                        "error": {
+                            "type": "idempotency_error",
+                            "message": "Keys for idempotent requests can"
+                            " only be used with the same parameters they were first used with.",
+                        }
+                    },
+                    {},
+                )
             return status, body, {"Idempotent-Replayed": "true"}
         status, body = self.create(request)
         if key:
@@ -111,17 +124,29 @@ class FakeStripe:
         params = nest(request.form)
         n = next(self._ids)
         if request.path == "/v1/customers":
-            return 200, {"id": f"cus_fake{n}", "object": "customer", "email": params.get("email"),
-                         "metadata": params.get("metadata", {}), "livemode": False}
+            return 200, {
+                "id": f"cus_fake{n}",
+                "object": "customer",
+                "email": params.get("email"),
+                "metadata": params.get("metadata", {}),
+                "livemode": False,
+            }
         if request.path == "/v1/checkout/sessions":
             session_id = f"cs_test_fake{n}"
             return 200, {
-                "id": session_id, "object": "checkout.session", "mode": params.get("mode"),
-                "url": f"https://checkout.stripe.com/c/pay/{session_id}", "status": "open",
-                "payment_status": "unpaid", "customer": params.get("customer"),
-                "client_reference_id": params.get("client_reference_id"), "metadata": params.get("metadata", {}),
-                "success_url": params.get("success_url"), "cancel_url": params.get("cancel_url"),
-                "payment_intent": None, "livemode": False,
+                "id": session_id,
+                "object": "checkout.session",
+                "mode": params.get("mode"),
+                "url": f"https://checkout.stripe.com/c/pay/{session_id}",
+                "status": "open",
+                "payment_status": "unpaid",
+                "customer": params.get("customer"),
+                "client_reference_id": params.get("client_reference_id"),
+                "metadata": params.get("metadata", {}),
+                "success_url": params.get("success_url"),
+                "cancel_url": params.get("cancel_url"),
+                "payment_intent": None,
+                "livemode": False,
             }
         return 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL {request.path}"}}
 
@@ -162,20 +187,41 @@ def event(kind: str, obj: dict, event_id: str | None = None) -> dict:
     }
 
 
-def session(session_id: str, metadata: dict, *, payment_status: str = "paid", status: str = "complete",
-            payment_intent: str | None = "pi_test_1", amount_total: int = 500) -> dict:
+def session(
+    session_id: str,
+    metadata: dict,
+    *,
+    payment_status: str = "paid",
+    status: str = "complete",
+    payment_intent: str | None = "pi_test_1",
+    amount_total: int = 500,
+) -> dict:
     """Checkout Session 对象（事件里的样子）"""
     return {
-        "id": session_id, "object": "checkout.session", "mode": "payment", "status": status,
-        "payment_status": payment_status, "payment_intent": payment_intent, "amount_total": amount_total,
-        "currency": "usd", "client_reference_id": metadata.get("user_id"), "metadata": metadata,
+        "id": session_id,
+        "object": "checkout.session",
+        "mode": "payment",
+        "status": status,
+        "payment_status": payment_status,
+        "payment_intent": payment_intent,
+        "amount_total": amount_total,
+        "currency": "usd",
+        "client_reference_id": metadata.get("user_id"),
+        "metadata": metadata,
     }
 
 
 def charge(metadata: dict, *, amount: int = 500, amount_refunded: int, payment_intent: str = "pi_test_1") -> dict:
     """Charge 对象（charge.refunded 事件里的样子；metadata 来自 payment_intent_data）"""
     return {
-        "id": f"ch_test_{payment_intent}", "object": "charge", "amount": amount, "amount_refunded": amount_refunded,
-        "refunded": amount_refunded >= amount, "currency": "usd", "payment_intent": payment_intent,
-        "metadata": metadata, "paid": True, "status": "succeeded",
+        "id": f"ch_test_{payment_intent}",
+        "object": "charge",
+        "amount": amount,
+        "amount_refunded": amount_refunded,
+        "refunded": amount_refunded >= amount,
+        "currency": "usd",
+        "payment_intent": payment_intent,
+        "metadata": metadata,
+        "paid": True,
+        "status": "succeeded",
     }

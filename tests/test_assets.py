@@ -55,8 +55,11 @@ async def test_direct_upload_is_pending_with_a_free_probe_task(client, make_user
 async def test_signed_upload_then_complete_then_probed(client, make_user):
     user = await make_user()
     data = png_bytes(40, 30)
-    resp = await client.post("/assets/uploads", json={"content_type": "image/png", "bytes": len(data),
-                                                       "filename": "big.png"}, headers=user.headers)
+    resp = await client.post(
+        "/assets/uploads",
+        json={"content_type": "image/png", "bytes": len(data), "filename": "big.png"},
+        headers=user.headers,
+    )
     assert resp.status_code == 201, resp.text
     ticket = resp.json()["data"]
     assert set(ticket) == {"asset_id", "upload_url", "token", "expires_at"}
@@ -77,8 +80,17 @@ async def test_signed_upload_then_complete_then_probed(client, make_user):
     assert again["probe_task_id"] == asset["probe_task_id"]  # idempotent: one probe task
     assert len(sql("select id from public.tasks where user_id = %s", (user.id,))) == 1
 
-    probe = {"kind": "image", "format": "png", "mime": "image/png", "width": 40, "height": 30, "duration_s": None,
-             "fps": None, "frame_count": 1, "bytes": len(data)}
+    probe = {
+        "kind": "image",
+        "format": "png",
+        "mime": "image/png",
+        "width": 40,
+        "height": 30,
+        "duration_s": None,
+        "fps": None,
+        "frame_count": 1,
+        "bytes": len(data),
+    }
     await get_asset_service().mark_probed(asset_id=asset["id"], probe=probe, reason=None)
     ready = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
     assert ready["status"] == "ready" and (ready["width"], ready["height"]) == (40, 30)
@@ -96,15 +108,19 @@ async def test_upload_ticket_validation(client, make_user, monkeypatch):
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     resp = await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 1001}, headers=user.headers)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"
-    resp = await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 10,
-                                                       "project_id": str(uuid.uuid4())}, headers=user.headers)
+    resp = await client.post(
+        "/assets/uploads",
+        json={"content_type": "video/mp4", "bytes": 10, "project_id": str(uuid.uuid4())},
+        headers=user.headers,
+    )
     assert resp.status_code == 404
 
 
 async def test_signed_upload_of_a_non_media_file_is_rejected(client, make_user):
     user = await make_user()
-    ticket = (await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 11},
-                                headers=user.headers)).json()["data"]
+    ticket = (
+        await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 11}, headers=user.headers)
+    ).json()["data"]
     async with httpx.AsyncClient() as http:
         await http.put(ticket["upload_url"], content=b"hello world")
     resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
@@ -169,8 +185,11 @@ async def test_direct_upload_into_a_project(client, make_user):
 async def test_other_users_assets_are_404(client, make_user):
     alice, bob = await make_user(), await make_user()
     asset = (await direct_upload(client, alice, png_bytes())).json()["data"]
-    for method, url in (("GET", f"/assets/{asset['id']}"), ("DELETE", f"/assets/{asset['id']}"),
-                        ("POST", f"/assets/{asset['id']}/complete")):
+    for method, url in (
+        ("GET", f"/assets/{asset['id']}"),
+        ("DELETE", f"/assets/{asset['id']}"),
+        ("POST", f"/assets/{asset['id']}/complete"),
+    ):
         resp = await client.request(method, url, headers=bob.headers)
         assert resp.status_code == 404, (method, url)
         assert resp.json()["error"]["code"] == "not_found"
@@ -198,8 +217,17 @@ async def test_list_filters_and_pages(client, make_user):
         ids.append((await direct_upload(client, user, png_bytes())).json()["data"]["id"])
     await service.mark_probed(asset_id=ids[0], probe={"kind": "image", "width": 8, "height": 6}, reason=None)
     await service.mark_probed(asset_id=ids[1], probe=None, reason="The image is truncated.")
-    video = await service.create_asset_record(user_id=user.id, kind="video", path=f"{user.id}/tasks/t/result-0.mp4",
-                                              mime="video/mp4", size=10, width=64, height=48, duration_s=1, fps=24)
+    video = await service.create_asset_record(
+        user_id=user.id,
+        kind="video",
+        path=f"{user.id}/tasks/t/result-0.mp4",
+        mime="video/mp4",
+        size=10,
+        width=64,
+        height=48,
+        duration_s=1,
+        fps=24,
+    )
 
     async def listed(query: str = "") -> list[str]:
         return [a["id"] for a in (await client.get(f"/assets?{query}", headers=user.headers)).json()["data"]["items"]]
@@ -220,27 +248,31 @@ async def test_mark_probed_changes_only_pending_assets(client, make_user):
     user = await make_user()
     asset = (await direct_upload(client, user, png_bytes())).json()["data"]
     service = get_asset_service()
-    assert (await service.mark_probed(asset_id=asset["id"], probe={"width": 8, "height": 6}, reason=None))["status"] \
-        == "ready"
+    assert (await service.mark_probed(asset_id=asset["id"], probe={"width": 8, "height": 6}, reason=None))[
+        "status"
+    ] == "ready"
     assert await service.mark_probed(asset_id=asset["id"], probe=None, reason="late") is None
     with pytest.raises(Forbidden):
         await service.create_asset_record(user_id=user.id, kind="image", path=f"{uuid.uuid4()}/x.png")
 
 
-@pytest.mark.parametrize(("head", "mime"), [
-    (b"\x89PNG\r\n\x1a\n" + b"\0" * 8, "image/png"),
-    (b"\xff\xd8\xff\xe0\0\x10JFIF", "image/jpeg"),
-    (b"GIF89a\x01\0", "image/gif"),
-    (b"RIFF\0\0\0\0WEBPVP8 ", "image/webp"),
-    (b"RIFF\0\0\0\0AVI LIST", "video/x-msvideo"),
-    (b"\0\0\0\x20ftypisom\0\0\2\0", "video/mp4"),
-    (b"\0\0\0\x14ftypqt  \0\0\0\0", "video/quicktime"),
-    (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "video/webm"),
-    (b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\x82\x88matroska", "video/x-matroska"),
-    (b"\0\0\0\x18ftypheic", None),
-    (b"%PDF-1.7", None),
-    (b"", None),
-])
+@pytest.mark.parametrize(
+    ("head", "mime"),
+    [
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 8, "image/png"),
+        (b"\xff\xd8\xff\xe0\0\x10JFIF", "image/jpeg"),
+        (b"GIF89a\x01\0", "image/gif"),
+        (b"RIFF\0\0\0\0WEBPVP8 ", "image/webp"),
+        (b"RIFF\0\0\0\0AVI LIST", "video/x-msvideo"),
+        (b"\0\0\0\x20ftypisom\0\0\2\0", "video/mp4"),
+        (b"\0\0\0\x14ftypqt  \0\0\0\0", "video/quicktime"),
+        (b"\x1a\x45\xdf\xa3\x9f\x42\x86\x81\x01\x42\x82\x84webm", "video/webm"),
+        (b"\x1a\x45\xdf\xa3\xa3\x42\x86\x81\x01\x42\x82\x88matroska", "video/x-matroska"),
+        (b"\0\0\0\x18ftypheic", None),
+        (b"%PDF-1.7", None),
+        (b"", None),
+    ],
+)
 def test_sniff(head, mime):
     media = sniff(head)
     assert (media.mime if media else None) == mime

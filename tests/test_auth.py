@@ -71,16 +71,20 @@ async def test_valid_hs256_token(client, make_user, hs256_enabled):
 def _forged_tokens() -> dict[str, str]:
     other_key = ec.generate_private_key(ec.SECP256R1())
     good = es256(claims())
-    header, payload, signature = good.split(".")
+    header, _payload, signature = good.split(".")
     tampered_payload = b64(json.dumps({**claims(), "sub": str(uuid.uuid4())}).encode())
-    public_pem = local_issuer().private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    public_pem = (
+        local_issuer()
+        .private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     none_header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
-    hs_with_public_key = ".".join([
-        b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": local_issuer().kid}).encode()),
-        b64(json.dumps(claims()).encode()),
-    ])
+    hs_with_public_key = ".".join(
+        [
+            b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": local_issuer().kid}).encode()),
+            b64(json.dumps(claims()).encode()),
+        ]
+    )
     import hashlib
     import hmac
 

@@ -38,8 +38,15 @@ def stripe_api():
     reset_stripe_client()
 
 
-async def post_event(client, evt: dict | str, *, secret: str = SECRET, timestamp: int | None = None,
-                     signature: str | None = None, headers: dict | None = None):
+async def post_event(
+    client,
+    evt: dict | str,
+    *,
+    secret: str = SECRET,
+    timestamp: int | None = None,
+    signature: str | None = None,
+    headers: dict | None = None,
+):
     payload = evt if isinstance(evt, str) else json.dumps(evt)
     sig = signature if signature is not None else fake_stripe.sign(payload, secret, timestamp)
     hdrs = {"Stripe-Signature": sig, "Content-Type": "application/json"} if headers is None else headers
@@ -59,8 +66,9 @@ def metadata_for(user, package_id: str = "starter") -> dict:
 
 def purchases(user_id: str) -> list[dict]:
     with connect() as conn:
-        return conn.execute("select * from public.purchases where user_id = %s order by created_at",
-                            (user_id,)).fetchall()
+        return conn.execute(
+            "select * from public.purchases where user_id = %s order by created_at", (user_id,)
+        ).fetchall()
 
 
 def stripe_event_count() -> int:
@@ -87,8 +95,13 @@ async def test_packages_lists_active_packs(client, make_user):
     assert resp.status_code == 200
     items = resp.json()["data"]["items"]
     assert [p["id"] for p in items] == ["starter", "creator"]
-    assert items[0] == {"id": "starter", "name": "Starter — 500 credits", "credits": 500, "price_cents": 500,
-                        "currency": "usd"}
+    assert items[0] == {
+        "id": "starter",
+        "name": "Starter — 500 credits",
+        "credits": 500,
+        "price_cents": 500,
+        "currency": "usd",
+    }
 
 
 async def test_packages_need_sign_in(client):
@@ -102,12 +115,12 @@ async def test_checkout_sends_price_mode_metadata_key_and_customer(client, make_
     user = await make_user()
     data = await checkout(client, user, "creator")
 
-    customer_req, = stripe_api.posts(CUSTOMERS)
+    (customer_req,) = stripe_api.posts(CUSTOMERS)
     assert customer_req.form == {"email": user.email, "metadata[user_id]": user.id}
     assert customer_req.headers["idempotency-key"] == f"customer-{user.id}"
     assert customer_req.headers["authorization"] == "Bearer sk_test_local"
 
-    req, = stripe_api.posts(SESSIONS)
+    (req,) = stripe_api.posts(SESSIONS)
     form = req.form
     purchase_id = form["metadata[purchase_id]"]
     assert form["mode"] == "payment"
@@ -125,11 +138,18 @@ async def test_checkout_sends_price_mode_metadata_key_and_customer(client, make_
     assert form["cancel_url"] == "http://localhost:3000/billing/cancel"
     assert req.headers["idempotency-key"] == f"checkout-{purchase_id}"
 
-    assert data == {"checkout_url": f"https://checkout.stripe.com/c/pay/{data['session_id']}",
-                    "session_id": data["session_id"]}
-    row, = purchases(user.id)
-    assert (str(row["id"]), row["checkout_session_id"], row["status"], row["credits"], row["amount_cents"]) == \
-        (purchase_id, data["session_id"], "pending", 2200, 2000)
+    assert data == {
+        "checkout_url": f"https://checkout.stripe.com/c/pay/{data['session_id']}",
+        "session_id": data["session_id"],
+    }
+    (row,) = purchases(user.id)
+    assert (str(row["id"]), row["checkout_session_id"], row["status"], row["credits"], row["amount_cents"]) == (
+        purchase_id,
+        data["session_id"],
+        "pending",
+        2200,
+        2000,
+    )
     assert balance(user.id) == 100  # nothing granted before the webhook
 
 
@@ -172,16 +192,24 @@ async def test_checkout_replay_with_same_idempotency_key_returns_same_session(cl
 
 async def test_redirect_urls_must_be_on_allowed_origins(client, make_user, stripe_api):
     user = await make_user()
-    for body in ({"success_url": "https://evil.example/steal"}, {"cancel_url": "javascript:alert(1)"},
-                 {"success_url": "http://localhost:3000@evil.example/"}, {"cancel_url": "http://localhost:4000/x"}):
+    for body in (
+        {"success_url": "https://evil.example/steal"},
+        {"cancel_url": "javascript:alert(1)"},
+        {"success_url": "http://localhost:3000@evil.example/"},
+        {"cancel_url": "http://localhost:4000/x"},
+    ):
         resp = await client.post("/billing/checkout", json={"package_id": "starter", **body}, headers=user.headers)
         assert resp.status_code == 422, body
         assert resp.json()["error"]["details"][0]["field"] == next(iter(body))
     assert stripe_api.requests == []
     assert purchases(user.id) == []
 
-    await checkout(client, user, success_url="http://localhost:3000/thanks?s={CHECKOUT_SESSION_ID}",
-                   cancel_url="http://127.0.0.1:3000/")
+    await checkout(
+        client,
+        user,
+        success_url="http://localhost:3000/thanks?s={CHECKOUT_SESSION_ID}",
+        cancel_url="http://127.0.0.1:3000/",
+    )
     form = stripe_api.posts(SESSIONS)[0].form
     assert form["success_url"] == "http://localhost:3000/thanks?s={CHECKOUT_SESSION_ID}"
     assert form["cancel_url"] == "http://127.0.0.1:3000/"
@@ -227,13 +255,14 @@ async def test_paid_session_grants_once(client, make_user, stripe_api):
     user = await make_user()
     data = await checkout(client, user)
     metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
-    resp = await post_event(client, fake_stripe.event("checkout.session.completed",
-                                                      fake_stripe.session(data["session_id"], metadata)))
+    resp = await post_event(
+        client, fake_stripe.event("checkout.session.completed", fake_stripe.session(data["session_id"], metadata))
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"]["result"] == "granted"
     assert balance(user.id) == 600
     assert [(r["kind"], r["delta"], r["ref"]) for r in ledger(user.id)][-1] == ("purchase", 500, data["session_id"])
-    row, = purchases(user.id)
+    (row,) = purchases(user.id)
     assert (row["status"], row["payment_intent_id"]) == ("paid", "pi_test_1")
 
 
@@ -283,8 +312,9 @@ async def test_async_success_after_pending_completion_grants_once(client, make_u
     assert purchases(user.id)[0]["status"] == "paid"
 
 
-@pytest.mark.parametrize(("kind", "status"), [("checkout.session.async_payment_failed", "failed"),
-                                              ("checkout.session.expired", "expired")])
+@pytest.mark.parametrize(
+    ("kind", "status"), [("checkout.session.async_payment_failed", "failed"), ("checkout.session.expired", "expired")]
+)
 async def test_failed_or_expired_session_grants_nothing(client, make_user, stripe_api, kind, status):
     user = await make_user()
     data = await checkout(client, user)
@@ -303,8 +333,10 @@ async def test_other_events_are_acknowledged_and_ignored(client, make_user):
     assert resp.status_code == 200
     assert resp.json()["data"]["result"] == "ignored"
     # A charge we never sold (no metadata, unknown PaymentIntent) is ignored too.
-    resp = await post_event(client, fake_stripe.event("charge.refunded", fake_stripe.charge(
-        {}, amount_refunded=500, payment_intent="pi_unknown")))
+    resp = await post_event(
+        client,
+        fake_stripe.event("charge.refunded", fake_stripe.charge({}, amount_refunded=500, payment_intent="pi_unknown")),
+    )
     assert resp.json()["data"]["result"] == "ignored"
     assert balance(user.id) == 100
 
@@ -328,7 +360,7 @@ async def test_refunds_claw_back_the_refunded_share_once(client, make_user):
     await post_event(client, fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount_refunded=250)))
     assert balance(user.id) == 100
     assert kinds(user.id) == [("grant", 100), ("purchase", 500), ("clawback", -250), ("clawback", -250)]
-    row, = purchases(user.id)
+    (row,) = purchases(user.id)
     assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("refunded", 500, 0)
 
 
@@ -337,23 +369,27 @@ async def test_clawback_never_goes_below_zero_and_records_the_shortfall(client, 
     metadata = metadata_for(user)
     await post_event(client, fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_s", metadata)))
     set_balance(user.id, 120)  # most of the pack was spent
-    resp = await post_event(client, fake_stripe.event("charge.refunded",
-                                                      fake_stripe.charge(metadata, amount_refunded=500)))
+    resp = await post_event(
+        client, fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount_refunded=500))
+    )
     assert resp.json()["data"]["clawback_shortfall"] == 380
     assert balance(user.id) == 0
-    row, = purchases(user.id)
+    (row,) = purchases(user.id)
     assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("refunded", 120, 380)
 
 
-@pytest.mark.parametrize(("refunded", "expected_balance", "status"),
-                         [(500, 100, "refunded"), (100, 500, "partially_refunded")])
-async def test_refund_before_completion_ends_in_the_right_balance(client, make_user, stripe_api,
-                                                                  refunded, expected_balance, status):
+@pytest.mark.parametrize(
+    ("refunded", "expected_balance", "status"), [(500, 100, "refunded"), (100, 500, "partially_refunded")]
+)
+async def test_refund_before_completion_ends_in_the_right_balance(
+    client, make_user, stripe_api, refunded, expected_balance, status
+):
     user = await make_user()
     data = await checkout(client, user)
     metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["payment_intent_data"]["metadata"]
-    resp = await post_event(client, fake_stripe.event("charge.refunded",
-                                                      fake_stripe.charge(metadata, amount_refunded=refunded)))
+    resp = await post_event(
+        client, fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount_refunded=refunded))
+    )
     assert resp.status_code == 200
     assert balance(user.id) == 100  # nothing granted yet, nothing to take back
     assert purchases(user.id)[0]["amount_refunded_cents"] == refunded
@@ -361,29 +397,37 @@ async def test_refund_before_completion_ends_in_the_right_balance(client, make_u
     completed = fake_stripe.event("checkout.session.completed", fake_stripe.session(data["session_id"], metadata))
     assert (await post_event(client, completed)).status_code == 200
     assert balance(user.id) == expected_balance
-    row, = purchases(user.id)
+    (row,) = purchases(user.id)
     assert (row["status"], row["credits_clawed_back"]) == (status, 500 * refunded // 500)
 
 
 async def test_refund_first_without_a_pending_row_then_completion(client, make_user):
     user = await make_user()
     metadata = metadata_for(user, "creator")  # the checkout call never recorded its row
-    await post_event(client, fake_stripe.event("charge.refunded",
-                                               fake_stripe.charge(metadata, amount=2000, amount_refunded=2000)))
-    await post_event(client, fake_stripe.event("checkout.session.completed",
-                                               fake_stripe.session("cs_late", metadata, amount_total=2000)))
+    await post_event(
+        client, fake_stripe.event("charge.refunded", fake_stripe.charge(metadata, amount=2000, amount_refunded=2000))
+    )
+    await post_event(
+        client,
+        fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_late", metadata, amount_total=2000)),
+    )
     assert balance(user.id) == 100
     assert kinds(user.id) == [("grant", 100), ("purchase", 2200), ("clawback", -2200)]
-    row, = purchases(user.id)
-    assert (str(row["id"]), row["checkout_session_id"], row["status"]) == (metadata["purchase_id"], "cs_late",
-                                                                           "refunded")
+    (row,) = purchases(user.id)
+    assert (str(row["id"]), row["checkout_session_id"], row["status"]) == (
+        metadata["purchase_id"],
+        "cs_late",
+        "refunded",
+    )
 
 
 # --- webhook: rejected and failed deliveries -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["bad_signature", "wrong_secret", "stale", "missing_header", "malformed_json",
-                                  "not_an_event", "garbled_header"])
+@pytest.mark.parametrize(
+    "case",
+    ["bad_signature", "wrong_secret", "stale", "missing_header", "malformed_json", "not_an_event", "garbled_header"],
+)
 async def test_unverified_or_malformed_webhook_is_400_and_writes_nothing(client, make_user, case):
     user = await make_user()
     evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_bad", metadata_for(user)))

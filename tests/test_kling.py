@@ -25,8 +25,13 @@ from tests.factories import balance, ledger, make_asset, set_balance, sql, task_
 from tests.fake_kling import FakeKling
 
 AK, SK = "ak-test-access", "sk-test-secret-key-long-enough-for-hs256"
-KLING_ENV = ("KLING_AI_ACCESS_KEY", "KLING_AI_SECRET_KEY", "KLING_API_BASE", "KLING_POLL_INTERVAL_SECONDS",
-             "KLING_POLL_DEADLINE_SECONDS")
+KLING_ENV = (
+    "KLING_AI_ACCESS_KEY",
+    "KLING_AI_SECRET_KEY",
+    "KLING_API_BASE",
+    "KLING_POLL_INTERVAL_SECONDS",
+    "KLING_POLL_DEADLINE_SECONDS",
+)
 
 
 def set_env(values: dict[str, str | None]) -> None:
@@ -51,8 +56,15 @@ def kling(clip):
     """运行中的假 Kling，且配置指向它（轮询间隔极短）"""
     fake = FakeKling(access_key=AK, secret_key=SK, video=clip).start()
     saved = {name: os.environ.get(name) for name in KLING_ENV}
-    set_env({"KLING_AI_ACCESS_KEY": AK, "KLING_AI_SECRET_KEY": SK, "KLING_API_BASE": fake.url,
-             "KLING_POLL_INTERVAL_SECONDS": "0.01", "KLING_POLL_DEADLINE_SECONDS": "30"})
+    set_env(
+        {
+            "KLING_AI_ACCESS_KEY": AK,
+            "KLING_AI_SECRET_KEY": SK,
+            "KLING_API_BASE": fake.url,
+            "KLING_POLL_INTERVAL_SECONDS": "0.01",
+            "KLING_POLL_DEADLINE_SECONDS": "30",
+        }
+    )
     yield fake
     fake.stop()
     set_env(saved)
@@ -93,8 +105,9 @@ async def wait_until(predicate, seconds: float = 60) -> None:
 
 
 def test_token_has_kling_header_and_claims():
-    provider = KlingProvider(access_key=AK, secret_key=SK, base_url="http://kling.test", endpoint="text2video",
-                             clock=lambda: 1_000_000)
+    provider = KlingProvider(
+        access_key=AK, secret_key=SK, base_url="http://kling.test", endpoint="text2video", clock=lambda: 1_000_000
+    )
     token = provider.token()
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     claims = jwt.decode(token, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
@@ -118,8 +131,15 @@ def test_a_fresh_token_is_minted_for_every_request_and_every_retry():
         data = {"task_id": "kt-1", "task_status": "processing"}
         return httpx.Response(200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data})
 
-    provider = KlingProvider(access_key=AK, secret_key=SK, base_url="http://kling.test", endpoint="text2video",
-                             retry_base=0.001, clock=lambda: now[0], transport=httpx.MockTransport(kling_api))
+    provider = KlingProvider(
+        access_key=AK,
+        secret_key=SK,
+        base_url="http://kling.test",
+        endpoint="text2video",
+        retry_base=0.001,
+        clock=lambda: now[0],
+        transport=httpx.MockTransport(kling_api),
+    )
     for _ in range(3):
         assert provider.status("kt-1").state == "running"
     assert len(sent) == 5 and len(set(sent)) == 5
@@ -149,8 +169,9 @@ async def test_missing_keys_make_kling_unavailable_and_charge_nothing(client, ma
     assert models["kling.text2video"]["available"] is False
     assert models["kling.image2video"]["available"] is False
     user = await make_user()
-    resp = await client.post("/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}},
-                             headers=user.headers)
+    resp = await client.post(
+        "/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}}, headers=user.headers
+    )
     assert resp.status_code == 503 and resp.json()["error"]["code"] == "provider_unavailable"
     assert balance(user.id) == 100 and sql("select id from public.tasks where user_id = %s", (user.id,)) == []
 
@@ -171,9 +192,16 @@ async def test_text2video_rehosts_the_video_and_charges_once(client, make_user, 
     assert await run_task_async(task["id"]) == "completed"
 
     [body] = kling.submits
-    assert body == {"model_name": "kling-v1-6", "prompt": "a paper boat sailing down a rainy street",
-                    "negative_prompt": "blurry", "cfg_scale": 0.5, "mode": "pro", "duration": "10",
-                    "aspect_ratio": "9:16", "external_task_id": task["id"]}
+    assert body == {
+        "model_name": "kling-v1-6",
+        "prompt": "a paper boat sailing down a rainy street",
+        "negative_prompt": "blurry",
+        "cfg_scale": 0.5,
+        "mode": "pro",
+        "duration": "10",
+        "aspect_ratio": "9:16",
+        "external_task_id": task["id"],
+    }
     row = task_row(task["id"])
     [job_id] = kling.jobs
     assert row["status"] == "completed" and row["state"]["provider_job_id"] == job_id
@@ -213,8 +241,9 @@ async def test_image2video_sends_the_input_image_as_base64(client, make_user, kl
 async def test_image_too_small_for_kling_is_refused_before_charging(client, make_user, kling):
     user = await make_user()
     asset_id = make_asset(user.id, kind="image", width=200, height=200)
-    resp = await client.post("/tasks", json={"model_key": "kling.image2video",
-                                             "params": {"image_asset_id": asset_id}}, headers=user.headers)
+    resp = await client.post(
+        "/tasks", json={"model_key": "kling.image2video", "params": {"image_asset_id": asset_id}}, headers=user.headers
+    )
     assert resp.status_code == 422 and "300 px" in resp.json()["error"]["message"]
     assert kling.submits == [] and balance(user.id) == 100
 
@@ -251,8 +280,7 @@ async def test_deadline_fails_and_refunds_once(client, make_user, kling):
     assert await run_task_async(task["id"]) == "failed"
     assert time.monotonic() - started < 10
     row = task_row(task["id"])
-    assert row["error"]["message"] == ("The provider did not finish within 0.5 seconds; "
-                                       "your credits were refunded.")
+    assert row["error"]["message"] == ("The provider did not finish within 0.5 seconds; your credits were refunded.")
     assert len(kling.submits) == 1 and outputs(task) == []
     assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 

@@ -171,9 +171,7 @@ def natural_image(height: int = 192, width: int = 256) -> np.ndarray:
     """Smooth gradients, hard-edged shapes and sensor-like noise."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
-    img = np.stack(
-        [128 + 100 * np.sin(6 * xx + 3 * yy), 128 + 90 * np.cos(5 * yy - 2 * xx), 255 * xx * yy], -1
-    )
+    img = np.stack([128 + 100 * np.sin(6 * xx + 3 * yy), 128 + 90 * np.cos(5 * yy - 2 * xx), 255 * xx * yy], -1)
     img[40:90, 60:140] = [200, 40, 60]
     img[((yy - 0.5) ** 2 + (xx - 0.7) ** 2) < 0.01] = [20, 220, 120]
     return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
@@ -205,9 +203,7 @@ def test_resize_matches_pillow_for_any_ratio():
 
 @pytest.mark.parametrize(("scale", "fmt", "mime"), [(2, "png", "image/png"), (4, "webp", "image/webp")])
 def test_image_upscale(tmp_path, picture, scale, fmt, mime):
-    params = SimpleNamespace(
-        image_asset_id="i", scale=scale, sharpen=0.5, format=fmt
-    )  # like a pydantic model
+    params = SimpleNamespace(image_asset_id="i", scale=scale, sharpen=0.5, format=fmt)  # like a pydantic model
     [out] = image_upscale.run(make_ctx(tmp_path, params, {"i": picture}))
     assert (out.kind, out.mime, out.width, out.height) == ("image", mime, 96 * scale, 64 * scale)
     with Image.open(out.path) as img:
@@ -233,9 +229,7 @@ def test_image_upscale_refuses_a_video(tmp_path, clip):
 
 def test_video_upscale(tmp_path, clip):
     calls = []
-    ctx = make_ctx(
-        tmp_path, {"video_asset_id": "v", "scale": 2}, {"v": clip}, lambda f, m=None: calls.append(f)
-    )
+    ctx = make_ctx(tmp_path, {"video_asset_id": "v", "scale": 2}, {"v": clip}, lambda f, m=None: calls.append(f))
     [out] = video_upscale.run(ctx)
     info = media.probe_file(out.path)
     assert (info["width"], info["height"], info["frame_count"], info["fps"]) == (128, 96, 24, 24)
@@ -250,9 +244,7 @@ def test_video_upscale(tmp_path, clip):
     assert not spool_threads()
 
 
-@pytest.mark.parametrize(
-    ("suffix", "codec", "expected"), [(".mkv", "mp3", "mp3"), (".mov", "pcm_s16le", "aac")]
-)
+@pytest.mark.parametrize(("suffix", "codec", "expected"), [(".mkv", "mp3", "mp3"), (".mov", "pcm_s16le", "aac")])
 def test_video_upscale_keeps_other_audio(tmp_path, suffix, codec, expected):
     """mp3 is copied into the MP4; PCM cannot go into MP4 and is transcoded to AAC."""
     src = make_video(tmp_path / f"in{suffix}", 64, 48, frames=12, fps=24, audio_codec=codec)
@@ -272,9 +264,7 @@ def test_cancel_stops_within_one_batch(tmp_path, monkeypatch):
         monkeypatch.setitem(media.BATCH_PIXELS, device, 128 * 96 * 4)  # 4 frames a batch
     processed = []
     real_resize = video_upscale.resize
-    monkeypatch.setattr(
-        video_upscale, "resize", lambda x, size: processed.append(len(x)) or real_resize(x, size)
-    )
+    monkeypatch.setattr(video_upscale, "resize", lambda x, size: processed.append(len(x)) or real_resize(x, size))
     calls = []
 
     def progress(fraction, message=None):
@@ -392,9 +382,7 @@ def test_interpolate_puts_the_square_halfway(tmp_path, moving_square):
 
 
 def test_interpolate_4x(tmp_path, moving_square):
-    [out] = video_interpolate.run(
-        make_ctx(tmp_path, {"video_asset_id": "v", "factor": 4}, {"v": moving_square})
-    )
+    [out] = video_interpolate.run(make_ctx(tmp_path, {"video_asset_id": "v", "factor": 4}, {"v": moving_square}))
     info = media.probe_file(out.path)
     assert (info["frame_count"], info["fps"], out.fps) == (32, 48, 48)
     assert info["duration_s"] == pytest.approx(8 / 12, abs=2e-3)

@@ -20,8 +20,9 @@ def worker(live_server):
     """本模块专用的真实 worker 进程（回收器每秒一轮）"""
     env = {**os.environ, "REAPER_INTERVAL_SECONDS": "1"}
     log = open(os.path.join(os.environ["SPOOL_HOME"], "worker.log"), "ab")
-    proc = subprocess.Popen([sys.executable, "-m", "lib.local", "worker"], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib.local", "worker"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     yield proc
     proc.terminate()
     proc.wait(15)
@@ -46,8 +47,9 @@ def png_bytes(width: int, height: int) -> bytes:
 
 
 async def upload_ready_image(client, user, width=48, height=32) -> dict:
-    resp = await client.post("/assets", files={"file": ("photo.png", png_bytes(width, height), "image/png")},
-                             headers=user.headers)
+    resp = await client.post(
+        "/assets", files={"file": ("photo.png", png_bytes(width, height), "image/png")}, headers=user.headers
+    )
     assert resp.status_code in (200, 201), resp.text
     asset_id = resp.json()["data"]["id"]
 
@@ -72,9 +74,11 @@ async def test_upload_upscale_download(client, make_user, worker):
     user = await make_user()
     asset = await upload_ready_image(client, user)
     assert (asset["width"], asset["height"]) == (48, 32)
-    resp = await client.post("/tasks", headers={**user.headers, "Idempotency-Key": "e2e-1"},
-                             json={"model_key": "image.upscale",
-                                   "params": {"image_asset_id": asset["id"], "scale": 2, "format": "png"}})
+    resp = await client.post(
+        "/tasks",
+        headers={**user.headers, "Idempotency-Key": "e2e-1"},
+        json={"model_key": "image.upscale", "params": {"image_asset_id": asset["id"], "scale": 2, "format": "png"}},
+    )
     assert resp.status_code == 201, resp.text
     task = await wait_finished(client, user, resp.json()["data"]["id"])
     assert task["status"] == "completed", task
@@ -90,8 +94,9 @@ async def test_upload_upscale_download(client, make_user, worker):
 
 async def test_non_image_renamed_png_is_rejected(client, make_user, worker):
     user = await make_user()
-    resp = await client.post("/assets", files={"file": ("fake.png", b"hello, I am text" * 100, "image/png")},
-                             headers=user.headers)
+    resp = await client.post(
+        "/assets", files={"file": ("fake.png", b"hello, I am text" * 100, "image/png")}, headers=user.headers
+    )
     assert resp.status_code == 422
     assert resp.json()["error"]["code"] == "validation_error"
 

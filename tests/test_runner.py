@@ -21,10 +21,19 @@ class JobParams(catalog.Params):
 def job_models(monkeypatch):
     """把测试处理器登记进目录（真实的 runner 与 SQL 路径照常运行）"""
     for name in ("slow", "boom", "refuse", "quick"):
-        monkeypatch.setitem(catalog.CATALOG, f"test.{name}", catalog.ModelSpec(
-            key=f"test.{name}", kind="image", title=name, params=JobParams, price=lambda p, a: 5,
-            price_rule="5", handler=f"tests.job_handlers:{name}",
-        ))
+        monkeypatch.setitem(
+            catalog.CATALOG,
+            f"test.{name}",
+            catalog.ModelSpec(
+                key=f"test.{name}",
+                kind="image",
+                title=name,
+                params=JobParams,
+                price=lambda p, a: 5,
+                price_rule="5",
+                handler=f"tests.job_handlers:{name}",
+            ),
+        )
 
 
 async def create(client, user, name: str, **params) -> dict:

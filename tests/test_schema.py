@@ -10,8 +10,16 @@ from psycopg.rows import dict_row
 from lib.local.migrate import migrate, migration_files
 
 PUBLIC_TABLES = {
-    "app_settings", "profiles", "credit_accounts", "credit_ledger", "projects", "assets", "tasks",
-    "credit_packages", "purchases", "stripe_events",
+    "app_settings",
+    "profiles",
+    "credit_accounts",
+    "credit_ledger",
+    "projects",
+    "assets",
+    "tasks",
+    "credit_packages",
+    "purchases",
+    "stripe_events",
 }
 SERVICE_FUNCTIONS = [
     "create_task(uuid, text, jsonb, bigint, text, uuid, uuid[], int)",
@@ -35,8 +43,10 @@ def new_user(conn, email=None) -> str:
 
 def as_role(conn, role: str, user_id: str | None = None):
     conn.execute("select set_config('role', %s, false)", (role,))
-    conn.execute("select set_config('request.jwt.claims', %s, false)",
-                 (json.dumps({"sub": user_id, "role": role}) if user_id else "",))
+    conn.execute(
+        "select set_config('request.jwt.claims', %s, false)",
+        (json.dumps({"sub": user_id, "role": role}) if user_id else "",),
+    )
 
 
 def test_migrations_apply_to_empty_database_once(postgres):
@@ -65,34 +75,49 @@ def test_every_public_table_has_row_level_security(db_conn):
 
 def test_signup_grants_credits_once(db_conn):
     user = new_user(db_conn)
-    again = db_conn.execute("select * from public.grant_credits(%s, 100, 'grant', %s)",
-                            (user, f"signup:{user}")).fetchone()
+    again = db_conn.execute(
+        "select * from public.grant_credits(%s, 100, 'grant', %s)", (user, f"signup:{user}")
+    ).fetchone()
     assert again["applied"] is False
     account = db_conn.execute("select balance from public.credit_accounts where user_id = %s", (user,)).fetchone()
-    ledger = db_conn.execute("select sum(delta) as total, count(*) as n from public.credit_ledger"
-                             " where user_id = %s", (user,)).fetchone()
+    ledger = db_conn.execute(
+        "select sum(delta) as total, count(*) as n from public.credit_ledger where user_id = %s", (user,)
+    ).fetchone()
     assert account["balance"] == 100 == ledger["total"] and ledger["n"] == 1
     assert db_conn.execute("select email from public.profiles where id = %s", (user,)).fetchone()
 
 
 def _seed_rows_of(conn, owner: str) -> None:
-    project = conn.execute("insert into public.projects (user_id, name) values (%s, 'A') returning id",
-                           (owner,)).fetchone()["id"]
+    project = conn.execute(
+        "insert into public.projects (user_id, name) values (%s, 'A') returning id", (owner,)
+    ).fetchone()["id"]
     asset = conn.execute(
         "insert into public.assets (user_id, project_id, kind, bucket, path, status)"
-        " values (%s, %s, 'image', 'media', %s, 'ready') returning id", (owner, project, f"{owner}/a.png"),
+        " values (%s, %s, 'image', 'media', %s, 'ready') returning id",
+        (owner, project, f"{owner}/a.png"),
     ).fetchone()["id"]
-    conn.execute("select public.create_task(%s, 'image.upscale', '{}'::jsonb, 5, 'k', %s, %s::uuid[], null)",
-                 (owner, project, [asset]))
-    conn.execute("insert into public.purchases (user_id, package_id, credits, amount_cents, currency)"
-                 " values (%s, 'starter', 500, 500, 'usd')", (owner,))
-    conn.execute("insert into public.stripe_events (id, type) values (%s, 'checkout.session.completed')",
-                 (f"evt_{owner}",))
+    conn.execute(
+        "select public.create_task(%s, 'image.upscale', '{}'::jsonb, 5, 'k', %s, %s::uuid[], null)",
+        (owner, project, [asset]),
+    )
+    conn.execute(
+        "insert into public.purchases (user_id, package_id, credits, amount_cents, currency)"
+        " values (%s, 'starter', 500, 500, 'usd')",
+        (owner,),
+    )
+    conn.execute(
+        "insert into public.stripe_events (id, type) values (%s, 'checkout.session.completed')", (f"evt_{owner}",)
+    )
 
 
 OWNED = {
-    "profiles": "id", "credit_accounts": "user_id", "credit_ledger": "user_id", "projects": "user_id",
-    "assets": "user_id", "tasks": "user_id", "purchases": "user_id",
+    "profiles": "id",
+    "credit_accounts": "user_id",
+    "credit_ledger": "user_id",
+    "projects": "user_id",
+    "assets": "user_id",
+    "tasks": "user_id",
+    "purchases": "user_id",
 }
 
 
@@ -112,8 +137,15 @@ def test_rls_hides_and_protects_other_users_rows(postgres):
             assert _try(conn, f"select * from public.{table}") is None, table
         # Writes of one's own money rows are refused too.
         assert _try(conn, "update public.credit_accounts set balance = 1000000") in (0, None)
-        assert _try(conn, "insert into public.credit_ledger (user_id, delta, kind, balance_after)"
-                          " values (%s, 1000, 'grant', 1000)", (bob,)) is None
+        assert (
+            _try(
+                conn,
+                "insert into public.credit_ledger (user_id, delta, kind, balance_after)"
+                " values (%s, 1000, 'grant', 1000)",
+                (bob,),
+            )
+            is None
+        )
         assert _try(conn, "insert into public.tasks (user_id, model_key) values (%s, 'x')", (bob,)) is None
         assert _try(conn, "insert into public.projects (user_id, name) values (%s, 'x')", (alice,)) is None
         # ...while one's own rows are visible.
@@ -135,10 +167,18 @@ def _try(conn, sql, params=None):
 @pytest.mark.parametrize("role", ["anon", "authenticated"])
 @pytest.mark.parametrize("function", SERVICE_FUNCTIONS)
 def test_money_and_task_functions_are_service_role_only(db_conn, role, function):
-    assert db_conn.execute("select has_function_privilege(%s, %s, 'execute') as ok",
-                           (role, f"public.{function}")).fetchone()["ok"] is False
-    assert db_conn.execute("select has_function_privilege('service_role', %s, 'execute') as ok",
-                           (f"public.{function}",)).fetchone()["ok"] is True
+    assert (
+        db_conn.execute(
+            "select has_function_privilege(%s, %s, 'execute') as ok", (role, f"public.{function}")
+        ).fetchone()["ok"]
+        is False
+    )
+    assert (
+        db_conn.execute(
+            "select has_function_privilege('service_role', %s, 'execute') as ok", (f"public.{function}",)
+        ).fetchone()["ok"]
+        is True
+    )
 
 
 def test_authenticated_cannot_call_create_task(postgres):
@@ -160,8 +200,10 @@ def test_security_definer_functions_pin_search_path(db_conn):
 
 
 def test_realtime_publication_and_replica_identity(db_conn):
-    published = {r["tablename"] for r in db_conn.execute(
-        "select tablename from pg_publication_tables where pubname = 'supabase_realtime'")}
+    published = {
+        r["tablename"]
+        for r in db_conn.execute("select tablename from pg_publication_tables where pubname = 'supabase_realtime'")
+    }
     assert {"tasks", "credit_accounts"} <= published
     identity = db_conn.execute("select relreplident from pg_class where oid = 'public.tasks'::regclass").fetchone()
     assert identity["relreplident"] == "f"

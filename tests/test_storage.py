@@ -100,14 +100,19 @@ async def test_expired_or_tampered_tokens_are_refused(storage, owner):
     base = f"{get_settings().supabase_url}/storage/v1/object/sign/{BUCKET}/{path}"
     expired = storage_server.make_token(purpose="download", bucket=BUCKET, key=path, expires_at=int(time.time()) - 1)
     good = (await storage.create_signed_url(path=path, expires_in=60)).split("token=")[1]
-    other = storage_server.make_token(purpose="download", bucket=BUCKET, key=user_path(owner, "other.txt"),
-                                      expires_at=int(time.time()) + 60)
+    other = storage_server.make_token(
+        purpose="download", bucket=BUCKET, key=user_path(owner, "other.txt"), expires_at=int(time.time()) + 60
+    )
     upload = storage_server.make_token(purpose="upload", bucket=BUCKET, key=path, expires_at=int(time.time()) + 60)
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{base}?token={good}")).content == b"secret"
-        for token, message in [(expired, "jwt expired"), (good[:-2] + ("AA" if good[-2:] != "AA" else "BB"),
-                                "invalid signature"), (other, "invalid signature"), (upload, "invalid signature"),
-                               ("", "Missing token")]:
+        for token, message in [
+            (expired, "jwt expired"),
+            (good[:-2] + ("AA" if good[-2:] != "AA" else "BB"), "invalid signature"),
+            (other, "invalid signature"),
+            (upload, "invalid signature"),
+            ("", "Missing token"),
+        ]:
             resp = await http.get(f"{base}?token={token}")
             assert resp.status_code == 400, token
             assert resp.json() == {"statusCode": "400", "error": "InvalidJWT", "message": message}
@@ -119,8 +124,9 @@ async def test_service_key_is_required(live_server, owner):
         assert (await http.get(raw_url(path))).status_code == 401
         wrong = await http.get(raw_url(path), headers={"apikey": "sb_secret_wrong", "Authorization": "Bearer x"})
     assert wrong.status_code == 403 and wrong.json()["statusCode"] == "403"
-    bad = AsyncStorageClient(f"{get_settings().supabase_url}/storage/v1/",
-                             {"apikey": "nope", "Authorization": "Bearer nope"})
+    bad = AsyncStorageClient(
+        f"{get_settings().supabase_url}/storage/v1/", {"apikey": "nope", "Authorization": "Bearer nope"}
+    )
     async with bad:
         with pytest.raises(StorageApiError) as err:
             await bad.from_(BUCKET).upload(path, b"x")

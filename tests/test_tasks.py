@@ -36,9 +36,11 @@ async def test_create_task_charges_once_and_returns_201(client, make_user):
 async def test_quote_matches_the_charge(client, make_user):
     user = await make_user()
     asset = make_asset(user.id, width=1000, height=1000)
-    resp = await client.post("/models/image.upscale/quote",
-                             json={"params": {"image_asset_id": asset, "scale": 4}, "input_asset_ids": [asset]},
-                             headers=user.headers)
+    resp = await client.post(
+        "/models/image.upscale/quote",
+        json={"params": {"image_asset_id": asset, "scale": 4}, "input_asset_ids": [asset]},
+        headers=user.headers,
+    )
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"]["credits"] == 16
     created = await client.post("/tasks", json=upscale(asset, scale=4), headers=user.headers)
@@ -54,12 +56,15 @@ async def test_models_lists_catalog_with_schemas(client):
     assert models["image.upscale"]["available"] is True
 
 
-@pytest.mark.parametrize("params, field", [
-    ({"scale": 3}, "params.scale"),
-    ({"sharpen": 2}, "params.sharpen"),
-    ({"format": "gif"}, "params.format"),
-    ({"surprise": 1}, "params.surprise"),
-])
+@pytest.mark.parametrize(
+    "params, field",
+    [
+        ({"scale": 3}, "params.scale"),
+        ({"sharpen": 2}, "params.sharpen"),
+        ({"format": "gif"}, "params.format"),
+        ({"surprise": 1}, "params.surprise"),
+    ],
+)
 async def test_bad_params_are_422_and_charge_nothing(client, make_user, params, field):
     user = await make_user()
     asset = make_asset(user.id)
@@ -108,8 +113,7 @@ async def test_too_many_active_tasks_is_429(client, make_user, monkeypatch):
     try:
         user = await make_user()
         asset = make_asset(user.id)
-        codes = [(await client.post("/tasks", json=upscale(asset), headers=user.headers)).status_code
-                 for _ in range(3)]
+        codes = [(await client.post("/tasks", json=upscale(asset), headers=user.headers)).status_code for _ in range(3)]
         assert codes == [201, 201, 429]
     finally:
         monkeypatch.delenv("MAX_ACTIVE_TASKS_PER_USER")
@@ -119,9 +123,9 @@ async def test_too_many_active_tasks_is_429(client, make_user, monkeypatch):
 async def test_fifty_concurrent_creates_for_ten_affordable(client, make_user, many_active):
     user = await make_user()
     asset = make_asset(user.id, width=2500, height=1000)  # 2x → 10 MP → 10 credits; balance 100
-    responses = await asyncio.gather(*[
-        client.post("/tasks", json=upscale(asset), headers=user.headers) for _ in range(50)
-    ])
+    responses = await asyncio.gather(
+        *[client.post("/tasks", json=upscale(asset), headers=user.headers) for _ in range(50)]
+    )
     codes = sorted(r.status_code for r in responses)
     assert codes.count(201) == 10 and codes.count(402) == 40, codes
     assert balance(user.id) == 0
@@ -132,8 +136,7 @@ async def test_twenty_concurrent_replays_make_one_task(client, make_user, many_a
     user = await make_user()
     asset = make_asset(user.id, width=1000, height=1000)
     headers = {**user.headers, "Idempotency-Key": "same-key"}
-    responses = await asyncio.gather(*[client.post("/tasks", json=upscale(asset), headers=headers)
-                                       for _ in range(20)])
+    responses = await asyncio.gather(*[client.post("/tasks", json=upscale(asset), headers=headers) for _ in range(20)])
     ids = {r.json()["data"]["id"] for r in responses}
     assert len(ids) == 1
     assert sorted(r.status_code for r in responses) == [200] * 19 + [201]
@@ -165,13 +168,17 @@ async def test_cancel_queued_refunds_once_then_409(client, make_user):
 async def test_list_filters_and_cursor(client, make_user, many_active):
     user = await make_user()
     asset = make_asset(user.id)
-    created = [(await client.post("/tasks", json=upscale(asset), headers=user.headers)).json()["data"]["id"]
-               for _ in range(5)]
+    created = [
+        (await client.post("/tasks", json=upscale(asset), headers=user.headers)).json()["data"]["id"] for _ in range(5)
+    ]
     await client.post(f"/tasks/{created[0]}/cancel", headers=user.headers)
     seen, cursor = [], None
     while True:
-        page = (await client.get("/tasks", params={"limit": 2, **({"cursor": cursor} if cursor else {})},
-                                 headers=user.headers)).json()["data"]
+        page = (
+            await client.get(
+                "/tasks", params={"limit": 2, **({"cursor": cursor} if cursor else {})}, headers=user.headers
+            )
+        ).json()["data"]
         seen += [t["id"] for t in page["items"]]
         cursor = page["next_cursor"]
         if not cursor:

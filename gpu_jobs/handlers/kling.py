@@ -15,5 +15,9 @@ def run(ctx: JobContext) -> list[OutputFile]:
         raise ProviderError("Kling is not available right now; your credits were refunded.")
     endpoint = "image2video" if getattr(ctx.params, "image_asset_id", None) else "text2video"
     with KlingProvider.from_settings(settings, endpoint=endpoint) as provider:
-        return run_provider_job(ctx, provider, deadline_s=settings.kling_poll_deadline_seconds,
-                                interval_s=settings.kling_poll_interval_seconds)
+        return run_provider_job(
+            ctx,
+            provider,
+            deadline_s=settings.kling_poll_deadline_seconds,
+            interval_s=settings.kling_poll_interval_seconds,
+        )

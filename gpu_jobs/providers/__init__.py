@@ -119,8 +119,9 @@ def submit_or_resume(ctx: JobContext, provider: Provider) -> tuple[str, float]:
     return _saved(ctx, job_id)
 
 
-def wait_for(ctx: JobContext, provider: Provider, job_id: str, *, started_at: float, deadline_s: float,
-             interval_s: float) -> ProviderJob:
+def wait_for(
+    ctx: JobContext, provider: Provider, job_id: str, *, started_at: float, deadline_s: float, interval_s: float
+) -> ProviderJob:
     """轮询直到成功；失败或超过期限 → ProviderError；未知状态视为仍在运行"""
     deadline = started_at + deadline_s
     interval_s = max(interval_s, 0.01)
@@ -136,8 +137,9 @@ def wait_for(ctx: JobContext, provider: Provider, job_id: str, *, started_at: fl
             if job.state == "succeeded":
                 return job
             if job.state == "failed":
-                raise ProviderError(job.message or f"{provider.name} could not generate the video. "
-                                                   "Your credits were refunded.")
+                raise ProviderError(
+                    job.message or f"{provider.name} could not generate the video. Your credits were refunded."
+                )
             if job.state == "unknown" and job.raw_state != last_raw:
                 log.warning("task %s: unknown %s state %r; still waiting", ctx.task_id, provider.name, job.raw_state)
             last_raw = job.raw_state
@@ -145,8 +147,9 @@ def wait_for(ctx: JobContext, provider: Provider, job_id: str, *, started_at: fl
             message = f"Queued at {provider.name}" if state == "queued" else "Generating video"
         now = time.time()
         if now >= deadline:
-            raise ProviderError(f"The provider did not finish within {_minutes(deadline_s)}; "
-                                "your credits were refunded.")
+            raise ProviderError(
+                f"The provider did not finish within {_minutes(deadline_s)}; your credits were refunded."
+            )
         fraction = waiting_fraction(state, now - started_at, deadline_s)
         _pause(ctx, min(delay, deadline - now), fraction, message)
         delay = min(delay * 1.5, cap)
@@ -160,8 +163,9 @@ def waiting_fraction(state: str, elapsed: float, deadline_s: float) -> float:
     return min(fraction, MAX_FRACTION)
 
 
-def download_file(client: httpx.Client, url: str, dest: Path, *, max_bytes: int, delays: list[float],
-                  what: str) -> Path:
+def download_file(
+    client: httpx.Client, url: str, dest: Path, *, max_bytes: int, delays: list[float], what: str
+) -> Path:
     """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError）"""
     for attempt, delay in enumerate([*delays, None], start=1):
         try:
@@ -169,15 +173,18 @@ def download_file(client: httpx.Client, url: str, dest: Path, *, max_bytes: int,
                 if resp.status_code == 429 or resp.status_code >= 500:
                     raise ProviderBusy(f"{what}: HTTP {resp.status_code}")
                 if resp.status_code >= 400:
-                    raise ProviderError(f"The finished video could not be downloaded from {what} "
-                                        f"(HTTP {resp.status_code}). Your credits were refunded.")
+                    raise ProviderError(
+                        f"The finished video could not be downloaded from {what} "
+                        f"(HTTP {resp.status_code}). Your credits were refunded."
+                    )
                 size = 0
                 with open(dest, "wb") as out:
                     for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
                         size += len(chunk)
                         if size > max_bytes:
-                            raise ProviderError(f"The video from {what} is larger than {max_bytes:,} bytes. "
-                                                "Your credits were refunded.")
+                            raise ProviderError(
+                                f"The video from {what} is larger than {max_bytes:,} bytes. Your credits were refunded."
+                            )
                         out.write(chunk)
             return dest
         except (ProviderBusy, httpx.TransportError) as exc:
@@ -195,14 +202,19 @@ def probe_output(path: Path, provider: Provider, job: ProviderJob) -> OutputFile
     try:
         info = probe_file(path)
     except InvalidInput as exc:
-        raise ProviderError(f"{provider.name} returned a file we could not read ({exc.message}). "
-                            "Your credits were refunded.") from None
+        raise ProviderError(
+            f"{provider.name} returned a file we could not read ({exc.message}). Your credits were refunded."
+        ) from None
     if info["kind"] != "video":
-        raise ProviderError(f"{provider.name} returned {info['kind']} instead of a video. "
-                            "Your credits were refunded.")
+        raise ProviderError(f"{provider.name} returned {info['kind']} instead of a video. Your credits were refunded.")
     return OutputFile(
-        path=path, kind="video", mime=info["mime"], width=info["width"], height=info["height"],
-        duration_s=info["duration_s"], fps=info["fps"],
+        path=path,
+        kind="video",
+        mime=info["mime"],
+        width=info["width"],
+        height=info["height"],
+        duration_s=info["duration_s"],
+        fps=info["fps"],
         metadata={"provider": provider.name.lower(), "provider_job_id": job.job_id},
     )
 

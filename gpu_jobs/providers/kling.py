@@ -49,24 +49,42 @@ class KlingProvider:
 
     name = "Kling"
 
-    def __init__(self, *, access_key: str, secret_key: str, base_url: str, endpoint: Endpoint,
-                 retry_base: float = 1.0, retries: int = 4, max_download_bytes: int = 2 * 1024**3,
-                 clock: Callable[[], float] = time.time, transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        *,
+        access_key: str,
+        secret_key: str,
+        base_url: str,
+        endpoint: Endpoint,
+        retry_base: float = 1.0,
+        retries: int = 4,
+        max_download_bytes: int = 2 * 1024**3,
+        clock: Callable[[], float] = time.time,
+        transport: httpx.BaseTransport | None = None,
+    ):
         self.access_key, self.secret_key = access_key, secret_key
         self.endpoint = endpoint
         self.delays = backoff(retry_base, retries, cap=30.0)
         self.max_download_bytes = max_download_bytes
         self.clock = clock
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), transport=transport, follow_redirects=True,
-                                 timeout=httpx.Timeout(60.0, connect=10.0))
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            transport=transport,
+            follow_redirects=True,
+            timeout=httpx.Timeout(60.0, connect=10.0),
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings, *, endpoint: Endpoint) -> KlingProvider:
         """按配置创建（重试节奏跟随轮询间隔，最多 1 秒起步）"""
-        return cls(access_key=settings.kling_ai_access_key or "", secret_key=settings.kling_ai_secret_key or "",
-                   base_url=settings.kling_api_base, endpoint=endpoint,
-                   retry_base=min(1.0, settings.kling_poll_interval_seconds),
-                   max_download_bytes=settings.max_upload_bytes)
+        return cls(
+            access_key=settings.kling_ai_access_key or "",
+            secret_key=settings.kling_ai_secret_key or "",
+            base_url=settings.kling_api_base,
+            endpoint=endpoint,
+            retry_base=min(1.0, settings.kling_poll_interval_seconds),
+            max_download_bytes=settings.max_upload_bytes,
+        )
 
     def __enter__(self) -> KlingProvider:
         return self
@@ -109,15 +127,22 @@ class KlingProvider:
         if state == "succeeded" and not urls:
             state = "unknown"  # succeeded without a video yet: keep polling until it shows up or the deadline
         message = failure_message(data.get("task_status_msg")) if state == "failed" else None
-        return ProviderJob(job_id=str(data.get("task_id") or job_id), state=state, raw_state=raw,
-                           message=message, result_urls=urls)
+        return ProviderJob(
+            job_id=str(data.get("task_id") or job_id), state=state, raw_state=raw, message=message, result_urls=urls
+        )
 
     def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
         """下载生成的视频（Kling 的地址会过期，所以要转存）"""
         if not job.result_urls:
             raise ProviderError("Kling finished without a video. Your credits were refunded.")
-        return download_file(self.http, job.result_urls[0], dest_dir / f"kling-{job.job_id}.mp4",
-                             max_bytes=self.max_download_bytes, delays=self.delays, what="Kling")
+        return download_file(
+            self.http,
+            job.result_urls[0],
+            dest_dir / f"kling-{job.job_id}.mp4",
+            max_bytes=self.max_download_bytes,
+            delays=self.delays,
+            what="Kling",
+        )
 
     # ------------------------------------------------------------ requests
 
@@ -180,8 +205,15 @@ class KlingProvider:
         if resp.is_success and code == 0:
             return payload.get("data") or {}
         status = resp.status_code
-        log.warning("Kling %s %s: HTTP %d code %s %r (request %s)", method, path, status, code,
-                    payload.get("message"), payload.get("request_id"))
+        log.warning(
+            "Kling %s %s: HTTP %d code %s %r (request %s)",
+            method,
+            path,
+            status,
+            code,
+            payload.get("message"),
+            payload.get("request_id"),
+        )
         if code in BUSY_CODES or status >= 500 or (status == 429 and code not in ACCOUNT_CODES):
             retry_after = _seconds(resp.headers.get("retry-after"))
             raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
@@ -199,16 +231,24 @@ def refusal_message(status: int, code: int | None, reason: Any) -> str:
     """把 Kling 的拒绝原因翻译成用户能懂的话"""
     reason = _reason(reason)
     if status == 401 or (code is not None and code in AUTH_CODES):
-        return ("Kling did not accept our access keys. This is a problem on our side, not with your request; "
-                "your credits were refunded.")
+        return (
+            "Kling did not accept our access keys. This is a problem on our side, not with your request; "
+            "your credits were refunded."
+        )
     if (code is not None and code in ACCOUNT_CODES) or status == 403:
-        return ("Kling cannot take new jobs on our account right now. This is a problem on our side; "
-                "your credits were refunded. Please try again later.")
+        return (
+            "Kling cannot take new jobs on our account right now. This is a problem on our side; "
+            "your credits were refunded. Please try again later."
+        )
     if code in CONTENT_CODES:
-        return (f"Kling refused the prompt or image under its content rules ({reason}). "
-                "Please change them and try again; your credits were refunded.")
-    return (f"Kling rejected the request ({reason}). Please check the prompt and settings and try again; "
-            "your credits were refunded.")
+        return (
+            f"Kling refused the prompt or image under its content rules ({reason}). "
+            "Please change them and try again; your credits were refunded."
+        )
+    return (
+        f"Kling rejected the request ({reason}). Please check the prompt and settings and try again; "
+        "your credits were refunded."
+    )
 
 
 def failure_message(reason: Any) -> str:
@@ -232,11 +272,14 @@ def encode_image(path: Path) -> str:
     except OSError:
         raise InvalidInput("The input image could not be read.") from None
     if min(width, height) < IMAGE_MIN_SIDE:
-        raise InvalidInput(f"Kling needs an image at least {IMAGE_MIN_SIDE} pixels on each side; "
-                           f"this one is {width}x{height}.")
+        raise InvalidInput(
+            f"Kling needs an image at least {IMAGE_MIN_SIDE} pixels on each side; this one is {width}x{height}."
+        )
     if max(width, height) / min(width, height) > IMAGE_MAX_RATIO:
-        raise InvalidInput(f"Kling needs an image no more than {IMAGE_MAX_RATIO:g} times as wide as it is tall "
-                           f"(or the reverse); this one is {width}x{height}.")
+        raise InvalidInput(
+            f"Kling needs an image no more than {IMAGE_MAX_RATIO:g} times as wide as it is tall "
+            f"(or the reverse); this one is {width}x{height}."
+        )
     if fmt in ("JPEG", "PNG") and path.stat().st_size <= IMAGE_MAX_BYTES:
         return base64.b64encode(path.read_bytes()).decode("ascii")
     img = open_image(path)

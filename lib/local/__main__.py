@@ -46,8 +46,11 @@ def dev() -> None:
         subprocess.Popen([sys.executable, "-m", "lib.local", "worker"], env=os.environ.copy()),
     ]
     print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {settings.spool_home})")
-    print(f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
-          " -d '{\"email\": \"me@example.com\"}'\n", flush=True)
+    print(
+        f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
+        ' -d \'{"email": "me@example.com"}\'\n',
+        flush=True,
+    )
 
     def stop(*_):
         raise KeyboardInterrupt

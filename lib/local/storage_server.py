@@ -121,8 +121,9 @@ def _signing_key() -> bytes:
 
 def make_token(*, purpose: str, bucket: str, key: str, expires_at: int, upsert: bool = False) -> str:
     """签发一个绑定用途、桶、对象与到期时间的令牌"""
-    payload = _b64(json.dumps({"p": purpose, "b": bucket, "k": key, "e": expires_at, "u": upsert},
-                              separators=(",", ":")).encode())
+    payload = _b64(
+        json.dumps({"p": purpose, "b": bucket, "k": key, "e": expires_at, "u": upsert}, separators=(",", ":")).encode()
+    )
     return f"{payload}.{_b64(hmac.new(_signing_key(), payload.encode(), hashlib.sha256).digest())}"
 
 
@@ -354,8 +355,12 @@ def _file_response(bucket: str, key: str, download: str | None = None) -> FileRe
     kwargs = {}
     if download is not None:
         kwargs = {"filename": download or key.rsplit("/", 1)[-1], "content_disposition_type": "attachment"}
-    return FileResponse(object_file(bucket, key), media_type=meta["content_type"],
-                        headers={"cache-control": meta["cache_control"]}, **kwargs)
+    return FileResponse(
+        object_file(bucket, key),
+        media_type=meta["content_type"],
+        headers={"cache-control": meta["cache_control"]},
+        **kwargs,
+    )
 
 
 def _expires_in(body: dict) -> int:
@@ -392,8 +397,13 @@ async def create_signed_upload_url(bucket: str, key: str, request: Request):
     require_service_key(request)
     await bucket_limit(bucket)
     object_file(bucket, key)
-    token = make_token(purpose="upload", bucket=bucket, key=key, upsert=_upsert_header(request),
-                       expires_at=int(time.time()) + SIGNED_UPLOAD_SECONDS)
+    token = make_token(
+        purpose="upload",
+        bucket=bucket,
+        key=key,
+        upsert=_upsert_header(request),
+        expires_at=int(time.time()) + SIGNED_UPLOAD_SECONDS,
+    )
     return {"url": f"/object/upload/sign/{bucket}/{quote(key)}?token={token}", "token": token}
 
 
@@ -462,16 +472,27 @@ async def list_objects(bucket: str, request: Request):
         names.reverse()
     offset, limit = int(body.get("offset") or 0), int(body.get("limit") or 100)
     items = []
-    for name in names[offset:offset + limit]:
+    for name in names[offset : offset + limit]:
         key = f"{prefix}/{name}" if prefix else name
         if (folder / name).is_dir():
             items.append({"name": name, "id": None, "updated_at": None, "created_at": None, "metadata": None})
         else:
             meta = read_meta(bucket, key)
-            items.append({"name": name, "id": meta["id"], "updated_at": meta["updated_at"],
-                          "created_at": meta["created_at"], "last_accessed_at": meta["last_modified"],
-                          "metadata": {"size": meta["size"], "mimetype": meta["content_type"],
-                                       "cacheControl": meta["cache_control"], "eTag": meta["etag"]}})
+            items.append(
+                {
+                    "name": name,
+                    "id": meta["id"],
+                    "updated_at": meta["updated_at"],
+                    "created_at": meta["created_at"],
+                    "last_accessed_at": meta["last_modified"],
+                    "metadata": {
+                        "size": meta["size"],
+                        "mimetype": meta["content_type"],
+                        "cacheControl": meta["cache_control"],
+                        "eTag": meta["etag"],
+                    },
+                }
+            )
     return items
 
 

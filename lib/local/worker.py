@@ -76,8 +76,12 @@ class LocalWorker:
             with contextlib.suppress(Exception):
                 await db.fetch_one(
                     "select public.requeue_task(%s, %s, %s, %s)",
-                    (task["id"], task["attempts"], self.settings.task_max_attempts + 1,
-                     "The worker restarted; resuming."),
+                    (
+                        task["id"],
+                        task["attempts"],
+                        self.settings.task_max_attempts + 1,
+                        "The worker restarted; resuming.",
+                    ),
                 )
 
     async def _listen(self) -> None:
