@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-import stripe
 
 from lib import db
 from lib.config import get_settings
 from lib.errors import Conflict, InvalidInput, InvalidWebhook, NotFound, ProviderUnavailable, SpoolError, UpstreamError
 from lib.stripe_client import get_stripe_client
+
+if TYPE_CHECKING:
+    import stripe
 
 log = logging.getLogger("spool.billing")
 
@@ -93,6 +95,8 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
 
 
 def upstream_error(exc: stripe.StripeError) -> SpoolError:
+    import stripe
+
     """把 Stripe 错误变成清楚的领域错误（502；幂等键冲突为 409）"""
     if isinstance(exc, stripe.IdempotencyError):
         return Conflict("This Idempotency-Key was already used for a different checkout.")
@@ -123,6 +127,8 @@ class BillingService:
         idempotency_key: str | None = None,
     ) -> dict:
         """创建 Stripe Checkout Session 并记录待支付的购买"""
+        import stripe
+
         settings = get_settings()
         success_url = self._allowed_url(success_url or settings.billing_success_url, "success_url")
         cancel_url = self._allowed_url(cancel_url or settings.billing_cancel_url, "cancel_url")
@@ -193,6 +199,8 @@ class BillingService:
         return {"event_id": event["id"], **result}
 
     def _verify(self, payload: bytes, signature: str | None) -> dict:
+        import stripe
+
         settings = get_settings()
         if not settings.stripe_webhook_secret:
             raise ProviderUnavailable("Stripe webhooks are not configured: STRIPE_WEBHOOK_SECRET is not set.")

@@ -14,13 +14,14 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-
-import httpx
-from storage3 import AsyncStorageClient
-from storage3.exceptions import StorageApiError
+from typing import TYPE_CHECKING
 
 from lib.config import get_settings
 from lib.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, UpstreamError
+
+if TYPE_CHECKING:  # imported on first use: the web container's cold start does not pay for them
+    import httpx
+    from storage3 import AsyncStorageClient
 
 log = logging.getLogger("spool.storage")
 
@@ -74,6 +75,9 @@ class StorageService:
         settings = get_settings()
         if not settings.supabase_url or not settings.supabase_service_role_key:
             raise RuntimeError("SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY are needed for storage")
+        import httpx
+        from storage3 import AsyncStorageClient
+
         key = settings.supabase_service_role_key
         self._http = httpx.AsyncClient(timeout=httpx.Timeout(120, connect=10), follow_redirects=True)
         self._client = AsyncStorageClient(
@@ -105,6 +109,9 @@ class StorageService:
 
     @asynccontextmanager
     async def _errors(self, what: str) -> AsyncIterator[None]:
+        import httpx
+        from storage3.exceptions import StorageApiError
+
         try:
             yield
         except StorageApiError as exc:

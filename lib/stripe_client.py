@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-
-import stripe
+from typing import TYPE_CHECKING
 
 from lib.config import get_settings
 from lib.errors import ProviderUnavailable
+
+if TYPE_CHECKING:
+    import stripe
 
 NETWORK_RETRIES = 2  # the library retries connection errors and 409/5xx answers, same idempotency key
 TIMEOUT_SECONDS = 20
@@ -25,6 +27,8 @@ def get_stripe_client() -> stripe.StripeClient:
         loop = None
     # The httpx connection pool belongs to one event loop; a new loop gets a new client.
     if _client is None or (loop is not None and _client_loop is not loop):
+        import stripe  # imported on first use: the web container's cold start does not pay for it
+
         settings = get_settings()
         if not settings.stripe_secret_key:
             raise ProviderUnavailable("Payments are not configured: STRIPE_SECRET_KEY is not set.")
