@@ -53,7 +53,7 @@ async def run_load(n: int, concurrency: int, one) -> tuple[float, list[float]]:
 
 
 async def main_async(args) -> None:
-    import httpx
+    import aiohttp  # a light load generator: httpx's client costs more CPU than the server it measures
     import psycopg
     from psycopg_pool import AsyncConnectionPool
 
@@ -61,19 +61,22 @@ async def main_async(args) -> None:
 
     settings = get_settings()
     base = f"http://127.0.0.1:{settings.spool_port}"
-    async with httpx.AsyncClient(base_url=base, timeout=30, limits=httpx.Limits(max_connections=100)) as http:
+    connector = aiohttp.TCPConnector(limit=100)
+    async with aiohttp.ClientSession(base_url=base, connector=connector) as http:
         for _ in range(200):
             try:
-                if (await http.get("/health")).status_code == 200:
-                    break
-            except httpx.HTTPError:
+                async with http.get("/health") as r:
+                    if r.status == 200:
+                        break
+            except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
         # One user per lane: a user's own creates serialize on their credit account's row lock, by design.
         users = []
         with psycopg.connect(settings.supabase_db_url, autocommit=True) as conn:
             for _ in range(64):
-                user = await http.post("/dev/users", json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com"})
-                user_id, token = user.json()["data"]["user_id"], user.json()["data"]["access_token"]
+                async with http.post("/dev/users", json={"email": f"bench-{uuid.uuid4().hex[:8]}@example.com"}) as r:
+                    data = (await r.json())["data"]
+                user_id, token = data["user_id"], data["access_token"]
                 conn.execute(
                     "select public.grant_credits(%s, 100000000, 'adjustment', %s)", (user_id, str(uuid.uuid4()))
                 )
@@ -96,8 +99,8 @@ async def main_async(args) -> None:
 
         async def create(i):
             headers, body = users[i % len(users)]
-            r = await http.post("/tasks", json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex})
-            assert r.status_code == 201, r.text
+            async with http.post("/tasks", json=body, headers={**headers, "Idempotency-Key": uuid.uuid4().hex}) as r:
+                assert r.status == 201, await r.text()
 
         pool = AsyncConnectionPool(
             settings.supabase_db_url,
@@ -116,8 +119,8 @@ async def main_async(args) -> None:
                 )  # same row shape, no RLS/auth
 
         async def health(i):
-            r = await http.get("/health")
-            assert r.status_code == 200, r.text
+            async with http.get("/health") as r:
+                assert r.status == 200, await r.text()
 
         print(
             f"POST /tasks vs single-row insert transactions, {args.requests} each, "
