@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -19,6 +20,8 @@ ROUTERS = (health, models, credits, billing, projects, assets, tasks)
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     yield
+    if "lib.storage" in sys.modules:  # only if a request used it
+        await sys.modules["lib.storage"].get_storage().close()
     await db.close_pool()
 
 

@@ -1,0 +1,61 @@
+"""Settings: defaults, and cloud mode refusing to start without what it needs."""
+
+import pytest
+
+from lib.config import Settings
+
+
+def test_local_defaults():
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert defaults["spool_mode"] == "local" and defaults["spool_port"] == 8000
+    assert defaults["spool_host"] == "127.0.0.1" and str(defaults["spool_home"]) == ".spool"
+    settings = Settings(_env_file=None)
+    assert settings.spool_home.is_absolute()
+    settings.require_complete()  # local mode needs nothing
+
+
+def test_cloud_mode_names_every_missing_setting():
+    settings = Settings(
+        _env_file=None, spool_mode="cloud", supabase_url="https://x.supabase.co", stripe_secret_key="change-me"
+    )
+    with pytest.raises(RuntimeError) as refused:
+        settings.require_complete()
+    message = str(refused.value)
+    for name in ("SUPABASE_DB_URL", "SUPABASE_SERVICE_ROLE_KEY", "STRIPE_SECRET_KEY", "STRIPE_WEBHOOK_SECRET"):
+        assert name in message
+    assert "SUPABASE_URL," not in message
+
+
+def test_cloud_app_refuses_to_start(monkeypatch):
+    from functions.app import create_app
+    from lib.config import get_settings
+
+    monkeypatch.setenv("SPOOL_MODE", "cloud")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="SUPABASE_SERVICE_ROLE_KEY|SUPABASE_DB_URL"):
+            create_app()
+    finally:
+        monkeypatch.delenv("SPOOL_MODE")
+        get_settings.cache_clear()
+
+
+def test_cloud_mode_accepts_secret_keys():
+    settings = Settings(
+        _env_file=None,
+        spool_mode="cloud",
+        supabase_url="https://x.supabase.co",
+        supabase_db_url="postgresql://u:p@h:6543/postgres",
+        supabase_service_role_key="sb_secret_abc",
+        stripe_secret_key="sk_test_1",
+        stripe_webhook_secret="whsec_1",
+    )
+    settings.require_complete()
+    assert settings.jwks_url == "https://x.supabase.co/auth/v1/.well-known/jwks.json"
+    assert settings.auth_issuer == "https://x.supabase.co/auth/v1"
+
+
+async def test_openapi_docs_are_served(client):
+    assert (await client.get("/docs")).status_code == 200
+    spec = (await client.get("/openapi.json")).json()
+    assert {"/tasks", "/tasks/{task_id}/cancel", "/assets/uploads", "/billing/checkout"} <= set(spec["paths"])
