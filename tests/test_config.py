@@ -16,7 +16,11 @@ def test_local_defaults():
 
 def test_cloud_mode_names_every_missing_setting():
     settings = Settings(
-        _env_file=None, spool_mode="cloud", supabase_url="https://x.supabase.co", stripe_secret_key="change-me"
+        _env_file=None,
+        spool_mode="cloud",
+        supabase_url="https://x.supabase.co",
+        stripe_secret_key="change-me",
+        stripe_webhook_secret="",
     )
     with pytest.raises(RuntimeError) as refused:
         settings.require_complete()
