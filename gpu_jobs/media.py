@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from gpu_jobs.handlers import OutputFile
 from lib.config import get_settings
 from lib.errors import InvalidInput
 
@@ -796,3 +797,17 @@ def _pinned_like(writer: FrameWriter, frames: torch.Tensor) -> torch.Tensor:
     except queue.Empty:
         pass
     return torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+
+
+def video_output(path: Path, width: int, height: int, frames: int, fps: float, **metadata) -> OutputFile:
+    """一个 H.264 MP4 产出（时长由帧数与帧率得出）"""
+    return OutputFile(
+        path=path,
+        kind="video",
+        mime="video/mp4",
+        width=width,
+        height=height,
+        duration_s=frames / fps,
+        fps=float(fps),
+        metadata={"frames": frames, **metadata},
+    )

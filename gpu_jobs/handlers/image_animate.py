@@ -26,6 +26,7 @@ from gpu_jobs.media import (
     probe_file,
     require_kind,
     resize,
+    video_output,
     work_dtype,
 )
 from lib.errors import InvalidInput
@@ -77,18 +78,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
 
     with FrameWriter(out, width, height, fps) as writer:
         encode_batches(batches(), writer, after_batch)
-    return [
-        OutputFile(
-            path=out,
-            kind="video",
-            mime="video/mp4",
-            width=width,
-            height=height,
-            duration_s=frames / fps,
-            fps=float(fps),
-            metadata={"motion": motion, "frames": frames, "aspect_ratio": aspect},
-        )
-    ]
+    return [video_output(out, width, height, frames, fps, motion=motion, aspect_ratio=aspect)]
 
 
 def frame_size(aspect: Fraction, short: int) -> tuple[int, int]:

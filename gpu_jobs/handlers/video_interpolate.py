@@ -30,6 +30,7 @@ from gpu_jobs.media import (
     probe_file,
     require_kind,
     stream_video,
+    video_output,
 )
 from lib.errors import InvalidInput
 
@@ -73,18 +74,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
         message="Interpolating frames",
     )
     fps = info["fps"] * factor
-    return [
-        OutputFile(
-            path=out,
-            kind="video",
-            mime="video/mp4",
-            width=width,
-            height=height,
-            duration_s=frames / fps,
-            fps=fps,
-            metadata={"factor": factor, "mode": mode, "frames": frames, "audio": info["has_audio"]},
-        )
-    ]
+    return [video_output(out, width, height, frames, fps, factor=factor, mode=mode, audio=info["has_audio"])]
 
 
 def interpolate(batches: Iterator[torch.Tensor], factor: int, mode: str = "motion") -> Iterator[torch.Tensor]:

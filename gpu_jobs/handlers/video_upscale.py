@@ -17,6 +17,7 @@ from gpu_jobs.media import (
     require_kind,
     resize,
     stream_video,
+    video_output,
 )
 from lib.errors import InvalidInput
 
@@ -47,15 +48,4 @@ def run(ctx: JobContext) -> list[OutputFile]:
         device=job_device(ctx),
         message="Upscaling video",
     )
-    return [
-        OutputFile(
-            path=out,
-            kind="video",
-            mime="video/mp4",
-            width=width,
-            height=height,
-            duration_s=frames / info["fps"],
-            fps=info["fps"],
-            metadata={"scale": scale, "frames": frames, "audio": info["has_audio"]},
-        )
-    ]
+    return [video_output(out, width, height, frames, info["fps"], scale=scale, audio=info["has_audio"])]
