@@ -11,6 +11,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cache
 from typing import BinaryIO
 
 from lib import db
@@ -345,12 +346,7 @@ class AssetService:
             log.warning("could not remove %s: %s", path, exc)
 
 
-_service: AssetService | None = None
-
-
+@cache
 def get_asset_service() -> AssetService:
     """获取资源服务单例"""
-    global _service
-    if _service is None:
-        _service = AssetService()
-    return _service
+    return AssetService()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from functools import cache
 
 from lib.config import get_settings
 from lib.errors import Unauthorized
@@ -86,18 +87,12 @@ class TokenVerifier:
         return await asyncio.to_thread(self.verify, token)
 
 
-_verifier: TokenVerifier | None = None
-
-
+@cache
 def get_token_verifier() -> TokenVerifier:
     """获取令牌校验器单例"""
-    global _verifier
-    if _verifier is None:
-        _verifier = TokenVerifier()
-    return _verifier
+    return TokenVerifier()
 
 
 def reset_token_verifier() -> None:
     """丢弃缓存的校验器（配置变化后）"""
-    global _verifier
-    _verifier = None
+    get_token_verifier.cache_clear()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import cache
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -269,12 +270,7 @@ class BillingService:
         return row["stripe_customer_id"]
 
 
-_service: BillingService | None = None
-
-
+@cache
 def get_billing_service() -> BillingService:
     """获取计费服务单例"""
-    global _service
-    if _service is None:
-        _service = BillingService()
-    return _service
+    return BillingService()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from functools import cache
 
 from psycopg import errors as pg_errors
 
@@ -127,12 +128,7 @@ class CreditService:
         return row["r"]
 
 
-_service: CreditService | None = None
-
-
+@cache
 def get_credit_service() -> CreditService:
     """获取积分服务单例"""
-    global _service
-    if _service is None:
-        _service = CreditService()
-    return _service
+    return CreditService()

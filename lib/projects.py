@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from functools import cache
 
 from psycopg import sql
 
@@ -103,12 +104,7 @@ class ProjectService:
             raise NotFound("Project not found.")
 
 
-_service: ProjectService | None = None
-
-
+@cache
 def get_project_service() -> ProjectService:
     """获取项目服务单例"""
-    global _service
-    if _service is None:
-        _service = ProjectService()
-    return _service
+    return ProjectService()

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,12 +258,7 @@ class StorageService:
         return written
 
 
-_service: StorageService | None = None
-
-
+@cache
 def get_storage() -> StorageService:
     """获取存储服务单例"""
-    global _service
-    if _service is None:
-        _service = StorageService()
-    return _service
+    return StorageService()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from functools import cache
 
 from lib import catalog, db
 from lib.config import get_settings
@@ -210,12 +211,7 @@ def public_task(row: dict) -> dict:
     return task
 
 
-_service: TaskService | None = None
-
-
+@cache
 def get_task_service() -> TaskService:
     """获取任务服务单例"""
-    global _service
-    if _service is None:
-        _service = TaskService()
-    return _service
+    return TaskService()
