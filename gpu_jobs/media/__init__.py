@@ -1,0 +1,60 @@
+"""Media I/O and shared torch ops for the media handlers.
+
+- ``probe``: what a file is (container, codecs, size, duration, fps, frames); refuses what we cannot use.
+- ``images``: Pillow in and out, decompression bombs refused before pixels are decoded.
+- ``ops``: separable Lanczos-3 resize (antialiased when shrinking) as two grouped conv passes, unsharp mask.
+- ``video``: ``FrameReader`` / ``FrameWriter`` / ``stream_video``: decode thread → device batches → encode
+  thread, bounded queues in between, so memory does not grow with the length of the video.
+"""
+
+from gpu_jobs.media.device import even, input_path, job_device, param, pick_device, work_dtype
+from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, poster_image, save_image
+from gpu_jobs.media.ops import gaussian_blur, psnr, resize, to_device, to_uint8, unsharp_mask
+from gpu_jobs.media.probe import (
+    check_input_pixels,
+    check_output_pixels,
+    check_video_limits,
+    probe_file,
+    require_kind,
+)
+from gpu_jobs.media.video import (
+    BATCH_PIXELS,
+    FrameReader,
+    FrameWriter,
+    batch_size_for,
+    encode_batches,
+    stream_video,
+    video_output,
+)
+
+__all__ = [
+    "BATCH_PIXELS",
+    "IMAGE_MIME",
+    "FrameReader",
+    "FrameWriter",
+    "batch_size_for",
+    "check_input_pixels",
+    "check_output_pixels",
+    "check_video_limits",
+    "encode_batches",
+    "even",
+    "gaussian_blur",
+    "input_path",
+    "job_device",
+    "load_image",
+    "open_image",
+    "param",
+    "pick_device",
+    "poster_image",
+    "probe_file",
+    "psnr",
+    "require_kind",
+    "resize",
+    "save_image",
+    "stream_video",
+    "to_device",
+    "to_uint8",
+    "unsharp_mask",
+    "video_output",
+    "work_dtype",
+]

@@ -1,0 +1,66 @@
+"""Still images: Pillow in (decompression bombs refused before decoding) and out."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gpu_jobs.media.probe import check_input_pixels
+from lib.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """以 RGB 打开图片（先检查像素数，再解码，按 EXIF 方向摆正）"""
+    try:
+        img = Image.open(path)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+        raise InvalidInput(f"The image could not be read: {exc}") from None
+    check_input_pixels(*img.size)
+    try:
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """读取图片为 uint8 张量 (3, H, W)"""
+    return torch.from_numpy(np.array(open_image(path))).permute(2, 0, 1)
+
+
+def poster_image(path: str | Path, info: dict, max_side: int = 1280) -> Image.Image:
+    """海报帧：图片本身，或视频的第一个可解码关键帧（只解码关键帧），缩到长边不超过 max_side"""
+    if info["kind"] == "image":
+        with Image.open(path) as img:
+            check_input_pixels(*img.size)
+            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale directly
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    else:
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                stream.codec_context.skip_frame = "NONKEY"
+                img = next(container.decode(stream)).to_image()
+        except (av.FFmpegError, StopIteration) as exc:
+            raise InvalidInput(f"The video has no decodable keyframe: {exc}") from None
+    img.thumbnail((max_side, max_side), Image.LANCZOS)
+    return img
+
+
+def save_image(image: torch.Tensor, path: Path, fmt: str) -> None:
+    """保存 uint8 张量 (3, H, W) 为 png/jpeg/webp"""
+    img = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
+    options = {
+        "png": {"compress_level": 6},
+        "jpeg": {"quality": 95, "subsampling": 0},
+        "webp": {"quality": 95},
+    }
+    img.save(path, format=fmt.upper(), **options[fmt])

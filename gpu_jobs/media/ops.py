@@ -1,0 +1,152 @@
+"""Pixel ops in torch: separable Lanczos-3 resize, blur, unsharp mask, PSNR."""
+
+from __future__ import annotations
+
+import logging
+import math
+from fractions import Fraction
+from functools import lru_cache
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from gpu_jobs.media.device import work_dtype
+
+log = logging.getLogger(__name__)
+MAX_PHASES = 16  # resize ratios whose reduced denominator exceeds this use a dense matrix
+
+
+def to_device(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 NHWC → 设备上的浮点 NCHW（channels_last，0..255）"""
+    frames = frames.to(device, non_blocking=True)
+    return frames.permute(0, 3, 1, 2).to(work_dtype(device))  # NHWC storage is channels_last NCHW
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """浮点 NCHW（0..255）→ uint8 NHWC"""
+    return x.add(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _lanczos(x: torch.Tensor, a: int = 3) -> torch.Tensor:
+    return torch.where(x.abs() < a, torch.sinc(x) * torch.sinc(x / a), torch.zeros_like(x))
+
+
+class _Plan(NamedTuple):
+    weights: torch.Tensor  # (phases, taps), or the dense (out, in) matrix when step == 0
+    step: int  # M: input pixels advanced per group of phases
+    phases: int  # L: output pixels per group
+    pad: int  # taps start at input offset -pad
+    fixes: list[tuple[int, torch.Tensor]]  # border runs (start, normalizer) to renormalize
+
+
+@lru_cache(maxsize=64)
+def _plan(in_size: int, out_size: int) -> _Plan:
+    """Polyphase Lanczos-3 with Pillow's geometry: output pixel L*k+p reads input pixels M*k+d, d >= -pad."""
+    ratio = Fraction(in_size, out_size)
+    step, phases = ratio.numerator, ratio.denominator
+    scale = max(float(ratio), 1.0)  # widen the kernel when shrinking: that is the antialiasing
+    if phases > MAX_PHASES:  # an awkward ratio: a dense (out, in) matrix, rows normalized over the image
+        centers = (torch.arange(out_size, dtype=torch.float64) + 0.5) * in_size / out_size - 0.5
+        w = _lanczos((torch.arange(in_size, dtype=torch.float64)[None, :] - centers[:, None]) / scale)
+        return _Plan((w / w.sum(1, keepdim=True)).float(), 0, 0, 0, [])
+    centers = (torch.arange(phases, dtype=torch.float64) + 0.5) * step / phases - 0.5
+    lo = math.floor(centers[0].item() - 3 * scale)
+    hi = math.ceil(centers[-1].item() + 3 * scale)
+    if step == 1:  # pure upscale: symmetric taps for the transposed conv
+        lo, hi = min(lo, -hi), max(hi, -lo)
+    else:  # the strided conv pads both sides by -lo: make that cover the right edge too
+        lo = min(lo, in_size - 1 - hi - step * (-(-out_size // phases) - 1))
+    d = torch.arange(lo, hi + 1, dtype=torch.float64)
+    w = _lanczos((d[None, :] - centers[:, None]) / scale)
+    plan = _Plan((w / w.sum(1, keepdim=True)).float(), step, phases, -lo, [])
+    # Near the borders some taps fall outside the image: renormalize over those inside, as Pillow does.
+    norm = _polyphase(torch.ones(1, 1, 1, in_size), plan, out_size, 3).flatten()
+    bad = ((norm - 1).abs() > 1e-6).nonzero().flatten().tolist()
+    plan.fixes.extend((run[0], norm[run[0] : run[-1] + 1]) for run in _runs(bad))
+    return plan
+
+
+def _polyphase(x: torch.Tensor, plan: _Plan, out_size: int, dim: int) -> torch.Tensor:
+    """One separable pass along ``dim`` (3: width, 2: height) as a grouped (transposed) conv."""
+    w, step, phases, pad, _ = plan
+    groups = x.shape[1]
+    along = (lambda v, other=1: (other, v)) if dim == 3 else (lambda v, other=1: (v, other))
+    shape = (1, 1, 1, -1) if dim == 3 else (1, 1, -1, 1)
+    if step == 1:  # upscale: one transposed conv, whose stride interleaves the phases
+        kernel = w.flip(1).t().reshape(shape).repeat(groups, 1, 1, 1).to(x)
+        y = F.conv_transpose2d(x, kernel, stride=along(phases), padding=along(phases * pad, 0), groups=groups)
+        return y.narrow(dim, 0, out_size)
+    kernel = w.reshape(phases, *shape[1:]).repeat(groups, 1, 1, 1).to(x)
+    y = F.conv2d(x, kernel, stride=along(step), padding=along(pad, 0), groups=groups)
+    y = y.narrow(dim, 0, -(-out_size // phases))
+    if phases > 1:  # a general ratio: interleave the phases
+        n, _, h, wd = y.shape
+        y = y.view(n, groups, phases, h, wd)
+        if dim == 3:
+            y = y.permute(0, 1, 3, 4, 2).reshape(n, groups, h, wd * phases)
+        else:
+            y = y.permute(0, 1, 3, 2, 4).reshape(n, groups, h * phases, wd)
+    return y.narrow(dim, 0, out_size)
+
+
+@lru_cache(maxsize=64)
+def _plan_on(in_size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> _Plan:
+    """The plan's tensors already on the device, so batches copy nothing from the host."""
+    plan = _plan(in_size, out_size)
+    to = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return plan._replace(weights=to(plan.weights), fixes=[(start, to(norm)) for start, norm in plan.fixes])
+
+
+def _resize_axis(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
+    if x.shape[dim] == out_size:
+        return x
+    plan = _plan_on(x.shape[dim], out_size, x.device, x.dtype)
+    if not plan.step:
+        return x @ plan.weights.t() if dim == 3 else plan.weights @ x
+    y = _polyphase(x, plan, out_size, dim)
+    for start, norm in plan.fixes:
+        y.narrow(dim, start, norm.numel()).div_(norm.view((1, 1, -1) if dim == 3 else (1, -1, 1)))
+    return y
+
+
+def _runs(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Lanczos-3 缩放浮点 NCHW 张量到 (H, W)（缩小时抗锯齿）"""
+    x = x.contiguous(memory_format=torch.channels_last)  # the fast conv layout on both CPU and CUDA
+    return _resize_axis(_resize_axis(x, size[1], 3), size[0], 2)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """可分离高斯模糊（边缘复制填充）"""
+    radius = max(1, math.ceil(3 * sigma))
+    g = torch.exp(-((torch.arange(-radius, radius + 1, dtype=torch.float32) / sigma) ** 2) / 2)
+    g = (g / g.sum()).to(x)
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, radius, radius), mode="replicate")
+    x = F.conv2d(x, g.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, g.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+
+
+def unsharp_mask(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Tensor:
+    """USM 锐化：x + amount·(x − blur(x))"""
+    if amount <= 0:
+        return x
+    return x + amount * (x - gaussian_blur(x, sigma))
+
+
+def psnr(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    """两幅 8 位图像的 PSNR（dB）"""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    mse = float(np.mean(diff**2))
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)

@@ -1,0 +1,182 @@
+"""What a media file is, and the limits refused before any heavy work."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import av
+from PIL import Image, UnidentifiedImageError
+
+from lib.config import get_settings
+from lib.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+
+
+def check_input_pixels(width: int, height: int) -> None:
+    """输入像素数超限时拒绝"""
+    limit = get_settings().max_input_pixels
+    if width * height > limit:
+        raise InvalidInput(f"The input is {width}x{height} pixels; at most {limit:,} pixels are accepted.")
+
+
+def check_output_pixels(width: int, height: int) -> None:
+    """输出像素数超限时拒绝"""
+    limit = get_settings().max_output_pixels
+    if width * height > limit:
+        raise InvalidInput(f"The output would be {width}x{height} pixels; at most {limit:,} are allowed.")
+
+
+def check_video_limits(info: dict) -> None:
+    """视频时长、帧数超限时拒绝"""
+    settings = get_settings()
+    if (info.get("duration_s") or 0) > settings.max_video_seconds:
+        raise InvalidInput(
+            f"The video is {info['duration_s']:.1f} s long; at most {settings.max_video_seconds:g} s are accepted."
+        )
+    if (info.get("frame_count") or 0) > settings.max_video_frames:
+        raise InvalidInput(
+            f"The video has {info['frame_count']} frames; at most {settings.max_video_frames} are accepted."
+        )
+
+
+# ---------------------------------------------------------------- probe
+
+
+def probe_file(path: str | Path) -> dict:
+    """探测媒体文件信息"""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInput("The file does not exist.")
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidInput("The file is empty.")
+    info = _probe_image(path)
+    if info is None:
+        info = _probe_video(path)
+    info["bytes"] = size
+    return info
+
+
+def _probe_image(path: Path) -> dict | None:
+    try:
+        img = Image.open(path)
+    except UnidentifiedImageError:
+        return None
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise InvalidInput(f"The image could not be read: {exc}") from None
+    with img:
+        if img.format not in IMAGE_FORMATS:
+            raise InvalidInput(f"Unsupported image format {img.format}.")
+        width, height = img.size
+        check_input_pixels(width, height)
+        try:
+            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation that turns the picture by 90°
+                width, height = height, width
+            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: 1/8 scale is enough to validate
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
+        fmt = img.format.lower()
+    return {
+        "kind": "image",
+        "format": fmt,
+        "mime": Image.MIME.get(fmt.upper(), f"image/{fmt}"),
+        "width": width,
+        "height": height,
+        "video_codec": None,
+        "audio_codec": None,
+        "duration_s": None,
+        "fps": None,
+        "frame_count": 1,
+        "has_audio": False,
+    }
+
+
+def _probe_video(path: Path) -> dict:
+    try:
+        container = av.open(str(path))
+    except av.FFmpegError as exc:
+        raise InvalidInput(
+            f"The file is not a readable image or video (corrupt, truncated or unsupported): {exc}"
+        ) from None
+    with container:
+        audio = container.streams.audio[0] if container.streams.audio else None
+        if not container.streams.video:
+            if audio is not None:
+                raise InvalidInput("The file is audio only; an image or a video is needed.")
+            raise InvalidInput("The file holds no video or image stream.")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if not ctx.width or not ctx.height:
+            raise InvalidInput(f"The video stream ({ctx.name}) has no frame size; the file is corrupt or unsupported.")
+        check_input_pixels(ctx.width, ctx.height)
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        fps = float(rate) if rate else None
+        try:  # decode one keyframe: proves the stream is decodable without reading the whole file
+            ctx.skip_frame = "NONKEY"
+            next(container.decode(stream))
+            ctx.skip_frame = "DEFAULT"
+        except (av.FFmpegError, StopIteration) as exc:
+            raise InvalidInput(f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}") from None
+        if container.duration:  # refuse an over-long file before reading through it
+            check_video_limits({"duration_s": container.duration / av.time_base})
+        frames = stream.frames or _count_packets(container, stream)
+        if stream.duration and stream.time_base:
+            duration = float(stream.duration * stream.time_base)
+        elif fps:
+            duration = frames / fps
+        else:
+            duration = container.duration / av.time_base if container.duration else None
+        if not fps and duration:
+            fps = frames / duration
+        info = {
+            "kind": "video",
+            "format": container.format.name,
+            "mime": "video/" + _mime_subtype(container.format.name),
+            "width": ctx.width,
+            "height": ctx.height,
+            "video_codec": ctx.codec.canonical_name,
+            "audio_codec": audio.codec_context.codec.canonical_name if audio else None,
+            "duration_s": round(duration, 6) if duration else None,
+            "fps": round(fps, 6) if fps else None,
+            "frame_count": frames,
+            "has_audio": audio is not None,
+        }
+    if not frames:
+        raise InvalidInput("The video has no frames.")
+    check_video_limits(info)
+    return info
+
+
+def _count_packets(container: Any, stream: Any) -> int:
+    """Frames of a stream whose header has no count: its packets, demuxed without decoding."""
+    limit = get_settings().max_video_frames
+    container.seek(0)
+    frames = 0
+    for packet in container.demux(stream):
+        frames += bool(packet.size)
+        if frames > limit:  # no need to read on: the video is refused anyway
+            break
+    return frames
+
+
+def _mime_subtype(format_name: str) -> str:
+    names = format_name.split(",")
+    for name, sub in (("mp4", "mp4"), ("mov", "quicktime"), ("matroska", "x-matroska"), ("webm", "webm")):
+        if name in names:
+            return sub
+    return names[0]
+
+
+def require_kind(info: dict, kind: str) -> None:
+    """媒体类型不符时拒绝"""
+    if info["kind"] != kind:
+        raise InvalidInput(f"This task needs {_article(kind)}; the input is {_article(info['kind'])}.")
+
+
+def _article(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"

@@ -1,0 +1,396 @@
+"""Streamed video: decode thread → device batches → encode thread, with bounded queues between them."""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import torch
+
+from gpu_jobs.handlers import OutputFile
+from gpu_jobs.media.ops import to_device, to_uint8
+from lib.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+MP4_COPY_AUDIO = {"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}
+# Output pixels per batch: bounds device memory whatever the frame size (on CPU small batches stay in cache).
+BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 64_000_000}
+_END = object()
+
+
+class _Worker:
+    """A thread feeding or draining a bounded queue; stops promptly once ``stop`` is set."""
+
+    def __init__(self, name: str, depth: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.work()
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self.error = exc
+            self.stop.set()
+
+    def work(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def put(self, item: Any) -> bool:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> Any:
+        while True:
+            try:
+                return self.queue.get(timeout=0.1)
+            except queue.Empty:
+                if self.stop.is_set() or not self.thread.is_alive():
+                    return _END
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        while self.thread.is_alive():
+            try:
+                while True:
+                    self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
+
+
+class FrameReader(_Worker):
+    """后台线程把视频解码为 uint8 NHWC 帧批次（有界队列）"""
+
+    def __init__(self, path: str | Path, batch_size: int, *, pin: bool = False, depth: int = 3):
+        super().__init__("spool-decode", depth)
+        self.path, self.batch_size = str(path), batch_size
+        self._pool: queue.Queue | None = None
+        if pin:  # a ring of pinned buffers, reused once the device has copied them
+            self._pool = queue.Queue()
+        self.thread.start()
+
+    def _buffer(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._pool is None:
+            return torch.empty(shape, dtype=torch.uint8)
+        try:
+            buf, event = self._pool.get_nowait()
+            if buf.shape == shape:
+                event.synchronize()
+                return buf
+        except queue.Empty:
+            pass
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+
+    def release(self, buf: torch.Tensor) -> None:
+        """设备拷贝发起后归还固定内存缓冲区"""
+        if self._pool is not None:
+            event = torch.cuda.Event()
+            event.record()
+            self._pool.put((buf, event))
+
+    def work(self) -> None:
+        with av.open(self.path) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            width, height = stream.codec_context.width, stream.codec_context.height
+            buf, n = None, 0
+            try:
+                for frame in container.decode(stream):
+                    if self.stop.is_set():
+                        return
+                    if buf is None:
+                        buf, n = self._buffer((self.batch_size, height, width, 3)), 0
+                    buf[n].numpy()[...] = frame.to_ndarray(format="rgb24", width=width, height=height)
+                    n += 1
+                    if n == self.batch_size:
+                        if not self.put(buf):
+                            return
+                        buf = None
+            except av.FFmpegError as exc:
+                raise InvalidInput(f"The video could not be decoded: {exc}") from None
+            if buf is not None and n:
+                self.put(buf[:n])
+        self.put(_END)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while (item := self.get()) is not _END:
+            yield item
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> FrameReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+
+class FrameWriter(_Worker):
+    """后台线程把 uint8 NHWC 帧批次编码为 H.264 MP4（yuv420p），可复制原视频音轨"""
+
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        rate: Fraction | float,
+        *,
+        audio_from: str | Path | None = None,
+        time_base: Fraction | None = None,
+        start_time: float = 0.0,
+        crf: int = 18,
+        preset: str = "veryfast",
+        depth: int = 3,
+    ):
+        super().__init__("spool-encode", depth)
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 yuv420p needs even dimensions, got {width}x{height}")
+        self.path, self.width, self.height = str(path), width, height
+        self.rate = Fraction(rate).limit_denominator(1001000)
+        # Keep the input's time base when every output frame time is a whole number of its ticks.
+        self.time_base = time_base if time_base and (1 / self.rate / time_base).denominator == 1 else 1 / self.rate
+        self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
+        self.frames_written = 0
+        self._pending: tuple[float, Any] | None = None
+        self.buffers: queue.Queue = queue.Queue()  # pinned host buffers the encoder is done with
+        self.thread.start()
+
+    def write(self, frames: torch.Tensor) -> None:
+        """提交一批 uint8 NHWC 帧（CPU）"""
+        if self.error is not None:
+            raise self.error
+        if not self.put(frames) and self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        """写完剩余帧并关闭文件"""
+        self.put(_END)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+    def __enter__(self) -> FrameWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.shutdown()
+            Path(self.path).unlink(missing_ok=True)
+
+    # -- the encode thread
+
+    def _open(self, copy_audio: bool) -> tuple[Any, Any, Any, Any]:
+        out = av.open(self.path, "w", format="mp4")
+        try:
+            video = out.add_stream("libx264", rate=self.rate)
+            video.width, video.height, video.pix_fmt = self.width, self.height, "yuv420p"
+            video.time_base = self.time_base
+            video.codec_context.time_base = self.time_base
+            video.options = {"crf": str(self.crf), "preset": self.preset}
+            cc = video.codec_context
+            cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709, as the conversion below
+            cc.color_range = 1  # limited (MPEG) range
+            src = audio = None
+            if self.audio_from is not None:
+                src = av.open(str(self.audio_from))
+                if not src.streams.audio:
+                    src.close()
+                    src = None
+                else:
+                    in_audio = src.streams.audio[0]
+                    if copy_audio:
+                        audio = out.add_stream_from_template(in_audio)
+                    else:
+                        audio = out.add_stream("aac", rate=in_audio.codec_context.sample_rate or 48000)
+                        audio.layout = in_audio.codec_context.layout
+            out.start_encoding()
+            return out, video, src, audio
+        except BaseException:
+            out.close()
+            raise
+
+    def work(self) -> None:
+        copy = True
+        if self.audio_from is not None:
+            with av.open(str(self.audio_from)) as probe:
+                a = probe.streams.audio
+                copy = bool(a) and a[0].codec_context.codec.canonical_name in MP4_COPY_AUDIO
+        try:
+            out, video, src, audio = self._open(copy)
+        except av.FFmpegError:
+            if not copy:
+                raise
+            log.info("copying the audio into MP4 failed; transcoding it to AAC")
+            copy = False
+            out, video, src, audio = self._open(copy)
+        audio_items = self._audio_items(src, audio, copy) if src is not None else iter(())
+        try:
+            while (batch := self.get()) is not _END:
+                for frame in batch.numpy():
+                    vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                    vf = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+                    vf.pts, vf.time_base = self._pts(self.frames_written), self.time_base
+                    out.mux(video.encode(vf))
+                    self.frames_written += 1
+                if batch.is_pinned():
+                    self.buffers.put(batch)
+                self._mux_audio(out, audio_items, float(self.frames_written / self.rate))
+            if self.stop.is_set():
+                return
+            out.mux(video.encode(None))
+            self._mux_audio(out, audio_items, float(self.frames_written / self.rate), flush=True)
+        finally:
+            out.close()
+            if src is not None:
+                src.close()
+
+    def _pts(self, index: int) -> int:
+        return int(index / self.rate / self.time_base)
+
+    def _audio_items(self, src: Any, audio: Any, copy: bool) -> Iterator[tuple[float, Any]]:
+        """(seconds, packet) of the source's audio, copied or re-encoded, shifted to the video's zero."""
+        in_audio = src.streams.audio[0]
+        shift = round(self.start_time / in_audio.time_base) if in_audio.time_base else 0
+        for packet in src.demux(in_audio):
+            if copy:
+                if packet.dts is None or not packet.size:
+                    continue
+                pts = packet.pts if packet.pts is not None else packet.dts
+                packet.pts, packet.dts = pts - shift, packet.dts - shift
+                packet.stream = audio
+                yield float(packet.pts * packet.time_base), packet
+                continue
+            for frame in packet.decode():
+                time = (frame.time or 0.0) - self.start_time
+                frame.pts = None
+                for out_packet in audio.encode(frame):
+                    yield time, out_packet
+        if not copy:
+            for out_packet in audio.encode(None):
+                yield math.inf, out_packet
+
+    def _mux_audio(self, out: Any, items: Iterator, until: float, flush: bool = False) -> None:
+        """Mux audio up to ``until`` seconds of video, keeping the file interleaved; none past its end."""
+        while True:
+            if self._pending is None:
+                self._pending = next(items, None)
+                if self._pending is None:
+                    return
+            time, packet = self._pending
+            if time >= until and not flush:
+                return
+            if time < until or math.isinf(time):
+                out.mux(packet)
+            self._pending = None
+
+
+def batch_size_for(width: int, height: int, device: torch.device) -> int:
+    """按像素预算决定每批帧数"""
+    return max(1, min(32, BATCH_PIXELS.get(device.type, BATCH_PIXELS["cpu"]) // (width * height)))
+
+
+def stream_video(
+    src: str | Path,
+    dst: str | Path,
+    process: Callable[[Iterator[torch.Tensor]], Iterable[torch.Tensor]],
+    *,
+    info: dict,
+    out_size: tuple[int, int],
+    progress: Callable[..., None],
+    device: torch.device,
+    rate_factor: int = 1,
+    batch_size: int | None = None,
+    message: str = "Processing video",
+) -> int:
+    """流式处理视频：解码线程 → 设备批处理 → 编码线程（音轨原样复制），返回写出的帧数
+
+    ``process`` maps an iterator of float NCHW device batches (0..255) to an iterable of output batches
+    of ``out_size`` (H, W); it may hold frames across batches (interpolation does).
+    """
+    with av.open(str(src)) as container:  # header only: timing facts the writer keeps
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or Fraction(info["fps"]).limit_denominator(1001000)
+        time_base, start = (
+            stream.time_base,
+            float(stream.start_time * stream.time_base) if stream.start_time else 0.0,
+        )
+    total = max(1, info.get("frame_count") or 1)
+    batch_size = batch_size or batch_size_for(out_size[1], out_size[0], device)
+    done = 0
+    with (
+        FrameReader(src, batch_size, pin=device.type == "cuda") as reader,
+        FrameWriter(
+            dst,
+            out_size[1],
+            out_size[0],
+            rate * rate_factor,
+            audio_from=src if info.get("has_audio") else None,
+            time_base=time_base,
+            start_time=start,
+        ) as writer,
+    ):
+
+        def batches() -> Iterator[torch.Tensor]:
+            nonlocal done
+            for frames in reader:
+                x = to_device(frames, device)
+                reader.release(frames)
+                done += frames.shape[0]
+                yield x
+
+        encode_batches(process(batches()), writer, lambda: progress(min(done / total, 1.0), message))
+    return writer.frames_written
+
+
+def encode_batches(batches: Iterable[torch.Tensor], writer: FrameWriter, after_batch: Callable[[], None]) -> None:
+    """把设备上的浮点帧批次交给编码线程；每批之后调用 after_batch（进度/取消）"""
+    for y in batches:
+        frames = to_uint8(y)
+        if frames.is_cuda:  # through a pinned buffer: the copy is fast and the encoder reads it in place
+            host = _pinned_like(writer, frames)
+            host.copy_(frames)
+            frames = host
+        else:
+            frames = frames.cpu()
+        writer.write(frames)
+        after_batch()  # may raise TaskCanceled: the caller's with-blocks stop both threads
+
+
+def _pinned_like(writer: FrameWriter, frames: torch.Tensor) -> torch.Tensor:
+    try:
+        buf = writer.buffers.get_nowait()
+        if buf.shape == frames.shape:
+            return buf
+    except queue.Empty:
+        pass
+    return torch.empty(frames.shape, dtype=torch.uint8, pin_memory=True)
+
+
+def video_output(path: Path, width: int, height: int, frames: int, fps: float, **metadata) -> OutputFile:
+    """一个 H.264 MP4 产出（时长由帧数与帧率得出）"""
+    return OutputFile(
+        path=path,
+        kind="video",
+        mime="video/mp4",
+        width=width,
+        height=height,
+        duration_s=frames / fps,
+        fps=float(fps),
+        metadata={"frames": frames, **metadata},
+    )
