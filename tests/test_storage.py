@@ -12,7 +12,7 @@ from storage3.exceptions import StorageApiError
 
 from lib.config import get_settings
 from lib.errors import Conflict, Forbidden, NotFound
-from lib.local import storage_server
+from lib.local.storage import objects as storage_objects
 from lib.storage import get_storage, user_path
 
 BUCKET = "media"
@@ -98,12 +98,12 @@ async def test_expired_or_tampered_tokens_are_refused(storage, owner):
     path = user_path(owner, "t.txt")
     await storage.upload_bytes(path=path, data=b"secret", content_type="text/plain")
     base = f"{get_settings().supabase_url}/storage/v1/object/sign/{BUCKET}/{path}"
-    expired = storage_server.make_token(purpose="download", bucket=BUCKET, key=path, expires_at=int(time.time()) - 1)
+    expired = storage_objects.make_token(purpose="download", bucket=BUCKET, key=path, expires_at=int(time.time()) - 1)
     good = (await storage.create_signed_url(path=path, expires_in=60)).split("token=")[1]
-    other = storage_server.make_token(
+    other = storage_objects.make_token(
         purpose="download", bucket=BUCKET, key=user_path(owner, "other.txt"), expires_at=int(time.time()) + 60
     )
-    upload = storage_server.make_token(purpose="upload", bucket=BUCKET, key=path, expires_at=int(time.time()) + 60)
+    upload = storage_objects.make_token(purpose="upload", bucket=BUCKET, key=path, expires_at=int(time.time()) + 60)
     async with httpx.AsyncClient() as http:
         assert (await http.get(f"{base}?token={good}")).content == b"secret"
         for token, message in [

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from functions.app import create_app
-from lib.local import dev_auth, realtime, storage_server
+from lib.local import dev_auth, realtime, storage
 
-LOCAL_ROUTERS = [dev_auth.router, storage_server.router, realtime.router]
+LOCAL_ROUTERS = [dev_auth.router, storage.router, realtime.router]
 
 
 def create_local_app() -> FastAPI:

@@ -1,0 +1,11 @@
+"""Local Storage stand-in: the subset of Supabase Storage's REST API that storage3 calls, files under SPOOL_HOME.
+
+Objects live at `SPOOL_HOME/storage/{bucket}/{key}`, their content type and cache control beside them under
+`SPOOL_HOME/storage/.meta/`. Object routes need the service key (`apikey` or `Authorization: Bearer`); signed
+URLs carry an HMAC-SHA256 token (key derived from the service key) bound to purpose, bucket, key and expiry.
+Errors have Storage's JSON shape (`{"statusCode", "error", "message"}`), so storage3 raises StorageApiError.
+"""
+
+from lib.local.storage.routes import router
+
+__all__ = ["router"]

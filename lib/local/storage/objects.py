@@ -1,0 +1,177 @@
+"""Objects on disk and who may touch them: the service key, signed tokens, safe paths, Storage errors."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from lib import db
+from lib.config import get_settings
+
+SIGNED_UPLOAD_SECONDS = 2 * 60 * 60  # as Supabase: a signed upload URL is valid for two hours
+MAX_SIGN_SECONDS = 10 * 365 * 24 * 3600
+FIELD_LIMIT = 64 * 1024
+TMP_PREFIX = ".spool-upload-"
+META_DIR = ".meta"
+BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+class StorageError(Exception):
+    """存储接口错误（Supabase Storage 的 JSON 形状）"""
+
+    def __init__(self, status: int, error: str, message: str):
+        super().__init__(message)
+        self.status, self.error, self.message = status, error, message
+
+    def response(self) -> JSONResponse:
+        """错误响应"""
+        body = {"statusCode": str(self.status), "error": self.error, "message": self.message}
+        return JSONResponse(body, status_code=self.status)
+
+
+def not_found(what: str = "Object") -> StorageError:
+    return StorageError(404, "not_found", f"{what} not found")
+
+
+def invalid_key(key: str) -> StorageError:
+    return StorageError(400, "InvalidKey", f"Invalid key: {key!r}")
+
+
+def invalid_token(message: str) -> StorageError:
+    return StorageError(400, "InvalidJWT", message)
+
+
+# ---------------------------------------------------------------- keys, tokens, paths
+
+
+def service_key() -> str:
+    """本地服务密钥"""
+    key = get_settings().supabase_service_role_key
+    if key:
+        return key
+    from lib.local.stack import local_issuer
+
+    return local_issuer().service_role_key()
+
+
+def require_service_key(request: Request) -> None:
+    """对象接口只接受服务密钥（Authorization: Bearer 优先，其次 apikey）"""
+    scheme, _, bearer = request.headers.get("authorization", "").partition(" ")
+    presented = bearer.strip() if scheme.lower() == "bearer" else request.headers.get("apikey", "")
+    if not presented:
+        raise StorageError(401, "Unauthorized", "Missing service key")
+    if not hmac.compare_digest(presented.encode(), service_key().encode()):
+        raise StorageError(403, "Unauthorized", "invalid signature")
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _signing_key() -> bytes:
+    return hmac.new(service_key().encode(), b"spool-local-storage-url-v1", hashlib.sha256).digest()
+
+
+def make_token(*, purpose: str, bucket: str, key: str, expires_at: int, upsert: bool = False) -> str:
+    """签发一个绑定用途、桶、对象与到期时间的令牌"""
+    payload = _b64(
+        json.dumps({"p": purpose, "b": bucket, "k": key, "e": expires_at, "u": upsert}, separators=(",", ":")).encode()
+    )
+    return f"{payload}.{_b64(hmac.new(_signing_key(), payload.encode(), hashlib.sha256).digest())}"
+
+
+def check_token(token: str | None, *, purpose: str, bucket: str, key: str) -> dict:
+    """校验令牌（签名、用途、对象、到期）"""
+    if not token:
+        raise invalid_token("Missing token")
+    payload, _, signature = token.partition(".")
+    expected = _b64(hmac.new(_signing_key(), payload.encode(), hashlib.sha256).digest())
+    if not hmac.compare_digest(signature.encode(), expected.encode()):
+        raise invalid_token("invalid signature")
+    claims = json.loads(_unb64(payload))
+    if (claims.get("p"), claims.get("b"), claims.get("k")) != (purpose, bucket, key):
+        raise invalid_token("invalid signature")
+    if claims.get("e", 0) < time.time():
+        raise invalid_token("jwt expired")
+    return claims
+
+
+def check_key(key: str) -> str:
+    """拒绝不安全的对象名（.. 段、绝对路径、反斜杠、NUL 与控制字符）"""
+    if not key or len(key) > 1024 or key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
+        raise invalid_key(key)
+    if any(part in ("", ".", "..") for part in key.split("/")) or key.split("/")[-1].startswith(TMP_PREFIX):
+        raise invalid_key(key)
+    return key
+
+
+def check_bucket(bucket: str) -> str:
+    """桶名只允许字母数字开头的简单名字"""
+    if not BUCKET_NAME.fullmatch(bucket):
+        raise StorageError(400, "InvalidBucketName", f"Invalid bucket name: {bucket!r}")
+    return bucket
+
+
+def storage_root() -> Path:
+    return get_settings().spool_home / "storage"
+
+
+def object_file(bucket: str, key: str) -> Path:
+    """对象在磁盘上的位置（确认在桶目录之内）"""
+    base = (storage_root() / check_bucket(bucket)).resolve()
+    path = (base / check_key(key)).resolve()
+    if not path.is_relative_to(base) or path == base:
+        raise invalid_key(key)
+    return path
+
+
+def meta_file(bucket: str, key: str) -> Path:
+    return storage_root() / META_DIR / check_bucket(bucket) / f"{check_key(key)}.json"
+
+
+def read_meta(bucket: str, key: str) -> dict:
+    """对象的元数据（内容类型、缓存控制、大小）"""
+    path = object_file(bucket, key)
+    if not path.is_file():
+        raise not_found()
+    try:
+        meta = json.loads(meta_file(bucket, key).read_text())
+    except (OSError, ValueError):
+        meta = {}
+    stat = path.stat()
+    modified = datetime.fromtimestamp(stat.st_mtime, UTC).isoformat()
+    return {
+        "id": meta.get("id"), "name": key, "bucket_id": bucket, "version": meta.get("id"), "size": stat.st_size,
+        "content_type": meta.get("content_type") or "application/octet-stream",
+        "cache_control": meta.get("cache_control") or "max-age=3600", "etag": meta.get("etag"),
+        "metadata": meta.get("metadata") or {}, "created_at": meta.get("created_at") or modified,
+        "last_modified": modified, "updated_at": modified,
+    }  # fmt: skip
+
+
+_buckets: dict[str, dict] = {}
+
+
+async def bucket_limit(bucket: str) -> int:
+    """桶存在则返回其大小上限（桶上限或全局上限），否则 404"""
+    check_bucket(bucket)
+    if bucket not in _buckets:
+        rows = await db.fetch_all("select id, file_size_limit from storage.buckets")
+        _buckets.clear()
+        _buckets.update({r["id"]: r for r in rows})
+    if bucket not in _buckets:
+        raise not_found("Bucket")
+    return _buckets[bucket]["file_size_limit"] or get_settings().max_upload_bytes

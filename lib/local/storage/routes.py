@@ -1,0 +1,215 @@
+"""The Storage REST routes storage3 calls (specific prefixes before /object/{bucket})."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+
+from lib.local.storage.objects import (
+    StorageError,
+    bucket_limit,
+    check_bucket,
+    check_token,
+    make_token,
+    meta_file,
+    object_file,
+    read_meta,
+    require_service_key,
+    storage_root,
+)
+from lib.local.storage.uploads import expires_in, file_response, json_body, signed_path, store_upload, upsert_header
+
+SIGNED_UPLOAD_SECONDS = 2 * 60 * 60  # as Supabase: a signed upload URL is valid for two hours
+MAX_SIGN_SECONDS = 10 * 365 * 24 * 3600
+FIELD_LIMIT = 64 * 1024
+TMP_PREFIX = ".spool-upload-"
+META_DIR = ".meta"
+BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+class StorageRoute(APIRoute):
+    """把存储错误（与请求校验错误）写成 Storage 的错误形状，而不是产品的信封"""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except StorageError as exc:
+                return exc.response()
+            except RequestValidationError as exc:
+                return StorageError(400, "InvalidRequest", str(exc.errors()[:1])).response()
+
+        return route
+
+
+router = APIRouter(prefix="/storage/v1", tags=["Local"], route_class=StorageRoute, include_in_schema=False)
+
+
+@router.post("/object/upload/sign/{bucket}/{key:path}")
+async def create_signed_upload_url(bucket: str, key: str, request: Request):
+    """创建签名上传 URL（两小时有效）"""
+    require_service_key(request)
+    await bucket_limit(bucket)
+    object_file(bucket, key)
+    token = make_token(
+        purpose="upload",
+        bucket=bucket,
+        key=key,
+        upsert=upsert_header(request),
+        expires_at=int(time.time()) + SIGNED_UPLOAD_SECONDS,
+    )
+    return {"url": f"/object/upload/sign/{bucket}/{quote(key)}?token={token}", "token": token}
+
+
+@router.put("/object/upload/sign/{bucket}/{key:path}")
+async def upload_to_signed_url(bucket: str, key: str, request: Request, token: str | None = None):
+    """凭签名令牌上传（无需密钥）"""
+    claims = check_token(token, purpose="upload", bucket=bucket, key=key)
+    return await store_upload(request, bucket, key, upsert=bool(claims.get("u")))
+
+
+@router.post("/object/sign/{bucket}/{key:path}")
+async def create_signed_url(bucket: str, key: str, request: Request):
+    """创建签名下载 URL"""
+    require_service_key(request)
+    body = await json_body(request)
+    seconds = expires_in(body)
+    await bucket_limit(bucket)
+    read_meta(bucket, key)
+    return {"signedURL": signed_path(bucket, key, seconds)}
+
+
+@router.post("/object/sign/{bucket}")
+async def create_signed_urls(bucket: str, request: Request):
+    """批量创建签名下载 URL"""
+    require_service_key(request)
+    body = await json_body(request)
+    seconds = expires_in(body)
+    await bucket_limit(bucket)
+    items = []
+    for key in body.get("paths") or []:
+        try:
+            read_meta(bucket, str(key))
+            items.append({"path": key, "signedURL": signed_path(bucket, key, seconds), "error": None})
+        except StorageError as exc:
+            items.append({"path": key, "signedURL": None, "error": exc.message})
+    return items
+
+
+@router.get("/object/sign/{bucket}/{key:path}")
+async def download_signed(bucket: str, key: str, token: str | None = None, download: str | None = None):
+    """凭签名令牌下载（流式，支持 Range）"""
+    check_token(token, purpose="download", bucket=bucket, key=key)
+    return file_response(bucket, key, download)
+
+
+@router.get("/object/info/{bucket}/{key:path}")
+async def object_info(bucket: str, key: str, request: Request):
+    """对象信息"""
+    require_service_key(request)
+    await bucket_limit(bucket)
+    return read_meta(bucket, key)
+
+
+@router.post("/object/list/{bucket}")
+async def list_objects(bucket: str, request: Request):
+    """列出一个前缀（文件夹）下的对象"""
+    require_service_key(request)
+    body = await json_body(request)
+    await bucket_limit(bucket)
+    prefix = str(body.get("prefix") or "").strip("/")
+    folder = object_file(bucket, prefix) if prefix else (storage_root() / check_bucket(bucket))
+    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)) if folder.is_dir() else []
+    if body.get("search"):
+        names = [n for n in names if str(body["search"]).lower() in n.lower()]
+    if (body.get("sortBy") or {}).get("order") == "desc":
+        names.reverse()
+    offset, limit = int(body.get("offset") or 0), int(body.get("limit") or 100)
+    items = []
+    for name in names[offset : offset + limit]:
+        key = f"{prefix}/{name}" if prefix else name
+        if (folder / name).is_dir():
+            items.append({"name": name, "id": None, "updated_at": None, "created_at": None, "metadata": None})
+        else:
+            meta = read_meta(bucket, key)
+            items.append(
+                {
+                    "name": name,
+                    "id": meta["id"],
+                    "updated_at": meta["updated_at"],
+                    "created_at": meta["created_at"],
+                    "last_accessed_at": meta["last_modified"],
+                    "metadata": {
+                        "size": meta["size"],
+                        "mimetype": meta["content_type"],
+                        "cacheControl": meta["cache_control"],
+                        "eTag": meta["etag"],
+                    },
+                }
+            )
+    return items
+
+
+@router.get("/object/authenticated/{bucket}/{key:path}")
+@router.get("/object/{bucket}/{key:path}")
+async def download_object(bucket: str, key: str, request: Request, download: str | None = None):
+    """以服务密钥下载（流式，支持 Range）"""
+    require_service_key(request)
+    await bucket_limit(bucket)
+    return file_response(bucket, key, download)
+
+
+@router.post("/object/{bucket}/{key:path}")
+async def upload_object(bucket: str, key: str, request: Request):
+    """上传对象（x-upsert: true 时覆盖，否则已存在 → 409）"""
+    require_service_key(request)
+    return await store_upload(request, bucket, key, upsert=upsert_header(request))
+
+
+@router.put("/object/{bucket}/{key:path}")
+async def update_object(bucket: str, key: str, request: Request):
+    """更新（覆盖）对象"""
+    require_service_key(request)
+    return await store_upload(request, bucket, key, upsert=True)
+
+
+@router.delete("/object/{bucket}")
+async def remove_objects(bucket: str, request: Request):
+    """删除多个对象；返回被删除的对象"""
+    require_service_key(request)
+    body = await json_body(request)
+    await bucket_limit(bucket)
+    prefixes = body.get("prefixes")
+    if not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes):
+        raise StorageError(400, "InvalidRequest", "prefixes must be a list of object names")
+    removed = []
+    for key in prefixes:
+        try:
+            meta = read_meta(bucket, key)
+        except StorageError as exc:
+            if exc.status == 404:
+                continue
+            raise
+        object_file(bucket, key).unlink(missing_ok=True)
+        meta_file(bucket, key).unlink(missing_ok=True)
+        prune_empty(object_file(bucket, key).parent, (storage_root() / bucket).resolve())
+        removed.append(meta)
+    return removed
+
+
+def prune_empty(folder: Path, stop: Path) -> None:
+    """删除对象后清理空的父目录"""
+    while folder != stop and folder.is_relative_to(stop):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
