@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import ROOT
 from tests.factories import connect, dumps, ledger, task_row
+from tests.media_factories import make_video
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,58 @@ async def test_lost_worker_task_is_requeued_and_completes(client, make_user, wor
     assert task["status"] == "completed"
     assert task_row(task_id)["attempts"] >= 2
     assert [e["kind"] for e in ledger(user.id, task_id)] == ["charge"]
+
+
+def start_worker(**env) -> subprocess.Popen:
+    log = open(os.path.join(os.environ["SPOOL_HOME"], "worker-kill.log"), "ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "lib.local", "worker"],
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def test_worker_killed_mid_task_is_requeued_and_completes(client, make_user, worker, tmp_path):
+    """真实的 worker 在处理中被 SIGKILL：回收器重新排队，另一个 worker 完成它，只扣一次费"""
+    worker.terminate()  # this test runs its own workers, with a short stall time
+    worker.wait(15)
+    fast = {"TASK_STALL_SECONDS": "5", "REAPER_INTERVAL_SECONDS": "1"}
+    first = start_worker(**fast)
+    user = await make_user()
+    video = make_video(tmp_path / "clip.mp4", 320, 240, frames=96, fps=24)
+    resp = await client.post(
+        "/assets", files={"file": ("clip.mp4", video.read_bytes(), "video/mp4")}, headers=user.headers
+    )
+    asset_id = resp.json()["data"]["id"]
+
+    async def ready():
+        asset = (await client.get(f"/assets/{asset_id}", headers=user.headers)).json()["data"]
+        return asset if asset["status"] == "ready" else None
+
+    await wait_for(ready)
+    resp = await client.post(
+        "/tasks",
+        headers=user.headers,
+        json={"model_key": "video.upscale", "params": {"video_asset_id": asset_id, "scale": 4}},
+    )
+    task_id = resp.json()["data"]["id"]
+
+    async def processing():
+        row = task_row(task_id)
+        return row if row["status"] == "processing" and row["progress"] > 0 else None
+
+    await wait_for(processing, every=0.05)
+    first.kill()
+    first.wait(10)
+    second = start_worker(**fast)
+    try:
+        task = await wait_finished(client, user, task_id, seconds=120)
+    finally:
+        second.terminate()
+        second.wait(15)
+    assert task["status"] == "completed", task
+    assert task_row(task_id)["attempts"] == 2
+    assert [e["kind"] for e in ledger(user.id, task_id)] == ["charge"]
+    assert task["result"]["width"] == 1280 and task["result"]["height"] == 960
