@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from functools import cache
 
 from lib.config import get_settings
@@ -13,6 +16,7 @@ from lib.errors import Unauthorized
 log = logging.getLogger("spool.auth")
 ASYMMETRIC_ALGS = ("ES256", "RS256")
 LEEWAY_SECONDS = 30
+VERIFIED_CACHE_SIZE = 4096
 
 
 class TokenVerifier:
@@ -33,9 +37,28 @@ class TokenVerifier:
             timeout=5,
             cooldown_duration=10,
         )
+        # A browser sends the same token with every request for up to an hour: tokens that passed
+        # verification are remembered (bounded LRU) until they expire, so repeats skip the signature check.
+        self._verified: OrderedDict[str, dict] = OrderedDict()
+        self._lock = threading.Lock()  # verify also runs in worker threads (first JWKS fetch)
 
     def verify(self, token: str) -> dict:
         """校验令牌并返回 claims（签名、过期、受众、签发者、sub）"""
+        with self._lock:
+            claims = self._verified.get(token)
+            if claims is not None:
+                if claims["exp"] + LEEWAY_SECONDS >= time.time():
+                    self._verified.move_to_end(token)
+                    return dict(claims)
+                del self._verified[token]
+        claims = self._verify_signed(token)
+        with self._lock:
+            self._verified[token] = claims
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return dict(claims)
+
+    def _verify_signed(self, token: str) -> dict:
         import jwt
 
         try:
@@ -82,7 +105,7 @@ class TokenVerifier:
     async def averify(self, token: str) -> dict:
         """异步校验（JWKS 获取在线程中进行）"""
         cache = self.jwks.jwk_set_cache
-        if cache is not None and cache.get() is not None:  # keys cached: no network, verify inline
+        if token in self._verified or (cache is not None and cache.get() is not None):  # no network: inline
             return self.verify(token)
         return await asyncio.to_thread(self.verify, token)
 

@@ -142,3 +142,18 @@ async def test_dev_users_absent_from_the_product_app(postgres):
     async with httpx.AsyncClient(transport=transport, base_url="http://cloud.test") as cloud:
         assert (await cloud.post("/dev/users", json={"email": "a@example.com"})).status_code == 404
         assert (await cloud.get("/auth/v1/.well-known/jwks.json")).status_code == 404
+
+
+async def test_a_remembered_token_still_expires(client, make_user, monkeypatch):
+    import asyncio
+
+    import lib.auth
+
+    monkeypatch.setattr(lib.auth, "LEEWAY_SECONDS", 0)
+    user = await make_user()
+    token = es256(claims(sub=user.id, exp=int(time.time()) + 1))
+    assert (await balance_status(client, token))[0] == 200
+    assert (await balance_status(client, token))[0] == 200  # remembered
+    await asyncio.sleep(2.1)
+    status, body = await balance_status(client, token)
+    assert status == 401 and body["error"]["message"] == "Access token expired."
