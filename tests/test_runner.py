@@ -157,3 +157,25 @@ async def test_task_never_started_is_failed_and_refunded(client, make_user, job_
     row = task_row(task["id"])
     assert row["status"] == "failed" and row["error"]["code"] == "not_started"
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_corrupt_video_fails_as_invalid_input_and_is_refunded(client, make_user):
+    """真实处理器拒绝损坏的媒体：任务失败（invalid_input）并只退款一次"""
+    from lib.storage import get_storage
+    from tests.factories import make_asset
+
+    user = await make_user()
+    path = f"{user.id}/uploads/broken.mp4"
+    await get_storage().upload_bytes(
+        path=path, data=b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 500, content_type="video/mp4"
+    )
+    asset = make_asset(user.id, kind="video", width=64, height=48, duration_s=2, fps=24, path=path)
+    resp = await client.post(
+        "/tasks", json={"model_key": "video.upscale", "params": {"video_asset_id": asset}}, headers=user.headers
+    )
+    task = resp.json()["data"]
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "invalid_input" and row["error"]["message"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    assert balance(user.id) == 100
