@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from lib import db
-from lib.errors import TaskCanceled, TransientError
+from lib.errors import InvalidInput, NotFound, TaskCanceled, TransientError
 
 log = logging.getLogger("spool.jobs")
 T = TypeVar("T")
@@ -85,9 +85,12 @@ async def download_file_to_temp(asset: dict, workdir: Path) -> Path:
 
     suffix = Path(asset["path"]).suffix or mimetypes.guess_extension(asset.get("mime") or "") or ""
     dest = workdir / f"input-{asset['id']}{suffix}"
-    await with_retries(
-        f"download of asset {asset['id']}", lambda: get_storage().download_to(path=asset["path"], dest=dest)
-    )
+    try:
+        await with_retries(
+            f"download of asset {asset['id']}", lambda: get_storage().download_to(path=asset["path"], dest=dest)
+        )
+    except NotFound:
+        raise InvalidInput("An input file of this task is missing from storage.") from None
     return dest
 
 

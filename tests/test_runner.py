@@ -179,3 +179,20 @@ async def test_corrupt_video_fails_as_invalid_input_and_is_refunded(client, make
     assert row["error"]["code"] == "invalid_input" and row["error"]["message"]
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
     assert balance(user.id) == 100
+
+
+async def test_missing_input_file_fails_as_invalid_input(client, make_user):
+    from tests.factories import make_asset
+
+    user = await make_user()
+    asset = make_asset(user.id, width=64, height=48)  # a row whose object was never stored
+    resp = await client.post(
+        "/tasks", json={"model_key": "image.upscale", "params": {"image_asset_id": asset}}, headers=user.headers
+    )
+    task = resp.json()["data"]
+    assert await run_task_async(task["id"]) == "failed"
+    assert task_row(task["id"])["error"] == {
+        "code": "invalid_input",
+        "message": "An input file of this task is missing from storage.",
+    }
+    assert balance(user.id) == 100
