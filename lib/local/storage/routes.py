@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -12,6 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
 from lib.local.storage.objects import (
+    SIGNED_UPLOAD_SECONDS,
+    TMP_PREFIX,
     StorageError,
     bucket_limit,
     check_bucket,
@@ -24,13 +25,6 @@ from lib.local.storage.objects import (
     storage_root,
 )
 from lib.local.storage.uploads import expires_in, file_response, json_body, signed_path, store_upload, upsert_header
-
-SIGNED_UPLOAD_SECONDS = 2 * 60 * 60  # as Supabase: a signed upload URL is valid for two hours
-MAX_SIGN_SECONDS = 10 * 365 * 24 * 3600
-FIELD_LIMIT = 64 * 1024
-TMP_PREFIX = ".spool-upload-"
-META_DIR = ".meta"
-BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 class StorageRoute(APIRoute):

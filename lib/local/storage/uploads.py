@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 import time
 import uuid
@@ -19,6 +18,9 @@ from fastapi.responses import FileResponse
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from lib.local.storage.objects import (
+    FIELD_LIMIT,
+    MAX_SIGN_SECONDS,
+    TMP_PREFIX,
     StorageError,
     bucket_limit,
     invalid_key,
@@ -27,13 +29,6 @@ from lib.local.storage.objects import (
     object_file,
     read_meta,
 )
-
-SIGNED_UPLOAD_SECONDS = 2 * 60 * 60  # as Supabase: a signed upload URL is valid for two hours
-MAX_SIGN_SECONDS = 10 * 365 * 24 * 3600
-FIELD_LIMIT = 64 * 1024
-TMP_PREFIX = ".spool-upload-"
-META_DIR = ".meta"
-BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 
 class _Upload:
