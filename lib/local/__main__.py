@@ -45,6 +45,7 @@ def dev() -> None:
         subprocess.Popen([sys.executable, "-m", "lib.local", "serve"], env=os.environ.copy()),
         subprocess.Popen([sys.executable, "-m", "lib.local", "worker"], env=os.environ.copy()),
     ]
+    wait_until_serving(base, children[0])
     print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {settings.spool_home})")
     print(
         f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
@@ -76,6 +77,20 @@ def dev() -> None:
         if pg is not None:
             pg.stop()
         print("Spool stopped.")
+
+
+def wait_until_serving(base: str, server: subprocess.Popen, seconds: float = 60) -> None:
+    """等到 API 应答 /health（或服务进程退出）"""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
 
 
 def token(email: str) -> None:
