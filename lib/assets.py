@@ -18,7 +18,8 @@ from lib import db
 from lib.config import get_settings
 from lib.credits import get_credit_service
 from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
-from lib.projects import get_project_service, page_after, page_of
+from lib.paging import page_after, page_of
+from lib.projects import get_project_service
 from lib.storage import HEAD_BYTES, check_path, get_storage, user_path
 
 log = logging.getLogger("spool.assets")
@@ -189,10 +190,7 @@ class AssetService:
 
     async def get_asset(self, *, user_id: str, asset_id: str, sign: bool = True) -> dict:
         """查询自己的一个资源（他人的 → 404）；ready 时附新签名的下载 URL"""
-        async with db.as_user(user_id) as conn:
-            asset = await (
-                await conn.execute(f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,))
-            ).fetchone()
+        asset = await db.fetch_one_as(user_id, f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,))
         if asset is None:
             raise NotFound("Asset not found.")
         if sign:

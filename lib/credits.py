@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from functools import cache
 
 from psycopg import errors as pg_errors
 
 from lib import catalog, db
-from lib.errors import InsufficientCredits, InvalidInput, NotFound, TooManyActiveTasks
+from lib.errors import InsufficientCredits, NotFound, TooManyActiveTasks
+from lib.paging import decode_cursor, encode_cursor
 
 SQLSTATE_ERRORS = {"SP402": InsufficientCredits, "SP429": TooManyActiveTasks, "SP404": NotFound}
 
@@ -27,20 +27,6 @@ def raise_domain_error(exc: pg_errors.Error) -> None:
     raise error(message) from None
 
 
-def encode_cursor(value: dict) -> str:
-    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str | None) -> dict | None:
-    """解析分页游标"""
-    if not cursor:
-        return None
-    try:
-        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except ValueError:
-        raise InvalidInput("The cursor is not valid.") from None
-
-
 class CreditService:
     """积分服务"""
 
@@ -51,8 +37,7 @@ class CreditService:
 
     async def get_balance(self, *, user_id: str) -> int:
         """查询余额"""
-        async with db.as_user(user_id) as conn:
-            row = await (await conn.execute("select balance from public.credit_accounts")).fetchone()
+        row = await db.fetch_one_as(user_id, "select balance from public.credit_accounts")
         if row is None:
             raise NotFound("No credit account for this user.")
         return row["balance"]

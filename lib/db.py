@@ -85,6 +85,18 @@ async def as_user(user_id: str, claims: dict | None = None) -> AsyncIterator[psy
         yield conn
 
 
+async def fetch_one_as(user_id: str, sql: str, params: Any = None) -> dict | None:
+    """以用户身份查询第一行（RLS 把关）"""
+    async with as_user(user_id) as conn:
+        return await (await conn.execute(sql, params)).fetchone()
+
+
+async def fetch_all_as(user_id: str, sql: str, params: Any = None) -> list[dict]:
+    """以用户身份查询所有行（RLS 把关）"""
+    async with as_user(user_id) as conn:
+        return await (await conn.execute(sql, params)).fetchall()
+
+
 async def fetch_one(sql: str, params: Any = None) -> dict | None:
     """执行查询并返回第一行"""
     async with connection() as conn:

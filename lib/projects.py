@@ -2,38 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
-from datetime import datetime
 from functools import cache
 
 from psycopg import sql
 
 from lib import db
-from lib.credits import decode_cursor, encode_cursor
-from lib.errors import InvalidInput, NotFound
+from lib.errors import NotFound
+from lib.paging import page_after, page_of
 
 PROJECT_COLUMNS = "id, name, description, created_at, updated_at"
 UPDATABLE = ("name", "description")
-
-
-def page_after(cursor: str | None) -> dict:
-    """解析 (created_at, id) 游标；无效 → 422"""
-    after = decode_cursor(cursor)
-    if after is None:
-        return {"at": None, "id": None}
-    try:
-        return {"at": datetime.fromisoformat(after["created_at"]), "id": str(uuid.UUID(after["id"]))}
-    except (KeyError, TypeError, ValueError):
-        raise InvalidInput("The cursor is not valid.") from None
-
-
-def page_of(rows: list[dict], limit: int) -> dict:
-    """取一页（多查一行判断是否还有下一页）"""
-    next_cursor = None
-    if len(rows) > limit:
-        last = rows[limit - 1]
-        next_cursor = encode_cursor({"created_at": last["created_at"].isoformat(), "id": str(last["id"])})
-    return {"items": rows[:limit], "next_cursor": next_cursor}
 
 
 class ProjectService:
@@ -65,10 +43,9 @@ class ProjectService:
 
     async def get_project(self, *, user_id: str, project_id: str) -> dict:
         """查询自己的一个项目（他人的 → 404）"""
-        async with db.as_user(user_id) as conn:
-            row = await (
-                await conn.execute(f"select {PROJECT_COLUMNS} from public.projects where id = %s", (project_id,))
-            ).fetchone()
+        row = await db.fetch_one_as(
+            user_id, f"select {PROJECT_COLUMNS} from public.projects where id = %s", (project_id,)
+        )
         if row is None:
             raise NotFound("Project not found.")
         return row

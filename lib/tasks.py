@@ -8,9 +8,10 @@ from functools import cache
 
 from lib import catalog, db
 from lib.config import get_settings
-from lib.credits import decode_cursor, encode_cursor, get_credit_service
+from lib.credits import get_credit_service
 from lib.dispatch import get_dispatcher
 from lib.errors import Conflict, InvalidInput, NotFound, ProviderUnavailable
+from lib.paging import page_after, page_of
 
 log = logging.getLogger("spool.tasks")
 
@@ -95,10 +96,7 @@ class TaskService:
 
     async def get_task(self, *, user_id: str, task_id: str) -> dict:
         """查询自己的一个任务"""
-        async with db.as_user(user_id) as conn:
-            row = await (
-                await conn.execute(f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,))
-            ).fetchone()
+        row = await db.fetch_one_as(user_id, f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,))
         if row is None:
             raise NotFound("Task not found.")
         return await with_fresh_result_url(row)
@@ -113,29 +111,16 @@ class TaskService:
         cursor: str | None = None,
     ) -> dict:
         """任务列表（最新在前，游标分页）"""
-        after = decode_cursor(cursor) or {}
-        async with db.as_user(user_id) as conn:
-            rows = await (
-                await conn.execute(
-                    f"select {PUBLIC_COLUMNS} from public.tasks"
-                    " where (%(status)s::text is null or status = %(status)s)"
-                    " and (%(project)s::uuid is null or project_id = %(project)s)"
-                    " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-                    " order by created_at desc, id desc limit %(limit)s",
-                    {
-                        "status": status,
-                        "project": project_id,
-                        "at": after.get("created_at"),
-                        "id": after.get("id"),
-                        "limit": limit + 1,
-                    },
-                )
-            ).fetchall()
-        next_cursor = None
-        if len(rows) > limit:
-            last = rows[limit - 1]
-            next_cursor = encode_cursor({"created_at": last["created_at"].isoformat(), "id": str(last["id"])})
-        return {"items": rows[:limit], "next_cursor": next_cursor}
+        rows = await db.fetch_all_as(
+            user_id,
+            f"select {PUBLIC_COLUMNS} from public.tasks"
+            " where (%(status)s::text is null or status = %(status)s)"
+            " and (%(project)s::uuid is null or project_id = %(project)s)"
+            " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+            " order by created_at desc, id desc limit %(limit)s",
+            {"status": status, "project": project_id, **page_after(cursor), "limit": limit + 1},
+        )
+        return page_of(rows, limit)
 
     async def cancel_task(self, *, user_id: str, task_id: str) -> dict:
         """取消排队中或处理中的任务并退款；已结束的任务 → 409"""
