@@ -103,22 +103,9 @@ class AssetService:
         limit = get_settings().max_upload_bytes
         if size > limit:
             raise PayloadTooLarge(f"The file is too large (at most {limit} bytes).")
-        if project_id:
-            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
-        asset_id = str(uuid.uuid4())
-        path = user_path(user_id, "uploads", f"{asset_id}{media.ext}")
+        asset_id, path = await self._upload_slot(user_id=user_id, media=media, project_id=project_id)
         signed = await get_storage().create_signed_upload_url(path=path, user_id=user_id)
-        await self.create_asset_record(
-            asset_id=asset_id,
-            user_id=user_id,
-            project_id=project_id,
-            kind=media.kind,
-            path=path,
-            mime=media.mime,
-            size=size,
-            metadata={"filename": filename} if filename else {},
-            status="pending",
-        )
+        await self._record_upload(asset_id, user_id, project_id, media, path, size, filename)
         return {
             "asset_id": asset_id,
             "upload_url": signed["url"],
@@ -163,24 +150,11 @@ class AssetService:
         media = sniff(data[:HEAD_BYTES])
         if media is None:
             raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
-        if project_id:
-            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
-        asset_id = str(uuid.uuid4())
-        path = user_path(user_id, "uploads", f"{asset_id}{media.ext}")
+        asset_id, path = await self._upload_slot(user_id=user_id, media=media, project_id=project_id)
         storage = get_storage()
         await storage.upload_bytes(path=path, data=data, content_type=media.mime, user_id=user_id, upsert=False)
         try:
-            asset = await self.create_asset_record(
-                asset_id=asset_id,
-                user_id=user_id,
-                project_id=project_id,
-                kind=media.kind,
-                path=path,
-                mime=media.mime,
-                size=size,
-                metadata={"filename": filename} if filename else {},
-                status="pending",
-            )
+            asset = await self._record_upload(asset_id, user_id, project_id, media, path, size, filename)
         except BaseException:
             await self._remove_quietly(path, user_id)
             raise
@@ -304,6 +278,27 @@ class AssetService:
         return await db.fetch_one(query, params)
 
     # ------------------------------------------------------------ steps
+
+    async def _upload_slot(self, *, user_id: str, media: MediaType, project_id: str | None) -> tuple[str, str]:
+        """新上传的资源 id 与存储路径（先确认项目属于该用户）"""
+        if project_id:
+            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+        asset_id = str(uuid.uuid4())
+        return asset_id, user_path(user_id, "uploads", f"{asset_id}{media.ext}")
+
+    async def _record_upload(self, asset_id, user_id, project_id, media: MediaType, path, size, filename) -> dict:
+        """登记一个待探测（pending）的上传"""
+        return await self.create_asset_record(
+            asset_id=asset_id,
+            user_id=user_id,
+            project_id=project_id,
+            kind=media.kind,
+            path=path,
+            mime=media.mime,
+            size=size,
+            metadata={"filename": filename} if filename else {},
+            status="pending",
+        )
 
     async def _request_probe(self, *, user_id: str, asset: dict) -> dict:
         """创建（幂等）零价的探测任务并派发"""
