@@ -121,18 +121,31 @@ async def test_lost_worker_task_is_requeued_and_completes(client, make_user, wor
     assert [e["kind"] for e in ledger(user.id, task_id)] == ["charge"]
 
 
-def start_worker(**env) -> subprocess.Popen:
-    log = open(os.path.join(os.environ["SPOOL_HOME"], "worker-kill.log"), "ab")
-    return subprocess.Popen(
-        [sys.executable, "-m", "lib.local", "worker"],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+@pytest.fixture
+def start_worker():
+    """在本测试中启动额外的 worker 进程；测试结束（无论成败）时全部停止"""
+    started: list[subprocess.Popen] = []
+
+    def start(**env) -> subprocess.Popen:
+        log = open(os.path.join(os.environ["SPOOL_HOME"], "worker-kill.log"), "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lib.local", "worker"],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)
 
 
-async def test_worker_killed_mid_task_is_requeued_and_completes(client, make_user, worker, tmp_path):
+async def test_worker_killed_mid_task_is_requeued_and_completes(client, make_user, worker, start_worker, tmp_path):
     """真实的 worker 在处理中被 SIGKILL：回收器重新排队，另一个 worker 完成它，只扣一次费"""
     worker.terminate()  # this test runs its own workers, with a short stall time
     worker.wait(15)
@@ -164,12 +177,8 @@ async def test_worker_killed_mid_task_is_requeued_and_completes(client, make_use
     await wait_for(processing, every=0.05)
     first.kill()
     first.wait(10)
-    second = start_worker(**fast)
-    try:
-        task = await wait_finished(client, user, task_id, seconds=120)
-    finally:
-        second.terminate()
-        second.wait(15)
+    start_worker(**fast)
+    task = await wait_finished(client, user, task_id, seconds=120)
     assert task["status"] == "completed", task
     assert task_row(task_id)["attempts"] == 2
     assert [e["kind"] for e in ledger(user.id, task_id)] == ["charge"]

@@ -63,6 +63,24 @@ def test_migrations_apply_to_empty_database_once(postgres):
             admin.execute("drop database migrate_check with (force)")
 
 
+def test_restart_takes_no_table_lock_on_a_live_database(postgres):
+    """已是最新的数据库上再次启动，不对表加锁（否则会与正在写入的服务死锁）"""
+    with psycopg.connect(postgres) as busy:
+        busy.execute("lock table public.tasks, realtime_local.changes, public.credit_packages in row exclusive mode")
+        assert migrate(postgres + "&options=-c%20lock_timeout%3D2000", signup_credits=100) == []
+
+
+def test_changed_sql_files_are_applied_again(postgres, db_conn):
+    db_conn.execute("drop trigger realtime_local_capture on public.tasks")
+    db_conn.execute("update spool_local.state set value = 'stale' where key = 'sql_fingerprint'")
+    migrate(postgres)
+    triggers = db_conn.execute(
+        "select count(*) as n from pg_trigger"
+        " where tgname = 'realtime_local_capture' and tgrelid = 'public.tasks'::regclass"
+    ).fetchone()
+    assert triggers["n"] == 1
+
+
 def test_every_public_table_has_row_level_security(db_conn):
     rows = db_conn.execute(
         "select c.relname, c.relrowsecurity from pg_class c join pg_namespace n on n.oid = c.relnamespace"
