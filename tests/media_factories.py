@@ -41,14 +41,17 @@ def make_video(
     speed: float = 2.0,
     audio_codec: str = "aac",
     video_codec: str = "libx264",
+    rotation: int = 0,
 ) -> Path:
-    """生成测试视频（移动方块 + 可选正弦波音轨）"""
+    """生成测试视频（移动方块 + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）"""
     path = Path(path)
     with av.open(str(path), "w") as out:
         video = out.add_stream(video_codec, rate=Fraction(fps))
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
+        if rotation:
+            video.set_display_rotation(rotation)
         sound = _add_audio(out, audio_codec) if audio else None
         for i in range(frames):
             frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, speed), format="rgb24")

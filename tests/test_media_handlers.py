@@ -418,3 +418,33 @@ def test_media_probe_handler_image(tmp_path, picture):
 def test_media_probe_handler_refuses_audio(tmp_path):
     with pytest.raises(InvalidInput, match="audio"):
         media_probe.run(make_ctx(tmp_path, {"asset_id": "a"}, {"a": make_audio(tmp_path / "tone.mp3")}))
+
+
+@pytest.fixture
+def portrait_clip(tmp_path) -> Path:
+    """手机竖拍：以 64x48 横向存储，显示矩阵要求顺时针转 90°（显示为 48x64）"""
+    return make_video(tmp_path / "portrait.mp4", 64, 48, frames=12, fps=24, rotation=-90)
+
+
+def test_probe_reports_a_rotated_video_as_displayed(portrait_clip):
+    info = media.probe_file(portrait_clip)
+    assert (info["width"], info["height"], info["rotation"]) == (48, 64, 270)
+
+
+def test_video_upscale_turns_a_phone_video_upright(tmp_path, portrait_clip):
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": portrait_clip}))
+    info = media.probe_file(out.path)
+    assert (info["width"], info["height"], info["rotation"], info["frame_count"]) == (96, 128, 0, 12)
+    assert (out.width, out.height) == (96, 128)
+    upright = np.ascontiguousarray(np.rot90(pattern_frame(5, 64, 48), -1))  # as ffmpeg's autorotate shows it
+    assert media.psnr(decode(out.path)[5], _ours(upright, (128, 96))) > 30
+
+
+def test_interpolate_and_poster_of_a_phone_video_are_upright(tmp_path, portrait_clip):
+    params = {"video_asset_id": "v", "factor": 2, "mode": "blend"}
+    [out] = video_interpolate.run(make_ctx(tmp_path / "w", params, {"v": portrait_clip}))
+    assert (out.width, out.height) == (48, 64) and decode(out.path)[0].shape == (64, 48, 3)
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": portrait_clip}))
+    upright = np.rot90(pattern_frame(0, 64, 48), -1)
+    with Image.open(poster.path) as img:
+        assert img.size == (48, 64) and media.psnr(np.asarray(img.convert("RGB")), upright) > 30

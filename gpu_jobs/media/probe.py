@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from lib.config import get_settings
@@ -44,6 +45,16 @@ def check_video_limits(info: dict) -> None:
 
 
 # ---------------------------------------------------------------- probe
+
+
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """帧的显示矩阵要求的逆时针四分之一圈数（手机竖拍视频常带 ±90°）"""
+    return round((frame.rotation or 0) / 90) % 4
+
+
+def upright(pixels: np.ndarray, turns: int) -> np.ndarray:
+    """按显示矩阵把 HWC 像素转正（np.rot90 视图，无逐像素 Python）"""
+    return np.rot90(pixels, turns) if turns else pixels
 
 
 def probe_file(path: str | Path) -> dict:
@@ -87,6 +98,7 @@ def _probe_image(path: Path) -> dict | None:
         "mime": Image.MIME.get(fmt.upper(), f"image/{fmt}"),
         "width": width,
         "height": height,
+        "rotation": None,
         "video_codec": None,
         "audio_codec": None,
         "duration_s": None,
@@ -118,7 +130,7 @@ def _probe_video(path: Path) -> dict:
         fps = float(rate) if rate else None
         try:  # decode one keyframe: proves the stream is decodable without reading the whole file
             ctx.skip_frame = "NONKEY"
-            next(container.decode(stream))
+            turns = quarter_turns(next(container.decode(stream)))
             ctx.skip_frame = "DEFAULT"
         except (av.FFmpegError, StopIteration) as exc:
             raise InvalidInput(f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}") from None
@@ -137,8 +149,10 @@ def _probe_video(path: Path) -> dict:
             "kind": "video",
             "format": container.format.name,
             "mime": "video/" + _mime_subtype(container.format.name),
-            "width": ctx.width,
-            "height": ctx.height,
+            # As displayed: a phone's portrait clip is stored landscape with a 90° display rotation.
+            "width": ctx.height if turns % 2 else ctx.width,
+            "height": ctx.width if turns % 2 else ctx.height,
+            "rotation": turns * 90,
             "video_codec": ctx.codec.canonical_name,
             "audio_codec": audio.codec_context.codec.canonical_name if audio else None,
             "duration_s": round(duration, 6) if duration else None,
