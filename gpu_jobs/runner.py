@@ -19,6 +19,7 @@ from gpu_jobs.task_base import (
     ClaimLost,
     create_asset_record,
     download_file_to_temp,
+    load_task_state,
     save_task_state,
     update_task_status,
     upload_to_supabase,
@@ -138,7 +139,7 @@ async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> s
         workdir=workdir,
         progress=progress,
         device=_device(),
-        state=dict(task.get("state") or {}),
+        state=await load_task_state(task["id"]),
         save_state=lambda state: asyncio.run_coroutine_threadsafe(
             save_task_state(task["id"], attempt, state), loop
         ).result(timeout=60),

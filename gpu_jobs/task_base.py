@@ -69,6 +69,12 @@ async def update_task_status(
     return row["status"]
 
 
+async def load_task_state(task_id: str) -> dict:
+    """读取任务的持久状态（之前的尝试保存的）"""
+    row = await db.fetch_one("select state from public.task_job_states where task_id = %s", (task_id,))
+    return dict(row["state"]) if row else {}
+
+
 async def save_task_state(task_id: str, attempt: int, state: dict) -> None:
     """持久化任务状态（例如外部提供方的任务 id），重试后可恢复"""
     row = await db.fetch_one(

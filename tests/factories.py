@@ -67,6 +67,12 @@ def task_row(task_id: str) -> dict:
         return conn.execute("select * from public.tasks where id = %s", (task_id,)).fetchone()
 
 
+def job_state(task_id: str) -> dict:
+    with connect() as conn:
+        row = conn.execute("select state from public.task_job_states where task_id = %s", (task_id,)).fetchone()
+        return row["state"] if row else {}
+
+
 def ledger(user_id: str, task_id: str | None = None) -> list[dict]:
     with connect() as conn:
         return conn.execute(

@@ -21,7 +21,7 @@ from lib.catalog import KlingParams
 from lib.config import get_settings
 from lib.reaper import reap
 from tests.conftest import ROOT
-from tests.factories import balance, ledger, make_asset, set_balance, sql, task_row
+from tests.factories import balance, job_state, ledger, make_asset, set_balance, sql, task_row
 from tests.fake_kling import FakeKling
 
 AK, SK = "ak-test-access", "sk-test-secret-key-long-enough-for-hs256"
@@ -204,7 +204,7 @@ async def test_text2video_rehosts_the_video_and_charges_once(client, make_user, 
     }
     row = task_row(task["id"])
     [job_id] = kling.jobs
-    assert row["status"] == "completed" and row["state"]["provider_job_id"] == job_id
+    assert row["status"] == "completed" and job_state(task["id"])["provider_job_id"] == job_id
     assert row["result"]["provider_job_id"] == job_id and kling.downloads == 1
     assert row["result_url"] and not row["result_url"].startswith(kling.url)
     async with httpx.AsyncClient() as http:
@@ -300,7 +300,7 @@ async def test_a_lost_submit_answer_adopts_the_job_instead_of_paying_twice(clien
     task = await create(client, user)
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
-    assert len(kling.submits) == 1 and task_row(task["id"])["state"]["provider_job_id"] == job_id
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
 
 
 async def test_unknown_provider_states_are_treated_as_running(client, make_user, kling):
@@ -321,7 +321,7 @@ async def test_a_job_killed_after_submit_resumes_polling_the_same_provider_task(
         await wait_until(lambda: kling.polls or proc.returncode is not None)
         assert proc.returncode is None, "the first run ended instead of waiting at Kling"
         [job_id] = kling.jobs
-        assert task_row(task["id"])["state"]["provider_job_id"] == job_id  # stored before the first poll
+        assert job_state(task["id"])["provider_job_id"] == job_id  # stored before the first poll
     finally:
         proc.kill()  # SIGKILL: no cleanup, exactly like a lost container
         await proc.wait()
@@ -331,7 +331,7 @@ async def test_a_job_killed_after_submit_resumes_polling_the_same_provider_task(
     assert (await reap()).get("requeued") == 1
     assert await run_task_async(task["id"]) == "completed"
     row = task_row(task["id"])
-    assert row["attempts"] == 2 and row["state"]["provider_job_id"] == job_id
+    assert row["attempts"] == 2 and job_state(task["id"])["provider_job_id"] == job_id
     assert len(kling.submits) == 1 and set(kling.polls) == {job_id}
     assert len(outputs(task)) == 1 and kinds(user, task) == ["charge"] and kling.rejected == []
 
@@ -342,10 +342,13 @@ async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, 
     # An earlier attempt sent the submit and died before it could store Kling's id.
     with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
         provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
-    sql("update public.tasks set state = '{\"provider_submitting\": true}' where id = %s", (task["id"],))
+    sql(
+        "insert into public.task_job_states (task_id, state) values (%s, '{\"provider_submitting\": true}')",
+        (task["id"],),
+    )
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
-    assert len(kling.submits) == 1 and task_row(task["id"])["state"]["provider_job_id"] == job_id
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
 
 
 async def test_cancel_refunds_and_abandons_the_provider_job(client, make_user, kling):

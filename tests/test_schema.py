@@ -17,6 +17,7 @@ PUBLIC_TABLES = {
     "projects",
     "assets",
     "tasks",
+    "task_job_states",
     "credit_packages",
     "purchases",
     "stripe_events",
@@ -151,7 +152,7 @@ def test_rls_hides_and_protects_other_users_rows(postgres):
             assert updated in (0, None), table
             deleted = _try(conn, f"delete from public.{table} where {column} = %s", (alice,))
             assert deleted in (0, None), table
-        for table in ("stripe_events", "app_settings"):
+        for table in ("stripe_events", "app_settings", "task_job_states"):  # server only, even for the owner
             assert _try(conn, f"select * from public.{table}") is None, table
         # Writes of one's own money rows are refused too.
         assert _try(conn, "update public.credit_accounts set balance = 1000000") in (0, None)
