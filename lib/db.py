@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -25,18 +27,34 @@ def connect_kwargs() -> dict[str, Any]:
     return {"prepare_threshold": None, "row_factory": dict_row, "autocommit": True}
 
 
+class Pool(AsyncConnectionPool):
+    """连接池：只在连接闲置过久后才于借出前检查它"""
+
+    # The check costs a round trip, so only a connection that sat idle long enough to have been
+    # dropped (by a pooler, a failover or a restart) is checked; a busy one goes straight back to work.
+    CHECK_AFTER_IDLE_SECONDS = 5.0
+
+    def __init__(self, url: str, *, min_size: int, max_size: int):
+        self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.WeakKeyDictionary()
+        super().__init__(
+            url, min_size=min_size, max_size=max_size, kwargs=connect_kwargs(), open=False, check=self._check_if_idle
+        )
+
+    async def _check_if_idle(self, conn: psycopg.AsyncConnection) -> None:
+        returned = self._returned_at.get(conn)
+        if returned is None or time.monotonic() - returned > self.CHECK_AFTER_IDLE_SECONDS:
+            await self.check_connection(conn)
+
+    async def putconn(self, conn: psycopg.AsyncConnection) -> None:
+        self._returned_at[conn] = time.monotonic()
+        await super().putconn(conn)
+
+
 async def _open_pool() -> AsyncConnectionPool:
     settings = get_settings()
     if not settings.supabase_db_url:
         raise RuntimeError("SUPABASE_DB_URL is not set")
-    pool = AsyncConnectionPool(
-        settings.supabase_db_url,
-        min_size=settings.db_pool_min,
-        max_size=settings.db_pool_max,
-        kwargs=connect_kwargs(),
-        open=False,
-        check=AsyncConnectionPool.check_connection,
-    )
+    pool = Pool(settings.supabase_db_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
     await pool.open(wait=True, timeout=30)
     return pool
 
