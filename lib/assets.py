@@ -185,18 +185,16 @@ class AssetService:
     ) -> dict:
         """资源列表（可按项目、类型、状态筛选；最新在前，游标分页）"""
         after = page_after(cursor)
-        async with db.as_user(user_id) as conn:
-            rows = await (
-                await conn.execute(
-                    f"select {ASSET_COLUMNS} from public.assets"
-                    " where (%(project)s::uuid is null or project_id = %(project)s)"
-                    " and (%(kind)s::text is null or kind = %(kind)s)"
-                    " and (%(status)s::text is null or status = %(status)s)"
-                    " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-                    " order by created_at desc, id desc limit %(limit)s",
-                    {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
-                )
-            ).fetchall()
+        rows = await db.fetch_all_as(
+            user_id,
+            f"select {ASSET_COLUMNS} from public.assets"
+            " where (%(project)s::uuid is null or project_id = %(project)s)"
+            " and (%(kind)s::text is null or kind = %(kind)s)"
+            " and (%(status)s::text is null or status = %(status)s)"
+            " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+            " order by created_at desc, id desc limit %(limit)s",
+            {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
+        )
         return page_of(rows, limit)
 
     async def delete_asset(self, *, user_id: str, asset_id: str) -> None:

@@ -19,26 +19,22 @@ class ProjectService:
 
     async def create_project(self, *, user_id: str, name: str, description: str | None = None) -> dict:
         """创建项目"""
-        async with db.as_user(user_id) as conn:
-            cur = await conn.execute(
-                f"insert into public.projects (user_id, name, description) values (%s, %s, %s)"
-                f" returning {PROJECT_COLUMNS}",
-                (user_id, name, description),
-            )
-            return await cur.fetchone()
+        return await db.fetch_one_as(
+            user_id,
+            f"insert into public.projects (user_id, name, description) values (%s, %s, %s) returning {PROJECT_COLUMNS}",
+            (user_id, name, description),
+        )
 
     async def list_projects(self, *, user_id: str, limit: int = 20, cursor: str | None = None) -> dict:
         """项目列表（最新在前，游标分页）"""
         after = page_after(cursor)
-        async with db.as_user(user_id) as conn:
-            rows = await (
-                await conn.execute(
-                    f"select {PROJECT_COLUMNS} from public.projects"
-                    " where (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-                    " order by created_at desc, id desc limit %(limit)s",
-                    {**after, "limit": limit + 1},
-                )
-            ).fetchall()
+        rows = await db.fetch_all_as(
+            user_id,
+            f"select {PROJECT_COLUMNS} from public.projects"
+            " where (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+            " order by created_at desc, id desc limit %(limit)s",
+            {**after, "limit": limit + 1},
+        )
         return page_of(rows, limit)
 
     async def get_project(self, *, user_id: str, project_id: str) -> dict:
@@ -65,18 +61,14 @@ class ProjectService:
         query = sql.SQL(
             "update public.projects set {}, updated_at = now() where id = %(id)s returning " + PROJECT_COLUMNS
         ).format(assignments)
-        async with db.as_user(user_id) as conn:
-            row = await (await conn.execute(query, {**changes, "id": project_id})).fetchone()
+        row = await db.fetch_one_as(user_id, query, {**changes, "id": project_id})
         if row is None:
             raise NotFound("Project not found.")
         return row
 
     async def delete_project(self, *, user_id: str, project_id: str) -> None:
         """删除项目（其资源与任务保留，project_id 置空）"""
-        async with db.as_user(user_id) as conn:
-            row = await (
-                await conn.execute("delete from public.projects where id = %s returning id", (project_id,))
-            ).fetchone()
+        row = await db.fetch_one_as(user_id, "delete from public.projects where id = %s returning id", (project_id,))
         if row is None:
             raise NotFound("Project not found.")
 

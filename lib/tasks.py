@@ -146,14 +146,12 @@ class TaskService:
         ids = spec.input_asset_ids(params)
         if not ids:
             return {}
-        async with db.as_user(user_id) as conn:
-            rows = await (
-                await conn.execute(
-                    "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
-                    " from public.assets where id = any(%s::uuid[])",
-                    (ids,),
-                )
-            ).fetchall()
+        rows = await db.fetch_all_as(
+            user_id,
+            "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
+            " from public.assets where id = any(%s::uuid[])",
+            (ids,),
+        )
         found = {str(r["id"]): r for r in rows}
         for field, kind in spec.inputs.items():
             asset_id = str(getattr(params, field))

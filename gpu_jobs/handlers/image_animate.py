@@ -19,6 +19,7 @@ from gpu_jobs.media import (
     batch_size_for,
     check_output_pixels,
     encode_batches,
+    even,
     input_path,
     job_device,
     load_image,
@@ -84,7 +85,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
 def frame_size(aspect: Fraction, short: int) -> tuple[int, int]:
     """由宽高比和短边求偶数帧尺寸 (W, H)"""
     long = round(short * max(aspect, 1 / aspect) / 2) * 2
-    short = short // 2 * 2
+    short = even(short)
     return (long, short) if aspect >= 1 else (short, long)
 
 

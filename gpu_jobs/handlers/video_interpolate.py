@@ -24,6 +24,7 @@ from gpu_jobs.handlers import JobContext, OutputFile
 from gpu_jobs.media import (
     batch_size_for,
     check_output_pixels,
+    even,
     input_path,
     job_device,
     param,
@@ -50,7 +51,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
         raise InvalidInput("mode must be motion or blend.")
     info = probe_file(path)
     require_kind(info, "video")
-    width, height = info["width"] // 2 * 2, info["height"] // 2 * 2
+    width, height = even(info["width"]), even(info["height"])
     check_output_pixels(width, height)
     device = job_device(ctx)
     out = ctx.workdir / f"interpolated_{factor}x.mp4"
