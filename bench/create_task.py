@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,12 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -155,13 +147,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=400)
     args = parser.parse_args()
     os.environ.setdefault("SPOOL_HOME", tempfile.mkdtemp(prefix="spool-bench-"))
-    os.environ["SPOOL_PORT"] = str(free_port())
-    os.environ["MAX_ACTIVE_TASKS_PER_USER"] = "100000"
-    os.environ["LOG_LEVEL"] = "WARNING"
     from lib.local import stack
 
+    os.environ["SPOOL_PORT"] = str(stack.free_port())
+    os.environ["MAX_ACTIVE_TASKS_PER_USER"] = "100000"
+    os.environ["LOG_LEVEL"] = "WARNING"
     pg = stack.prepare()
-    server = subprocess.Popen([sys.executable, "-m", "lib.local", "serve"], cwd=ROOT, env=os.environ.copy())
+    server = stack.start_server(stack.local_base_url())
     try:
         asyncio.run(main_async(args))
     finally:

@@ -18,9 +18,7 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,19 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def configure() -> None:
+    from lib.local.stack import free_port
+
     os.environ.update(
         {
             "SPOOL_MODE": "local",
             "SPOOL_HOME": tempfile.mkdtemp(prefix="spool-bench-rt-"),
             "SPOOL_HOST": "127.0.0.1",
-            "SPOOL_PORT": str(_free_port()),
+            "SPOOL_PORT": str(free_port()),
             "SIGNUP_CREDITS": "1000",
             "LOG_LEVEL": "WARNING",
             "STRIPE_SECRET_KEY": "sk_test_local",
@@ -230,24 +224,6 @@ async def scenario(base, db_url, ws_url, users, n_subs, shape, args, seq0) -> in
     return seq0 + n
 
 
-def start_server(base: str, home: Path) -> subprocess.Popen:
-    """启动本地服务器子进程并等它就绪"""
-    import httpx
-
-    log = open(home / "server.log", "ab")  # the child keeps writing to it
-    server = subprocess.Popen(
-        [sys.executable, "-m", "lib.local", "serve"], cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=log
-    )
-    for _ in range(300):
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    server.kill()
-    raise RuntimeError("local server did not start")
-
-
 async def run(args, base: str, db_url: str) -> None:
     counts = [int(n) for n in args.subscribers.split(",")]
     users = await setup_users(base, db_url, max(counts))
@@ -279,7 +255,7 @@ def main() -> None:
     pg = stack.prepare()
     settings = get_settings()
     base = stack.local_base_url()
-    server = start_server(base, Path(settings.spool_home))
+    server = stack.start_server(base, log_path=Path(settings.spool_home) / "server.log")
     try:
         asyncio.run(run(args, base, settings.supabase_db_url))
     finally:

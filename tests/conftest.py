@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,18 +10,15 @@ from pathlib import Path
 import httpx
 import pytest
 
+from lib.config import get_settings
+from lib.local import stack
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# Settings must be in the environment before anything reads get_settings().
+# Settings must be in the environment before anything reads get_settings() (it caches them).
 _HOME = Path(tempfile.mkdtemp(prefix="spool-test-"))
-_PORT = _free_port()
+_PORT = stack.free_port()
 os.environ.update(
     {
         "SPOOL_MODE": "local",
@@ -41,8 +35,6 @@ os.environ.update(
 for name in ("SUPABASE_URL", "SUPABASE_DB_URL", "SUPABASE_SERVICE_ROLE_KEY", "SUPABASE_JWT_SECRET"):
     os.environ.pop(name, None)
 
-from lib.config import get_settings  # noqa: E402
-from lib.local import stack  # noqa: E402
 
 MONEY_TABLES = "auth.users, public.stripe_events"
 
@@ -64,24 +56,7 @@ def base_url(postgres) -> str:
 @pytest.fixture(scope="session")
 def live_server(postgres, base_url):
     """本地服务器（独立进程：JWKS、存储、实时）"""
-    log = open(_HOME / "server.log", "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lib.local", "serve"],
-        cwd=ROOT,
-        env=os.environ.copy(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("local server did not start: " + (_HOME / "server.log").read_text()[-3000:])
-        time.sleep(0.2)
+    proc = stack.start_server(base_url, log_path=_HOME / "server.log")
     yield base_url
     proc.terminate()
     proc.wait(10)

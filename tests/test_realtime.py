@@ -7,16 +7,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import websockets
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+
+from lib.local.stack import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
 JS_DIR = ROOT / "tests" / "realtime_js"
@@ -301,35 +299,11 @@ async def test_feed_survives_a_dropped_database_connection(realtime_url, make_us
     assert (await sub.next())["data"]["record"]["balance"] == 80
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(port: int, log_path: Path) -> subprocess.Popen:
-    env = {**os.environ, "SPOOL_PORT": str(port)}
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lib.local", "serve"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not start: " + log_path.read_text()[-3000:])
-        time.sleep(0.2)
-
-
 async def test_client_reconnects_after_a_server_restart(live_server, make_user, db_conn, subscriptions, tmp_path):
     a = await make_user()
-    port = _free_port()
-    proc = await asyncio.to_thread(_start_server, port, tmp_path / "server.log")
+    port = free_port()
+    base, env = f"http://127.0.0.1:{port}", {"SPOOL_PORT": str(port)}
+    proc = await asyncio.to_thread(start_server, base, env=env, log_path=tmp_path / "server.log")
     try:
         sub = await subscriptions(
             f"http://127.0.0.1:{port}/realtime/v1", a.token, max_retries=10, initial_backoff=0.5
@@ -340,7 +314,7 @@ async def test_client_reconnects_after_a_server_restart(live_server, make_user, 
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         sub.subscribed.clear()
-        proc = await asyncio.to_thread(_start_server, port, tmp_path / "server.log")
+        proc = await asyncio.to_thread(start_server, base, env=env, log_path=tmp_path / "server.log")
         await asyncio.wait_for(sub.subscribed.wait(), 30)  # the client rejoined on its own
 
         create_task(db_conn, a.id, cost=10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -41,23 +40,21 @@ def dev() -> None:
     pg = stack.prepare()
     settings = get_settings()
     base = stack.local_base_url()
-    children = [
-        subprocess.Popen([sys.executable, "-m", "lib.local", "serve"], env=os.environ.copy()),
-        subprocess.Popen([sys.executable, "-m", "lib.local", "worker"], env=os.environ.copy()),
-    ]
-    wait_until_serving(base, children[0])
-    print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {settings.spool_home})")
-    print(
-        f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
-        ' -d \'{"email": "me@example.com"}\'\n',
-        flush=True,
-    )
+    children: list[subprocess.Popen] = []
 
     def stop(*_):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
     try:
+        children.append(stack.start_server(base))
+        children.append(subprocess.Popen([sys.executable, "-m", "lib.local", "worker"]))
+        print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {settings.spool_home})")
+        print(
+            f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
+            ' -d \'{"email": "me@example.com"}\'\n',
+            flush=True,
+        )
         while all(child.poll() is None for child in children):
             try:
                 children[0].wait(timeout=1)
@@ -77,20 +74,6 @@ def dev() -> None:
         if pg is not None:
             pg.stop()
         print("Spool stopped.")
-
-
-def wait_until_serving(base: str, server: subprocess.Popen, seconds: float = 60) -> None:
-    """等到 API 应答 /health（或服务进程退出）"""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while server.poll() is None and time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
 
 
 def token(email: str) -> None:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 from lib.config import get_settings
 from lib.local.keys import LocalIssuer
@@ -11,6 +17,7 @@ from lib.local.migrate import migrate
 from lib.local.postgres import EmbeddedPostgres
 
 log = logging.getLogger("spool.local")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def local_base_url() -> str:
@@ -49,3 +56,35 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
 
     reset_token_verifier()
     return pg
+
+
+def free_port() -> int:
+    """一个空闲的本地 TCP 端口"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(
+    base: str, *, env: dict[str, str] | None = None, log_path: Path | None = None, seconds: float = 60
+) -> subprocess.Popen:
+    """在子进程中启动 API 与本地服务（python -m lib.local serve），等到 base 的 /health 应答"""
+    log = open(log_path, "ab") if log_path else None  # the child keeps writing to it
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lib.local", "serve"],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT if log else None,
+    )
+    deadline = time.monotonic() + seconds
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=1):
+                return server
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    server.wait()
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path else "see its output above"
+    raise RuntimeError(f"the local server did not start at {base}: {tail}")
