@@ -101,17 +101,22 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
         decoded = [b.pin_memory() for b in decoded]
     stages = {"decode": line("decode (PyAV, thread)", frames, seconds)}
 
-    # Process on its own: host batch -> device -> Lanczos 2x -> uint8 -> host, as the pipeline does.
+    # Process on its own: host batch -> device -> Lanczos 2x -> uint8 (RGB, or yuv420p where the device converts)
+    # -> host, as the pipeline does.
+    yuv = device.type in media.YUV_ON_DEVICE
+    finish = media.to_yuv420 if yuv else media.to_uint8
+
     def process() -> list[torch.Tensor]:
-        kept = []  # the first 32 outputs feed the encode stage; the rest are dropped as in the pipeline
+        kept = []  # the first 32 RGB outputs feed the encode stage; the rest are dropped as in the pipeline
         host = None
         for b in decoded:
-            out = media.to_uint8(media.resize(media.to_device(b, device), (out_h, out_w)))
+            up = media.resize(media.to_device(b, device), (out_h, out_w))
+            out = finish(up)
             if host is None or host.shape != out.shape:  # to a pinned buffer on CUDA, as the pipeline does
                 host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=pin)
             host.copy_(out)
             if len(kept) * batch < 32:
-                kept.append(host.clone())
+                kept.append(media.to_uint8(up).cpu())
         sync(device)
         return kept
 
@@ -119,19 +124,27 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds, processed = timed(process)
-    stages["process"] = line("process (to device, lanczos 2x, to host)", frames, seconds)
+    frames_as = "yuv420p" if yuv else "RGB"
+    stages["process"] = line(f"process (to device, lanczos 2x, {frames_as} to host)", frames, seconds)
 
-    # Encode on its own: libx264 veryfast crf 18, yuv420p (the processed frames cycled).
-    keep = torch.cat(processed)
-    chunks = [keep[(torch.arange(i, min(i + batch, frames)) % len(keep))] for i in range(0, frames, batch)]
+    # Encode on its own: libx264 veryfast crf 18, yuv420p (the processed frames cycled), from the frames the
+    # pipeline hands over on this device, and from the other kind for comparison.
+    rgb = torch.cat(processed)
+    planes = media.to_yuv420(rgb.permute(0, 3, 1, 2).float())
 
-    def encode() -> None:
-        with media.FrameWriter(tmp / "encode.mp4", out_w, out_h, FPS) as writer:
-            for chunk in chunks:
-                writer.write(chunk)
+    def encode(keep: torch.Tensor, name: str) -> float:
+        chunks = [keep[(torch.arange(i, min(i + batch, frames)) % len(keep))] for i in range(0, frames, batch)]
 
-    seconds, _ = timed(encode)
-    stages["encode"] = line("encode (libx264 veryfast, thread)", frames, seconds)
+        def run() -> None:
+            with media.FrameWriter(tmp / "encode.mp4", out_w, out_h, FPS) as writer:
+                for chunk in chunks:
+                    writer.write(chunk)
+
+        return line(name, frames, timed(run)[0])
+
+    from_rgb = encode(rgb, "encode from RGB (swscale + libx264 veryfast)")
+    from_yuv = encode(planes, "encode from yuv420p (libx264 veryfast)")
+    stages["encode"] = from_yuv if yuv else from_rgb
 
     os.environ["SPOOL_DEVICE"] = device.type
     ctx = ctx_for(tmp / "e2e", {"video_asset_id": "v", "scale": 2}, {"v": clip})

@@ -2,14 +2,15 @@
 
 - ``probe``: what a file is (container, codecs, size, duration, fps, frames); refuses what we cannot use.
 - ``images``: Pillow in and out, decompression bombs refused before pixels are decoded.
-- ``ops``: separable Lanczos-3 resize (antialiased when shrinking) as two grouped conv passes, unsharp mask.
+- ``ops``: separable Lanczos-3 resize (antialiased when shrinking) as two grouped conv passes, unsharp mask,
+  RGB → yuv420p on the device.
 - ``video``: ``FrameReader`` / ``FrameWriter`` / ``stream_video``: decode thread → device batches → encode
   thread, bounded queues in between, so memory does not grow with the length of the video.
 """
 
 from gpu_jobs.media.device import even, input_path, job_device, param, pick_device, work_dtype
 from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, poster_image, save_image
-from gpu_jobs.media.ops import gaussian_blur, psnr, resize, to_device, to_uint8, unsharp_mask
+from gpu_jobs.media.ops import gaussian_blur, psnr, resize, to_device, to_uint8, to_yuv420, unsharp_mask
 from gpu_jobs.media.probe import (
     check_input_pixels,
     check_output_pixels,
@@ -19,6 +20,7 @@ from gpu_jobs.media.probe import (
 )
 from gpu_jobs.media.video import (
     BATCH_PIXELS,
+    YUV_ON_DEVICE,
     FrameReader,
     FrameWriter,
     batch_size_for,
@@ -30,6 +32,7 @@ from gpu_jobs.media.video import (
 __all__ = [
     "BATCH_PIXELS",
     "IMAGE_MIME",
+    "YUV_ON_DEVICE",
     "FrameReader",
     "FrameWriter",
     "batch_size_for",
@@ -54,6 +57,7 @@ __all__ = [
     "stream_video",
     "to_device",
     "to_uint8",
+    "to_yuv420",
     "unsharp_mask",
     "video_output",
     "work_dtype",

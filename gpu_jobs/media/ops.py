@@ -29,6 +29,33 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return x.add(0.5).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+# RGB (0..255) → BT.709 limited-range Y'CbCr code values, the colours the encoder tags its output with.
+_KR, _KB = 0.2126, 0.0722
+_KG = 1 - _KR - _KB
+_RGB_TO_YUV709 = torch.tensor(
+    [
+        [_KR, _KG, _KB],
+        [-_KR / (2 - 2 * _KB), -_KG / (2 - 2 * _KB), 0.5],
+        [0.5, -_KG / (2 - 2 * _KR), -_KB / (2 - 2 * _KR)],
+    ]
+) * torch.tensor([[219 / 255], [224 / 255], [224 / 255]])
+_YUV_OFFSET = (16.0, 128.0, 128.0)
+
+
+def to_yuv420(x: torch.Tensor) -> torch.Tensor:
+    """浮点 RGB NCHW（0..255，偶数尺寸）→ uint8 yuv420p 平面 (N, H·3/2, W)：BT.709 有限范围，色度取 2×2 均值"""
+    n, _, h, w = x.shape
+    x = x.float().clamp(0, 255)
+    m = _RGB_TO_YUV709.to(x.device)
+    out = torch.empty((n, h * w * 3 // 2), dtype=torch.uint8, device=x.device)
+    luma = torch.einsum("c,nchw->nhw", m[0], x).add_(_YUV_OFFSET[0] + 0.5)  # + 0.5: round, then truncate
+    out[:, : h * w] = luma.clamp_(0, 255).reshape(n, -1)
+    # The conversion is linear: averaging RGB over each 2x2 block first gives the averaged chroma, 4x cheaper.
+    chroma = torch.einsum("kc,nchw->nkhw", m[1:], F.avg_pool2d(x, 2)).add_(_YUV_OFFSET[1] + 0.5)
+    out[:, h * w :] = chroma.clamp_(0, 255).reshape(n, -1)  # the U plane, then the V plane
+    return out.view(n, h * 3 // 2, w)
+
+
 def _lanczos(x: torch.Tensor, a: int = 3) -> torch.Tensor:
     return torch.where(x.abs() < a, torch.sinc(x) * torch.sinc(x / a), torch.zeros_like(x))
 
