@@ -42,8 +42,13 @@ def make_video(
     audio_codec: str = "aac",
     video_codec: str = "libx264",
     rotation: int = 0,
+    fill: tuple[int, int, int] | None = None,
+    colour_tags: dict[str, int] | None = None,
 ) -> Path:
-    """生成测试视频（移动方块 + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）"""
+    """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
+
+    ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values).
+    """
     path = Path(path)
     with av.open(str(path), "w") as out:
         video = out.add_stream(video_codec, rate=Fraction(fps))
@@ -52,9 +57,12 @@ def make_video(
             video.options = {"preset": "ultrafast", "crf": "12"}
         if rotation:
             video.set_display_rotation(rotation)
+        for name, value in (colour_tags or {}).items():
+            setattr(video.codec_context, name, value)
         sound = _add_audio(out, audio_codec) if audio else None
         for i in range(frames):
-            frame = av.VideoFrame.from_ndarray(pattern_frame(i, width, height, speed), format="rgb24")
+            pixels = pattern_frame(i, width, height, speed) if fill is None else np.full((height, width, 3), fill)
+            frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
         if sound is not None:

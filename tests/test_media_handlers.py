@@ -488,3 +488,33 @@ def test_interpolate_and_poster_of_a_phone_video_are_upright(tmp_path, portrait_
     upright = np.rot90(pattern_frame(0, 64, 48), -1)
     with Image.open(poster.path) as img:
         assert img.size == (48, 64) and media.psnr(np.asarray(img.convert("RGB")), upright) > 30
+
+
+# ---------------------------------------------------------------- colour
+
+
+def first_frame_rgb(path: Path, **options) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24", **options)
+
+
+def test_untagged_hd_video_keeps_its_colours(tmp_path):
+    """Untagged HD is BT.709 to players; decoding it as swscale's default BT.601 would shift every colour."""
+    src = make_video(tmp_path / "hd.mp4", 1280, 720, frames=2, audio=False, fill=(200, 40, 40))
+    shown = first_frame_rgb(src, src_colorspace="ITU709")[360, 640].astype(int)
+    assert np.abs(first_frame_rgb(src)[360, 640] - shown).max() > 8  # the shift this guards against
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert np.abs(first_frame_rgb(out.path)[720, 1280] - shown).max() <= 3
+
+
+def test_hdr_video_is_tone_mapped_to_sdr(tmp_path):
+    """A phone's HLG / BT.2020 clip comes out as the SDR BT.709 picture the output is tagged with."""
+    hlg = {"colorspace": 9, "color_trc": 18, "color_primaries": 9}
+    src = make_video(tmp_path / "hlg.mp4", 64, 48, frames=4, audio=False, fill=(90, 160, 110), colour_tags=hlg)
+    mapped = first_frame_rgb(src, dst_color_trc=1, dst_color_primaries=1)[24, 32].astype(int)
+    assert np.abs(first_frame_rgb(src)[24, 32] - mapped).max() > 8  # the HLG signal is not an SDR picture
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert np.abs(first_frame_rgb(out.path)[48, 64] - mapped).max() <= 3
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": src}))
+    with Image.open(poster.path) as img:
+        assert np.abs(np.asarray(img.convert("RGB"))[24, 32] - mapped).max() <= 3

@@ -52,6 +52,21 @@ def quarter_turns(frame: av.VideoFrame) -> int:
     return round((frame.rotation or 0) / 90) % 4
 
 
+# FFmpeg's colour tags (AVColorTransferCharacteristic, AVColorPrimaries, AVColorSpace values)
+HDR_TRANSFERS = {16, 18}  # SMPTE ST 2084 (PQ: HDR10, Dolby Vision), ARIB STD-B67 (HLG: phones' HDR video)
+BT709, UNSPECIFIED, BT2020 = 1, 2, 9
+
+
+def sdr_options(frame: av.VideoFrame) -> dict:
+    """帧转 RGB 的 swscale 选项：按 SDR BT.709 显示器上的样子（HDR 色调/色域映射；未标注的高清按 BT.709）"""
+    if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
+        return {"dst_color_trc": BT709, "dst_color_primaries": BT709}  # swscale tone- and gamut-maps
+    if frame.colorspace == UNSPECIFIED and (frame.width >= 1280 or frame.height > 576):
+        # Players read untagged HD video as BT.709; swscale's default, BT.601, would shift its colours.
+        return {"src_colorspace": "ITU709"}
+    return {}
+
+
 def upright(pixels: np.ndarray, turns: int) -> np.ndarray:
     """按显示矩阵把 HWC 像素转正（np.rot90 视图，无逐像素 Python）"""
     return np.rot90(pixels, turns) if turns else pixels

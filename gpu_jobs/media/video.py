@@ -16,7 +16,7 @@ import torch
 
 from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
-from gpu_jobs.media.probe import quarter_turns, upright
+from gpu_jobs.media.probe import quarter_turns, sdr_options, upright
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ class _Worker:
 
 
 class FrameReader(_Worker):
-    """后台线程把视频解码为 uint8 NHWC 帧批次（有界队列），按显示矩阵转正"""
+    """后台线程把视频解码为 uint8 NHWC 帧批次（有界队列），按显示矩阵转正，颜色按 SDR BT.709 显示"""
 
     def __init__(self, path: str | Path, batch_size: int, *, pin: bool = False, depth: int = 3):
         super().__init__("spool-decode", depth)
@@ -112,17 +112,17 @@ class FrameReader(_Worker):
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             width, height = stream.codec_context.width, stream.codec_context.height
-            buf, n, turns = None, 0, None
+            buf, n, turns, colour = None, 0, None, {}
             try:
                 for frame in container.decode(stream):
                     if self.stop.is_set():
                         return
                     if turns is None:
-                        turns = quarter_turns(frame)
+                        turns, colour = quarter_turns(frame), sdr_options(frame)
                     if buf is None:
                         shape = (height, width) if turns % 2 == 0 else (width, height)
                         buf, n = self._buffer((self.batch_size, *shape, 3)), 0
-                    pixels = frame.to_ndarray(format="rgb24", width=width, height=height)
+                    pixels = frame.to_ndarray(format="rgb24", width=width, height=height, **colour)
                     buf[n].numpy()[...] = upright(pixels, turns)
                     n += 1
                     if n == self.batch_size:
