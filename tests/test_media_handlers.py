@@ -518,3 +518,14 @@ def test_hdr_video_is_tone_mapped_to_sdr(tmp_path):
     [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": src}))
     with Image.open(poster.path) as img:
         assert np.abs(np.asarray(img.convert("RGB"))[24, 32] - mapped).max() <= 3
+
+
+def test_colours_swscale_cannot_map_are_decoded_unmapped():
+    """A BT.2020 frame with a reserved transfer tag: swscale refuses the mapping, the frame still decodes."""
+    frame = av.VideoFrame.from_ndarray(np.full((72, 64), 128, np.uint8), format="yuv420p")
+    frame.colorspace, frame.color_trc, frame.color_primaries = 9, 0, 9
+    with pytest.raises(av.FFmpegError):
+        frame.to_ndarray(format="rgb24", dst_color_trc=1, dst_color_primaries=1)
+    display = media.DisplayRGB()
+    assert np.array_equal(display(frame), frame.to_ndarray(format="rgb24"))
+    assert display(frame).shape == (48, 64, 3)

@@ -1,5 +1,6 @@
 """Media I/O and shared torch ops for the media handlers.
 
+- ``display``: a decoded frame as a screen shows it (upright, SDR BT.709 colours).
 - ``probe``: what a file is (container, codecs, size, duration, fps, frames); refuses what we cannot use.
 - ``images``: Pillow in and out, decompression bombs refused before pixels are decoded.
 - ``ops``: separable Lanczos-3 resize (antialiased when shrinking) as two grouped conv passes, unsharp mask,
@@ -9,6 +10,7 @@
 """
 
 from gpu_jobs.media.device import even, input_path, job_device, param, pick_device, work_dtype
+from gpu_jobs.media.display import DisplayRGB
 from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, poster_image, save_image
 from gpu_jobs.media.ops import gaussian_blur, psnr, resize, to_device, to_uint8, to_yuv420, unsharp_mask
 from gpu_jobs.media.probe import (
@@ -33,6 +35,7 @@ __all__ = [
     "BATCH_PIXELS",
     "IMAGE_MIME",
     "YUV_ON_DEVICE",
+    "DisplayRGB",
     "FrameReader",
     "FrameWriter",
     "batch_size_for",

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import av
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from gpu_jobs.media.display import quarter_turns
 from lib.config import get_settings
 from lib.errors import InvalidInput
 
@@ -45,31 +45,6 @@ def check_video_limits(info: dict) -> None:
 
 
 # ---------------------------------------------------------------- probe
-
-
-def quarter_turns(frame: av.VideoFrame) -> int:
-    """帧的显示矩阵要求的逆时针四分之一圈数（手机竖拍视频常带 ±90°）"""
-    return round((frame.rotation or 0) / 90) % 4
-
-
-# FFmpeg's colour tags (AVColorTransferCharacteristic, AVColorPrimaries, AVColorSpace values)
-HDR_TRANSFERS = {16, 18}  # SMPTE ST 2084 (PQ: HDR10, Dolby Vision), ARIB STD-B67 (HLG: phones' HDR video)
-BT709, UNSPECIFIED, BT2020 = 1, 2, 9
-
-
-def sdr_options(frame: av.VideoFrame) -> dict:
-    """帧转 RGB 的 swscale 选项：按 SDR BT.709 显示器上的样子（HDR 色调/色域映射；未标注的高清按 BT.709）"""
-    if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
-        return {"dst_color_trc": BT709, "dst_color_primaries": BT709}  # swscale tone- and gamut-maps
-    if frame.colorspace == UNSPECIFIED and (frame.width >= 1280 or frame.height > 576):
-        # Players read untagged HD video as BT.709; swscale's default, BT.601, would shift its colours.
-        return {"src_colorspace": "ITU709"}
-    return {}
-
-
-def upright(pixels: np.ndarray, turns: int) -> np.ndarray:
-    """按显示矩阵把 HWC 像素转正（np.rot90 视图，无逐像素 Python）"""
-    return np.rot90(pixels, turns) if turns else pixels
 
 
 def probe_file(path: str | Path) -> dict:

@@ -15,8 +15,8 @@ import av
 import torch
 
 from gpu_jobs.handlers import OutputFile
+from gpu_jobs.media.display import DisplayRGB
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
-from gpu_jobs.media.probe import quarter_turns, sdr_options, upright
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -112,18 +112,15 @@ class FrameReader(_Worker):
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             width, height = stream.codec_context.width, stream.codec_context.height
-            buf, n, turns, colour = None, 0, None, {}
+            display, buf, n = DisplayRGB(), None, 0
             try:
                 for frame in container.decode(stream):
                     if self.stop.is_set():
                         return
-                    if turns is None:
-                        turns, colour = quarter_turns(frame), sdr_options(frame)
+                    pixels = display(frame, width, height)
                     if buf is None:
-                        shape = (height, width) if turns % 2 == 0 else (width, height)
-                        buf, n = self._buffer((self.batch_size, *shape, 3)), 0
-                    pixels = frame.to_ndarray(format="rgb24", width=width, height=height, **colour)
-                    buf[n].numpy()[...] = upright(pixels, turns)
+                        buf, n = self._buffer((self.batch_size, *pixels.shape)), 0
+                    buf[n].numpy()[...] = pixels
                     n += 1
                     if n == self.batch_size:
                         if not self.put(buf):
