@@ -31,7 +31,7 @@ from gpu_jobs.handlers import JobContext, image_animate, video_upscale
 FPS = 30
 
 
-def make_clip(path: Path, width: int, height: int, frames: int) -> None:
+def make_clip(path: Path, width: int, height: int, frames: int, colour_tags: dict | None = None) -> None:
     """A panning textured scene with noise and a sine-wave AAC track: x264 has real work to do."""
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0 : width + 4 * frames].astype(np.float32)
@@ -51,6 +51,8 @@ def make_clip(path: Path, width: int, height: int, frames: int) -> None:
         video = out.add_stream("libx264", rate=FPS)
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         video.options = {"preset": "veryfast", "crf": "20"}
+        for name, value in (colour_tags or {}).items():  # e.g. a phone's HLG: the decode maps it to SDR
+            setattr(video.codec_context, name, value)
         audio = out.add_stream("aac", rate=44100)
         audio.layout = "stereo"
         for i in range(frames):
@@ -100,6 +102,10 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     if pin:  # the pipeline copies from pinned buffers
         decoded = [b.pin_memory() for b in decoded]
     stages = {"decode": line("decode (PyAV, thread)", frames, seconds)}
+    hdr = tmp / "hlg.mp4"
+    make_clip(hdr, width, height, frames, {"colorspace": 9, "color_trc": 18, "color_primaries": 9})
+    seconds, _ = timed(lambda: sum(1 for _ in media.FrameReader(hdr, batch, pin=pin)))
+    line("decode an HLG clip, mapped to SDR (swscale)", frames, seconds)
 
     # Process on its own: host batch -> device -> Lanczos 2x -> uint8 (RGB, or yuv420p where the device converts)
     # -> host, as the pipeline does.
