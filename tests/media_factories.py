@@ -44,10 +44,12 @@ def make_video(
     rotation: int = 0,
     fill: tuple[int, int, int] | None = None,
     colour_tags: dict[str, int] | None = None,
+    times: list[float] | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
-    ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values).
+    ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values);
+    ``times`` gives each frame's time in seconds, to the millisecond (a variable frame rate, as phones record).
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -59,14 +61,18 @@ def make_video(
             video.set_display_rotation(rotation)
         for name, value in (colour_tags or {}).items():
             setattr(video.codec_context, name, value)
+        if times is not None:
+            video.codec_context.time_base = Fraction(1, 1000)
         sound = _add_audio(out, audio_codec) if audio else None
         for i in range(frames):
             pixels = pattern_frame(i, width, height, speed) if fill is None else np.full((height, width, 3), fill)
             frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
+            if times is not None:
+                frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
         if sound is not None:
-            _write_sine(out, sound, frames / float(fps))
+            _write_sine(out, sound, times[-1] + 1 / float(fps) if times else frames / float(fps))
     return path
 
 

@@ -529,3 +529,39 @@ def test_colours_swscale_cannot_map_are_decoded_unmapped():
     display = media.DisplayRGB()
     assert np.array_equal(display(frame), frame.to_ndarray(format="rgb24"))
     assert display(frame).shape == (48, 64, 3)
+
+
+# ---------------------------------------------------------------- variable frame rate
+
+VFR_TIMES = [i / 30 for i in range(20)] + [20 / 30 + i / 10 for i in range(10)]  # 30 fps, then 10 in low light
+
+
+def frame_times(path: Path) -> list[float]:
+    with av.open(str(path)) as container:
+        return [frame.time for frame in container.decode(video=0)]
+
+
+def audio_seconds(path: Path) -> float:
+    with av.open(str(path)) as container:
+        packets = [p for p in container.demux(audio=0) if p.pts is not None]
+        return float(max((p.pts + p.duration) * p.time_base for p in packets))
+
+
+def test_video_upscale_keeps_a_variable_frame_rate(tmp_path):
+    """Each frame keeps its time: retimed at the average rate, the picture would drift off the sound."""
+    src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert frame_times(src) == pytest.approx(VFR_TIMES, abs=1e-3)
+    assert frame_times(out.path) == pytest.approx(VFR_TIMES, abs=1e-3)
+    assert audio_seconds(out.path) == pytest.approx(audio_seconds(src), abs=0.03)
+
+
+def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
+    """New frames fall halfway between their neighbours' own times; the last one half a nominal frame on."""
+    src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)
+    params = {"video_asset_id": "v", "factor": 2, "mode": "blend"}
+    [out] = video_interpolate.run(make_ctx(tmp_path / "w", params, {"v": src}))
+    nominal = VFR_TIMES[-1] / 29  # the probe's average frame time
+    halfway = [(a + b) / 2 for a, b in zip(VFR_TIMES, [*VFR_TIMES[1:], VFR_TIMES[-1] + nominal], strict=True)]
+    expected = [t for pair in zip(VFR_TIMES, halfway, strict=True) for t in pair]
+    assert frame_times(out.path) == pytest.approx(expected, abs=2e-3)

@@ -83,6 +83,9 @@ class FrameReader(_Worker):
     def __init__(self, path: str | Path, batch_size: int, *, pin: bool = False, depth: int = 3):
         super().__init__("spool-decode", depth)
         self.path, self.batch_size = str(path), batch_size
+        # Each decoded frame's presentation time in stream ticks from the stream's start, appended before the
+        # frame is queued: phone video has a variable frame rate, and its output keeps these times.
+        self.ticks: list[int] = []
         self._pool: queue.Queue | None = None
         if pin:  # a ring of pinned buffers, reused once the device has copied them
             self._pool = queue.Queue()
@@ -112,12 +115,15 @@ class FrameReader(_Worker):
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
             width, height = stream.codec_context.width, stream.codec_context.height
+            start, step = stream.start_time or 0, frame_ticks(stream)
             display, buf, n = DisplayRGB(), None, 0
             try:
                 for frame in container.decode(stream):
                     if self.stop.is_set():
                         return
                     pixels = display(frame, width, height)
+                    known = frame.pts is not None and frame.time_base == stream.time_base
+                    self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
                     if buf is None:
                         buf, n = self._buffer((self.batch_size, *pixels.shape)), 0
                     buf[n].numpy()[...] = pixels
@@ -161,6 +167,7 @@ class FrameWriter(_Worker):
         *,
         audio_from: str | Path | None = None,
         time_base: Fraction | None = None,
+        pts: Callable[[int], int] | None = None,
         start_time: float = 0.0,
         crf: int = 18,
         preset: str = "veryfast",
@@ -171,8 +178,11 @@ class FrameWriter(_Worker):
             raise ValueError(f"H.264 yuv420p needs even dimensions, got {width}x{height}")
         self.path, self.width, self.height = str(path), width, height
         self.rate = Fraction(rate).limit_denominator(1001000)
-        # Keep the input's time base when every output frame time is a whole number of its ticks.
-        self.time_base = time_base if time_base and (1 / self.rate / time_base).denominator == 1 else 1 / self.rate
+        # Frame i is shown at pts(i) ticks of time_base (the input's own times); by default at i / rate.
+        if not (time_base and pts):
+            time_base, pts = 1 / self.rate, lambda index: index
+        self.time_base, self.pts = time_base, pts
+        self._last_pts = -1
         self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
@@ -259,23 +269,27 @@ class FrameWriter(_Worker):
                     else:
                         vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
                         vf = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
-                    vf.pts, vf.time_base = self._pts(self.frames_written), self.time_base
+                    vf.pts, vf.time_base = self._next_pts(), self.time_base
                     out.mux(video.encode(vf))
                     self.frames_written += 1
                 if batch.is_pinned():
                     self.buffers.put(batch)
-                self._mux_audio(out, audio_items, float(self.frames_written / self.rate))
+                self._mux_audio(out, audio_items, float(self._last_pts * self.time_base))
             if self.stop.is_set():
                 return
             out.mux(video.encode(None))
-            self._mux_audio(out, audio_items, float(self.frames_written / self.rate), flush=True)
+            last = self.frames_written - 1  # the video ends when its last frame's time is up
+            end = (self._last_pts + self.pts(last + 1) - self.pts(last)) * self.time_base if last >= 0 else 0
+            self._mux_audio(out, audio_items, float(end), flush=True)
         finally:
             out.close()
             if src is not None:
                 src.close()
 
-    def _pts(self, index: int) -> int:
-        return int(index / self.rate / self.time_base)
+    def _next_pts(self) -> int:
+        """The next frame's pts: its time, kept strictly increasing (a broken file may repeat a time)."""
+        self._last_pts = max(self.pts(self.frames_written), self._last_pts + 1)
+        return self._last_pts
 
     def _audio_items(self, src: Any, audio: Any, copy: bool) -> Iterator[tuple[float, Any]]:
         """(seconds, packet) of the source's audio, copied or re-encoded, shifted to the video's zero."""
@@ -314,6 +328,21 @@ class FrameWriter(_Worker):
             self._pending = None
 
 
+def frame_ticks(stream: Any) -> int:
+    """一帧的标称时长（流的 time_base 刻度数）"""
+    rate = stream.average_rate or stream.guessed_rate or 25
+    return max(1, round(1 / rate / stream.time_base)) if stream.time_base else 1
+
+
+def _between(ticks: list[int], index: int, factor: int, step: int) -> int:
+    """Output frame ``index`` of ``factor`` per input frame: its time in ticks of time_base / factor."""
+    i, k = divmod(index, factor)
+    if i >= len(ticks):  # past the last frame (where the video ends): on at the nominal rate
+        return ((ticks[-1] if ticks else -step) + (i - len(ticks) + 1) * step) * factor + k * step
+    after = ticks[i + 1] if i + 1 < len(ticks) else ticks[i] + step  # the last frame lasts one nominal step
+    return ticks[i] * factor + k * (after - ticks[i])
+
+
 def batch_size_for(width: int, height: int, device: torch.device) -> int:
     """按像素预算决定每批帧数"""
     return max(1, min(32, BATCH_PIXELS.get(device.type, BATCH_PIXELS["cpu"]) // (width * height)))
@@ -340,10 +369,8 @@ def stream_video(
     with av.open(str(src)) as container:  # header only: timing facts the writer keeps
         stream = container.streams.video[0]
         rate = stream.average_rate or stream.guessed_rate or Fraction(info["fps"]).limit_denominator(1001000)
-        time_base, start = (
-            stream.time_base,
-            float(stream.start_time * stream.time_base) if stream.start_time else 0.0,
-        )
+        time_base, step = stream.time_base, frame_ticks(stream)
+        start = float((stream.start_time or 0) * time_base) if time_base else 0.0
     total = max(1, info.get("frame_count") or 1)
     batch_size = batch_size or batch_size_for(out_size[1], out_size[0], device)
     done = 0
@@ -355,7 +382,10 @@ def stream_video(
             out_size[0],
             rate * rate_factor,
             audio_from=src if info.get("has_audio") else None,
-            time_base=time_base,
+            # rate_factor frames per input frame, evenly between its time and the next frame's: exact in
+            # ticks of time_base / rate_factor.
+            time_base=time_base / rate_factor if time_base else None,
+            pts=lambda index: _between(reader.ticks, index, rate_factor, step),
             start_time=start,
         ) as writer,
     ):
