@@ -45,7 +45,9 @@ def dev() -> None:
     def stop(*_):
         raise KeyboardInterrupt
 
+    # SIGINT too: a shell script's background job starts with SIGINT ignored, and `kill -INT` should still stop it.
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         children.append(stack.start_server(base))
         children.append(subprocess.Popen([sys.executable, "-m", "lib.local", "worker"]))
