@@ -42,11 +42,14 @@ def make_video(
     audio_codec: str = "aac",
     video_codec: str = "libx264",
     rotation: int = 0,
+    mirror: str | None = None,
     fill: tuple[int, int, int] | None = None,
     colour_tags: dict[str, int] | None = None,
     times: list[float] | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
+
+    ``mirror`` ("h" or "v") adds a flip to the display matrix, applied after the rotation.
 
     ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values);
     ``times`` gives each frame's time in seconds, to the millisecond (a variable frame rate, as phones record).
@@ -57,8 +60,8 @@ def make_video(
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
-        if rotation:
-            video.set_display_rotation(rotation)
+        if rotation or mirror:
+            video.set_display_rotation(rotation, hflip=mirror == "h", vflip=mirror == "v")
         for name, value in (colour_tags or {}).items():
             setattr(video.codec_context, name, value)
         if times is not None:

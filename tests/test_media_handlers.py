@@ -490,6 +490,33 @@ def test_interpolate_and_poster_of_a_phone_video_are_upright(tmp_path, portrait_
         assert img.size == (48, 64) and media.psnr(np.asarray(img.convert("RGB")), upright) > 30
 
 
+@pytest.mark.parametrize(
+    ("rotation", "mirror", "shown_as", "degrees"),
+    [
+        (0, "h", lambda p: p[:, ::-1], 0),  # a front camera's mirror
+        (0, "v", lambda p: p[::-1], 180),  # upside down and mirrored: a 180° turn of an h-mirror
+        (180, None, lambda p: np.rot90(p, 2), 180),
+        (90, None, lambda p: np.rot90(p, 1), 90),
+        (-90, "h", lambda p: np.rot90(p, -1)[:, ::-1], 270),
+        (90, "h", lambda p: np.rot90(p, 1)[:, ::-1], 90),
+    ],
+)
+def test_mirrored_and_turned_videos_are_shown_as_their_matrix_says(tmp_path, rotation, mirror, shown_as, degrees):
+    """Each display matrix, as PyAV's set_display_rotation documents it (rotate counter-clockwise, then flip).
+
+    The probe reports the turn left once a mirror is taken off the display: shown = mirror(turn(stored)).
+    """
+    src = make_video(tmp_path / "m.mp4", 64, 48, frames=6, audio=False, rotation=rotation, mirror=mirror)
+    expected = np.ascontiguousarray(shown_as(pattern_frame(0, 64, 48)))
+    info = media.probe_file(src)
+    assert (info["width"], info["height"]) == expected.shape[1::-1]
+    assert (info["rotation"], info["mirrored"]) == (degrees, mirror is not None)
+    with av.open(str(src)) as container:
+        assert media.psnr(media.DisplayRGB()(next(container.decode(video=0))), expected) > 30
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert media.psnr(decode(out.path)[0], _ours(expected, (2 * expected.shape[0], 2 * expected.shape[1]))) > 30
+
+
 # ---------------------------------------------------------------- colour
 
 

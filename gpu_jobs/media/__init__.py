@@ -1,6 +1,6 @@
 """Media I/O and shared torch ops for the media handlers.
 
-- ``display``: a decoded frame as a screen shows it (upright, SDR BT.709 colours).
+- ``display``: a decoded frame as a screen shows it (turned and mirrored by its display matrix, SDR BT.709).
 - ``probe``: what a file is (container, codecs, size, duration, fps, frames); refuses what we cannot use.
 - ``images``: Pillow in and out, decompression bombs refused before pixels are decoded.
 - ``ops``: separable Lanczos-3 resize (antialiased when shrinking) as two grouped conv passes, unsharp mask,

@@ -1,11 +1,13 @@
-"""A decoded frame as a screen shows it: upright by its display matrix, in SDR BT.709 colours."""
+"""A decoded frame as a screen shows it: turned and mirrored by its display matrix, in SDR BT.709 colours."""
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import av
 import numpy as np
+from av.sidedata.sidedata import Type
 from av.video.reformatter import VideoReformatter
 
 log = logging.getLogger(__name__)
@@ -14,14 +16,49 @@ HDR_TRANSFERS = {16, 18}  # SMPTE ST 2084 (PQ: HDR10, Dolby Vision), ARIB STD-B6
 BT709, UNSPECIFIED, BT2020 = 1, 2, 9
 
 
-def quarter_turns(frame: av.VideoFrame) -> int:
-    """帧的显示矩阵要求的逆时针四分之一圈数（手机竖拍视频常带 ±90°）"""
-    return round((frame.rotation or 0) / 90) % 4
+class Orientation(NamedTuple):
+    """显示矩阵的轴对齐部分：显示的行是否为存储的列（转置），再上下、左右翻转"""
 
+    transpose: bool = False
+    flip_rows: bool = False
+    flip_cols: bool = False
 
-def upright(pixels: np.ndarray, turns: int) -> np.ndarray:
-    """按显示矩阵把 HWC 像素转正（np.rot90 视图，无逐像素 Python）"""
-    return np.rot90(pixels, turns) if turns else pixels
+    @classmethod
+    def of(cls, frame: av.VideoFrame) -> Orientation:
+        """读帧的显示矩阵（手机竖拍常为 ±90°，前置镜头可能镜像）"""
+        data = frame.side_data.get(Type.DISPLAYMATRIX)
+        if data is None:
+            return cls()
+        # FFmpeg's matrix | a b u | c d v | x y w |: a stored point (p, q) is shown at (a·p + c·q, b·p + d·q).
+        a, b, _, c, d = (int(v) for v in np.frombuffer(bytes(data), dtype=np.int32)[:5])
+        half = max(abs(a), abs(b), abs(c), abs(d)) / 2
+        a, b, c, d = (0 if abs(v) < half else 1 if v > 0 else -1 for v in (a, b, c, d))
+        if a and d and not (b or c):
+            return cls(False, d < 0, a < 0)
+        if b and c and not (a or d):
+            return cls(True, b < 0, c < 0)
+        return cls()  # a free rotation (not a quarter turn) is shown as stored
+
+    @property
+    def mirrored(self) -> bool:
+        """显示时左右镜像（去掉镜像后余下的是纯旋转）"""
+        return self.transpose ^ self.flip_rows ^ self.flip_cols
+
+    @property
+    def degrees(self) -> int:
+        """镜像之外的逆时针旋转角度（0/90/180/270）"""
+        proper = (self.transpose, self.flip_rows, self.flip_cols ^ self.mirrored)
+        return {(False, True, True): 180, (True, True, False): 90, (True, False, True): 270}.get(proper, 0)
+
+    def apply(self, pixels: np.ndarray) -> np.ndarray:
+        """把存储的 HWC 像素变为显示的样子（numpy 视图，无逐像素 Python）"""
+        if self.transpose:
+            pixels = pixels.transpose(1, 0, 2)
+        if self.flip_rows:
+            pixels = pixels[::-1]
+        if self.flip_cols:
+            pixels = pixels[:, ::-1]
+        return pixels
 
 
 def sdr_options(frame: av.VideoFrame) -> dict:
@@ -41,11 +78,11 @@ class DisplayRGB:
         # One swscale context for the whole video: setting up HDR mapping costs about a second on a CPU.
         self._reformatter = VideoReformatter()
         self._colour: dict | None = None
-        self.turns = 0
+        self.orientation = Orientation()
 
     def __call__(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
         if self._colour is None:  # the first frame decides, for the whole video
-            self.turns, self._colour = quarter_turns(frame), sdr_options(frame)
+            self.orientation, self._colour = Orientation.of(frame), sdr_options(frame)
             try:
                 return self(frame, width, height)
             except av.FFmpegError as exc:
@@ -57,4 +94,4 @@ class DisplayRGB:
                 )
                 self._colour = {}
         rgb = self._reformatter.reformat(frame, width, height, "rgb24", **self._colour)
-        return upright(rgb.to_ndarray(), self.turns)
+        return self.orientation.apply(rgb.to_ndarray())

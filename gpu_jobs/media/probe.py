@@ -9,7 +9,7 @@ from typing import Any
 import av
 from PIL import Image, UnidentifiedImageError
 
-from gpu_jobs.media.display import quarter_turns
+from gpu_jobs.media.display import Orientation
 from lib.config import get_settings
 from lib.errors import InvalidInput
 
@@ -89,6 +89,7 @@ def _probe_image(path: Path) -> dict | None:
         "width": width,
         "height": height,
         "rotation": None,
+        "mirrored": None,
         "video_codec": None,
         "audio_codec": None,
         "duration_s": None,
@@ -120,7 +121,7 @@ def _probe_video(path: Path) -> dict:
         fps = float(rate) if rate else None
         try:  # decode one keyframe: proves the stream is decodable without reading the whole file
             ctx.skip_frame = "NONKEY"
-            turns = quarter_turns(next(container.decode(stream)))
+            orientation = Orientation.of(next(container.decode(stream)))
             ctx.skip_frame = "DEFAULT"
         except (av.FFmpegError, StopIteration) as exc:
             raise InvalidInput(f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}") from None
@@ -140,9 +141,10 @@ def _probe_video(path: Path) -> dict:
             "format": container.format.name,
             "mime": "video/" + _mime_subtype(container.format.name),
             # As displayed: a phone's portrait clip is stored landscape with a 90° display rotation.
-            "width": ctx.height if turns % 2 else ctx.width,
-            "height": ctx.width if turns % 2 else ctx.height,
-            "rotation": turns * 90,
+            "width": ctx.height if orientation.transpose else ctx.width,
+            "height": ctx.width if orientation.transpose else ctx.height,
+            "rotation": orientation.degrees,
+            "mirrored": orientation.mirrored,
             "video_codec": ctx.codec.canonical_name,
             "audio_codec": audio.codec_context.codec.canonical_name if audio else None,
             "duration_s": round(duration, 6) if duration else None,
