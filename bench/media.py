@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -146,19 +147,19 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     # Process on its own: host batch -> device -> Lanczos 2x -> uint8 (RGB, or yuv420p where the device converts)
     # -> host, as the pipeline does.
     yuv = device.type in media.YUV_ON_DEVICE
-    finish = media.to_yuv420 if yuv else media.to_uint8
+    finish = media.to_yuv420 if yuv else partial(media.to_uint8, inplace=True)
 
     def process() -> list[torch.Tensor]:
         kept = []  # the first 32 RGB outputs feed the encode stage; the rest are dropped as in the pipeline
         host = None
         for b in decoded:
             up = media.resize(media.to_device(b, device), (out_h, out_w))
+            if len(kept) * batch < 32:
+                kept.append(media.to_uint8(up).cpu())
             out = finish(up)
             if host is None or host.shape != out.shape:  # to a pinned buffer on CUDA, as the pipeline does
                 host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=pin)
             host.copy_(out)
-            if len(kept) * batch < 32:
-                kept.append(media.to_uint8(up).cpu())
         sync(device)
         return kept
 

@@ -90,7 +90,7 @@ def interpolate(batches: Iterator[torch.Tensor], factor: int, mode: str = "motio
             yield torch.stack([a, *mids], 1).flatten(0, 1)
         prev = seq[-1:]
     if prev is not None:
-        yield prev.expand(factor, -1, -1, -1)
+        yield prev.repeat(factor, 1, 1, 1)
 
 
 def blend(a: torch.Tensor, b: torch.Tensor, times: list[float]) -> list[torch.Tensor]:

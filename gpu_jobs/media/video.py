@@ -364,7 +364,8 @@ def stream_video(
     """流式处理视频：解码线程 → 设备批处理 → 编码线程（音轨原样复制），返回写出的帧数
 
     ``process`` maps an iterator of float NCHW device batches (0..255) to an iterable of output batches
-    of ``out_size`` (H, W); it may hold frames across batches (interpolation does).
+    of ``out_size`` (H, W); it may hold frames across batches (interpolation does), but a batch it yields
+    belongs to the encoder, which converts it in place: yield copies of frames it keeps.
     """
     with av.open(str(src)) as container:  # header only: timing facts the writer keeps
         stream = container.streams.video[0]
@@ -403,9 +404,9 @@ def stream_video(
 
 
 def encode_batches(batches: Iterable[torch.Tensor], writer: FrameWriter, after_batch: Callable[[], None]) -> None:
-    """把设备上的浮点帧批次交给编码线程；每批之后调用 after_batch（进度/取消）"""
+    """把设备上的浮点帧批次交给编码线程（批次就地转换，交出后不可再用）；每批之后调用 after_batch（进度/取消）"""
     for y in batches:
-        frames = to_yuv420(y) if y.device.type in YUV_ON_DEVICE else to_uint8(y)
+        frames = to_yuv420(y) if y.device.type in YUV_ON_DEVICE else to_uint8(y, inplace=True)
         if frames.is_cuda:  # through a pinned buffer: the copy is fast and the encoder reads it in place
             host = _pinned_like(writer, frames)
             host.copy_(frames)
