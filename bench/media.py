@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 from fractions import Fraction
-from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -126,6 +125,12 @@ def ctx_for(workdir: Path, params: dict, inputs: dict) -> JobContext:
     return JobContext("bench", params, inputs, {}, workdir, lambda fraction, message=None: None)
 
 
+def planes_to_rgb(planes: np.ndarray) -> np.ndarray:
+    """(H·3/2, W) yuv420p, BT.709 limited range, as a player shows it."""
+    frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+    return frame.to_ndarray(format="rgb24", src_colorspace="ITU709", src_color_range="MPEG")
+
+
 def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch.device) -> None:
     clip = tmp / "clip.mp4"
     make_clip(clip, width, height, frames)
@@ -133,33 +138,31 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     batch = media.batch_size_for(out_w, out_h, device)
     print(f"\nvideo.upscale 2x: {width}x{height} -> {out_w}x{out_h}, {frames} frames, batch {batch}, {device}")
 
-    # Decode on its own (the decode thread, batches into host buffers).
+    # Decode on its own (the decode thread, into host buffers): yuv420p planes, as video.upscale reads them.
     pin = device.type == "cuda"
-    seconds, decoded = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch, pin=pin)])
+    seconds, decoded = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch, pin=pin, planar=True)])
     if pin:  # the pipeline copies from pinned buffers
         decoded = [b.pin_memory() for b in decoded]
-    stages = {"decode": line("decode (PyAV, thread)", frames, seconds)}
+    stages = {"decode": line("decode to yuv420p planes (PyAV, thread)", frames, seconds)}
+    seconds, rgb_in = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch)])
+    line("decode to RGB (+ swscale; the other handlers)", frames, seconds)
     hdr = tmp / "hlg.mp4"
     make_clip(hdr, width, height, frames, {"colorspace": 9, "color_trc": 18, "color_primaries": 9})
-    seconds, _ = timed(lambda: sum(1 for _ in media.FrameReader(hdr, batch, pin=pin)))
+    seconds, _ = timed(lambda: sum(1 for _ in media.FrameReader(hdr, batch, pin=pin, planar=True)))
     line("decode an HLG clip, mapped to SDR (swscale)", frames, seconds)
 
-    # Process on its own: host batch -> device -> Lanczos 2x -> uint8 (RGB, or yuv420p where the device converts)
-    # -> host, as the pipeline does.
-    yuv = device.type in media.YUV_ON_DEVICE
-    finish = media.to_yuv420 if yuv else partial(media.to_uint8, inplace=True)
-
+    # Process on its own: host planes -> device -> Lanczos 2x of Y, U and V -> uint8 -> host, as the pipeline.
     def process() -> list[torch.Tensor]:
-        kept = []  # the first 32 RGB outputs feed the encode stage; the rest are dropped as in the pipeline
+        kept = []  # the first 32 outputs feed the encode stage; the rest are dropped as in the pipeline
         host = None
         for b in decoded:
-            up = media.resize(media.to_device(b, device), (out_h, out_w))
-            if len(kept) * batch < 32:
-                kept.append(media.to_uint8(up).cpu())
-            out = finish(up)
+            up = media.resize_yuv420(media.to_device(b, device), (height, width), (out_h, out_w))
+            out = up.add_(0.5).clamp_(0, 255).to(torch.uint8)
             if host is None or host.shape != out.shape:  # to a pinned buffer on CUDA, as the pipeline does
                 host = torch.empty(out.shape, dtype=torch.uint8, pin_memory=pin)
             host.copy_(out)
+            if len(kept) * batch < 32:
+                kept.append(host.clone())
         sync(device)
         return kept
 
@@ -167,13 +170,12 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds, processed = timed(process)
-    frames_as = "yuv420p" if yuv else "RGB"
-    stages["process"] = line(f"process (to device, lanczos 2x, {frames_as} to host)", frames, seconds)
+    stages["process"] = line("process (to device, lanczos 2x of Y, U, V, to host)", frames, seconds)
 
-    # Encode on its own: libx264 veryfast crf 18, yuv420p (the processed frames cycled), from the frames the
-    # pipeline hands over on this device, and from the other kind for comparison.
-    rgb = torch.cat(processed)
-    planes = media.to_yuv420(rgb.permute(0, 3, 1, 2).float())
+    # Encode on its own: libx264 veryfast crf 18 (the processed frames cycled), from yuv420p planes as here,
+    # and from RGB through swscale, as the other handlers hand frames over on a CPU.
+    planes = torch.cat(processed)
+    rgb = torch.from_numpy(np.stack([planes_to_rgb(p) for p in planes.numpy()]))
 
     def encode(keep: torch.Tensor, name: str) -> float:
         chunks = [keep[(torch.arange(i, min(i + batch, frames)) % len(keep))] for i in range(0, frames, batch)]
@@ -185,9 +187,8 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
 
         return line(name, frames, timed(run)[0])
 
-    from_rgb = encode(rgb, "encode from RGB (swscale + libx264 veryfast)")
-    from_yuv = encode(planes, "encode from yuv420p (libx264 veryfast)")
-    stages["encode"] = from_yuv if yuv else from_rgb
+    stages["encode"] = encode(planes, "encode yuv420p (libx264 veryfast, thread)")
+    encode(rgb, "encode RGB (swscale + libx264; the other handlers)")
 
     os.environ["SPOOL_DEVICE"] = device.type
     ctx = ctx_for(tmp / "e2e", {"video_asset_id": "v", "scale": 2}, {"v": clip})
@@ -218,17 +219,16 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     seconds, _ = timed(lambda: ffmpeg_in_process(clip, out_w, out_h, tmp / "pyav.mp4"))
     line("FFmpeg decode + scale + libx264 via PyAV (CPU)", frames, seconds)
 
-    # Pillow LANCZOS frame by frame, and how close we are to it (before and after encoding).
+    # Pillow LANCZOS frame by frame on the decoded RGB, and how close we are to it (before and after H.264).
     count = min(frames, 30)
-    pil_frames = [f.numpy() for f in torch.cat(decoded)[:count]]
+    pil_frames = [f.numpy() for f in torch.cat(rgb_in)[:count]]
     seconds, refs = timed(
         lambda: [np.asarray(Image.fromarray(f).resize((out_w, out_h), Image.LANCZOS)) for f in pil_frames]
     )
     line("Pillow LANCZOS 2x, frame by frame (CPU)", count, seconds)
-    ours = media.to_uint8(media.resize(media.to_device(torch.cat(decoded)[:count], device), (out_h, out_w))).cpu()
     with av.open(str(outputs[0].path)) as container:
         encoded = [f.to_ndarray(format="rgb24") for f in islice(container.decode(video=0), count)]
-    raw = np.mean([media.psnr(o, r) for o, r in zip(ours.numpy(), refs, strict=True)])
+    raw = np.mean([media.psnr(o, r) for o, r in zip(rgb[:count].numpy(), refs, strict=True)])
     coded = np.mean([media.psnr(e, r) for e, r in zip(encoded, refs, strict=True)])
     print(f"  PSNR vs Pillow LANCZOS: ours {raw:.2f} dB, ours after H.264 (crf 18) {coded:.2f} dB")
 

@@ -244,6 +244,44 @@ def test_video_upscale(tmp_path, clip):
     assert not spool_threads()
 
 
+def test_video_upscale_is_at_least_as_good_as_pillow(tmp_path):
+    """Against the truth (a sharp clip, shrunk 2x, coded losslessly), ours beats Pillow on the decoded RGB."""
+    truth = [pattern_frame(i, 128, 96) for i in range(4)]
+    src = tmp_path / "small.mp4"
+    with av.open(str(src), "w") as out:
+        stream = out.add_stream("libx264", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"crf": "0", "preset": "ultrafast"}
+        stream.codec_context.colorspace, stream.codec_context.color_range = 1, 1
+        for t in truth:
+            small = av.VideoFrame.from_ndarray(np.asarray(Image.fromarray(t).resize((64, 48), Image.LANCZOS)))
+            out.mux(stream.encode(small.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")))
+        out.mux(stream.encode(None))
+    pillow = [np.asarray(Image.fromarray(f).resize((128, 96), Image.LANCZOS)) for f in decode(src)]
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    ours = decode(out.path)  # after H.264 at crf 18, which Pillow's frames are spared: 32.8 against 31.8 dB here
+    assert np.mean([media.psnr(o, t) for o, t in zip(ours, truth, strict=True)]) >= np.mean(
+        [media.psnr(p, t) for p, t in zip(pillow, truth, strict=True)]
+    )
+
+
+def test_video_upscale_matches_ffmpegs_lanczos(tmp_path, clip):
+    """The industry's reference for the same job: FFmpeg's scale filter (lanczos), through PyAV's filter graph."""
+    with av.open(str(clip)) as container:
+        stream = container.streams.video[0]
+        graph = av.filter.Graph()
+        graph.link_nodes(
+            graph.add_buffer(template=stream), graph.add("scale", "256:192:flags=lanczos"), graph.add("buffersink")
+        )
+        graph.configure()
+        theirs = []
+        for frame in container.decode(stream):
+            graph.vpush(frame)
+            theirs.append(graph.vpull().to_ndarray(format="rgb24"))
+    [out] = video_upscale.run(make_ctx(tmp_path, {"video_asset_id": "v", "scale": 4}, {"v": clip}))
+    assert np.mean([media.psnr(o, t) for o, t in zip(decode(out.path), theirs, strict=True)]) > 35
+
+
 def test_yuv420_on_the_device_matches_swscale():
     """The GPU's RGB → yuv420p (BT.709, limited range) lands within one code value of FFmpeg's own.
 
@@ -303,8 +341,10 @@ def test_cancel_stops_within_one_batch(tmp_path, monkeypatch):
     for device in ("cpu", "cuda"):
         monkeypatch.setitem(media.BATCH_PIXELS, device, 128 * 96 * 4)  # 4 frames a batch
     processed = []
-    real_resize = video_upscale.resize
-    monkeypatch.setattr(video_upscale, "resize", lambda x, size: processed.append(len(x)) or real_resize(x, size))
+    real_resize = video_upscale.resize_yuv420
+    monkeypatch.setattr(
+        video_upscale, "resize_yuv420", lambda x, *sizes: processed.append(len(x)) or real_resize(x, *sizes)
+    )
     calls = []
 
     def progress(fraction, message=None):
@@ -512,7 +552,7 @@ def test_mirrored_and_turned_videos_are_shown_as_their_matrix_says(tmp_path, rot
     assert (info["width"], info["height"]) == expected.shape[1::-1]
     assert (info["rotation"], info["mirrored"]) == (degrees, mirror is not None)
     with av.open(str(src)) as container:
-        assert media.psnr(media.DisplayRGB()(next(container.decode(video=0))), expected) > 30
+        assert media.psnr(media.Display().rgb(next(container.decode(video=0))), expected) > 30
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     assert media.psnr(decode(out.path)[0], _ours(expected, (2 * expected.shape[0], 2 * expected.shape[1]))) > 30
 
@@ -537,7 +577,7 @@ def test_untagged_hd_video_keeps_its_colours(tmp_path):
 def test_hdr_video_is_tone_mapped_to_sdr(tmp_path):
     """A phone's HLG / BT.2020 clip comes out as the SDR BT.709 picture the output is tagged with."""
     hlg = {"colorspace": 9, "color_trc": 18, "color_primaries": 9}
-    src = make_video(tmp_path / "hlg.mp4", 64, 48, frames=4, audio=False, fill=(90, 160, 110), colour_tags=hlg)
+    src = make_video(tmp_path / "hlg.mp4", 64, 48, frames=4, audio=False, fill=(150, 140, 120), colour_tags=hlg)
     mapped = first_frame_rgb(src, dst_color_trc=1, dst_color_primaries=1)[24, 32].astype(int)
     assert np.abs(first_frame_rgb(src)[24, 32] - mapped).max() > 8  # the HLG signal is not an SDR picture
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
@@ -553,9 +593,9 @@ def test_colours_swscale_cannot_map_are_decoded_unmapped():
     frame.colorspace, frame.color_trc, frame.color_primaries = 9, 0, 9
     with pytest.raises(av.FFmpegError):
         frame.to_ndarray(format="rgb24", dst_color_trc=1, dst_color_primaries=1)
-    display = media.DisplayRGB()
-    assert np.array_equal(display(frame), frame.to_ndarray(format="rgb24"))
-    assert display(frame).shape == (48, 64, 3)
+    display = media.Display()
+    assert np.array_equal(display.rgb(frame), frame.to_ndarray(format="rgb24"))
+    assert [p.shape for p in display.yuv420(frame)] == [(48, 64), (24, 32), (24, 32)]
 
 
 # ---------------------------------------------------------------- variable frame rate

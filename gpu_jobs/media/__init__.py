@@ -10,9 +10,18 @@
 """
 
 from gpu_jobs.media.device import even, input_path, job_device, param, pick_device, work_dtype
-from gpu_jobs.media.display import DisplayRGB
+from gpu_jobs.media.display import Display
 from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, poster_image, save_image
-from gpu_jobs.media.ops import gaussian_blur, psnr, resize, to_device, to_uint8, to_yuv420, unsharp_mask
+from gpu_jobs.media.ops import (
+    gaussian_blur,
+    psnr,
+    resize,
+    resize_yuv420,
+    to_device,
+    to_uint8,
+    to_yuv420,
+    unsharp_mask,
+)
 from gpu_jobs.media.probe import (
     check_input_pixels,
     check_output_pixels,
@@ -35,7 +44,7 @@ __all__ = [
     "BATCH_PIXELS",
     "IMAGE_MIME",
     "YUV_ON_DEVICE",
-    "DisplayRGB",
+    "Display",
     "FrameReader",
     "FrameWriter",
     "batch_size_for",
@@ -56,6 +65,7 @@ __all__ = [
     "psnr",
     "require_kind",
     "resize",
+    "resize_yuv420",
     "save_image",
     "stream_video",
     "to_device",

@@ -51,9 +51,9 @@ class Orientation(NamedTuple):
         return {(False, True, True): 180, (True, True, False): 90, (True, False, True): 270}.get(proper, 0)
 
     def apply(self, pixels: np.ndarray) -> np.ndarray:
-        """把存储的 HWC 像素变为显示的样子（numpy 视图，无逐像素 Python）"""
+        """把存储的 HWC 像素或 HW 平面变为显示的样子（numpy 视图，无逐像素 Python）"""
         if self.transpose:
-            pixels = pixels.transpose(1, 0, 2)
+            pixels = pixels.swapaxes(0, 1)
         if self.flip_rows:
             pixels = pixels[::-1]
         if self.flip_cols:
@@ -71,8 +71,8 @@ def sdr_options(frame: av.VideoFrame) -> dict:
     return {}
 
 
-class DisplayRGB:
-    """把一个视频的帧逐一转成显示时的 uint8 RGB（HWC）：SDR BT.709 颜色，按显示矩阵转正"""
+class Display:
+    """把一个视频的帧逐一转成显示时的样子（SDR BT.709 颜色，按显示矩阵转向）：RGB 或 yuv420p 平面"""
 
     def __init__(self) -> None:
         # One swscale context for the whole video: setting up HDR mapping costs about a second on a CPU.
@@ -80,11 +80,24 @@ class DisplayRGB:
         self._colour: dict | None = None
         self.orientation = Orientation()
 
-    def __call__(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+    def rgb(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
+        """uint8 RGB (H, W, 3)"""
+        rgb = self._convert(frame, width, height, "rgb24").to_ndarray()  # sets the orientation on the first frame
+        return self.orientation.apply(rgb)
+
+    def yuv420(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> list[np.ndarray]:
+        """BT.709 有限范围的 Y、U、V 三个 uint8 平面（numpy 视图，用前拷贝）"""
+        planes = self._convert(frame, width, height, "yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+        return [
+            self.orientation.apply(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width])
+            for p in planes.planes
+        ]
+
+    def _convert(self, frame: av.VideoFrame, width: int | None, height: int | None, fmt: str, **to) -> av.VideoFrame:
         if self._colour is None:  # the first frame decides, for the whole video
             self.orientation, self._colour = Orientation.of(frame), sdr_options(frame)
             try:
-                return self(frame, width, height)
+                return self._convert(frame, width, height, fmt, **to)
             except av.FFmpegError as exc:
                 if not self._colour:
                     raise
@@ -93,5 +106,4 @@ class DisplayRGB:
                     "colours (trc %s, primaries %s) not mapped: %s", frame.color_trc, frame.color_primaries, exc
                 )
                 self._colour = {}
-        rgb = self._reformatter.reformat(frame, width, height, "rgb24", **self._colour)
-        return self.orientation.apply(rgb.to_ndarray())
+        return self._reformatter.reformat(frame, width, height, fmt, **self._colour, **to)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from gpu_jobs.media.display import DisplayRGB
+from gpu_jobs.media.display import Display
 from gpu_jobs.media.probe import check_input_pixels
 from lib.errors import InvalidInput
 
@@ -50,7 +50,7 @@ def poster_image(path: str | Path, info: dict, max_side: int = 1280) -> Image.Im
                 stream = container.streams.video[0]
                 stream.codec_context.skip_frame = "NONKEY"
                 frame = next(container.decode(stream))
-                img = Image.fromarray(DisplayRGB()(frame))
+                img = Image.fromarray(Display().rgb(frame))
         except (av.FFmpegError, StopIteration) as exc:
             raise InvalidInput(f"The video has no decodable keyframe: {exc}") from None
     img.thumbnail((max_side, max_side), Image.LANCZOS)

@@ -1,4 +1,4 @@
-"""Pixel ops in torch: separable Lanczos-3 resize, blur, unsharp mask, PSNR."""
+"""Pixel ops in torch: separable Lanczos-3 resize (RGB or yuv420p planes), blur, unsharp mask, colour, PSNR."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ MAX_PHASES = 16  # resize ratios whose reduced denominator exceeds this use a de
 
 
 def to_device(frames: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 NHWC → 设备上的浮点 NCHW（channels_last，0..255）"""
+    """uint8 批次 → 设备上的浮点（0..255）：NHWC 帧成 channels_last NCHW，扁平的 yuv420p 平面保持扁平"""
     frames = frames.to(device, non_blocking=True)
+    if frames.ndim == 2:
+        return frames.to(work_dtype(device))
     return frames.permute(0, 3, 1, 2).to(work_dtype(device))  # NHWC storage is channels_last NCHW
 
 
@@ -154,6 +156,19 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Lanczos-3 缩放浮点 NCHW 张量到 (H, W)（缩小时抗锯齿）"""
     x = x.contiguous(memory_format=torch.channels_last)  # the fast conv layout on both CPU and CUDA
     return _resize_axis(_resize_axis(x, size[1], 3), size[0], 2)
+
+
+def resize_yuv420(planes: torch.Tensor, size: tuple[int, int], out_size: tuple[int, int]) -> torch.Tensor:
+    """缩放扁平的 yuv420p 平面 (N, L)，(H, W) → 偶数的 (H', W')，返回 (N, H'·3/2, W') 浮点码值"""
+    n, (h, w), (oh, ow) = planes.shape[0], size, out_size
+    ch, cw = -(-h // 2), -(-w // 2)
+    out = torch.empty((n, oh * ow * 3 // 2), dtype=planes.dtype, device=planes.device)
+    out[:, : oh * ow] = resize(planes[:, : h * w].view(n, 1, h, w), (oh, ow)).reshape(n, -1)
+    # Chroma samples are taken as centred on their 2x2 blocks, as swscale converts and scales 4:2:0; against
+    # FFmpeg's scale filter and a Pillow reference this matched better than H.264's left-sited convention.
+    chroma = resize(planes[:, h * w :].view(n, 2, ch, cw), (oh // 2, ow // 2))
+    out[:, oh * ow :] = chroma.reshape(n, -1)  # the U plane, then the V plane
+    return out.view(n, oh * 3 // 2, ow)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ import av
 import torch
 
 from gpu_jobs.handlers import OutputFile
-from gpu_jobs.media.display import DisplayRGB
+from gpu_jobs.media.display import Display
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
 from lib.errors import InvalidInput
 
@@ -78,11 +78,15 @@ class _Worker:
 
 
 class FrameReader(_Worker):
-    """后台线程把视频解码为 uint8 NHWC 帧批次（有界队列），按显示矩阵转正，颜色按 SDR BT.709 显示"""
+    """后台线程把视频解码成帧批次（有界队列），按显示时的方向与 SDR BT.709 颜色
 
-    def __init__(self, path: str | Path, batch_size: int, *, pin: bool = False, depth: int = 3):
+    A batch is uint8 RGB (N, H, W, 3), or with ``planar`` the yuv420p planes of each frame, Y then U then V,
+    flat (N, H·W + 2·⌈H/2⌉·⌈W/2⌉): half the bytes, and no conversion when the video is 8-bit BT.709 already.
+    """
+
+    def __init__(self, path: str | Path, batch_size: int, *, pin: bool = False, planar: bool = False, depth: int = 3):
         super().__init__("spool-decode", depth)
-        self.path, self.batch_size = str(path), batch_size
+        self.path, self.batch_size, self.planar = str(path), batch_size, planar
         # Each decoded frame's presentation time in stream ticks from the stream's start, appended before the
         # frame is queued: phone video has a variable frame rate, and its output keeps these times.
         self.ticks: list[int] = []
@@ -116,17 +120,22 @@ class FrameReader(_Worker):
             stream.thread_type = "AUTO"
             width, height = stream.codec_context.width, stream.codec_context.height
             start, step = stream.start_time or 0, frame_ticks(stream)
-            display, buf, n = DisplayRGB(), None, 0
+            display, buf, n = Display(), None, 0
+            planes_of = display.yuv420 if self.planar else lambda *frame: [display.rgb(*frame)]
             try:
                 for frame in container.decode(stream):
                     if self.stop.is_set():
                         return
-                    pixels = display(frame, width, height)
+                    planes = planes_of(frame, width, height)
                     known = frame.pts is not None and frame.time_base == stream.time_base
                     self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
                     if buf is None:
-                        buf, n = self._buffer((self.batch_size, *pixels.shape)), 0
-                    buf[n].numpy()[...] = pixels
+                        shape = (sum(p.size for p in planes),) if self.planar else planes[0].shape
+                        buf, n = self._buffer((self.batch_size, *shape)), 0
+                    row, at = buf[n].numpy().reshape(-1), 0
+                    for plane in planes:
+                        row[at : at + plane.size].reshape(plane.shape)[...] = plane
+                        at += plane.size
                     n += 1
                     if n == self.batch_size:
                         if not self.put(buf):
@@ -359,13 +368,15 @@ def stream_video(
     device: torch.device,
     rate_factor: int = 1,
     batch_size: int | None = None,
+    planar: bool = False,
     message: str = "Processing video",
 ) -> int:
     """流式处理视频：解码线程 → 设备批处理 → 编码线程（音轨原样复制），返回写出的帧数
 
     ``process`` maps an iterator of float NCHW device batches (0..255) to an iterable of output batches
     of ``out_size`` (H, W); it may hold frames across batches (interpolation does), but a batch it yields
-    belongs to the encoder, which converts it in place: yield copies of frames it keeps.
+    belongs to the encoder, which converts it in place: yield copies of frames it keeps. With ``planar``
+    the batches are the frames' flat yuv420p planes, and ``process`` yields (N, H·3/2, W) yuv420p code values.
     """
     with av.open(str(src)) as container:  # header only: timing facts the writer keeps
         stream = container.streams.video[0]
@@ -376,7 +387,7 @@ def stream_video(
     batch_size = batch_size or batch_size_for(out_size[1], out_size[0], device)
     done = 0
     with (
-        FrameReader(src, batch_size, pin=device.type == "cuda") as reader,
+        FrameReader(src, batch_size, pin=device.type == "cuda", planar=planar) as reader,
         FrameWriter(
             dst,
             out_size[1],
@@ -406,7 +417,12 @@ def stream_video(
 def encode_batches(batches: Iterable[torch.Tensor], writer: FrameWriter, after_batch: Callable[[], None]) -> None:
     """把设备上的浮点帧批次交给编码线程（批次就地转换，交出后不可再用）；每批之后调用 after_batch（进度/取消）"""
     for y in batches:
-        frames = to_yuv420(y) if y.device.type in YUV_ON_DEVICE else to_uint8(y, inplace=True)
+        if y.ndim == 3:  # yuv420p code values already (a planar process): rounded in place
+            frames = y.add_(0.5).clamp_(0, 255).to(torch.uint8)
+        elif y.device.type in YUV_ON_DEVICE:
+            frames = to_yuv420(y)
+        else:
+            frames = to_uint8(y, inplace=True)
         if frames.is_cuda:  # through a pinned buffer: the copy is fast and the encoder reads it in place
             host = _pinned_like(writer, frames)
             host.copy_(frames)
