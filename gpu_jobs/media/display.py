@@ -62,7 +62,7 @@ class Orientation(NamedTuple):
 
 
 def sdr_options(frame: av.VideoFrame) -> dict:
-    """帧转 RGB 的 swscale 选项：按 SDR BT.709 显示器上的样子（HDR 色调/色域映射；未标注的高清按 BT.709）"""
+    """帧转换的 swscale 选项：按 SDR BT.709 显示器上的样子（HDR 色调/色域映射；未标注的高清按 BT.709）"""
     if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
         return {"dst_color_trc": BT709, "dst_color_primaries": BT709}  # swscale tone- and gamut-maps
     if frame.colorspace == UNSPECIFIED and (frame.width >= 1280 or frame.height > 576):
