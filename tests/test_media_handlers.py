@@ -303,23 +303,24 @@ def test_yuv420_on_the_device_matches_swscale():
     assert torch.equal(media.to_yuv420(overshoot), media.to_yuv420(clamped))
 
 
-def test_video_upscale_with_yuv_made_on_the_device(tmp_path, clip, monkeypatch):
-    """The CUDA path (frames converted to yuv420p before the copy back) run on this CPU: same video."""
-    params = {"video_asset_id": "v", "scale": 2}
-    [rgb_out] = video_upscale.run(make_ctx(tmp_path / "rgb", params, {"v": clip}))
+@pytest.mark.parametrize(
+    ("handler", "params"),
+    [
+        (video_interpolate, {"video_asset_id": "v", "factor": 2, "mode": "motion"}),
+        (image_animate, {"image_asset_id": "v", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}),
+    ],
+)
+def test_rgb_handlers_with_yuv_made_on_the_device(tmp_path, clip, picture, monkeypatch, handler, params):
+    """The CUDA path of the RGB handlers (frames turned to yuv420p before the copy back), run on this CPU."""
+    src = picture if handler is image_animate else clip
+    [rgb_out] = handler.run(make_ctx(tmp_path / "rgb", params, {"v": src}))
     monkeypatch.setattr(media.video, "YUV_ON_DEVICE", {"cpu", "cuda"})
-    [yuv_out] = video_upscale.run(make_ctx(tmp_path / "yuv", params, {"v": clip}))
-    info = media.probe_file(yuv_out.path)
-    assert (info["width"], info["height"], info["frame_count"], info["fps"], info["has_audio"]) == (
-        128,
-        96,
-        24,
-        24,
-        True,
-    )
-    ours, theirs = decode(yuv_out.path), decode(rgb_out.path)
-    assert min(media.psnr(a, b) for a, b in zip(ours, theirs, strict=True)) > 40
-    assert media.psnr(ours[5], _ours(pattern_frame(5, 64, 48), (96, 128))) > 30
+    [yuv_out] = handler.run(make_ctx(tmp_path / "yuv", params, {"v": src}))
+    ours, theirs = media.probe_file(yuv_out.path), media.probe_file(rgb_out.path)
+    facts = ("width", "height", "frame_count", "fps", "has_audio")
+    assert [ours[k] for k in facts] == [theirs[k] for k in facts]
+    # The same pictures, up to how hard colour edges are averaged into 4:2:0 (2x2 mean here, swscale's filter there)
+    assert min(media.psnr(a, b) for a, b in zip(decode(yuv_out.path), decode(rgb_out.path), strict=True)) > 35
 
 
 @pytest.mark.parametrize(("suffix", "codec", "expected"), [(".mkv", "mp3", "mp3"), (".mov", "pcm_s16le", "aac")])
