@@ -219,6 +219,60 @@ def test_tiled_upscale_equals_whole_image(picture, scale, sharpen):
     assert (whole.int() - tiled.int()).abs().max() <= 1
 
 
+@pytest.fixture
+def logo(tmp_path) -> Path:
+    """透明底上的红色圆（透明像素里存的是绿色：缩放时不该渗进边缘，铺底时不该露出来）"""
+    yy, xx = np.mgrid[0:64, 0:64]
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 1] = 255
+    rgba[(yy - 32) ** 2 + (xx - 32) ** 2 < 20**2] = (230, 20, 20, 255)
+    Image.fromarray(rgba).save(tmp_path / "logo.png")
+    return tmp_path / "logo.png"
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_image_upscale_keeps_transparency_without_a_dark_fringe(tmp_path, logo, fmt):
+    [out] = image_upscale.run(make_ctx(tmp_path / "w", {"image_asset_id": "i", "scale": 4, "format": fmt}, {"i": logo}))
+    with Image.open(out.path) as img:
+        assert img.mode == "RGBA" and img.size == (256, 256) and out.metadata["alpha"]
+        pixels = np.asarray(img).astype(int)
+    assert pixels[0, 0, 3] == 0 and pixels[128, 128, 3] == 255
+    edge = (pixels[..., 3] > 24) & (pixels[..., 3] < 232)  # the anti-aliased rim of the circle
+    assert edge.sum() > 100
+    rim = pixels[edge][:, :3]  # resized as is, the rim would blend towards the transparent pixels' green
+    if fmt == "png":
+        assert np.abs(rim - (230, 20, 20)).max() <= 2
+    else:  # lossy WebP
+        assert rim[:, 0].min() >= 150
+
+
+def test_image_upscale_puts_transparency_on_white_for_jpeg(tmp_path, logo):
+    [out] = image_upscale.run(
+        make_ctx(tmp_path / "w", {"image_asset_id": "i", "scale": 2, "format": "jpeg"}, {"i": logo})
+    )
+    with Image.open(out.path) as img:
+        assert img.mode == "RGB" and not out.metadata["alpha"]
+        corner, centre = np.asarray(img)[2, 2].astype(int), np.asarray(img)[64, 64].astype(int)
+    assert corner.min() >= 250 and np.abs(centre - (230, 20, 20)).max() <= 12
+
+
+def test_tiled_upscale_with_alpha_equals_whole_image(logo):
+    image = media.load_image(logo, keep_alpha=True)
+    device = media.job_device(SimpleNamespace(device="cpu"))
+    whole = image_upscale.upscale_image(image, 2, 0.5, device, tile=4096)
+    assert (
+        image.shape[0] == 4
+        and (whole.int() - image_upscale.upscale_image(image, 2, 0.5, device, tile=23).int()).abs().max() <= 1
+    )
+
+
+def test_image_animate_shows_transparency_as_black(tmp_path, logo):
+    params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}
+    [out] = image_animate.run(make_ctx(tmp_path, params, {"i": logo}))
+    corner = decode(out.path)[0][2, 2].astype(int)
+    assert corner.max() <= 20  # black, not the green the transparent pixels hold
+
+
 def test_image_upscale_refuses_a_video(tmp_path, clip):
     with pytest.raises(InvalidInput, match="image"):
         image_upscale.run(make_ctx(tmp_path, {"image_asset_id": "i", "scale": 2}, {"i": clip}))

@@ -14,12 +14,14 @@ from gpu_jobs.media.display import Display
 from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, poster_image, save_image
 from gpu_jobs.media.ops import (
     gaussian_blur,
+    premultiply,
     psnr,
     resize,
     resize_yuv420,
     to_device,
     to_uint8,
     to_yuv420,
+    unpremultiply,
     unsharp_mask,
 )
 from gpu_jobs.media.probe import (
@@ -61,6 +63,7 @@ __all__ = [
     "param",
     "pick_device",
     "poster_image",
+    "premultiply",
     "probe_file",
     "psnr",
     "require_kind",
@@ -71,6 +74,7 @@ __all__ = [
     "to_device",
     "to_uint8",
     "to_yuv420",
+    "unpremultiply",
     "unsharp_mask",
     "video_output",
     "work_dtype",

@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """以 RGB 打开图片（先检查像素数，再解码，按 EXIF 方向摆正）"""
+def open_image(
+    path: str | Path, *, keep_alpha: bool = False, background: tuple[int, int, int] = (0, 0, 0)
+) -> Image.Image:
+    """打开图片（先检查像素数，再解码，按 EXIF 方向摆正）：RGB；有透明时铺在 background 上，或 keep_alpha 时为 RGBA"""
     try:
         img = Image.open(path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
@@ -27,14 +29,20 @@ def open_image(path: str | Path) -> Image.Image:
     check_input_pixels(*img.size)
     try:
         img = ImageOps.exif_transpose(img)
-        return img.convert("RGB")
+        if not img.has_transparency_data:
+            return img.convert("RGB")
+        img = img.convert("RGBA")
+        if keep_alpha:
+            return img
+        # Dropping alpha would show whatever colour the transparent pixels happen to hold.
+        return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), img).convert("RGB")
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """读取图片为 uint8 张量 (3, H, W)"""
-    return torch.from_numpy(np.array(open_image(path))).permute(2, 0, 1)
+def load_image(path: str | Path, **options) -> torch.Tensor:
+    """读取图片为 uint8 张量 (3, H, W)，或带透明度时 (4, H, W)（参数同 open_image）"""
+    return torch.from_numpy(np.array(open_image(path, **options))).permute(2, 0, 1)
 
 
 def poster_image(path: str | Path, info: dict, max_side: int = 1280) -> Image.Image:
@@ -58,7 +66,7 @@ def poster_image(path: str | Path, info: dict, max_side: int = 1280) -> Image.Im
 
 
 def save_image(image: torch.Tensor, path: Path, fmt: str) -> None:
-    """保存 uint8 张量 (3, H, W) 为 png/jpeg/webp"""
+    """保存 uint8 张量 (3 或 4, H, W) 为 png/jpeg/webp"""
     img = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
     options = {
         "png": {"compress_level": 6},

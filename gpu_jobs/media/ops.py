@@ -171,6 +171,18 @@ def resize_yuv420(planes: torch.Tensor, size: tuple[int, int], out_size: tuple[i
     return out.view(n, oh * 3 // 2, ow)
 
 
+def premultiply(x: torch.Tensor) -> torch.Tensor:
+    """RGBA NCHW（0..255）的颜色乘以 alpha：缩放时透明像素的颜色不会渗进边缘"""
+    return torch.cat([x[:, :3] * (x[:, 3:] / 255), x[:, 3:]], 1)
+
+
+def unpremultiply(x: torch.Tensor) -> torch.Tensor:
+    """premultiply 的逆（alpha 约为 0 处颜色取 0）"""
+    alpha = x[:, 3:].clamp(0, 255)
+    rgb = torch.where(alpha >= 0.5, x[:, :3] * 255 / alpha.clamp_min(0.5), 0)
+    return torch.cat([rgb, alpha], 1)
+
+
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     """可分离高斯模糊（边缘复制填充）"""
     radius = max(1, math.ceil(3 * sigma))
