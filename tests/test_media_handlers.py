@@ -266,6 +266,12 @@ def test_tiled_upscale_with_alpha_equals_whole_image(logo):
     )
 
 
+def test_poster_of_a_transparent_image_is_on_white(tmp_path, logo):
+    [poster] = media_probe.run(make_ctx(tmp_path, {"asset_id": "a"}, {"a": logo}))
+    with Image.open(poster.path) as img:
+        assert np.asarray(img.convert("RGB"))[2, 2].min() >= 245
+
+
 def test_image_animate_shows_transparency_as_black(tmp_path, logo):
     params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}
     [out] = image_animate.run(make_ctx(tmp_path, params, {"i": logo}))

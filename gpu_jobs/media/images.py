@@ -29,15 +29,17 @@ def open_image(
     check_input_pixels(*img.size)
     try:
         img = ImageOps.exif_transpose(img)
-        if not img.has_transparency_data:
-            return img.convert("RGB")
-        img = img.convert("RGBA")
-        if keep_alpha:
-            return img
-        # Dropping alpha would show whatever colour the transparent pixels happen to hold.
-        return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), img).convert("RGB")
+        return img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
+
+
+def flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """转 RGB，透明处铺上 background（直接丢掉 alpha 会露出透明像素里碰巧存着的颜色）"""
+    if not img.has_transparency_data:
+        return img.convert("RGB")
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (*background, 255)), rgba).convert("RGB")
 
 
 def load_image(path: str | Path, **options) -> torch.Tensor:
@@ -51,7 +53,7 @@ def poster_image(path: str | Path, info: dict, max_side: int = 1280) -> Image.Im
         with Image.open(path) as img:
             check_input_pixels(*img.size)
             img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale directly
-            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = flatten(ImageOps.exif_transpose(img), (255, 255, 255))
     else:
         try:
             with av.open(str(path)) as container:
