@@ -277,6 +277,44 @@ def bench_quality(tmp: Path, device: torch.device) -> None:
         print(f"  {name:<52} {np.mean([media.psnr(f, t) for f, t in zip(frames, truth, strict=True)]):6.2f} dB")
 
 
+def per_frame_ms(fn, frames: int = 5) -> float:
+    fn()  # warm up
+    seconds, _ = timed(lambda: [fn() for _ in range(frames)])
+    return 1000 * seconds / frames
+
+
+def bench_conversions(tmp: Path, device: torch.device) -> None:
+    """The per-frame costs behind where colour conversion and rounding happen."""
+    print(f"\nper-frame costs behind the pipeline's choices, {device}")
+    rng = np.random.default_rng(2)
+    for width, height in ((2560, 1440), (3840, 2160)):
+        rgb = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        ms = per_frame_ms(
+            lambda rgb=rgb: av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(
+                format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG"
+            )
+        )
+        print(f"  {f'swscale RGB -> yuv420p, {height}p (the encode thread)':<52} {ms:8.1f} ms")
+    x = media.to_device(torch.from_numpy(rng.integers(0, 256, (1, 1440, 2560, 3), dtype=np.uint8)), device)
+
+    def on_device(fn) -> float:
+        return per_frame_ms(lambda: (fn(x.clone()), sync(device)))
+
+    print(f"  {'ops.to_yuv420, 1440p, on the device':<52} {on_device(media.to_yuv420):8.1f} ms")
+    print(f"  {'ops.to_uint8, 1440p, into a fresh float copy':<52} {on_device(media.to_uint8):8.1f} ms")
+    inplace = on_device(lambda y: media.to_uint8(y, inplace=True))
+    print(f"  {'ops.to_uint8, 1440p, in place':<52} {inplace:8.1f} ms  (both include a clone of the batch)")
+    hdr = tmp / "hlg1080.mp4"
+    make_clip(hdr, 1920, 1080, 4, {"colorspace": 9, "color_trc": 18, "color_primaries": 9})
+    with av.open(str(hdr)) as container:
+        frames = list(container.decode(video=0))
+    display = media.Display()
+    reused = per_frame_ms(lambda: [display.rgb(f) for f in frames]) / len(frames)
+    fresh = per_frame_ms(lambda: [media.Display().rgb(f) for f in frames], frames=1) / len(frames)
+    print(f"  {'HLG 1080p -> SDR RGB, one swscale context per frame':<52} {fresh:8.1f} ms")
+    print(f"  {'HLG 1080p -> SDR RGB, one context reused':<52} {reused:8.1f} ms")
+
+
 def bench_animate(tmp: Path, size: int, device: torch.device) -> None:
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:2000, 0:3000].astype(np.float32)
@@ -326,6 +364,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="spool-bench-") as tmp:
         bench_upscale(Path(tmp), width, args.size, round(args.seconds * FPS), device)
         bench_quality(Path(tmp), device)
+        bench_conversions(Path(tmp), device)
         bench_animate(Path(tmp), args.size, device)
 
 
