@@ -83,6 +83,7 @@ def ffmpeg_in_process(clip: Path, width: int, height: int, encode_to: Path | Non
             video = out.add_stream("libx264", rate=stream.average_rate)
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             video.options = {"preset": "veryfast", "crf": "18"}
+            video.codec_context.thread_type = "AUTO"  # frame threads, as the command's
 
         def drain() -> None:
             while True:
@@ -171,23 +172,26 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
         torch.cuda.reset_peak_memory_stats()
     seconds, processed = timed(process)
     stages["process"] = line("process (to device, lanczos 2x of Y, U, V, to host)", frames, seconds)
+    bench_traffic(decoded, (height, width), (out_h, out_w), device, stages["process"])
 
     # Encode on its own: libx264 veryfast crf 18 (the processed frames cycled), from yuv420p planes as here,
     # and from RGB through swscale, as the other handlers hand frames over on a CPU.
     planes = torch.cat(processed)
     rgb = torch.from_numpy(np.stack([planes_to_rgb(p) for p in planes.numpy()]))
 
-    def encode(keep: torch.Tensor, name: str) -> float:
+    def encode(keep: torch.Tensor, name: str, **options) -> float:
         chunks = [keep[(torch.arange(i, min(i + batch, frames)) % len(keep))] for i in range(0, frames, batch)]
 
         def run() -> None:
-            with media.FrameWriter(tmp / "encode.mp4", out_w, out_h, FPS) as writer:
+            with media.FrameWriter(tmp / "encode.mp4", out_w, out_h, FPS, **options) as writer:
                 for chunk in chunks:
                     writer.write(chunk)
 
-        return line(name, frames, timed(run)[0])
+        seconds = timed(run)[0]
+        return line(name, frames, seconds, f", {(tmp / 'encode.mp4').stat().st_size / 2**20:.1f} MiB")
 
     stages["encode"] = encode(planes, "encode yuv420p (libx264 veryfast, thread)")
+    encode(planes, "  same, x264 slice threads (PyAV's default)", thread_type="SLICE")
     encode(rgb, "encode RGB (swscale + libx264; the other handlers)")
 
     os.environ["SPOOL_DEVICE"] = device.type
@@ -231,6 +235,53 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
     raw = np.mean([media.psnr(o, r) for o, r in zip(rgb[:count].numpy(), refs, strict=True)])
     coded = np.mean([media.psnr(e, r) for e, r in zip(encoded, refs, strict=True)])
     print(f"  likeness to Pillow LANCZOS on RGB (PSNR): ours {raw:.2f} dB, after H.264 (crf 18) {coded:.2f} dB")
+
+
+def bench_traffic(
+    decoded: list[torch.Tensor], size: tuple[int, int], out_size: tuple[int, int], device: torch.device, process: float
+) -> None:
+    """The process stage against the memory traffic it cannot avoid: each frame's uint8 yuv420p planes read
+    once and the upscaled planes written once, at the copy bandwidth measured here (and over PCIe on a GPU)."""
+    (h, w), (oh, ow) = size, out_size
+    read, written = h * w * 3 // 2, oh * ow * 3 // 2
+    frames = sum(b.shape[0] for b in decoded)
+    on_device = [b.to(device) for b in decoded]
+
+    def kernels() -> None:  # the same work as the pipeline's, with frames already on the device and kept there
+        for b in on_device:
+            media.resize_yuv420(b.to(media.work_dtype(device)), size, out_size).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        sync(device)
+
+    device_only = process  # on a CPU the process stage copies nothing
+    if device.type == "cuda":
+        kernels()
+        device_only = line("process on the device alone (no host copies)", frames, timed(kernels)[0])
+    copy = bandwidth(device, device)
+    bound = copy / (read + written)
+    print(
+        f"  memory bound: {read / 2**20:.1f} MiB read + {written / 2**20:.1f} MiB written a frame at "
+        f"{copy / 1e9:.0f} GB/s (a {device.type} copy) = {bound:.0f} frames/s; processing is "
+        f"{bound / device_only:.1f}x slower"
+    )
+    if device.type == "cuda":
+        up, down = bandwidth(torch.device("cpu"), device), bandwidth(device, torch.device("cpu"))
+        pcie = 1 / (read / up + written / down)
+        print(
+            f"  PCIe bound: in at {up / 1e9:.0f} GB/s, out at {down / 1e9:.0f} GB/s (pinned, one stream) = "
+            f"{pcie:.0f} frames/s; the process stage is {pcie / process:.1f}x slower"
+        )
+
+
+def bandwidth(src: torch.device, dst: torch.device, size: int = 256 * 2**20) -> float:
+    """Bytes a second one copy moves from src to dst (read and write both counted within one device)."""
+    pin = "cuda" in (src.type, dst.type) and src != dst
+    a = torch.empty(size, dtype=torch.uint8, device=src, pin_memory=pin and src.type == "cpu")
+    b = torch.empty(size, dtype=torch.uint8, device=dst, pin_memory=pin and dst.type == "cpu")
+    cuda = src if src.type == "cuda" else dst
+    b.copy_(a)
+    sync(cuda)
+    seconds, _ = timed(lambda: ([b.copy_(a, non_blocking=pin) for _ in range(10)], sync(cuda)))
+    return 10 * size * (2 if src == dst else 1) / seconds
 
 
 def bench_quality(tmp: Path, device: torch.device) -> None:

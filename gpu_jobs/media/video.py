@@ -180,6 +180,7 @@ class FrameWriter(_Worker):
         start_time: float = 0.0,
         crf: int = 18,
         preset: str = "veryfast",
+        thread_type: str = "AUTO",
         depth: int = 3,
     ):
         super().__init__("spool-encode", depth)
@@ -193,6 +194,7 @@ class FrameWriter(_Worker):
         self.time_base, self.pts = time_base, pts
         self._last_pts = -1
         self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
+        self.thread_type = thread_type
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
         self.buffers: queue.Queue = queue.Queue()  # pinned host buffers the encoder is done with
@@ -233,6 +235,9 @@ class FrameWriter(_Worker):
             video.codec_context.time_base = self.time_base
             video.options = {"crf": str(self.crf), "preset": self.preset}
             cc = video.codec_context
+            # x264's frame threads, as the ffmpeg command uses: PyAV's default (slice threads) cuts each frame
+            # into one slice per thread, which on many cores codes larger files more slowly.
+            cc.thread_type = self.thread_type
             cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709, as the conversion below
             cc.color_range = 1  # limited (MPEG) range
             src = audio = None
