@@ -181,6 +181,7 @@ class FrameWriter(_Worker):
         crf: int = 18,
         preset: str = "veryfast",
         thread_type: str = "AUTO",
+        threads: int = 0,
         depth: int = 3,
     ):
         super().__init__("spool-encode", depth)
@@ -194,7 +195,7 @@ class FrameWriter(_Worker):
         self.time_base, self.pts = time_base, pts
         self._last_pts = -1
         self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
-        self.thread_type = thread_type
+        self.thread_type, self.threads = thread_type, threads  # 0: as many as x264 sees fit for the cores
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
         self.buffers: queue.Queue = queue.Queue()  # pinned host buffers the encoder is done with
@@ -237,7 +238,7 @@ class FrameWriter(_Worker):
             cc = video.codec_context
             # x264's frame threads, as the ffmpeg command uses: PyAV's default (slice threads) cuts each frame
             # into one slice per thread, which on many cores codes larger files more slowly.
-            cc.thread_type = self.thread_type
+            cc.thread_type, cc.thread_count = self.thread_type, self.threads
             cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709, as the conversion below
             cc.color_range = 1  # limited (MPEG) range
             src = audio = None
