@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from gpu_jobs import media
-from gpu_jobs.handlers import JobContext, image_animate, video_upscale
+from gpu_jobs.handlers import JobContext, image_animate, video_interpolate, video_upscale
 
 FPS = 30
 
@@ -67,8 +67,9 @@ def make_clip(path: Path, width: int, height: int, frames: int, colour_tags: dic
         out.mux(audio.encode(None))
 
 
-def ffmpeg_in_process(clip: Path, width: int, height: int, encode_to: Path | None = None) -> None:
-    """FFmpeg's own scale filter (libswscale lanczos) through PyAV's filter graph, optionally into libx264.
+def ffmpeg_in_process(clip: Path, name: str, args: str, encode_to: Path | None = None) -> int:
+    """One FFmpeg filter (e.g. scale with lanczos) through PyAV's filter graph, optionally into libx264;
+    returns the frames it put out.
 
     The same C code as the ffmpeg command, for machines without the binary (the GPU machine).
     """
@@ -76,23 +77,27 @@ def ffmpeg_in_process(clip: Path, width: int, height: int, encode_to: Path | Non
         stream = src.streams.video[0]
         stream.thread_type = "AUTO"
         graph = av.filter.Graph()
-        scale = graph.add("scale", f"{width}:{height}:flags=lanczos")
-        graph.link_nodes(graph.add_buffer(template=stream), scale, graph.add("buffersink")).configure()
+        node = graph.add(name, args)
+        graph.link_nodes(graph.add_buffer(template=stream), node, graph.add("buffersink")).configure()
         out = av.open(str(encode_to), "w") if encode_to else None
-        if out is not None:
-            video = out.add_stream("libx264", rate=stream.average_rate)
-            video.width, video.height, video.pix_fmt = width, height, "yuv420p"
-            video.options = {"preset": "veryfast", "crf": "18"}
-            video.codec_context.thread_type = "AUTO"  # frame threads, as the command's
+        video, count = None, 0
 
         def drain() -> None:
+            nonlocal video, count
             while True:
                 try:
                     frame = graph.vpull()
                 except (av.error.BlockingIOError, av.error.EOFError):
                     return
-                if out is not None:
-                    out.mux(video.encode(frame))
+                count += 1
+                if out is None:
+                    continue
+                if video is None:
+                    video = out.add_stream("libx264", rate=stream.average_rate)
+                    video.width, video.height, video.pix_fmt = frame.width, frame.height, "yuv420p"
+                    video.options = {"preset": "veryfast", "crf": "18"}
+                    video.codec_context.thread_type = "AUTO"  # frame threads, as the command's
+                out.mux(video.encode(frame))
 
         for frame in src.decode(stream):
             graph.vpush(frame)
@@ -100,8 +105,10 @@ def ffmpeg_in_process(clip: Path, width: int, height: int, encode_to: Path | Non
         graph.vpush(None)
         drain()
         if out is not None:
-            out.mux(video.encode(None))
+            if video is not None:
+                out.mux(video.encode(None))
             out.close()
+    return count
 
 
 def sync(device: torch.device) -> None:
@@ -221,9 +228,10 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
         line("ffmpeg decode + lanczos 2x + libx264 (CPU)", frames, seconds)
     else:
         print("  ffmpeg command: not installed (apt-get install -y ffmpeg); its libraries through PyAV follow")
-    seconds, _ = timed(lambda: ffmpeg_in_process(clip, out_w, out_h))
+    lanczos = f"{out_w}:{out_h}:flags=lanczos"
+    seconds, _ = timed(lambda: ffmpeg_in_process(clip, "scale", lanczos))
     line("FFmpeg scale filter via PyAV, no encode (CPU)", frames, seconds)
-    seconds, _ = timed(lambda: ffmpeg_in_process(clip, out_w, out_h, tmp / "pyav.mp4"))
+    seconds, _ = timed(lambda: ffmpeg_in_process(clip, "scale", lanczos, tmp / "pyav.mp4"))
     line("FFmpeg decode + scale + libx264 via PyAV (CPU)", frames, seconds)
 
     # Pillow LANCZOS frame by frame on the decoded RGB, and how close we are to it (before and after H.264).
@@ -369,6 +377,34 @@ def bench_conversions(tmp: Path, device: torch.device) -> None:
     print(f"  {'HLG 1080p -> SDR RGB, one context reused':<52} {reused:8.1f} ms")
 
 
+def bench_interpolate(tmp: Path, width: int, height: int, device: torch.device) -> None:
+    """video.interpolate 2x, against FFmpeg's own motion-compensated (minterpolate) and blending filters."""
+    clip = tmp / "interpolate.mp4"
+    make_clip(clip, width, height, FPS)
+    print(f"\nvideo.interpolate 2x: {width}x{height}, {FPS} -> {2 * FPS} fps, 1 s, {device} (output frames/s)")
+    batch = max(2, media.batch_size_for(width, height, device) // 2)
+    decoded = list(media.FrameReader(clip, batch))
+    for mode in ("motion", "blend"):
+
+        def process(mode: str = mode) -> int:
+            batches = (media.to_device(b, device) for b in decoded)
+            count = sum(y.shape[0] for y in video_interpolate.interpolate(batches, 2, mode))
+            sync(device)
+            return count
+
+        process()  # warm up
+        line(f"process, {mode} mode (decoded frames, on the device)", *reversed(timed(process)))
+        ctx = ctx_for(tmp / f"interpolate-{mode}", {"video_asset_id": "v", "factor": 2, "mode": mode}, {"v": clip})
+        seconds, [out] = timed(lambda ctx=ctx: video_interpolate.run(ctx))
+        line(f"end to end, {mode} mode (video.interpolate handler)", out.metadata["frames"], seconds)
+    for name, args, what in (
+        ("minterpolate", f"fps={2 * FPS}:mi_mode=mci", "mci"),
+        ("framerate", f"fps={2 * FPS}", "blend"),
+    ):
+        seconds, count = timed(lambda name=name, args=args: ffmpeg_in_process(clip, name, args))
+        line(f"FFmpeg {name} {what} via PyAV, no encode (CPU)", count, seconds)
+
+
 def bench_animate(tmp: Path, size: int, device: torch.device) -> None:
     rng = np.random.default_rng(1)
     yy, xx = np.mgrid[0:2000, 0:3000].astype(np.float32)
@@ -419,6 +455,7 @@ def main() -> None:
         bench_upscale(Path(tmp), width, args.size, round(args.seconds * FPS), device)
         bench_quality(Path(tmp), device)
         bench_conversions(Path(tmp), device)
+        bench_interpolate(Path(tmp), width, args.size, device)
         bench_animate(Path(tmp), args.size, device)
 
 

@@ -12,6 +12,7 @@ import av
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gpu_jobs import media
@@ -530,6 +531,15 @@ def test_interpolate_4x(tmp_path, moving_square):
     frames = decode(out.path)
     xs = [np.nonzero((f[..., 0] > 180) & (f[..., 2] < 110))[1].mean() for f in frames[8:13]]
     assert np.allclose(np.diff(xs), 1.0, atol=0.75)  # a quarter of the 4 px step each frame
+
+
+def test_motion_search_filters_equal_their_plain_definitions():
+    """The median and box mean written for speed give what torch's median and avg_pool2d give."""
+    x = torch.randn(2, 3, 17, 23)
+    patches = F.unfold(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3).view(2, 3, 9, 17, 23)
+    assert torch.equal(video_interpolate._median3(x), patches.median(2).values)
+    box = F.avg_pool2d(x, 5, stride=1, padding=2, count_include_pad=False)
+    assert torch.allclose(video_interpolate._box_mean(x, 5), box, atol=1e-5)
 
 
 # ---------------------------------------------------------------- media.probe
