@@ -566,6 +566,49 @@ def test_media_probe_handler_image(tmp_path, picture):
     assert ctx.result["probe"]["kind"] == "image" and (poster.width, poster.height) == (96, 64)
 
 
+def test_media_probe_decodes_the_file_once(tmp_path, clip, monkeypatch):
+    """The poster is the frame the probe decoded to validate the file, not a second decode."""
+    opened = []
+
+    def counted(module):
+        real = module.open
+
+        def open_and_count(*args, **kwargs):
+            opened.append(module.__name__)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "open", open_and_count)
+
+    counted(av)
+    counted(Image)
+    media_probe.run(make_ctx(tmp_path / "v", {"asset_id": "a"}, {"a": clip}))
+    assert opened == ["PIL.Image", "av"]  # Pillow reads the header only, and declines
+    opened.clear()
+    photo = make_image(tmp_path / "photo.jpg", 3000, 2000, "JPEG")
+    [poster] = media_probe.run(make_ctx(tmp_path / "i", {"asset_id": "a"}, {"a": photo}))
+    assert opened == ["PIL.Image"] and (poster.width, poster.height) == (1280, 853)
+
+
+def test_exif_rotated_photo_is_probed_postered_and_upscaled_upright(tmp_path):
+    """A phone photo stored landscape with EXIF orientation 6 (turn 90° clockwise to show): left half red."""
+    stored = np.zeros((60, 80, 3), np.uint8)
+    stored[:, :40], stored[:, 40:] = (220, 30, 30), (30, 30, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif)
+    info = media.probe_file(path)
+    assert (info["width"], info["height"]) == (60, 80)
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": path}))
+    [upscaled] = image_upscale.run(make_ctx(tmp_path / "u", {"image_asset_id": "a", "scale": 2}, {"a": path}))
+    for out, size in ((poster, (60, 80)), (upscaled, (120, 160))):
+        with Image.open(out.path) as img:
+            shown = np.asarray(img.convert("RGB")).astype(int)
+        assert (out.width, out.height) == size and shown.shape[:2] == size[::-1]
+        top, bottom = shown[size[1] // 8, size[0] // 2], shown[-size[1] // 8, size[0] // 2]
+        assert top[0] > 180 > top[2] and bottom[2] > 180 > bottom[0]  # stored left (red) is shown on top
+
+
 def test_media_probe_handler_refuses_audio(tmp_path):
     with pytest.raises(InvalidInput, match="audio"):
         media_probe.run(make_ctx(tmp_path, {"asset_id": "a"}, {"a": make_audio(tmp_path / "tone.mp3")}))

@@ -11,7 +11,7 @@
 
 from gpu_jobs.media.device import even, input_path, job_device, param, pick_device, work_dtype
 from gpu_jobs.media.display import Display
-from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, poster_image, save_image
+from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, probe_with_poster, save_image
 from gpu_jobs.media.ops import (
     gaussian_blur,
     premultiply,
@@ -62,9 +62,9 @@ __all__ = [
     "open_image",
     "param",
     "pick_device",
-    "poster_image",
     "premultiply",
     "probe_file",
+    "probe_with_poster",
     "psnr",
     "require_kind",
     "resize",

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gpu_jobs.media.display import Display
-from gpu_jobs.media.probe import check_input_pixels
+from gpu_jobs.media.probe import check_input_pixels, inspect_file
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -47,24 +47,15 @@ def load_image(path: str | Path, **options) -> torch.Tensor:
     return torch.from_numpy(np.array(open_image(path, **options))).permute(2, 0, 1)
 
 
-def poster_image(path: str | Path, info: dict, max_side: int = 1280) -> Image.Image:
-    """海报帧：图片本身，或视频的第一个可解码关键帧（只解码关键帧），缩到长边不超过 max_side"""
-    if info["kind"] == "image":
-        with Image.open(path) as img:
-            check_input_pixels(*img.size)
-            img.draft("RGB", (max_side, max_side))  # JPEG: decode at a reduced scale directly
-            img = flatten(ImageOps.exif_transpose(img), (255, 255, 255))
+def probe_with_poster(path: str | Path, max_side: int = 1280) -> tuple[dict, Image.Image]:
+    """探测媒体并做海报：用探测时已解码的那一帧（图片本身，或视频第一个关键帧），不再解码第二次；长边不超过 max_side"""
+    info, first = inspect_file(path, poster_side=max_side)
+    if isinstance(first, av.VideoFrame):
+        img = Image.fromarray(Display().rgb(first))
     else:
-        try:
-            with av.open(str(path)) as container:
-                stream = container.streams.video[0]
-                stream.codec_context.skip_frame = "NONKEY"
-                frame = next(container.decode(stream))
-                img = Image.fromarray(Display().rgb(frame))
-        except (av.FFmpegError, StopIteration) as exc:
-            raise InvalidInput(f"The video has no decodable keyframe: {exc}") from None
+        img = flatten(first, (255, 255, 255))
     img.thumbnail((max_side, max_side), Image.LANCZOS)
-    return img
+    return info, img
 
 
 def save_image(image: torch.Tensor, path: Path, fmt: str) -> None:

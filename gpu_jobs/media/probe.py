@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import av
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gpu_jobs.media.display import Orientation
 from lib.config import get_settings
@@ -49,20 +49,25 @@ def check_video_limits(info: dict) -> None:
 
 def probe_file(path: str | Path) -> dict:
     """探测媒体文件信息"""
+    return inspect_file(path)[0]
+
+
+def inspect_file(path: str | Path, poster_side: int | None = None) -> tuple[dict, Image.Image | av.VideoFrame | None]:
+    """探测媒体信息，并交回验证时解码的那一帧：视频的第一个关键帧；图片只在给出 poster_side 时（摆正，JPEG 缩小解码）"""
     path = Path(path)
     if not path.is_file():
         raise InvalidInput("The file does not exist.")
     size = path.stat().st_size
     if size == 0:
         raise InvalidInput("The file is empty.")
-    info = _probe_image(path)
-    if info is None:
-        info = _probe_video(path)
-    info["bytes"] = size
-    return info
+    probed = _probe_image(path, poster_side)
+    if probed is None:
+        probed = _probe_video(path)
+    probed[0]["bytes"] = size
+    return probed
 
 
-def _probe_image(path: Path) -> dict | None:
+def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image | None] | None:
     try:
         img = Image.open(path)
     except UnidentifiedImageError:
@@ -77,12 +82,14 @@ def _probe_image(path: Path) -> dict | None:
         try:
             if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation that turns the picture by 90°
                 width, height = height, width
-            img.draft("RGB", (max(1, width // 8), max(1, height // 8)))  # JPEG: 1/8 scale is enough to validate
+            # JPEG decodes at a reduced scale directly: 1/8 is enough to validate, a poster asks for more.
+            img.draft("RGB", (poster_side, poster_side) if poster_side else (max(1, width // 8), max(1, height // 8)))
             img.load()
+            poster = ImageOps.exif_transpose(img) if poster_side else None  # a copy: outlives the closed file
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
         fmt = img.format.lower()
-    return {
+    info = {
         "kind": "image",
         "format": fmt,
         "mime": Image.MIME.get(fmt.upper(), f"image/{fmt}"),
@@ -97,9 +104,10 @@ def _probe_image(path: Path) -> dict | None:
         "frame_count": 1,
         "has_audio": False,
     }
+    return info, poster
 
 
-def _probe_video(path: Path) -> dict:
+def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
     try:
         container = av.open(str(path))
     except av.FFmpegError as exc:
@@ -121,7 +129,7 @@ def _probe_video(path: Path) -> dict:
         fps = float(rate) if rate else None
         try:  # decode one keyframe: proves the stream is decodable without reading the whole file
             ctx.skip_frame = "NONKEY"
-            orientation = Orientation.of(next(container.decode(stream)))
+            keyframe = next(container.decode(stream))
             ctx.skip_frame = "DEFAULT"
         except (av.FFmpegError, StopIteration) as exc:
             raise InvalidInput(f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}") from None
@@ -136,6 +144,7 @@ def _probe_video(path: Path) -> dict:
             duration = container.duration / av.time_base if container.duration else None
         if not fps and duration:
             fps = frames / duration
+        orientation = Orientation.of(keyframe)
         info = {
             "kind": "video",
             "format": container.format.name,
@@ -155,7 +164,7 @@ def _probe_video(path: Path) -> dict:
     if not frames:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
-    return info
+    return info, keyframe
 
 
 def _count_packets(container: Any, stream: Any) -> int:
