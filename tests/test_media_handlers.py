@@ -24,6 +24,7 @@ from gpu_jobs.handlers import (
     video_interpolate,
     video_upscale,
 )
+from gpu_jobs.media import ops
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
 from tests.media_factories import make_audio, make_image, make_video, pattern_frame, square_x
@@ -197,6 +198,19 @@ def test_resize_matches_pillow_for_any_ratio():
     for size in [(30, 40), (45, 53), (120, 160), (97, 131)]:
         ref = np.asarray(Image.fromarray(img).resize(size[::-1], Image.LANCZOS))
         assert media.psnr(_ours(img, size), ref) > 40  # Pillow rounds between passes; we do not
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 29), (1, 1, 301, 1999)])  # the tall one runs in several strips
+@pytest.mark.parametrize("factor", [2, 3, 4])
+def test_cpu_upscale_pass_equals_the_transposed_conv(shape, factor):
+    """A CPU's strip-wise multiply-adds give what the transposed conv (the CUDA path) gives, on either axis."""
+    x = torch.rand(shape) * 255
+    for dim in (2, 3):
+        size = x.shape[dim]
+        plan = ops._plan(size, size * factor)
+        taps = ops._upscale_taps(x, plan, dim)
+        conv = ops._polyphase(x.contiguous(memory_format=torch.channels_last), plan, size * factor, dim)
+        assert taps.shape == conv.shape and torch.allclose(taps, conv, atol=1e-3)
 
 
 # ---------------------------------------------------------------- image.upscale

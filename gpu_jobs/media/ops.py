@@ -122,6 +122,31 @@ def _polyphase(x: torch.Tensor, plan: _Plan, out_size: int, dim: int) -> torch.T
     return y.narrow(dim, 0, out_size)
 
 
+def _upscale_taps(x: torch.Tensor, plan: _Plan, dim: int) -> torch.Tensor:
+    """An upscale pass on a CPU: per phase, shifted multiply-adds over strips of rows that stay in the cache.
+
+    Measured on a CPU 2-3x faster than the transposed conv, whose kernel also runs each phase's zero taps.
+    On CUDA the conv is one kernel that reads each input once, so it stays there.
+    """
+    x = x.contiguous()
+    _, _, phases, pad, _ = plan
+    size, height = x.shape[dim], x.shape[2]
+    padded = F.pad(x, (pad, pad) if dim == 3 else (0, 0, pad, pad))
+    out = x.new_empty((*x.shape[: dim + 1], phases, *x.shape[dim + 1 :]))  # the phase axis, to interleave
+    taps = [[(k, v) for k, v in enumerate(row) if v] for row in plan.weights.tolist()]
+    rows = max(1, 2**18 // (x.shape[0] * x.shape[1] * padded.shape[3]))  # about 1 MB of float32 a strip
+    for top in range(0, height, rows):
+        count = min(rows, height - top)
+        src = padded.narrow(2, top, count if dim == 3 else count + 2 * pad)
+        length = size if dim == 3 else count
+        for phase, ((first, weight), *rest) in enumerate(taps):
+            acc = src.narrow(dim, first, length) * weight
+            for k, weight in rest:
+                acc.add_(src.narrow(dim, k, length), alpha=weight)
+            out.narrow(2, top, count).select(dim + 1, phase).copy_(acc)
+    return out.flatten(dim, dim + 1)  # a pure upscale: out_size is size * phases
+
+
 @lru_cache(maxsize=64)
 def _plan_on(in_size: int, out_size: int, device: torch.device, dtype: torch.dtype) -> _Plan:
     """The plan's tensors already on the device, so batches copy nothing from the host."""
@@ -136,7 +161,10 @@ def _resize_axis(x: torch.Tensor, out_size: int, dim: int) -> torch.Tensor:
     plan = _plan_on(x.shape[dim], out_size, x.device, x.dtype)
     if not plan.step:
         return x @ plan.weights.t() if dim == 3 else plan.weights @ x
-    y = _polyphase(x, plan, out_size, dim)
+    if plan.step == 1 and x.device.type == "cpu":
+        y = _upscale_taps(x, plan, dim)
+    else:
+        y = _polyphase(x, plan, out_size, dim)
     for start, norm in plan.fixes:
         y.narrow(dim, start, norm.numel()).div_(norm.view((1, 1, -1) if dim == 3 else (1, -1, 1)))
     return y
