@@ -27,6 +27,7 @@ from PIL import Image
 
 from gpu_jobs import media
 from gpu_jobs.handlers import JobContext, image_animate, video_interpolate, video_upscale
+from gpu_jobs.media import ops
 
 FPS = 30
 
@@ -179,6 +180,11 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
         torch.cuda.reset_peak_memory_stats()
     seconds, _ = timed(process)
     stages["process"] = line("process (to device, lanczos 2x of Y, U, V, to host)", frames, seconds)
+    taps = device.type in ops.UPSCALE_TAPS_ON
+    ops.UPSCALE_TAPS_ON ^= {device.type}  # the other way to upscale on this device, for comparison
+    process()
+    line(f"  same, {'transposed conv' if taps else 'shifted multiply-adds (a CPU’s way)'}", frames, timed(process)[0])
+    ops.UPSCALE_TAPS_ON ^= {device.type}
     bench_traffic(decoded, (height, width), (out_h, out_w), device, stages["process"])
 
     # Encode on its own: libx264 veryfast crf 18 of every processed frame, from yuv420p planes as here, and
