@@ -202,7 +202,7 @@ def test_resize_matches_pillow_for_any_ratio():
 
 @pytest.mark.parametrize("shape", [(2, 3, 37, 29), (1, 1, 301, 1999)])  # the tall one runs in several strips
 @pytest.mark.parametrize("factor", [2, 3, 4])
-def test_cpu_upscale_pass_equals_the_transposed_conv(shape, factor):
+def test_upscale_by_multiply_adds_equals_the_transposed_conv(shape, factor):
     """The multiply-adds (a CPU's way, in strips) give what the transposed conv (CUDA's way) gives, on either axis."""
     x = torch.rand(shape, device=media.pick_device()) * 255
     for dim in (2, 3):
