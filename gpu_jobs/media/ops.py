@@ -104,6 +104,7 @@ def _plan(in_size: int, out_size: int) -> _Plan:
 
 def _polyphase(x: torch.Tensor, plan: _Plan, out_size: int, dim: int) -> torch.Tensor:
     """One separable pass along ``dim`` (3: width, 2: height) as a grouped (transposed) conv."""
+    x = x.contiguous(memory_format=torch.channels_last)  # the fast conv layout on both CPU and CUDA
     w, step, phases, pad, _ = plan
     groups = x.shape[1]
     along = (lambda v, other=1: (other, v)) if dim == 3 else (lambda v, other=1: (v, other))
@@ -142,10 +143,17 @@ def _upscale_taps(x: torch.Tensor, plan: _Plan, dim: int) -> torch.Tensor:
         src = padded.narrow(2, top, count if dim == 3 else count + 2 * pad)
         length = size if dim == 3 else count
         for phase, ((first, weight), *rest) in enumerate(taps):
-            acc = src.narrow(dim, first, length) * weight
+            dst = out.narrow(2, top, count).select(dim + 1, phase)
+            # Down the columns each output row is contiguous: accumulate in place. Along the rows the phases
+            # interleave pixel by pixel: accumulate contiguously, then copy across once.
+            if dim == 2:
+                acc = torch.mul(src.narrow(dim, first, length), weight, out=dst)
+            else:
+                acc = src.narrow(dim, first, length) * weight
             for k, weight in rest:
                 acc.add_(src.narrow(dim, k, length), alpha=weight)
-            out.narrow(2, top, count).select(dim + 1, phase).copy_(acc)
+            if dim == 3:
+                dst.copy_(acc)
     return out.flatten(dim, dim + 1)  # a pure upscale: out_size is size * phases
 
 
@@ -184,7 +192,6 @@ def _runs(indices: list[int]) -> list[list[int]]:
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Lanczos-3 缩放浮点 NCHW 张量到 (H, W)（缩小时抗锯齿）"""
-    x = x.contiguous(memory_format=torch.channels_last)  # the fast conv layout on both CPU and CUDA
     return _resize_axis(_resize_axis(x, size[1], 3), size[0], 2)
 
 
