@@ -3,8 +3,8 @@
 - ``display``: a decoded frame as a screen shows it (turned and mirrored by its display matrix, SDR BT.709).
 - ``probe``: what a file is (container, codecs, size, duration, fps, frames); refuses what we cannot use.
 - ``images``: Pillow in and out, decompression bombs refused before pixels are decoded.
-- ``ops``: separable Lanczos-3 resize (antialiased when shrinking) as two grouped conv passes, unsharp mask,
-  RGB → yuv420p on the device.
+- ``ops``: separable Lanczos-3 resize (antialiased when shrinking), one pass per axis: a grouped conv, or on a
+  CPU's upscale shifted multiply-adds; unsharp mask, RGB → yuv420p on the device.
 - ``video``: ``FrameReader`` / ``FrameWriter`` / ``stream_video``: decode thread → device batches → encode
   thread, bounded queues in between, so memory does not grow with the length of the video.
 """
