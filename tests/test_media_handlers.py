@@ -320,6 +320,18 @@ def test_video_upscale(tmp_path, clip):
     assert not spool_threads()
 
 
+def test_odd_sized_video_is_upscaled_and_interpolated(tmp_path):
+    """H.264 cannot code 65x49 (FFV1 can): the chroma planes are 33x25, and outputs are cut to even sizes."""
+    src = make_video(tmp_path / "odd.mkv", 65, 49, frames=6, fps=24, audio=False, video_codec="ffv1")
+    [up] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert (up.width, up.height, media.probe_file(up.path)["frame_count"]) == (130, 98, 6)
+    pillow = np.asarray(Image.fromarray(decode(src)[3]).resize((130, 98), Image.LANCZOS))
+    assert media.psnr(decode(up.path)[3], pillow) > 30
+    params = {"video_asset_id": "v", "factor": 2, "mode": "motion"}
+    [smooth] = video_interpolate.run(make_ctx(tmp_path / "i", params, {"v": src}))
+    assert (smooth.width, smooth.height, media.probe_file(smooth.path)["frame_count"]) == (64, 48, 12)
+
+
 def test_video_upscale_is_at_least_as_good_as_pillow(tmp_path):
     """Against the truth (a sharp clip, shrunk 2x, coded losslessly), ours beats Pillow on the decoded RGB."""
     truth = [pattern_frame(i, 128, 96) for i in range(4)]
