@@ -180,10 +180,10 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
         torch.cuda.reset_peak_memory_stats()
     seconds, _ = timed(process)
     stages["process"] = line("process (to device, lanczos 2x of Y, U, V, to host)", frames, seconds)
-    taps = device.type in ops.UPSCALE_TAPS_ON
+    other = "transposed conv" if device.type in ops.UPSCALE_TAPS_ON else "shifted multiply-adds (a CPU's way)"
     ops.UPSCALE_TAPS_ON ^= {device.type}  # the other way to upscale on this device, for comparison
     process()
-    line(f"  same, {'transposed conv' if taps else 'shifted multiply-adds (a CPU’s way)'}", frames, timed(process)[0])
+    line(f"  same, {other}", frames, timed(process)[0])
     ops.UPSCALE_TAPS_ON ^= {device.type}
     bench_traffic(decoded, (height, width), (out_h, out_w), device, stages["process"])
 

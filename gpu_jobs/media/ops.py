@@ -17,7 +17,7 @@ from gpu_jobs.media.device import work_dtype
 log = logging.getLogger(__name__)
 MAX_PHASES = 16  # resize ratios whose reduced denominator exceeds this use a dense matrix
 # Devices that upscale by shifted multiply-adds per phase (_upscale_taps); the others run a transposed conv.
-# Measured on a CPU: 2-3x faster than oneDNN's conv. bench/media.py times the other way on each device.
+# Measured on a CPU: 2-3x faster than torch's transposed conv. bench/media.py times the other way on each device.
 UPSCALE_TAPS_ON = {"cpu"}
 
 
