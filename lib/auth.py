@@ -68,8 +68,9 @@ class TokenVerifier:
         alg = header.get("alg")
         try:
             if alg in ASYMMETRIC_ALGS:
-                key = self.jwks.get_signing_key_from_jwt(token).key
-                claims = self._decode(token, key, alg)
+                # The PyJWK itself, not its raw key: PyJWT then refuses a header alg that is not the key's
+                # (an RS256 header on an EC key's kid) instead of failing on the key type.
+                claims = self._decode(token, self.jwks.get_signing_key_from_jwt(token), alg)
             elif alg == "HS256" and self.hs_secret:
                 claims = self._decode(token, self.hs_secret, "HS256")
             else:

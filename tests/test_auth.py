@@ -79,6 +79,7 @@ def _forged_tokens() -> dict[str, str]:
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     )
     none_header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    rs256_header = b64(json.dumps({"alg": "RS256", "typ": "JWT", "kid": local_issuer().kid}).encode())
     hs_with_public_key = ".".join(
         [
             b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": local_issuer().kid}).encode()),
@@ -96,6 +97,7 @@ def _forged_tokens() -> dict[str, str]:
         "tampered payload": f"{header}.{tampered_payload}.{signature}",
         "alg none": f"{none_header}.{b64(json.dumps(claims()).encode())}.",
         "hs256 signed with the public key": f"{hs_with_public_key}.{b64(mac)}",
+        "rs256 header on the ec key": f"{rs256_header}.{good.split('.', 1)[1]}",
         "unknown kid": es256(claims(), key=other_key, kid="not-a-known-kid"),
         "signed by another key": es256(claims(), key=other_key),
         "subject not a uuid": es256(claims(sub="admin")),
