@@ -9,7 +9,7 @@ from psycopg import errors as pg_errors
 
 from lib import catalog, db
 from lib.errors import InsufficientCredits, NotFound, TooManyActiveTasks
-from lib.paging import decode_cursor, encode_cursor
+from lib.paging import encode_cursor, id_after
 
 SQLSTATE_ERRORS = {"SP402": InsufficientCredits, "SP429": TooManyActiveTasks, "SP404": NotFound}
 
@@ -48,12 +48,11 @@ class CreditService:
 
     async def list_ledger(self, *, user_id: str, limit: int = 50, cursor: str | None = None) -> dict:
         """账本分页（最新在前）"""
-        after = decode_cursor(cursor)
         rows = await db.fetch_all_as(
             user_id,
             "select id, delta, kind, task_id, ref, balance_after, created_at from public.credit_ledger"
             " where (%(before)s::bigint is null or id < %(before)s) order by id desc limit %(limit)s",
-            {"before": after and after.get("id"), "limit": limit + 1},
+            {"before": id_after(cursor), "limit": limit + 1},
         )
         next_cursor = encode_cursor({"id": rows[limit - 1]["id"]}) if len(rows) > limit else None
         return {"items": rows[:limit], "next_cursor": next_cursor}

@@ -20,9 +20,12 @@ def decode_cursor(cursor: str | None) -> dict | None:
     if not cursor:
         return None
     try:
-        return json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except ValueError:
-        raise InvalidInput("The cursor is not valid.") from None
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidInput("The cursor is not valid.")
+    return value
 
 
 def page_after(cursor: str | None) -> dict:
@@ -34,6 +37,17 @@ def page_after(cursor: str | None) -> dict:
         return {"at": datetime.fromisoformat(after["created_at"]), "id": str(uuid.UUID(after["id"]))}
     except (KeyError, TypeError, ValueError):
         raise InvalidInput("The cursor is not valid.") from None
+
+
+def id_after(cursor: str | None) -> int | None:
+    """解析 bigint id 游标（账本）；无效 → 422"""
+    after = decode_cursor(cursor)
+    if after is None:
+        return None
+    value = after.get("id")
+    if type(value) is not int or not 0 < value < 2**63:  # a bool is not an id
+        raise InvalidInput("The cursor is not valid.")
+    return value
 
 
 def page_of(rows: list[dict], limit: int) -> dict:

@@ -1,6 +1,8 @@
 """POST /tasks and friends: validation, pricing, the one charge, idempotency, concurrency, cancel."""
 
 import asyncio
+import base64
+import json
 
 import pytest
 
@@ -197,3 +199,12 @@ async def test_ledger_is_newest_first_with_cursor(client, make_user):
     assert page["items"][0]["kind"] == "charge" and page["next_cursor"]
     rest = (await client.get(f"/credits/ledger?cursor={page['next_cursor']}", headers=user.headers)).json()["data"]
     assert [e["kind"] for e in rest["items"]] == ["grant"] and rest["next_cursor"] is None
+
+
+@pytest.mark.parametrize("value", [[1], "abc", 7, {"id": "x"}, {"id": 10**30}, {"id": True}, {"created_at": 1}])
+@pytest.mark.parametrize("path", ["/credits/ledger", "/tasks", "/projects", "/assets"])
+async def test_crafted_cursors_are_refused(client, make_user, path, value):
+    user = await make_user()
+    cursor = base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
+    resp = await client.get(path, params={"cursor": cursor}, headers=user.headers)
+    assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
