@@ -17,6 +17,7 @@ from functions.errors import ok
 from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import InvalidInput, PayloadTooLarge
+from lib.fields import Text
 
 router = APIRouter(prefix="/assets", tags=["Assets"])
 
@@ -28,7 +29,7 @@ AssetStatus = Literal["pending", "ready", "rejected"]
 class AssetUploadCreate(BaseModel):
     content_type: str = Field(min_length=1, max_length=100, examples=["video/mp4"])
     bytes: int = Field(gt=0, description="Size of the file that will be uploaded.")
-    filename: str | None = Field(None, max_length=255)
+    filename: Text | None = Field(None, max_length=255)
     project_id: UUID | None = None
 
 
@@ -119,6 +120,13 @@ def _project_field(value: Any) -> str | None:
         ) from None
 
 
+def _form_filename(value: str | None) -> str | None:
+    # The browser's name for the file, kept as a label: made storable rather than refused.
+    if not value:
+        return None
+    return value.replace("\x00", "")[:255] or None
+
+
 @router.post("/uploads", status_code=201)
 async def create_upload(body: AssetUploadCreate, user_id: CurrentUserId):
     """登记上传并签发上传 URL"""
@@ -149,7 +157,10 @@ async def upload_direct(request: Request, user_id: CurrentUserId):
         if not isinstance(file, UploadFile):
             raise InvalidInput("The form has no file.", details=[{"field": "file", "message": "required"}])
         asset = await get_asset_service().upload_direct(
-            user_id=user_id, file=file.file, filename=file.filename, project_id=_project_field(form.get("project_id"))
+            user_id=user_id,
+            file=file.file,
+            filename=_form_filename(file.filename),
+            project_id=_project_field(form.get("project_id")),
         )
     finally:
         await form.close()

@@ -8,14 +8,15 @@ from pydantic import BaseModel, Field
 from functions.auth import CurrentUserId
 from functions.errors import ok
 from lib.billing import get_billing_service
+from lib.fields import Text
 
 router = APIRouter(prefix="/billing", tags=["Billing"])
 
 
 class CheckoutCreate(BaseModel):
-    package_id: str = Field(min_length=1, max_length=100, examples=["starter"])
-    success_url: str | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/success"])
-    cancel_url: str | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/cancel"])
+    package_id: Text = Field(min_length=1, max_length=100, examples=["starter"])
+    success_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/success"])
+    cancel_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/cancel"])
 
 
 class CheckoutPublic(BaseModel):

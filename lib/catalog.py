@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lib.config import Settings, get_settings
 from lib.errors import InvalidInput
+from lib.fields import Text
 
 # Modal GPU classes, each with a fallback list (first available wins).
 GPU_CLASSES: dict[str, list[str]] = {
@@ -59,8 +60,8 @@ class MediaProbeParams(Params):
 
 
 class KlingParams(Params):
-    prompt: str = Field(min_length=1, max_length=2500)
-    negative_prompt: str | None = Field(None, max_length=2500)
+    prompt: Text = Field(min_length=1, max_length=2500)
+    negative_prompt: Text | None = Field(None, max_length=2500)
     model_name: Literal["kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1"] = "kling-v1-6"
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
@@ -70,7 +71,7 @@ class KlingParams(Params):
 
 class KlingImageParams(KlingParams):
     image_asset_id: UUID
-    prompt: str = Field("", max_length=2500)
+    prompt: Text = Field("", max_length=2500)
     aspect_ratio: None = Field(None, description="Not used: the video takes the image's shape.")
 
 

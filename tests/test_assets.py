@@ -52,6 +52,16 @@ async def test_direct_upload_is_pending_with_a_free_probe_task(client, make_user
     assert info["size"] == len(data) and info["content_type"] == "image/png"
 
 
+async def test_a_form_filename_is_kept_as_a_storable_label(client, make_user):
+    user = await make_user()
+    name = b"hol\0iday" + b"y" * 300 + b".png"  # a raw NUL, as a hand-made form can send it
+    part = b'--b\r\ncontent-disposition: form-data; name="file"; filename="' + name + b'"\r\n\r\n'
+    headers = {**user.headers, "content-type": "multipart/form-data; boundary=b"}
+    resp = await client.post("/assets", content=part + png_bytes() + b"\r\n--b--\r\n", headers=headers)
+    assert resp.status_code == 201, resp.text
+    assert resp.json()["data"]["metadata"]["filename"] == "holiday" + "y" * 248
+
+
 async def test_signed_upload_then_complete_then_probed(client, make_user):
     user = await make_user()
     data = png_bytes(40, 30)

@@ -208,3 +208,20 @@ async def test_crafted_cursors_are_refused(client, make_user, path, value):
     cursor = base64.urlsafe_b64encode(json.dumps(value).encode()).decode()
     resp = await client.get(path, params={"cursor": cursor}, headers=user.headers)
     assert resp.status_code == 422 and resp.json()["error"]["code"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/projects", {"name": "a\x00b"}, "name"),
+        ("/projects", {"name": "a", "description": "\x00"}, "description"),
+        ("/assets/uploads", {"content_type": "image/png", "bytes": 10, "filename": "a\x00.png"}, "filename"),
+        ("/billing/checkout", {"package_id": "star\x00ter"}, "package_id"),
+        ("/models/kling.text2video/quote", {"params": {"prompt": "a cat\x00"}}, "params.prompt"),
+    ],
+)
+async def test_nul_characters_are_refused_as_input(client, make_user, path, body, field):
+    user = await make_user()
+    resp = await client.post(path, json=body, headers=user.headers)
+    assert resp.status_code == 422, resp.text
+    assert field in [d["field"] for d in resp.json()["error"]["details"]]
