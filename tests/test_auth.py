@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from lib.auth import reset_token_verifier
 from lib.config import get_settings
 from lib.local.stack import local_issuer
+from tests.factories import sql
 
 HS_SECRET = "super-secret-jwt-token-with-at-least-32-characters-long"
 
@@ -159,3 +160,14 @@ async def test_a_remembered_token_still_expires(client, make_user, monkeypatch):
     await asyncio.sleep(2.1)
     status, body = await balance_status(client, token)
     assert status == 401 and body["error"]["message"] == "Access token expired."
+
+
+async def test_a_deleted_users_token_cannot_write(client, make_user):
+    user = await make_user()
+    sql("delete from auth.users where id = %s", (user.id,))
+    created = await client.post("/projects", json={"name": "a"}, headers=user.headers)
+    upload = {"content_type": "image/png", "bytes": 10}
+    ticket = await client.post("/assets/uploads", json=upload, headers=user.headers)
+    for resp in (created, ticket):
+        assert resp.status_code == 401, resp.text
+        assert resp.json()["error"]["message"] == "This account no longer exists."
