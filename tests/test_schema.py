@@ -92,6 +92,19 @@ def test_every_public_table_has_row_level_security(db_conn):
     assert all(tables.values()), [t for t, on in tables.items() if not on]
 
 
+def test_clients_hold_no_table_privilege_that_rls_does_not_cover(postgres, db_conn):
+    rows = db_conn.execute(
+        "select table_name, grantee, privilege_type from information_schema.role_table_grants"
+        " where table_schema = 'public' and grantee in ('anon', 'authenticated')"
+        " and privilege_type in ('TRUNCATE', 'TRIGGER', 'REFERENCES')"
+    ).fetchall()
+    assert rows == []
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        as_role(conn, "authenticated", new_user(conn))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("truncate public.credit_ledger")
+
+
 def test_signup_grants_credits_once(db_conn):
     user = new_user(db_conn)
     again = db_conn.execute(
