@@ -53,16 +53,26 @@ def _uuid_or_none(value) -> str | None:
 def _id_of(value) -> str | None:
     """Stripe 字段的 id（字段可能是 id 字符串或展开的对象）"""
     if isinstance(value, dict):
-        return value.get("id")
-    return value or None
+        value = value.get("id")
+    return _typed(value, str) or None
+
+
+def _typed(value, kind: type):
+    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状）"""
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def _cents(value) -> int | None:
+    value = _typed(value, int)
+    return value if value is not None and 0 <= value < 2**63 else None
 
 
 def event_effect(event: dict) -> tuple[str, tuple] | None:
     """把 Stripe 事件映射为一次 SQL 调用（不处理的事件为 None）"""
     kind, obj = event["type"], event["data"]["object"]
-    meta = obj.get("metadata") or {}
+    meta = _typed(obj.get("metadata"), dict) or {}
     purchase_id = _uuid_or_none(meta.get("purchase_id"))
-    package_id = meta.get("package_id")
+    package_id = _typed(meta.get("package_id"), str)
     if kind.startswith("checkout.session.") and isinstance(obj.get("id"), str):
         user_id = _uuid_or_none(meta.get("user_id") or obj.get("client_reference_id"))
         ids = (purchase_id, obj["id"], _id_of(obj.get("payment_intent")), user_id, package_id)
@@ -70,7 +80,8 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
             kind == "checkout.session.completed" and obj.get("payment_status") == "paid"
         )
         if paid:
-            return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", (*ids, obj.get("amount_total"))
+            amount = _cents(obj.get("amount_total"))
+            return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", (*ids, amount)
         unpaid = {
             "checkout.session.completed": "pending",
             "checkout.session.async_payment_failed": "failed",
@@ -88,17 +99,17 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
                 _id_of(obj.get("payment_intent")),
                 user_id,
                 package_id,
-                obj.get("amount"),
-                obj.get("amount_refunded") or 0,
+                _cents(obj.get("amount")),
+                _cents(obj.get("amount_refunded")) or 0,
             ),
         )
     return None
 
 
 def upstream_error(exc: stripe.StripeError) -> SpoolError:
+    """把 Stripe 错误变成清楚的领域错误（502；幂等键冲突为 409）"""
     import stripe
 
-    """把 Stripe 错误变成清楚的领域错误（502；幂等键冲突为 409）"""
     if isinstance(exc, stripe.IdempotencyError):
         return Conflict("This Idempotency-Key was already used for a different checkout.")
     if isinstance(exc, stripe.APIConnectionError):

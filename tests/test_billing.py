@@ -453,6 +453,24 @@ async def test_unverified_or_malformed_webhook_is_400_and_writes_nothing(client,
     assert balance(user.id) == 100
 
 
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"metadata": "oops"},
+        {"metadata": {"package_id": 7, "purchase_id": ["x"], "user_id": {}}},
+        {"amount_total": "abc", "payment_intent": 5},
+        {"amount_total": 10**30, "payment_intent": {"id": True}},
+    ],
+)
+async def test_a_signed_event_of_an_odd_shape_is_answered_not_500(client, make_user, odd):
+    user = await make_user()
+    obj = {**fake_stripe.session(f"cs_odd_{uuid.uuid4().hex}", metadata_for(user)), **odd}
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed", obj))
+    assert resp.status_code == 200, resp.text
+    assert balance(user.id) in (100, 600)  # the user's pack when the event still names it, nothing else
+    assert sum(delta for _, delta in kinds(user.id)) == balance(user.id)
+
+
 async def test_timestamp_within_tolerance_is_accepted(client, make_user):
     user = await make_user()
     evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_old", metadata_for(user)))
