@@ -10,7 +10,6 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from psycopg import errors as pg_errors
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lib.errors import SpoolError
@@ -102,15 +101,6 @@ def install_error_handlers(app: FastAPI) -> None:
         code = HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
         return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(pg_errors.ForeignKeyViolation)
-    async def _account_gone(request: Request, exc: pg_errors.ForeignKeyViolation):
-        # A token outlives its user by up to an hour: a write for a deleted account breaks the user_id reference.
-        if not (exc.diag.constraint_name or "").endswith("_user_id_fkey"):
-            raise exc
-        return error_response(
-            401, "unauthorized", "This account no longer exists.", headers={"WWW-Authenticate": "Bearer"}
-        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

@@ -286,17 +286,18 @@ class AssetService:
 
     async def _record_upload(self, asset_id, user_id, project_id, media: MediaType, path, size, filename) -> dict:
         """登记一个待探测（pending）的上传"""
-        return await self.create_asset_record(
-            asset_id=asset_id,
-            user_id=user_id,
-            project_id=project_id,
-            kind=media.kind,
-            path=path,
-            mime=media.mime,
-            size=size,
-            metadata={"filename": filename} if filename else {},
-            status="pending",
-        )
+        with db.user_must_exist():
+            return await self.create_asset_record(
+                asset_id=asset_id,
+                user_id=user_id,
+                project_id=project_id,
+                kind=media.kind,
+                path=path,
+                mime=media.mime,
+                size=size,
+                metadata={"filename": filename} if filename else {},
+                status="pending",
+            )
 
     async def _request_probe(self, *, user_id: str, asset: dict) -> dict:
         """创建（幂等）零价的探测任务并派发"""

@@ -7,7 +7,7 @@ import json
 import time
 import weakref
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import psycopg
@@ -15,6 +15,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from lib.config import get_settings
+from lib.errors import Unauthorized
 
 # One pool per event loop: the API and the worker run one loop, but a sync entry point
 # (Modal's run_task, a CLI command) runs its own loop and must not take over another's pool.
@@ -133,3 +134,15 @@ async def execute(sql: str, params: Any = None) -> None:
     """执行语句"""
     async with connection() as conn:
         await conn.execute(sql, params)
+
+
+@contextmanager
+def user_must_exist():
+    """用户请求的写入：令牌仍有效而用户已删除（user_id 外键失败）→ 401"""
+    # A token outlives its user by up to an hour; the insert's user_id reference is where that shows.
+    try:
+        yield
+    except psycopg.errors.ForeignKeyViolation as exc:
+        if (exc.diag.constraint_name or "").endswith("_user_id_fkey"):
+            raise Unauthorized("This account no longer exists.") from None
+        raise

@@ -19,11 +19,13 @@ class ProjectService:
 
     async def create_project(self, *, user_id: str, name: str, description: str | None = None) -> dict:
         """创建项目"""
-        return await db.fetch_one_as(
-            user_id,
-            f"insert into public.projects (user_id, name, description) values (%s, %s, %s) returning {PROJECT_COLUMNS}",
-            (user_id, name, description),
-        )
+        with db.user_must_exist():
+            return await db.fetch_one_as(
+                user_id,
+                f"insert into public.projects (user_id, name, description) values (%s, %s, %s)"
+                f" returning {PROJECT_COLUMNS}",
+                (user_id, name, description),
+            )
 
     async def list_projects(self, *, user_id: str, limit: int = 20, cursor: str | None = None) -> dict:
         """项目列表（最新在前，游标分页）"""
