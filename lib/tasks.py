@@ -35,12 +35,7 @@ class TaskService:
         idempotency_key: str | None = None,
     ) -> tuple[dict, bool]:
         """创建任务并扣除积分；返回 (任务, 是否新建)。重放由 create_task SQL 按幂等键返回原任务"""
-        spec = catalog.get_model(model_key)
-        if not spec.public:
-            raise InvalidInput(
-                f"Model '{model_key}' cannot be run directly.",
-                details=[{"field": "model_key", "message": "internal model"}],
-            )
+        spec = runnable_model(model_key)
         settings = get_settings()
         if not spec.available(settings):
             raise ProviderUnavailable(f"'{spec.title}' is not available right now.")
@@ -69,7 +64,7 @@ class TaskService:
 
     async def quote(self, *, user_id: str, model_key: str, params: dict, input_asset_ids=None) -> dict:
         """报价：与创建任务相同的校验与计价，但不扣费"""
-        spec = catalog.get_model(model_key)
+        spec = runnable_model(model_key)
         valid = catalog.validate_params(spec, params)
         named = set(spec.input_asset_ids(valid))
         if input_asset_ids is not None and {str(i) for i in input_asset_ids} != named:
@@ -183,6 +178,17 @@ async def with_fresh_result_url(task: dict) -> dict:
             "result_url": await get_storage().create_signed_url(path=path, expires_in=settings.signed_url_seconds),
         }
     return task
+
+
+def runnable_model(model_key: str) -> catalog.ModelSpec:
+    """用户可直接运行的模型（内部模型如探测 → 422）"""
+    spec = catalog.get_model(model_key)
+    if not spec.public:
+        raise InvalidInput(
+            f"Model '{model_key}' cannot be run directly.",
+            details=[{"field": "model_key", "message": "internal model"}],
+        )
+    return spec
 
 
 def public_task(row: dict) -> dict:

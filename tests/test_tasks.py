@@ -58,6 +58,16 @@ async def test_models_lists_catalog_with_schemas(client):
     assert models["image.upscale"]["available"] is True
 
 
+async def test_the_internal_probe_can_be_neither_run_nor_quoted(client, make_user):
+    user = await make_user()
+    params = {"asset_id": make_asset(user.id)}
+    quoted = await client.post("/models/media.probe/quote", json={"params": params}, headers=user.headers)
+    created = await client.post("/tasks", json={"model_key": "media.probe", "params": params}, headers=user.headers)
+    for resp in (quoted, created):
+        assert resp.status_code == 422, resp.text
+        assert resp.json()["error"]["details"] == [{"field": "model_key", "message": "internal model"}]
+
+
 @pytest.mark.parametrize(
     "params, field",
     [
