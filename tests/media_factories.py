@@ -46,6 +46,8 @@ def make_video(
     fill: tuple[int, int, int] | None = None,
     colour_tags: dict[str, int] | None = None,
     times: list[float] | None = None,
+    audio_start: float = 0.0,
+    audio_rate: int = 44100,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -53,6 +55,7 @@ def make_video(
 
     ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values);
     ``times`` gives each frame's time in seconds, to the millisecond (a variable frame rate, as phones record).
+    The audio (``audio_rate`` Hz) is silent for its first ``audio_start`` seconds, then a tone.
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -66,7 +69,7 @@ def make_video(
             setattr(video.codec_context, name, value)
         if times is not None:
             video.codec_context.time_base = Fraction(1, 1000)
-        sound = _add_audio(out, audio_codec) if audio else None
+        sound = _add_audio(out, audio_codec, audio_rate) if audio else None
         for i in range(frames):
             pixels = pattern_frame(i, width, height, speed) if fill is None else np.full((height, width, 3), fill)
             frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
@@ -75,7 +78,7 @@ def make_video(
             out.mux(video.encode(frame))
         out.mux(video.encode(None))
         if sound is not None:
-            _write_sine(out, sound, times[-1] + 1 / float(fps) if times else frames / float(fps))
+            _write_sine(out, sound, times[-1] + 1 / float(fps) if times else frames / float(fps), audio_start)
     return path
 
 
@@ -87,6 +90,16 @@ def make_audio(path: str | Path, seconds: float = 1.0, codec: str = "mp3") -> Pa
     return path
 
 
+def first_sound(path: str | Path) -> float | None:
+    """音轨第一次发声的时刻（秒）"""
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            loud = np.flatnonzero(np.abs(frame.to_ndarray()).max(0) > 0.05)
+            if loud.size:
+                return float(frame.time + loud[0] / frame.sample_rate)
+    return None
+
+
 def make_image(path: str | Path, width: int = 64, height: int = 48, fmt: str = "PNG") -> Path:
     """生成测试图片（渐变 + 方块 + 噪声）"""
     rng = np.random.default_rng(0)
@@ -95,18 +108,18 @@ def make_image(path: str | Path, width: int = 64, height: int = 48, fmt: str = "
     return Path(path)
 
 
-def _add_audio(out, codec: str):
-    stream = out.add_stream(codec, rate=44100)
+def _add_audio(out, codec: str, rate: int = 44100):
+    stream = out.add_stream(codec, rate=rate)
     stream.layout = "stereo"
     return stream
 
 
-def _write_sine(out, stream, seconds: float) -> None:
-    rate, size = 44100, 1152
+def _write_sine(out, stream, seconds: float, silent_for: float = 0.0) -> None:
+    rate, size = stream.codec_context.sample_rate, 1152
     total = int(seconds * rate)
     for start in range(0, total, size):
         t = np.arange(start, min(start + size, total)) / rate
-        wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        wave = np.where(t >= silent_for, 0.3 * np.sin(2 * np.pi * 440 * t), 0).astype(np.float32)
         frame = av.AudioFrame.from_ndarray(np.stack([wave, wave]), format="fltp", layout="stereo")
         frame.sample_rate, frame.pts = rate, start
         out.mux(stream.encode(frame))

@@ -27,7 +27,7 @@ from gpu_jobs.handlers import (
 from gpu_jobs.media import ops
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
-from tests.media_factories import make_audio, make_image, make_video, pattern_frame, square_x
+from tests.media_factories import first_sound, make_audio, make_image, make_video, pattern_frame, square_x
 
 
 def make_ctx(workdir: Path, params, inputs: dict[str, Path], progress=None) -> JobContext:
@@ -418,6 +418,46 @@ def test_video_upscale_keeps_other_audio(tmp_path, suffix, codec, expected):
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     info = media.probe_file(out.path)
     assert info["frame_count"] == 12 and info["has_audio"] and audio_codec(out.path) == expected
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "rate"),
+    [
+        ("late.mov", "pcm_s16le", 44100),
+        ("late.mkv", "pcm_s16le", 44100),  # Matroska leaves PCM's channel order unspecified ("2 channels")
+        ("studio.mov", "pcm_s24le", 192000),  # a rate AAC does not take: resampled to 48 kHz
+        ("late.mkv", "mp2", 44100),  # copied if MP4 took it; it does not
+    ],
+)
+def test_transcoded_audio_stays_in_sync(tmp_path, name, codec, rate):
+    """Audio that cannot be copied into MP4 is encoded to AAC, timed from the video's start as it was."""
+    src = make_video(tmp_path / name, frames=12, fps=24, audio_codec=codec, audio_rate=rate, audio_start=0.3)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert audio_codec(out.path) == "aac"
+    assert first_sound(out.path) == pytest.approx(0.3, abs=0.01)
+
+
+def test_damaged_audio_packets_are_skipped(tmp_path):
+    """As the ffmpeg command does: the picture and the rest of the sound come through."""
+    src = make_video(tmp_path / "ok.mkv", frames=24, fps=24, audio_codec="mp2")
+    damaged, rng = tmp_path / "damaged.mkv", np.random.default_rng(0)
+    with av.open(str(src)) as inp, av.open(str(damaged), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        audio_packets = 0
+        for packet in inp.demux():
+            if packet.dts is None:
+                continue
+            stream = streams[packet.stream_index]
+            if packet.stream.type == "audio" and (audio_packets := audio_packets + 1) in (5, 6, 7):
+                noise = av.Packet(rng.integers(0, 256, packet.size, dtype=np.uint8).tobytes())
+                noise.pts, noise.dts, noise.time_base = packet.pts, packet.dts, packet.time_base
+                packet = noise
+            packet.stream = stream
+            out.mux(packet)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": damaged}))
+    info = media.probe_file(out.path)
+    assert info["frame_count"] == 24 and audio_codec(out.path) == "aac"
+    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.05)
 
 
 def test_video_upscale_refuses_an_image(tmp_path, picture):

@@ -21,6 +21,10 @@ from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 MP4_COPY_AUDIO = {"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}
+AAC_RATES = {96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350}
+AAC_FALLBACK = (48000, "stereo")  # what any other audio is resampled and remixed to
+# Layouts for a channel count whose order the file leaves unspecified (PCM in Matroska: "2 channels").
+DEFAULT_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 # Output pixels per batch: bounds device memory whatever the frame size (on CPU small batches stay in cache).
 BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 64_000_000}
 # Devices that convert output frames to yuv420p themselves: on a GPU it is nearly free and halves the bytes copied
@@ -227,7 +231,9 @@ class FrameWriter(_Worker):
 
     # -- the encode thread
 
-    def _open(self, copy_audio: bool) -> tuple[Any, Any, Any, Any]:
+    def _open(self, audio_as: str | tuple[int, str]) -> tuple[Any, Any, Any, Any]:
+        """The output, its video stream, the audio source and the output's audio stream: the source's copied
+        (``"copy"``) or encoded to AAC at ``(rate, layout)``."""
         out = av.open(self.path, "w", format="mp4")
         try:
             video = out.add_stream("libx264", rate=self.rate)
@@ -247,33 +253,34 @@ class FrameWriter(_Worker):
                 if not src.streams.audio:
                     src.close()
                     src = None
+                elif audio_as == "copy":
+                    audio = out.add_stream_from_template(src.streams.audio[0])
                 else:
-                    in_audio = src.streams.audio[0]
-                    if copy_audio:
-                        audio = out.add_stream_from_template(in_audio)
-                    else:
-                        audio = out.add_stream("aac", rate=in_audio.codec_context.sample_rate or 48000)
-                        audio.layout = in_audio.codec_context.layout
+                    audio = out.add_stream("aac", rate=audio_as[0])
+                    audio.layout = audio_as[1]
             out.start_encoding()
             return out, video, src, audio
         except BaseException:
             out.close()
+            if src is not None:
+                src.close()
             raise
 
     def work(self) -> None:
-        copy = True
+        ways: list[str | tuple[int, str]] = ["copy"]
         if self.audio_from is not None:
             with av.open(str(self.audio_from)) as probe:
-                a = probe.streams.audio
-                copy = bool(a) and a[0].codec_context.codec.canonical_name in MP4_COPY_AUDIO
-        try:
-            out, video, src, audio = self._open(copy)
-        except av.FFmpegError:
-            if not copy:
-                raise
-            log.info("copying the audio into MP4 failed; transcoding it to AAC")
-            copy = False
-            out, video, src, audio = self._open(copy)
+                if probe.streams.audio:
+                    ways = _audio_ways(probe.streams.audio[0].codec_context)
+        for way in ways:  # copied if MP4 takes the codec, else AAC at the source's rate and layout, else stereo
+            try:
+                out, video, src, audio = self._open(way)
+                break
+            except av.FFmpegError as exc:
+                if way == ways[-1]:
+                    raise InvalidInput(f"The audio track could not be written: {exc}") from None
+                log.info("writing the audio as %s failed (%s); trying the next way", way, exc)
+        copy = way == "copy"
         audio_items = self._audio_items(src, audio, copy) if src is not None else iter(())
         try:
             while (batch := self.get()) is not _END:
@@ -310,6 +317,7 @@ class FrameWriter(_Worker):
         """(seconds, packet) of the source's audio, copied or re-encoded, shifted to the video's zero."""
         in_audio = src.streams.audio[0]
         shift = round(self.start_time / in_audio.time_base) if in_audio.time_base else 0
+        next_at = 0.0
         for packet in src.demux(in_audio):
             if copy:
                 if packet.dts is None or not packet.size:
@@ -319,11 +327,17 @@ class FrameWriter(_Worker):
                 packet.stream = audio
                 yield float(packet.pts * packet.time_base), packet
                 continue
-            for frame in packet.decode():
-                time = (frame.time or 0.0) - self.start_time
-                frame.pts = None
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:  # a damaged audio packet: skipped, as the ffmpeg command does
+                continue
+            for frame in frames:
+                # Timed from the video's zero in samples: audio that starts late (or early) stays in sync.
+                at = frame.time - self.start_time if frame.time is not None else next_at
+                next_at = at + frame.samples / frame.sample_rate
+                frame.pts, frame.time_base = round(at * frame.sample_rate), Fraction(1, frame.sample_rate)
                 for out_packet in audio.encode(frame):
-                    yield time, out_packet
+                    yield at, out_packet
         if not copy:
             for out_packet in audio.encode(None):
                 yield math.inf, out_packet
@@ -341,6 +355,17 @@ class FrameWriter(_Worker):
             if time < until or math.isinf(time):
                 out.mux(packet)
             self._pending = None
+
+
+def _audio_ways(cc: Any) -> list[str | tuple[int, str]]:
+    """Ways to put this audio into MP4, best first: copied, AAC at its rate and layout, AAC stereo 48 kHz."""
+    ways: list[str | tuple[int, str]] = ["copy"] if cc.codec.canonical_name in MP4_COPY_AUDIO else []
+    layout = cc.layout.name
+    if layout.endswith(" channels"):  # the order is unspecified: the usual one for that count
+        layout = DEFAULT_LAYOUTS.get(cc.layout.nb_channels, AAC_FALLBACK[1])
+    if cc.sample_rate in AAC_RATES:
+        ways.append((cc.sample_rate, layout))
+    return [*ways, AAC_FALLBACK] if AAC_FALLBACK not in ways else ways
 
 
 def frame_ticks(stream: Any) -> int:
