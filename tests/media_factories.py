@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from fractions import Fraction
 from pathlib import Path
 
@@ -82,11 +83,22 @@ def make_video(
     return path
 
 
-def make_audio(path: str | Path, seconds: float = 1.0, codec: str = "mp3") -> Path:
-    """生成纯音频文件"""
+def make_audio(path: str | Path, seconds: float = 1.0, codec: str = "mp3", *, cover: bool = False) -> Path:
+    """生成纯音频文件；cover 时带一张封面图（附图视频流，如音乐文件的专辑封面）"""
     path = Path(path)
     with av.open(str(path), "w") as out:
-        _write_sine(out, _add_audio(out, codec), seconds)
+        sound = _add_audio(out, codec)
+        if cover:
+            art = out.add_stream("mjpeg")
+            art.width, art.height, art.pix_fmt = 32, 32, "yuvj420p"
+            art.disposition = av.stream.Disposition.attached_pic
+            out.start_encoding()
+            jpeg = io.BytesIO()
+            Image.new("RGB", (32, 32), (200, 30, 30)).save(jpeg, format="JPEG")
+            packet = av.Packet(jpeg.getvalue())
+            packet.stream, packet.pts, packet.dts = art, 0, 0
+            out.mux(packet)
+        _write_sine(out, sound, seconds)
     return path
 
 

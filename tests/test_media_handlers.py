@@ -111,7 +111,9 @@ def _truncated(src: Path, dst: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated_video", "truncated_png", "garbage", "audio_only"])
+@pytest.mark.parametrize(
+    "kind", ["empty", "truncated_video", "truncated_png", "garbage", "audio_only", "audio_with_cover_art"]
+)
 def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
     path = tmp_path / f"bad_{kind}"
     if kind == "empty":
@@ -123,10 +125,12 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
     elif kind == "garbage":
         path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     else:
-        path = make_audio(tmp_path / "tone.mp3")
+        path = make_audio(tmp_path / "tone.mp3", cover=kind == "audio_with_cover_art")
     with pytest.raises(InvalidInput) as err:
         media.probe_file(path)
     assert err.value.message  # a sentence for the user
+    if kind.startswith("audio"):
+        assert "audio only" in err.value.message
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:

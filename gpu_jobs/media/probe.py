@@ -116,11 +116,11 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         ) from None
     with container:
         audio = container.streams.audio[0] if container.streams.audio else None
-        if not container.streams.video:
-            if audio is not None:
+        stream = video_stream(container)
+        if stream is None:
+            if audio is not None:  # cover art alone (an album's picture in an mp3) does not make it a video
                 raise InvalidInput("The file is audio only; an image or a video is needed.")
             raise InvalidInput("The file holds no video or image stream.")
-        stream = container.streams.video[0]
         ctx = stream.codec_context
         if not ctx.width or not ctx.height:
             raise InvalidInput(f"The video stream ({ctx.name}) has no frame size; the file is corrupt or unsupported.")
@@ -165,6 +165,12 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
     return info, keyframe
+
+
+def video_stream(container: Any) -> Any | None:
+    """视频的画面流：第一个不是附图（音频文件的封面）的视频流"""
+    cover = av.stream.Disposition.attached_pic
+    return next((s for s in container.streams.video if not s.disposition & cover), None)
 
 
 def _count_packets(container: Any, stream: Any) -> int:

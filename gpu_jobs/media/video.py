@@ -17,6 +17,7 @@ import torch
 from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
+from gpu_jobs.media.probe import video_stream
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ class FrameReader(_Worker):
 
     def work(self) -> None:
         with av.open(self.path) as container:
-            stream = container.streams.video[0]
+            stream = video_stream(container)
             stream.thread_type = "AUTO"
             width, height = stream.codec_context.width, stream.codec_context.height
             start, step = stream.start_time or 0, frame_ticks(stream)
@@ -410,7 +411,7 @@ def stream_video(
     the batches are the frames' flat yuv420p planes, and ``process`` yields (N, H·3/2, W) yuv420p code values.
     """
     with av.open(str(src)) as container:  # header only: timing facts the writer keeps
-        stream = container.streams.video[0]
+        stream = video_stream(container)
         rate = stream.average_rate or stream.guessed_rate or Fraction(info["fps"]).limit_denominator(1001000)
         time_base, step = stream.time_base, frame_ticks(stream)
         start = float((stream.start_time or 0) * time_base) if time_base else 0.0
