@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import zlib
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,7 +26,7 @@ from gpu_jobs.handlers import (
     video_interpolate,
     video_upscale,
 )
-from gpu_jobs.media import ops
+from gpu_jobs.media import display, ops
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
 from tests.media_factories import first_sound, make_audio, make_image, make_video, pattern_frame, square_x
@@ -740,6 +742,29 @@ def test_mirrored_and_turned_videos_are_shown_as_their_matrix_says(tmp_path, rot
         assert media.psnr(media.Display().rgb(next(container.decode(video=0))), expected) > 30
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     assert media.psnr(decode(out.path)[0], _ours(expected, (2 * expected.shape[0], 2 * expected.shape[1]))) > 30
+
+
+def test_frames_with_side_data_pyav_cannot_name_are_read(tmp_path):
+    """MJPEG frames carrying EXIF: FFmpeg hands it on as side data PyAV has no name for; the angle still counts."""
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    src = tmp_path / "exif.avi"
+    with av.open(str(src), "w") as out:
+        stream = out.add_stream("mjpeg", rate=24)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(6):
+            jpeg = io.BytesIO()
+            Image.fromarray(pattern_frame(i, 64, 48)).save(jpeg, "JPEG", exif=exif.tobytes())
+            packet = av.Packet(jpeg.getvalue())
+            packet.pts = packet.dts = i
+            packet.time_base, packet.stream, packet.is_keyframe = Fraction(1, 24), stream, True
+            out.mux(packet)
+    info = media.probe_file(src)
+    assert (info["width"], info["height"], info["frame_count"], info["rotation"]) == (64, 48, 6, 0)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert media.probe_file(out.path)["frame_count"] == 6
+    for degrees, orientation in display._QUARTER_TURNS.items():  # the fallback's turns, as the matrix reads them
+        assert (orientation.degrees, orientation.mirrored) == (degrees, False)
 
 
 # ---------------------------------------------------------------- colour

@@ -26,7 +26,10 @@ class Orientation(NamedTuple):
     @classmethod
     def of(cls, frame: av.VideoFrame) -> Orientation:
         """读帧的显示矩阵（手机竖拍常为 ±90°，前置镜头可能镜像）"""
-        data = frame.side_data.get(Type.DISPLAYMATRIX)
+        try:
+            data = frame.side_data.get(Type.DISPLAYMATRIX)
+        except ValueError:  # side data this PyAV cannot name (FFmpeg 8's EXIF on MJPEG): the angle alone
+            return _QUARTER_TURNS.get(round(frame.rotation) % 360, cls())
         if data is None:
             return cls()
         # FFmpeg's matrix | a b u | c d v | x y w |: a stored point (p, q) is shown at (a·p + c·q, b·p + d·q).
@@ -59,6 +62,14 @@ class Orientation(NamedTuple):
         if self.flip_cols:
             pixels = pixels[:, ::-1]
         return pixels
+
+
+# Counter-clockwise quarter turns without a mirror, for frames whose angle is all that can be read.
+_QUARTER_TURNS = {
+    90: Orientation(True, True, False),
+    180: Orientation(False, True, True),
+    270: Orientation(True, False, True),
+}
 
 
 def sdr_options(frame: av.VideoFrame) -> dict:
