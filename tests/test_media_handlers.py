@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import queue
 import struct
 import threading
 import zlib
@@ -492,6 +493,28 @@ def test_cancel_stops_within_one_batch(tmp_path, monkeypatch):
     assert len(calls) == 3 and sum(processed) == 8  # exactly the two batches reported, not one more
     assert not spool_threads()
     assert not list((tmp_path / "w").glob("*.mp4"))  # the partial output is removed
+
+
+def test_the_last_batches_are_read_when_the_decoder_finishes_during_a_wait(tmp_path, monkeypatch):
+    """The wait for a batch times out just as the decode thread queues its last batches and ends."""
+    src = make_video(tmp_path / "short.mp4", 64, 48, frames=8, fps=24, audio=False)
+    real_init = media.FrameReader.__init__
+
+    def init(reader, *args, **kwargs):
+        real_init(reader, *args, **kwargs)
+        real_get, first = reader.queue.get, [True]
+
+        def get(block=True, timeout=None):
+            if first.pop() if first else False:
+                reader.thread.join()  # everything is queued and the thread is gone...
+                raise queue.Empty  # ...but this wait had already timed out
+            return real_get(block, timeout)
+
+        reader.queue.get = get
+
+    monkeypatch.setattr(media.FrameReader, "__init__", init)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert media.probe_file(out.path)["frame_count"] == 8
 
 
 def test_stream_stops_threads_when_processing_fails(tmp_path, clip):

@@ -68,8 +68,13 @@ class _Worker:
             try:
                 return self.queue.get(timeout=0.1)
             except queue.Empty:
-                if self.stop.is_set() or not self.thread.is_alive():
+                if self.stop.is_set():
                     return _END
+                if not self.thread.is_alive():  # it may have queued its last items since the wait timed out
+                    try:
+                        return self.queue.get_nowait()
+                    except queue.Empty:
+                        return _END
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -443,6 +448,8 @@ def stream_video(
                 yield x
 
         encode_batches(process(batches()), writer, lambda: progress(min(done / total, 1.0), message))
+    if not writer.frames_written:  # the probe saw frames, but none could be decoded: no empty video for a charge
+        raise InvalidInput("No frame of the video could be decoded.")
     return writer.frames_written
 
 
