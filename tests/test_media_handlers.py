@@ -295,6 +295,26 @@ def test_poster_of_a_transparent_image_is_on_white(tmp_path, logo):
         assert np.asarray(img.convert("RGB"))[2, 2].min() >= 245
 
 
+@pytest.mark.parametrize(
+    ("name", "gradient"),
+    [
+        ("sixteen.png", lambda g: g.astype(np.uint16)),  # opens as "I;16"
+        ("wide.tif", lambda g: g.astype(np.int32)),  # opens as "I"
+        ("float.tif", lambda g: (g / 65535).astype(np.float32)),  # opens as "F", 0..1
+    ],
+)
+def test_deep_grey_images_keep_their_tones(tmp_path, name, gradient):
+    """Pillow's convert clips 16-bit and float greys to white or black; they are scaled to 8 bits instead."""
+    path = tmp_path / name
+    Image.fromarray(gradient(np.linspace(0, 65535, 48 * 64).reshape(48, 64))).save(path)
+    [out] = image_upscale.run(make_ctx(tmp_path / "u", {"image_asset_id": "i", "scale": 2}, {"i": path}))
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": path}))
+    for result in (out, poster):
+        with Image.open(result.path) as img:
+            pixels = np.asarray(img.convert("L"), dtype=np.float64)
+        assert pixels.mean() == pytest.approx(127.5, abs=2) and pixels.min() < 10 and pixels.max() > 245
+
+
 def test_image_animate_shows_transparency_as_black(tmp_path, logo):
     params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}
     [out] = image_animate.run(make_ctx(tmp_path, params, {"i": logo}))

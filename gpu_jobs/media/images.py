@@ -28,10 +28,26 @@ def open_image(
         raise InvalidInput(f"The image could not be read: {exc}") from None
     check_input_pixels(*img.size)
     try:
-        img = ImageOps.exif_transpose(img)
+        img = eight_bit(ImageOps.exif_transpose(img))
         return img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
+
+
+def eight_bit(img: Image.Image) -> Image.Image:
+    """16 位、32 位整数与浮点灰度图按取值范围缩到 8 位（Pillow 的 convert 直接截断：几乎全白或全黑）"""
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img
+    values = np.asarray(img)
+    if img.mode.startswith("I;16"):
+        return Image.fromarray((values >> 8).astype(np.uint8))
+    top = float(values.max(initial=0))
+    if img.mode == "F":  # usually 0..1
+        top = 1.0 if top <= 1.0 else 255.0
+    else:  # a 16-bit PNG opens as "I"; wider integers are scaled by their own peak
+        top = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    scaled = values.astype(np.float32) * np.float32(255 / top)
+    return Image.fromarray(np.clip(scaled, 0, 255, out=scaled).round().astype(np.uint8))
 
 
 def flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -53,7 +69,7 @@ def probe_with_poster(path: str | Path, max_side: int = 1280) -> tuple[dict, Ima
     if isinstance(first, av.VideoFrame):
         img = Image.fromarray(Display().rgb(first))
     else:
-        img = flatten(first, (255, 255, 255))
+        img = flatten(eight_bit(first), (255, 255, 255))
     img.thumbnail((max_side, max_side), Image.LANCZOS)
     return info, img
 
