@@ -26,6 +26,21 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# The longest side each image format can hold (PNG's limit is far beyond any pixel limit).
+IMAGE_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383}
+
+
+def check_image_side(width: int, height: int, fmt: str) -> None:
+    """输出图片的边长超出格式上限时拒绝（WebP 16383，JPEG 65500）"""
+    limit = IMAGE_MAX_SIDE.get(fmt)
+    if limit and max(width, height) > limit:
+        raise InvalidInput(
+            f"The result would be {width}×{height}; {fmt.upper()} holds at most {limit:,} pixels a side. "
+            "Choose PNG, a smaller scale or a smaller input.",
+            details=[{"field": "params.format", "message": "output too large for this format"}],
+        )
+
+
 class ImageUpscaleParams(Params):
     image_asset_id: UUID
     scale: Literal[2, 4] = 2
@@ -130,6 +145,10 @@ def _check_upscale(params, assets: Assets, settings: Settings) -> None:
             f"The result would be {out_pixels:,} pixels; the limit is {settings.max_output_pixels:,}. "
             "Choose a smaller scale or a smaller input.",
             details=[{"field": "params.scale", "message": "output exceeds the pixel limit"}],
+        )
+    if hasattr(params, "format"):
+        check_image_side(
+            (asset.get("width") or 0) * params.scale, (asset.get("height") or 0) * params.scale, params.format
         )
 
 

@@ -315,6 +315,13 @@ def test_deep_grey_images_keep_their_tones(tmp_path, name, gradient):
         assert pixels.mean() == pytest.approx(127.5, abs=2) and pixels.min() < 10 and pixels.max() > 245
 
 
+def test_image_upscale_refuses_a_result_too_wide_for_webp_before_the_work(tmp_path, monkeypatch):
+    banner = make_image(tmp_path / "banner.png", 8200, 100)
+    monkeypatch.setattr(image_upscale, "upscale_image", lambda *a, **k: pytest.fail("upscaled before refusing"))
+    with pytest.raises(InvalidInput, match="WEBP holds at most 16,383"):
+        image_upscale.run(make_ctx(tmp_path, {"image_asset_id": "i", "scale": 2, "format": "webp"}, {"i": banner}))
+
+
 def test_image_animate_shows_transparency_as_black(tmp_path, logo):
     params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}
     [out] = image_animate.run(make_ctx(tmp_path, params, {"i": logo}))

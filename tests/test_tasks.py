@@ -98,6 +98,19 @@ async def test_unknown_model_and_output_pixel_limit_are_422(client, make_user):
     assert balance(user.id) == 100
 
 
+@pytest.mark.parametrize(("fmt", "refused"), [("webp", True), ("jpeg", False), ("png", False)])
+async def test_an_image_too_wide_for_its_format_is_refused_before_charging(client, make_user, fmt, refused):
+    user = await make_user()
+    banner = make_asset(user.id, width=8200, height=100)  # 2x → 16,400 px wide: more than WebP holds
+    resp = await client.post("/tasks", json=upscale(banner, scale=2, format=fmt), headers=user.headers)
+    assert resp.status_code == (422 if refused else 201), resp.text
+    if refused:
+        assert resp.json()["error"]["details"] == [
+            {"field": "params.format", "message": "output too large for this format"}
+        ]
+        assert balance(user.id) == 100
+
+
 async def test_input_asset_rules(client, make_user):
     alice, bob = await make_user(), await make_user()
     theirs = make_asset(bob.id)

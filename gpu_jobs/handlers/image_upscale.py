@@ -27,6 +27,7 @@ from gpu_jobs.media import (
     unsharp_mask,
     work_dtype,
 )
+from lib.catalog import check_image_side
 from lib.errors import InvalidInput
 
 TILE = {"cpu": 1024, "cuda": 2048}  # input pixels per tile side
@@ -47,6 +48,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     info = probe_file(path)
     require_kind(info, "image")
     check_output_pixels(info["width"] * scale, info["height"] * scale)
+    check_image_side(info["width"] * scale, info["height"] * scale, fmt)
     ctx.progress(0.05, "Upscaling image")
     image = load_image(path, keep_alpha=fmt != "jpeg", background=(255, 255, 255))
     image = upscale_image(image, scale, sharpen, job_device(ctx), progress=ctx.progress)
