@@ -49,6 +49,7 @@ def make_video(
     times: list[float] | None = None,
     audio_start: float = 0.0,
     audio_rate: int = 44100,
+    pixel_aspect: Fraction | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -57,6 +58,7 @@ def make_video(
     ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values);
     ``times`` gives each frame's time in seconds, to the millisecond (a variable frame rate, as phones record).
     The audio (``audio_rate`` Hz) is silent for its first ``audio_start`` seconds, then a tone.
+    ``pixel_aspect`` makes the pixels non-square (anamorphic video).
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -64,6 +66,8 @@ def make_video(
         video.width, video.height, video.pix_fmt = width, height, "yuv420p"
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
+        if pixel_aspect is not None:
+            video.codec_context.sample_aspect_ratio = pixel_aspect
         if rotation or mirror:
             video.set_display_rotation(rotation, hflip=mirror == "h", vflip=mirror == "v")
         for name, value in (colour_tags or {}).items():

@@ -817,6 +817,20 @@ def test_frames_with_side_data_pyav_cannot_name_are_read(tmp_path):
         assert (orientation.degrees, orientation.mirrored) == (degrees, False)
 
 
+def test_anamorphic_video_keeps_its_pixel_aspect(tmp_path):
+    """Pixels twice as wide as tall: the outputs say so, as the input did, and the poster is shown widened."""
+    src = make_video(tmp_path / "dv.mp4", 96, 64, frames=6, audio=False, pixel_aspect=Fraction(2))
+    assert media.probe_file(src)["pixel_aspect"] == 2
+    upscale = {"video_asset_id": "v", "scale": 2}
+    [up] = video_upscale.run(make_ctx(tmp_path / "u", upscale, {"v": src}))
+    [smooth] = video_interpolate.run(make_ctx(tmp_path / "i", {"video_asset_id": "v", "factor": 2}, {"v": src}))
+    for out, size in ((up, (192, 128)), (smooth, (96, 64))):
+        info = media.probe_file(out.path)
+        assert ((info["width"], info["height"]), info["pixel_aspect"]) == (size, 2)
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": src}))
+    assert (poster.width, poster.height) == (192, 64)
+
+
 # ---------------------------------------------------------------- colour
 
 

@@ -68,6 +68,8 @@ def probe_with_poster(path: str | Path, max_side: int = 1280) -> tuple[dict, Ima
     info, first = inspect_file(path, poster_side=max_side)
     if isinstance(first, av.VideoFrame):
         img = Image.fromarray(Display().rgb(first))
+        if info["pixel_aspect"] != 1:  # anamorphic: the poster shows it as wide as a player does
+            img = img.resize((max(1, round(img.width * info["pixel_aspect"])), img.height), Image.LANCZOS)
     else:
         img = flatten(eight_bit(first), (255, 255, 255))
     img.thumbnail((max_side, max_side), Image.LANCZOS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,7 @@ def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image
         "height": height,
         "rotation": None,
         "mirrored": None,
+        "pixel_aspect": None,
         "video_codec": None,
         "audio_codec": None,
         "duration_s": None,
@@ -154,6 +156,8 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             "height": ctx.width if orientation.transpose else ctx.height,
             "rotation": orientation.degrees,
             "mirrored": orientation.mirrored,
+            # Anamorphic video (DV, some broadcast) has non-square pixels: shown pixel_aspect times as wide.
+            "pixel_aspect": round(float(pixel_aspect(stream, orientation.transpose)), 6),
             "video_codec": ctx.codec.canonical_name,
             "audio_codec": audio.codec_context.codec.canonical_name if audio else None,
             "duration_s": round(duration, 6) if duration else None,
@@ -165,6 +169,13 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
     return info, keyframe
+
+
+def pixel_aspect(stream: Any, transpose: bool = False) -> Fraction:
+    """像素宽高比（显示时一个像素的宽/高；方形像素为 1），按显示方向（转置时取倒数）"""
+    sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+    sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
+    return 1 / sar if transpose else sar
 
 
 def video_stream(container: Any) -> Any | None:

@@ -17,7 +17,7 @@ import torch
 from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
-from gpu_jobs.media.probe import video_stream
+from gpu_jobs.media.probe import pixel_aspect, video_stream
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,7 @@ class FrameWriter(_Worker):
         time_base: Fraction | None = None,
         pts: Callable[[int], int] | None = None,
         start_time: float = 0.0,
+        pixel_aspect: Fraction | None = None,
         crf: int = 18,
         preset: str = "veryfast",
         thread_type: str = "AUTO",
@@ -205,6 +206,7 @@ class FrameWriter(_Worker):
         self.time_base, self.pts = time_base, pts
         self._last_pts = -1
         self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
+        self.pixel_aspect = pixel_aspect  # non-square pixels (anamorphic input) are kept, so players widen them
         self.thread_type, self.threads = thread_type, threads  # 0: as many as x264 sees fit for the cores
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
@@ -253,6 +255,8 @@ class FrameWriter(_Worker):
             cc.thread_type, cc.thread_count = self.thread_type, self.threads
             cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709, as the conversion below
             cc.color_range = 1  # limited (MPEG) range
+            if self.pixel_aspect and self.pixel_aspect != 1:
+                cc.sample_aspect_ratio = self.pixel_aspect
             src = audio = None
             if self.audio_from is not None:
                 src = av.open(str(self.audio_from))
@@ -420,6 +424,7 @@ def stream_video(
         rate = stream.average_rate or stream.guessed_rate or Fraction(info["fps"]).limit_denominator(1001000)
         time_base, step = stream.time_base, frame_ticks(stream)
         start = float((stream.start_time or 0) * time_base) if time_base else 0.0
+        aspect = pixel_aspect(stream, transpose=info.get("rotation") in (90, 270))
     total = max(1, info.get("frame_count") or 1)
     batch_size = batch_size or batch_size_for(out_size[1], out_size[0], device)
     done = 0
@@ -436,6 +441,7 @@ def stream_video(
             time_base=time_base / rate_factor if time_base else None,
             pts=lambda index: _between(reader.ticks, index, rate_factor, step),
             start_time=start,
+            pixel_aspect=aspect,
         ) as writer,
     ):
 
