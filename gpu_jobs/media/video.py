@@ -239,9 +239,9 @@ class FrameWriter(_Worker):
 
     # -- the encode thread
 
-    def _open(self, audio_as: str | tuple[int, str]) -> tuple[Any, Any, Any, Any]:
-        """The output, its video stream, the audio source and the output's audio stream: the source's copied
-        (``"copy"``) or encoded to AAC at ``(rate, layout)``."""
+    def _open(self, audio_as: str | tuple[int, str] | None) -> tuple[Any, Any, Any, Any]:
+        """The output, its video stream, the audio source and the output's audio stream: none, the source's
+        copied (``"copy"``) or encoded to AAC at ``(rate, layout)``."""
         out = av.open(self.path, "w", format="mp4")
         try:
             video = out.add_stream("libx264", rate=self.rate)
@@ -258,12 +258,9 @@ class FrameWriter(_Worker):
             if self.pixel_aspect and self.pixel_aspect != 1:
                 cc.sample_aspect_ratio = self.pixel_aspect
             src = audio = None
-            if self.audio_from is not None:
+            if audio_as is not None:
                 src = av.open(str(self.audio_from))
-                if not src.streams.audio:
-                    src.close()
-                    src = None
-                elif audio_as == "copy":
+                if audio_as == "copy":
                     audio = out.add_stream_from_template(src.streams.audio[0])
                 else:
                     audio = out.add_stream("aac", rate=audio_as[0])
@@ -277,7 +274,7 @@ class FrameWriter(_Worker):
             raise
 
     def work(self) -> None:
-        ways: list[str | tuple[int, str]] = ["copy"]
+        ways: list[str | tuple[int, str] | None] = [None]
         if self.audio_from is not None:
             with av.open(str(self.audio_from)) as probe:
                 if probe.streams.audio:
@@ -287,6 +284,8 @@ class FrameWriter(_Worker):
                 out, video, src, audio = self._open(way)
                 break
             except av.FFmpegError as exc:
+                if way is None:
+                    raise
                 if way == ways[-1]:
                     raise InvalidInput(f"The audio track could not be written: {exc}") from None
                 log.info("writing the audio as %s failed (%s); trying the next way", way, exc)
