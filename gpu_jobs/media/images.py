@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gpu_jobs.media.display import Display
-from gpu_jobs.media.probe import check_input_pixels, inspect_file
+from gpu_jobs.media.probe import check_input_pixels, inspect_file, reason
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -25,13 +25,13 @@ def open_image(
     try:
         img = Image.open(path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
-        raise InvalidInput(f"The image could not be read: {exc}") from None
+        raise InvalidInput(f"The image could not be read: {reason(exc, path)}") from None
     check_input_pixels(*img.size)
     try:
         img = eight_bit(ImageOps.exif_transpose(img))
         return img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
     except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
+        raise InvalidInput(f"The image is truncated or corrupt: {reason(exc, path)}") from None
 
 
 def eight_bit(img: Image.Image) -> Image.Image:

@@ -74,7 +74,7 @@ def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image
     except UnidentifiedImageError:
         return None
     except (OSError, Image.DecompressionBombError) as exc:
-        raise InvalidInput(f"The image could not be read: {exc}") from None
+        raise InvalidInput(f"The image could not be read: {reason(exc, path)}") from None
     with img:
         if img.format not in IMAGE_FORMATS:
             raise InvalidInput(f"Unsupported image format {img.format}.")
@@ -88,7 +88,7 @@ def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image
             img.load()
             poster = ImageOps.exif_transpose(img) if poster_side else None  # a copy: outlives the closed file
         except (OSError, SyntaxError, ValueError) as exc:
-            raise InvalidInput(f"The image is truncated or corrupt: {exc}") from None
+            raise InvalidInput(f"The image is truncated or corrupt: {reason(exc, path)}") from None
         fmt = img.format.lower()
     info = {
         "kind": "image",
@@ -114,7 +114,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         container = av.open(str(path))
     except av.FFmpegError as exc:
         raise InvalidInput(
-            f"The file is not a readable image or video (corrupt, truncated or unsupported): {exc}"
+            f"The file is not a readable image or video (corrupt, truncated or unsupported): {reason(exc, path)}"
         ) from None
     with container:
         audio = container.streams.audio[0] if container.streams.audio else None
@@ -134,7 +134,9 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             keyframe = next(container.decode(stream))
             ctx.skip_frame = "DEFAULT"
         except (av.FFmpegError, StopIteration) as exc:
-            raise InvalidInput(f"The video could not be decoded (corrupt or unsupported {ctx.name}): {exc}") from None
+            raise InvalidInput(
+                f"The video could not be decoded (corrupt or unsupported {ctx.name}): {reason(exc, path)}"
+            ) from None
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
         frames = stream.frames or _count_packets(container, stream)
@@ -169,6 +171,13 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
     return info, keyframe
+
+
+def reason(exc: BaseException, path: str | Path) -> str:
+    """给用户看的错误原因：FFmpeg 的说明，或其他消息去掉工作目录里的文件路径"""
+    if isinstance(exc, av.FFmpegError) and exc.strerror:
+        return exc.strerror
+    return str(exc).replace(f"'{path}'", "").replace(str(path), "").replace("  ", " ").strip() or type(exc).__name__
 
 
 def pixel_aspect(stream: Any, transpose: bool = False) -> Fraction:

@@ -17,7 +17,7 @@ import torch
 from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
-from gpu_jobs.media.probe import pixel_aspect, video_stream
+from gpu_jobs.media.probe import pixel_aspect, reason, video_stream
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ class FrameReader(_Worker):
                             return
                         buf = None
             except av.FFmpegError as exc:
-                raise InvalidInput(f"The video could not be decoded: {exc}") from None
+                raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
             if buf is not None and n:
                 self.put(buf[:n])
         self.put(_END)
@@ -287,7 +287,7 @@ class FrameWriter(_Worker):
                 if way is None:
                     raise
                 if way == ways[-1]:
-                    raise InvalidInput(f"The audio track could not be written: {exc}") from None
+                    raise InvalidInput(f"The audio track could not be written: {reason(exc, self.path)}") from None
                 log.info("writing the audio as %s failed (%s); trying the next way", way, exc)
         copy = way == "copy"
         audio_items = self._audio_items(src, audio, copy) if src is not None else iter(())
