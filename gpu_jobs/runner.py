@@ -19,6 +19,7 @@ from gpu_jobs.task_base import (
     ClaimLost,
     create_asset_record,
     download_file_to_temp,
+    is_transient,
     load_task_state,
     save_task_state,
     update_task_status,
@@ -26,17 +27,22 @@ from gpu_jobs.task_base import (
 )
 from lib import catalog, db
 from lib.config import get_settings
-from lib.errors import InvalidInput, TaskCanceled, TransientError
+from lib.errors import InvalidInput, TaskCanceled
 
 log = logging.getLogger("spool.runner")
 
 PROGRESS_SECONDS = 0.5
 PROGRESS_STEP = 0.05
-UNEXPECTED = "Processing failed unexpectedly. Your credits were refunded."
+REFUNDED = "Your credits were refunded."
+UNEXPECTED = f"Processing failed unexpectedly. {REFUNDED}"
 
 
 class Superseded(Exception):
     """任务在完成前已被取消或被接手：丢弃产出"""
+
+
+class TimedOut(Exception):
+    """处理器超过模型的 timeout_s"""
 
 
 class Progress:
@@ -109,14 +115,19 @@ async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
     except InvalidInput as exc:
         await _fail(task, attempt, exc.task_error_code, exc.message)
         return "failed"
-    except TransientError as exc:
+    except TimedOut as exc:
         log.warning("task %s: %s", task["id"], exc)
-        row = await db.fetch_one(
-            "select public.requeue_task(%s, %s, %s, %s) as status",
-            (task["id"], attempt, settings.task_max_attempts, "A temporary problem interrupted the job; retrying."),
-        )
-        return row["status"]
-    except Exception:
+        minutes = max(1, round(catalog.get_model(task["model_key"]).timeout_s / 60))
+        await _fail(task, attempt, "timeout", f"The job took longer than {minutes} min and was stopped. {REFUNDED}")
+        return "failed"
+    except Exception as exc:
+        if is_transient(exc):  # storage, network or database trouble: another attempt may well succeed
+            log.warning("task %s: %s", task["id"], exc)
+            row = await db.fetch_one(
+                "select public.requeue_task(%s, %s, %s, %s) as status",
+                (task["id"], attempt, settings.task_max_attempts, "A temporary problem interrupted the job; retrying."),
+            )
+            return row["status"]
         log.exception("task %s failed unexpectedly", task["id"])
         await _fail(task, attempt, "processing_error", UNEXPECTED)
         return "failed"
@@ -146,7 +157,11 @@ async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> s
     )
     handler = load_handler(spec.handler)
     try:
-        outputs: list[OutputFile] = await asyncio.to_thread(handler, ctx)
+        # The heartbeat goes on while a handler hangs, so the reaper would never see it: the limit is kept here.
+        outputs: list[OutputFile] = await asyncio.wait_for(asyncio.to_thread(handler, ctx), spec.timeout_s)
+    except TimeoutError:
+        progress.stop = TimedOut(f"over its {spec.timeout_s} s limit")  # the thread stops at its next progress
+        raise progress.stop from None
     except InvalidInput as exc:
         if spec.key == "media.probe":
             await _settle_probe(task, ctx, reason=exc.message)
@@ -167,7 +182,9 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
     try:
         for index, output in enumerate(outputs):
             ext = Path(output.path).suffix or mimetypes.guess_extension(output.mime) or ""
-            path = f"{task['user_id']}/tasks/{task['id']}/{output.role}-{index}{ext}"
+            # Each attempt writes its own objects: a superseded attempt still uploading cannot overwrite (or, as
+            # it cleans up, delete) the outputs of the attempt that completed.
+            path = f"{task['user_id']}/tasks/{task['id']}/{attempt}/{output.role}-{index}{ext}"
             await upload_to_supabase(output.path, path, output.mime)
             uploaded.append((output, path))
         if spec.key == "media.probe":

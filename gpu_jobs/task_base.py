@@ -41,10 +41,13 @@ async def with_retries(what: str, step: Callable[[], Awaitable[T]]) -> T:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """网络/存储的临时错误可重试；4xx 等永久错误不重试"""
+    """网络、存储与数据库连接的临时错误可重试；4xx 等永久错误不重试"""
     import httpx
+    import psycopg
 
-    if isinstance(exc, TransientError | httpx.TransportError | ConnectionError | TimeoutError):
+    # OperationalError / InterfaceError: the connection dropped, a failover, a restart; not a bad query.
+    transient = (TransientError, httpx.TransportError, ConnectionError, TimeoutError)
+    if isinstance(exc, (*transient, psycopg.OperationalError, psycopg.InterfaceError)):
         return True
     status = getattr(exc, "status", None) or getattr(getattr(exc, "response", None), "status_code", None)
     try:

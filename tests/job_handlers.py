@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from gpu_jobs.handlers import JobContext, OutputFile
-from lib.errors import InvalidInput
+from lib.errors import InvalidInput, TransientError
 
 
 def slow(ctx: JobContext) -> list[OutputFile]:
@@ -24,6 +24,17 @@ def boom(ctx: JobContext) -> list[OutputFile]:
 
 def refuse(ctx: JobContext) -> list[OutputFile]:
     raise InvalidInput("The file is not a picture we can read.")
+
+
+def flaky(ctx: JobContext) -> list[OutputFile]:
+    raise TransientError("storage is briefly unreachable")
+
+
+def hang(ctx: JobContext) -> list[OutputFile]:
+    """静默地卡住（不报告进度），直到 seconds 秒后才推进一次"""
+    time.sleep(ctx.params.seconds)
+    ctx.progress(0.5)
+    return quick(ctx)
 
 
 def quick(ctx: JobContext) -> list[OutputFile]:

@@ -20,7 +20,7 @@ class JobParams(catalog.Params):
 @pytest.fixture
 def job_models(monkeypatch):
     """把测试处理器登记进目录（真实的 runner 与 SQL 路径照常运行）"""
-    for name in ("slow", "boom", "refuse", "quick"):
+    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang"):
         monkeypatch.setitem(
             catalog.CATALOG,
             f"test.{name}",
@@ -32,6 +32,7 @@ def job_models(monkeypatch):
                 price=lambda p, a: 5,
                 price_rule="5",
                 handler=f"tests.job_handlers:{name}",
+                timeout_s=1 if name == "hang" else 30 * catalog.MINUTES,
             ),
         )
 
@@ -152,11 +153,100 @@ async def test_stale_worker_cannot_finish_after_requeue(client, make_user, job_m
 async def test_task_never_started_is_failed_and_refunded(client, make_user, job_models):
     user = await make_user()
     task = await create(client, user, "quick")
-    sql("update public.tasks set created_at = now() - interval '7 hours' where id = %s", (task["id"],))
+    sql(
+        "update public.tasks set created_at = now() - interval '7 hours', queued_at = now() - interval '7 hours'"
+        " where id = %s",
+        (task["id"],),
+    )
     assert (await reap()).get("expired") == 1
     row = task_row(task["id"])
     assert row["status"] == "failed" and row["error"]["code"] == "not_started"
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_an_old_task_requeued_after_a_stall_keeps_its_retries(client, make_user, job_models):
+    """The queue timeout counts from the requeue, not from the task's creation."""
+    user = await make_user()
+    task = await create(client, user, "quick")
+    sql("update public.tasks set created_at = now() - interval '7 hours' where id = %s", (task["id"],))
+    sql("select * from public.claim_task(%s)", (task["id"],))
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    assert await reap() == {"requeued": 1}
+    assert task_row(task["id"])["status"] == "queued"
+    sql("update public.tasks set queued_at = now() - interval '7 hours' where id = %s", (task["id"],))
+    assert (await reap()).get("expired") == 1  # no worker took it up again, for the whole timeout
+    row = task_row(task["id"])
+    assert (row["status"], row["message"]) == ("failed", "Not restarted in time.")
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_temporary_trouble_requeues_then_fails_with_its_own_message(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "flaky")
+    max_attempts = get_settings().task_max_attempts
+    for attempt in range(1, max_attempts + 1):
+        expected = "queued" if attempt < max_attempts else "failed"
+        assert await run_task_async(task["id"]) == expected
+    row = task_row(task["id"])
+    message = f"A temporary problem stopped the job {max_attempts} times; your credits were refunded."
+    assert row["error"] == {"code": "attempts_exhausted", "message": message} and row["message"] == message
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_a_database_blip_while_saving_requeues_instead_of_failing(client, make_user, job_models, monkeypatch):
+    import psycopg
+
+    from gpu_jobs import runner
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+
+    async def blip(*args, **kwargs):
+        raise psycopg.OperationalError("server closed the connection unexpectedly")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "create_asset_record", blip)
+        assert await run_task_async(task["id"]) == "queued"
+    assert await run_task_async(task["id"]) == "completed"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_a_handler_over_its_time_limit_is_stopped_and_refunded(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "hang", seconds=3)  # its model allows 1 s
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "timeout" and "took longer than 1 min" in row["error"]["message"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    assert sql("select id from public.assets where source_task_id = %s", (task["id"],)) == []
+
+
+async def test_a_superseded_attempt_still_uploading_leaves_the_winners_result_alone(
+    client, make_user, job_models, monkeypatch
+):
+    from gpu_jobs import runner
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    real_upload, in_upload, release = runner.upload_to_supabase, asyncio.Event(), asyncio.Event()
+
+    async def slow_first_upload(local, path, mime):
+        await real_upload(local, path, mime)
+        if not in_upload.is_set():  # attempt 1 is still uploading when the reaper hands the task on
+            in_upload.set()
+            await release.wait()
+
+    monkeypatch.setattr(runner, "upload_to_supabase", slow_first_upload)
+    first = asyncio.create_task(run_task_async(task["id"]))
+    await in_upload.wait()
+    sql("update public.tasks set status = 'queued' where id = %s", (task["id"],))
+    assert await run_task_async(task["id"]) == "completed"
+    release.set()
+    assert await first == "canceled"  # its finish changed nothing: outputs discarded
+    [asset] = sql("select path from public.assets where source_task_id = %s", (task["id"],))
+    assert "/2/" in asset["path"]
+    assert await get_storage().info(path=asset["path"]) is not None
 
 
 async def test_corrupt_video_fails_as_invalid_input_and_is_refunded(client, make_user):
@@ -177,6 +267,7 @@ async def test_corrupt_video_fails_as_invalid_input_and_is_refunded(client, make
     assert await run_task_async(task["id"]) == "failed"
     row = task_row(task["id"])
     assert row["error"]["code"] == "invalid_input" and row["error"]["message"]
+    assert "/tmp" not in row["error"]["message"] and "spool-" not in row["error"]["message"]  # no worker paths
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
     assert balance(user.id) == 100
 
