@@ -141,6 +141,29 @@ async def test_path_traversal_is_refused(live_server, key):
     assert resp.json()["error"] == "InvalidKey"
 
 
+async def test_object_names_the_filesystem_cannot_hold_are_refused_not_half_written(live_server, owner):
+    async with httpx.AsyncClient() as http:
+        too_long = await http.post(raw_url(f"{owner}/{'a' * 256}"), content=b"x", headers=service_headers())
+        assert (too_long.status_code, too_long.json()["error"]) == (400, "InvalidKey")
+        longest = await http.post(raw_url(f"{owner}/{'b' * 255}"), content=b"x", headers=service_headers())
+        assert longest.status_code == 200, longest.text  # before: stored, then a 500 writing its metadata
+        # An object and a name that extends it as a folder keep apart (their metadata once collided).
+        for key in (f"{owner}/c", f"{owner}/c.json/x"):
+            resp = await http.post(
+                raw_url(key), content=b"x", headers={**service_headers(), "content-type": "image/png"}
+            )
+            assert resp.status_code == 200, resp.text
+            assert (await http.get(raw_url(key), headers=service_headers())).headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("odd", [{"offset": "x"}, {"limit": -1}, {"sortBy": "name"}, {"offset": 1.5}])
+async def test_listing_with_odd_paging_is_a_400(live_server, owner, odd):
+    async with httpx.AsyncClient() as http:
+        url = f"{get_settings().supabase_url}/storage/v1/object/list/{BUCKET}"
+        resp = await http.post(url, json={"prefix": owner, **odd}, headers=service_headers())
+    assert (resp.status_code, resp.json()["error"]) == (400, "InvalidRequest")
+
+
 async def test_user_path_guard(storage, owner):
     someone_else = str(uuid.uuid4())
     path = user_path(someone_else, "private.png")

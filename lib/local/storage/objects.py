@@ -110,10 +110,13 @@ def check_token(token: str | None, *, purpose: str, bucket: str, key: str) -> di
 
 
 def check_key(key: str) -> str:
-    """拒绝不安全的对象名（.. 段、绝对路径、反斜杠、NUL 与控制字符）"""
+    """拒绝不安全的对象名（.. 段、绝对路径、反斜杠、NUL 与控制字符、文件系统放不下的长段）"""
     if not key or len(key) > 1024 or key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
         raise invalid_key(key)
-    if any(part in ("", ".", "..") for part in key.split("/")) or key.split("/")[-1].startswith(TMP_PREFIX):
+    parts = key.split("/")
+    if any(part in ("", ".", "..") or len(part.encode(errors="replace")) > 255 for part in parts):
+        raise invalid_key(key)
+    if parts[-1].startswith(TMP_PREFIX):
         raise invalid_key(key)
     return key
 
@@ -139,7 +142,13 @@ def object_file(bucket: str, key: str) -> Path:
 
 
 def meta_file(bucket: str, key: str) -> Path:
-    return storage_root() / META_DIR / check_bucket(bucket) / f"{check_key(key)}.json"
+    """对象元数据的位置：按对象名的哈希，任何对象名（如 "c" 与 "c.json/x"）都不会互相占位"""
+    digest = hashlib.sha256(check_key(key).encode(errors="surrogatepass")).hexdigest()
+    return storage_root() / META_DIR / check_bucket(bucket) / digest[:2] / f"{digest}.json"
+
+
+def _legacy_meta_file(bucket: str, key: str) -> Path:
+    return storage_root() / META_DIR / check_bucket(bucket) / f"{key}.json"  # before the hashed layout
 
 
 def read_meta(bucket: str, key: str) -> dict:
@@ -147,10 +156,13 @@ def read_meta(bucket: str, key: str) -> dict:
     path = object_file(bucket, key)
     if not path.is_file():
         raise not_found()
-    try:
-        meta = json.loads(meta_file(bucket, key).read_text())
-    except (OSError, ValueError):
-        meta = {}
+    meta = {}
+    for candidate in (meta_file(bucket, key), _legacy_meta_file(bucket, key)):
+        try:
+            meta = json.loads(candidate.read_text())
+            break
+        except (OSError, ValueError):
+            continue
     stat = path.stat()
     modified = datetime.fromtimestamp(stat.st_mtime, UTC).isoformat()
     return {

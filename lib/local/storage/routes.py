@@ -119,14 +119,16 @@ async def list_objects(bucket: str, request: Request):
     require_service_key(request)
     body = await json_body(request)
     await bucket_limit(bucket)
+    sort_by, offset, limit = body.get("sortBy") or {}, body.get("offset") or 0, body.get("limit") or 100
+    if not isinstance(sort_by, dict) or not all(type(v) is int and v >= 0 for v in (offset, limit)):
+        raise StorageError(400, "InvalidRequest", "offset and limit must be whole numbers >= 0, sortBy an object")
     prefix = str(body.get("prefix") or "").strip("/")
     folder = object_file(bucket, prefix) if prefix else (storage_root() / check_bucket(bucket))
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)) if folder.is_dir() else []
     if body.get("search"):
         names = [n for n in names if str(body["search"]).lower() in n.lower()]
-    if (body.get("sortBy") or {}).get("order") == "desc":
+    if sort_by.get("order") == "desc":
         names.reverse()
-    offset, limit = int(body.get("offset") or 0), int(body.get("limit") or 100)
     items = []
     for name in names[offset : offset + limit]:
         key = f"{prefix}/{name}" if prefix else name
