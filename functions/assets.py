@@ -124,7 +124,7 @@ def _form_filename(value: str | None) -> str | None:
     # The browser's name for the file, kept as a label: made storable rather than refused.
     if not value:
         return None
-    return value.replace("\x00", "")[:255] or None
+    return value.encode(errors="replace").decode().replace("\x00", "")[:255] or None
 
 
 @router.post("/uploads", status_code=201)

@@ -11,13 +11,13 @@ from pydantic import BaseModel, StringConstraints, model_validator
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
-from lib.fields import NUL_FREE
+from lib.fields import STORABLE
 from lib.projects import get_project_service
 
 router = APIRouter(prefix="/projects", tags=["Projects"])
 
-ProjectName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), NUL_FREE]
-Description = Annotated[str, StringConstraints(max_length=5000), NUL_FREE]
+ProjectName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200), STORABLE]
+Description = Annotated[str, StringConstraints(max_length=5000), STORABLE]
 
 
 class ProjectCreate(BaseModel):

@@ -130,6 +130,12 @@ class AssetService:
         if media is None:
             await self._reject(asset, UNSUPPORTED)
             raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
+        declared = (info.get("content_type") or "").split(";")[0].strip().lower()
+        if declared not in ("", "application/octet-stream") and media_type_of(declared) is None:
+            # Storage serves the file with the type it was uploaded with: text/html would run in a browser.
+            message = f"The file was uploaded as {declared}; upload it as {media.mime}."
+            await self._reject(asset, message)
+            raise InvalidInput(message, details=[{"field": "Content-Type", "message": "not a media type"}])
         asset = await self._set_type(asset_id, media, info["size"])
         return await self._request_probe(user_id=user_id, asset=asset)
 

@@ -8,10 +8,16 @@ from pydantic import AfterValidator
 
 
 def _storable(value: str) -> str:
-    if "\x00" in value:  # Postgres text (and jsonb) cannot hold it: refused here, not as a database error
+    # Postgres text (and jsonb) can hold neither: refused here, not as a database error. A lone surrogate comes
+    # from a client that cut a string inside an emoji's UTF-16 pair.
+    if "\x00" in value:
         raise ValueError("must not contain NUL (\\u0000) characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (it holds half of a surrogate pair)") from None
     return value
 
 
-NUL_FREE = AfterValidator(_storable)  # list it after any StringConstraints, which apply to the str before it
-Text = Annotated[str, NUL_FREE]
+STORABLE = AfterValidator(_storable)  # list it after any StringConstraints, which apply to the str before it
+Text = Annotated[str, STORABLE]

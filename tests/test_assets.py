@@ -141,6 +141,20 @@ async def test_signed_upload_of_a_non_media_file_is_rejected(client, make_user):
     assert sql("select id from public.tasks where user_id = %s", (user.id,)) == []
 
 
+async def test_a_picture_uploaded_as_html_is_rejected_before_anyone_is_served_it(client, make_user):
+    """Storage serves an object with the type it was uploaded with: a PNG carrying a script, sent as text/html."""
+    user = await make_user()
+    data = png_bytes() + b"<script>alert(1)</script>"
+    body = {"content_type": "image/png", "bytes": len(data)}
+    ticket = (await client.post("/assets/uploads", json=body, headers=user.headers)).json()["data"]
+    async with httpx.AsyncClient() as http:
+        await http.put(ticket["upload_url"], content=data, headers={"content-type": "text/html"})
+    resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert resp.status_code == 422
+    assert resp.json()["error"]["message"] == "The file was uploaded as text/html; upload it as image/png."
+    assert not await get_storage().exists(path=storage_path(ticket["asset_id"]))
+
+
 async def test_oversize_direct_upload_is_413(client, make_user, monkeypatch):
     user = await make_user()
     monkeypatch.setattr(get_settings(), "max_direct_upload_bytes", 1000)

@@ -239,12 +239,14 @@ async def test_crafted_cursors_are_refused(client, make_user, path, value):
         ("/projects", {"name": "a\x00b"}, "name"),
         ("/projects", {"name": "a", "description": "\x00"}, "description"),
         ("/assets/uploads", {"content_type": "image/png", "bytes": 10, "filename": "a\x00.png"}, "filename"),
+        ("/assets/uploads", {"content_type": "image/png", "bytes": 10, "filename": "clip\ud83d.png"}, "filename"),
         ("/billing/checkout", {"package_id": "star\x00ter"}, "package_id"),
         ("/models/kling.text2video/quote", {"params": {"prompt": "a cat\x00"}}, "params.prompt"),
     ],
 )
-async def test_nul_characters_are_refused_as_input(client, make_user, path, body, field):
+async def test_text_postgres_cannot_store_is_refused_as_input(client, make_user, path, body, field):
     user = await make_user()
-    resp = await client.post(path, json=body, headers=user.headers)
+    headers = {**user.headers, "content-type": "application/json"}
+    resp = await client.post(path, content=json.dumps(body), headers=headers)  # escaped: a lone surrogate too
     assert resp.status_code == 422, resp.text
     assert field in [d["field"] for d in resp.json()["error"]["details"]]
