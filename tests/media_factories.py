@@ -87,6 +87,37 @@ def make_video(
     return path
 
 
+def make_growing_video(
+    path: str | Path, small: tuple[int, int], large: tuple[int, int], frames: tuple[int, int] = (48, 4)
+) -> Path:
+    """Matroska H.264 whose first ``frames[0]`` frames are ``small``, the next ``frames[1]`` ``large``: the header
+    tells only of the first size (the shape of a decompression bomb). Each part is raw H.264, parameter sets in band.
+    """
+    path = Path(path)
+    with av.open(str(path), "w", format="matroska") as out:
+        stream, index = None, 0
+        for (width, height), count in zip((small, large), frames, strict=True):
+            part = path.with_suffix(f".{width}x{height}.h264")
+            with av.open(str(part), "w", format="h264") as raw:
+                video = raw.add_stream("libx264", rate=24)
+                video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+                video.options = {"preset": "ultrafast"}
+                for i in range(count):
+                    raw.mux(video.encode(av.VideoFrame.from_ndarray(pattern_frame(i, width, height), format="rgb24")))
+                raw.mux(video.encode(None))
+            with av.open(str(part)) as src:
+                if stream is None:
+                    stream = out.add_stream_from_template(src.streams.video[0])
+                for packet in src.demux(video=0):
+                    if packet.size:
+                        packet.stream, packet.time_base = stream, Fraction(1, 24)
+                        packet.pts = packet.dts = index
+                        packet.duration = 1
+                        index += 1
+                        out.mux(packet)
+    return path
+
+
 def make_audio(path: str | Path, seconds: float = 1.0, codec: str = "mp3", *, cover: bool = False) -> Path:
     """生成纯音频文件；cover 时带一张封面图（附图视频流，如音乐文件的专辑封面）"""
     path = Path(path)

@@ -30,7 +30,15 @@ from gpu_jobs.handlers import (
 from gpu_jobs.media import display, ops
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
-from tests.media_factories import first_sound, make_audio, make_image, make_video, pattern_frame, square_x
+from tests.media_factories import (
+    first_sound,
+    make_audio,
+    make_growing_video,
+    make_image,
+    make_video,
+    pattern_frame,
+    square_x,
+)
 
 
 def make_ctx(workdir: Path, params, inputs: dict[str, Path], progress=None) -> JobContext:
@@ -134,6 +142,20 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
     assert err.value.message  # a sentence for the user
     if kind.startswith("audio"):
         assert "audio only" in err.value.message
+
+
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_frames_larger_than_the_header_said_are_refused_undecoded(tmp_path, monkeypatch, handler):
+    """A decompression bomb: a small first frame in the header, then frames over the pixel limit."""
+    monkeypatch.setattr(get_settings(), "max_input_pixels", 100 * 100)
+    src = make_growing_video(tmp_path / "bomb.mkv", (64, 48), (160, 120))
+    assert media.probe_file(src)["width"] == 64  # the header passes
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    with pytest.raises(InvalidInput, match="could not be decoded"):
+        handler.run(make_ctx(tmp_path / "w", params, {"v": src}))
+    monkeypatch.setattr(get_settings(), "max_input_pixels", 200 * 200)  # within the limit, the same file is fine
+    [out] = handler.run(make_ctx(tmp_path / "ok", params, {"v": src}))
+    assert out.metadata["frames"] == 52 * (2 if handler is video_interpolate else 1)
 
 
 def _png_header_only(path: Path, width: int, height: int) -> Path:

@@ -129,6 +129,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         check_input_pixels(ctx.width, ctx.height)
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else None
+        limit_decoded_pixels(stream)
         try:  # decode one keyframe: proves the stream is decodable without reading the whole file
             ctx.skip_frame = "NONKEY"
             keyframe = next(container.decode(stream))
@@ -171,6 +172,11 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
     return info, keyframe
+
+
+def limit_decoded_pixels(stream: Any) -> None:
+    """让解码器拒绝超过 MAX_INPUT_PIXELS 的帧：文件头只说第一帧的尺寸，之后的帧可以更大（解压炸弹）"""
+    stream.codec_context.options = {**stream.codec_context.options, "max_pixels": str(get_settings().max_input_pixels)}
 
 
 def reason(exc: BaseException, path: str | Path) -> str:

@@ -17,7 +17,7 @@ import torch
 from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
-from gpu_jobs.media.probe import pixel_aspect, reason, video_stream
+from gpu_jobs.media.probe import limit_decoded_pixels, pixel_aspect, reason, video_stream
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -128,6 +128,7 @@ class FrameReader(_Worker):
         with av.open(self.path) as container:
             stream = video_stream(container)
             stream.thread_type = "AUTO"
+            limit_decoded_pixels(stream)
             width, height = stream.codec_context.width, stream.codec_context.height
             start, step = stream.start_time or 0, frame_ticks(stream)
             display, buf, n = Display(), None, 0
