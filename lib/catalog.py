@@ -137,19 +137,20 @@ def _seconds(asset: dict) -> int:
     return max(1, math.ceil(asset.get("duration_s") or 0))
 
 
-def _check_upscale(params, assets: Assets, settings: Settings) -> None:
-    asset = _only(assets)
-    out_pixels = (asset.get("width") or 0) * (asset.get("height") or 0) * params.scale**2
-    if out_pixels > settings.max_output_pixels:
+def _check_output_size(params, assets: Assets, settings: Settings) -> None:
+    """Outputs the size of the input (times the scale, if any), cut to even sizes as the handlers cut them."""
+    asset, scale = _only(assets), getattr(params, "scale", 1)
+    width, height = ((asset.get(side) or 0) * scale for side in ("width", "height"))
+    width, height = width - width % 2, height - height % 2
+    if width * height > settings.max_output_pixels:
+        field = "params.scale" if scale > 1 else "params.video_asset_id"
         raise InvalidInput(
-            f"The result would be {out_pixels:,} pixels; the limit is {settings.max_output_pixels:,}. "
-            "Choose a smaller scale or a smaller input.",
-            details=[{"field": "params.scale", "message": "output exceeds the pixel limit"}],
+            f"The result would be {width * height:,} pixels; the limit is {settings.max_output_pixels:,}. "
+            + ("Choose a smaller scale or a smaller input." if scale > 1 else "Choose a smaller input."),
+            details=[{"field": field, "message": "output exceeds the pixel limit"}],
         )
     if hasattr(params, "format"):
-        check_image_side(
-            (asset.get("width") or 0) * params.scale, (asset.get("height") or 0) * params.scale, params.format
-        )
+        check_image_side(width, height, params.format)
 
 
 def _check_kling_image(params, assets: Assets, settings: Settings) -> None:
@@ -182,7 +183,7 @@ CATALOG: dict[str, ModelSpec] = {
             gpu="gpu-small",
             timeout_s=10 * MINUTES,
             inputs={"image_asset_id": "image"},
-            check=_check_upscale,
+            check=_check_output_size,
         ),
         ModelSpec(
             key="video.upscale",
@@ -195,14 +196,15 @@ CATALOG: dict[str, ModelSpec] = {
             gpu="gpu-large",
             timeout_s=60 * MINUTES,
             inputs={"video_asset_id": "video"},
-            check=_check_upscale,
+            check=_check_output_size,
         ),
         ModelSpec(
             key="image.animate",
             kind="video",
             title="Animate a still (camera motion)",
             params=ImageAnimateParams,
-            price=lambda p, a: math.ceil(p.duration) * (2 if p.resolution < 1080 else 3),
+            # Charged for what is rendered: round(duration·fps) frames (2.01 s at 24 fps is 48 frames, 2 s).
+            price=lambda p, a: math.ceil(round(p.duration * p.fps) / p.fps - 1e-9) * (2 if p.resolution < 1080 else 3),
             price_rule="2 credits per second (3 at 1080p)",
             handler="gpu_jobs.handlers.image_animate:run",
             gpu="gpu-small",
@@ -220,6 +222,7 @@ CATALOG: dict[str, ModelSpec] = {
             gpu="gpu-large",
             timeout_s=60 * MINUTES,
             inputs={"video_asset_id": "video"},
+            check=_check_output_size,
         ),
         ModelSpec(
             key="media.probe",

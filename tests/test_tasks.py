@@ -98,6 +98,24 @@ async def test_unknown_model_and_output_pixel_limit_are_422(client, make_user):
     assert balance(user.id) == 100
 
 
+async def test_interpolating_a_video_over_the_output_limit_is_refused_before_charging(client, make_user):
+    user = await make_user()
+    huge = make_asset(user.id, kind="video", width=8000, height=4500, duration_s=2, fps=24)  # 36 MP in, and out
+    body = {"model_key": "video.interpolate", "params": {"video_asset_id": huge}}
+    resp = await client.post("/tasks", json=body, headers=user.headers)
+    assert resp.status_code == 422 and "Choose a smaller input" in resp.json()["error"]["message"]
+    assert balance(user.id) == 100
+
+
+@pytest.mark.parametrize(("duration", "fps", "credits"), [(2.01, 24, 4), (2.03, 24, 6), (4.01, 30, 8), (10, 30, 20)])
+async def test_animate_is_priced_by_the_frames_it_renders(client, make_user, duration, fps, credits):
+    """round(duration·fps) frames are rendered: 2.01 s at 24 fps is 48 frames, two seconds."""
+    user = await make_user()
+    params = {"image_asset_id": make_asset(user.id), "duration": duration, "fps": fps}
+    resp = await client.post("/models/image.animate/quote", json={"params": params}, headers=user.headers)
+    assert resp.json()["data"]["credits"] == credits
+
+
 @pytest.mark.parametrize(("fmt", "refused"), [("webp", True), ("jpeg", False), ("png", False)])
 async def test_an_image_too_wide_for_its_format_is_refused_before_charging(client, make_user, fmt, refused):
     user = await make_user()
