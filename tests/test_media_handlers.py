@@ -388,6 +388,14 @@ def test_odd_sized_video_is_upscaled_and_interpolated(tmp_path):
     assert (smooth.width, smooth.height, media.probe_file(smooth.path)["frame_count"]) == (64, 48, 12)
 
 
+@pytest.mark.parametrize(("width", "height"), [(4096, 2), (4, 4096)])
+def test_a_sliver_of_a_video_is_interpolated(tmp_path, width, height):
+    """Motion is estimated on a shrunk copy of a wide frame; a sliver's short side must not shrink to nothing."""
+    src = make_video(tmp_path / "sliver.mkv", width, height, frames=3, audio=False, video_codec="ffv1")
+    [out] = video_interpolate.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "factor": 2}, {"v": src}))
+    assert (out.width, out.height, out.metadata["frames"]) == (width, height, 6)
+
+
 def test_video_upscale_is_at_least_as_good_as_pillow(tmp_path):
     """Against the truth (a sharp clip, shrunk 2x, coded losslessly), ours beats Pillow on the decoded RGB."""
     truth = [pattern_frame(i, 128, 96) for i in range(4)]

@@ -101,8 +101,8 @@ def blend(a: torch.Tensor, b: torch.Tensor, times: list[float]) -> list[torch.Te
 def motion_interpolate(a: torch.Tensor, b: torch.Tensor, times: list[float]) -> list[torch.Tensor]:
     """运动补偿插帧：a、b 为相邻帧批次 (N, 3, H, W)，返回各时刻 t 的中间帧"""
     height, width = a.shape[-2:]
-    shrink = 1
-    while max(height, width) / shrink > FLOW_MAX_SIDE:
+    shrink = 1  # a power of two, stopping before a very wide or tall frame's short side would vanish
+    while max(height, width) / shrink > FLOW_MAX_SIDE and min(height, width) / shrink >= 32:
         shrink *= 2
     la, lb = _luma(a, shrink), _luma(b, shrink)
     fwd, bwd = estimate_flow(la, lb), estimate_flow(lb, la)
