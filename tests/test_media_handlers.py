@@ -123,7 +123,7 @@ def _truncated(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "kind", ["empty", "truncated_video", "truncated_png", "garbage", "audio_only", "audio_with_cover_art"]
+    "kind", ["empty", "truncated_video", "truncated_png", "garbage", "audio_only", "audio_with_cover_art", "dpx_still"]
 )
 def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
     path = tmp_path / f"bad_{kind}"
@@ -135,6 +135,13 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
         _truncated(picture, path)
     elif kind == "garbage":
         path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    elif kind == "dpx_still":  # a still FFmpeg reads as a one-frame "video" and Pillow not at all
+        path = tmp_path / "scan.dpx"
+        with av.open(str(path), "w", format="image2") as out:
+            stream = out.add_stream("dpx", rate=1)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "rgb24"
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pattern_frame(0, 64, 48), format="rgb24")))
+            out.mux(stream.encode(None))
     else:
         path = make_audio(tmp_path / "tone.mp3", cover=kind == "audio_with_cover_art")
     with pytest.raises(InvalidInput) as err:
@@ -142,6 +149,8 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
     assert err.value.message  # a sentence for the user
     if kind.startswith("audio"):
         assert "audio only" in err.value.message
+    if kind == "dpx_still":
+        assert err.value.message.startswith("Unsupported image format DPX")
 
 
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])

@@ -117,6 +117,10 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             f"The file is not a readable image or video (corrupt, truncated or unsupported): {reason(exc, path)}"
         ) from None
     with container:
+        if container.format.name.endswith("_pipe") or container.format.name.startswith("image2"):
+            # FFmpeg reads stills Pillow does not (DPX, XWD, Radiance HDR) as one-frame "videos"
+            kind = container.format.name.removesuffix("_pipe").upper()
+            raise InvalidInput(f"Unsupported image format {kind}; use PNG, JPEG, WebP, GIF, BMP or TIFF.")
         audio = container.streams.audio[0] if container.streams.audio else None
         stream = video_stream(container)
         if stream is None:
