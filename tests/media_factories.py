@@ -50,6 +50,7 @@ def make_video(
     audio_start: float = 0.0,
     audio_rate: int = 44100,
     pixel_aspect: Fraction | None = None,
+    frames_from: list[np.ndarray] | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -58,7 +59,7 @@ def make_video(
     ``colour_tags`` sets the stream's ``colorspace`` / ``color_trc`` / ``color_primaries`` (FFmpeg's values);
     ``times`` gives each frame's time in seconds, to the millisecond (a variable frame rate, as phones record).
     The audio (``audio_rate`` Hz) is silent for its first ``audio_start`` seconds, then a tone.
-    ``pixel_aspect`` makes the pixels non-square (anamorphic video).
+    ``pixel_aspect`` makes the pixels non-square (anamorphic video); ``frames_from`` gives the pictures themselves.
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -76,7 +77,12 @@ def make_video(
             video.codec_context.time_base = Fraction(1, 1000)
         sound = _add_audio(out, audio_codec, audio_rate) if audio else None
         for i in range(frames):
-            pixels = pattern_frame(i, width, height, speed) if fill is None else np.full((height, width, 3), fill)
+            if frames_from is not None:
+                pixels = frames_from[i]
+            elif fill is None:
+                pixels = pattern_frame(i, width, height, speed)
+            else:
+                pixels = np.full((height, width, 3), fill)
             frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
             if times is not None:
                 frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)

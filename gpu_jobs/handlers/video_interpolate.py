@@ -8,7 +8,10 @@
    candidates, one followed along the forward flow and one along the backward flow; the one whose
    sampled pixels agree with their own flows (and with each other) wins;
 3. both neighbours warped to t with ``grid_sample`` and blended with occlusion-aware weights: a neighbour
-   whose flow at the sampled pixel disagrees with the chosen motion is occluded there and counts little.
+   whose flow at the sampled pixel disagrees with the chosen motion is occluded there and counts little;
+4. where the two warped neighbours still disagree (motion beyond the search range), the pixel gives way to the
+   cross-fade, which ghosts but never tears; a pair whose picture disagrees throughout is a scene cut, and
+   its new frames repeat the nearer neighbour.
 
 ``blend`` mode is the plain cross-fade fallback.
 """
@@ -38,6 +41,12 @@ from lib.errors import InvalidInput
 FLOW_MAX_SIDE = 1024  # motion is estimated on luma shrunk by a power of two to at most this
 RADIUS = 2  # search radius per pyramid level, in that level's pixels
 TAU = 1.0  # flow disagreement (flow pixels) at which a neighbour counts as occluded
+# Luma disagreement (0..1) of the warped neighbours where motion starts, and ends, giving way to the cross-fade.
+# Measured: at most 0.05 where motion is found (noise, occlusions); 0.5 and more where it is not.
+MISMATCH = (0.1, 0.25)
+# A pair whose warped neighbours disagree this much on average is a scene cut. Measured: two different scenes
+# 0.07, a fade to 60% brightness 0.037, heavy noise (±20 levels) 0.018, ordinary motion 0.001-0.006.
+CUT_MISMATCH = 0.045
 
 
 def run(ctx: JobContext) -> list[OutputFile]:
@@ -108,11 +117,16 @@ def motion_interpolate(a: torch.Tensor, b: torch.Tensor, times: list[float]) -> 
     fwd, bwd = estimate_flow(la, lb), estimate_flow(lb, la)
     out = []
     for t in times:
-        u, w0 = _motion_at(la, lb, fwd, bwd, t)
+        u, w0, mismatch = _motion_at(la, lb, fwd, bwd, t)
+        cut = mismatch.mean((1, 2, 3), keepdim=True) > CUT_MISMATCH
+        fade = ((mismatch - MISMATCH[0]) / (MISMATCH[1] - MISMATCH[0])).clamp_(0, 1)
         if shrink > 1:
             u = F.interpolate(u, size=(height, width), mode="bilinear", align_corners=False) * shrink
             w0 = F.interpolate(w0, size=(height, width), mode="bilinear", align_corners=False)
+            fade = F.interpolate(fade, size=(height, width), mode="bilinear", align_corners=False)
         frame = torch.lerp(warp(b.float(), (1 - t) * u), warp(a.float(), -t * u), w0)
+        frame = torch.lerp(frame, torch.lerp(a.float(), b.float(), t), fade)
+        frame = torch.where(cut, (a if t <= 0.5 else b).float(), frame)  # a cut: the nearer frame, the earlier on a tie
         out.append(frame.contiguous(memory_format=torch.channels_last))
     return out
 
@@ -214,8 +228,9 @@ def _median3(flow: torch.Tensor) -> torch.Tensor:
     return v[4]
 
 
-def _motion_at(la, lb, fwd, bwd, t: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Motion u through each pixel of the frame at time t (a→b, pixels) and the weight of frame a.
+def _motion_at(la, lb, fwd, bwd, t: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Motion u through each pixel of the frame at time t (a→b, pixels), the weight of frame a, and how far the
+    two neighbours, warped along u, still disagree (luma, 0..1, 3x3 mean).
 
     The pixel p of the new frame shows a(p - t·u) and b(p + (1-t)·u).
     """
@@ -232,11 +247,11 @@ def _motion_at(la, lb, fwd, bwd, t: float) -> tuple[torch.Tensor, torch.Tensor]:
         photo = (warp(la, -t * u) - warp(lb, (1 - t) * u)).abs()
         photo = F.avg_pool2d(photo, 3, stride=1, padding=1, count_include_pad=False)
         score = (err_a / TAU).clamp(max=1) + (err_b / TAU).clamp(max=1) + 4 * photo
-        scored.append((score, u, err_a, err_b))
-    (s0, u0, ea0, eb0), (s1, u1, ea1, eb1) = scored
+        scored.append((score, u, err_a, err_b, photo))
+    (s0, u0, ea0, eb0, p0), (s1, u1, ea1, eb1, p1) = scored
     pick = s0 <= s1
     u = torch.where(pick, u0, u1)
     err_a, err_b = torch.where(pick, ea0, ea1), torch.where(pick, eb0, eb1)
     wa = (1 - t) * (torch.exp(-((err_a / TAU) ** 2)) + 1e-3)
     wb = t * (torch.exp(-((err_b / TAU) ** 2)) + 1e-3)
-    return u, wa / (wa + wb)
+    return u, wa / (wa + wb), torch.where(pick, p0, p1)
