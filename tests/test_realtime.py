@@ -238,6 +238,27 @@ async def test_vsn_2_array_frames_heartbeat_and_leave(live_server, make_user, db
             await asyncio.wait_for(ws.recv(), 1.0)
 
 
+async def test_a_malformed_join_is_refused_and_the_socket_lives_on(live_server, make_user, db_conn):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+
+        async def recv():
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+
+        binding = {"event": "UPDATE", "schema": "public", "table": "credit_accounts"}
+        await ws.send(json.dumps(["1", "1", "realtime:ok", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        assert (await recv())[4]["status"] == "ok"
+        assert (await recv())[3] == "system"
+        for ref, payload in (("2", {"config": "oops"}), ("3", {"access_token": 12345})):
+            await ws.send(json.dumps([ref, ref, f"realtime:bad{ref}", "phx_join", payload]))
+            answer = await recv()
+            assert (answer[1], answer[3], answer[4]["status"]) == (ref, "phx_reply", "error")
+        create_task(db_conn, a.id)  # the channel joined first still gets its changes
+        change = await recv()
+        assert change[2:4] == ["realtime:ok", "postgres_changes"]
+
+
 async def test_large_rows_arrive_whole(realtime_url, make_user, db_conn, subscriptions):
     a = await make_user()
     task_id = create_task(db_conn, a.id)

@@ -53,6 +53,8 @@ class Channel:
 
 async def resolve_claims(token: str | None) -> dict:
     """把 access_token 变成订阅者的 claims：用户令牌须通过校验；无令牌或项目密钥按 anon 处理"""
+    if token is not None and not isinstance(token, str):
+        raise Unauthorized("access_token must be a string.")
     if not token or token.startswith(PROJECT_KEY_PREFIXES):
         return dict(ANON_CLAIMS)
     try:

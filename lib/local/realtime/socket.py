@@ -148,7 +148,12 @@ class ClientConnection:
             except ProtocolError as exc:
                 log.debug("ignoring a malformed realtime frame: %s", exc)
                 continue
-            await self.handle(frame)
+            try:
+                await self.handle(frame)
+            except Exception:  # one bad frame must not close the socket and every channel on it
+                log.exception("realtime frame %s on %s failed", frame.event, frame.topic)
+                if frame.ref is not None:
+                    self.send(reply(frame, "error", {"reason": "The message could not be handled."}))
 
     async def handle(self, frame: Frame) -> None:
         """处理一条客户端消息"""
@@ -175,6 +180,9 @@ class ClientConnection:
         """加入频道：校验令牌、解析订阅、回复 id，然后发 system 消息"""
         self.drop(frame.topic)  # a rejoin replaces the old membership
         config = frame.payload.get("config") or {}
+        if not isinstance(config, dict):
+            self.send(reply(frame, "error", {"reason": "config must be an object"}))
+            return
         try:
             claims = await resolve_claims(frame.payload.get("access_token") or self.apikey)
             bindings = parse_bindings(config.get("postgres_changes"))
