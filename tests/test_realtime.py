@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,20 @@ async def test_insert_and_in_filter(realtime_url, make_user, db_conn, subscripti
     finished = await sub.next()
     assert finished["ids"] == [update_id] and finished["data"]["record"]["status"] == "completed"
     await sub.none_within(0.3)
+
+
+async def test_filter_values_compare_as_the_columns_type(realtime_url, make_user, db_conn, subscriptions):
+    """As Supabase casts a filter's value to the column's type: an upper-case uuid, a time written with a space."""
+    a = await make_user()
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%d %H:%M:%S")
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "typed",
+        {"event": "INSERT", "table": "tasks", "filter": f"user_id=eq.{a.id.upper()}"},
+        {"event": "INSERT", "table": "tasks", "filter": f"created_at=lt.{tomorrow}"},
+    )
+    create_task(db_conn, a.id)
+    change = await sub.next()  # one message, naming every binding it matched
+    assert sorted(change["ids"]) == sorted(cb.id for cb in sub.channel.postgres_changes_callbacks)
 
 
 async def test_other_users_rows_are_never_delivered(realtime_url, make_user, db_conn, subscriptions):

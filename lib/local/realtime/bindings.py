@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 import zlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 EVENTS = ("*", "INSERT", "UPDATE", "DELETE")
@@ -28,6 +30,7 @@ class Condition:
     op: str
     values: tuple[str, ...]
     negate: bool = False
+    type: str = "text"  # the column's Postgres type, once the feed knows the table: values compare as that type
 
     def matches(self, row: dict | None) -> bool:
         """这一行是否满足条件"""
@@ -39,11 +42,11 @@ class Condition:
         elif value is None:
             result = False
         elif self.op in ("eq", "in"):
-            result = any(_compare(value, v) == 0 for v in self.values)
+            result = any(_compare(value, v, self.type) == 0 for v in self.values)
         elif self.op == "neq":
-            result = _compare(value, self.values[0]) != 0
+            result = _compare(value, self.values[0], self.type) != 0
         else:
-            order = _compare(value, self.values[0])
+            order = _compare(value, self.values[0], self.type)
             result = {"lt": order < 0, "lte": order <= 0, "gt": order > 0, "gte": order >= 0}[self.op]
         return result != self.negate
 
@@ -158,8 +161,11 @@ def _as_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"))
 
 
-def _compare(value: Any, expected: str) -> int:
-    """把行中的 JSON 值与过滤串比较：数字按数值，其余按文本"""
+def _compare(value: Any, expected: str, type: str = "text") -> int:
+    """把行中的 JSON 值与过滤串比较：按列的类型（uuid、时间、数字），其余按文本，如 Supabase 把过滤值转成列类型"""
+    typed = _as_type(value, type), _as_type(expected, type)
+    if None not in typed:
+        return (typed[0] > typed[1]) - (typed[0] < typed[1])
     if isinstance(value, int | float) and not isinstance(value, bool):
         try:
             other = float(expected)
@@ -170,6 +176,19 @@ def _compare(value: Any, expected: str) -> int:
                 return (value > other) - (value < other)
     text = _as_text(value)
     return (text > expected) - (text < expected)
+
+
+def _as_type(value: Any, type: str) -> Any:
+    """A uuid or a time as comparable Python values; None for other types or what does not parse."""
+    try:
+        if type == "uuid":
+            return uuid.UUID(str(value))
+        if type in ("timestamptz", "timestamp", "date"):
+            moment = datetime.fromisoformat(str(value))
+            return moment if moment.tzinfo else moment.replace(tzinfo=UTC)  # the database's time zone is UTC
+    except ValueError:
+        pass
+    return None
 
 
 def _is(value: Any, expected: str) -> bool:

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -253,15 +253,15 @@ class ChangeFeed:
             await self._load_tables(conn)
 
     async def check_bindings(self, bindings: list[Binding]) -> list[str]:
-        """检查订阅的表在发布中、过滤列存在；返回问题列表"""
+        """检查订阅的表在发布中、过滤列存在（过滤值按列的类型比较）；返回问题列表"""
         problems = []
         for b in bindings:
-            if not self._binding_known(b):
+            if not self._resolve(b):
                 try:
                     await self.refresh_tables()
                 except psycopg.Error as exc:
                     log.warning("could not refresh the published tables: %s", exc)
-            if not self._binding_known(b):
+            if not self._resolve(b):
                 filters = [f"{c.column}={c.op}" for c in b.conditions]
                 problems.append(
                     "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the"
@@ -269,11 +269,16 @@ class ChangeFeed:
                 )
         return problems
 
-    def _binding_known(self, b: Binding) -> bool:
+    def _resolve(self, b: Binding) -> bool:
+        """Whether the table and the filter columns are published; types the filter conditions as the columns."""
         if b.table == "*":
             return any(b.schema in ("*", s) for s, _ in self.tables)
         meta = self.tables.get((b.schema, b.table))
-        return meta is not None and all(c.column in meta.column_names for c in b.conditions)
+        if meta is None or not all(c.column in meta.column_names for c in b.conditions):
+            return False
+        types = {c["name"]: c["type"] for c in meta.columns}
+        b.conditions = tuple(replace(c, type=types[c.column]) for c in b.conditions)  # compared as those types
+        return True
 
     # -- fan-out -------------------------------------------------------------------
 
