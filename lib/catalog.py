@@ -77,15 +77,18 @@ class MediaProbeParams(Params):
 class KlingParams(Params):
     prompt: Text = Field(min_length=1, max_length=2500)
     negative_prompt: Text | None = Field(None, max_length=2500)
-    model_name: Literal["kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1"] = "kling-v1-6"
+    model_name: Literal["kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1-master"] = "kling-v1-6"
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
-    cfg_scale: float = Field(0.5, ge=0, le=1)
+    cfg_scale: float = Field(0.5, ge=0, le=1, description="Kling 1.x models only; 2.x models ignore it.")
 
 
 class KlingImageParams(KlingParams):
     image_asset_id: UUID
+    model_name: Literal[  # image2video knows more models than text2video (kling-v1-5, kling-v2-1)
+        "kling-v1", "kling-v1-5", "kling-v1-6", "kling-v2-master", "kling-v2-1", "kling-v2-1-master"
+    ] = "kling-v1-6"
     prompt: Text = Field("", max_length=2500)
     aspect_ratio: None = Field(None, description="Not used: the video takes the image's shape.")
 

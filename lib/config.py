@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     # Kling AI
     kling_ai_access_key: str | None = None
     kling_ai_secret_key: str | None = None
-    kling_api_base: str = "https://api.klingai.com"
+    kling_api_base: str = "https://api-singapore.klingai.com"
     kling_poll_deadline_seconds: float = 1800
     kling_poll_interval_seconds: float = 5
 

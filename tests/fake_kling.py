@@ -7,6 +7,8 @@ Knobs (set on the instance before or during a test):
 - ``refuse``: ``(http_status, code, message)`` answered to every submit;
 - ``errors``: HTTP statuses answered, in order, to the next API requests (429 with code 1302, 5xx with 5000);
 - ``lose_submit_response``: the next submit creates the job, then answers 500 (a lost response);
+- ``drop_submit``: the next submit answers 500 without creating the job (a request that never arrived);
+- ``missing_job``: ``(http_status, code, message)`` answered to a status lookup of a job it does not know;
 - ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting).
 """
 
@@ -24,7 +26,10 @@ from pathlib import Path
 import jwt
 
 KINDS = ("text2video", "image2video")
-MODELS = ("kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1")
+MODELS = {
+    "text2video": ("kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1-master"),
+    "image2video": ("kling-v1", "kling-v1-5", "kling-v1-6", "kling-v2-master", "kling-v2-1", "kling-v2-1-master"),
+}
 
 
 class FakeKling:
@@ -37,6 +42,8 @@ class FakeKling:
         self.refuse: tuple[int, int, str] | None = None
         self.errors: list[int] = []
         self.lose_submit_response = False
+        self.drop_submit = False
+        self.missing_job = (404, 1203, "The requested resource does not exist")
         self.hold_first_poll = False
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
@@ -134,6 +141,9 @@ class FakeKling:
         if problem:
             return _error(400, 1201, problem)
         with self._lock:
+            if self.drop_submit:
+                self.drop_submit = False
+                return _error(500, 5000, "Server internal error")
             external = req.get("external_task_id")
             if external and any(job["external_task_id"] == external for job in self.jobs.values()):
                 return _error(400, 1201, "external_task_id already exists")
@@ -162,7 +172,7 @@ class FakeKling:
     def _status(self, kind: str, ref: str) -> tuple[int, dict, bytes, str]:
         job = self.jobs.get(ref) or next((j for j in self.jobs.values() if j["external_task_id"] == ref), None)
         if job is None or job["kind"] != kind:
-            return _error(404, 1203, "The requested resource does not exist")
+            return _error(*self.missing_job)
         with self._lock:
             first = not self.polls
             self.polls.append(ref)
@@ -191,7 +201,7 @@ class FakeKling:
 
 
 def _invalid(kind: str, req: dict) -> str | None:
-    if req.get("model_name", "kling-v1") not in MODELS:
+    if req.get("model_name", "kling-v1") not in MODELS[kind]:
         return "model_name is invalid"
     if kind == "text2video" and not req.get("prompt"):
         return "prompt is required"

@@ -303,6 +303,52 @@ async def test_a_lost_submit_answer_adopts_the_job_instead_of_paying_twice(clien
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
 
 
+@pytest.mark.parametrize(
+    "missing_job", [(404, 1203, "The requested resource does not exist"), (400, 1201, "task_id is invalid")]
+)
+async def test_a_submit_that_never_arrived_is_sent_again(client, make_user, kling, missing_job):
+    kling.drop_submit, kling.missing_job = True, missing_job
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
+async def test_an_ip_whitelist_refusal_fails_at_once_as_our_problem(client, make_user, kling):
+    kling.refuse = (429, 1304, "IP whitelist policy")
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    assert "problem on our side" in task_row(task["id"])["error"]["message"]
+    assert len(kling.claims) == 1  # refused once, not retried as a rate limit
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_each_endpoint_takes_its_own_model_names(client, make_user, kling):
+    user = await make_user()
+    set_balance(user.id, 500)
+    resp = await client.post(
+        "/tasks",
+        json={"model_key": "kling.text2video", "params": {"prompt": "a boat", "model_name": "kling-v2-1"}},
+        headers=user.headers,
+    )
+    assert resp.status_code == 422 and balance(user.id) == 500  # kling-v2-1 is image-to-video only
+    asset_id = make_asset(user.id, kind="image", width=480, height=360)
+    resp = await client.post(
+        "/tasks",
+        json={"model_key": "kling.image2video", "params": {"image_asset_id": asset_id, "model_name": "kling-v2-1"}},
+        headers=user.headers,
+    )
+    assert resp.status_code == 201, resp.text
+
+    task = await create(client, user, model_name="kling-v2-1-master", cfg_scale=0.8)
+    assert await run_task_async(task["id"]) == "completed"
+    [body] = kling.submits
+    assert body["model_name"] == "kling-v2-1-master" and "cfg_scale" not in body  # 2.x models take none
+
+
 async def test_unknown_provider_states_are_treated_as_running(client, make_user, kling):
     kling.script = ["submitted", "queueing_for_gpu", "processing", "postprocess", "succeed"]
     user = await make_user()

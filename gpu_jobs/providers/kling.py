@@ -29,10 +29,12 @@ TOKEN_NOT_BEFORE = 5
 STATES = {"submitted": "queued", "processing": "running", "succeed": "succeeded", "failed": "failed"}
 # Kling's error codes (https://app.klingai.com/global/dev/document-api/apiReference/commonInfo)
 AUTH_CODES = range(1000, 1100)  # 1000-1004: the token is missing, invalid, not yet valid or expired
-ACCOUNT_CODES = range(1100, 1200)  # arrears, resource pack used up, no access (sent with HTTP 429 or 403)
+# arrears, resource pack used up, no access (sent with HTTP 429 or 403); 1304: our IP is not on the account's whitelist
+ACCOUNT_CODES = (*range(1100, 1200), 1304)
+PARAM_CODES = (1200, 1201)  # invalid parameters; on a status lookup the only parameter is the job id
 NOT_FOUND_CODE = 1203
 CONTENT_CODES = (1300, 1301)  # platform strategy / content security policy
-BUSY_CODES = (1302, 1303, 1304, 5000, 5001, 5002)  # rate and concurrency limits, server errors
+BUSY_CODES = (1302, 1303, 5000, 5001, 5002)  # rate and concurrency limits, server errors
 IMAGE_MAX_BYTES = 10 * 1024 * 1024  # Kling's limit for the input image
 IMAGE_MIN_SIDE = 300
 IMAGE_MAX_RATIO = 2.5
@@ -158,9 +160,10 @@ class KlingProvider:
             "model_name": params.model_name,
             "mode": params.mode,
             "duration": str(params.duration),
-            "cfg_scale": params.cfg_scale,
             "external_task_id": external_id,
         }
+        if params.model_name.startswith("kling-v1"):  # Kling 2.x models take no cfg_scale
+            body["cfg_scale"] = params.cfg_scale
         if params.prompt:
             body["prompt"] = params.prompt
         if params.negative_prompt:
@@ -217,7 +220,7 @@ class KlingProvider:
         if code in BUSY_CODES or status >= 500 or (status == 429 and code not in ACCOUNT_CODES):
             retry_after = _seconds(resp.headers.get("retry-after"))
             raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
-        if status == 404 or code == NOT_FOUND_CODE:
+        if status == 404 or code == NOT_FOUND_CODE or (method == "GET" and code in PARAM_CODES):
             raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
         raise ProviderError(refusal_message(status, code, payload.get("message")))
 
