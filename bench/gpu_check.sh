@@ -35,7 +35,7 @@ timeout 240 "$PY" -m pytest -q -p no:cacheprovider --noconftest tests/test_media
 echo "== bench/media.py --size 1080 --device cuda"
 timeout 360 "$PY" bench/media.py --size 1080 --device cuda 2>&1 | tee "$LOGS/bench.log" || status=1
 
-echo "Earlier reference (DESIGN.md, the ffmpeg 4.2 command on an H100 machine's 16 cores, 1080p -> 2160p):" \
+echo "Earlier reference (README performance section: the ffmpeg 4.2 command on an H100 machine's 16 cores, 1080p -> 2160p):" \
   "lanczos no encode 97 frames/s; decode + lanczos 2x + libx264 veryfast 44 frames/s" | tee -a "$LOGS/bench.log"
 echo "== done (status $status); logs in $LOGS"
 exit $status

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # Settings that cloud mode cannot run without; checked at start, each missing one named.
 CLOUD_REQUIRED = (
@@ -17,7 +19,18 @@ CLOUD_REQUIRED = (
     "stripe_secret_key",
     "stripe_webhook_secret",
 )
-PLACEHOLDER_PREFIXES = ("change-me", "your-", "<")
+PLACEHOLDER_PREFIXES = ("change-me", "your-")
+PLACEHOLDER_MARKS = ("<", ">", "...", "…")  # `https://<project-ref>.supabase.co`, `sk_test_...` copied from the docs
+URL_SETTINGS = (
+    "public_url",
+    "supabase_url",
+    "stripe_api_base",
+    "billing_success_url",
+    "billing_cancel_url",
+    "kling_api_base",
+)
+# A list of origins: a JSON array or comma-separated (`https://a.example,https://b.example`).
+Origins = Annotated[list[str], NoDecode]
 
 
 class Settings(BaseSettings):
@@ -31,7 +44,7 @@ class Settings(BaseSettings):
     spool_port: int = 8000
     spool_home: Path = Path(".spool")
     public_url: str | None = None  # how browsers reach the API; default http://SPOOL_HOST:SPOOL_PORT
-    cors_origins: list[str] = ["http://localhost:3000", "http://127.0.0.1:3000"]
+    cors_origins: Origins = ["http://localhost:3000", "http://127.0.0.1:3000"]
     log_level: str = "INFO"
 
     # Supabase
@@ -39,7 +52,6 @@ class Settings(BaseSettings):
     supabase_db_url: str | None = None
     supabase_service_role_key: str | None = None  # legacy service_role JWT or an sb_secret_ key
     supabase_jwt_secret: str | None = None  # legacy HS256 signing secret, optional
-    supabase_anon_key: str | None = None
     jwks_cache_seconds: int = Field(600, le=600)
     storage_bucket: str = "media"
     db_pool_min: int = 1
@@ -68,7 +80,7 @@ class Settings(BaseSettings):
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None  # another server speaking Stripe's API (tests)
     stripe_webhook_tolerance: int = 300
-    billing_allowed_origins: list[str] = ["http://localhost:3000", "http://127.0.0.1:3000"]
+    billing_allowed_origins: Origins = ["http://localhost:3000", "http://127.0.0.1:3000"]
     billing_success_url: str = "http://localhost:3000/billing/success"
     billing_cancel_url: str = "http://localhost:3000/billing/cancel"
 
@@ -86,6 +98,27 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("cors_origins", "billing_allowed_origins", mode="before")
+    @classmethod
+    def _origin_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)  # a JSONDecodeError is a ValueError: reported with the setting's name
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator(*URL_SETTINGS)
+    @classmethod
+    def _http_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or (not value.strip() and cls.model_fields[info.field_name].default is None):
+            return None  # an optional URL left empty (`STRIPE_API_BASE=`) is unset
+        value = value.strip()
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"must be an http(s) URL such as https://example.com, not {value!r}")
+        return value
 
     @property
     def is_local(self) -> bool:
@@ -108,7 +141,7 @@ class Settings(BaseSettings):
         missing = []
         for name in CLOUD_REQUIRED:
             value = getattr(self, name)
-            if not value or str(value).lower().startswith(PLACEHOLDER_PREFIXES):
+            if not value or is_placeholder(str(value)):
                 missing.append(name.upper())
         return missing
 
@@ -118,6 +151,11 @@ class Settings(BaseSettings):
             missing = self.missing_cloud_settings()
             if missing:
                 raise RuntimeError("Cloud mode is missing required settings: " + ", ".join(missing))
+
+
+def is_placeholder(value: str) -> bool:
+    """值是否还是文档里的占位符"""
+    return value.lower().startswith(PLACEHOLDER_PREFIXES) or any(mark in value for mark in PLACEHOLDER_MARKS)
 
 
 @lru_cache

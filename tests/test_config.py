@@ -66,3 +66,43 @@ async def test_openapi_docs_are_served(client):
     assert (await client.get("/docs")).status_code == 200
     spec = (await client.get("/openapi.json")).json()
     assert {"/tasks", "/tasks/{task_id}/cancel", "/assets/uploads", "/billing/checkout"} <= set(spec["paths"])
+
+
+def test_placeholders_copied_from_the_docs_count_as_missing():
+    settings = Settings(
+        _env_file=None,
+        spool_mode="cloud",
+        supabase_url="https://<project-ref>.supabase.co",
+        supabase_db_url="postgresql://postgres.<project-ref>:<password>@aws-0-<region>.pooler.supabase.com:6543/postgres",
+        supabase_service_role_key="sb_secret_...",
+        stripe_secret_key="sk_test_...",
+        stripe_webhook_secret="whsec_1",
+    )
+    assert settings.missing_cloud_settings() == [
+        "SUPABASE_URL",
+        "SUPABASE_DB_URL",
+        "SUPABASE_SERVICE_ROLE_KEY",
+        "STRIPE_SECRET_KEY",
+    ]
+
+
+def test_origin_lists_read_json_or_comma_separated(monkeypatch):
+    monkeypatch.setenv("CORS_ORIGINS", "https://app.example.com, https://admin.example.com")
+    monkeypatch.setenv("BILLING_ALLOWED_ORIGINS", '["https://app.example.com"]')
+    settings = Settings(_env_file=None)
+    assert settings.cors_origins == ["https://app.example.com", "https://admin.example.com"]
+    assert settings.billing_allowed_origins == ["https://app.example.com"]
+
+
+@pytest.mark.parametrize("name", ["BILLING_SUCCESS_URL", "SUPABASE_URL", "KLING_API_BASE", "PUBLIC_URL"])
+def test_a_url_setting_that_is_not_a_url_is_refused_by_name(monkeypatch, name):
+    monkeypatch.setenv(name, "localhost:3000/billing")
+    with pytest.raises(ValueError, match=f"(?is){name}.*http\\(s\\) URL"):
+        Settings(_env_file=None)
+
+
+def test_an_empty_optional_url_is_unset(monkeypatch):
+    monkeypatch.setenv("STRIPE_API_BASE", "")
+    monkeypatch.setenv("PUBLIC_URL", " ")
+    settings = Settings(_env_file=None)
+    assert settings.stripe_api_base is None and settings.public_url is None
