@@ -74,11 +74,11 @@ def main() -> None:
     os.chdir(ROOT)
     from lib.local import stack
 
-    stack.prepare()
     cases = [("bare FastAPI, one route", BARE), ("Spool API (functions.app)", SPOOL)]
     if (ROOT / "modal_app.py").exists():
         cases.append(("modal_app.api (Modal web container)", MODAL))
-    results = {name: measure(code, args.runs) for name, code in cases}
+    with stack.prepared():
+        results = {name: measure(code, args.runs) for name, code in cases}
     _, base_outer = results["bare FastAPI, one route"]
     print(f"cold start, median of {args.runs} fresh processes ({os.cpu_count()} CPUs)")
     print(f"{'app':<42}{'import+first /health':>22}{'whole process':>16}{'ratio':>8}")

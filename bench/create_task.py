@@ -116,7 +116,8 @@ async def main_async(args) -> None:
 
         print(
             f"POST /tasks vs single-row insert transactions, {args.requests} each, "
-            f"{os.cpu_count()} CPUs, API: 1 uvicorn process, load from this process (httpx)"
+            f"{os.cpu_count()} CPUs, API: 1 uvicorn process, load from this process (aiohttp); "
+            "inserts through a 10-connection pool, 10 lanes at most (the API's own pool size)"
         )
         print("also: GET /health (one SELECT through the same HTTP stack) as the HTTP floor")
         print(

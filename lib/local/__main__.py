@@ -84,8 +84,8 @@ def token(email: str) -> None:
 
     from lib.local.dev_auth import DevUserCreate, create_dev_user
 
-    stack.prepare()
-    result = asyncio.run(create_dev_user(DevUserCreate(email=email)))
+    with stack.prepared():
+        result = asyncio.run(create_dev_user(DevUserCreate(email=email)))
     print(result["data"]["access_token"])
 
 
@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "dev":
         dev()
     elif args.command == "serve":
-        stack.prepare()
-        serve()
+        with stack.prepared():
+            serve()
     elif args.command == "worker":
-        stack.prepare()
-        worker()
+        with stack.prepared():
+            worker()
     elif args.command == "migrate":
-        stack.prepare()
-        print("migrations up to date")
+        with stack.prepared():
+            print("migrations up to date")
     elif args.command == "token":
         token(args.email)
 

