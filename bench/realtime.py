@@ -9,6 +9,8 @@ subscribed to its own user's tasks (`user_id=eq.<id>`), and, as a second shape,
 to all of `tasks` unfiltered, where RLS alone decides (one RLS lookup per
 subscriber per batch). Latency is from just before the writing statement is sent
 (autocommit, so it includes the commit) to the frame's arrival at the client.
+After each phase it waits for the backlog; a message still missing after 5 s
+without any arrival counts as undelivered (`delivered n/m`).
 """
 
 from __future__ import annotations
@@ -192,10 +194,16 @@ async def throughput_phase(db_url: str, users: list[dict], arrivals: dict, secon
     return len(sent) / (write_end - start), len(got) / (last - start), latencies, len(sent)
 
 
-async def _drain(arrivals: dict, sent: dict, wait_s: float = 10.0) -> None:
-    deadline = time.perf_counter() + wait_s
-    while time.perf_counter() < deadline and not all(s in arrivals for s in sent):  # noqa: ASYNC110
+async def _drain(arrivals: dict, sent: dict, quiet_s: float = 5.0, cap_s: float = 300.0) -> None:
+    """等积压送完：全部到达，或 quiet_s 秒内没有新消息（其余算作丢失）"""
+    deadline = time.perf_counter() + cap_s
+    seen, last_new = len(arrivals), time.perf_counter()
+    while time.perf_counter() < deadline and not all(s in arrivals for s in sent):
         await asyncio.sleep(0.05)
+        if len(arrivals) != seen:
+            seen, last_new = len(arrivals), time.perf_counter()
+        elif time.perf_counter() - last_new > quiet_s:
+            break
 
 
 async def scenario(base, db_url, ws_url, users, n_subs, shape, args, seq0) -> int:
