@@ -99,10 +99,20 @@ async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
         return "skipped"
     task = {**task, "id": str(task["id"]), "user_id": str(task["user_id"])}
     attempt = task["attempts"]
-    settings = get_settings()
     progress = Progress(task["id"], attempt, asyncio.get_running_loop())
-    beat = asyncio.create_task(progress.heartbeat(max(1.0, settings.task_stall_seconds / 4)))
     log.info("task %s (%s) started, attempt %d", task["id"], task["model_key"], attempt)
+    outcome = await _outcome(task, attempt, progress)
+    if attempt > 1 and outcome in ("completed", "failed"):  # an earlier attempt may have died mid-upload
+        from lib.tasks import get_task_service
+
+        await get_task_service().discard_orphaned_outputs(task_id=task["id"])
+    return outcome
+
+
+async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
+    """运行并把各种结局（含异常）归结为最终状态"""
+    settings = get_settings()
+    beat = asyncio.create_task(progress.heartbeat(max(1.0, settings.task_stall_seconds / 4)))
     try:
         with tempfile.TemporaryDirectory(prefix=f"spool-{task['id'][:8]}-") as tmp:
             return await _run(task, attempt, progress, Path(tmp))
@@ -113,13 +123,13 @@ async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
         log.warning("task %s: %s; stopping", task["id"], exc)
         return "lost"
     except InvalidInput as exc:
-        await _fail(task, attempt, exc.task_error_code, exc.message)
-        return "failed"
+        return await _fail(task, attempt, exc.task_error_code, exc.message)
     except TimedOut as exc:
         log.warning("task %s: %s", task["id"], exc)
         minutes = max(1, round(catalog.get_model(task["model_key"]).timeout_s / 60))
-        await _fail(task, attempt, "timeout", f"The job took longer than {minutes} min and was stopped. {REFUNDED}")
-        return "failed"
+        return await _fail(
+            task, attempt, "timeout", f"The job took longer than {minutes} min and was stopped. {REFUNDED}"
+        )
     except Exception as exc:
         if is_transient(exc):  # storage, network or database trouble: another attempt may well succeed
             log.warning("task %s: %s", task["id"], exc)
@@ -128,9 +138,10 @@ async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
                 (task["id"], attempt, settings.task_max_attempts, "A temporary problem interrupted the job; retrying."),
             )
             return row["status"]
-        log.exception("task %s failed unexpectedly", task["id"])
-        await _fail(task, attempt, "processing_error", UNEXPECTED)
-        return "failed"
+        outcome = await _fail(task, attempt, "processing_error", UNEXPECTED)
+        if outcome == "failed":
+            log.exception("task %s failed unexpectedly", task["id"])
+        return outcome
     finally:
         beat.cancel()
 
@@ -231,11 +242,16 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
     return "completed"
 
 
-async def _fail(task: dict, attempt: int, code: str, message: str) -> None:
-    await db.fetch_one(
-        "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s)",
+async def _fail(task: dict, attempt: int, code: str, message: str) -> str:
+    """把任务标为失败并退款；任务已在别处结束（取消、被另一次尝试完成）时什么也不改，返回 'canceled'"""
+    row = await db.fetch_one(
+        "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s) as r",
         (task["id"], json.dumps({"code": code, "message": message}), message, attempt),
     )
+    if row["r"]["changed"]:
+        return "failed"
+    log.info("task %s finished elsewhere; this attempt's failure (%s) changes nothing", task["id"], code)
+    return "canceled"
 
 
 async def _settle_probe(task: dict, ctx: JobContext, *, reason: str | None) -> None:

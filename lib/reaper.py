@@ -29,6 +29,8 @@ async def reap() -> dict[str, int]:
     for row in rows:
         if row["action"] in ("requeued", "redispatch"):
             await get_task_service().dispatch(task_id=str(row["task_id"]), model_key=row["model_key"])
+        elif row["action"] in ("failed", "expired"):  # its lost attempts may have left partial uploads
+            await get_task_service().discard_orphaned_outputs(task_id=str(row["task_id"]))
     if rows:
         log.info("reaper: %s", dict(counts))
     return dict(counts)

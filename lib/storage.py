@@ -30,6 +30,7 @@ SIGNED_UPLOAD_SECONDS = 2 * 60 * 60  # Supabase Storage: a signed upload URL is 
 INTERNAL_URL_SECONDS = 10 * 60
 HEAD_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
+LIST_PAGE = 1000
 
 
 class StorageError(UpstreamError):
@@ -216,6 +217,24 @@ class StorageService:
             size = (data.get("metadata") or {}).get("size")
         content_type = data.get("content_type") or (data.get("metadata") or {}).get("mimetype")
         return {"path": path, "size": size, "content_type": content_type, "etag": data.get("etag")}
+
+    async def list_files(self, *, prefix: str, user_id: str | None = None) -> list[str]:
+        """列出一个文件夹下（含子文件夹）全部对象的路径"""
+        check_path(prefix.strip("/"), user_id)
+        files, folders = [], [prefix.strip("/")]
+        while folders:
+            folder = folders.pop()
+            offset = 0
+            while True:
+                async with self._errors("list files"):
+                    items = await self._bucket().list(folder, {"limit": LIST_PAGE, "offset": offset})
+                for item in items:
+                    # Supabase lists a subfolder as an entry without an id.
+                    (files if item.get("id") else folders).append(f"{folder}/{item['name']}")
+                if len(items) < LIST_PAGE:
+                    break
+                offset += LIST_PAGE
+        return files
 
     async def exists(self, *, path: str, user_id: str | None = None) -> bool:
         """对象是否存在"""

@@ -135,7 +135,29 @@ class TaskService:
             await get_dispatcher().cancel(task_id=task_id, call_id=call and call["call_id"])
         except Exception:
             log.warning("could not cancel the running job of task %s; it stops at its next progress point", task_id)
+        if task["attempts"]:  # a job that ran (and may have been killed mid-upload) may have left files behind
+            await self.discard_orphaned_outputs(task_id=task_id)
         return public_task(outcome["task"])
+
+    async def discard_orphaned_outputs(self, *, task_id: str) -> int:
+        """删除已结束任务在存储里留下、却没有资源行引用的文件（被杀死的尝试上传到一半的产出）；返回删除数"""
+        from lib.storage import get_storage
+
+        task = await db.fetch_one("select user_id, status from public.tasks where id = %s", (task_id,))
+        if task is None or task["status"] not in TERMINAL:
+            return 0  # an attempt may still be uploading: only a finished task's leftovers are known to be orphans
+        storage = get_storage()
+        try:
+            files = await storage.list_files(prefix=f"{task['user_id']}/tasks/{task_id}")
+            kept = await db.fetch_all("select path from public.assets where path = any(%s)", (files,))
+            orphans = sorted(set(files) - {row["path"] for row in kept})
+            if orphans:
+                await storage.remove(paths=orphans)
+                log.info("task %s: removed %d file(s) no asset refers to", task_id, len(orphans))
+            return len(orphans)
+        except Exception as exc:  # housekeeping: never fails the caller
+            log.warning("task %s: could not remove leftover files: %s", task_id, exc)
+            return 0
 
     async def _input_assets(self, user_id: str, spec: catalog.ModelSpec, params) -> dict[str, dict]:
         ids = spec.input_asset_ids(params)

@@ -249,6 +249,53 @@ async def test_a_superseded_attempt_still_uploading_leaves_the_winners_result_al
     assert await get_storage().info(path=asset["path"]) is not None
 
 
+async def leave_partial_upload(task: dict, user) -> str:
+    """模拟第 1 次尝试在上传中途被杀：存储里留下一个没有资源行的文件"""
+    from lib.storage import get_storage
+
+    sql("select * from public.claim_task(%s)", (task["id"],))
+    path = f"{user.id}/tasks/{task['id']}/1/result-0.png"
+    await get_storage().upload_bytes(path=path, data=b"\x89PNG half", content_type="image/png")
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    return path
+
+
+async def test_a_killed_attempts_partial_upload_is_removed_when_a_retry_completes(client, make_user, job_models):
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    stray = await leave_partial_upload(task, user)
+    assert await reap() == {"requeued": 1}
+    assert await run_task_async(task["id"]) == "completed"
+    assert await get_storage().info(path=stray) is None
+    [asset] = sql("select path from public.assets where source_task_id = %s", (task["id"],))
+    assert "/2/" in asset["path"] and await get_storage().info(path=asset["path"]) is not None
+
+
+async def test_a_killed_attempts_partial_upload_is_removed_when_the_reaper_gives_up(client, make_user, job_models):
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    stray = await leave_partial_upload(task, user)
+    sql("update public.tasks set attempts = %s where id = %s", (get_settings().task_max_attempts, task["id"]))
+    assert await reap() == {"failed": 1}
+    assert await get_storage().info(path=stray) is None
+
+
+async def test_a_killed_attempts_partial_upload_is_removed_on_cancel(client, make_user, job_models):
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    stray = await leave_partial_upload(task, user)
+    assert await reap() == {"requeued": 1}
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["data"]["status"] == "canceled"
+    assert await get_storage().info(path=stray) is None
+
+
 async def test_corrupt_video_fails_as_invalid_input_and_is_refunded(client, make_user):
     """真实处理器拒绝损坏的媒体：任务失败（invalid_input）并只退款一次"""
     from lib.storage import get_storage
