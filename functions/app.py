@@ -11,6 +11,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from functions import assets, billing, credits, health, models, projects, tasks
 from functions.errors import RequestIdMiddleware, install_error_handlers
+from functions.limits import BodyLimitMiddleware
 from lib import db
 from lib.config import get_settings
 
@@ -39,6 +40,7 @@ def create_app() -> FastAPI:
     for module in ROUTERS:
         app.include_router(module.router)
     install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware)  # inside CORS, so a browser can read its 413
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
+from functions.headers import IdempotencyKey
 from lib.billing import get_billing_service
 from lib.fields import Text
 
@@ -28,7 +29,7 @@ class CheckoutPublic(BaseModel):
 async def create_checkout(
     body: CheckoutCreate,
     user_id: CurrentUserId,
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=200),
+    idempotency_key: IdempotencyKey = None,
 ):
     """创建 Stripe 结账会话（同一 Idempotency-Key 重放返回同一会话）"""
     checkout = await get_billing_service().create_checkout(

@@ -3,7 +3,7 @@
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from functions.errors import ok
+from functions.errors import ok, request_id_var
 from lib.health import check_database
 
 router = APIRouter(tags=["Health"])
@@ -11,7 +11,13 @@ router = APIRouter(tags=["Health"])
 
 @router.get("/health")
 async def health():
-    """服务健康检查"""
-    db_ok = await check_database()
-    body = ok({"status": "ok" if db_ok else "degraded", "db": "ok" if db_ok else "unavailable"})
-    return JSONResponse(body, status_code=200 if db_ok else 503)
+    """服务健康检查（数据库不可达 → 503，错误信封里仍带状态）"""
+    if await check_database():
+        return ok({"status": "ok", "db": "ok"})
+    body = {
+        "success": False,
+        "data": {"status": "degraded", "db": "unavailable"},
+        "error": {"code": "service_unavailable", "message": "The database is not reachable."},
+        "request_id": request_id_var.get(),
+    }
+    return JSONResponse(body, status_code=503)

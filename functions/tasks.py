@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
+from functions.headers import IdempotencyKey
 from lib.tasks import get_task_service
 
 router = APIRouter(prefix="/tasks", tags=["Tasks"])
@@ -28,7 +29,7 @@ async def create_task(
     body: TaskCreate,
     user_id: CurrentUserId,
     response: Response,
-    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=200),
+    idempotency_key: IdempotencyKey = None,
 ):
     """创建任务（扣除积分；同一 Idempotency-Key 重放返回同一任务）"""
     task, created = await get_task_service().create_task(

@@ -307,7 +307,7 @@ class AssetService:
 
     async def _request_probe(self, *, user_id: str, asset: dict) -> dict:
         """创建（幂等）零价的探测任务并派发"""
-        from lib.tasks import get_task_service  # late: the task service may come to need assets
+        from lib.tasks import PROBE_KEY_PREFIX, get_task_service  # late: the task service may come to need assets
 
         asset_id = str(asset["id"])
         outcome = await get_credit_service().consume_credits(
@@ -315,7 +315,7 @@ class AssetService:
             model_key=PROBE_MODEL,
             params={"asset_id": asset_id},
             cost=0,
-            idempotency_key=f"probe:{asset_id}",
+            idempotency_key=f"{PROBE_KEY_PREFIX}{asset_id}",
             input_asset_ids=[asset_id],
         )
         task_id = str(outcome["task"]["id"])

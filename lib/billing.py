@@ -18,7 +18,17 @@ from urllib.parse import urlsplit
 
 from lib import db
 from lib.config import get_settings
-from lib.errors import Conflict, InvalidInput, InvalidWebhook, NotFound, ProviderUnavailable, SpoolError, UpstreamError
+from lib.errors import (
+    ACCOUNT_GONE,
+    Conflict,
+    InvalidInput,
+    InvalidWebhook,
+    NotFound,
+    ProviderUnavailable,
+    SpoolError,
+    Unauthorized,
+    UpstreamError,
+)
 from lib.stripe_client import get_stripe_client
 
 if TYPE_CHECKING:
@@ -58,8 +68,10 @@ def _id_of(value) -> str | None:
 
 
 def _typed(value, kind: type):
-    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状）"""
-    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状；含 NUL 的文本存不进数据库）"""
+    if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, str) and "\x00" in value):
+        return None
+    return value
 
 
 def _cents(value) -> int | None:
@@ -73,7 +85,7 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
     meta = _typed(obj.get("metadata"), dict) or {}
     purchase_id = _uuid_or_none(meta.get("purchase_id"))
     package_id = _typed(meta.get("package_id"), str)
-    if kind.startswith("checkout.session.") and isinstance(obj.get("id"), str):
+    if kind.startswith("checkout.session.") and _typed(obj.get("id"), str):
         user_id = _uuid_or_none(meta.get("user_id") or obj.get("client_reference_id"))
         ids = (purchase_id, obj["id"], _id_of(obj.get("payment_intent")), user_id, package_id)
         paid = kind == "checkout.session.async_payment_succeeded" or (
@@ -230,8 +242,8 @@ class BillingService:
             raise InvalidWebhook("The webhook body is not a Stripe event.") from None
         data = event.get("data")
         if (
-            not isinstance(event.get("id"), str)
-            or not isinstance(event.get("type"), str)
+            not _typed(event.get("id"), str)
+            or not _typed(event.get("type"), str)
             or not isinstance(data, dict)
             or not isinstance(data.get("object"), dict)
         ):
@@ -262,8 +274,8 @@ class BillingService:
     async def _customer_for(self, *, user_id: str) -> str:
         """用户的 Stripe 客户 id（首次结账时创建并保存到资料）"""
         profile = await db.fetch_one("select email, stripe_customer_id from public.profiles where id = %s", (user_id,))
-        if profile is None:
-            raise NotFound("No profile for this user.")
+        if profile is None:  # every user has one from sign-up until deletion
+            raise Unauthorized(ACCOUNT_GONE)
         if profile["stripe_customer_id"]:
             return profile["stripe_customer_id"]
         params = {"metadata": {"user_id": user_id}}

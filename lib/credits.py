@@ -8,7 +8,7 @@ from functools import cache
 from psycopg import errors as pg_errors
 
 from lib import catalog, db
-from lib.errors import InsufficientCredits, NotFound, TooManyActiveTasks
+from lib.errors import ACCOUNT_GONE, InsufficientCredits, NotFound, TooManyActiveTasks, Unauthorized
 from lib.paging import encode_cursor, id_after
 
 SQLSTATE_ERRORS = {"SP402": InsufficientCredits, "SP429": TooManyActiveTasks, "SP404": NotFound}
@@ -38,8 +38,8 @@ class CreditService:
     async def get_balance(self, *, user_id: str) -> int:
         """查询余额"""
         row = await db.fetch_one_as(user_id, "select balance from public.credit_accounts")
-        if row is None:
-            raise NotFound("No credit account for this user.")
+        if row is None:  # every user has one from sign-up until deletion
+            raise Unauthorized(ACCOUNT_GONE)
         return row["balance"]
 
     async def check_credits(self, *, user_id: str, amount: int) -> bool:
@@ -85,6 +85,8 @@ class CreditService:
                 ),
             )
         except pg_errors.Error as exc:
+            if exc.sqlstate == "SP404":  # no credit account: the token's user was deleted
+                raise Unauthorized(ACCOUNT_GONE) from None
             raise_domain_error(exc)
         return row["r"]
 

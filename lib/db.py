@@ -15,7 +15,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from lib.config import get_settings
-from lib.errors import Unauthorized
+from lib.errors import ACCOUNT_GONE, Unauthorized
 
 # One pool per event loop: the API and the worker run one loop, but a sync entry point
 # (Modal's run_task, a CLI command) runs its own loop and must not take over another's pool.
@@ -144,5 +144,5 @@ def user_must_exist():
         yield
     except psycopg.errors.ForeignKeyViolation as exc:
         if (exc.diag.constraint_name or "").endswith("_user_id_fkey"):
-            raise Unauthorized("This account no longer exists.") from None
+            raise Unauthorized(ACCOUNT_GONE) from None
         raise

@@ -24,6 +24,9 @@ class InvalidWebhook(SpoolError):
     code = "invalid_webhook"
 
 
+ACCOUNT_GONE = "This account no longer exists."  # a token that outlived its deleted user
+
+
 class Unauthorized(SpoolError):
     """未认证"""
 

@@ -35,7 +35,7 @@ def page_after(cursor: str | None) -> dict:
         return {"at": None, "id": None}
     try:
         return {"at": datetime.fromisoformat(after["created_at"]), "id": str(uuid.UUID(after["id"]))}
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise InvalidInput("The cursor is not valid.") from None
 
 

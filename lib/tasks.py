@@ -16,6 +16,7 @@ from lib.paging import page_after, page_of
 log = logging.getLogger("spool.tasks")
 
 TERMINAL = ("completed", "failed", "canceled")
+PROBE_KEY_PREFIX = "probe:"  # the server's own idempotency keys (an upload's probe task); reserved
 PUBLIC_COLUMNS = (
     "id, project_id, model_key, params, status, progress, message, cost, input_asset_ids, result, "
     "result_url, error, attempts, created_at, started_at, finished_at, updated_at"
@@ -35,10 +36,13 @@ class TaskService:
         idempotency_key: str | None = None,
     ) -> tuple[dict, bool]:
         """创建任务并扣除积分；返回 (任务, 是否新建)。重放由 create_task SQL 按幂等键返回原任务"""
-        spec = runnable_model(model_key)
+        if idempotency_key and idempotency_key.startswith(PROBE_KEY_PREFIX):
+            raise InvalidInput(
+                f"Idempotency-Key values starting with '{PROBE_KEY_PREFIX}' are reserved; please choose another key.",
+                details=[{"field": "Idempotency-Key", "message": "reserved prefix"}],
+            )
+        spec = available_model(model_key)
         settings = get_settings()
-        if not spec.available(settings):
-            raise ProviderUnavailable(f"'{spec.title}' is not available right now.")
         valid = catalog.validate_params(spec, params)
         assets = await self._input_assets(user_id, spec, valid)
         if project_id:
@@ -60,11 +64,17 @@ class TaskService:
         task = public_task(outcome["task"])
         if outcome["created"]:
             await self.dispatch(task_id=task["id"], model_key=model_key)
+        elif (task["model_key"], task["params"], task["project_id"]) != (
+            model_key,
+            valid.model_dump(mode="json"),
+            project_id,
+        ):
+            raise Conflict("This Idempotency-Key was already used for a different request.")
         return task, outcome["created"]
 
     async def quote(self, *, user_id: str, model_key: str, params: dict, input_asset_ids=None) -> dict:
         """报价：与创建任务相同的校验与计价，但不扣费"""
-        spec = runnable_model(model_key)
+        spec = available_model(model_key)
         valid = catalog.validate_params(spec, params)
         named = set(spec.input_asset_ids(valid))
         if input_asset_ids is not None and {str(i) for i in input_asset_ids} != named:
@@ -210,6 +220,14 @@ def runnable_model(model_key: str) -> catalog.ModelSpec:
             f"Model '{model_key}' cannot be run directly.",
             details=[{"field": "model_key", "message": "internal model"}],
         )
+    return spec
+
+
+def available_model(model_key: str) -> catalog.ModelSpec:
+    """可运行且此刻可用的模型（外部提供方未配置 → 503）"""
+    spec = runnable_model(model_key)
+    if not spec.available(get_settings()):
+        raise ProviderUnavailable(f"'{spec.title}' is not available right now.")
     return spec
 
 

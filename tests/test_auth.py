@@ -162,12 +162,19 @@ async def test_a_remembered_token_still_expires(client, make_user, monkeypatch):
     assert status == 401 and body["error"]["message"] == "Access token expired."
 
 
-async def test_a_deleted_users_token_cannot_write(client, make_user):
+async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkeypatch):
     user = await make_user()
     sql("delete from auth.users where id = %s", (user.id,))
     created = await client.post("/projects", json={"name": "a"}, headers=user.headers)
     upload = {"content_type": "image/png", "bytes": 10}
     ticket = await client.post("/assets/uploads", json=upload, headers=user.headers)
-    for resp in (created, ticket):
+    balance = await client.get("/credits", headers=user.headers)
+    monkeypatch.setattr(get_settings(), "kling_ai_access_key", "ak-test")  # a model without input files
+    monkeypatch.setattr(get_settings(), "kling_ai_secret_key", "sk-test")
+    task = await client.post(
+        "/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}}, headers=user.headers
+    )
+    pay = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=user.headers)
+    for resp in (created, ticket, balance, task, pay):
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["message"] == "This account no longer exists."

@@ -1,5 +1,7 @@
 """Health, the response envelopes and the request id."""
 
+import pytest
+
 
 async def test_health_reports_database(client):
     resp = await client.get("/health")
@@ -60,3 +62,44 @@ async def test_credits_balance_after_signup(client, make_user):
     resp = await client.get("/credits", headers=user.headers)
     assert resp.status_code == 200
     assert resp.json() == {"success": True, "data": {"balance": 100}}
+
+
+async def test_health_without_the_database_is_503_in_the_error_envelope(client, monkeypatch):
+    import functions.health
+
+    async def down() -> bool:
+        return False
+
+    monkeypatch.setattr(functions.health, "check_database", down)
+    resp = await client.get("/health")
+    body = resp.json()
+    assert resp.status_code == 503 and body["success"] is False
+    assert body["error"]["code"] == "service_unavailable"
+    assert body["data"] == {"status": "degraded", "db": "unavailable"}
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_over_the_limit_is_413_before_it_is_read_whole(client, make_user, chunked):
+    from functions.limits import MAX_BODY_BYTES
+
+    user = await make_user()
+    body = b'{"name": "a", "pad": "' + b"x" * MAX_BODY_BYTES + b'"}'
+
+    async def chunks():
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    headers = {**user.headers, "content-type": "application/json"}
+    resp = await client.post("/projects", content=chunks() if chunked else body, headers=headers)
+    assert resp.status_code == 413, resp.text
+    assert resp.json()["error"]["code"] == "payload_too_large"
+    assert (await client.get("/projects", headers=user.headers)).json()["data"]["items"] == []
+
+
+def test_the_local_server_refuses_cloud_mode(monkeypatch):
+    from lib.config import get_settings
+    from lib.local.server import create_local_app
+
+    monkeypatch.setattr(get_settings(), "spool_mode", "cloud")
+    with pytest.raises(RuntimeError, match="SPOOL_MODE=local"):
+        create_local_app()

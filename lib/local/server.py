@@ -5,13 +5,16 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from functions.app import create_app
+from lib.config import get_settings
 from lib.local import dev_auth, realtime, storage
 
 LOCAL_ROUTERS = [dev_auth.router, storage.router, realtime.router]
 
 
 def create_local_app() -> FastAPI:
-    """产品 API 加上本地替身服务"""
+    """产品 API 加上本地替身服务（仅本地模式：开发用户接口不能出现在云端）"""
+    if not get_settings().is_local:
+        raise RuntimeError("the local server runs only with SPOOL_MODE=local; deploy functions.app:create_app")
     app = create_app()
     for router in LOCAL_ROUTERS:
         app.include_router(router)
