@@ -97,11 +97,15 @@ weights = modal.Volume.from_name("spool-weights", create_if_missing=True)
 RETRIES = modal.Retries(max_retries=2, initial_delay=5.0, backoff_coefficient=2.0)
 MAX_CONTAINERS = {"gpu-small": 10, "gpu-large": 4, None: 20}
 DEFAULT_TIMEOUT_S = 10 * MINUTES
+# Downloading inputs and uploading outputs come on top of a handler's timeout_s: the runner's own limit must
+# fire first, so the task fails with `timeout` and a refund instead of being killed and retried by Modal.
+IO_MARGIN_S = 10 * MINUTES
 
 
 def job_timeout(gpu_class: str | None) -> int:
-    """函数超时 = 其模型中最长的 timeout_s"""
-    return max((spec.timeout_s for spec in CATALOG.values() if spec.gpu == gpu_class), default=DEFAULT_TIMEOUT_S)
+    """函数超时 = 其模型中最长的 timeout_s 加上传输余量"""
+    longest = max((spec.timeout_s for spec in CATALOG.values() if spec.gpu == gpu_class), default=DEFAULT_TIMEOUT_S)
+    return longest + IO_MARGIN_S
 
 
 def job_options(gpu_class: str | None) -> dict:
@@ -121,9 +125,14 @@ def job_options(gpu_class: str | None) -> dict:
 
 def run_job(task_id: str) -> str:
     """在本容器内运行一个任务（认领保证同一任务不会同时运行两次）"""
-    from gpu_jobs.runner import run_task
+    from gpu_jobs.runner import handler_still_running, run_task
 
-    return run_task(task_id)
+    outcome = run_task(task_id)
+    if handler_still_running():  # a handler past its time limit holds the GPU: let this container go
+        import modal.experimental
+
+        modal.experimental.stop_fetching_inputs()
+    return outcome
 
 
 @app.function(**job_options("gpu-small"))

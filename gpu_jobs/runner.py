@@ -6,11 +6,13 @@ One entry point for Modal and the local worker.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import importlib
 import json
 import logging
 import mimetypes
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -169,7 +171,7 @@ async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> s
     handler = load_handler(spec.handler)
     try:
         # The heartbeat goes on while a handler hangs, so the reaper would never see it: the limit is kept here.
-        outputs: list[OutputFile] = await asyncio.wait_for(asyncio.to_thread(handler, ctx), spec.timeout_s)
+        outputs: list[OutputFile] = await asyncio.wait_for(_in_handler_thread(handler, ctx), spec.timeout_s)
     except TimeoutError:
         progress.stop = TimedOut(f"over its {spec.timeout_s} s limit")  # the thread stops at its next progress
         raise progress.stop from None
@@ -282,6 +284,34 @@ async def _remove_quietly(paths: list[str]) -> None:
         await get_storage().remove(paths=paths)
     except Exception as exc:
         log.warning("could not remove discarded outputs %s: %s", paths, exc)
+
+
+HANDLER_THREAD = "spool-handler"
+
+
+async def _in_handler_thread(handler, ctx: JobContext) -> list[OutputFile]:
+    """在独立的守护线程里运行处理器（超时后不必等它：asyncio.run 只等默认线程池）"""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    context = contextvars.copy_context()
+
+    def work() -> None:
+        try:
+            result = context.run(handler, ctx)
+        except BaseException as exc:  # handed to the awaiting coroutine, like asyncio.to_thread
+            outcome = (done.set_exception, exc)
+        else:
+            outcome = (done.set_result, result)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: done.cancelled() or outcome[0](outcome[1]))
+
+    threading.Thread(target=work, name=f"{HANDLER_THREAD}-{ctx.task_id[:8]}", daemon=True).start()
+    return await done
+
+
+def handler_still_running() -> bool:
+    """是否有超时被放弃、仍在运行的处理器线程"""
+    return any(t.name.startswith(HANDLER_THREAD) and t.is_alive() for t in threading.enumerate())
 
 
 def _device() -> str:

@@ -46,11 +46,14 @@ class ModalDispatcher:
 
     def __init__(self, app_name: str | None = None) -> None:
         self.app_name = app_name or get_settings().modal_app_name
+        self._functions: dict[str, modal.Function] = {}  # a handle looks the function up once, then is reused
 
     async def dispatch(self, *, task_id: str, model_key: str) -> None:
         """派发任务：spawn 对应的 Modal 函数，并把 call id 记在任务上（失败时抛出，由调用方保持排队）"""
         name = function_for(model_key)
-        function = modal.Function.from_name(self.app_name, name)
+        function = self._functions.get(name)
+        if function is None:
+            function = self._functions[name] = modal.Function.from_name(self.app_name, name)
         async with asyncio.timeout(SPAWN_TIMEOUT_S):
             call = await function.spawn.aio(task_id)
         await db.execute("select public.set_task_dispatch(%s, %s, null)", (task_id, call.object_id))
@@ -62,5 +65,7 @@ class ModalDispatcher:
             return
         call = modal.FunctionCall.from_id(call_id)
         async with asyncio.timeout(CANCEL_TIMEOUT_S):
-            await call.cancel.aio()
+            # Stop the container, not just the input: a canceled job has nothing left to save (the task is
+            # already refunded), and a container that only saw its input canceled keeps the handler thread running.
+            await call.cancel.aio(terminate_containers=True)
         log.info("task %s: Modal call %s canceled", task_id, call_id)

@@ -67,7 +67,7 @@ def test_every_gpu_class_has_one_job_function_with_its_limits():
         info = modal_app.JOB_FUNCTIONS[function_name(gpu)].info()
         models = [spec for spec in catalog.CATALOG.values() if spec.gpu == gpu]
         assert info.gpus == [(name, 1) for name in fallbacks]
-        assert info.timeout == max(spec.timeout_s for spec in models)
+        assert info.timeout == max(spec.timeout_s for spec in models) + modal_app.IO_MARGIN_S  # runner's limit first
         assert info.max_retries == 2
         assert "modal.Secret.from_name('spool-supabase')" in info.secrets
         assert "modal.Secret.from_name('spool-settings')" in info.secrets
@@ -135,12 +135,16 @@ class FakeModal:
     def __init__(self) -> None:
         self.spawned: list[tuple[str, str, tuple]] = []
         self.canceled: list[str] = []
+        self.cancel_options: list[dict] = []
+        self.lookups = 0
         self.spawn_error: BaseException | None = None
         self.spawn_delay = 0.0
         self.cancel_error: BaseException | None = None
         self._ids = itertools.count(1)
 
     def from_name(self, app_name: str, name: str, **_) -> SimpleNamespace:
+        self.lookups += 1
+
         async def spawn(*args):
             await asyncio.sleep(self.spawn_delay)
             if self.spawn_error is not None:
@@ -151,10 +155,11 @@ class FakeModal:
         return SimpleNamespace(spawn=SimpleNamespace(aio=spawn))
 
     def from_id(self, call_id: str, **_) -> SimpleNamespace:
-        async def cancel():
+        async def cancel(**options):
             if self.cancel_error is not None:
                 raise self.cancel_error
             self.canceled.append(call_id)
+            self.cancel_options.append(options)
 
         return SimpleNamespace(cancel=SimpleNamespace(aio=cancel))
 
@@ -202,6 +207,8 @@ async def test_spawn_stores_the_call_id_and_the_request_does_not_wait(client, ma
     assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
     row = task_row(task["id"])
     assert row["call_id"] == "fc-1" and row["status"] == "queued" and row["message"] is None
+    await create_task(client, user, gpu_job)
+    assert len(fake_modal.spawned) == 2 and fake_modal.lookups == 1  # the function handle is looked up once
 
 
 async def test_failed_spawn_leaves_the_task_queued_and_the_reaper_dispatches_it_again(
@@ -246,6 +253,7 @@ async def test_cancel_cancels_the_modal_call_and_refunds_once(client, make_user,
     resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
     assert resp.status_code == 200 and resp.json()["data"]["status"] == "canceled"
     assert fake_modal.canceled == ["fc-1"]
+    assert fake_modal.cancel_options == [{"terminate_containers": True}]  # the container goes, not just the input
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
 
 

@@ -221,6 +221,32 @@ async def test_a_handler_over_its_time_limit_is_stopped_and_refunded(client, mak
     assert sql("select id from public.assets where source_task_id = %s", (task["id"],)) == []
 
 
+async def test_a_hung_handler_does_not_hold_the_job_after_its_time_limit(client, make_user, job_models):
+    """run_task (Modal's entry) returns at the limit; the abandoned thread is reported so the container can go."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    user = await make_user()
+    task = await create(client, user, "hang", seconds=5)  # its model allows 1 s
+    code = (
+        "from lib import catalog; from tests.test_runner import JobParams\n"
+        "catalog.CATALOG['test.hang'] = catalog.ModelSpec(key='test.hang', kind='image', title='hang',"
+        " params=JobParams, price=lambda p, a: 5, price_rule='5', handler='tests.job_handlers:hang', timeout_s=1)\n"
+        "from gpu_jobs.runner import handler_still_running, run_task\n"
+        f"print(run_task({task['id']!r}), handler_still_running())\n"
+    )
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", code], cwd=ROOT, env=os.environ.copy(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["failed", "True"]  # returned while the handler still slept
+    assert task_row(task["id"])["error"]["code"] == "timeout"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
 async def test_a_superseded_attempt_still_uploading_leaves_the_winners_result_alone(
     client, make_user, job_models, monkeypatch
 ):
