@@ -168,6 +168,11 @@ class BillingService:
             if idempotency_key
             else uuid.uuid4()
         )
+        earlier = await db.fetch_one(
+            "select package_id, checkout_session_id from public.purchases where id = %s", (purchase_id,)
+        )
+        if earlier is not None and earlier["package_id"] != package["id"]:
+            raise Conflict("This Idempotency-Key was already used for a different request.")
         metadata = {"user_id": user_id, "package_id": package["id"], "purchase_id": purchase_id}
         try:
             customer_id = await self._customer_for(user_id=user_id)
@@ -187,6 +192,10 @@ class BillingService:
         except stripe.StripeError as exc:
             log.warning("stripe checkout failed for user %s: %s (%s)", user_id, type(exc).__name__, exc)
             raise upstream_error(exc) from None
+        if earlier is not None and earlier["checkout_session_id"] != session.id:
+            # Stripe keeps idempotency keys for 24 hours, as long as a session stays open: past that, the key's
+            # checkout has ended. A new session must not be paid on the old purchase row, so none is handed out.
+            raise Conflict("This Idempotency-Key's checkout has ended; start a new one with a new key.")
         await db.execute(
             "insert into public.purchases (id, user_id, package_id, checkout_session_id, credits, amount_cents,"
             " currency) values (%s, %s, %s, %s, %s, %s, %s) on conflict do nothing",

@@ -190,6 +190,21 @@ async def test_checkout_replay_with_same_idempotency_key_returns_same_session(cl
     assert len(purchases(user.id)) == 1
 
 
+async def test_a_key_reused_after_stripe_forgot_it_never_binds_a_new_session_to_the_old_purchase(
+    client, make_user, stripe_api
+):
+    user = await make_user()
+    headers = {**user.headers, "Idempotency-Key": "buy-old"}
+    first = await client.post("/billing/checkout", json={"package_id": "studio"}, headers=headers)
+    assert first.status_code == 200
+    stripe_api._replays.clear()  # a day later Stripe no longer knows the key
+    for package_id in ("starter", "studio"):
+        resp = await client.post("/billing/checkout", json={"package_id": package_id}, headers=headers)
+        assert resp.status_code == 409, resp.text
+    [purchase] = purchases(user.id)
+    assert (purchase["package_id"], purchase["checkout_session_id"]) == ("studio", first.json()["data"]["session_id"])
+
+
 async def test_redirect_urls_must_be_on_allowed_origins(client, make_user, stripe_api):
     user = await make_user()
     for body in (

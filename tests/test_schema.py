@@ -103,6 +103,11 @@ def test_clients_hold_no_table_privilege_that_rls_does_not_cover(postgres, db_co
         as_role(conn, "authenticated", new_user(conn))
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
             conn.execute("truncate public.credit_ledger")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # would stall every money function
+            with conn.transaction():
+                conn.execute("lock table public.credit_ledger in access exclusive mode")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # would make every charge a duplicate key
+            conn.execute("select setval('public.credit_ledger_id_seq', 1)")
 
 
 def test_signup_grants_credits_once(db_conn):
