@@ -51,10 +51,11 @@ class TaskService:
             await get_project_service().require_owned(user_id=user_id, project_id=project_id)
         credits = get_credit_service()
         cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
+        stored_params = valid.model_dump(mode="json")
         outcome = await credits.consume_credits(
             user_id=user_id,
             model_key=model_key,
-            params=valid.model_dump(mode="json"),
+            params=stored_params,
             cost=cost,
             idempotency_key=idempotency_key,
             project_id=project_id,
@@ -64,11 +65,7 @@ class TaskService:
         task = public_task(outcome["task"])
         if outcome["created"]:
             await self.dispatch(task_id=task["id"], model_key=model_key)
-        elif (task["model_key"], task["params"], task["project_id"]) != (
-            model_key,
-            valid.model_dump(mode="json"),
-            project_id,
-        ):
+        elif (task["model_key"], task["params"], task["project_id"]) != (model_key, stored_params, project_id):
             raise Conflict("This Idempotency-Key was already used for a different request.")
         return task, outcome["created"]
 
@@ -145,16 +142,17 @@ class TaskService:
             await get_dispatcher().cancel(task_id=task_id, call_id=call and call["call_id"])
         except Exception:
             log.warning("could not cancel the running job of task %s; it stops at its next progress point", task_id)
-        if task["attempts"]:  # a job that ran (and may have been killed mid-upload) may have left files behind
-            await self.discard_orphaned_outputs(task_id=task_id)
+        await self.discard_orphaned_outputs(task_id=task_id)  # a killed job may have left files behind
         return public_task(outcome["task"])
 
     async def discard_orphaned_outputs(self, *, task_id: str) -> int:
         """删除已结束任务在存储里留下、却没有资源行引用的文件（被杀死的尝试上传到一半的产出）；返回删除数"""
         from lib.storage import get_storage
 
-        task = await db.fetch_one("select user_id, status from public.tasks where id = %s", (task_id,))
-        if task is None or task["status"] not in TERMINAL:
+        task = await db.fetch_one("select user_id, status, attempts from public.tasks where id = %s", (task_id,))
+        if task is None or not task["attempts"]:
+            return 0  # never ran: nothing was uploaded
+        if task["status"] not in TERMINAL:
             return 0  # an attempt may still be uploading: only a finished task's leftovers are known to be orphans
         storage = get_storage()
         try:

@@ -14,10 +14,13 @@ def test_local_defaults():
     settings.require_complete()  # local mode needs nothing
 
 
+def cloud(**values) -> Settings:
+    """云模式配置（只用给定的值，不读 .env）"""
+    return Settings(_env_file=None, spool_mode="cloud", **values)
+
+
 def test_cloud_mode_names_every_missing_setting():
-    settings = Settings(
-        _env_file=None,
-        spool_mode="cloud",
+    settings = cloud(
         supabase_url="https://x.supabase.co",
         supabase_db_url="",
         supabase_service_role_key="",
@@ -48,9 +51,7 @@ def test_cloud_app_refuses_to_start(monkeypatch):
 
 
 def test_cloud_mode_accepts_secret_keys():
-    settings = Settings(
-        _env_file=None,
-        spool_mode="cloud",
+    settings = cloud(
         supabase_url="https://x.supabase.co",
         supabase_db_url="postgresql://u:p@h:6543/postgres",
         supabase_service_role_key="sb_secret_abc",
@@ -69,9 +70,7 @@ async def test_openapi_docs_are_served(client):
 
 
 def test_placeholders_copied_from_the_docs_count_as_missing():
-    settings = Settings(
-        _env_file=None,
-        spool_mode="cloud",
+    settings = cloud(
         supabase_url="https://<project-ref>.supabase.co",
         supabase_db_url="postgresql://postgres.<project-ref>:<password>@aws-0-<region>.pooler.supabase.com:6543/postgres",
         supabase_service_role_key="sb_secret_...",
