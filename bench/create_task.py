@@ -153,15 +153,13 @@ def main() -> None:
     os.environ["SPOOL_PORT"] = str(stack.free_port())
     os.environ["MAX_ACTIVE_TASKS_PER_USER"] = "100000"
     os.environ["LOG_LEVEL"] = "WARNING"
-    pg = stack.prepare()
-    server = stack.start_server(stack.local_base_url())
-    try:
-        asyncio.run(main_async(args))
-    finally:
-        server.terminate()
-        server.wait(10)
-        if pg is not None:
-            pg.stop()
+    with stack.prepared():
+        server = stack.start_server(stack.local_base_url())
+        try:
+            asyncio.run(main_async(args))
+        finally:
+            server.terminate()
+            server.wait(10)
 
 
 if __name__ == "__main__":

@@ -260,17 +260,15 @@ def main() -> None:
     from lib.config import get_settings
     from lib.local import stack
 
-    pg = stack.prepare()
-    settings = get_settings()
-    base = stack.local_base_url()
-    server = stack.start_server(base, log_path=Path(settings.spool_home) / "server.log")
-    try:
-        asyncio.run(run(args, base, settings.supabase_db_url))
-    finally:
-        server.terminate()
-        server.wait(15)
-        if pg is not None:
-            pg.stop()
+    with stack.prepared():
+        settings = get_settings()
+        base = stack.local_base_url()
+        server = stack.start_server(base, log_path=Path(settings.spool_home) / "server.log")
+        try:
+            asyncio.run(run(args, base, settings.supabase_db_url))
+        finally:
+            server.terminate()
+            server.wait(15)
 
 
 if __name__ == "__main__":

@@ -42,10 +42,8 @@ MONEY_TABLES = "auth.users, public.stripe_events"
 @pytest.fixture(scope="session")
 def postgres():
     """嵌入式 Postgres（整个测试会话一个）"""
-    pg = stack.prepare()
-    yield get_settings().supabase_db_url
-    if pg is not None:
-        pg.stop()
+    with stack.prepared():
+        yield get_settings().supabase_db_url
 
 
 @pytest.fixture(scope="session")
