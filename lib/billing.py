@@ -168,10 +168,10 @@ class BillingService:
             if idempotency_key
             else uuid.uuid4()
         )
-        earlier = await db.fetch_one(
+        earlier = idempotency_key and await db.fetch_one(  # only a replayed key can name an earlier purchase
             "select package_id, checkout_session_id from public.purchases where id = %s", (purchase_id,)
         )
-        if earlier is not None and earlier["package_id"] != package["id"]:
+        if earlier and earlier["package_id"] != package["id"]:
             raise Conflict("This Idempotency-Key was already used for a different request.")
         metadata = {"user_id": user_id, "package_id": package["id"], "purchase_id": purchase_id}
         try:
@@ -192,7 +192,7 @@ class BillingService:
         except stripe.StripeError as exc:
             log.warning("stripe checkout failed for user %s: %s (%s)", user_id, type(exc).__name__, exc)
             raise upstream_error(exc) from None
-        if earlier is not None and earlier["checkout_session_id"] != session.id:
+        if earlier and earlier["checkout_session_id"] != session.id:
             # Stripe keeps idempotency keys for 24 hours, as long as a session stays open: past that, the key's
             # checkout has ended. A new session must not be paid on the old purchase row, so none is handed out.
             raise Conflict("This Idempotency-Key's checkout has ended; start a new one with a new key.")
