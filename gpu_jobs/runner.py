@@ -238,10 +238,25 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
                 raise Superseded(task["id"])
     except BaseException:
         if uploaded:
-            await _remove_quietly([path for _, path in uploaded])
+            done = await _completed_by(task["id"], attempt)
+            if done:  # the commit went through and only its answer was lost: the result is the user's
+                log.warning("task %s: the database committed the result but its answer was lost", task["id"])
+                return "completed"
+            if done is False:  # unknown (database unreachable): keep them; the task's end removes orphans
+                await _remove_quietly([path for _, path in uploaded])
         raise
     log.info("task %s completed with %d output(s)", task["id"], len(uploaded))
     return "completed"
+
+
+async def _completed_by(task_id: str, attempt: int) -> bool | None:
+    """这次尝试是否已把任务完成（提交成功但应答丢失时为真）；数据库不可达 → None"""
+    try:
+        row = await db.fetch_one("select status, attempts from public.tasks where id = %s", (task_id,))
+    except Exception as exc:
+        log.warning("task %s: could not tell whether its result was saved: %s", task_id, exc)
+        return None
+    return bool(row) and row["status"] == "completed" and row["attempts"] == attempt
 
 
 async def _fail(task: dict, attempt: int, code: str, message: str) -> str:

@@ -211,6 +211,34 @@ async def test_a_database_blip_while_saving_requeues_instead_of_failing(client, 
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
+async def test_a_commit_whose_answer_is_lost_keeps_the_completed_result(client, make_user, job_models, monkeypatch):
+    """The database committed completed, but the connection died before saying so: the result must stay."""
+    from contextlib import asynccontextmanager
+
+    import psycopg
+
+    from gpu_jobs import runner
+    from lib import db
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    real_transaction = db.transaction
+
+    @asynccontextmanager
+    async def answer_lost():
+        async with real_transaction() as conn:
+            yield conn
+        raise psycopg.OperationalError("server closed the connection unexpectedly")  # after COMMIT
+
+    monkeypatch.setattr(runner.db, "transaction", answer_lost)
+    assert await run_task_async(task["id"]) == "completed"
+    row = task_row(task["id"])
+    assert row["status"] == "completed"
+    assert await get_storage().info(path=row["result"]["path"]) is not None
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
 async def test_a_handler_over_its_time_limit_is_stopped_and_refunded(client, make_user, job_models):
     user = await make_user()
     task = await create(client, user, "hang", seconds=3)  # its model allows 1 s
