@@ -40,7 +40,9 @@ def create_app() -> FastAPI:
     for module in ROUTERS:
         app.include_router(module.router)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware)  # inside CORS, so a browser can read its 413
+    # Added last is outermost: CORS wraps the rest, so a browser can read every error, the 413 and the 500 included.
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(RequestIdMiddleware)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,
@@ -48,5 +50,4 @@ def create_app() -> FastAPI:
         allow_headers=["*"],
         expose_headers=["x-request-id"],
     )
-    app.add_middleware(RequestIdMiddleware)
     return app

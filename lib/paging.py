@@ -21,7 +21,7 @@ def decode_cursor(cursor: str | None) -> dict | None:
         return None
     try:
         value = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         value = None
     if not isinstance(value, dict):
         raise InvalidInput("The cursor is not valid.")

@@ -45,9 +45,10 @@ async def test_unexpected_exception_is_generic_500(app, client, caplog):
         raise RuntimeError("secret internal detail")
 
     app.include_router(router)
-    resp = await client.get("/__boom", headers={"x-request-id": "req-123"})
+    resp = await client.get("/__boom", headers={"x-request-id": "req-123", "origin": "http://localhost:3000"})
     body = resp.json()
     assert resp.status_code == 500
+    assert resp.headers["access-control-allow-origin"] == "http://localhost:3000"  # the web app can read it
     assert body == {
         "success": False,
         "error": {"code": "internal_error", "message": "Something went wrong on our side. Please try again."},
@@ -93,6 +94,7 @@ async def test_a_body_over_the_limit_is_413_before_it_is_read_whole(client, make
     resp = await client.post("/projects", content=chunks() if chunked else body, headers=headers)
     assert resp.status_code == 413, resp.text
     assert resp.json()["error"]["code"] == "payload_too_large"
+    assert resp.json()["request_id"] == resp.headers["x-request-id"] != "-"
     assert (await client.get("/projects", headers=user.headers)).json()["data"]["items"] == []
 
 
