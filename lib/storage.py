@@ -195,6 +195,18 @@ class StorageService:
             await self._signed_url(path, expires_in or get_settings().signed_url_seconds, user_id, download)
         )
 
+    async def create_signed_urls(self, *, paths: list[str], expires_in: int | None = None) -> dict[str, str | None]:
+        """批量创建签名下载 URL（一次请求）；对象不存在 → None"""
+        for path in paths:
+            check_path(path)
+        if not paths:
+            return {}
+        async with self._errors("sign downloads"):
+            signed = await self._bucket().create_signed_urls(
+                list(paths), expires_in or get_settings().signed_url_seconds
+            )
+        return {item["path"]: item["signedURL"] and self.public_url(item["signedURL"]) for item in signed}
+
     async def _signed_url(
         self, path: str, expires_in: int, user_id: str | None, download: str | bool | None = None
     ) -> str:

@@ -97,11 +97,15 @@ class TaskService:
             )
 
     async def get_task(self, *, user_id: str, task_id: str) -> dict:
-        """查询自己的一个任务"""
+        """查询自己的一个任务（结果地址重新签名）"""
+        [task] = await with_fresh_result_urls([await self._own_task(user_id, task_id)])
+        return task
+
+    async def _own_task(self, user_id: str, task_id: str) -> dict:
         row = await db.fetch_one_as(user_id, f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,))
         if row is None:
             raise NotFound("Task not found.")
-        return await with_fresh_result_url(row)
+        return row
 
     async def list_tasks(
         self,
@@ -122,11 +126,12 @@ class TaskService:
             " order by created_at desc, id desc limit %(limit)s",
             {"status": status, "project": project_id, **page_after(cursor), "limit": limit + 1},
         )
-        return page_of(rows, limit)
+        page = page_of(rows, limit)
+        return {**page, "items": await with_fresh_result_urls(page["items"])}
 
     async def cancel_task(self, *, user_id: str, task_id: str) -> dict:
         """取消排队中或处理中的任务并退款；已结束的任务 → 409"""
-        task = await self.get_task(user_id=user_id, task_id=task_id)
+        task = await self._own_task(user_id, task_id)
         if task["status"] in TERMINAL:
             raise Conflict(f"The task is already {task['status']}.")
         outcome = await get_credit_service().refund(
@@ -196,18 +201,19 @@ class TaskService:
         return {asset_id: found[asset_id] for asset_id in ids}
 
 
-async def with_fresh_result_url(task: dict) -> dict:
-    """已完成任务：换上新签名的结果下载地址（存储的地址会过期）"""
-    path = (task.get("result") or {}).get("path")
-    if task["status"] == "completed" and path:
-        from lib.storage import get_storage
+async def with_fresh_result_urls(tasks: list[dict]) -> list[dict]:
+    """已完成任务换上新签名的结果下载地址（存储里的会过期；结果文件已被删除 → null），一次存储请求"""
+    paths = {
+        task["id"]: path
+        for task in tasks
+        if task["status"] == "completed" and (path := (task.get("result") or {}).get("path"))
+    }
+    if not paths:
+        return tasks
+    from lib.storage import get_storage
 
-        settings = get_settings()
-        task = {
-            **task,
-            "result_url": await get_storage().create_signed_url(path=path, expires_in=settings.signed_url_seconds),
-        }
-    return task
+    urls = await get_storage().create_signed_urls(paths=sorted(set(paths.values())))
+    return [{**task, "result_url": urls.get(paths[task["id"]])} if task["id"] in paths else task for task in tasks]
 
 
 def runnable_model(model_key: str) -> catalog.ModelSpec:

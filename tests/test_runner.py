@@ -57,6 +57,27 @@ async def test_completed_task_has_result_asset_and_one_charge(client, make_user,
     assert fresh["result_url"]
 
 
+async def test_lists_sign_result_urls_afresh_and_a_deleted_result_leaves_the_task_readable(
+    client, make_user, job_models
+):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    assert await run_task_async(task["id"]) == "completed"
+    sql("update public.tasks set result_url = 'http://stale.example/expired' where id = %s", (task["id"],))
+    [listed] = (await client.get("/tasks", headers=user.headers)).json()["data"]["items"]
+    assert listed["result_url"].startswith("http") and "stale" not in listed["result_url"]
+    assert (await client.get(listed["result_url"])).status_code == 200
+
+    result_asset = task_row(task["id"])["result"]["asset_id"]
+    assert (await client.delete(f"/assets/{result_asset}", headers=user.headers)).status_code == 200
+    resp = await client.get(f"/tasks/{task['id']}", headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["data"]["result_url"] is None
+    [listed] = (await client.get("/tasks", headers=user.headers)).json()["data"]["items"]
+    assert listed["status"] == "completed" and listed["result_url"] is None
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 409 and "already completed" in resp.json()["error"]["message"]
+
+
 async def test_second_run_of_a_claimed_task_does_nothing(client, make_user, job_models):
     user = await make_user()
     task = await create(client, user, "quick")
