@@ -17,7 +17,7 @@ from typing import BinaryIO
 from lib import db
 from lib.config import get_settings
 from lib.credits import get_credit_service
-from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge
+from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, TooManyActiveTasks
 from lib.paging import page_after, page_of
 from lib.projects import get_project_service
 from lib.storage import HEAD_BYTES, check_path, get_storage, user_path
@@ -284,9 +284,17 @@ class AssetService:
     # ------------------------------------------------------------ steps
 
     async def _upload_slot(self, *, user_id: str, media: MediaType, project_id: str | None) -> tuple[str, str]:
-        """新上传的资源 id 与存储路径（先确认项目属于该用户）"""
+        """新上传的资源 id 与存储路径（先确认项目属于该用户、待检查的上传未超上限）"""
         if project_id:
             await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+        limit = get_settings().max_upload_checks_per_user
+        checking = await db.fetch_one(
+            "select count(*) as n from public.tasks"
+            " where user_id = %s and model_key = %s and status in ('queued', 'processing')",
+            (user_id, PROBE_MODEL),
+        )
+        if checking["n"] >= limit:  # each check is a job on our side, free to the user: capped on its own
+            raise TooManyActiveTasks(f"{checking['n']} uploads are still being checked; please wait for them.")
         asset_id = str(uuid.uuid4())
         return asset_id, user_path(user_id, "uploads", f"{asset_id}{media.ext}")
 

@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     task_max_attempts: int = Field(3, ge=1)
     task_queue_timeout_seconds: int = Field(6 * 3600, ge=60)
     max_active_tasks_per_user: int = Field(5, ge=1)
+    max_upload_checks_per_user: int = Field(20, ge=1)
     worker_concurrency: int = Field(1, ge=1)
     reaper_interval_seconds: float = 5.0
 

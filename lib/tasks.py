@@ -134,6 +134,9 @@ class TaskService:
         task = await self._own_task(user_id, task_id)
         if task["status"] in TERMINAL:
             raise Conflict(f"The task is already {task['status']}.")
+        spec = catalog.CATALOG.get(task["model_key"])
+        if spec is not None and not spec.public:  # an upload's check: stopping it would strand the asset
+            raise Conflict("This task checks an upload and cannot be canceled; delete the asset instead.")
         outcome = await get_credit_service().refund(
             task_id=task_id,
             status="canceled",

@@ -268,6 +268,49 @@ async def test_list_filters_and_pages(client, make_user):
     assert (await client.get("/assets?kind=document", headers=user.headers)).status_code == 422
 
 
+async def test_upload_checks_do_not_count_toward_the_active_task_limit(client, make_user, monkeypatch):
+    from tests.factories import make_asset
+
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_active_tasks_per_user", 2)
+    for _ in range(3):  # three uploads waiting for their check (no worker here)
+        assert (await direct_upload(client, user, png_bytes())).status_code == 201
+    ready = make_asset(user.id)
+    body = {"model_key": "image.upscale", "params": {"image_asset_id": ready, "scale": 2}}
+    resp = await client.post("/tasks", json=body, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+
+
+async def test_uploads_still_being_checked_are_capped(client, make_user, monkeypatch):
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_upload_checks_per_user", 2)
+    for _ in range(2):
+        assert (await direct_upload(client, user, png_bytes())).status_code == 201
+    resp = await direct_upload(client, user, png_bytes())
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "too_many_active_tasks"
+    resp = await client.post("/assets/uploads", json={"content_type": "image/png", "bytes": 10}, headers=user.headers)
+    assert resp.status_code == 429
+    assert len(sql("select id from public.assets where user_id = %s", (user.id,))) == 2  # nothing stored for them
+
+
+async def test_an_upload_check_cannot_be_canceled(client, make_user):
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    resp = await client.post(f"/tasks/{asset['probe_task_id']}/cancel", headers=user.headers)
+    assert resp.status_code == 409 and "delete the asset" in resp.json()["error"]["message"]
+    assert task_row(asset["probe_task_id"])["status"] == "queued"
+
+
+@pytest.mark.parametrize("status", ["failed", "canceled"])
+async def test_a_check_that_ends_without_a_verdict_rejects_its_upload(client, make_user, status):
+    """The reaper giving up, a crash, a cancel by the server: the asset must not stay pending for good."""
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    sql("select public.finish_task(%s, %s)", (asset["probe_task_id"], status))
+    row = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
+    assert row["status"] == "rejected" and "upload it again" in row["metadata"]["reject_reason"]
+
+
 async def test_mark_probed_changes_only_pending_assets(client, make_user):
     user = await make_user()
     asset = (await direct_upload(client, user, png_bytes())).json()["data"]

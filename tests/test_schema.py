@@ -108,6 +108,17 @@ def test_clients_hold_no_table_privilege_that_rls_does_not_cover(postgres, db_co
                 conn.execute("lock table public.credit_ledger in access exclusive mode")
         with pytest.raises(psycopg.errors.InsufficientPrivilege):  # would make every charge a duplicate key
             conn.execute("select setval('public.credit_ledger_id_seq', 1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # counts every ledger entry: business volume
+            conn.execute("select last_value from public.credit_ledger_id_seq")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):  # would stall every signup
+            with conn.transaction():
+                conn.execute("lock table public.profiles in access exclusive mode")
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        as_role(conn, "anon")
+        for table in ("profiles", "projects"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                with conn.transaction():
+                    conn.execute(f"lock table public.{table} in access exclusive mode")
 
 
 def test_signup_grants_credits_once(db_conn):
@@ -122,6 +133,20 @@ def test_signup_grants_credits_once(db_conn):
     ).fetchone()
     assert account["balance"] == 100 == ledger["total"] and ledger["n"] == 1
     assert db_conn.execute("select email from public.profiles where id = %s", (user,)).fetchone()
+
+
+def test_anonymous_users_get_signup_credits_once_their_account_is_permanent(db_conn):
+    user = str(uuid.uuid4())
+    db_conn.execute("insert into auth.users (id, is_anonymous) values (%s, true)", (user,))
+    balance = "select balance from public.credit_accounts where user_id = %s"
+    assert db_conn.execute(balance, (user,)).fetchone()["balance"] == 0
+    for _ in range(2):  # linking an email makes it permanent; later updates grant nothing more
+        db_conn.execute(
+            "update auth.users set is_anonymous = false, email = %s where id = %s", (f"{user}@example.com", user)
+        )
+    assert db_conn.execute(balance, (user,)).fetchone()["balance"] == 100
+    profile = db_conn.execute("select email from public.profiles where id = %s", (user,)).fetchone()
+    assert profile["email"] == f"{user}@example.com"
 
 
 def _seed_rows_of(conn, owner: str) -> None:

@@ -42,6 +42,7 @@ create table if not exists auth.users (
   created_at timestamptz default now(),
   updated_at timestamptz default now()
 );
+alter table auth.users add column if not exists is_anonymous boolean not null default false;
 
 create or replace function auth.uid() returns uuid
 language sql stable
