@@ -135,10 +135,10 @@ def upstream_error(exc: stripe.StripeError) -> SpoolError:
 class BillingService:
     """计费服务（积分包、Stripe 结账与 webhook）"""
 
-    async def list_packages(self) -> list[dict]:
-        """列出在售的积分包"""
-        return await db.fetch_all(
-            f"select {PACKAGE_COLUMNS} from public.credit_packages where active order by price_cents, id"
+    async def list_packages(self, *, user_id: str) -> list[dict]:
+        """列出在售的积分包（以用户身份读：RLS 只给登录用户看在售的包）"""
+        return await db.fetch_all_as(
+            user_id, f"select {PACKAGE_COLUMNS} from public.credit_packages where active order by price_cents, id"
         )
 
     async def create_checkout(

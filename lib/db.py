@@ -95,13 +95,16 @@ async def transaction() -> AsyncIterator[psycopg.AsyncConnection]:
 async def as_user(user_id: str, claims: dict | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
     """以用户身份执行（与 PostgREST 相同：authenticated 角色 + JWT claims），由 RLS 把关"""
     claims = {"sub": user_id, "role": "authenticated", **(claims or {})}
-    # Pipeline mode: BEGIN, the claims and the caller's first query travel in one round trip.
+    # Pipeline mode: BEGIN, the account check, the claims and the caller's first query travel in one round trip.
     async with connection() as conn, conn.pipeline(), conn.transaction():
+        account = await conn.execute("select exists (select 1 from auth.users where id = %s) as live", (user_id,))
         await conn.execute(
             "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)",
             (json.dumps(claims),),
         )
         yield conn
+        if not (await account.fetchone())["live"]:  # a token outlives its deleted user by up to an hour
+            raise Unauthorized(ACCOUNT_GONE)
 
 
 async def fetch_one_as(user_id: str, sql: str, params: Any = None) -> dict | None:

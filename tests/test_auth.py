@@ -162,6 +162,21 @@ async def test_a_remembered_token_still_expires(client, make_user, monkeypatch):
     assert status == 401 and body["error"]["message"] == "Access token expired."
 
 
+def READS_OF(user) -> list[str]:
+    """用户能读的每一种东西（列表与单个）"""
+    mine = str(uuid.uuid4())
+    return [
+        "/projects",
+        f"/projects/{mine}",
+        "/tasks",
+        f"/tasks/{mine}",
+        "/assets",
+        f"/assets/{mine}",
+        "/credits/ledger",
+        "/credits/packages",
+    ]
+
+
 async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkeypatch):
     user = await make_user()
     sql("delete from auth.users where id = %s", (user.id,))
@@ -175,6 +190,7 @@ async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkey
         "/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}}, headers=user.headers
     )
     pay = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=user.headers)
-    for resp in (created, ticket, balance, task, pay):
+    reads = [await client.get(path, headers=user.headers) for path in READS_OF(user)]
+    for resp in (created, ticket, balance, task, pay, *reads):
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["message"] == "This account no longer exists."
