@@ -44,14 +44,24 @@ class TaskService:
         spec = available_model(model_key)
         settings = get_settings()
         valid = catalog.validate_params(spec, params)
-        assets = await self._input_assets(user_id, spec, valid)
-        if project_id:
-            from lib.projects import get_project_service
+        stored_params = valid.model_dump(mode="json")
+        request = (model_key, stored_params, project_id)
+        try:
+            assets = await self._input_assets(user_id, spec, valid)
+            if project_id:
+                from lib.projects import get_project_service
 
-            await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+                await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+        except NotFound:
+            # A replay whose input or project was deleted since: the first answer still stands.
+            earlier = idempotency_key and await self._keyed_task(user_id, idempotency_key)
+            if earlier:
+                if earlier["project_id"] is None:  # its project may be the one deleted (project_id set null)
+                    earlier = {**earlier, "project_id": project_id}
+                return _same_request(earlier, request), False
+            raise
         credits = get_credit_service()
         cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
-        stored_params = valid.model_dump(mode="json")
         outcome = await credits.consume_credits(
             user_id=user_id,
             model_key=model_key,
@@ -63,11 +73,10 @@ class TaskService:
             max_active=settings.max_active_tasks_per_user,
         )
         task = public_task(outcome["task"])
-        if outcome["created"]:
-            await self.dispatch(task_id=task["id"], model_key=model_key)
-        elif (task["model_key"], task["params"], task["project_id"]) != (model_key, stored_params, project_id):
-            raise Conflict("This Idempotency-Key was already used for a different request.")
-        return task, outcome["created"]
+        if not outcome["created"]:
+            return _same_request(task, request), False
+        await self.dispatch(task_id=task["id"], model_key=model_key)
+        return task, True
 
     async def quote(self, *, user_id: str, model_key: str, params: dict, input_asset_ids=None) -> dict:
         """报价：与创建任务相同的校验与计价，但不扣费"""
@@ -100,6 +109,11 @@ class TaskService:
         """查询自己的一个任务（结果地址重新签名）"""
         [task] = await with_fresh_result_urls([await self._own_task(user_id, task_id)])
         return task
+
+    async def _keyed_task(self, user_id: str, idempotency_key: str) -> dict | None:
+        return await db.fetch_one_as(
+            user_id, f"select {PUBLIC_COLUMNS} from public.tasks where idempotency_key = %s", (idempotency_key,)
+        )
 
     async def _own_task(self, user_id: str, task_id: str) -> dict:
         row = await db.fetch_one_as(user_id, f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,))
@@ -217,6 +231,14 @@ async def with_fresh_result_urls(tasks: list[dict]) -> list[dict]:
 
     urls = await get_storage().create_signed_urls(paths=sorted(set(paths.values())))
     return [{**task, "result_url": urls.get(paths[task["id"]])} if task["id"] in paths else task for task in tasks]
+
+
+def _same_request(task: dict, request: tuple) -> dict:
+    """重放：幂等键对应的任务须来自同一请求（模型、参数、项目），否则 409"""
+    project_id = task["project_id"] and str(task["project_id"])
+    if (task["model_key"], task["params"], project_id) != request:
+        raise Conflict("This Idempotency-Key was already used for a different request.")
+    return task
 
 
 def runnable_model(model_key: str) -> catalog.ModelSpec:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lib.config import get_settings
-from tests.factories import balance, ledger, make_asset, set_balance, task_row
+from tests.factories import balance, ledger, make_asset, set_balance, sql, task_row
 
 
 @pytest.fixture
@@ -183,6 +183,26 @@ async def test_twenty_concurrent_replays_make_one_task(client, make_user, many_a
     ids = {r.json()["data"]["id"] for r in responses}
     assert len(ids) == 1
     assert sorted(r.status_code for r in responses) == [200] * 19 + [201]
+    assert balance(user.id) == 96
+
+
+async def test_a_replay_after_its_input_and_project_were_deleted_returns_the_first_answer(client, make_user):
+    user = await make_user()
+    project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]["id"]
+    asset = make_asset(user.id, width=1000, height=1000)
+    body = {**upscale(asset), "project_id": project}
+    headers = {**user.headers, "Idempotency-Key": "sent-twice"}
+    first = await client.post("/tasks", json=body, headers=headers)
+    assert first.status_code == 201
+    sql("delete from public.assets where id = %s", (asset,))
+    again = await client.post("/tasks", json=body, headers=headers)
+    assert again.status_code == 200 and again.json()["data"]["id"] == first.json()["data"]["id"]
+    assert (await client.delete(f"/projects/{project}", headers=user.headers)).status_code == 200
+    again = await client.post("/tasks", json=body, headers=headers)
+    assert again.status_code == 200 and again.json()["data"]["id"] == first.json()["data"]["id"]
+    other = await client.post("/tasks", json={**body, "params": {**body["params"], "scale": 4}}, headers=headers)
+    assert other.status_code == 409
+    assert (await client.post("/tasks", json=body, headers=user.headers)).status_code == 404  # no key: no replay
     assert balance(user.id) == 96
 
 
