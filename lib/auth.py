@@ -70,7 +70,8 @@ class TokenVerifier:
             if alg in ASYMMETRIC_ALGS:
                 # The PyJWK itself, not its raw key: PyJWT then refuses a header alg that is not the key's
                 # (an RS256 header on an EC key's kid) instead of failing on the key type.
-                claims = self._decode(token, self.jwks.get_signing_key_from_jwt(token), alg)
+                kid = header.get("kid")
+                claims = self._decode(token, self._cached_key(kid) or self.jwks.get_signing_key(kid), alg)
             elif alg == "HS256" and self.hs_secret:
                 claims = self._decode(token, self.hs_secret, "HS256")
             else:
@@ -103,10 +104,26 @@ class TokenVerifier:
             options={"require": ["exp", "sub", "aud", "iss"]},
         )
 
-    async def averify(self, token: str) -> dict:
-        """异步校验（JWKS 获取在线程中进行）"""
+    def _cached_key(self, kid) -> object | None:
+        """缓存的密钥集里该 kid 的签名密钥（不联网、不等 PyJWKClient 的锁）；没有 → None"""
         cache = self.jwks.jwk_set_cache
-        if token in self._verified or (cache is not None and cache.get() is not None):  # no network: inline
+        jwk_set = cache.get() if cache is not None else None
+        if jwk_set is None or not kid:
+            return None
+        return next((key for key in jwk_set.keys if key.key_id == kid and key.public_key_use in ("sig", None)), None)
+
+    def _needs_fetch(self, token: str) -> bool:
+        import jwt
+
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return False  # refused without a key
+        return header.get("alg") in ASYMMETRIC_ALGS and self._cached_key(header.get("kid")) is None
+
+    async def averify(self, token: str) -> dict:
+        """异步校验：需要取 JWKS 时（缓存为空、kid 未知：密钥轮换或伪造）在线程中进行，不阻塞事件循环"""
+        if token in self._verified or not self._needs_fetch(token):
             return self.verify(token)
         return await asyncio.to_thread(self.verify, token)
 

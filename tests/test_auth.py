@@ -194,3 +194,56 @@ async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkey
     for resp in (created, ticket, balance, task, pay, *reads):
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["message"] == "This account no longer exists."
+
+
+async def test_an_unknown_kid_is_looked_up_off_the_event_loop(live_server):
+    """A rotated-in (or forged) kid makes the verifier fetch the JWKS again: the loop keeps serving meanwhile."""
+    import asyncio
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from jwt import PyJWKClient
+
+    from lib.auth import TokenVerifier
+    from lib.errors import Unauthorized
+
+    body = json.dumps(local_issuer().jwks()).encode()
+
+    class SlowJwks(BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(0.5)  # a slow identity provider
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowJwks)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        verifier = TokenVerifier()
+        url = f"http://127.0.0.1:{server.server_port}/jwks.json"
+        verifier.jwks = PyJWKClient(url, cache_jwk_set=True, lifespan=600, timeout=5, cooldown_duration=0)
+        await verifier.averify(es256(claims()))  # the first fetch warms the cache
+
+        ticks = 0
+
+        async def tick():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        other_key = ec.generate_private_key(ec.SECP256R1())
+        with pytest.raises(Unauthorized):
+            await verifier.averify(es256(claims(), key=other_key, kid="rotated-in"))
+        seen_while_fetching = ticks
+        ticker.cancel()
+        assert seen_while_fetching > 0
+        assert (await verifier.averify(es256(claims())))["aud"] == "authenticated"  # known kid: no fetch
+    finally:
+        server.shutdown()
