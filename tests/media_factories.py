@@ -64,7 +64,8 @@ def make_video(
     path = Path(path)
     with av.open(str(path), "w") as out:
         video = out.add_stream(video_codec, rate=Fraction(fps))
-        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.width, video.height = width, height
+        video.pix_fmt = "yuvj420p" if video_codec == "mjpeg" else "yuv420p"
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
         if pixel_aspect is not None:

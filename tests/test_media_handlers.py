@@ -533,6 +533,122 @@ def test_damaged_audio_packets_are_skipped(tmp_path):
     assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.05)
 
 
+def _remux(src: Path, dst: Path, change) -> Path:
+    """逐包复制一个文件；change(packet, n) 可改写或替换第 n 个同类包"""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        counts = {"audio": 0, "video": 0}
+        for packet in inp.demux():
+            if packet.dts is None:
+                continue
+            counts[packet.stream.type] += 1
+            packet = change(packet, counts[packet.stream.type]) or packet
+            packet.stream = streams[packet.stream_index]
+            out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mkv", "aac"), (".mkv", "pcm_s16le"), (".webm", "libopus")])
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_audio_packets_with_a_repeated_time_are_kept_in_order(tmp_path, suffix, codec, handler):
+    """Browser recordings (MediaRecorder WebM) may repeat an audio packet's time; muxers refuse that as it is."""
+    video_codec = "libvpx-vp9" if suffix == ".webm" else "libx264"
+    rate = 48000 if codec == "libopus" else 44100
+    src = make_video(
+        tmp_path / f"ok{suffix}", frames=24, fps=24, audio_codec=codec, video_codec=video_codec, audio_rate=rate
+    )
+    times = {}
+
+    def repeat_a_time(packet, n):
+        if packet.stream.type == "audio":
+            times[n] = packet.dts
+            if n == 5:
+                packet.pts = packet.dts = times[4]
+
+    repeated = _remux(src, tmp_path / f"repeated{suffix}", repeat_a_time)
+    params = {"video_asset_id": "v", "scale": 2} if handler is video_upscale else {"video_asset_id": "v", "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": repeated}))
+    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
+
+
+def test_a_damaged_video_packet_is_skipped(tmp_path):
+    """Decoding goes on past it, as the ffmpeg command does; the rest of the video comes through."""
+    src = make_video(tmp_path / "ok.avi", frames=24, fps=24, audio=False, video_codec="mjpeg")
+
+    def damage(packet, n):
+        if packet.stream.type == "video" and n == 12:
+            broken = av.Packet(b"\xff\xd8\xff\xdb" + bytes(packet.size))  # a JPEG that ends in nothing
+            broken.pts, broken.dts, broken.time_base = packet.pts, packet.dts, packet.time_base
+            return broken
+
+    damaged = _remux(src, tmp_path / "damaged.avi", damage)
+    assert media.probe_file(damaged)["frame_count"] == 24
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": damaged}))
+    assert media.probe_file(out.path)["frame_count"] == 23
+
+
+def test_a_video_damaged_throughout_is_refused(tmp_path):
+    src = make_video(tmp_path / "ok.avi", frames=24, fps=24, audio=False, video_codec="mjpeg")
+
+    def damage(packet, n):
+        if packet.stream.type == "video" and n > 1:
+            broken = av.Packet(b"\xff\xd8\xff\xdb" + bytes(packet.size))
+            broken.pts, broken.dts, broken.time_base = packet.pts, packet.dts, packet.time_base
+            return broken
+
+    damaged = _remux(src, tmp_path / "damaged.avi", damage)
+    with pytest.raises(InvalidInput, match="could not be decoded"):
+        video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": damaged}))
+
+
+def test_tags_that_are_not_utf8_do_not_stop_a_video(tmp_path):
+    """Cameras write Latin-1 or Shift-JIS titles."""
+    src = tmp_path / "tagged.mkv"
+    make_video(src, frames=12, fps=24)
+    with av.open(str(make_video(tmp_path / "plain.mkv", frames=12, fps=24))) as inp, av.open(str(src), "w") as out:
+        out.metadata["title"] = "ZZZZtitleZZZZ"
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for packet in inp.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream_index]
+                out.mux(packet)
+    data = src.read_bytes()
+    assert b"ZZZZtitleZZZZ" in data
+    src.write_bytes(data.replace(b"ZZZZtitleZZZZ", b"ZZZZ\xff\xfe\xc3(leZZZZ"))
+    assert media.probe_file(src)["frame_count"] == 12
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert media.probe_file(out.path)["frame_count"] == 12 and audio_codec(out.path) == "aac"
+
+
+def test_streams_in_codecs_ffmpeg_does_not_know(tmp_path):
+    """An unknown audio codec is no audio; an unknown video codec is refused with a reason."""
+    src = make_video(tmp_path / "ok.mkv", frames=12, fps=24, audio_codec="libopus", audio_rate=48000)
+    data = src.read_bytes()
+    assert b"A_OPUS" in data and b"V_MPEG4/ISO/AVC" in data
+    odd_audio, odd_video = tmp_path / "odd_audio.mkv", tmp_path / "odd_video.mkv"
+    odd_audio.write_bytes(data.replace(b"A_OPUS", b"A_ZZZZ"))
+    odd_video.write_bytes(data.replace(b"V_MPEG4/ISO/AVC", b"V_MPEG4/ISO/ZZZ"))
+    info = media.probe_file(odd_audio)
+    assert info["has_audio"] is False and info["frame_count"] == 12
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": odd_audio}))
+    assert media.probe_file(out.path)["frame_count"] == 12 and audio_codec(out.path) is None
+    with pytest.raises(InvalidInput, match="codec"):
+        media.probe_file(odd_video)
+
+
+def test_a_png_with_a_huge_text_chunk_is_refused_cleanly(tmp_path):
+    data = make_image(tmp_path / "a.png").read_bytes()
+    text = b"Comment\0\1\0\0\0" + zlib.compress(b"\0" * (3 << 20))
+    chunk = struct.pack(">I", len(text)) + b"iTXt" + text + struct.pack(">I", zlib.crc32(b"iTXt" + text))
+    at = data.index(b"IDAT") - 4
+    path = tmp_path / "big_text.png"
+    path.write_bytes(data[:at] + chunk + data[at:])
+    with pytest.raises(InvalidInput):
+        media.probe_file(path)
+    with pytest.raises(InvalidInput):
+        image_upscale.run(make_ctx(tmp_path / "w", {"image_asset_id": "i", "scale": 2}, {"i": path}))
+
+
 def test_video_upscale_refuses_an_image(tmp_path, picture):
     with pytest.raises(InvalidInput, match="video"):
         video_upscale.run(make_ctx(tmp_path, {"video_asset_id": "v", "scale": 2}, {"v": picture}))

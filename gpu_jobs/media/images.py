@@ -24,7 +24,7 @@ def open_image(
     """打开图片（先检查像素数，再解码，按 EXIF 方向摆正）：RGB；有透明时铺在 background 上，或 keep_alpha 时为 RGBA"""
     try:
         img = Image.open(path)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as exc:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InvalidInput(f"The image could not be read: {reason(exc, path)}") from None
     check_input_pixels(*img.size)
     try:

@@ -73,7 +73,7 @@ def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image
         img = Image.open(path)
     except UnidentifiedImageError:
         return None
-    except (OSError, Image.DecompressionBombError) as exc:
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # ValueError: a huge text chunk
         raise InvalidInput(f"The image could not be read: {reason(exc, path)}") from None
     with img:
         if img.format not in IMAGE_FORMATS:
@@ -109,9 +109,15 @@ def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image
     return info, poster
 
 
+def open_media(path: str | Path) -> Any:
+    """打开输入媒体文件（元数据里无效的 UTF-8 被替换，不会让整个文件读不了）"""
+    # Cameras write Latin-1 or Shift-JIS tags; PyAV decodes metadata strictly by default.
+    return av.open(str(path), metadata_errors="replace")
+
+
 def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
     try:
-        container = av.open(str(path))
+        container = open_media(path)
     except av.FFmpegError as exc:
         raise InvalidInput(
             f"The file is not a readable image or video (corrupt, truncated or unsupported): {reason(exc, path)}"
@@ -121,13 +127,15 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             # FFmpeg reads stills Pillow does not (DPX, XWD, Radiance HDR) as one-frame "videos"
             kind = container.format.name.removesuffix("_pipe").upper()
             raise InvalidInput(f"Unsupported image format {kind}; use PNG, JPEG, WebP, GIF, BMP or TIFF.")
-        audio = container.streams.audio[0] if container.streams.audio else None
+        audio = audio_stream(container)
         stream = video_stream(container)
         if stream is None:
-            if audio is not None:  # cover art alone (an album's picture in an mp3) does not make it a video
+            if container.streams.audio:  # cover art alone (an album's picture in an mp3) does not make it a video
                 raise InvalidInput("The file is audio only; an image or a video is needed.")
             raise InvalidInput("The file holds no video or image stream.")
         ctx = stream.codec_context
+        if ctx is None:
+            raise InvalidInput("The video's codec is not one we can decode.")
         if not ctx.width or not ctx.height:
             raise InvalidInput(f"The video stream ({ctx.name}) has no frame size; the file is corrupt or unsupported.")
         check_input_pixels(ctx.width, ctx.height)
@@ -195,6 +203,11 @@ def pixel_aspect(stream: Any, transpose: bool = False) -> Fraction:
     sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
     sar = Fraction(sar) if sar and sar > 0 else Fraction(1)
     return 1 / sar if transpose else sar
+
+
+def audio_stream(container: Any) -> Any | None:
+    """要保留的音轨：第一个有解码器的音频流（编码未知的音轨当作没有）"""
+    return next((s for s in container.streams.audio if s.codec_context is not None), None)
 
 
 def video_stream(container: Any) -> Any | None:

@@ -17,7 +17,14 @@ import torch
 from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
-from gpu_jobs.media.probe import limit_decoded_pixels, pixel_aspect, reason, video_stream
+from gpu_jobs.media.probe import (
+    audio_stream,
+    limit_decoded_pixels,
+    open_media,
+    pixel_aspect,
+    reason,
+    video_stream,
+)
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -33,6 +40,7 @@ BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 64_000_000}
 # cheaper than torch's conversion and runs beside the processing, so frames go to the encoder as RGB.
 YUV_ON_DEVICE = {"cuda"}
 _END = object()
+MAX_BAD_PACKETS = 1  # damaged video packets skipped before the file is refused (plus 1 in 50 of those read)
 
 
 class _Worker:
@@ -125,7 +133,7 @@ class FrameReader(_Worker):
             self._pool.put((buf, event))
 
     def work(self) -> None:
-        with av.open(self.path) as container:
+        with open_media(self.path) as container:
             stream = video_stream(container)
             stream.thread_type = "AUTO"
             limit_decoded_pixels(stream)
@@ -133,30 +141,47 @@ class FrameReader(_Worker):
             start, step = stream.start_time or 0, frame_ticks(stream)
             display, buf, n = Display(), None, 0
             planes_of = display.yuv420 if self.planar else lambda *frame: [display.rgb(*frame)]
-            try:
-                for frame in container.decode(stream):
-                    if self.stop.is_set():
+            for frame in self._frames(container, stream):
+                if self.stop.is_set():
+                    return
+                planes = planes_of(frame, width, height)
+                known = frame.pts is not None and frame.time_base == stream.time_base
+                self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
+                if buf is None:
+                    shape = (sum(p.size for p in planes),) if self.planar else planes[0].shape
+                    buf, n = self._buffer((self.batch_size, *shape)), 0
+                row, at = buf[n].numpy().reshape(-1), 0
+                for plane in planes:
+                    row[at : at + plane.size].reshape(plane.shape)[...] = plane
+                    at += plane.size
+                n += 1
+                if n == self.batch_size:
+                    if not self.put(buf):
                         return
-                    planes = planes_of(frame, width, height)
-                    known = frame.pts is not None and frame.time_base == stream.time_base
-                    self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
-                    if buf is None:
-                        shape = (sum(p.size for p in planes),) if self.planar else planes[0].shape
-                        buf, n = self._buffer((self.batch_size, *shape)), 0
-                    row, at = buf[n].numpy().reshape(-1), 0
-                    for plane in planes:
-                        row[at : at + plane.size].reshape(plane.shape)[...] = plane
-                        at += plane.size
-                    n += 1
-                    if n == self.batch_size:
-                        if not self.put(buf):
-                            return
-                        buf = None
-            except av.FFmpegError as exc:
-                raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
+                    buf = None
             if buf is not None and n:
                 self.put(buf[:n])
         self.put(_END)
+
+    def _frames(self, container: Any, stream: Any) -> Iterator[av.VideoFrame]:
+        """Decoded frames; a damaged packet is skipped (as the ffmpeg command does), many of them refuse the file."""
+        packets = bad = frames = 0
+        for packet in container.demux(stream):
+            packets += 1
+            try:
+                decoded = packet.decode()
+            except av.InvalidDataError as exc:  # damaged data, or a frame over the pixel limit (never decoded)
+                bad += 1
+                if bad > MAX_BAD_PACKETS + packets // 50:
+                    raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
+                log.warning("%s: skipped a damaged video packet (%s)", self.path, exc)
+                continue
+            except av.FFmpegError as exc:
+                raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
+            frames += len(decoded)
+            yield from decoded
+        if not frames:
+            raise InvalidInput("The video could not be decoded: no frame in it is readable.")
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while (item := self.get()) is not _END:
@@ -260,9 +285,9 @@ class FrameWriter(_Worker):
                 cc.sample_aspect_ratio = self.pixel_aspect
             src = audio = None
             if audio_as is not None:
-                src = av.open(str(self.audio_from))
+                src = open_media(self.audio_from)
                 if audio_as == "copy":
-                    audio = out.add_stream_from_template(src.streams.audio[0])
+                    audio = out.add_stream_from_template(audio_stream(src))
                 else:
                     audio = out.add_stream("aac", rate=audio_as[0])
                     audio.layout = audio_as[1]
@@ -277,9 +302,9 @@ class FrameWriter(_Worker):
     def work(self) -> None:
         ways: list[str | tuple[int, str] | None] = [None]
         if self.audio_from is not None:
-            with av.open(str(self.audio_from)) as probe:
-                if probe.streams.audio:
-                    ways = _audio_ways(probe.streams.audio[0].codec_context)
+            with open_media(self.audio_from) as probe:
+                if (in_audio := audio_stream(probe)) is not None:
+                    ways = _audio_ways(in_audio.codec_context)
         for way in ways:  # copied if MP4 takes the codec, else AAC at the source's rate and layout, else stereo
             try:
                 out, video, src, audio = self._open(way)
@@ -325,14 +350,17 @@ class FrameWriter(_Worker):
 
     def _audio_items(self, src: Any, audio: Any, copy: bool) -> Iterator[tuple[float, Any]]:
         """(seconds, packet) of the source's audio, copied or re-encoded, shifted to the video's zero."""
-        in_audio = src.streams.audio[0]
+        in_audio = audio_stream(src)
         shift = round(self.start_time / in_audio.time_base) if in_audio.time_base else 0
-        next_at = 0.0
+        next_at, ended_at, last_dts = 0.0, None, None
         for packet in src.demux(in_audio):
             if copy:
                 if packet.dts is None or not packet.size:
                     continue
-                pts = packet.pts if packet.pts is not None else packet.dts
+                if last_dts is not None and packet.dts <= last_dts:
+                    continue  # a repeated or backwards time (some recorders write them): muxers refuse it
+                last_dts = packet.dts
+                pts = max(packet.pts if packet.pts is not None else packet.dts, packet.dts)
                 packet.pts, packet.dts = pts - shift, packet.dts - shift
                 packet.stream = audio
                 yield float(packet.pts * packet.time_base), packet
@@ -344,7 +372,9 @@ class FrameWriter(_Worker):
             for frame in frames:
                 # Timed from the video's zero in samples: audio that starts late (or early) stays in sync.
                 at = frame.time - self.start_time if frame.time is not None else next_at
-                next_at = at + frame.samples / frame.sample_rate
+                if ended_at is not None:
+                    at = max(at, ended_at)  # never overlapping the previous frame: the encoder needs rising times
+                next_at = ended_at = at + frame.samples / frame.sample_rate
                 frame.pts, frame.time_base = round(at * frame.sample_rate), Fraction(1, frame.sample_rate)
                 for out_packet in audio.encode(frame):
                     yield at, out_packet
@@ -419,7 +449,7 @@ def stream_video(
     belongs to the encoder, which converts it in place: yield copies of frames it keeps. With ``planar``
     the batches are the frames' flat yuv420p planes, and ``process`` yields (N, H·3/2, W) yuv420p code values.
     """
-    with av.open(str(src)) as container:  # header only: timing facts the writer keeps
+    with open_media(src) as container:  # header only: timing facts the writer keeps
         stream = video_stream(container)
         rate = stream.average_rate or stream.guessed_rate or Fraction(info["fps"]).limit_denominator(1001000)
         time_base, step = stream.time_base, frame_ticks(stream)
