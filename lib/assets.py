@@ -226,7 +226,8 @@ class AssetService:
             facts["kind"] = None
         extra = {key: value for key, value in probe.items() if key not in PROBE_COLUMNS}
         return await db.fetch_one(
-            "update public.assets set kind = coalesce(%(kind)s, kind), mime = coalesce(%(mime)s, mime),"
+            # The type sniffed from the bytes at upload stays: FFmpeg names MP4 and QuickTime alike.
+            "update public.assets set kind = coalesce(%(kind)s, kind), mime = coalesce(mime, %(mime)s),"
             " bytes = coalesce(%(bytes)s, bytes), width = %(width)s, height = %(height)s,"
             " duration_s = %(duration_s)s, fps = %(fps)s, metadata = metadata || %(extra)s::jsonb, status = 'ready'"
             f" where id = %(id)s and status = 'pending' returning {ASSET_COLUMNS}",

@@ -268,6 +268,16 @@ async def test_list_filters_and_pages(client, make_user):
     assert (await client.get("/assets?kind=document", headers=user.headers)).status_code == 422
 
 
+async def test_the_type_sniffed_at_upload_outlives_the_probe(client, make_user):
+    """FFmpeg names MP4 and QuickTime alike ("mov,mp4,..."): the probe must not turn a .mov into video/mp4."""
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    sql("update public.assets set kind = 'video', mime = 'video/quicktime' where id = %s", (asset["id"],))
+    probe = {"kind": "video", "mime": "video/mp4", "width": 8, "height": 6, "duration_s": 1.0, "fps": 24.0}
+    row = await get_asset_service().mark_probed(asset_id=asset["id"], probe=probe, reason=None)
+    assert row["status"] == "ready" and row["mime"] == "video/quicktime"
+
+
 async def test_upload_checks_do_not_count_toward_the_active_task_limit(client, make_user, monkeypatch):
     from tests.factories import make_asset
 

@@ -230,7 +230,8 @@ def _count_packets(container: Any, stream: Any) -> int:
 
 def _mime_subtype(format_name: str) -> str:
     names = format_name.split(",")
-    for name, sub in (("mp4", "mp4"), ("mov", "quicktime"), ("matroska", "x-matroska"), ("webm", "webm")):
+    known = (("mp4", "mp4"), ("mov", "quicktime"), ("matroska", "x-matroska"), ("webm", "webm"), ("avi", "x-msvideo"))
+    for name, sub in known:
         if name in names:
             return sub
     return names[0]
