@@ -264,6 +264,26 @@ def test_image_upscale(tmp_path, picture, scale, fmt, mime):
         assert img.size == (96 * scale, 64 * scale)
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_image_upscale_keeps_the_colour_profile(tmp_path, fmt):
+    """A Display P3 or Adobe RGB photo looks washed out without its profile; a CMYK one no longer applies."""
+    from PIL import ImageCms
+
+    rgb_profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(natural_image(48, 64)).save(photo, quality=95, icc_profile=rgb_profile)
+    ctx = make_ctx(tmp_path / "w", {"image_asset_id": "i", "scale": 2, "format": fmt}, {"i": photo})
+    [out] = image_upscale.run(ctx)
+    with Image.open(out.path) as img:
+        assert img.info.get("icc_profile") == rgb_profile
+
+    cmyk = tmp_path / "print.jpg"
+    Image.new("CMYK", (32, 24), (0, 50, 100, 0)).save(cmyk, icc_profile=rgb_profile[:16] + b"CMYK" + rgb_profile[20:])
+    [out] = image_upscale.run(make_ctx(tmp_path / "c", {"image_asset_id": "i", "scale": 2, "format": fmt}, {"i": cmyk}))
+    with Image.open(out.path) as img:
+        assert not img.info.get("icc_profile")
+
+
 @pytest.mark.parametrize(("scale", "sharpen"), [(2, 0.0), (2, 0.8), (4, 1.0)])
 def test_tiled_upscale_equals_whole_image(picture, scale, sharpen):
     image = media.load_image(picture)

@@ -21,6 +21,7 @@ from gpu_jobs.media import (
     probe_file,
     require_kind,
     resize,
+    rgb_colour_profile,
     save_image,
     to_uint8,
     unpremultiply,
@@ -54,7 +55,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     image = upscale_image(image, scale, sharpen, job_device(ctx), progress=ctx.progress)
     out = ctx.workdir / f"upscaled_{scale}x.{'jpg' if fmt == 'jpeg' else fmt}"
     ctx.progress(0.95, "Saving image")
-    save_image(image, out, fmt)
+    save_image(image, out, fmt, icc_profile=rgb_colour_profile(path))  # the picture's colours, as the input's
     _, height, width = image.shape
     return [
         OutputFile(

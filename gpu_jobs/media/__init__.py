@@ -11,7 +11,14 @@
 
 from gpu_jobs.media.device import even, input_path, job_device, param, pick_device, work_dtype
 from gpu_jobs.media.display import Display
-from gpu_jobs.media.images import IMAGE_MIME, load_image, open_image, probe_with_poster, save_image
+from gpu_jobs.media.images import (
+    IMAGE_MIME,
+    load_image,
+    open_image,
+    probe_with_poster,
+    rgb_colour_profile,
+    save_image,
+)
 from gpu_jobs.media.ops import (
     gaussian_blur,
     premultiply,
@@ -69,6 +76,7 @@ __all__ = [
     "require_kind",
     "resize",
     "resize_yuv420",
+    "rgb_colour_profile",
     "save_image",
     "stream_video",
     "to_device",

@@ -76,12 +76,24 @@ def probe_with_poster(path: str | Path, max_side: int = 1280) -> tuple[dict, Ima
     return info, img
 
 
-def save_image(image: torch.Tensor, path: Path, fmt: str) -> None:
-    """保存 uint8 张量 (3 或 4, H, W) 为 png/jpeg/webp"""
+def rgb_colour_profile(path: str | Path) -> bytes | None:
+    """输入图片内嵌的 RGB 色彩描述（ICC；Display P3、Adobe RGB 的照片离了它会显得发灰）；没有或非 RGB → None"""
+    try:
+        with Image.open(path) as img:
+            profile = img.info.get("icc_profile")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError):
+        return None
+    # Bytes 16..20 of an ICC header name its colour space: a CMYK or grey profile does not describe our RGB output.
+    return profile if isinstance(profile, bytes) and profile[16:20] == b"RGB " else None
+
+
+def save_image(image: torch.Tensor, path: Path, fmt: str, icc_profile: bytes | None = None) -> None:
+    """保存 uint8 张量 (3 或 4, H, W) 为 png/jpeg/webp（可带输入的 ICC 色彩描述）"""
     img = Image.fromarray(image.permute(1, 2, 0).contiguous().cpu().numpy())
     options = {
         "png": {"compress_level": 6},
         "jpeg": {"quality": 95, "subsampling": 0},
         "webp": {"quality": 95},
     }
-    img.save(path, format=fmt.upper(), **options[fmt])
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    img.save(path, format=fmt.upper(), **options[fmt], **extra)
