@@ -1097,6 +1097,17 @@ def test_video_upscale_keeps_a_variable_frame_rate(tmp_path):
     assert audio_seconds(out.path) == pytest.approx(audio_seconds(src), abs=0.03)
 
 
+@pytest.mark.parametrize("suffix", [".webm", ".mkv", ".mp4"])
+def test_a_sparse_variable_frame_rate_is_timed_by_its_frames(tmp_path, suffix):
+    """Ten frames over 9.6 s: priced and limited as 9.6 s, not as ten frames at the average rate (0.4 s)."""
+    times = [0, 0.04, 0.08, 0.12, 0.16, 2, 4, 6, 8, 9.6]
+    codecs = {"video_codec": "libvpx-vp9", "audio_codec": "libopus", "audio_rate": 48000} if suffix == ".webm" else {}
+    src = make_video(tmp_path / f"sparse{suffix}", frames=10, fps=25, times=times, **codecs)
+    assert media.probe_file(src)["duration_s"] == pytest.approx(9.64, abs=0.03)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert out.duration_s == pytest.approx(9.64, abs=0.03)
+
+
 def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
     """New frames fall halfway between their neighbours' own times; the last one half a nominal frame on."""
     src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)

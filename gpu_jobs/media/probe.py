@@ -152,9 +152,11 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             ) from None
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
-        frames = stream.frames or _count_packets(container, stream)
+        frames, span = (stream.frames, None) if stream.frames else _count_packets(container, stream)
         if stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
+        elif span:  # WebM keeps no stream duration; with a variable rate frames / fps is far off
+            duration = span
         elif fps:
             duration = frames / fps
         else:
@@ -216,16 +218,22 @@ def video_stream(container: Any) -> Any | None:
     return next((s for s in container.streams.video if not s.disposition & cover), None)
 
 
-def _count_packets(container: Any, stream: Any) -> int:
-    """Frames of a stream whose header has no count: its packets, demuxed without decoding."""
+def _count_packets(container: Any, stream: Any) -> tuple[int, float | None]:
+    """Frames of a stream whose header has no count, and the time they span: its packets, demuxed, not decoded."""
     limit = get_settings().max_video_frames
     container.seek(0)
-    frames = 0
+    frames, first, end = 0, None, None
     for packet in container.demux(stream):
-        frames += bool(packet.size)
+        if not packet.size:
+            continue
+        frames += 1
+        if packet.pts is not None:
+            first = packet.pts if first is None else min(first, packet.pts)
+            end = max(end or packet.pts, packet.pts + (packet.duration or 0))
         if frames > limit:  # no need to read on: the video is refused anyway
             break
-    return frames
+    span = float((end - first) * stream.time_base) if first is not None and stream.time_base else None
+    return frames, span
 
 
 def _mime_subtype(format_name: str) -> str:

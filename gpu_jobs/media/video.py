@@ -519,14 +519,16 @@ def _pinned_like(writer: FrameWriter, frames: torch.Tensor) -> torch.Tensor:
 
 
 def video_output(path: Path, width: int, height: int, frames: int, fps: float, **metadata) -> OutputFile:
-    """一个 H.264 MP4 产出（时长由帧数与帧率得出）"""
+    """一个 H.264 MP4 产出（时长读自写好的文件头：帧率可变时帧数 / 帧率并不是时长）"""
+    with av.open(str(path)) as container:  # the stream's own duration is off once B-frames meet uneven times
+        length = container.duration / av.time_base if container.duration else None
     return OutputFile(
         path=path,
         kind="video",
         mime="video/mp4",
         width=width,
         height=height,
-        duration_s=frames / fps,
+        duration_s=length or frames / fps,
         fps=float(fps),
         metadata={"frames": frames, **metadata},
     )
