@@ -149,6 +149,19 @@ def test_anonymous_users_get_signup_credits_once_their_account_is_permanent(db_c
     assert profile["email"] == f"{user}@example.com"
 
 
+def test_seed_sets_stripe_price_ids_and_never_wipes_one_set_by_hand(db_conn):
+    from lib.local.migrate import SEED
+
+    seed = SEED.read_text()
+    with db_conn.transaction(force_rollback=True):
+        db_conn.execute("update public.credit_packages set stripe_price_id = 'price_by_hand' where id = 'creator'")
+        db_conn.execute(seed.replace("500, 500, 'usd', null", "500, 500, 'usd', 'price_starter'"))
+        rows = db_conn.execute("select id, stripe_price_id from public.credit_packages").fetchall()
+        ids = {row["id"]: row["stripe_price_id"] for row in rows}
+        assert ids["starter"] == "price_starter"  # an id written into the seed reaches a seeded database
+        assert ids["creator"] == "price_by_hand"  # the seed's null does not wipe the one set in the dashboard
+
+
 def _seed_rows_of(conn, owner: str) -> None:
     project = conn.execute(
         "insert into public.projects (user_id, name) values (%s, 'A') returning id", (owner,)
