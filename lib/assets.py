@@ -204,8 +204,21 @@ class AssetService:
         return page_of(rows, limit)
 
     async def delete_asset(self, *, user_id: str, asset_id: str) -> None:
-        """删除资源：先删存储对象，再删行（失败可重试，不留悬空的行）"""
+        """删除资源：先删存储对象，再删行（失败可重试，不留悬空的行）；未结束任务的输入不可删"""
         asset = await self.get_asset(user_id=user_id, asset_id=asset_id, sign=False)
+        # A retry downloads its inputs again, and a provider job may already be paid for: the file stays until
+        # the task ends. An upload's own check does not hold it (deleting a pending upload is how to stop one).
+        reader = await db.fetch_one_as(
+            user_id,
+            "select id from public.tasks where %s::uuid = any(input_asset_ids)"
+            " and status in ('queued', 'processing') and model_key <> 'media.probe' limit 1",
+            (asset_id,),
+        )
+        if reader is not None:
+            raise Conflict(
+                "A task that has not finished reads this file. Cancel the task or wait for it to end, then delete it.",
+                details=[{"task_id": str(reader["id"])}],
+            )
         await get_storage().remove(paths=[asset["path"]], user_id=user_id)
         await db.execute("delete from public.assets where id = %s and user_id = %s", (asset_id, user_id))
 

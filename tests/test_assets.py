@@ -13,7 +13,7 @@ from lib.assets import get_asset_service, sniff
 from lib.config import get_settings
 from lib.errors import Forbidden
 from lib.storage import get_storage
-from tests.factories import balance, sql, task_row
+from tests.factories import balance, make_asset, sql, task_row
 
 
 def png_bytes(width: int = 8, height: int = 6) -> bytes:
@@ -231,6 +231,20 @@ async def test_delete_removes_the_object_and_the_row(client, make_user):
     assert resp.json() == {"success": True, "data": {"id": asset["id"], "deleted": True}}
     assert not await get_storage().exists(path=path)
     assert (await client.get(f"/assets/{asset['id']}", headers=user.headers)).status_code == 404
+
+
+async def test_an_input_of_an_unfinished_task_is_kept_until_the_task_ends(client, make_user):
+    user = await make_user()
+    asset = make_asset(user.id, width=64, height=48)
+    body = {"model_key": "image.upscale", "params": {"image_asset_id": asset}}
+    task = (await client.post("/tasks", json=body, headers=user.headers)).json()["data"]
+    resp = await client.delete(f"/assets/{asset}", headers=user.headers)
+    assert resp.status_code == 409 and resp.json()["error"]["code"] == "conflict"
+    assert resp.json()["error"]["details"] == [{"task_id": task["id"]}]
+    assert sql("select id from public.assets where id = %s", (asset,))  # a retry of the task still finds it
+
+    assert (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).status_code == 200
+    assert (await client.delete(f"/assets/{asset}", headers=user.headers)).status_code == 200
 
 
 async def test_list_filters_and_pages(client, make_user):
