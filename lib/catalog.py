@@ -75,6 +75,8 @@ class MediaProbeParams(Params):
 
 
 class KlingParams(Params):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)  # a blank prompt is no prompt
+
     prompt: Text = Field(min_length=1, max_length=2500)
     negative_prompt: Text | None = Field(None, max_length=2500)
     model_name: Literal["kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1-master"] = "kling-v1-6"

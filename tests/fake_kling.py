@@ -5,10 +5,13 @@ Knobs (set on the instance before or during a test):
   (default submitted → processing → succeed; ``hang()`` keeps it processing forever);
 - ``fail_reason``: the ``task_status_msg`` of a job whose script ends in ``failed``;
 - ``refuse``: ``(http_status, code, message)`` answered to every submit;
+- ``busy_submits``: the next submits answered 429 code 1303 (the account's concurrency is full), with a
+  ``Retry-After`` of ``retry_after`` seconds when that is set;
 - ``errors``: HTTP statuses answered, in order, to the next API requests (429 with code 1302, 5xx with 5000);
 - ``lose_submit_response``: the next submit creates the job, then answers 500 (a lost response);
 - ``drop_submit``: the next submit answers 500 without creating the job (a request that never arrived);
 - ``missing_job``: ``(http_status, code, message)`` answered to a status lookup of a job it does not know;
+- ``lagging_lookups``: the next lookups by our id miss a job that exists (Kling's lookup behind its submits);
 - ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting).
 """
 
@@ -40,6 +43,10 @@ class FakeKling:
         self.script = ["submitted", "processing", "succeed"]
         self.fail_reason = "Failure to pass the risk control system"
         self.refuse: tuple[int, int, str] | None = None
+        self.busy_submits = 0
+        self.retry_after: int | None = None
+        self.refused_submits = 0
+        self.lagging_lookups = 0
         self.errors: list[int] = []
         self.lose_submit_response = False
         self.drop_submit = False
@@ -133,6 +140,12 @@ class FakeKling:
         if self.refuse:
             status, code, message = self.refuse
             return _error(status, code, message)
+        with self._lock:
+            if self.busy_submits:
+                self.busy_submits -= 1
+                self.refused_submits += 1
+                status, _, payload, ctype = _error(429, 1303, "parallel task over resource pack limit")
+                return status, {"Retry-After": str(self.retry_after)} if self.retry_after else {}, payload, ctype
         try:
             req = json.loads(body)
         except ValueError:
@@ -170,7 +183,12 @@ class FakeKling:
         )
 
     def _status(self, kind: str, ref: str) -> tuple[int, dict, bytes, str]:
-        job = self.jobs.get(ref) or next((j for j in self.jobs.values() if j["external_task_id"] == ref), None)
+        job = self.jobs.get(ref)
+        if job is None:
+            with self._lock:
+                lagging, self.lagging_lookups = self.lagging_lookups > 0, max(0, self.lagging_lookups - 1)
+            if not lagging:
+                job = next((j for j in self.jobs.values() if j["external_task_id"] == ref), None)
         if job is None or job["kind"] != kind:
             return _error(*self.missing_job)
         with self._lock:

@@ -13,9 +13,10 @@ import uuid
 import httpx
 import jwt
 import pytest
+from pydantic import ValidationError
 
-from gpu_jobs.providers import waiting_fraction
-from gpu_jobs.providers.kling import KlingProvider, refusal_message
+from gpu_jobs.providers import ProviderBusy, ProviderError, download_file, waiting_fraction
+from gpu_jobs.providers.kling import JobNotFound, KlingProvider, refusal_message
 from gpu_jobs.runner import run_task_async
 from lib.catalog import KlingParams
 from lib.config import get_settings
@@ -143,6 +144,79 @@ def test_a_fresh_token_is_minted_for_every_request_and_every_retry():
     for _ in range(3):
         assert provider.status("kt-1").state == "running"
     assert len(sent) == 5 and len(set(sent)) == 5
+
+
+def mock_provider(*answers: httpx.Response) -> tuple[KlingProvider, list[httpx.Request]]:
+    """一个按顺序给出这些应答的 Kling 适配器（以及它发出的请求）"""
+    queue, sent = list(answers), []
+
+    def kling_api(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return queue.pop(0)
+
+    provider = KlingProvider(
+        access_key=AK,
+        secret_key=SK,
+        base_url="http://kling.test",
+        endpoint="text2video",
+        retry_base=0.001,
+        transport=httpx.MockTransport(kling_api),
+    )
+    return provider, sent
+
+
+def kling_ok(data) -> httpx.Response:
+    return httpx.Response(200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data})
+
+
+def test_an_answer_that_is_not_klings_is_retried_not_taken_as_a_refusal():
+    provider, sent = mock_provider(
+        httpx.Response(200, text="<html>gateway hiccup</html>"),
+        httpx.Response(404, text="Not Found"),
+        kling_ok({"task_id": "kt-1", "task_status": "processing"}),
+    )
+    assert provider.status("kt-1").state == "running" and len(sent) == 3
+
+
+@pytest.mark.parametrize(
+    "task_result",
+    [{"videos": {"url": "http://x"}}, {"videos": ["http://x"]}, {"videos": [{"url": 7}]}, "done", ["x"]],
+)
+def test_a_finished_job_of_unexpected_shape_is_still_waited_for(task_result):
+    provider, _ = mock_provider(kling_ok({"task_id": "kt-1", "task_status": "succeed", "task_result": task_result}))
+    assert provider.status("kt-1").state == "unknown"  # no video to fetch yet: polled again until the deadline
+
+
+def test_a_submit_accepted_without_a_job_id_adopts_the_job_by_our_id():
+    provider, sent = mock_provider(
+        kling_ok({"task_status": "submitted"}),
+        kling_ok({"task_id": "kt-9", "task_status": "submitted"}),
+    )
+    job_id = provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert job_id == "kt-9" and [r.method for r in sent] == ["POST", "GET"]
+    assert sent[1].url.path == "/v1/videos/text2video/our-task"
+
+
+def test_a_submit_refused_as_an_unknown_resource_is_a_refusal_not_a_lost_job():
+    provider, _ = mock_provider(httpx.Response(404, json={"code": 1203, "message": "model is not exist"}))
+    with pytest.raises(ProviderError) as refused:
+        provider.submit(external_id="t", params=KlingParams(prompt="a boat"), inputs={})
+    assert "model is not exist" in refused.value.message and not isinstance(refused.value, JobNotFound)
+
+
+def test_a_redirect_loop_on_the_download_is_retried_then_reported_as_temporary(tmp_path):
+    def loop(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(302, headers={"Location": str(request.url)})
+
+    with httpx.Client(transport=httpx.MockTransport(loop), follow_redirects=True) as http:
+        with pytest.raises(ProviderBusy):
+            download_file(http, "http://cdn.test/v.mp4", tmp_path / "v.mp4", max_bytes=10, delays=[0.0], what="Kling")
+
+
+def test_a_blank_prompt_is_refused_before_charging():
+    with pytest.raises(ValidationError):
+        KlingParams(prompt=" \n\t ")
+    assert KlingParams(prompt="  a boat ").prompt == "a boat"
 
 
 def test_refusals_read_as_plain_words():
@@ -314,6 +388,50 @@ async def test_a_submit_that_never_arrived_is_sent_again(client, make_user, klin
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
     assert kinds(user, task) == ["charge"]
+
+
+async def test_a_resend_refused_as_a_duplicate_adopts_the_job_the_lost_answer_created(client, make_user, kling):
+    kling.lose_submit_response, kling.lagging_lookups = True, 1  # the lookup right after the lost answer misses
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
+async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):
+    kling.busy_submits = 12  # more than the adapter's own retries
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "completed"
+    assert kling.busy_submits == 0 and len(kling.submits) == 1
+    assert task_row(task["id"])["attempts"] == 1 and kinds(user, task) == ["charge"]
+
+
+async def test_no_slot_before_the_deadline_fails_and_refunds_once(client, make_user, kling):
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})
+    kling.busy_submits = 10**6
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["attempts"] == 1 and row["error"]["code"] == "provider_error"
+    assert row["error"]["message"].startswith("Kling could not take the job within 0.5 seconds")
+    assert kling.submits == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_cancel_is_noticed_while_kling_asks_us_to_retry_later(client, make_user, kling):
+    kling.busy_submits, kling.retry_after = 10**6, 30
+    user = await make_user()
+    task = await create(client, user)
+    job = asyncio.create_task(run_task_async(task["id"]))
+    await wait_until(lambda: kling.refused_submits > 0)
+    assert (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).status_code == 200
+    started = time.monotonic()
+    assert await asyncio.wait_for(job, 20) == "canceled"
+    assert time.monotonic() - started < 10  # not after the 30 s Kling asked for
+    assert kling.refused_submits == 1 and kinds(user, task) == ["charge", "refund"]
 
 
 async def test_an_ip_whitelist_refusal_fails_at_once_as_our_problem(client, make_user, kling):

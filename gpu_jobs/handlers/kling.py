@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gpu_jobs.handlers import JobContext, OutputFile
-from gpu_jobs.providers import ProviderError, run_provider_job
+from gpu_jobs.providers import ProviderError, cancelable_sleep, run_provider_job
 from gpu_jobs.providers.kling import KlingProvider
 from lib.config import get_settings
 
@@ -14,7 +14,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     if not settings.kling_configured:  # the keys were removed after the task was paid for
         raise ProviderError("Kling is not available right now; your credits were refunded.")
     endpoint = "image2video" if getattr(ctx.params, "image_asset_id", None) else "text2video"
-    with KlingProvider.from_settings(settings, endpoint=endpoint) as provider:
+    with KlingProvider.from_settings(settings, endpoint=endpoint, sleep=cancelable_sleep(ctx)) as provider:
         return run_provider_job(
             ctx,
             provider,

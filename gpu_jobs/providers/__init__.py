@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -86,7 +87,7 @@ def backoff(base: float, tries: int, cap: float) -> list[float]:
 
 def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, interval_s: float) -> list[OutputFile]:
     """运行一个提供方任务：提交或恢复、轮询、下载、探测"""
-    job_id, started_at = submit_or_resume(ctx, provider)
+    job_id, started_at = submit_or_resume(ctx, provider, deadline_s=deadline_s, interval_s=interval_s)
     job = wait_for(ctx, provider, job_id, started_at=started_at, deadline_s=deadline_s, interval_s=interval_s)
     ctx.progress(0.9, f"Downloading the video from {provider.name}")
     try:
@@ -98,8 +99,8 @@ def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, 
     return [probe_output(path, provider, job)]
 
 
-def submit_or_resume(ctx: JobContext, provider: Provider) -> tuple[str, float]:
-    """已有提供方任务 id 则恢复轮询；否则提交，并在等待前保存 id"""
+def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, interval_s: float) -> tuple[str, float]:
+    """已有提供方任务 id 则恢复轮询；否则提交（满载时等空位），并在等待前保存 id；返回 id 与期限的起点"""
     state = ctx.state
     if state.get("provider_job_id"):
         log.info("task %s: resuming %s job %s", ctx.task_id, provider.name, state["provider_job_id"])
@@ -108,15 +109,30 @@ def submit_or_resume(ctx: JobContext, provider: Provider) -> tuple[str, float]:
         found = _find(provider, ctx.task_id)
         if found is not None:
             log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
-            return _saved(ctx, found.job_id)
+            return _saved(ctx, found.job_id, time.time())
+    started_at = time.time()  # the deadline counts from here: waiting for a free slot is waiting too
     ctx.progress(0.03, f"Sending the request to {provider.name}")
     _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True})
-    try:
-        job_id = provider.submit(external_id=ctx.task_id, params=ctx.params, inputs=ctx.inputs)
-    except ProviderBusy as exc:  # the next attempt looks the job up by our id before submitting again
-        raise TransientError(f"{provider.name} did not accept the job: {exc}") from exc
+    delay = max(interval_s, 0.01)
+    while True:
+        try:
+            job_id = provider.submit(external_id=ctx.task_id, params=ctx.params, inputs=ctx.inputs)
+            break
+        except ProviderBusy as exc:
+            if exc.ambiguous:  # the next attempt looks the job up by our id before submitting again
+                raise TransientError(f"{provider.name} did not accept the job: {exc}") from exc
+            # Certainly not created: the provider's rate or concurrency limit is full, or it is down. Other jobs
+            # of ours end and free a slot, so this one waits in line (a retry would only spend an attempt).
+            if time.time() + delay - started_at >= deadline_s:
+                raise ProviderError(
+                    f"{provider.name} could not take the job within {_minutes(deadline_s)}; "
+                    "your credits were refunded. Please try again later."
+                ) from exc
+            log.warning("task %s: %s has no room for the job (%s); trying again", ctx.task_id, provider.name, exc)
+            _pause(ctx, delay, 0.03, f"Waiting for a free slot at {provider.name}")
+            delay = min(delay * 1.5, 30.0)
     log.info("task %s: submitted %s job %s", ctx.task_id, provider.name, job_id)
-    return _saved(ctx, job_id)
+    return _saved(ctx, job_id, started_at)
 
 
 def wait_for(
@@ -164,7 +180,14 @@ def waiting_fraction(state: str, elapsed: float, deadline_s: float) -> float:
 
 
 def download_file(
-    client: httpx.Client, url: str, dest: Path, *, max_bytes: int, delays: list[float], what: str
+    client: httpx.Client,
+    url: str,
+    dest: Path,
+    *,
+    max_bytes: int,
+    delays: list[float],
+    what: str,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
     """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError）"""
     for attempt, delay in enumerate([*delays, None], start=1):
@@ -187,11 +210,11 @@ def download_file(
                             )
                         out.write(chunk)
             return dest
-        except (ProviderBusy, httpx.TransportError) as exc:
+        except (ProviderBusy, httpx.RequestError) as exc:  # RequestError: also redirect loops, undecodable bodies
             if delay is None:
                 raise ProviderBusy(f"{what}: {exc}") from exc
             log.warning("download from %s failed (try %d): %s; retrying in %.1fs", what, attempt, exc, delay)
-            time.sleep(delay)
+            sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -226,8 +249,7 @@ def _find(provider: Provider, external_id: str) -> ProviderJob | None:
         raise TransientError(f"could not look up the {provider.name} job: {exc}") from exc
 
 
-def _saved(ctx: JobContext, job_id: str) -> tuple[str, float]:
-    started_at = time.time()
+def _saved(ctx: JobContext, job_id: str, started_at: float) -> tuple[str, float]:
     _save(ctx, {"provider_job_id": job_id, "provider_submitted_at": started_at, "provider_submitting": False})
     return job_id, started_at
 
@@ -237,7 +259,12 @@ def _save(ctx: JobContext, state: dict) -> None:
     ctx.state.update(state)
 
 
-def _pause(ctx: JobContext, seconds: float, fraction: float, message: str) -> None:
+def cancelable_sleep(ctx: JobContext) -> Callable[[float], None]:
+    """给适配器的重试用的 sleep：等待中定期报到，任务被取消时抛出 TaskCanceled"""
+    return lambda seconds: _pause(ctx, seconds, 0.0, None)  # progress never goes back: 0 reports nothing new
+
+
+def _pause(ctx: JobContext, seconds: float, fraction: float, message: str | None) -> None:
     """等待下一次轮询；期间定期报告进度（也借此发现取消）"""
     ctx.progress(fraction, message)
     end = time.monotonic() + max(0.0, seconds)

@@ -62,6 +62,7 @@ class KlingProvider:
         retries: int = 4,
         max_download_bytes: int = 2 * 1024**3,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
     ):
         self.access_key, self.secret_key = access_key, secret_key
@@ -69,6 +70,7 @@ class KlingProvider:
         self.delays = backoff(retry_base, retries, cap=30.0)
         self.max_download_bytes = max_download_bytes
         self.clock = clock
+        self.sleep = sleep  # between retries; a job passes one that notices a cancel
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             transport=transport,
@@ -77,7 +79,9 @@ class KlingProvider:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, endpoint: Endpoint) -> KlingProvider:
+    def from_settings(
+        cls, settings: Settings, *, endpoint: Endpoint, sleep: Callable[[float], None] = time.sleep
+    ) -> KlingProvider:
         """按配置创建（重试节奏跟随轮询间隔，最多 1 秒起步）"""
         return cls(
             access_key=settings.kling_ai_access_key or "",
@@ -86,6 +90,7 @@ class KlingProvider:
             endpoint=endpoint,
             retry_base=min(1.0, settings.kling_poll_interval_seconds),
             max_download_bytes=settings.max_upload_bytes,
+            sleep=sleep,
         )
 
     def __enter__(self) -> KlingProvider:
@@ -99,17 +104,29 @@ class KlingProvider:
     def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path]) -> str:
         """提交文生视频或图生视频任务，返回 Kling 任务 id"""
         body = self.request_body(external_id=external_id, params=params, inputs=inputs)
+        unclear = False  # an earlier try may have created the job although its answer was lost
         for attempt, delay in enumerate([*self.delays, None], start=1):
             try:
-                return str(self._send("POST", f"/v1/videos/{self.endpoint}", body)["task_id"])
+                job_id = self._send("POST", f"/v1/videos/{self.endpoint}", body).get("task_id")
+                if not isinstance(job_id, str | int) or not str(job_id):
+                    raise ProviderBusy("Kling accepted the job without naming it", ambiguous=True)
+                return str(job_id)
             except ProviderBusy as exc:
                 if exc.ambiguous:  # the job may exist although we got no answer: never submit it twice
                     found = self.find(external_id)
                     if found is not None:
                         return found.job_id
+                    unclear = True
                 if delay is None:
                     raise
                 self._wait("submit", attempt, exc, delay)
+            except ProviderError:
+                # A re-send refused (e.g. 1201 "external_task_id already exists") after a try whose answer was lost:
+                # that try did create the job, and Kling's lookup by our id had not caught up yet.
+                found = self._find_late(external_id) if unclear else None
+                if found is None:
+                    raise
+                return found.job_id
         raise AssertionError("unreachable")
 
     def find(self, external_id: str) -> ProviderJob | None:
@@ -119,13 +136,24 @@ class KlingProvider:
         except JobNotFound:
             return None
 
+    def _find_late(self, external_id: str) -> ProviderJob | None:
+        """查找刚创建、查询可能尚未可见的任务（按退避再试几次）"""
+        for delay in (0.0, *self.delays):
+            self.sleep(delay)
+            found = self.find(external_id)
+            if found is not None:
+                return found
+        return None
+
     def status(self, job_id: str) -> ProviderJob:
         """查询任务状态"""
         data = self._call("GET", f"/v1/videos/{self.endpoint}/{job_id}")
         raw = str(data.get("task_status") or "")
         state = STATES.get(raw, "unknown")
-        videos = ((data.get("task_result") or {}).get("videos")) or []
-        urls = tuple(str(v["url"]) for v in videos if v.get("url"))
+        result = data.get("task_result")
+        videos = result.get("videos") if isinstance(result, dict) else None
+        videos = videos if isinstance(videos, list) else []  # an answer of another shape: no video yet
+        urls = tuple(v["url"] for v in videos if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"])
         if state == "succeeded" and not urls:
             state = "unknown"  # succeeded without a video yet: keep polling until it shows up or the deadline
         message = failure_message(data.get("task_status_msg")) if state == "failed" else None
@@ -144,6 +172,7 @@ class KlingProvider:
             max_bytes=self.max_download_bytes,
             delays=self.delays,
             what="Kling",
+            sleep=self.sleep,
         )
 
     # ------------------------------------------------------------ requests
@@ -195,7 +224,7 @@ class KlingProvider:
             resp = self.http.request(method, path, json=body, headers=headers)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise ProviderBusy(f"Kling unreachable: {exc}") from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:  # timeouts, dropped connections, redirect loops, undecodable bodies
             raise ProviderBusy(f"no answer from Kling: {exc!r}", ambiguous=True) from exc
         try:
             payload = resp.json()
@@ -205,9 +234,14 @@ class KlingProvider:
             payload = {}
         code = payload.get("code")
         code = int(code) if isinstance(code, int | str) and str(code).lstrip("-").isdigit() else None
-        if resp.is_success and code == 0:
-            return payload.get("data") or {}
         status = resp.status_code
+        if resp.is_success and code == 0:
+            data = payload.get("data")
+            return data if isinstance(data, dict) else {}
+        if code is None and status < 500 and status not in (401, 403, 429):
+            # Not Kling's answer (a proxy's page, a body cut short): nothing can be read from it, so it is
+            # retried like a 5xx, and a submit so answered may have gone through.
+            raise ProviderBusy(f"HTTP {status} without Kling's answer", ambiguous=method == "POST")
         log.warning(
             "Kling %s %s: HTTP %d code %s %r (request %s)",
             method,
@@ -220,14 +254,14 @@ class KlingProvider:
         if code in BUSY_CODES or status >= 500 or (status == 429 and code not in ACCOUNT_CODES):
             retry_after = _seconds(resp.headers.get("retry-after"))
             raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
-        if status == 404 or code == NOT_FOUND_CODE or (method == "GET" and code in PARAM_CODES):
+        if method == "GET" and (status == 404 or code == NOT_FOUND_CODE or code in PARAM_CODES):
             raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
         raise ProviderError(refusal_message(status, code, payload.get("message")))
 
     def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
         delay = max(delay, min(exc.retry_after or 0.0, 30.0))
         log.warning("Kling %s busy (try %d): %s; retrying in %.2fs", what, attempt, exc, delay)
-        time.sleep(delay)
+        self.sleep(delay)
 
 
 def refusal_message(status: int, code: int | None, reason: Any) -> str:
