@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -168,19 +169,67 @@ async def test_filter_values_compare_as_the_columns_type(realtime_url, make_user
 
 async def test_other_users_rows_are_never_delivered(realtime_url, make_user, db_conn, subscriptions):
     a, b = await make_user(), await make_user()
-    sub_b = await subscriptions(realtime_url, b.token).subscribe("all-tasks", {"event": "*", "table": "tasks"})
+    sub_b = await subscriptions(realtime_url, b.token).subscribe(
+        "all-tasks", {"event": "INSERT", "table": "tasks"}, {"event": "UPDATE", "table": "tasks"}
+    )
     run_task(db_conn, create_task(db_conn, a.id))
-    db_conn.execute("delete from public.tasks where user_id = %s", (a.id,))
     await sub_b.none_within(1.0)
 
     # B's subscription works: B's own task arrives, and only B's.
     own = create_task(db_conn, b.id)
     assert (await sub_b.next())["data"]["record"]["id"] == own
-    db_conn.execute("delete from public.tasks where id = %s", (own,))
-    deleted = await sub_b.next()
-    assert deleted["data"]["type"] == "DELETE"
-    assert deleted["data"]["old_record"] == {"id": own}  # as in the cloud: only the key under RLS
     await sub_b.none_within(0.3)
+
+
+async def test_deletes_reach_every_matching_filter_with_the_key_alone(realtime_url, make_user, db_conn, subscriptions):
+    """As in the cloud, where RLS cannot be checked on a row that is gone: only a filter keeps others' deletes out."""
+    a, b = await make_user(), await make_user()
+    unfiltered = await subscriptions(realtime_url, b.token).subscribe(
+        "any-delete", {"event": "DELETE", "table": "tasks"}
+    )
+    filtered = await subscriptions(realtime_url, b.token).subscribe(
+        "my-deletes", {"event": "DELETE", "table": "tasks", "filter": f"user_id=eq.{b.id}"}
+    )
+    theirs, own = create_task(db_conn, a.id), create_task(db_conn, b.id)
+    db_conn.execute("delete from public.tasks where id = %s", (theirs,))
+    db_conn.execute("delete from public.tasks where id = %s", (own,))
+    for expected in (theirs, own):
+        deleted = await unfiltered.next()
+        assert deleted["data"]["type"] == "DELETE"
+        assert deleted["data"]["old_record"] == {"id": expected}  # only the key under RLS: nothing else leaks
+    assert (await filtered.next())["data"]["old_record"] == {"id": own}
+    await filtered.none_within(0.3)
+
+
+@pytest.mark.parametrize(
+    ("filter_text", "reason"),
+    [
+        ("id=eq.undefined", 'invalid input syntax for type uuid: "undefined"'),
+        ("progress=gt.half", 'invalid input syntax for type real: "half"'),
+        (f"id=in.({','.join(str(uuid.uuid4()) for _ in range(101))})", "too many values for `in` filter. Maximum 100"),
+    ],
+)
+async def test_filters_the_cloud_refuses_are_refused(live_server, make_user, filter_text, reason):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+        binding = {"event": "UPDATE", "schema": "public", "table": "tasks", "filter": filter_text}
+        await ws.send(json.dumps(["1", "1", "realtime:f", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        assert json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))[4]["status"] == "ok"  # then, as the cloud:
+        *_, event, payload = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert (event, payload["status"], payload["extension"]) == ("system", "error", "postgres_changes")
+        assert reason in payload["message"]
+
+
+async def test_an_in_filter_of_a_hundred_values_is_taken(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    ids = ",".join([task_id, *(str(uuid.uuid4()) for _ in range(99))])
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "hundred", {"event": "UPDATE", "table": "tasks", "filter": f"id=in.({ids})"}
+    )
+    run_task(db_conn, task_id, steps=())
+    assert (await sub.next())["data"]["record"]["id"] == task_id
 
 
 async def test_invalid_or_expired_token_is_refused_and_gets_no_data(realtime_url, make_user, db_conn, subscriptions):

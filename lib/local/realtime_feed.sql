@@ -51,55 +51,10 @@ end;
 $$;
 revoke execute on function realtime_local.capture() from public, anon, authenticated;
 
--- ---------------------------------------------------------------------------
--- row_visible: would the current role (and request.jwt.claims) be allowed to
--- SELECT this row? For a deleted row, which a query of the table can no longer
--- find: the table's own SELECT policies, as stored in pg_policy, are evaluated
--- by Postgres against the old row (permissive ones OR'ed, restrictive AND'ed).
--- search_path '' makes pg_get_expr print every name schema-qualified.
--- ---------------------------------------------------------------------------
-create or replace function realtime_local.row_visible(p_table regclass, p_row jsonb)
-returns boolean
-language plpgsql stable set search_path = ''
-as $$
-declare
-  v_name text;
-  v_rls boolean;
-  v_permissive text;
-  v_restrictive text;
-  v_visible boolean;
-begin
-  if not pg_catalog.has_table_privilege(p_table, 'select') then
-    return false;
-  end if;
-  select c.relname, c.relrowsecurity into v_name, v_rls from pg_catalog.pg_class c where c.oid = p_table;
-  if not v_rls then
-    return true;
-  end if;
-  select
-    string_agg('(' || coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'false') || ')', ' or ')
-      filter (where p.polpermissive),
-    string_agg('(' || coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'false') || ')', ' and ')
-      filter (where not p.polpermissive)
-  into v_permissive, v_restrictive
-  from pg_catalog.pg_policy p
-  where p.polrelid = p_table
-    and p.polcmd in ('r', '*')
-    and (p.polroles = '{0}' or exists (
-      select 1 from unnest(p.polroles) r where pg_catalog.pg_has_role(current_user, r, 'member')));
-  if v_permissive is null then
-    return false;  -- RLS on and no permissive policy: nothing is visible
-  end if;
-  execute format(
-    'select exists (select 1 from jsonb_populate_record(null::%s, $1) as %I where (%s) and (%s))',
-    p_table, v_name, v_permissive, coalesce(v_restrictive, 'true'))
-  into v_visible
-  using p_row;
-  return coalesce(v_visible, false);
-end;
-$$;
-revoke execute on function realtime_local.row_visible(regclass, jsonb) from public;
-grant execute on function realtime_local.row_visible(regclass, jsonb) to anon, authenticated;
+-- A DELETE goes to every subscriber whose filters match the old row, as in the
+-- cloud (Supabase Realtime cannot check RLS on a row that is gone); earlier
+-- versions checked the old row against the SELECT policies here.
+drop function if exists realtime_local.row_visible(regclass, jsonb);
 
 -- ---------------------------------------------------------------------------
 -- The capture trigger on every table of the publication (and off the tables
@@ -130,14 +85,13 @@ $$;
 -- ---------------------------------------------------------------------------
 -- visible_rows: the feed's visibility check for a whole batch, one round trip
 -- (as Supabase's realtime.apply_rls, a loop that switches role and claims).
--- p_checks: [{"role", "claims", "rel", "pk": [cols], "keys": [{pk values}],
---             "deletes": [{"id": change id, "row": old row}]}, ...]
+-- p_checks: [{"role", "claims", "rel", "pk": [cols], "keys": [{pk values}]}, ...]
 -- Returns, per check number, the keys of the rows the subscriber can SELECT
--- (looked up in the table under its role and claims, so RLS decides) and the
--- ids of the deletes whose old row the table's SELECT policies admit.
+-- (looked up in the table under its role and claims, so RLS decides).
 -- ---------------------------------------------------------------------------
-create or replace function realtime_local.visible_rows(p_checks jsonb)
-returns table (check_no int, kind text, item jsonb)
+drop function if exists realtime_local.visible_rows(jsonb);  -- its result once named deletes too
+create function realtime_local.visible_rows(p_checks jsonb)
+returns table (check_no int, item jsonb)
 language plpgsql volatile set search_path = ''
 as $$
 declare
@@ -146,29 +100,20 @@ declare
   v_rel regclass;
   v_cols text;
   v_xcols text;
-  v_delete jsonb;
 begin
   for v_check in select value from jsonb_array_elements(p_checks) loop
     v_no := v_no + 1;
     v_rel := (v_check ->> 'rel')::regclass;
     perform set_config('role', v_check ->> 'role', true),
             set_config('request.jwt.claims', v_check ->> 'claims', true);
-    if jsonb_array_length(coalesce(v_check -> 'keys', '[]')) > 0 then
-      select string_agg(format('t.%I', c), ', '), string_agg(format('x.%I', c), ', ')
-        into v_cols, v_xcols
-        from jsonb_array_elements_text(v_check -> 'pk') c;
-      return query execute format(
-        'select %s, ''key''::text, to_jsonb(k) from (select %s from %s t where (%s) in'
-        ' (select %s from jsonb_populate_recordset(null::%s, $1) x)) k',
-        v_no, v_cols, v_rel, v_cols, v_xcols, v_rel)
-      using v_check -> 'keys';
-    end if;
-    for v_delete in select value from jsonb_array_elements(coalesce(v_check -> 'deletes', '[]')) loop
-      if realtime_local.row_visible(v_rel, v_delete -> 'row') then
-        check_no := v_no; kind := 'delete'; item := v_delete -> 'id';
-        return next;
-      end if;
-    end loop;
+    select string_agg(format('t.%I', c), ', '), string_agg(format('x.%I', c), ', ')
+      into v_cols, v_xcols
+      from jsonb_array_elements_text(v_check -> 'pk') c;
+    return query execute format(
+      'select %s, to_jsonb(k) from (select %s from %s t where (%s) in'
+      ' (select %s from jsonb_populate_recordset(null::%s, $1) x)) k',
+      v_no, v_cols, v_rel, v_cols, v_xcols, v_rel)
+    using v_check -> 'keys';
     perform set_config('role', 'none', true), set_config('request.jwt.claims', '', true);
   end loop;
 end;

@@ -2,13 +2,14 @@
 
 One listener connection and one query connection per server process. The rows
 come from realtime_local.changes (realtime_feed.sql); NOTIFY carries only ids.
-Visibility is what Supabase Realtime does: for INSERT and UPDATE, a lookup of
-the row by primary key run as the subscriber (role + request.jwt.claims), one
-query per distinct set of claims and table for a whole batch of changes, all in
-one pipelined transaction. A deleted row cannot be looked up, so for DELETE the
-table's SELECT policies are evaluated by Postgres against the old row
-(realtime_local.row_visible); the old record then carries only the primary key,
-as in the cloud.
+Visibility is what Supabase Realtime does (realtime.apply_rls): for INSERT and
+UPDATE, a lookup of the row by primary key run as the subscriber (role +
+request.jwt.claims), one query per distinct set of claims and table for a whole
+batch of changes. A deleted row cannot be looked up, so a DELETE goes to every
+subscriber whose role may read the table and whose filters match the old row,
+and under RLS its old record carries only the primary key: exactly as in the
+cloud, so a client that subscribes without a filter sees here what it would see
+there.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ KEEP_CHANGES = "10 minutes"
 PRUNE_EVERY_S = 60.0
 LIVENESS_EVERY_S = 15.0
 MAX_RECORD_BYTES = 1024 * 1024  # Supabase Realtime's default; larger records lose their big fields
+MAX_IN_VALUES = 100  # Supabase Realtime refuses an `in` filter with more values
 RECENT_IDS = 20_000
 TICK = object()
 
@@ -253,7 +255,7 @@ class ChangeFeed:
             await self._load_tables(conn)
 
     async def check_bindings(self, bindings: list[Binding]) -> list[str]:
-        """检查订阅的表在发布中、过滤列存在（过滤值按列的类型比较）；返回问题列表"""
+        """检查订阅的表在发布中、过滤列存在、过滤值能转成列的类型（in 至多 100 个值）；返回问题列表"""
         problems = []
         for b in bindings:
             if not self._resolve(b):
@@ -261,13 +263,38 @@ class ChangeFeed:
                     await self.refresh_tables()
                 except psycopg.Error as exc:
                     log.warning("could not refresh the published tables: %s", exc)
+            filters = [f"{c.column}={c.op}" for c in b.conditions]
             if not self._resolve(b):
-                filters = [f"{c.column}={c.op}" for c in b.conditions]
                 problems.append(
                     "Unable to subscribe to changes with given parameters. Please check Realtime is enabled for the"
                     f" given connect parameters: [schema: {b.schema}, table: {b.table}, filters: {filters}]"
                 )
+            elif error := await self._filter_error(b):
+                problems.append(
+                    "Unable to subscribe to changes with given parameters. An exception happened so please check your"
+                    f" connect parameters: [schema: {b.schema}, table: {b.table}, filters: {filters}]."
+                    f" Exception: {error}"
+                )
         return problems
+
+    async def _filter_error(self, b: Binding) -> str | None:
+        """像 Supabase 的 subscription_check_filters：值转不成列的类型、in 超过 100 个值 → 错误信息"""
+        values = []
+        for c in b.conditions:
+            if c.op == "in" and len(c.values) > MAX_IN_VALUES:
+                return f"too many values for `in` filter. Maximum {MAX_IN_VALUES}"
+            if c.op != "is":
+                values += [{"value": v, "type": c.type} for v in c.values]
+        if not values:
+            return None
+        async with await self._connect("spool-realtime-check") as conn:
+            cur = await conn.execute(
+                "select e.message from jsonb_to_recordset(%s) as v(value text, type text),"
+                " lateral pg_catalog.pg_input_error_info(v.value, v.type) e where e.message is not null limit 1",
+                (Jsonb(values),),
+            )
+            row = await cur.fetchone()
+        return row[0] if row else None
 
     def _resolve(self, b: Binding) -> bool:
         """Whether the table and the filter columns are published; types the filter conditions as the columns."""
@@ -323,7 +350,11 @@ class ChangeFeed:
         """在 Postgres 中按订阅者身份判断可见性（整批一次往返），返回 {(claims, change id)}"""
         checks: dict[tuple[str, str], dict] = {}  # (claims, rel) -> check
         by_key: dict[tuple[str, str], dict[str, list[int]]] = {}  # (claims, rel) -> pk -> change ids
+        visible: set[tuple[str, int]] = set()
         for change, meta, channel, _ in plan:
+            if change.type == "DELETE":  # as the cloud: no row left to check, the filters alone decide
+                visible.add((channel.claims_json, change.id))
+                continue
             group = (channel.claims_json, meta.rel)
             check = checks.get(group)
             if check is None:
@@ -333,30 +364,24 @@ class ChangeFeed:
                     "rel": meta.rel,
                     "pk": list(meta.pk),
                     "keys": [],
-                    "deletes": [],
                 }
                 by_key[group] = {}
-            if change.type == "DELETE" and meta.rls:
-                check["deletes"].append({"id": change.id, "row": change.old_record})
-                continue
             pk = meta.pk_of(change.row)
             ids = by_key[group].setdefault(pk, [])
             if not ids:
                 check["keys"].append({c: change.row.get(c) for c in meta.pk})
             ids.append(change.id)
+        if not checks:
+            return visible
         groups = list(checks)
-        visible: set[tuple[str, int]] = set()
         # One statement (its own transaction): the role and claims it sets end with it.
         cur = await query.execute(
-            "select check_no, kind, item from realtime_local.visible_rows(%s)", (Jsonb(list(checks.values())),)
+            "select check_no, item from realtime_local.visible_rows(%s)", (Jsonb(list(checks.values())),)
         )
-        for check_no, kind, item in await cur.fetchall():
+        for check_no, item in await cur.fetchall():
             group = groups[check_no]
-            if kind == "delete":
-                visible.add((group[0], int(item)))
-            else:
-                for change_id in by_key[group].get(dumps({k: item.get(k) for k in sorted(item)}), ()):
-                    visible.add((group[0], change_id))
+            for change_id in by_key[group].get(dumps({k: item.get(k) for k in sorted(item)}), ()):
+                visible.add((group[0], change_id))
         return visible
 
 
