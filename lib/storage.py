@@ -127,7 +127,7 @@ class StorageService:
             log.warning("storage refused to %s: %s %s %s", what, exc.status, exc.code, exc.message)
             raise StorageError(f"Storage could not {what}.", status=status) from exc
         except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
+            status = _storage_status(exc.response)
             if status == 404:
                 raise NotFound("File not found.") from None
             log.warning("storage refused to %s: HTTP %s", what, status)
@@ -260,7 +260,7 @@ class StorageService:
             self._errors("read the file"),
             self._http.stream("GET", url, headers={"Range": f"bytes=0-{size - 1}"}) as resp,
         ):
-            resp.raise_for_status()
+            await _raise_for_status(resp)
             async for chunk in resp.aiter_bytes():
                 head += chunk
                 if len(head) >= size:
@@ -276,7 +276,7 @@ class StorageService:
         f = await asyncio.to_thread(part.open, "wb")
         try:
             async with self._errors("download the file"), self._http.stream("GET", url) as resp:
-                resp.raise_for_status()
+                await _raise_for_status(resp)
                 async for chunk in resp.aiter_bytes(CHUNK_BYTES):
                     await asyncio.to_thread(f.write, chunk)
                     written += len(chunk)
@@ -287,6 +287,22 @@ class StorageService:
             part.unlink(missing_ok=True)
             raise
         return written
+
+
+async def _raise_for_status(resp) -> None:
+    """错误响应先读完响应体（其中的 statusCode 才是真正的状态），再抛出"""
+    if resp.is_error:
+        await resp.aread()
+        resp.raise_for_status()
+
+
+def _storage_status(resp) -> int:
+    """Supabase Storage 的错误以 HTTP 400 返回，真正的状态码在响应体的 statusCode 里（storage3 也这样读）"""
+    try:
+        code = str(resp.json().get("statusCode"))
+    except (ValueError, AttributeError):
+        return resp.status_code
+    return int(code) if code.isdigit() else resp.status_code
 
 
 @cache

@@ -83,7 +83,8 @@ async def test_signed_upload_url_accepts_one_upload(storage, owner):
         assert resp.status_code == 200, resp.text
         assert resp.json()["Key"] == f"{BUCKET}/{path}"
         again = await http.put(ticket["url"], content=b"other")
-    assert again.status_code == 409 and again.json()["error"] == "Duplicate"
+    # As Supabase Storage: HTTP 400, the real status in the body
+    assert again.status_code == 400 and again.json()["statusCode"] == "409" and again.json()["error"] == "Duplicate"
     info = await storage.info(path=path)
     assert info["size"] == 5 and info["content_type"] == "image/png"
 
@@ -123,7 +124,7 @@ async def test_service_key_is_required(live_server, owner):
     async with httpx.AsyncClient() as http:
         assert (await http.get(raw_url(path))).status_code == 401
         wrong = await http.get(raw_url(path), headers={"apikey": "sb_secret_wrong", "Authorization": "Bearer x"})
-    assert wrong.status_code == 403 and wrong.json()["statusCode"] == "403"
+    assert wrong.status_code == 400 and wrong.json()["statusCode"] == "403"
     bad = AsyncStorageClient(
         f"{get_settings().supabase_url}/storage/v1/", {"apikey": "nope", "Authorization": "Bearer nope"}
     )
@@ -179,13 +180,30 @@ async def test_user_path_guard(storage, owner):
             await storage.create_signed_upload_url(path=bad)
 
 
-async def test_missing_object_and_bucket(storage, owner, monkeypatch):
-    assert await storage.info(path=user_path(owner, "nothing")) is None
+async def test_missing_object_and_bucket(storage, owner, monkeypatch, tmp_path):
+    missing = user_path(owner, "nothing")
+    assert await storage.info(path=missing) is None
     async with httpx.AsyncClient() as http:
-        resp = await http.get(raw_url(user_path(owner, "nothing")), headers=service_headers())
+        resp = await http.get(raw_url(missing), headers=service_headers())
+        assert resp.status_code == 400  # as Supabase Storage answers every error it raises itself
         assert resp.json() == {"statusCode": "404", "error": "not_found", "message": "Object not found"}
         resp = await http.get(raw_url("x").replace(f"/{BUCKET}/", "/nobucket/"), headers=service_headers())
-    assert resp.status_code == 404 and resp.json()["message"] == "Bucket not found"
+    assert resp.json()["statusCode"] == "404" and resp.json()["message"] == "Bucket not found"
+    # Our direct reads go by the status in the body too: an object deleted after its URL was signed is NotFound.
+    gone = user_path(owner, "gone.bin")
+    await storage.upload_bytes(path=gone, data=b"x", content_type="application/octet-stream")
+    signed = await storage._signed_url(gone, 60, None)
+    await storage.remove(paths=[gone])
+
+    async def stale_url(*args):
+        return signed
+
+    monkeypatch.setattr(storage, "_signed_url", stale_url)
+    with pytest.raises(NotFound):
+        await storage.download_to(path=gone, dest=tmp_path / "x")
+    with pytest.raises(NotFound):
+        await storage.read_head(path=gone)
+    assert not list(tmp_path.iterdir())
 
 
 async def test_public_url_is_used_for_browser_urls(storage, owner, monkeypatch):

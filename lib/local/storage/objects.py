@@ -33,9 +33,10 @@ class StorageError(Exception):
         self.status, self.error, self.message = status, error, message
 
     def response(self) -> JSONResponse:
-        """错误响应"""
+        """错误响应：与 Supabase Storage 相同，真正的状态码在响应体里，HTTP 状态是 400（5xx 除外）"""
         body = {"statusCode": str(self.status), "error": self.error, "message": self.message}
-        return JSONResponse(body, status_code=self.status)
+        # Supabase's API gateway answers a request without a key with a plain 401; Storage itself, 400.
+        return JSONResponse(body, status_code=self.status if self.status >= 500 or self.status == 401 else 400)
 
 
 def not_found(what: str = "Object") -> StorageError:
