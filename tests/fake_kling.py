@@ -12,6 +12,7 @@ Knobs (set on the instance before or during a test):
 - ``drop_submit``: the next submit answers 500 without creating the job (a request that never arrived);
 - ``missing_job``: ``(http_status, code, message)`` answered to a status lookup of a job it does not know;
 - ``lagging_lookups``: the next lookups by our id miss a job that exists (Kling's lookup behind its submits);
+- ``refused_downloads``: the next downloads of a video answered 403 (a link the CDN does not serve yet, or expired);
 - ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting).
 """
 
@@ -47,6 +48,7 @@ class FakeKling:
         self.retry_after: int | None = None
         self.refused_submits = 0
         self.lagging_lookups = 0
+        self.refused_downloads = 0
         self.errors: list[int] = []
         self.lose_submit_response = False
         self.drop_submit = False
@@ -92,6 +94,10 @@ class FakeKling:
     def handle(self, method: str, path: str, headers, body: bytes) -> tuple[int, dict, bytes, str]:
         if method == "GET" and path.startswith("/files/"):
             self.downloads += 1
+            with self._lock:
+                if self.refused_downloads:
+                    self.refused_downloads -= 1
+                    return 403, {}, b"<Error><Code>AccessDenied</Code></Error>", "application/xml"
             return 200, {}, self.video.read_bytes(), "video/mp4"
         denied = self._check_token(headers.get("Authorization", ""))
         if denied:

@@ -434,6 +434,20 @@ async def test_cancel_is_noticed_while_kling_asks_us_to_retry_later(client, make
     assert kling.refused_submits == 1 and kinds(user, task) == ["charge", "refund"]
 
 
+@pytest.mark.parametrize(("refusals", "outcome"), [(1, "completed"), (2, "failed")])
+async def test_a_refused_download_asks_for_a_fresh_link_once(client, make_user, kling, refusals, outcome):
+    kling.refused_downloads = refusals
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == outcome
+    assert kling.downloads == 2 and len(kling.submits) == 1
+    if outcome == "failed":
+        assert "could not be downloaded from Kling (HTTP 403)" in task_row(task["id"])["error"]["message"]
+        assert kinds(user, task) == ["charge", "refund"]
+    else:
+        assert kinds(user, task) == ["charge"] and len(outputs(task)) == 1
+
+
 async def test_an_ip_whitelist_refusal_fails_at_once_as_our_problem(client, make_user, kling):
     kling.refuse = (429, 1304, "IP whitelist policy")
     user = await make_user()

@@ -38,6 +38,10 @@ class ProviderError(InvalidInput):
     task_error_code = "provider_error"
 
 
+class DownloadRefused(ProviderError):
+    """提供方的下载地址拒绝了我们（4xx）"""
+
+
 class ProviderBusy(Exception):
     """提供方暂时不可用（429、5xx、网络），可稍后重试"""
 
@@ -91,7 +95,16 @@ def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, 
     job = wait_for(ctx, provider, job_id, started_at=started_at, deadline_s=deadline_s, interval_s=interval_s)
     ctx.progress(0.9, f"Downloading the video from {provider.name}")
     try:
-        path = provider.fetch_result(job, ctx.workdir)
+        try:
+            path = provider.fetch_result(job, ctx.workdir)
+        except DownloadRefused as exc:
+            # A CDN can refuse a link for a moment after the job finished, and a link expires: ask for a fresh one once.
+            log.warning("task %s: %s; asking %s for a fresh link", ctx.task_id, exc, provider.name)
+            _pause(ctx, max(interval_s, 0.01), 0.9, f"Downloading the video from {provider.name}")
+            job = provider.status(job.job_id)
+            if job.state != "succeeded":
+                raise
+            path = provider.fetch_result(job, ctx.workdir)
     except ProviderBusy as exc:
         raise TransientError(f"download from {provider.name} failed: {exc}") from exc
     ctx.progress(0.95, "Checking the video")
@@ -196,7 +209,7 @@ def download_file(
                 if resp.status_code == 429 or resp.status_code >= 500:
                     raise ProviderBusy(f"{what}: HTTP {resp.status_code}")
                 if resp.status_code >= 400:
-                    raise ProviderError(
+                    raise DownloadRefused(
                         f"The finished video could not be downloaded from {what} "
                         f"(HTTP {resp.status_code}). Your credits were refunded."
                     )
