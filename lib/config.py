@@ -92,8 +92,9 @@ class Settings(BaseSettings):
     kling_ai_access_key: str | None = None
     kling_ai_secret_key: str | None = None
     kling_api_base: str = "https://api-singapore.klingai.com"
-    kling_poll_deadline_seconds: float = 1800
-    kling_poll_interval_seconds: float = 5
+    # At most 40 min: the Kling models' job limit (lib/catalog.py) is 45, and the download and upload come after.
+    kling_poll_deadline_seconds: float = Field(1800, gt=0, le=40 * 60)
+    kling_poll_interval_seconds: float = Field(5, gt=0)
 
     @field_validator("spool_home")
     @classmethod

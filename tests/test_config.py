@@ -105,3 +105,14 @@ def test_an_empty_optional_url_is_unset(monkeypatch):
     monkeypatch.setenv("PUBLIC_URL", " ")
     settings = Settings(_env_file=None)
     assert settings.stripe_api_base is None and settings.public_url is None
+
+
+def test_a_kling_deadline_past_the_jobs_own_limit_is_refused():
+    from pydantic import ValidationError
+
+    from lib.catalog import get_model
+
+    limit = Settings.model_fields["kling_poll_deadline_seconds"].metadata
+    assert any(getattr(m, "le", 0) < get_model("kling.text2video").timeout_s for m in limit)
+    with pytest.raises(ValidationError, match="kling_poll_deadline_seconds"):
+        Settings(_env_file=None, kling_poll_deadline_seconds=3600)
