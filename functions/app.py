@@ -10,12 +10,32 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from functions import assets, billing, credits, health, models, projects, tasks
-from functions.errors import RequestIdMiddleware, install_error_handlers
+from functions.errors import ERROR_RESPONSES, RequestIdMiddleware, install_error_handlers
 from functions.limits import BodyLimitMiddleware
 from lib import db
 from lib.config import get_settings
 
 ROUTERS = (health, models, credits, billing, projects, assets, tasks)
+
+
+class HeadAsGet:
+    """HEAD 按 GET 处理、不发响应体（FastAPI 的路由不会自动接受 HEAD；监控常用 HEAD）"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            return await self.app(scope, receive, send)
+
+        async def send_headers_only(message):
+            if message["type"] == "http.response.body":
+                if message.get("more_body"):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, send_headers_only)
 
 
 @asynccontextmanager
@@ -36,11 +56,13 @@ def create_app() -> FastAPI:
         version="1.0.0",
         description="Credits, tasks and media for the Spool app.",
         lifespan=lifespan,
+        redirect_slashes=False,  # "/tasks/" is a 404 in the envelope, not a bare redirect
     )
     for module in ROUTERS:
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     install_error_handlers(app)
     # Added last is outermost: CORS wraps the rest, so a browser can read every error, the 413 and the 500 included.
+    app.add_middleware(HeadAsGet)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(

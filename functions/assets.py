@@ -17,7 +17,7 @@ from functions.errors import ok
 from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import InvalidInput, PayloadTooLarge
-from lib.fields import Text
+from lib.fields import RequestBody, Text
 
 router = APIRouter(prefix="/assets", tags=["Assets"])
 
@@ -26,7 +26,7 @@ AssetKind = Literal["image", "video", "audio"]
 AssetStatus = Literal["pending", "ready", "rejected"]
 
 
-class AssetUploadCreate(BaseModel):
+class AssetUploadCreate(RequestBody):
     content_type: str = Field(min_length=1, max_length=100, examples=["video/mp4"])
     bytes: int = Field(gt=0, description="Size of the file that will be uploaded.")
     filename: Text | None = Field(None, max_length=255)

@@ -9,12 +9,12 @@ from functions.auth import CurrentUserId
 from functions.errors import ok
 from functions.headers import IdempotencyKey
 from lib.billing import get_billing_service
-from lib.fields import Text
+from lib.fields import RequestBody, Text
 
 router = APIRouter(prefix="/billing", tags=["Billing"])
 
 
-class CheckoutCreate(BaseModel):
+class CheckoutCreate(RequestBody):
     package_id: Text = Field(min_length=1, max_length=100, examples=["starter"])
     success_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/success"])
     cancel_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/cancel"])

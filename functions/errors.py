@@ -10,7 +10,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from lib.errors import SpoolError
 
@@ -30,6 +32,31 @@ HTTP_CODES = {
     422: "validation_error",
     429: "too_many_requests",
     503: "service_unavailable",
+}
+
+
+class ErrorDetail(BaseModel):
+    field: str
+    message: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail] | list[dict[str, Any]] | None = None  # fields of a 422; what a 409 is about
+
+
+class ErrorEnvelope(BaseModel):
+    success: bool = False
+    error: ErrorBody
+    request_id: str
+
+
+# Every route's errors in the OpenAPI schema: the envelope (a "4XX" entry also keeps FastAPI from documenting its
+# own validation body, which this API never sends).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorEnvelope, "description": "The error envelope; `error.code` names the problem."},
+    "5XX": {"model": ErrorEnvelope, "description": "The error envelope; `request_id` finds it in the logs."},
 }
 
 
@@ -82,10 +109,35 @@ class RequestIdMiddleware:
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict]:
-    return [
-        {"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body", "message": err.get("msg")}
-        for err in exc.errors()
-    ]
+    details = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":  # its loc is ("body", character position): not a field
+            reason = (err.get("ctx") or {}).get("error") or "not valid JSON"
+            details.append({"field": "body", "message": f"{reason} (at character {err['loc'][-1]})"})
+            continue
+        field = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
+        details.append({"field": field, "message": err.get("msg")})
+    return details
+
+
+def _not_json(request: Request, exc: RequestValidationError) -> bool:
+    """请求体不是 JSON（例如 fetch 对字符串默认的 text/plain）"""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    body_refused = any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors())
+    return bool(content_type) and body_refused and not content_type.endswith(("/json", "+json"))
+
+
+def _allowed_methods(request: Request) -> str:
+    """这个路径上所有路由接受的方法（Starlette 只报告第一个匹配路径的路由）"""
+    routes = request.app.router.routes
+    methods = {
+        method
+        for method in ("DELETE", "GET", "PATCH", "POST", "PUT")
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    }
+    if "GET" in methods:
+        methods.add("HEAD")  # HeadAsGet answers it
+    return ", ".join(sorted(methods))
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -100,8 +152,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-        return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
+        return error_response(exc.status_code, code, message, headers=headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
+        if _not_json(request, exc):
+            return error_response(
+                415, "unsupported_media_type", "Send the body as JSON, with 'Content-Type: application/json'."
+            )
         return error_response(422, "validation_error", "The request is not valid.", _validation_details(exc))

@@ -6,17 +6,18 @@ from typing import Any
 from uuid import UUID
 
 from fastapi import APIRouter
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
 from lib.catalog import list_models
+from lib.fields import RequestBody
 from lib.tasks import get_task_service
 
 router = APIRouter(prefix="/models", tags=["Models"])
 
 
-class QuoteRequest(BaseModel):
+class QuoteRequest(RequestBody):
     params: dict[str, Any] = Field(default_factory=dict)
     input_asset_ids: list[UUID] | None = Field(
         None, max_length=10, description="Optional: the input assets, which must match the asset ids in params."

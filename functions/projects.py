@@ -7,11 +7,11 @@ from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, StringConstraints, model_validator
+from pydantic import BaseModel, StringConstraints
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
-from lib.fields import STORABLE
+from lib.fields import STORABLE, RequestBody
 from lib.projects import get_project_service
 
 router = APIRouter(prefix="/projects", tags=["Projects"])
@@ -20,20 +20,14 @@ ProjectName = Annotated[str, StringConstraints(strip_whitespace=True, min_length
 Description = Annotated[str, StringConstraints(max_length=5000), STORABLE]
 
 
-class ProjectCreate(BaseModel):
+class ProjectCreate(RequestBody):
     name: ProjectName
     description: Description | None = None
 
 
-class ProjectUpdate(BaseModel):
-    name: ProjectName | None = None
+class ProjectUpdate(RequestBody):
+    name: ProjectName = None  # may be left out, never null (a default is not validated)
     description: Description | None = None
-
-    @model_validator(mode="after")
-    def _name_not_null(self):
-        if "name" in self.model_fields_set and self.name is None:
-            raise ValueError("name cannot be null")
-        return self
 
 
 class ProjectPublic(BaseModel):

@@ -6,11 +6,12 @@ from typing import Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
 from functions.headers import IdempotencyKey
+from lib.fields import RequestBody
 from lib.tasks import get_task_service
 
 router = APIRouter(prefix="/tasks", tags=["Tasks"])
@@ -18,7 +19,7 @@ router = APIRouter(prefix="/tasks", tags=["Tasks"])
 TaskStatus = Literal["queued", "processing", "completed", "failed", "canceled"]
 
 
-class TaskCreate(BaseModel):
+class TaskCreate(RequestBody):
     model_key: str = Field(min_length=1, max_length=100, examples=["image.upscale"])
     params: dict[str, Any] = Field(default_factory=dict)
     project_id: UUID | None = None

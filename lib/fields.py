@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
 def _storable(value: str) -> str:
@@ -21,3 +21,9 @@ def _storable(value: str) -> str:
 
 STORABLE = AfterValidator(_storable)  # list it after any StringConstraints, which apply to the str before it
 Text = Annotated[str, STORABLE]
+
+
+class RequestBody(BaseModel):
+    """请求体的基类：未知字段是 422（拼错的字段名不会被悄悄忽略）"""
+
+    model_config = ConfigDict(extra="forbid")

@@ -35,6 +35,68 @@ async def test_validation_error_has_field_details(client, make_user):
     assert body["error"]["details"][0]["field"] == "query.limit"
 
 
+async def test_unknown_body_fields_are_refused_not_ignored(client, make_user):
+    user = await make_user()
+    project = (await client.post("/projects", json={"name": "a"}, headers=user.headers)).json()["data"]
+    resp = await client.patch(f"/projects/{project['id']}", json={"nmae": "b"}, headers=user.headers)
+    assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "nmae"
+    resp = await client.post(
+        "/tasks", json={"model_key": "image.upscale", "projectId": project["id"]}, headers=user.headers
+    )
+    assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "projectId"
+    resp = await client.patch(f"/projects/{project['id']}", json={"name": None}, headers=user.headers)
+    assert resp.status_code == 422  # a name may be left out, never cleared
+
+
+async def test_bodies_that_are_not_json_say_so(client, make_user):
+    user = await make_user()
+    resp = await client.post(
+        "/projects", content=b'{"name": ', headers={**user.headers, "content-type": "application/json"}
+    )
+    assert resp.status_code == 422
+    [detail] = resp.json()["error"]["details"]
+    assert detail["field"] == "body" and "at character" in detail["message"]
+    resp = await client.post(
+        "/projects", content=b'{"name": "a"}', headers={**user.headers, "content-type": "text/plain"}
+    )
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+
+
+async def test_head_answers_as_get_without_a_body(client, make_user):
+    resp = await client.head("/health")
+    assert resp.status_code == 200 and resp.content == b"" and resp.headers["x-request-id"]
+    assert (await client.head("/credits")).status_code == 401
+    user = await make_user()
+    assert (await client.head("/credits", headers=user.headers)).status_code == 200
+
+
+async def test_method_not_allowed_names_every_method_of_the_path(client, make_user):
+    user = await make_user()
+    resp = await client.put("/projects/00000000-0000-0000-0000-000000000000", headers=user.headers)
+    assert resp.status_code == 405 and resp.json()["error"]["code"] == "method_not_allowed"
+    assert resp.headers["allow"] == "DELETE, GET, HEAD, PATCH"
+    assert (await client.put("/projects", headers=user.headers)).headers["allow"] == "GET, HEAD, POST"
+
+
+async def test_a_trailing_slash_is_a_404_envelope_not_a_redirect(client, make_user):
+    user = await make_user()
+    resp = await client.post("/projects/", json={"name": "a"}, headers=user.headers)
+    assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+
+
+async def test_openapi_declares_the_bearer_token_and_the_error_envelope(client):
+    schema = (await client.get("/openapi.json")).json()
+    [(name, scheme)] = schema["components"]["securitySchemes"].items()
+    assert scheme == {"type": "http", "scheme": "bearer", "description": scheme["description"]}
+    assert schema["paths"]["/tasks"]["get"]["security"] == [{name: []}]
+    assert "security" not in schema["paths"]["/models"]["get"]  # the catalog is public
+    errors = schema["paths"]["/tasks"]["post"]["responses"]["4XX"]
+    assert errors["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorEnvelope")
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # a body this API never sends
+    name_schema = schema["components"]["schemas"]["ProjectUpdate"]["properties"]["name"]
+    assert name_schema["type"] == "string"  # not nullable
+
+
 async def test_unexpected_exception_is_generic_500(app, client, caplog):
     from fastapi import APIRouter
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from functions.app import create_app
+from functions.errors import ERROR_RESPONSES
 from lib.config import get_settings
 from lib.local import dev_auth, realtime, storage
-
-LOCAL_ROUTERS = [dev_auth.router, storage.router, realtime.router]
 
 
 def create_local_app() -> FastAPI:
@@ -16,6 +15,7 @@ def create_local_app() -> FastAPI:
     if not get_settings().is_local:
         raise RuntimeError("the local server runs only with SPOOL_MODE=local; deploy functions.app:create_app")
     app = create_app()
-    for router in LOCAL_ROUTERS:
-        app.include_router(router)
+    app.include_router(dev_auth.router, responses=ERROR_RESPONSES)
+    for router in (storage.router, realtime.router):  # Supabase's own shapes, not this API's: not in its schema
+        app.include_router(router, include_in_schema=False)
     return app
