@@ -14,6 +14,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
+from functions.query import Filter
 from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import InvalidInput, PayloadTooLarge
@@ -170,9 +171,9 @@ async def upload_direct(request: Request, user_id: CurrentUserId):
 @router.get("")
 async def list_assets(
     user_id: CurrentUserId,
-    project_id: UUID | None = None,
-    kind: AssetKind | None = None,
-    status: AssetStatus | None = None,
+    project_id: Filter[UUID] = None,
+    kind: Filter[AssetKind] = None,
+    status: Filter[AssetStatus] = None,
     limit: int = Query(20, ge=1, le=100),
     cursor: str | None = None,
 ):

@@ -10,7 +10,8 @@ from pydantic import Field
 
 from functions.auth import CurrentUserId
 from functions.errors import ok
-from lib.catalog import list_models
+from lib.catalog import CATALOG, list_models
+from lib.errors import NotFound
 from lib.fields import RequestBody
 from lib.tasks import get_task_service
 
@@ -32,7 +33,10 @@ async def get_models():
 
 @router.post("/{key}/quote")
 async def quote(key: str, body: QuoteRequest, user_id: CurrentUserId):
-    """按参数报价（不扣费）"""
+    """按参数报价（不扣费）；路径里的模型不在目录中 → 404"""
+    spec = CATALOG.get(key)
+    if spec is None or not spec.public:
+        raise NotFound(f"There is no model '{key}'; GET /models lists them.")
     return ok(
         await get_task_service().quote(
             user_id=user_id, model_key=key, params=body.params, input_asset_ids=body.input_asset_ids

@@ -11,6 +11,7 @@ from pydantic import Field
 from functions.auth import CurrentUserId
 from functions.errors import ok
 from functions.headers import IdempotencyKey
+from functions.query import Filter
 from lib.fields import RequestBody
 from lib.tasks import get_task_service
 
@@ -48,8 +49,8 @@ async def create_task(
 @router.get("")
 async def list_tasks(
     user_id: CurrentUserId,
-    status: TaskStatus | None = None,
-    project_id: UUID | None = None,
+    status: Filter[TaskStatus] = None,
+    project_id: Filter[UUID] = None,
     limit: int = Query(20, ge=1, le=100),
     cursor: str | None = None,
 ):

@@ -9,6 +9,9 @@ from datetime import datetime
 
 from lib.errors import InvalidInput
 
+BAD_CURSOR = "The cursor is not valid."
+CURSOR_DETAILS = [{"field": "query.cursor", "message": "pass back the next_cursor of the previous page, unchanged"}]
+
 
 def encode_cursor(value: dict) -> str:
     """编码分页游标"""
@@ -24,7 +27,7 @@ def decode_cursor(cursor: str | None) -> dict | None:
     except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
         value = None
     if not isinstance(value, dict):
-        raise InvalidInput("The cursor is not valid.")
+        raise InvalidInput(BAD_CURSOR, details=CURSOR_DETAILS)
     return value
 
 
@@ -36,7 +39,7 @@ def page_after(cursor: str | None) -> dict:
     try:
         return {"at": datetime.fromisoformat(after["created_at"]), "id": str(uuid.UUID(after["id"]))}
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise InvalidInput("The cursor is not valid.") from None
+        raise InvalidInput(BAD_CURSOR, details=CURSOR_DETAILS) from None
 
 
 def id_after(cursor: str | None) -> int | None:
@@ -46,7 +49,7 @@ def id_after(cursor: str | None) -> int | None:
         return None
     value = after.get("id")
     if type(value) is not int or not 0 < value < 2**63:  # a bool is not an id
-        raise InvalidInput("The cursor is not valid.")
+        raise InvalidInput(BAD_CURSOR, details=CURSOR_DETAILS)
     return value
 
 

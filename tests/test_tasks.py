@@ -61,11 +61,12 @@ async def test_models_lists_catalog_with_schemas(client):
 async def test_the_internal_probe_can_be_neither_run_nor_quoted(client, make_user):
     user = await make_user()
     params = {"asset_id": make_asset(user.id)}
-    quoted = await client.post("/models/media.probe/quote", json={"params": params}, headers=user.headers)
     created = await client.post("/tasks", json={"model_key": "media.probe", "params": params}, headers=user.headers)
-    for resp in (quoted, created):
-        assert resp.status_code == 422, resp.text
-        assert resp.json()["error"]["details"] == [{"field": "model_key", "message": "internal model"}]
+    assert created.status_code == 422, created.text
+    assert created.json()["error"]["details"] == [{"field": "model_key", "message": "internal model"}]
+    for key in ("media.probe", "no.such.model"):  # the model is the path's resource: one it does not list is a 404
+        quoted = await client.post(f"/models/{key}/quote", json={"params": params}, headers=user.headers)
+        assert quoted.status_code == 404 and "GET /models" in quoted.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(
@@ -284,7 +285,8 @@ async def test_list_filters_and_cursor(client, make_user, many_active):
     canceled = (await client.get("/tasks?status=canceled", headers=user.headers)).json()["data"]["items"]
     assert [t["id"] for t in canceled] == [created[0]]
     assert (await client.get("/tasks?status=bogus", headers=user.headers)).status_code == 422
-    assert (await client.get("/tasks?cursor=%%%", headers=user.headers)).status_code == 422
+    bad_cursor = await client.get("/tasks?cursor=%%%", headers=user.headers)
+    assert bad_cursor.status_code == 422 and bad_cursor.json()["error"]["details"][0]["field"] == "query.cursor"
 
 
 async def test_ledger_is_newest_first_with_cursor(client, make_user):
