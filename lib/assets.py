@@ -173,11 +173,7 @@ class AssetService:
         asset = await db.fetch_one_as(user_id, f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,))
         if asset is None:
             raise NotFound("Asset not found.")
-        if sign:
-            asset["download_url"] = None
-            if asset["status"] == "ready":
-                asset["download_url"] = await get_storage().create_signed_url(path=asset["path"], user_id=user_id)
-        return asset
+        return (await with_download_urls([asset]))[0] if sign else asset
 
     async def list_assets(
         self,
@@ -201,7 +197,8 @@ class AssetService:
             " order by created_at desc, id desc limit %(limit)s",
             {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
         )
-        return page_of(rows, limit)
+        page = page_of(rows, limit)
+        return {**page, "items": await with_download_urls(page["items"])}
 
     async def delete_asset(self, *, user_id: str, asset_id: str) -> None:
         """删除资源：先删存储对象，再删行（失败可重试，不留悬空的行）；未结束任务的输入不可删"""
@@ -364,6 +361,15 @@ class AssetService:
             await get_storage().remove(paths=[path], user_id=user_id)
         except Exception as exc:
             log.warning("could not remove %s: %s", path, exc)
+
+
+async def with_download_urls(assets: list[dict]) -> list[dict]:
+    """ready 的资源附上新签名的下载地址（一次存储请求；文件已不在存储里 → null）"""
+    paths = sorted({asset["path"] for asset in assets if asset["status"] == "ready"})
+    urls = await get_storage().create_signed_urls(paths=paths) if paths else {}
+    return [
+        {**asset, "download_url": urls.get(asset["path"]) if asset["status"] == "ready" else None} for asset in assets
+    ]
 
 
 @cache

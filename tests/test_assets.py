@@ -247,6 +247,24 @@ async def test_an_input_of_an_unfinished_task_is_kept_until_the_task_ends(client
     assert (await client.delete(f"/assets/{asset}", headers=user.headers)).status_code == 200
 
 
+async def test_lists_carry_download_urls_and_a_file_gone_from_storage_reads_as_null(client, make_user):
+    user = await make_user()
+    data = png_bytes()
+    kept, lost, pending = [(await direct_upload(client, user, data)).json()["data"]["id"] for _ in range(3)]
+    for asset_id in (kept, lost):
+        await get_asset_service().mark_probed(
+            asset_id=asset_id, probe={"kind": "image", "width": 8, "height": 6}, reason=None
+        )
+    await get_storage().remove(paths=[storage_path(lost)])
+
+    items = {a["id"]: a for a in (await client.get("/assets", headers=user.headers)).json()["data"]["items"]}
+    assert items[lost]["download_url"] is None and items[pending]["download_url"] is None
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(items[kept]["download_url"])).content == data  # a gallery needs no call per file
+    resp = await client.get(f"/assets/{lost}", headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["data"]["download_url"] is None  # the row is there: not a 404
+
+
 async def test_list_filters_and_pages(client, make_user):
     user = await make_user()
     service = get_asset_service()
