@@ -127,11 +127,11 @@ def run_job(task_id: str) -> str:
     """在本容器内运行一个任务（认领保证同一任务不会同时运行两次）"""
     from gpu_jobs.runner import handler_still_running, run_task
 
-    outcome = run_task(task_id)
+    outcome = run_task(task_id, call_id=modal.current_function_call_id())
     if handler_still_running():  # a handler past its time limit holds the GPU: let this container go
-        import modal.experimental
+        from modal import experimental
 
-        modal.experimental.stop_fetching_inputs()
+        experimental.stop_fetching_inputs()
     return outcome
 
 

@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from gpu_jobs.handlers import JobContext, OutputFile
 from gpu_jobs.task_base import (
     ClaimLost,
@@ -93,14 +95,16 @@ def load_handler(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-async def run_task_async(task_id: str, *, claimed: dict | None = None) -> str:
-    """运行一个任务，返回其最终状态（未能认领时返回 'skipped'）"""
+async def run_task_async(task_id: str, *, claimed: dict | None = None, call_id: str | None = None) -> str:
+    """运行一个任务，返回其最终状态（未能认领时返回 'skipped'）；call_id：运行它的 Modal 调用"""
     task = claimed or await db.fetch_one("select * from public.claim_task(%s)", (task_id,))
     if task is None:
         log.info("task %s is not queued; nothing to do", task_id)
         return "skipped"
     task = {**task, "id": str(task["id"]), "user_id": str(task["user_id"])}
     attempt = task["attempts"]
+    if call_id:  # a cancel must reach this container, whichever of the task's calls claimed it
+        await db.execute("select public.record_task_call(%s, %s, %s)", (task["id"], attempt, call_id))
     progress = Progress(task["id"], attempt, asyncio.get_running_loop())
     log.info("task %s (%s) started, attempt %d", task["id"], task["model_key"], attempt)
     outcome = await _outcome(task, attempt, progress)
@@ -150,7 +154,10 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
 
 async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> str:
     spec = catalog.get_model(task["model_key"])
-    params = spec.params.model_validate(task["params"])
+    try:
+        params = spec.params.model_validate(task["params"])
+    except ValidationError:  # queued under an older version of the model
+        raise InvalidInput(f"The parameters of this task no longer suit '{spec.title}'. {REFUNDED}") from None
     assets = await _input_assets(task)
     inputs = {asset_id: await download_file_to_temp(asset, workdir) for asset_id, asset in assets.items()}
     await update_task_status(task["id"], attempt, progress=0.02, message="Processing")
@@ -171,17 +178,20 @@ async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> s
     handler = load_handler(spec.handler)
     try:
         # The heartbeat goes on while a handler hangs, so the reaper would never see it: the limit is kept here.
-        outputs: list[OutputFile] = await asyncio.wait_for(_in_handler_thread(handler, ctx), spec.timeout_s)
+        async with asyncio.timeout(spec.timeout_s) as limit:
+            outputs: list[OutputFile] = await _in_handler_thread(handler, ctx)
     except TimeoutError:
+        if not limit.expired():  # the handler's own (a network read, a database round trip): temporary
+            raise
         progress.stop = TimedOut(f"over its {spec.timeout_s} s limit")  # the thread stops at its next progress
         raise progress.stop from None
     except InvalidInput as exc:
         if spec.key == "media.probe":
             await _settle_probe(task, ctx, reason=exc.message)
         raise
+    await progress.awrite(0.96, "Saving the result")  # best effort: a blip here must not throw the result away
     if progress.stop is not None:
         raise progress.stop
-    await update_task_status(task["id"], attempt, progress=0.96, message="Saving the result")
     return await _publish(task, attempt, spec, ctx, outputs)
 
 
@@ -335,12 +345,12 @@ def _device() -> str:
     return pick_device()
 
 
-def run_task(task_id: str) -> str:
+def run_task(task_id: str, *, call_id: str | None = None) -> str:
     """同步入口（Modal 函数与命令行调用）"""
 
     async def main() -> str:
         try:
-            return await run_task_async(task_id)
+            return await run_task_async(task_id, call_id=call_id)
         finally:
             await db.close_pool()
 

@@ -27,10 +27,14 @@ async def reap() -> dict[str, int]:
     )
     counts = Counter(row["action"] for row in rows)
     for row in rows:
-        if row["action"] in ("requeued", "redispatch"):
-            await get_task_service().dispatch(task_id=str(row["task_id"]), model_key=row["model_key"])
-        elif row["action"] in ("failed", "expired"):  # its lost attempts may have left partial uploads
-            await get_task_service().discard_orphaned_outputs(task_id=str(row["task_id"]))
+        task_id = str(row["task_id"])
+        try:
+            if row["action"] in ("requeued", "redispatch"):
+                await get_task_service().dispatch(task_id=task_id, model_key=row["model_key"])
+            elif row["action"] in ("failed", "expired"):  # its lost attempts may have left partial uploads
+                await get_task_service().discard_orphaned_outputs(task_id=task_id)
+        except Exception:  # one task's trouble must not leave the rest of the pass undone
+            log.exception("reaper: %s of task %s failed; the next pass tries again", row["action"], task_id)
     if rows:
         log.info("reaper: %s", dict(counts))
     return dict(counts)

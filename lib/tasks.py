@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime
 from functools import cache
@@ -95,15 +96,25 @@ class TaskService:
         return {"model_key": model_key, "credits": cost, "balance": balance, "affordable": balance >= cost}
 
     async def dispatch(self, *, task_id: str, model_key: str) -> None:
-        """派发任务；失败时任务保持排队，由回收器重新派发"""
+        """派发任务；失败时任务保持排队，由回收器重新派发（从不抛出：任务已创建并扣费）；模型已下线 → 失败并退款"""
+        if model_key not in catalog.CATALOG:  # queued before a deploy removed its model: nothing can ever run it
+            message = "This model is no longer offered; your credits were refunded."
+            await db.execute(
+                "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, null)",
+                (task_id, json.dumps({"code": "model_unavailable", "message": message}), message),
+            )
+            return
         try:
             await get_dispatcher().dispatch(task_id=task_id, model_key=model_key)
         except Exception:
             log.exception("dispatch of task %s failed; the reaper will retry", task_id)
-            await db.execute(
-                "select public.set_task_dispatch(%s, null, %s)",
-                (task_id, "Waiting for a worker (dispatch will be retried)."),
-            )
+            try:
+                await db.execute(
+                    "select public.set_task_dispatch(%s, null, %s)",
+                    (task_id, "Waiting for a worker (dispatch will be retried)."),
+                )
+            except Exception as exc:  # the reaper finds the task without a call either way
+                log.warning("task %s: could not note the failed dispatch: %s", task_id, exc)
 
     async def get_task(self, *, user_id: str, task_id: str) -> dict:
         """查询自己的一个任务（结果地址重新签名）"""

@@ -30,6 +30,10 @@ def flaky(ctx: JobContext) -> list[OutputFile]:
     raise TransientError("storage is briefly unreachable")
 
 
+def net_timeout(ctx: JobContext) -> list[OutputFile]:
+    raise TimeoutError("timed out reading from the network")  # socket.timeout is this class too
+
+
 def hang(ctx: JobContext) -> list[OutputFile]:
     """静默地卡住（不报告进度），直到 seconds 秒后才推进一次"""
     time.sleep(ctx.params.seconds)

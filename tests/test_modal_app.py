@@ -21,6 +21,7 @@ from gpu_jobs.runner import run_task_async
 from lib import catalog, dispatch, modal_dispatch
 from lib.modal_dispatch import ModalDispatcher, function_for, function_name
 from lib.reaper import reap
+from lib.tasks import get_task_service
 from tests.factories import ledger, make_asset, sql, task_row
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -269,6 +270,49 @@ async def test_cancel_still_cancels_when_modal_refuses_or_there_is_no_call(clien
     resp = await client.post(f"/tasks/{never_spawned['id']}/cancel", headers=user.headers)
     assert resp.status_code == 200 and fake_modal.canceled == []
     assert [e["kind"] for e in ledger(user.id, never_spawned["id"])] == ["charge", "refund"]
+
+
+async def test_the_call_that_claims_a_task_is_the_one_a_cancel_reaches(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # spawned as fc-1
+    claimed = sql("select * from public.claim_task(%s)", (task["id"],))[0]
+    # Re-dispatched while the first call was starting: a failed re-spawn leaves the running task's words alone,
+    # and a successful one does not take over its call id.
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    await get_task_service().dispatch(task_id=task["id"], model_key=gpu_job)
+    fake_modal.spawn_error = None
+    await get_task_service().dispatch(task_id=task["id"], model_key=gpu_job)  # fc-2
+    row = task_row(task["id"])
+    assert row["status"] == "processing" and row["message"] is None and row["call_id"] == "fc-1"
+
+    assert claimed["attempts"] == 1
+
+    # The runner records the call it runs in: had the redundant call claimed the task, a cancel would reach it.
+    other = await create_task(client, user, gpu_job)  # spawned as fc-3
+    assert await run_task_async(other["id"], call_id="fc-claimer") == "completed"
+    assert task_row(other["id"])["call_id"] == "fc-claimer"
+
+
+async def test_a_task_is_created_even_when_noting_its_failed_dispatch_fails(
+    client, make_user, fake_modal, gpu_job, monkeypatch
+):
+    import psycopg
+
+    from lib import tasks as tasks_module
+
+    real_execute = tasks_module.db.execute
+
+    async def execute(query, params=None):
+        if "set_task_dispatch" in query:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await real_execute(query, params)
+
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    monkeypatch.setattr(tasks_module.db, "execute", execute)
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # 201: created and charged once, the reaper dispatches it
+    assert task_row(task["id"])["status"] == "queued"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
 @pytest.mark.filterwarnings("ignore:The run_gpu_small function is executing locally")

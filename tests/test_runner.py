@@ -20,7 +20,7 @@ class JobParams(catalog.Params):
 @pytest.fixture
 def job_models(monkeypatch):
     """把测试处理器登记进目录（真实的 runner 与 SQL 路径照常运行）"""
-    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang"):
+    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang", "net_timeout"):
         monkeypatch.setitem(
             catalog.CATALOG,
             f"test.{name}",
@@ -409,3 +409,53 @@ async def test_missing_input_file_fails_as_invalid_input(client, make_user):
         "message": "An input file of this task is missing from storage.",
     }
     assert balance(user.id) == 100
+
+
+async def test_a_timeout_inside_the_handler_is_temporary_not_the_time_limit(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "net_timeout")
+    assert await run_task_async(task["id"]) == "queued"
+    row = task_row(task["id"])
+    assert row["error"] is None and "temporary problem" in row["message"]
+
+
+async def test_a_blip_while_saying_saving_keeps_the_finished_result(client, make_user, job_models, monkeypatch):
+    import psycopg
+
+    from gpu_jobs import runner
+
+    real = runner.update_task_status
+
+    async def blip_at_saving(task_id, attempt, *, progress=None, message=None):
+        if message == "Saving the result":
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await real(task_id, attempt, progress=progress, message=message)
+
+    monkeypatch.setattr(runner, "update_task_status", blip_at_saving)
+    user = await make_user()
+    task = await create(client, user, "quick")
+    assert await run_task_async(task["id"]) == "completed"
+    assert task_row(task["id"])["attempts"] == 1
+
+
+async def test_a_task_whose_params_no_longer_validate_fails_in_words_and_is_refunded(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    sql('update public.tasks set params = \'{"seconds": "soon"}\' where id = %s', (task["id"],))
+    assert await run_task_async(task["id"]) == "failed"
+    error = task_row(task["id"])["error"]
+    assert error["code"] == "invalid_input" and "no longer suit" in error["message"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_a_queued_task_of_a_model_a_deploy_removed_is_refunded_at_its_next_dispatch(
+    client, make_user, job_models, monkeypatch
+):
+    user = await make_user()
+    task = await create(client, user, "quick")
+    monkeypatch.delitem(catalog.CATALOG, "test.quick")
+    sql("update public.tasks set updated_at = now() - interval '10 minutes' where id = %s", (task["id"],))
+    await reap()
+    row = task_row(task["id"])
+    assert row["status"] == "failed" and row["error"]["code"] == "model_unavailable"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"] and balance(user.id) == 100

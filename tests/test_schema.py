@@ -32,6 +32,7 @@ SERVICE_FUNCTIONS = [
     "requeue_task(uuid, int, int, text)",
     "reap_tasks(int, int, int, int)",
     "set_task_dispatch(uuid, text, text)",
+    "record_task_call(uuid, int, text)",
     "save_task_state(uuid, int, jsonb)",
 ]
 
