@@ -51,6 +51,7 @@ def make_video(
     audio_rate: int = 44100,
     pixel_aspect: Fraction | None = None,
     frames_from: list[np.ndarray] | None = None,
+    hold_last: float | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -60,6 +61,7 @@ def make_video(
     ``times`` gives each frame's time in seconds, to the millisecond (a variable frame rate, as phones record).
     The audio (``audio_rate`` Hz) is silent for its first ``audio_start`` seconds, then a tone.
     ``pixel_aspect`` makes the pixels non-square (anamorphic video); ``frames_from`` gives the pictures themselves.
+    ``hold_last`` (with ``times``) shows the last frame that many seconds, as a screen recording holds a still screen.
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -77,6 +79,7 @@ def make_video(
         if times is not None:
             video.codec_context.time_base = Fraction(1, 1000)
         sound = _add_audio(out, audio_codec, audio_rate) if audio else None
+        packets = []
         for i in range(frames):
             if frames_from is not None:
                 pixels = frames_from[i]
@@ -87,10 +90,15 @@ def make_video(
             frame = av.VideoFrame.from_ndarray(pixels.astype(np.uint8), format="rgb24")
             if times is not None:
                 frame.pts, frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
-            out.mux(video.encode(frame))
-        out.mux(video.encode(None))
+            packets += video.encode(frame)
+        packets += video.encode(None)
+        if hold_last:  # MP4 and Matroska end a track at its last packet's dts + duration (in ms here)
+            packets[-1].duration = round((times[-1] + hold_last) * 1000) - (packets[-1].dts - packets[0].dts)
+        for packet in packets:
+            out.mux(packet)
         if sound is not None:
-            _write_sine(out, sound, times[-1] + 1 / float(fps) if times else frames / float(fps), audio_start)
+            end = times[-1] + (hold_last or 1 / float(fps)) if times else frames / float(fps)
+            _write_sine(out, sound, end, audio_start)
     return path
 
 

@@ -1109,11 +1109,26 @@ def test_a_sparse_variable_frame_rate_is_timed_by_its_frames(tmp_path, suffix):
 
 
 def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
-    """New frames fall halfway between their neighbours' own times; the last one half a nominal frame on."""
+    """New frames fall halfway between their neighbours' own times; the last one halfway to the video's end."""
     src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)
     params = {"video_asset_id": "v", "factor": 2, "mode": "blend"}
     [out] = video_interpolate.run(make_ctx(tmp_path / "w", params, {"v": src}))
-    nominal = VFR_TIMES[-1] / 29  # the probe's average frame time
-    halfway = [(a + b) / 2 for a, b in zip(VFR_TIMES, [*VFR_TIMES[1:], VFR_TIMES[-1] + nominal], strict=True)]
+    end = media.probe_file(src)["duration_s"]  # the last frame lasts what the file says
+    halfway = [(a + b) / 2 for a, b in zip(VFR_TIMES, [*VFR_TIMES[1:], end], strict=True)]
     expected = [t for pair in zip(VFR_TIMES, halfway, strict=True) for t in pair]
     assert frame_times(out.path) == pytest.approx(expected, abs=2e-3)
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_a_held_last_frame_keeps_its_time_and_the_sound_under_it(tmp_path, suffix):
+    """A screen recording: one second of frames, then the last picture held three seconds while the sound goes on."""
+    times = [i / 30 for i in range(31)]
+    src = make_video(tmp_path / f"held{suffix}", frames=31, fps=30, times=times, hold_last=3.0)
+    assert media.probe_file(src)["duration_s"] == pytest.approx(4.0, abs=0.05)
+    [up] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    params = {"video_asset_id": "v", "factor": 2, "mode": "blend"}
+    [inter] = video_interpolate.run(make_ctx(tmp_path / "i", params, {"v": src}))
+    for out in (up, inter):
+        assert out.duration_s == pytest.approx(4.0, abs=0.05)
+        assert audio_seconds(out.path) == pytest.approx(4.0, abs=0.05)
+    assert frame_times(up.path) == pytest.approx(times, abs=2e-3)  # no frame added or moved

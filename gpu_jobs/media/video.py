@@ -108,6 +108,7 @@ class FrameReader(_Worker):
         # Each decoded frame's presentation time in stream ticks from the stream's start, appended before the
         # frame is queued: phone video has a variable frame rate, and its output keeps these times.
         self.ticks: list[int] = []
+        self.last_hold: int | None = None  # how long the last frame is shown, in ticks, when the file says
         self._pool: queue.Queue | None = None
         if pin:  # a ring of pinned buffers, reused once the device has copied them
             self._pool = queue.Queue()
@@ -147,6 +148,8 @@ class FrameReader(_Worker):
                 planes = planes_of(frame, width, height)
                 known = frame.pts is not None and frame.time_base == stream.time_base
                 self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
+                # A screen recording holds its last picture for as long as nothing moves (seconds, not a frame).
+                self.last_hold = frame.duration if known and frame.duration and frame.duration > 0 else None
                 if buf is None:
                     shape = (sum(p.size for p in planes),) if self.planar else planes[0].shape
                     buf, n = self._buffer((self.batch_size, *shape)), 0
@@ -236,6 +239,8 @@ class FrameWriter(_Worker):
         self.thread_type, self.threads = thread_type, threads  # 0: as many as x264 sees fit for the cores
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
+        self._held: Any = None  # the latest video packet, muxed once the next arrives: the last one ends the video
+        self._first_dts: int | None = None
         self.buffers: queue.Queue = queue.Queue()  # pinned host buffers the encoder is done with
         self.thread.start()
 
@@ -327,21 +332,33 @@ class FrameWriter(_Worker):
                         vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
                         vf = vf.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
                     vf.pts, vf.time_base = self._next_pts(), self.time_base
-                    out.mux(video.encode(vf))
+                    self._mux_video(out, video.encode(vf))
                     self.frames_written += 1
                 if batch.is_pinned():
                     self.buffers.put(batch)
                 self._mux_audio(out, audio_items, float(self._last_pts * self.time_base))
             if self.stop.is_set():
                 return
-            out.mux(video.encode(None))
+            self._mux_video(out, video.encode(None))
             last = self.frames_written - 1  # the video ends when its last frame's time is up
-            end = (self._last_pts + self.pts(last + 1) - self.pts(last)) * self.time_base if last >= 0 else 0
-            self._mux_audio(out, audio_items, float(end), flush=True)
+            end_pts = self._last_pts + self.pts(last + 1) - self.pts(last) if last >= 0 else 0
+            if self._held is not None:  # MP4 makes a track last from its first dts to its last dts + duration
+                held, first_dts = self._held, self._first_dts or 0
+                held.duration = max(held.duration or 0, end_pts - (held.dts - first_dts))
+                out.mux(held)
+            self._mux_audio(out, audio_items, float(end_pts * self.time_base), flush=True)
         finally:
             out.close()
             if src is not None:
                 src.close()
+
+    def _mux_video(self, out: Any, packets: list) -> None:
+        for packet in packets:
+            if self._held is not None:
+                out.mux(self._held)
+            else:
+                self._first_dts = packet.dts  # below 0 by the B-frame delay
+            self._held = packet
 
     def _next_pts(self) -> int:
         """The next frame's pts: its time, kept strictly increasing (a broken file may repeat a time)."""
@@ -414,12 +431,16 @@ def frame_ticks(stream: Any) -> int:
     return max(1, round(1 / rate / stream.time_base)) if stream.time_base else 1
 
 
-def _between(ticks: list[int], index: int, factor: int, step: int) -> int:
-    """Output frame ``index`` of ``factor`` per input frame: its time in ticks of time_base / factor."""
+def _between(ticks: list[int], index: int, factor: int, step: int, hold: int | None = None) -> int:
+    """Output frame ``index`` of ``factor`` per input frame: its time in ticks of time_base / factor.
+
+    The last input frame lasts ``hold`` ticks (its own duration, when the file gives one), else one nominal step.
+    """
     i, k = divmod(index, factor)
-    if i >= len(ticks):  # past the last frame (where the video ends): on at the nominal rate
-        return ((ticks[-1] if ticks else -step) + (i - len(ticks) + 1) * step) * factor + k * step
-    after = ticks[i + 1] if i + 1 < len(ticks) else ticks[i] + step  # the last frame lasts one nominal step
+    end = (ticks[-1] + (hold or step)) if ticks else 0  # where the video ends
+    if i >= len(ticks):  # past the end: on at the nominal rate
+        return (end + (i - len(ticks)) * step) * factor + k * step
+    after = ticks[i + 1] if i + 1 < len(ticks) else end
     return ticks[i] * factor + k * (after - ticks[i])
 
 
@@ -469,7 +490,7 @@ def stream_video(
             # rate_factor frames per input frame, evenly between its time and the next frame's: exact in
             # ticks of time_base / rate_factor.
             time_base=time_base / rate_factor if time_base else None,
-            pts=lambda index: _between(reader.ticks, index, rate_factor, step),
+            pts=lambda index: _between(reader.ticks, index, rate_factor, step, reader.last_hold),
             start_time=start,
             pixel_aspect=aspect,
         ) as writer,
