@@ -111,6 +111,30 @@ def test_probe_counts_packets_when_the_container_has_no_frame_count(tmp_path):
     assert info["duration_s"] == pytest.approx(10 / 30, abs=2e-3)
 
 
+def test_a_clip_cut_without_reencoding_is_probed_from_the_first_frame_it_shows(tmp_path):
+    """`ffmpeg -ss … -c copy` keeps the frames before the cut back to the keyframe, hidden by an edit list."""
+    shades = [np.full((48, 64, 3), 5 * i, np.uint8) for i in range(45)]
+    src = make_video(tmp_path / "long.mp4", frames=45, fps=30, audio=False, frames_from=shades)  # one keyframe
+    cut = tmp_path / "cut.mp4"
+    with av.open(str(src)) as inp, av.open(str(cut), "w", format="mp4") as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        step = round(1 / 30 / inp.streams.video[0].time_base)
+        for packet in inp.demux(video=0):
+            if packet.dts is not None:
+                packet.pts, packet.dts, packet.stream = packet.pts - 4 * step, packet.dts - 4 * step, stream
+                out.mux(packet)
+    with av.open(str(cut)) as container:
+        shown = [frame.to_ndarray(format="gray").mean() for frame in container.decode(video=0)]
+    assert len(shown) == 41 and shown[0] == pytest.approx(20, abs=3)  # what players show: from frame 4
+    info = media.probe_file(cut)  # was refused as corrupt: no keyframe after the cut
+    assert info["duration_s"] == pytest.approx(41 / 30, abs=0.02)
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": cut}))
+    with Image.open(poster.path) as img:
+        assert np.asarray(img.convert("L")).mean() == pytest.approx(20, abs=3)
+    [out] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": cut}))
+    assert len(frame_times(out.path)) == 41
+
+
 def test_probe_image(tmp_path):
     info = media.probe_file(make_image(tmp_path / "a.jpg", 80, 60, "JPEG"))
     assert (info["kind"], info["format"], info["width"], info["height"]) == ("image", "jpeg", 80, 60)

@@ -142,14 +142,16 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
         fps = float(rate) if rate else None
         limit_decoded_pixels(stream)
-        try:  # decode one keyframe: proves the stream is decodable without reading the whole file
-            ctx.skip_frame = "NONKEY"
-            keyframe = next(container.decode(stream))
-            ctx.skip_frame = "DEFAULT"
-        except (av.FFmpegError, StopIteration) as exc:
+        try:  # decode the first frame shown: proves the stream decodes without reading the whole file
+            # Not keyframes only: a clip cut without re-encoding starts on a keyframe its edit list hides, and the
+            # first frame shown may come a whole keyframe interval later (or have no keyframe after it at all).
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as exc:
             raise InvalidInput(
                 f"The video could not be decoded (corrupt or unsupported {ctx.name}): {reason(exc, path)}"
             ) from None
+        if first is None:
+            raise InvalidInput(f"No frame of the video could be decoded (corrupt or unsupported {ctx.name}).")
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
         frames, span = (stream.frames, None) if stream.frames else _count_packets(container, stream)
@@ -163,7 +165,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             duration = container.duration / av.time_base if container.duration else None
         if not fps and duration:
             fps = frames / duration
-        orientation = Orientation.of(keyframe)
+        orientation = Orientation.of(first)
         info = {
             "kind": "video",
             "format": container.format.name,
@@ -185,7 +187,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
     if not frames:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
-    return info, keyframe
+    return info, first
 
 
 def limit_decoded_pixels(stream: Any) -> None:
