@@ -25,4 +25,4 @@ async def list_ledger(user_id: CurrentUserId, limit: int = Query(50, ge=1, le=20
 @router.get("/packages")
 async def list_packages(user_id: CurrentUserId):
     """在售的积分包"""
-    return ok({"items": await get_billing_service().list_packages(user_id=user_id)})
+    return ok({"items": await get_billing_service().list_packages(user_id=user_id), "next_cursor": None})

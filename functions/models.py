@@ -27,8 +27,8 @@ class QuoteRequest(RequestBody):
 
 @router.get("")
 async def get_models():
-    """模型目录"""
-    return ok(list_models())
+    """模型目录（与其他列表同形：items + next_cursor，目录只有一页）"""
+    return ok({"items": list_models(), "next_cursor": None})
 
 
 @router.post("/{key}/quote")

@@ -274,6 +274,7 @@ def available_model(model_key: str) -> catalog.ModelSpec:
 def public_task(row: dict) -> dict:
     """只保留对外字段（SQL 函数返回的 jsonb 行 → 与查询结果同形）"""
     task = {key: row.get(key) for key in PUBLIC_COLUMNS.split(", ")}
+    task["progress"] = float(task["progress"] or 0)  # a real, as a query returns it (jsonb gives 0 for 0.0)
     for key in ("created_at", "started_at", "finished_at", "updated_at"):
         if isinstance(task[key], str):
             task[key] = datetime.fromisoformat(task[key])

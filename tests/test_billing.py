@@ -94,7 +94,7 @@ async def test_packages_lists_active_packs(client, make_user):
             conn.execute("update public.credit_packages set active = true where id = 'studio'")
     assert resp.status_code == 200
     items = resp.json()["data"]["items"]
-    assert [p["id"] for p in items] == ["starter", "creator"]
+    assert [p["id"] for p in items] == ["starter", "creator"] and resp.json()["data"]["next_cursor"] is None
     assert items[0] == {
         "id": "starter",
         "name": "Starter — 500 credits",

@@ -239,7 +239,7 @@ def test_waiting_progress_rises_but_never_reaches_the_download():
 
 
 async def test_missing_keys_make_kling_unavailable_and_charge_nothing(client, make_user, no_kling):
-    models = {m["key"]: m for m in (await client.get("/models")).json()["data"]}
+    models = {m["key"]: m for m in (await client.get("/models")).json()["data"]["items"]}
     assert models["kling.text2video"]["available"] is False
     assert models["kling.image2video"]["available"] is False
     user = await make_user()
@@ -251,7 +251,7 @@ async def test_missing_keys_make_kling_unavailable_and_charge_nothing(client, ma
 
 
 async def test_configured_keys_make_kling_available(client, kling):
-    models = {m["key"]: m for m in (await client.get("/models")).json()["data"]}
+    models = {m["key"]: m for m in (await client.get("/models")).json()["data"]["items"]}
     assert models["kling.text2video"]["available"] and models["kling.image2video"]["available"]
 
 

@@ -30,6 +30,7 @@ async def test_create_task_charges_once_and_returns_201(client, make_user):
     assert resp.status_code == 201, resp.text
     task = resp.json()["data"]
     assert task["status"] == "queued" and task["cost"] == 4 and task["progress"] == 0
+    assert '"progress":0.0' in resp.text  # a number of one type, as GET /tasks/{id} gives it
     assert task["params"]["image_asset_id"] == asset and task["model_key"] == "image.upscale"
     assert balance(user.id) == 96
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
@@ -51,7 +52,8 @@ async def test_quote_matches_the_charge(client, make_user):
 
 async def test_models_lists_catalog_with_schemas(client):
     resp = await client.get("/models")
-    models = {m["key"]: m for m in resp.json()["data"]}
+    assert resp.json()["data"]["next_cursor"] is None  # every list has the same shape
+    models = {m["key"]: m for m in resp.json()["data"]["items"]}
     assert "image.upscale" in models and "media.probe" not in models
     schema = models["image.upscale"]["params_schema"]
     assert schema["properties"]["scale"]["enum"] == [2, 4]
