@@ -126,7 +126,9 @@ def job_options(gpu_class: str | None) -> dict:
 def run_job(task_id: str) -> str:
     """在本容器内运行一个任务（认领保证同一任务不会同时运行两次）"""
     from gpu_jobs.runner import handler_still_running, run_task
+    from lib.logs import configure_logging
 
+    configure_logging(get_settings().log_level)
     outcome = run_task(task_id, call_id=modal.current_function_call_id())
     if handler_still_running():  # a handler past its time limit holds the GPU: let this container go
         from modal import experimental
@@ -189,7 +191,10 @@ def reaper() -> dict[str, int]:
     import asyncio
 
     from lib import db
+    from lib.logs import configure_logging
     from lib.reaper import reap
+
+    configure_logging(get_settings().log_level)
 
     async def once() -> dict[str, int]:
         try:

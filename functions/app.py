@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from contextlib import asynccontextmanager
 
@@ -14,6 +13,7 @@ from functions.errors import ERROR_RESPONSES, RequestIdMiddleware, install_error
 from functions.limits import BodyLimitMiddleware
 from lib import db
 from lib.config import get_settings
+from lib.logs import configure_logging
 
 ROUTERS = (health, models, credits, billing, projects, assets, tasks)
 
@@ -50,7 +50,7 @@ def create_app() -> FastAPI:
     """创建 API 应用"""
     settings = get_settings()
     settings.require_complete()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level)
     app = FastAPI(
         title="Spool API",
         version="1.0.0",

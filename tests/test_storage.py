@@ -212,3 +212,16 @@ async def test_public_url_is_used_for_browser_urls(storage, owner, monkeypatch):
     monkeypatch.setattr(get_settings(), "public_url", "https://spool.example.test")
     url = await storage.create_signed_url(path=path, expires_in=60)
     assert url.startswith(f"https://spool.example.test/storage/v1/object/sign/{BUCKET}/{path}?token=")
+
+
+async def test_signed_urls_stay_out_of_the_logs(storage, owner, caplog):
+    import logging
+
+    from lib.logs import configure_logging
+
+    configure_logging("INFO")  # what every entry point does
+    caplog.set_level(logging.INFO)
+    path = user_path(owner, "secret.bin")
+    await storage.upload_bytes(path=path, data=b"x" * 64, content_type="application/octet-stream")
+    assert await storage.read_head(path=path, size=8) == b"x" * 8
+    assert "token=" not in caplog.text  # httpx writes each request's URL at INFO: a signed one is a key to the file

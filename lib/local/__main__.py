@@ -10,6 +10,7 @@ import sys
 
 from lib.config import get_settings
 from lib.local import stack
+from lib.logs import configure_logging
 
 log = logging.getLogger("spool.local")
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     tok = sub.add_parser("token", help="print a dev access token for an email")
     tok.add_argument("email")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(get_settings().log_level)
     if args.command == "dev":
         dev()
     elif args.command == "serve":
