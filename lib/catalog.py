@@ -138,8 +138,14 @@ def _only(assets: Assets) -> dict:
     return next(iter(assets.values()))
 
 
+BILLED_FPS = 60  # a billed second holds at most this many frames: the GPU's work is per frame
+OVER_60_FPS = "; over 60 fps, a second per 60 frames"
+
+
 def _seconds(asset: dict) -> int:
-    return max(1, math.ceil(asset.get("duration_s") or 0))
+    """计费秒数：时长向上取整；帧率超过 60 的按每 60 帧一秒（1 秒 36000 帧的片子不能按 1 秒算）"""
+    fps = max(asset.get("fps") or 0, BILLED_FPS)
+    return max(1, math.ceil((asset.get("duration_s") or 0) * fps / BILLED_FPS - 1e-9))
 
 
 def _check_output_size(params, assets: Assets, settings: Settings) -> None:
@@ -196,7 +202,7 @@ CATALOG: dict[str, ModelSpec] = {
             title="Video upscale (2× / 4×)",
             params=VideoUpscaleParams,
             price=lambda p, a: _seconds(_only(a)) * (2 if p.scale == 2 else 6),
-            price_rule="2 credits per second at 2×, 6 per second at 4× (seconds rounded up)",
+            price_rule=f"2 credits per second at 2×, 6 at 4× (seconds rounded up){OVER_60_FPS}",
             handler="gpu_jobs.handlers.video_upscale:run",
             gpu="gpu-large",
             timeout_s=60 * MINUTES,
@@ -222,7 +228,7 @@ CATALOG: dict[str, ModelSpec] = {
             title="Frame interpolation (2× / 4× fps)",
             params=VideoInterpolateParams,
             price=lambda p, a: _seconds(_only(a)) * (1 if p.mode == "blend" else 2) * (p.factor // 2),
-            price_rule="2 credits per second per 2× (motion), 1 (blend); 4× costs double",
+            price_rule=f"2 credits per second per 2× (motion), 1 (blend); 4× costs double{OVER_60_FPS}",
             handler="gpu_jobs.handlers.video_interpolate:run",
             gpu="gpu-large",
             timeout_s=60 * MINUTES,

@@ -342,3 +342,18 @@ async def test_text_postgres_cannot_store_is_refused_as_input(client, make_user,
     resp = await client.post(path, content=json.dumps(body), headers=headers)  # escaped: a lone surrogate too
     assert resp.status_code == 422, resp.text
     assert field in [d["field"] for d in resp.json()["error"]["details"]]
+
+
+async def test_video_above_60_fps_is_billed_per_60_frames(client, make_user):
+    """The GPU's work is per frame: a 1 s clip of 3000 frames is not one second's price."""
+    user = await make_user()
+    normal = make_asset(user.id, kind="video", width=64, height=48, duration_s=1, fps=30)
+    slow_motion = make_asset(user.id, kind="video", width=64, height=48, duration_s=1, fps=240)
+    packed = make_asset(user.id, kind="video", width=64, height=48, duration_s=1, fps=3000)
+
+    async def quote(asset: str) -> int:
+        body = {"params": {"video_asset_id": asset, "scale": 4}}
+        resp = await client.post("/models/video.upscale/quote", json=body, headers=user.headers)
+        return resp.json()["data"]["credits"]
+
+    assert [await quote(a) for a in (normal, slow_motion, packed)] == [6, 6 * 4, 6 * 50]
