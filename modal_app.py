@@ -162,12 +162,17 @@ if _undeclared:
 
 # ---------------------------------------------------------------- web API and reaper
 
+# Each api container holds up to DB_POOL_MAX database connections (10): 10 containers, 1,000 requests at once, stay
+# with the job functions' few each under the 200 clients of a small Supabase plan's pooler (see README, Scaling).
+API_MAX_CONTAINERS = 10
+
 
 @app.function(
     image=web_image,
     secrets=[settings_secret, supabase_secret, stripe_secret, kling_secret],
     env=CLOUD_ENV,
     min_containers=0,
+    max_containers=API_MAX_CONTAINERS,
 )
 @modal.concurrent(max_inputs=100)
 @modal.asgi_app()

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from contextvars import ContextVar
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from psycopg_pool import PoolTimeout
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -17,6 +20,7 @@ from starlette.routing import Match
 from lib.errors import SpoolError
 
 log = logging.getLogger("spool.api")
+access_log = logging.getLogger("spool.access")
 request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 HTTP_CODES = {
@@ -75,7 +79,7 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
 
 
 class RequestIdMiddleware:
-    """为每个请求分配 request id、写入响应头，并把未处理的异常变成通用 500（纯 ASGI）"""
+    """为每个请求分配 request id、写入响应头、记一行访问日志，并把未处理的异常变成通用 500（纯 ASGI）"""
 
     def __init__(self, app):
         self.app = app
@@ -87,12 +91,12 @@ class RequestIdMiddleware:
         rid = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
         token = request_id_var.set(rid)
 
-        started = False
+        started, status, began = False, 500, time.perf_counter()
 
         async def send_with_id(message):
-            nonlocal started
+            nonlocal started, status
             if message["type"] == "http.response.start":
-                started = True
+                started, status = True, message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
@@ -105,6 +109,9 @@ class RequestIdMiddleware:
                 response = error_response(500, "internal_error", "Something went wrong on our side. Please try again.")
                 await response(scope, receive, send_with_id)
         finally:
+            # One line per request, so any answer (a 404, a 409, a 503) is found by the request_id its body names.
+            took = (time.perf_counter() - began) * 1000
+            access_log.info("%s %s %d %.0f ms request %s", scope["method"], scope["path"], status, took, rid)
             request_id_var.reset(token)
 
 
@@ -156,6 +163,18 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request)
         return error_response(exc.status_code, code, message, headers=headers or None)
+
+    @app.exception_handler(psycopg.OperationalError)
+    @app.exception_handler(PoolTimeout)
+    async def _database(request: Request, exc: Exception):
+        # Down, restarting, out of connections or too slow: temporary, so no traceback, and the client may retry.
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return error_response(
+            503,
+            "service_unavailable",
+            "The service is briefly unavailable. Please try again in a few seconds.",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

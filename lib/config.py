@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     storage_bucket: str = "media"
     db_pool_min: int = 1
     db_pool_max: int = 10
+    # How long a request waits for a free connection (or for the database to open) before a 503.
+    db_wait_seconds: float = Field(10, gt=0)
 
     # Credits and tasks
     signup_credits: int = Field(100, ge=0)

@@ -35,10 +35,16 @@ class Pool(AsyncConnectionPool):
     # dropped (by a pooler, a failover or a restart) is checked; a busy one goes straight back to work.
     CHECK_AFTER_IDLE_SECONDS = 5.0
 
-    def __init__(self, url: str, *, min_size: int, max_size: int):
+    def __init__(self, url: str, *, min_size: int, max_size: int, timeout: float = 30.0):
         self._returned_at: weakref.WeakKeyDictionary[psycopg.AsyncConnection, float] = weakref.WeakKeyDictionary()
         super().__init__(
-            url, min_size=min_size, max_size=max_size, kwargs=connect_kwargs(), open=False, check=self._check_if_idle
+            url,
+            min_size=min_size,
+            max_size=max_size,
+            kwargs=connect_kwargs(),
+            open=False,
+            check=self._check_if_idle,
+            timeout=timeout,  # waiting longer for a connection only piles requests up: a 503 says "try again"
         )
 
     async def _check_if_idle(self, conn: psycopg.AsyncConnection) -> None:
@@ -55,8 +61,17 @@ async def _open_pool() -> AsyncConnectionPool:
     settings = get_settings()
     if not settings.supabase_db_url:
         raise RuntimeError("SUPABASE_DB_URL is not set")
-    pool = Pool(settings.supabase_db_url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
-    await pool.open(wait=True, timeout=30)
+    pool = Pool(
+        settings.supabase_db_url,
+        min_size=settings.db_pool_min,
+        max_size=settings.db_pool_max,
+        timeout=settings.db_wait_seconds,
+    )
+    try:
+        await pool.open(wait=True, timeout=settings.db_wait_seconds)
+    except BaseException:
+        await pool.close()  # its workers would go on trying to connect in the background
+        raise
     return pool
 
 

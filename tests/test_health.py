@@ -149,6 +149,24 @@ async def test_health_without_the_database_is_503_in_the_error_envelope(client, 
     assert body["data"] == {"status": "degraded", "db": "unavailable"}
 
 
+async def test_a_database_out_of_connections_is_a_503_to_retry_not_a_500(client, make_user, monkeypatch, caplog):
+    from contextlib import AsyncExitStack
+
+    from lib import db
+
+    user = await make_user()
+    pool = await db.get_pool()
+    monkeypatch.setattr(pool, "timeout", 0.2)  # DB_WAIT_SECONDS, shortened
+    async with AsyncExitStack() as held:
+        for _ in range(pool.max_size):
+            await held.enter_async_context(pool.connection())
+        resp = await client.get("/credits", headers=user.headers)
+    assert resp.status_code == 503 and resp.json()["error"]["code"] == "service_unavailable"
+    assert resp.headers["retry-after"] == "5" and resp.json()["request_id"]
+    assert not [r for r in caplog.records if r.exc_info]  # expected trouble: a warning, no traceback
+    assert (await client.get("/credits", headers=user.headers)).status_code == 200
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_a_body_over_the_limit_is_413_before_it_is_read_whole(client, make_user, chunked):
     from functions.limits import MAX_BODY_BYTES
@@ -175,3 +193,12 @@ def test_the_local_server_refuses_cloud_mode(monkeypatch):
     monkeypatch.setattr(get_settings(), "spool_mode", "cloud")
     with pytest.raises(RuntimeError, match="SPOOL_MODE=local"):
         create_local_app()
+
+
+async def test_every_answer_is_logged_with_its_request_id(client, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="spool.access")
+    resp = await client.get("/no-such-route")
+    [line] = [r.getMessage() for r in caplog.records if r.name == "spool.access"]
+    assert line.startswith("GET /no-such-route 404 ") and line.endswith(f"request {resp.json()['request_id']}")

@@ -26,6 +26,7 @@ def serve() -> None:
         host=settings.spool_host,
         port=settings.spool_port,
         log_level=settings.log_level.lower(),
+        access_log=False,  # the app writes its own line per request, with the request id
     )
 
 
