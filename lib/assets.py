@@ -20,11 +20,12 @@ from lib.credits import get_credit_service
 from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, TooManyActiveTasks
 from lib.paging import page_after, page_of
 from lib.projects import get_project_service
-from lib.storage import HEAD_BYTES, check_path, get_storage, user_path
+from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_storage, user_path
 
 log = logging.getLogger("spool.assets")
 
 PROBE_MODEL = "media.probe"
+ABANDON_MARGIN_SECONDS = 5 * 60  # past the signed upload URL's life: an upload still in flight may finish
 ASSET_COLUMNS = (
     "id, project_id, kind, mime, bytes, width, height, duration_s, fps, source_task_id, metadata, status, "
     "created_at, path"
@@ -299,13 +300,15 @@ class AssetService:
         if project_id:
             await get_project_service().require_owned(user_id=user_id, project_id=project_id)
         limit = get_settings().max_upload_checks_per_user
-        checking = await db.fetch_one(
-            "select count(*) as n from public.tasks"
-            " where user_id = %s and model_key = %s and status in ('queued', 'processing')",
-            (user_id, PROBE_MODEL),
+        # Announced (a signed upload URL handed out) or being checked: each holds storage, and a check is a job
+        # on our side, free to the user. Uploads never completed are swept once their URL expires.
+        pending = await db.fetch_one(
+            "select count(*) as n from public.assets where user_id = %s and status = 'pending'", (user_id,)
         )
-        if checking["n"] >= limit:  # each check is a job on our side, free to the user: capped on its own
-            raise TooManyActiveTasks(f"{checking['n']} uploads are still being checked; please wait for them.")
+        if pending["n"] >= limit:
+            raise TooManyActiveTasks(
+                f"{pending['n']} uploads are not ready yet; complete them or wait for their checks to finish."
+            )
         asset_id = str(uuid.uuid4())
         return asset_id, user_path(user_id, "uploads", f"{asset_id}{media.ext}")
 
@@ -355,6 +358,28 @@ class AssetService:
     async def _reject(self, asset: dict, reason: str) -> None:
         await self.mark_probed(asset_id=str(asset["id"]), probe=None, reason=reason)
         await self._remove_quietly(asset["path"], None)
+
+    async def discard_abandoned_uploads(self, *, limit: int = 500) -> int:
+        """清理从未完成的上传：签名上传 URL 过期后仍是 pending、也没有探测任务的资源（连同可能已传上的文件）"""
+        from lib.tasks import PROBE_KEY_PREFIX
+
+        rows = await db.fetch_all(
+            "select a.id, a.path from public.assets a"
+            " where a.status = 'pending' and a.created_at < now() - make_interval(secs => %s)"
+            " and not exists (select 1 from public.tasks t"
+            "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)"
+            " order by a.created_at limit %s",
+            (SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS, PROBE_KEY_PREFIX, limit),
+        )
+        if not rows:
+            return 0
+        await get_storage().remove(paths=[row["path"] for row in rows])  # files first: a retry finds the rows
+        await db.execute(
+            "delete from public.assets where id = any(%s::uuid[]) and status = 'pending'",
+            ([row["id"] for row in rows],),
+        )
+        log.info("discarded %d uploads never completed", len(rows))
+        return len(rows)
 
     async def _remove_quietly(self, path: str, user_id: str | None) -> None:
         try:

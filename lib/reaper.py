@@ -13,6 +13,7 @@ log = logging.getLogger("spool.reaper")
 
 async def reap() -> dict[str, int]:
     """回收一轮：返回各动作的数量"""
+    from lib.assets import get_asset_service
     from lib.tasks import get_task_service
 
     settings = get_settings()
@@ -26,6 +27,11 @@ async def reap() -> dict[str, int]:
         ),
     )
     counts = Counter(row["action"] for row in rows)
+    try:
+        if abandoned := await get_asset_service().discard_abandoned_uploads():
+            counts["abandoned_uploads"] = abandoned
+    except Exception:
+        log.exception("reaper: sweeping abandoned uploads failed; the next pass tries again")
     for row in rows:
         task_id = str(row["task_id"])
         try:
@@ -35,6 +41,6 @@ async def reap() -> dict[str, int]:
                 await get_task_service().discard_orphaned_outputs(task_id=task_id)
         except Exception:  # one task's trouble must not leave the rest of the pass undone
             log.exception("reaper: %s of task %s failed; the next pass tries again", row["action"], task_id)
-    if rows:
+    if counts:
         log.info("reaper: %s", dict(counts))
     return dict(counts)

@@ -385,3 +385,39 @@ async def test_mark_probed_changes_only_pending_assets(client, make_user):
 def test_sniff(head, mime):
     media = sniff(head)
     assert (media.mime if media else None) == mime
+
+
+async def test_announced_uploads_count_toward_the_cap_and_are_swept_once_their_url_expires(
+    client, make_user, monkeypatch
+):
+    from lib.reaper import reap
+
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_upload_checks_per_user", 2)
+    announce = {"content_type": "image/png", "bytes": 10}
+    tickets = [(await client.post("/assets/uploads", json=announce, headers=user.headers)).json()["data"] for _ in "ab"]
+    assert (await client.post("/assets/uploads", json=announce, headers=user.headers)).status_code == 429
+    async with httpx.AsyncClient() as http:  # one of them was uploaded, never completed
+        assert (await http.put(tickets[0]["upload_url"], content=png_bytes())).status_code == 200
+    completed = (await direct_upload(client, user, png_bytes())).json()  # 429 too: the cap is full
+    assert completed["error"]["code"] == "too_many_active_tasks"
+
+    uploaded = storage_path(tickets[0]["asset_id"])
+    sql("update public.assets set created_at = now() - interval '3 hours' where user_id = %s", (user.id,))
+    assert (await reap()).get("abandoned_uploads") == 2
+    assert sql("select id from public.assets where user_id = %s", (user.id,)) == []
+    assert not await get_storage().exists(path=uploaded)
+    assert (await client.post("/assets/uploads", json=announce, headers=user.headers)).status_code == 201
+
+
+async def test_the_sweep_leaves_uploads_being_checked_and_fresh_announcements(client, make_user):
+    from lib.reaper import reap
+
+    user = await make_user()
+    checked = (await direct_upload(client, user, png_bytes())).json()["data"]  # its check is queued
+    announce = {"content_type": "image/png", "bytes": 10}
+    fresh = (await client.post("/assets/uploads", json=announce, headers=user.headers)).json()["data"]
+    sql("update public.assets set created_at = now() - interval '3 hours' where id = %s", (checked["id"],))
+    assert "abandoned_uploads" not in await reap()
+    ids = {str(r["id"]) for r in sql("select id from public.assets where user_id = %s", (user.id,))}
+    assert ids == {checked["id"], fresh["asset_id"]}
