@@ -38,3 +38,14 @@ def test_cli_commands_stop_only_the_postgres_they_started(tmp_path):
     finally:
         pg.stop()
     assert not running(tmp_path)
+
+
+def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path, live_server):
+    port = live_server.rsplit(":", 1)[1]  # a running Spool: its /health answers, as the first `make dev`'s would
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUPABASE_")}
+    env.update(SPOOL_HOME=str(tmp_path), SPOOL_MODE="local", SPOOL_PORT=port, LOG_LEVEL="WARNING")
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", "dev"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "already taken" in done.stderr and "Spool is running" not in done.stdout
+    assert not (tmp_path / "pg").exists()  # no Postgres started for nothing

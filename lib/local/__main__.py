@@ -39,9 +39,11 @@ def worker() -> None:
 
 def dev() -> None:
     """启动整个本地栈：Postgres、迁移、API + 本地服务、worker；Ctrl-C 全部停止"""
+    base = stack.local_base_url()
+    if stack.port_in_use(base):
+        raise SystemExit(f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT to another port.")
     pg = stack.prepare()
     settings = get_settings()
-    base = stack.local_base_url()
     children: list[subprocess.Popen] = []
 
     def stop(*_):

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -83,10 +84,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def port_in_use(base: str) -> bool:
+    """base 的端口上是否已有服务在监听（例如另一个 make dev）"""
+    parts = urllib.parse.urlsplit(base)
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex((parts.hostname or "127.0.0.1", parts.port or 80)) == 0
+
+
 def start_server(
     base: str, *, env: dict[str, str] | None = None, log_path: Path | None = None, seconds: float = 60
 ) -> subprocess.Popen:
     """在子进程中启动 API 与本地服务（python -m lib.local serve），等到 base 的 /health 应答"""
+    if port_in_use(base):  # else another server's /health would pass for this one's
+        raise RuntimeError(f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT")
     log = open(log_path, "ab") if log_path else None  # the child keeps writing to it
     server = subprocess.Popen(
         [sys.executable, "-m", "lib.local", "serve"],
