@@ -98,6 +98,10 @@ def load_handler(path: str):
 async def run_task_async(task_id: str, *, claimed: dict | None = None, call_id: str | None = None) -> str:
     """运行一个任务，返回其最终状态（未能认领时返回 'skipped'）；call_id：运行它的 Modal 调用"""
     task = claimed or await db.fetch_one("select * from public.claim_task(%s)", (task_id,))
+    if task is None and call_id:  # Modal runs an input again after losing its container: this call held the task
+        task = await db.fetch_one(
+            "select * from public.reclaim_task(%s, %s, %s)", (task_id, call_id, get_settings().task_max_attempts)
+        )
     if task is None:
         log.info("task %s is not queued; nothing to do", task_id)
         return "skipped"

@@ -33,6 +33,7 @@ SERVICE_FUNCTIONS = [
     "reap_tasks(int, int, int, int)",
     "set_task_dispatch(uuid, text, text)",
     "record_task_call(uuid, int, text)",
+    "reclaim_task(uuid, text, int)",
     "save_task_state(uuid, int, jsonb)",
 ]
 
