@@ -115,6 +115,30 @@ def test_token_has_kling_header_and_claims():
     assert claims == {"iss": AK, "exp": 1_001_800, "nbf": 999_995}
 
 
+def mock_provider(*answers: httpx.Response, api=None, **options) -> tuple[KlingProvider, list[httpx.Request]]:
+    """一个 Kling 适配器：按顺序给出这些应答（或由 api 回答），以及它发出的请求"""
+    queue, sent = list(answers), []
+
+    def replay(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return queue.pop(0)
+
+    provider = KlingProvider(
+        access_key=AK,
+        secret_key=SK,
+        base_url="http://kling.test",
+        endpoint="text2video",
+        retry_base=0.001,
+        transport=httpx.MockTransport(api or replay),
+        **options,
+    )
+    return provider, sent
+
+
+def kling_ok(data) -> httpx.Response:
+    return httpx.Response(200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data})
+
+
 def test_a_fresh_token_is_minted_for_every_request_and_every_retry():
     now = [1_000_000.0]
     sent: list[int] = []
@@ -129,44 +153,12 @@ def test_a_fresh_token_is_minted_for_every_request_and_every_retry():
         status = answers.pop(0)
         if status != 200:
             return httpx.Response(status, json={"code": 1302 if status == 429 else 5000, "message": "busy"})
-        data = {"task_id": "kt-1", "task_status": "processing"}
-        return httpx.Response(200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data})
+        return kling_ok({"task_id": "kt-1", "task_status": "processing"})
 
-    provider = KlingProvider(
-        access_key=AK,
-        secret_key=SK,
-        base_url="http://kling.test",
-        endpoint="text2video",
-        retry_base=0.001,
-        clock=lambda: now[0],
-        transport=httpx.MockTransport(kling_api),
-    )
+    provider, _ = mock_provider(api=kling_api, clock=lambda: now[0])
     for _ in range(3):
         assert provider.status("kt-1").state == "running"
     assert len(sent) == 5 and len(set(sent)) == 5
-
-
-def mock_provider(*answers: httpx.Response) -> tuple[KlingProvider, list[httpx.Request]]:
-    """一个按顺序给出这些应答的 Kling 适配器（以及它发出的请求）"""
-    queue, sent = list(answers), []
-
-    def kling_api(request: httpx.Request) -> httpx.Response:
-        sent.append(request)
-        return queue.pop(0)
-
-    provider = KlingProvider(
-        access_key=AK,
-        secret_key=SK,
-        base_url="http://kling.test",
-        endpoint="text2video",
-        retry_base=0.001,
-        transport=httpx.MockTransport(kling_api),
-    )
-    return provider, sent
-
-
-def kling_ok(data) -> httpx.Response:
-    return httpx.Response(200, json={"code": 0, "message": "SUCCEED", "request_id": "r", "data": data})
 
 
 def test_an_answer_that_is_not_klings_is_retried_not_taken_as_a_refusal():
@@ -368,13 +360,19 @@ async def test_rate_limits_and_server_errors_are_retried(client, make_user, klin
     assert kinds(user, task) == ["charge"] and kling.rejected == []
 
 
-async def test_a_lost_submit_answer_adopts_the_job_instead_of_paying_twice(client, make_user, kling):
-    kling.lose_submit_response = True
+async def completes_with_one_paid_job(client, make_user, kling) -> None:
+    """任务完成：Kling 只收到（也只收费）一个任务，且正是任务记下的那个"""
     user = await make_user()
     task = await create(client, user)
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
+async def test_a_lost_submit_answer_adopts_the_job_instead_of_paying_twice(client, make_user, kling):
+    kling.lose_submit_response = True
+    await completes_with_one_paid_job(client, make_user, kling)
 
 
 @pytest.mark.parametrize(
@@ -382,22 +380,12 @@ async def test_a_lost_submit_answer_adopts_the_job_instead_of_paying_twice(clien
 )
 async def test_a_submit_that_never_arrived_is_sent_again(client, make_user, kling, missing_job):
     kling.drop_submit, kling.missing_job = True, missing_job
-    user = await make_user()
-    task = await create(client, user)
-    assert await run_task_async(task["id"]) == "completed"
-    [job_id] = kling.jobs
-    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
-    assert kinds(user, task) == ["charge"]
+    await completes_with_one_paid_job(client, make_user, kling)
 
 
 async def test_a_resend_refused_as_a_duplicate_adopts_the_job_the_lost_answer_created(client, make_user, kling):
     kling.lose_submit_response, kling.lagging_lookups = True, 1  # the lookup right after the lost answer misses
-    user = await make_user()
-    task = await create(client, user)
-    assert await run_task_async(task["id"]) == "completed"
-    [job_id] = kling.jobs
-    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
-    assert kinds(user, task) == ["charge"]
+    await completes_with_one_paid_job(client, make_user, kling)
 
 
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):
