@@ -49,3 +49,17 @@ def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path, live_
     )
     assert done.returncode != 0 and "already taken" in done.stderr and "Spool is running" not in done.stdout
     assert not (tmp_path / "pg").exists()  # no Postgres started for nothing
+
+
+def test_a_stale_pid_file_whose_pid_was_reused_does_not_block_the_start(tmp_path):
+    assert cli(tmp_path, "migrate").returncode == 0  # a data folder, Postgres stopped
+    other = subprocess.Popen(["sleep", "60"])  # the pid a crashed Postgres left, now another program's
+    try:
+        lines = [str(other.pid), str(tmp_path / "pg"), "1700000000", "5432", str(tmp_path), "localhost", "0 0", "ready"]
+        (tmp_path / "pg" / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        done = cli(tmp_path, "migrate")
+        assert done.returncode == 0, done.stderr
+        assert other.poll() is None and not running(tmp_path)  # the other program untouched, our Postgres stopped
+    finally:
+        other.kill()
+        other.wait()

@@ -10,6 +10,14 @@ from pathlib import Path
 log = logging.getLogger("spool.local.postgres")
 
 
+def _is_postgres(process) -> bool:
+    """这个进程是不是 Postgres（pid 文件里的 pid 可能已被别的程序重用）"""
+    try:
+        return process.name().startswith(("postgres", "postmaster"))
+    except Exception:  # gone in the meantime, or not ours to inspect
+        return False
+
+
 class EmbeddedPostgres:
     """嵌入式 Postgres 服务"""
 
@@ -27,6 +35,11 @@ class EmbeddedPostgres:
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         running = self.pgdata.is_dir() and PostmasterInfo.read_from_pgdata(self.pgdata)
+        if running and running.is_running() and not _is_postgres(running.process):
+            # Left by a Postgres killed hard (a crash, a reboot), its pid since reused by another program.
+            log.warning("removing a stale postmaster.pid: pid %d is not Postgres now", running.pid)
+            (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
+            running = None
         self.owned = not (running and running.is_running())  # a server another process started is left to it
         # cleanup_mode=None: we stop it ourselves, so a dev server and a test
         # run in other processes may share one data folder safely.
