@@ -266,6 +266,17 @@ def test_authenticated_cannot_call_create_task(postgres):
             conn.execute("select public.create_task(%s, 'image.upscale', '{}'::jsonb, 0)", (user,))
 
 
+def test_no_function_in_public_is_callable_by_clients(db_conn):
+    """Postgres grants EXECUTE to PUBLIC on every new function, and Supabase to anon and authenticated: each migration
+    revokes them, and this catches the one that forgets (clients read tables under RLS; they call no function)."""
+    rows = db_conn.execute(
+        "select p.oid::regprocedure::text as fn, r.role from pg_proc p"
+        " join pg_namespace n on n.oid = p.pronamespace, unnest(array['anon', 'authenticated']) r(role)"
+        " where n.nspname = 'public' and p.prokind = 'f' and has_function_privilege(r.role, p.oid, 'execute')"
+    ).fetchall()
+    assert rows == []
+
+
 def test_security_definer_functions_pin_search_path(db_conn):
     rows = db_conn.execute(
         "select p.proname, p.proconfig from pg_proc p join pg_namespace n on n.oid = p.pronamespace"
