@@ -461,3 +461,16 @@ async def test_supabase_realtime_js_receives_task_progress(live_server, make_use
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:
             proc.kill()
+
+
+def test_the_change_log_prunes_itself_without_any_subscriber(db_conn):
+    """Local only: the feed prunes changes once someone joined; a stack used with curl alone must not grow."""
+    stale = db_conn.execute(
+        "insert into realtime_local.changes (schema_name, table_name, type, record, committed_at)"
+        " values ('public', 'tasks', 'INSERT', '{}', now() - interval '1 hour') returning id"
+    ).fetchone()["id"]
+    db_conn.execute(f"alter table realtime_local.changes alter column id restart with {(stale // 1000 + 1) * 1000}")
+    db_conn.execute("insert into auth.users (id, email) values (gen_random_uuid(), 'prune@example.com')")
+    # The new user's credit account (a published table) is change number 1000·k, which prunes.
+    left = db_conn.execute("select count(*) as n from realtime_local.changes where id = %s", (stale,)).fetchone()
+    assert left["n"] == 0

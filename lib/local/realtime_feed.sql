@@ -46,6 +46,9 @@ begin
   )
   returning id into v_id;
   perform pg_notify('spool_realtime', v_id::text);
+  if v_id % 1000 = 0 then  -- the feed prunes too, but only once someone has joined: a curl-only stack would grow
+    delete from realtime_local.changes where committed_at < now() - interval '10 minutes';
+  end if;
   return null;
 end;
 $$;
