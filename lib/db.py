@@ -17,6 +17,10 @@ from psycopg_pool import AsyncConnectionPool
 from lib.config import get_settings
 from lib.errors import ACCOUNT_GONE, Unauthorized
 
+# A user's queries stop after this, as Supabase's authenticated role does through PostgREST (set_config('role')
+# does not load a role's settings): one slow query cannot hold a pooled connection for minutes.
+USER_STATEMENT_TIMEOUT = "8s"
+
 # One pool per event loop: the API and the worker run one loop, but a sync entry point
 # (Modal's run_task, a CLI command) runs its own loop and must not take over another's pool.
 _pools: dict[asyncio.AbstractEventLoop, asyncio.Future[AsyncConnectionPool]] = {}
@@ -114,8 +118,9 @@ async def as_user(user_id: str, claims: dict | None = None) -> AsyncIterator[psy
     async with connection() as conn, conn.pipeline(), conn.transaction():
         account = await conn.execute("select exists (select 1 from auth.users where id = %s) as live", (user_id,))
         await conn.execute(
-            "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)",
-            (json.dumps(claims),),
+            "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true),"
+            " set_config('statement_timeout', %s, true)",
+            (json.dumps(claims), USER_STATEMENT_TIMEOUT),
         )
         yield conn
         if not (await account.fetchone())["live"]:  # a token outlives its deleted user by up to an hour

@@ -1,4 +1,7 @@
-"""The connection pool: a connection the server dropped while it sat idle is replaced, not handed out."""
+"""The connection pool: a connection the server dropped while it sat idle is replaced; users' queries are bounded."""
+
+import psycopg
+import pytest
 
 from lib import db
 from tests.factories import connect
@@ -27,3 +30,11 @@ async def test_a_busy_connection_skips_the_check(postgres, monkeypatch):
         assert len(checks) == 1  # a connection never used before is checked
         assert [await _backend_pid(pool) for _ in range(5)] == [first] * 5
         assert len(checks) == 1
+
+
+async def test_a_users_query_stops_at_the_statement_timeout(make_user, monkeypatch):
+    user = await make_user()
+    monkeypatch.setattr(db, "USER_STATEMENT_TIMEOUT", "200ms")
+    with pytest.raises(psycopg.errors.QueryCanceled):
+        await db.fetch_one_as(user.id, "select pg_sleep(5)")
+    assert (await db.fetch_one_as(user.id, "select 1 as ok"))["ok"] == 1  # the connection is fine afterwards
