@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from functions.auth import CurrentUserId
-from functions.errors import ok
+from functions.errors import Deleted, Envelope, ok
 from functions.query import Filter
 from lib.assets import get_asset_service
 from lib.config import get_settings
@@ -128,7 +128,7 @@ def _form_filename(value: str | None) -> str | None:
     return value.encode(errors="replace").decode().replace("\x00", "")[:255] or None
 
 
-@router.post("/uploads", status_code=201)
+@router.post("/uploads", status_code=201, response_model=Envelope[AssetUploadTicket])
 async def create_upload(body: AssetUploadCreate, user_id: CurrentUserId):
     """登记上传并签发上传 URL"""
     ticket = await get_asset_service().create_upload(
@@ -141,7 +141,7 @@ async def create_upload(body: AssetUploadCreate, user_id: CurrentUserId):
     return ok(AssetUploadTicket.model_validate(ticket))
 
 
-@router.post("/{asset_id}/complete")
+@router.post("/{asset_id}/complete", response_model=Envelope[AssetPublic])
 async def complete_upload(asset_id: UUID, user_id: CurrentUserId):
     """上传完成：检查文件类型并开始探测"""
     return ok(
@@ -149,7 +149,7 @@ async def complete_upload(asset_id: UUID, user_id: CurrentUserId):
     )
 
 
-@router.post("", status_code=201, openapi_extra=DIRECT_UPLOAD_BODY)
+@router.post("", status_code=201, openapi_extra=DIRECT_UPLOAD_BODY, response_model=Envelope[AssetPublic])
 async def upload_direct(request: Request, user_id: CurrentUserId):
     """小文件直传（multipart 字段 file，可选 project_id）"""
     form = await read_upload_form(request)
@@ -168,7 +168,7 @@ async def upload_direct(request: Request, user_id: CurrentUserId):
     return ok(AssetPublic.model_validate(asset))
 
 
-@router.get("")
+@router.get("", response_model=Envelope[AssetPage])
 async def list_assets(
     user_id: CurrentUserId,
     project_id: Filter[UUID] = None,
@@ -192,13 +192,13 @@ async def list_assets(
     )
 
 
-@router.get("/{asset_id}")
+@router.get("/{asset_id}", response_model=Envelope[AssetPublic])
 async def get_asset(asset_id: UUID, user_id: CurrentUserId):
     """查询资源（ready 时附新签名的下载 URL）"""
     return ok(AssetPublic.model_validate(await get_asset_service().get_asset(user_id=user_id, asset_id=str(asset_id))))
 
 
-@router.delete("/{asset_id}")
+@router.delete("/{asset_id}", response_model=Envelope[Deleted])
 async def delete_asset(asset_id: UUID, user_id: CurrentUserId):
     """删除资源（连同存储对象）"""
     await get_asset_service().delete_asset(user_id=user_id, asset_id=str(asset_id))

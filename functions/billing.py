@@ -6,7 +6,7 @@ from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
-from functions.errors import ok
+from functions.errors import Envelope, ok
 from functions.headers import IdempotencyKey
 from lib.billing import get_billing_service
 from lib.fields import RequestBody, Text
@@ -25,7 +25,7 @@ class CheckoutPublic(BaseModel):
     session_id: str
 
 
-@router.post("/checkout")
+@router.post("/checkout", response_model=Envelope[CheckoutPublic])
 async def create_checkout(
     body: CheckoutCreate,
     user_id: CurrentUserId,

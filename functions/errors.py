@@ -6,7 +6,8 @@ import logging
 import time
 import uuid
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Generic, TypeVar
+from uuid import UUID
 
 import psycopg
 from fastapi import FastAPI, Request
@@ -37,6 +38,21 @@ HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
+
+
+T = TypeVar("T")
+
+
+class Envelope(BaseModel, Generic[T]):
+    """成功响应信封（OpenAPI 里每个路由的 data 都有类型）"""
+
+    success: bool = True
+    data: T
+
+
+class Deleted(BaseModel):
+    id: UUID
+    deleted: bool
 
 
 class ErrorDetail(BaseModel):

@@ -2,14 +2,20 @@
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
-from functions.errors import ok, request_id_var
+from functions.errors import Envelope, ok, request_id_var
 from lib.health import check_database
 
 router = APIRouter(tags=["Health"])
 
 
-@router.get("/health")
+class Health(BaseModel):
+    status: str
+    db: str
+
+
+@router.get("/health", response_model=Envelope[Health])
 async def health():
     """服务健康检查（数据库不可达 → 503，错误信封里仍带状态）"""
     if await check_database():

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, StringConstraints
 
 from functions.auth import CurrentUserId
-from functions.errors import ok
+from functions.errors import Deleted, Envelope, ok
 from lib.fields import STORABLE, RequestBody
 from lib.projects import get_project_service
 
@@ -43,14 +43,14 @@ class ProjectPage(BaseModel):
     next_cursor: str | None
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=Envelope[ProjectPublic])
 async def create_project(body: ProjectCreate, user_id: CurrentUserId):
     """创建项目"""
     project = await get_project_service().create_project(user_id=user_id, name=body.name, description=body.description)
     return ok(ProjectPublic.model_validate(project))
 
 
-@router.get("")
+@router.get("", response_model=Envelope[ProjectPage])
 async def list_projects(user_id: CurrentUserId, limit: int = Query(20, ge=1, le=100), cursor: str | None = None):
     """项目列表（最新在前，游标分页）"""
     return ok(
@@ -60,7 +60,7 @@ async def list_projects(user_id: CurrentUserId, limit: int = Query(20, ge=1, le=
     )
 
 
-@router.get("/{project_id}")
+@router.get("/{project_id}", response_model=Envelope[ProjectPublic])
 async def get_project(project_id: UUID, user_id: CurrentUserId):
     """查询项目"""
     return ok(
@@ -70,7 +70,7 @@ async def get_project(project_id: UUID, user_id: CurrentUserId):
     )
 
 
-@router.patch("/{project_id}")
+@router.patch("/{project_id}", response_model=Envelope[ProjectPublic])
 async def update_project(project_id: UUID, body: ProjectUpdate, user_id: CurrentUserId):
     """修改项目"""
     project = await get_project_service().update_project(
@@ -79,7 +79,7 @@ async def update_project(project_id: UUID, body: ProjectUpdate, user_id: Current
     return ok(ProjectPublic.model_validate(project))
 
 
-@router.delete("/{project_id}")
+@router.delete("/{project_id}", response_model=Envelope[Deleted])
 async def delete_project(project_id: UUID, user_id: CurrentUserId):
     """删除项目（资源与任务保留）"""
     await get_project_service().delete_project(user_id=user_id, project_id=str(project_id))

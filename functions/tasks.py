@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Query, Response
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
-from functions.errors import ok
+from functions.errors import Envelope, ok
 from functions.headers import IdempotencyKey
 from functions.query import Filter
 from lib.fields import RequestBody
@@ -20,13 +21,38 @@ router = APIRouter(prefix="/tasks", tags=["Tasks"])
 TaskStatus = Literal["queued", "processing", "completed", "failed", "canceled"]
 
 
+class TaskPublic(BaseModel):
+    id: UUID
+    project_id: UUID | None
+    model_key: str
+    params: dict[str, Any]
+    status: TaskStatus
+    progress: float
+    message: str | None
+    cost: int
+    input_asset_ids: list[UUID]
+    result: dict[str, Any] | None
+    result_url: str | None = Field(description="Signed download link of the result, fresh on every read.")
+    error: dict[str, Any] | None = Field(description="{code, message} of a failed or canceled task.")
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class TaskPage(BaseModel):
+    items: list[TaskPublic]
+    next_cursor: str | None
+
+
 class TaskCreate(RequestBody):
     model_key: str = Field(min_length=1, max_length=100, examples=["image.upscale"])
     params: dict[str, Any] = Field(default_factory=dict)
     project_id: UUID | None = None
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201, response_model=Envelope[TaskPublic])
 async def create_task(
     body: TaskCreate,
     user_id: CurrentUserId,
@@ -46,7 +72,7 @@ async def create_task(
     return ok(task)
 
 
-@router.get("")
+@router.get("", response_model=Envelope[TaskPage])
 async def list_tasks(
     user_id: CurrentUserId,
     status: Filter[TaskStatus] = None,
@@ -66,13 +92,13 @@ async def list_tasks(
     )
 
 
-@router.get("/{task_id}")
+@router.get("/{task_id}", response_model=Envelope[TaskPublic])
 async def get_task(task_id: UUID, user_id: CurrentUserId):
     """查询任务"""
     return ok(await get_task_service().get_task(user_id=user_id, task_id=str(task_id)))
 
 
-@router.post("/{task_id}/cancel")
+@router.post("/{task_id}/cancel", response_model=Envelope[TaskPublic])
 async def cancel_task(task_id: UUID, user_id: CurrentUserId):
     """取消任务并退款"""
     return ok(await get_task_service().cancel_task(user_id=user_id, task_id=str(task_id)))

@@ -95,6 +95,19 @@ async def test_openapi_declares_the_bearer_token_and_the_error_envelope(client):
     assert "HTTPValidationError" not in schema["components"]["schemas"]  # a body this API never sends
     name_schema = schema["components"]["schemas"]["ProjectUpdate"]["properties"]["name"]
     assert name_schema["type"] == "string"  # not nullable
+    for path, method in (("/tasks", "get"), ("/tasks", "post"), ("/credits/ledger", "get"), ("/models", "get")):
+        ok_schema = schema["paths"][path][method]["responses"]["201" if method == "post" else "200"]
+        assert ok_schema["content"]["application/json"]["schema"]["$ref"].split("/")[-1].startswith("Envelope_")
+    page = schema["components"]["schemas"]["TaskPage"]["properties"]["items"]["items"]["$ref"]
+    assert page.endswith("/TaskPublic")  # a client generator gets typed tasks, not `any`
+
+
+async def test_timestamps_have_one_format_everywhere(client, make_user):
+    user = await make_user()
+    await client.post("/projects", json={"name": "a"}, headers=user.headers)
+    project = (await client.get("/projects", headers=user.headers)).json()["data"]["items"][0]
+    ledger = (await client.get("/credits/ledger", headers=user.headers)).json()["data"]["items"][0]
+    assert project["created_at"].endswith("Z") and ledger["created_at"].endswith("Z")
 
 
 async def test_a_filter_sent_empty_filters_nothing(client, make_user):
