@@ -216,6 +216,13 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
             uploaded.append((output, path))
         if spec.key == "media.probe":
             await _settle_probe(task, ctx, reason=None)
+        # Signed before the transaction opens: no storage call while it holds a pooled connection (and row locks).
+        main_path = next((path for output, path in uploaded if output.role == "result"), None)
+        result_url = (
+            await storage.create_signed_url(path=main_path, expires_in=settings.signed_url_seconds)
+            if main_path
+            else None
+        )
         async with db.transaction() as conn:
             records = [
                 await create_asset_record(conn, task=task, output=output, path=path) for output, path in uploaded
@@ -239,11 +246,6 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
                 ),
                 **ctx.result,
             }
-            result_url = (
-                await storage.create_signed_url(path=main["path"], expires_in=settings.signed_url_seconds)
-                if main
-                else None
-            )
             cur = await conn.execute(
                 "select public.finish_task(%s, 'completed', %s::jsonb, %s, null, %s, %s) as r",
                 (task["id"], json.dumps(result, default=str), result_url, "Done", attempt),

@@ -459,3 +459,34 @@ async def test_a_queued_task_of_a_model_a_deploy_removed_is_refunded_at_its_next
     row = task_row(task["id"])
     assert row["status"] == "failed" and row["error"]["code"] == "model_unavailable"
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_the_result_is_signed_before_the_completing_transaction_opens(client, make_user, job_models, monkeypatch):
+    """A storage call inside the transaction would hold a pooled connection (and the task's row lock) while it waits."""
+    from contextlib import asynccontextmanager
+
+    from lib import db
+    from lib.storage import get_storage
+
+    storage, open_transactions, signed_inside = get_storage(), [], []
+    real_transaction, real_sign = db.transaction, storage.create_signed_url
+
+    @asynccontextmanager
+    async def tracked_transaction():
+        open_transactions.append(1)
+        try:
+            async with real_transaction() as conn:
+                yield conn
+        finally:
+            open_transactions.pop()
+
+    async def tracked_sign(**kwargs):
+        signed_inside.append(bool(open_transactions))
+        return await real_sign(**kwargs)
+
+    monkeypatch.setattr(db, "transaction", tracked_transaction)
+    monkeypatch.setattr(storage, "create_signed_url", tracked_sign)
+    user = await make_user()
+    task = await create(client, user, "quick")
+    assert await run_task_async(task["id"]) == "completed"
+    assert signed_inside == [False] and task_row(task["id"])["result_url"]
