@@ -106,7 +106,10 @@ class AssetService:
             raise PayloadTooLarge(f"The file is too large (at most {limit} bytes).")
         asset_id, path = await self._upload_slot(user_id=user_id, media=media, project_id=project_id)
         signed = await get_storage().create_signed_upload_url(path=path, user_id=user_id)
-        await self._record_upload(asset_id, user_id, project_id, media, path, size, filename)
+        expires = datetime.fromtimestamp(signed["expires_at"], UTC)
+        await self._record_upload(
+            asset_id, user_id, project_id, media, path, size, filename, upload_expires_at=expires.isoformat()
+        )
         return {
             "asset_id": asset_id,
             "upload_url": signed["url"],
@@ -217,6 +220,13 @@ class AssetService:
                 "A task that has not finished reads this file. Cancel the task or wait for it to end, then delete it.",
                 details=[{"task_id": str(reader["id"])}],
             )
+        expires = (asset.get("metadata") or {}).get("upload_expires_at")
+        if expires and datetime.fromisoformat(expires) > datetime.now(UTC):  # its upload URL still works
+            await db.execute(
+                "insert into public.upload_tombstones (path, user_id, expires_at)"
+                " values (%s, %s, %s::timestamptz + make_interval(secs => %s)) on conflict (path) do nothing",
+                (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS),
+            )
         await get_storage().remove(paths=[asset["path"]], user_id=user_id)
         await db.execute("delete from public.assets where id = %s and user_id = %s", (asset_id, user_id))
 
@@ -303,7 +313,9 @@ class AssetService:
         # Announced (a signed upload URL handed out) or being checked: each holds storage, and a check is a job
         # on our side, free to the user. Uploads never completed are swept once their URL expires.
         pending = await db.fetch_one(
-            "select count(*) as n from public.assets where user_id = %s and status = 'pending'", (user_id,)
+            "select (select count(*) from public.assets where user_id = %(user)s and status = 'pending')"
+            " + (select count(*) from public.upload_tombstones where user_id = %(user)s and expires_at > now()) as n",
+            {"user": user_id},
         )
         if pending["n"] >= limit:
             raise TooManyActiveTasks(
@@ -312,8 +324,10 @@ class AssetService:
         asset_id = str(uuid.uuid4())
         return asset_id, user_path(user_id, "uploads", f"{asset_id}{media.ext}")
 
-    async def _record_upload(self, asset_id, user_id, project_id, media: MediaType, path, size, filename) -> dict:
-        """登记一个待探测（pending）的上传"""
+    async def _record_upload(
+        self, asset_id, user_id, project_id, media: MediaType, path, size, filename, upload_expires_at=None
+    ) -> dict:
+        """登记一个待探测（pending）的上传（签名上传记下其 URL 的过期时间）"""
         with db.user_must_exist():
             return await self.create_asset_record(
                 asset_id=asset_id,
@@ -323,7 +337,10 @@ class AssetService:
                 path=path,
                 mime=media.mime,
                 size=size,
-                metadata={"filename": filename} if filename else {},
+                metadata={
+                    **({"filename": filename} if filename else {}),
+                    **({"upload_expires_at": upload_expires_at} if upload_expires_at else {}),
+                },
                 status="pending",
             )
 
@@ -360,7 +377,7 @@ class AssetService:
         await self._remove_quietly(asset["path"], None)
 
     async def discard_abandoned_uploads(self, *, limit: int = 500) -> int:
-        """清理从未完成的上传：签名上传 URL 过期后仍是 pending、也没有探测任务的资源（连同可能已传上的文件）"""
+        """清理从未完成的上传（URL 过期后仍 pending、没有探测任务：行与文件），以及到期墓碑路径上后来传上的文件"""
         from lib.tasks import PROBE_KEY_PREFIX
 
         rows = await db.fetch_all(
@@ -371,15 +388,22 @@ class AssetService:
             " order by a.created_at limit %s",
             (SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS, PROBE_KEY_PREFIX, limit),
         )
-        if not rows:
+        tombstones = await db.fetch_all(
+            "select path from public.upload_tombstones where expires_at < now() order by expires_at limit %s", (limit,)
+        )
+        if not rows and not tombstones:
             return 0
-        await get_storage().remove(paths=[row["path"] for row in rows])  # files first: a retry finds the rows
+        # Files first: a retry finds the rows. A tombstone's path holds whatever its URL sent after the delete.
+        await get_storage().remove(paths=[row["path"] for row in [*rows, *tombstones]])
         await db.execute(
             "delete from public.assets where id = any(%s::uuid[]) and status = 'pending'",
             ([row["id"] for row in rows],),
         )
-        log.info("discarded %d uploads never completed", len(rows))
-        return len(rows)
+        await db.execute(
+            "delete from public.upload_tombstones where path = any(%s)", ([row["path"] for row in tombstones],)
+        )
+        log.info("discarded %d uploads never completed and %d deleted ones", len(rows), len(tombstones))
+        return len(rows) + len(tombstones)
 
     async def _remove_quietly(self, path: str, user_id: str | None) -> None:
         try:

@@ -104,7 +104,8 @@ async def test_signed_upload_then_complete_then_probed(client, make_user):
     await get_asset_service().mark_probed(asset_id=asset["id"], probe=probe, reason=None)
     ready = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
     assert ready["status"] == "ready" and (ready["width"], ready["height"]) == (40, 30)
-    assert ready["metadata"] == {"filename": "big.png", "format": "png", "frame_count": 1}
+    expires = ticket["expires_at"].replace("Z", "+00:00")
+    assert ready["metadata"] == {"filename": "big.png", "format": "png", "frame_count": 1, "upload_expires_at": expires}
     async with httpx.AsyncClient() as http:
         assert (await http.get(ready["download_url"])).content == data
     late = await client.post(f"/assets/{asset['id']}/complete", headers=user.headers)
@@ -421,3 +422,25 @@ async def test_the_sweep_leaves_uploads_being_checked_and_fresh_announcements(cl
     assert "abandoned_uploads" not in await reap()
     ids = {str(r["id"]) for r in sql("select id from public.assets where user_id = %s", (user.id,))}
     assert ids == {checked["id"], fresh["asset_id"]}
+
+
+async def test_a_deleted_uploads_url_cannot_leave_a_file_behind_or_free_its_place(client, make_user, monkeypatch):
+    from lib.reaper import reap
+
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_upload_checks_per_user", 1)
+    announce = {"content_type": "image/png", "bytes": 10}
+    ticket = (await client.post("/assets/uploads", json=announce, headers=user.headers)).json()["data"]
+    path = storage_path(ticket["asset_id"])
+    assert (await client.delete(f"/assets/{ticket['asset_id']}", headers=user.headers)).status_code == 200
+    async with httpx.AsyncClient() as http:  # the URL still works for its two hours: a file with no row
+        assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    assert await get_storage().exists(path=path)
+    # Deleting did not make room: the deleted upload's URL still counts until it expires.
+    assert (await client.post("/assets/uploads", json=announce, headers=user.headers)).status_code == 429
+
+    sql("update public.upload_tombstones set expires_at = now() - interval '1 second' where path = %s", (path,))
+    assert (await reap()).get("abandoned_uploads") == 1
+    assert not await get_storage().exists(path=path)
+    assert sql("select path from public.upload_tombstones where user_id = %s", (user.id,)) == []
+    assert (await client.post("/assets/uploads", json=announce, headers=user.headers)).status_code == 201

@@ -21,6 +21,7 @@ PUBLIC_TABLES = {
     "credit_packages",
     "purchases",
     "stripe_events",
+    "upload_tombstones",
 }
 SERVICE_FUNCTIONS = [
     "create_task(uuid, text, jsonb, bigint, text, uuid, uuid[], int)",
