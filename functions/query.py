@@ -10,6 +10,7 @@ T = TypeVar("T")
 
 
 def _empty_is_unset(value: object) -> object:
+    """空字符串当作没给"""
     return None if value == "" else value
 
 

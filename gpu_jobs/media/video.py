@@ -353,6 +353,7 @@ class FrameWriter(_Worker):
                 src.close()
 
     def _mux_video(self, out: Any, packets: list) -> None:
+        """写出视频包，但留住最新的一个（最后一个包的时长决定视频在哪里结束）"""
         for packet in packets:
             if self._held is not None:
                 out.mux(self._held)
