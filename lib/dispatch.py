@@ -13,7 +13,7 @@ log = logging.getLogger("spool.dispatch")
 class Dispatcher(Protocol):
     async def dispatch(self, *, task_id: str, model_key: str) -> None: ...
 
-    async def cancel(self, *, task_id: str, call_id: str | None) -> None: ...
+    async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None: ...
 
 
 class LocalDispatcher:
@@ -22,7 +22,7 @@ class LocalDispatcher:
     async def dispatch(self, *, task_id: str, model_key: str) -> None:
         """派发任务（本地：由触发器的 NOTIFY 完成）"""
 
-    async def cancel(self, *, task_id: str, call_id: str | None) -> None:
+    async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None:
         """取消任务（本地：worker 在下一个进度点发现取消）"""
 
 

@@ -59,13 +59,13 @@ class ModalDispatcher:
         await db.execute("select public.set_task_dispatch(%s, %s, null)", (task_id, call.object_id))
         log.info("task %s spawned on %s/%s as %s", task_id, self.app_name, name, call.object_id)
 
-    async def cancel(self, *, task_id: str, call_id: str | None) -> None:
-        """取消任务对应的 Modal 调用（没有 call id 时无事可做）"""
+    async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None:
+        """取消任务对应的 Modal 调用（没有 call id 时无事可做）；terminate=False 只撤回尚未开始的输入"""
         if not call_id:
             return
         call = modal.FunctionCall.from_id(call_id)
         async with asyncio.timeout(CANCEL_TIMEOUT_S):
             # Stop the container, not just the input: a canceled job has nothing left to save (the task is
             # already refunded), and a container that only saw its input canceled keeps the handler thread running.
-            await call.cancel.aio(terminate_containers=True)
+            await call.cancel.aio(terminate_containers=terminate)
         log.info("task %s: Modal call %s canceled", task_id, call_id)

@@ -32,6 +32,7 @@ async def reap() -> dict[str, int]:
             counts["abandoned_uploads"] = abandoned
     except Exception:
         log.exception("reaper: sweeping abandoned uploads failed; the next pass tries again")
+    await _withdraw_forgotten_calls([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
     for row in rows:
         task_id = str(row["task_id"])
         try:
@@ -44,3 +45,20 @@ async def reap() -> dict[str, int]:
     if counts:
         log.info("reaper: %s", dict(counts))
     return dict(counts)
+
+
+async def _withdraw_forgotten_calls(task_ids: list[str]) -> None:
+    """重新派发前撤回仍在排队的旧调用：等 GPU 的任务不会每 20 分钟多一个调用（每个都要冷启动一个容器）"""
+    from lib.dispatch import get_dispatcher
+
+    if not task_ids:
+        return
+    rows = await db.fetch_all(
+        "select id, call_id from public.tasks where id = any(%s::uuid[]) and status = 'queued' and call_id is not null",
+        (task_ids,),
+    )
+    for row in rows:
+        try:  # not started (the task is still queued): withdrawing the input stops no work
+            await get_dispatcher().cancel(task_id=str(row["id"]), call_id=row["call_id"], terminate=False)
+        except Exception as exc:  # the new call runs it either way; the old one exits at its claim
+            log.warning("reaper: could not withdraw call %s of task %s: %s", row["call_id"], row["id"], exc)

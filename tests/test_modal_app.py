@@ -236,6 +236,17 @@ async def test_failed_spawn_leaves_the_task_queued_and_the_reaper_dispatches_it_
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
+async def test_a_call_forgotten_in_modals_queue_is_withdrawn_before_the_task_is_spawned_again(
+    client, make_user, fake_modal, gpu_job
+):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # fc-1, which no container ever starts (no GPU free)
+    sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
+    assert await reap() == {"redispatch": 1}
+    assert fake_modal.canceled == ["fc-1"] and fake_modal.cancel_options == [{"terminate_containers": False}]
+    assert len(fake_modal.spawned) == 2 and task_row(task["id"])["call_id"] == "fc-2"  # one live call, not two
+
+
 async def test_a_hanging_spawn_times_out_and_leaves_the_task_queued(
     client, make_user, fake_modal, gpu_job, monkeypatch
 ):
