@@ -20,7 +20,7 @@ from lib.credits import get_credit_service
 from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, TooManyActiveTasks
 from lib.paging import page_after, page_of
 from lib.projects import get_project_service
-from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_storage, user_path
+from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_storage, user_path, with_signed_urls
 
 log = logging.getLogger("spool.assets")
 
@@ -376,7 +376,7 @@ class AssetService:
         await self.mark_probed(asset_id=str(asset["id"]), probe=None, reason=reason)
         await self._remove_quietly(asset["path"], None)
 
-    async def discard_abandoned_uploads(self, *, limit: int = 500) -> int:
+    async def sweep_expired_uploads(self, *, limit: int = 500) -> int:
         """清理从未完成的上传（URL 过期后仍 pending、没有探测任务：行与文件），以及到期墓碑路径上后来传上的文件"""
         from lib.tasks import PROBE_KEY_PREFIX
 
@@ -414,11 +414,7 @@ class AssetService:
 
 async def with_download_urls(assets: list[dict]) -> list[dict]:
     """ready 的资源附上新签名的下载地址（一次存储请求；文件已不在存储里 → null）"""
-    paths = sorted({asset["path"] for asset in assets if asset["status"] == "ready"})
-    urls = await get_storage().create_signed_urls(paths=paths) if paths else {}
-    return [
-        {**asset, "download_url": urls.get(asset["path"]) if asset["status"] == "ready" else None} for asset in assets
-    ]
+    return await with_signed_urls(assets, "download_url", lambda a: a["path"] if a["status"] == "ready" else None)
 
 
 @cache

@@ -28,7 +28,7 @@ async def reap() -> dict[str, int]:
     )
     counts = Counter(row["action"] for row in rows)
     try:
-        if abandoned := await get_asset_service().discard_abandoned_uploads():
+        if abandoned := await get_asset_service().sweep_expired_uploads():
             counts["abandoned_uploads"] = abandoned
     except Exception:
         log.exception("reaper: sweeping abandoned uploads failed; the next pass tries again")

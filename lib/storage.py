@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
@@ -303,6 +303,13 @@ def _storage_status(resp) -> int:
     except (ValueError, AttributeError):
         return resp.status_code
     return int(code) if code.isdigit() else resp.status_code
+
+
+async def with_signed_urls(items: list[dict], field: str, path_of: Callable[[dict], str | None]) -> list[dict]:
+    """给每一项的 field 换上新签名的下载地址（一次存储请求）；没有路径或文件已不在 → None"""
+    paths = {index: path for index, item in enumerate(items) if (path := path_of(item))}
+    urls = await get_storage().create_signed_urls(paths=sorted(set(paths.values()))) if paths else {}
+    return [{**item, field: urls.get(paths[index]) if index in paths else None} for index, item in enumerate(items)]
 
 
 @cache

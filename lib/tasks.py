@@ -231,17 +231,12 @@ class TaskService:
 
 async def with_fresh_result_urls(tasks: list[dict]) -> list[dict]:
     """已完成任务换上新签名的结果下载地址（存储里的会过期；结果文件已被删除 → null），一次存储请求"""
-    paths = {
-        task["id"]: path
-        for task in tasks
-        if task["status"] == "completed" and (path := (task.get("result") or {}).get("path"))
-    }
-    if not paths:
-        return tasks
-    from lib.storage import get_storage
+    from lib.storage import with_signed_urls
 
-    urls = await get_storage().create_signed_urls(paths=sorted(set(paths.values())))
-    return [{**task, "result_url": urls.get(paths[task["id"]])} if task["id"] in paths else task for task in tasks]
+    def result_path(task: dict) -> str | None:
+        return (task.get("result") or {}).get("path") if task["status"] == "completed" else None
+
+    return await with_signed_urls(tasks, "result_url", result_path)
 
 
 def _same_request(task: dict, request: tuple) -> dict:
