@@ -169,6 +169,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SpoolError)
     async def _domain(request: Request, exc: SpoolError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        if getattr(exc, "retry_after", None):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
 
     @app.exception_handler(StarletteHTTPException)

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     supabase_db_url: str | None = None
     supabase_service_role_key: str | None = None  # legacy service_role JWT or an sb_secret_ key
     supabase_jwt_secret: str | None = None  # legacy HS256 signing secret, optional
-    jwks_cache_seconds: int = Field(600, le=600)
+    jwks_cache_seconds: int = Field(600, gt=0, le=600)
     storage_bucket: str = "media"
     db_pool_min: int = 1
     db_pool_max: int = 10

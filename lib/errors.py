@@ -91,6 +91,14 @@ class UpstreamError(SpoolError):
     code = "upstream_error"
 
 
+class ServiceUnavailable(SpoolError):
+    """暂时不可用（依赖的服务连不上）：客户端稍后重试"""
+
+    status_code = 503
+    code = "service_unavailable"
+    retry_after = 5
+
+
 class ProviderUnavailable(SpoolError):
     """外部模型提供方未配置"""
 

@@ -154,10 +154,11 @@ async def test_a_remembered_token_still_expires(client, make_user, monkeypatch):
 
     monkeypatch.setattr(lib.auth, "LEEWAY_SECONDS", 0)
     user = await make_user()
-    token = es256(claims(sub=user.id, exp=int(time.time()) + 1))
+    exp = int(time.time()) + 3
+    token = es256(claims(sub=user.id, exp=exp))
     assert (await balance_status(client, token))[0] == 200
     assert (await balance_status(client, token))[0] == 200  # remembered
-    await asyncio.sleep(2.1)
+    await asyncio.sleep(exp - time.time() + 0.2)
     status, body = await balance_status(client, token)
     assert status == 401 and body["error"]["message"] == "Access token expired."
 
@@ -196,54 +197,173 @@ async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkey
         assert resp.json()["error"]["message"] == "This account no longer exists."
 
 
-async def test_an_unknown_kid_is_looked_up_off_the_event_loop(live_server):
+class JwksServer:
+    """A stand-in for the project's JWKS endpoint: its answer, latency and fetch count are the test's to set."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.status, self.body, self.delay, self.fetches = 200, json.dumps(local_issuer().jwks()).encode(), 0.0, 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                outer.fetches += 1
+                time.sleep(outer.delay)
+                self.send_response(outer.status)
+                self.send_header("content-type", "application/json" if outer.body[:1] == b"{" else "text/html")
+                self.send_header("content-length", str(len(outer.body)))
+                self.end_headers()
+                self.wfile.write(outer.body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/auth/v1/.well-known/jwks.json"
+
+    def fail(self, status: int = 503, body: bytes = b"<html>down</html>") -> None:
+        self.status, self.body = status, body
+
+
+@pytest.fixture
+def jwks_server():
+    """令牌校验器改从可控的 JWKS 服务器取密钥"""
+    import threading
+
+    from lib.auth import SigningKeys, get_token_verifier
+
+    server = JwksServer()
+    threading.Thread(target=server.server.serve_forever, daemon=True).start()
+    reset_token_verifier()
+    get_token_verifier().keys = SigningKeys(server.url, lifespan=600)
+    yield server
+    server.server.shutdown()
+    reset_token_verifier()
+
+
+async def test_an_unknown_kid_is_looked_up_off_the_event_loop(jwks_server):
     """A rotated-in (or forged) kid makes the verifier fetch the JWKS again: the loop keeps serving meanwhile."""
     import asyncio
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from jwt import PyJWKClient
-
-    from lib.auth import TokenVerifier
+    from lib.auth import JWKS_COOLDOWN_SECONDS, get_token_verifier
     from lib.errors import Unauthorized
 
-    body = json.dumps(local_issuer().jwks()).encode()
+    verifier = get_token_verifier()
+    await verifier.averify(es256(claims()))  # the first fetch warms the cache
+    jwks_server.delay = 0.5  # a slow identity provider
+    verifier.keys._fetched_at -= JWKS_COOLDOWN_SECONDS  # past the cooldown after a fetch
 
-    class SlowJwks(BaseHTTPRequestHandler):
-        def do_GET(self):
-            time.sleep(0.5)  # a slow identity provider
-            self.send_response(200)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    ticks = 0
 
-        def log_message(self, *args):
-            pass
+    async def tick():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SlowJwks)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        verifier = TokenVerifier()
-        url = f"http://127.0.0.1:{server.server_port}/jwks.json"
-        verifier.jwks = PyJWKClient(url, cache_jwk_set=True, lifespan=600, timeout=5, cooldown_duration=0)
-        await verifier.averify(es256(claims()))  # the first fetch warms the cache
+    ticker = asyncio.create_task(tick())
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    with pytest.raises(Unauthorized):
+        await verifier.averify(es256(claims(), key=other_key, kid="rotated-in"))
+    seen_while_fetching = ticks
+    ticker.cancel()
+    assert seen_while_fetching > 0
+    assert jwks_server.fetches == 2
+    assert (await verifier.averify(es256(claims())))["aud"] == "authenticated"  # known kid: no fetch
+    assert jwks_server.fetches == 2
 
-        ticks = 0
 
-        async def tick():
-            nonlocal ticks
-            while True:
-                await asyncio.sleep(0.01)
-                ticks += 1
+async def test_forged_kids_refetch_at_most_once_per_cooldown(jwks_server):
+    from lib.auth import get_token_verifier
+    from lib.errors import Unauthorized
 
-        ticker = asyncio.create_task(tick())
-        other_key = ec.generate_private_key(ec.SECP256R1())
+    verifier = get_token_verifier()
+    await verifier.averify(es256(claims()))
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    for n in range(5):
         with pytest.raises(Unauthorized):
-            await verifier.averify(es256(claims(), key=other_key, kid="rotated-in"))
-        seen_while_fetching = ticks
-        ticker.cancel()
-        assert seen_while_fetching > 0
-        assert (await verifier.averify(es256(claims())))["aud"] == "authenticated"  # known kid: no fetch
-    finally:
-        server.shutdown()
+            await verifier.averify(es256(claims(), key=other_key, kid=f"forged-{n}"))
+    assert jwks_server.fetches == 1
+
+
+@pytest.mark.parametrize("answer", [(503, b"<html>down</html>"), (200, b"<html>a web app</html>"), (200, b"[]")])
+async def test_signing_keys_out_of_reach_is_503_not_401(client, make_user, jwks_server, answer):
+    """取不到签名密钥是我们这边的暂时故障：503 + Retry-After（401 会让客户端登出用户）"""
+    user = await make_user()
+    jwks_server.fail(*answer)
+    resp = await client.get("/credits", headers={"Authorization": f"Bearer {es256(claims(sub=user.id))}"})
+    assert resp.status_code == 503, resp.text
+    assert resp.json()["error"]["code"] == "service_unavailable"
+    assert resp.headers["retry-after"] == "5"
+
+
+async def test_known_keys_outlive_their_cache_while_the_jwks_is_down(client, make_user, jwks_server):
+    from lib.auth import get_token_verifier
+
+    user = await make_user()
+    assert (await balance_status(client, es256(claims(sub=user.id))))[0] == 200
+    jwks_server.fail()
+    get_token_verifier().keys._fetched_at -= 601  # the cached key set has expired
+    status, body = await balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 1)))
+    assert status == 200, body
+    assert jwks_server.fetches == 2  # it tried
+    status, _ = await balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 2)))
+    assert status == 200 and jwks_server.fetches == 2  # and does not try again at once
+
+
+async def test_an_outage_costs_one_fetch_not_one_per_request(client, make_user, jwks_server):
+    """JWKS 挂起时并发请求不排队各等一次超时：等同一次获取的结果，之后几秒内直接回答"""
+    import asyncio
+
+    user = await make_user()
+    jwks_server.fail()
+    jwks_server.delay = 0.5
+    tokens = [es256(claims(sub=user.id, iat=int(time.time()) - n)) for n in range(4)]
+    answers = await asyncio.gather(*(balance_status(client, token) for token in tokens))
+    assert [status for status, _ in answers] == [503] * 4
+    assert jwks_server.fetches == 1
+
+
+async def test_an_expired_remembered_token_is_refused_without_a_fetch(client, make_user, jwks_server, monkeypatch):
+    import asyncio
+
+    import lib.auth
+
+    monkeypatch.setattr(lib.auth, "LEEWAY_SECONDS", 0)
+    user = await make_user()
+    exp = int(time.time()) + 3
+    token = es256(claims(sub=user.id, exp=exp))
+    assert (await balance_status(client, token))[0] == 200
+    await asyncio.sleep(exp - time.time() + 0.2)
+    lib.auth.get_token_verifier().keys._fetched_at -= 601  # the key set has expired too (a tab waking up)
+    status, body = await balance_status(client, token)
+    assert status == 401 and body["error"]["message"] == "Access token expired."
+    assert jwks_server.fetches == 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{"role": "anon"}, {"role": "service_role"}, {"role": None}, {"sub": "urn:uuid:{uuid}"}, {"sub": "{{{uuid}}}"}],
+)
+async def test_only_a_signed_in_users_token_with_a_plain_uuid_passes(client, make_user, overrides):
+    user = await make_user()
+    payload = claims(sub=user.id)
+    for name, value in overrides.items():
+        if value is None:
+            del payload[name]
+        else:
+            payload[name] = value.format(uuid=user.id) if isinstance(value, str) else value
+    status, body = await balance_status(client, es256(payload))
+    assert status == 401, body
+    assert body["error"]["code"] == "unauthorized"
+
+
+def test_jwks_cache_seconds_must_be_positive(monkeypatch):
+    from pydantic import ValidationError
+
+    from lib.config import Settings
+
+    monkeypatch.setenv("JWKS_CACHE_SECONDS", "0")
+    with pytest.raises(ValidationError):
+        Settings()
