@@ -102,6 +102,12 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
         if unpaid:
             return "select public.apply_checkout_unpaid(%s, %s, %s, %s, %s, %s) as r", (*ids, unpaid)
         return None
+    if kind in ("charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated") and _typed(obj.get("id"), str):
+        # A chargeback: no charge.refunded comes, the money is withdrawn (and given back if the dispute is won).
+        return (
+            "select public.apply_charge_dispute(%s, %s, %s, %s) as r",
+            (_id_of(obj.get("payment_intent")), obj["id"], _cents(obj.get("amount")), kind.endswith("withdrawn")),
+        )
     if kind == "charge.refunded":
         user_id = _uuid_or_none(meta.get("user_id"))
         return (
@@ -116,6 +122,17 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
             ),
         )
     return None
+
+
+async def _user_departed(conn, event: dict) -> bool:
+    """事件的元数据指向的用户是否已被删除"""
+    obj = event["data"]["object"]
+    meta = _typed(obj.get("metadata"), dict) or {}
+    user_id = _uuid_or_none(meta.get("user_id") or obj.get("client_reference_id"))
+    if user_id is None:
+        return False
+    cur = await conn.execute("select not exists (select 1 from auth.users where id = %s) as gone", (user_id,))
+    return (await cur.fetchone())["gone"]
 
 
 def upstream_error(exc: stripe.StripeError) -> SpoolError:
@@ -174,27 +191,33 @@ class BillingService:
         if earlier and earlier["package_id"] != package["id"]:
             raise Conflict("This Idempotency-Key was already used for a different request.")
         metadata = {"user_id": user_id, "package_id": package["id"], "purchase_id": purchase_id}
+        params = {
+            "mode": "payment",
+            "line_items": [self._line_item(package)],
+            "client_reference_id": user_id,
+            "success_url": success_url,
+            "cancel_url": cancel_url,
+            "metadata": metadata,
+            "payment_intent_data": {"metadata": metadata},
+        }
         try:
             customer_id = await self._customer_for(user_id=user_id)
-            session = await get_stripe_client().v1.checkout.sessions.create_async(
-                {
-                    "mode": "payment",
-                    "line_items": [self._line_item(package)],
-                    "customer": customer_id,
-                    "client_reference_id": user_id,
-                    "success_url": success_url,
-                    "cancel_url": cancel_url,
-                    "metadata": metadata,
-                    "payment_intent_data": {"metadata": metadata},
-                },
-                options={"idempotency_key": f"checkout-{purchase_id}"},
-            )
+            try:
+                session = await self._create_session(params, purchase_id, customer_id)
+            except stripe.InvalidRequestError as exc:
+                if exc.code != "resource_missing" or exc.param != "customer":
+                    raise
+                # The saved customer is gone at Stripe: deleted in the Dashboard, or saved under test keys
+                # before the live ones. A new one replaces it; otherwise this user could never buy again.
+                log.warning("stripe customer %s of user %s no longer exists; creating a new one", customer_id, user_id)
+                customer_id = await self._customer_for(user_id=user_id, replacing=customer_id)
+                session = await self._create_session(params, purchase_id, customer_id)
         except stripe.StripeError as exc:
             log.warning("stripe checkout failed for user %s: %s (%s)", user_id, type(exc).__name__, exc)
             raise upstream_error(exc) from None
         if earlier and earlier["checkout_session_id"] != session.id:
-            # Stripe keeps idempotency keys for 24 hours, as long as a session stays open: past that, the key's
-            # checkout has ended. A new session must not be paid on the old purchase row, so none is handed out.
+            # Stripe replays a key's answer (the same session, open, paid or expired) for at least 24 hours; past
+            # that it creates a new session, which must not be paid on the old purchase row: none is handed out.
             raise Conflict("This Idempotency-Key's checkout has ended; start a new one with a new key.")
         await db.execute(
             "insert into public.purchases (id, user_id, package_id, checkout_session_id, credits, amount_cents,"
@@ -228,6 +251,18 @@ class BillingService:
             if effect is not None:
                 row = await (await conn.execute(*effect)).fetchone()
                 result = row["r"]
+            if result["result"] == "ignored" and await _user_departed(conn, event):
+                # Nothing to grant to, nor take from, and a 500 would be retried for days: answered, and logged
+                # so that a payment for a deleted account can be refunded by hand.
+                obj = event["data"]["object"]
+                log.warning(
+                    "stripe event %s (%s) is about a deleted user: session %s, payment %s; refund it by hand if paid",
+                    event["id"],
+                    event["type"],
+                    obj.get("id") if event["type"].startswith("checkout.session.") else None,
+                    _id_of(obj.get("payment_intent")),
+                )
+                result = {"result": "orphaned"}
         log.info("stripe event %s (%s): %s", event["id"], event["type"], result.get("result"))
         return {"event_id": event["id"], **result}
 
@@ -259,6 +294,12 @@ class BillingService:
             raise InvalidWebhook("The webhook body is not a Stripe event.")
         return event
 
+    async def _create_session(self, params: dict, purchase_id: str, customer_id: str):
+        """创建 Checkout Session（幂等键含客户：Stripe 也记住失败的回答，换了客户的重试需要新键）"""
+        return await get_stripe_client().v1.checkout.sessions.create_async(
+            {**params, "customer": customer_id}, options={"idempotency_key": f"checkout-{purchase_id}-{customer_id}"}
+        )
+
     def _allowed_url(self, url: str, field: str) -> str:
         allowed = {origin_of(o) for o in get_settings().billing_allowed_origins}
         if origin_of(url) not in allowed - {None}:
@@ -280,24 +321,25 @@ class BillingService:
             "quantity": 1,
         }
 
-    async def _customer_for(self, *, user_id: str) -> str:
-        """用户的 Stripe 客户 id（首次结账时创建并保存到资料）"""
+    async def _customer_for(self, *, user_id: str, replacing: str | None = None) -> str:
+        """用户的 Stripe 客户 id（首次结账时创建并保存到资料；replacing：Stripe 已不认的旧 id，换新的）"""
         profile = await db.fetch_one("select email, stripe_customer_id from public.profiles where id = %s", (user_id,))
         if profile is None:  # every user has one from sign-up until deletion
             raise Unauthorized(ACCOUNT_GONE)
-        if profile["stripe_customer_id"]:
+        if profile["stripe_customer_id"] and profile["stripe_customer_id"] != replacing:
             return profile["stripe_customer_id"]
         params = {"metadata": {"user_id": user_id}}
         if profile["email"]:
             params["email"] = profile["email"]
-        # Same key for concurrent first checkouts: Stripe answers both with one customer.
-        customer = await get_stripe_client().v1.customers.create_async(
-            params, options={"idempotency_key": f"customer-{user_id}"}
-        )
+        # Same key for concurrent first checkouts: Stripe answers both with one customer. A replacement has its
+        # own key: the first one's would replay the customer that is gone.
+        key = f"customer-{user_id}" + (f"-after-{replacing}" if replacing else "")
+        customer = await get_stripe_client().v1.customers.create_async(params, options={"idempotency_key": key})
         row = await db.fetch_one(
-            "update public.profiles set stripe_customer_id = coalesce(stripe_customer_id, %s) where id = %s"
+            "update public.profiles set stripe_customer_id = case when stripe_customer_id is null"
+            " or stripe_customer_id = %s then %s else stripe_customer_id end where id = %s"
             " returning stripe_customer_id",
-            (customer.id, user_id),
+            (replacing, customer.id, user_id),
         )
         return row["stripe_customer_id"]
 

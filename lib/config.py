@@ -82,7 +82,7 @@ class Settings(BaseSettings):
     stripe_secret_key: str | None = None
     stripe_webhook_secret: str | None = None
     stripe_api_base: str | None = None  # another server speaking Stripe's API (tests)
-    stripe_webhook_tolerance: int = 300
+    stripe_webhook_tolerance: int = Field(300, gt=0)  # 0 would turn off Stripe's replay check
     billing_allowed_origins: Origins = ["http://localhost:3000", "http://127.0.0.1:3000"]
     billing_success_url: str = "http://localhost:3000/billing/success"
     billing_cancel_url: str = "http://localhost:3000/billing/cancel"

@@ -39,6 +39,7 @@ class FakeStripe:
 
     requests: list[FakeRequest] = field(default_factory=list)
     failures: dict[str, tuple[int, dict]] = field(default_factory=dict)
+    missing_customers: set[str] = field(default_factory=set)  # customers deleted at Stripe
     _replays: dict[str, tuple[dict, int, dict]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
@@ -130,6 +131,15 @@ class FakeStripe:
                 "email": params.get("email"),
                 "metadata": params.get("metadata", {}),
                 "livemode": False,
+            }
+        if request.path == "/v1/checkout/sessions" and params.get("customer") in self.missing_customers:
+            return 400, {
+                "error": {
+                    "type": "invalid_request_error",
+                    "code": "resource_missing",
+                    "param": "customer",
+                    "message": f"No such customer: '{params['customer']}'",
+                }
             }
         if request.path == "/v1/checkout/sessions":
             session_id = f"cs_test_fake{n}"
@@ -224,4 +234,19 @@ def charge(metadata: dict, *, amount: int = 500, amount_refunded: int, payment_i
         "metadata": metadata,
         "paid": True,
         "status": "succeeded",
+    }
+
+
+def dispute(*, amount: int = 500, payment_intent: str = "pi_test_1", status: str = "needs_response") -> dict:
+    """Dispute 对象（charge.dispute.* 事件里的样子；不带购买的 metadata）"""
+    return {
+        "id": f"dp_test_{payment_intent}",
+        "object": "dispute",
+        "amount": amount,
+        "currency": "usd",
+        "charge": f"ch_test_{payment_intent}",
+        "payment_intent": payment_intent,
+        "reason": "fraudulent",
+        "status": status,
+        "metadata": {},
     }

@@ -13,7 +13,7 @@ import pytest
 from lib.config import get_settings
 from lib.stripe_client import reset_stripe_client
 from tests import fake_stripe
-from tests.factories import balance, connect, ledger, set_balance
+from tests.factories import balance, connect, ledger, set_balance, sql
 
 SECRET = "whsec_test_local"  # conftest's STRIPE_WEBHOOK_SECRET
 SESSIONS = "/v1/checkout/sessions"
@@ -136,7 +136,7 @@ async def test_checkout_sends_price_mode_metadata_key_and_customer(client, make_
         assert form[f"{prefix}[purchase_id]"] == purchase_id
     assert form["success_url"] == "http://localhost:3000/billing/success"
     assert form["cancel_url"] == "http://localhost:3000/billing/cancel"
-    assert req.headers["idempotency-key"] == f"checkout-{purchase_id}"
+    assert req.headers["idempotency-key"] == f"checkout-{purchase_id}-cus_fake1"
 
     assert data == {
         "checkout_url": f"https://checkout.stripe.com/c/pay/{data['session_id']}",
@@ -436,6 +436,132 @@ async def test_refund_first_without_a_pending_row_then_completion(client, make_u
     )
 
 
+def new_task(user_id: str, cost: int) -> str:
+    """直接用 create_task 扣费建一个排队的任务"""
+    row = sql("select public.create_task(%s, 'image.upscale', '{}'::jsonb, %s) as r", (user_id, cost))[0]["r"]
+    return row["task"]["id"]
+
+
+async def test_credits_coming_back_later_pay_off_a_shortfall_first(client, make_user):
+    """先买、把积分押在排队任务上、退款，再取消任务：退回的积分先还欠下的，钱和积分不能两头得"""
+    user = await make_user()
+    set_balance(user.id, 0)
+    metadata = metadata_for(user)
+    paid = fake_stripe.session("cs_sf", metadata, payment_intent="pi_sf")
+    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    tasks = [new_task(user.id, 250), new_task(user.id, 250)]
+    refund = fake_stripe.charge(metadata, amount_refunded=500, payment_intent="pi_sf")
+    assert (await post_event(client, fake_stripe.event("charge.refunded", refund))).json()["data"][
+        "clawback_shortfall"
+    ] == 500
+    sql("select public.finish_task(%s, 'canceled')", (tasks[0],))
+    assert balance(user.id) == 0
+    (row,) = purchases(user.id)
+    assert (row["credits_clawed_back"], row["clawback_shortfall"]) == (250, 250)
+    sql("select public.finish_task(%s, 'failed')", (tasks[1],))
+    sql("select public.grant_credits(%s, 40, 'adjustment', %s)", (user.id, f"support:{user.id}"))
+    assert balance(user.id) == 40  # the shortfall is paid off; what comes after it is the user's
+    (row,) = purchases(user.id)
+    assert (row["credits_clawed_back"], row["clawback_shortfall"]) == (500, 0)
+    assert sum(entry["delta"] for entry in ledger(user.id)) == 40
+
+
+async def test_a_chargeback_takes_the_credits_back_and_a_dispute_won_returns_them(client, make_user):
+    user = await make_user()
+    metadata = metadata_for(user)
+    paid = fake_stripe.session("cs_dp", metadata, payment_intent="pi_dp")
+    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    set_balance(user.id, 520)  # 80 credits of the pack spent
+    created = fake_stripe.event("charge.dispute.created", fake_stripe.dispute(payment_intent="pi_dp"))
+    assert (await post_event(client, created)).json()["data"]["result"] == "ignored"  # no money moved yet
+    withdrawn = fake_stripe.event("charge.dispute.funds_withdrawn", fake_stripe.dispute(payment_intent="pi_dp"))
+    assert (await post_event(client, withdrawn)).json()["data"]["result"] == "recorded"
+    await post_event(client, {**withdrawn, "id": withdrawn["id"] + "_again"})  # owes nothing more
+    assert balance(user.id) == 20
+    (row,) = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"], row["amount_disputed_cents"]) == ("disputed", 500, 500)
+
+    won = fake_stripe.event(
+        "charge.dispute.funds_reinstated", fake_stripe.dispute(payment_intent="pi_dp", status="won")
+    )
+    assert (await post_event(client, won)).status_code == 200
+    await post_event(client, {**won, "id": won["id"] + "_again"})
+    assert balance(user.id) == 520
+    (row,) = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"], row["amount_disputed_cents"]) == ("paid", 0, 0)
+    assert sum(entry["delta"] for entry in ledger(user.id)) == 520
+
+
+async def test_a_dispute_won_forgives_the_shortfall_before_returning_credits(client, make_user):
+    user = await make_user()
+    metadata = metadata_for(user)
+    paid = fake_stripe.session("cs_dp2", metadata, payment_intent="pi_dp2")
+    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    set_balance(user.id, 200)
+    dispute = fake_stripe.dispute(payment_intent="pi_dp2")
+    await post_event(client, fake_stripe.event("charge.dispute.funds_withdrawn", dispute))
+    assert balance(user.id) == 0
+    (row,) = purchases(user.id)
+    assert (row["credits_clawed_back"], row["clawback_shortfall"]) == (200, 300)
+    await post_event(client, fake_stripe.event("charge.dispute.funds_reinstated", dispute))
+    assert balance(user.id) == 200
+    (row,) = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("paid", 0, 0)
+
+
+@pytest.mark.parametrize("kind", ["checkout.session.completed", "checkout.session.expired", "charge.refunded"])
+async def test_an_event_about_a_deleted_account_is_answered_not_retried(client, make_user, stripe_api, kind, caplog):
+    user = await make_user()
+    await checkout(client, user)
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["payment_intent_data"]["metadata"]
+    session_id = stripe_api.posts(SESSIONS)[0] and purchases(user.id)[0]["checkout_session_id"]
+    sql("delete from auth.users where id = %s", (user.id,))
+    obj = (
+        fake_stripe.charge(metadata, amount_refunded=500, payment_intent="pi_gone")
+        if kind == "charge.refunded"
+        else fake_stripe.session(
+            session_id,
+            metadata,
+            payment_intent="pi_gone",
+            payment_status="paid" if kind.endswith("completed") else "unpaid",
+        )
+    )
+    resp = await post_event(client, fake_stripe.event(kind, obj))
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"]["result"] == "orphaned"
+    assert "deleted user" in caplog.text and "pi_gone" in caplog.text
+    with connect() as conn:
+        assert (
+            conn.execute("select count(*) as n from public.purchases where user_id = %s", (user.id,)).fetchone()["n"]
+            == 0
+        )
+
+
+async def test_a_customer_stripe_no_longer_knows_is_replaced(client, make_user, stripe_api):
+    """测试模式下存的客户 id 切到正式密钥后不存在：换一个新客户，用户仍能购买"""
+    user = await make_user()
+    sql("update public.profiles set stripe_customer_id = 'cus_testmode' where id = %s", (user.id,))
+    stripe_api.missing_customers.add("cus_testmode")
+    data = await checkout(client, user)
+    assert data["session_id"].startswith("cs_test_fake")
+    (created,) = stripe_api.posts(CUSTOMERS)
+    assert created.headers["idempotency-key"] == f"customer-{user.id}-after-cus_testmode"
+    saved = sql("select stripe_customer_id from public.profiles where id = %s", (user.id,))[0]["stripe_customer_id"]
+    assert saved != "cus_testmode" and stripe_api.posts(SESSIONS)[-1].form["customer"] == saved
+    await checkout(client, user, "creator")  # and it sticks
+    assert len(stripe_api.posts(CUSTOMERS)) == 1
+
+
+def test_webhook_tolerance_must_be_positive(monkeypatch):
+    from pydantic import ValidationError
+
+    from lib.config import Settings
+
+    monkeypatch.setenv("STRIPE_WEBHOOK_TOLERANCE", "0")  # 0 would accept a replay of any old event
+    with pytest.raises(ValidationError):
+        Settings()
+
+
 # --- webhook: rejected and failed deliveries -------------------------------------------------------------------
 
 
@@ -504,10 +630,23 @@ async def test_timestamp_within_tolerance_is_accepted(client, make_user):
     assert balance(user.id) == 600
 
 
-async def test_error_while_applying_is_500_and_nothing_half_applied(client, make_user):
+@pytest.fixture
+def purchases_refuse_writes():
+    """数据库写购买记录时出错（像一次故障）"""
+    sql(
+        "create function public.refuse_purchase() returns trigger language plpgsql as"
+        " $$ begin raise exception 'disk full'; end $$;"
+        " create trigger refuse_purchase before insert or update on public.purchases"
+        " for each row execute function public.refuse_purchase()"
+    )
+    yield
+    sql("drop trigger refuse_purchase on public.purchases; drop function public.refuse_purchase()")
+
+
+async def test_error_while_applying_is_500_and_nothing_half_applied(client, make_user, purchases_refuse_writes):
     user = await make_user()
-    ghost = {"user_id": str(uuid.uuid4()), "package_id": "starter", "purchase_id": str(uuid.uuid4())}
-    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_ghost", ghost))
+    metadata = metadata_for(user)
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_ghost", metadata))
     resp = await post_event(client, evt)
     assert resp.status_code == 500
     assert resp.json()["error"]["code"] == "internal_error"
