@@ -205,30 +205,41 @@ class AssetService:
         return {**page, "items": await with_download_urls(page["items"])}
 
     async def delete_asset(self, *, user_id: str, asset_id: str) -> None:
-        """删除资源：先删存储对象，再删行（失败可重试，不留悬空的行）；未结束任务的输入不可删"""
-        asset = await self.get_asset(user_id=user_id, asset_id=asset_id, sign=False)
-        # A retry downloads its inputs again, and a provider job may already be paid for: the file stays until
-        # the task ends. An upload's own check does not hold it (deleting a pending upload is how to stop one).
-        reader = await db.fetch_one_as(
-            user_id,
-            "select id from public.tasks where %s::uuid = any(input_asset_ids)"
-            " and status in ('queued', 'processing') and model_key <> 'media.probe' limit 1",
-            (asset_id,),
-        )
-        if reader is not None:
-            raise Conflict(
-                "A task that has not finished reads this file. Cancel the task or wait for it to end, then delete it.",
-                details=[{"task_id": str(reader["id"])}],
+        """删除资源：锁住行、确认没有未结束的任务读它，删存储对象，再删行（一个事务：存储失败则行留着，可重试）"""
+        await self.get_asset(user_id=user_id, asset_id=asset_id, sign=False)  # 404 unless it is the user's
+        async with db.transaction() as conn:
+            # Locked before looking for readers: a task being created with this file holds it (FOR SHARE) until
+            # it is committed, so it is found below; a task created after this lock finds the file gone.
+            cur = await conn.execute(
+                "select path, metadata from public.assets where id = %s and user_id = %s for update",
+                (asset_id, user_id),
             )
-        expires = (asset.get("metadata") or {}).get("upload_expires_at")
-        if expires and datetime.fromisoformat(expires) > datetime.now(UTC):  # its upload URL still works
-            await db.execute(
-                "insert into public.upload_tombstones (path, user_id, expires_at)"
-                " values (%s, %s, %s::timestamptz + make_interval(secs => %s)) on conflict (path) do nothing",
-                (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS),
+            asset = await cur.fetchone()
+            if asset is None:  # deleted meanwhile
+                raise NotFound("Asset not found.")
+            # A retry downloads its inputs again, and a provider job may already be paid for: the file stays until
+            # the task ends. An upload's own check does not hold it (deleting a pending upload is how to stop one).
+            cur = await conn.execute(
+                "select id from public.tasks where user_id = %s and %s::uuid = any(input_asset_ids)"
+                " and status in ('queued', 'processing') and model_key <> 'media.probe' limit 1",
+                (user_id, asset_id),
             )
-        await get_storage().remove(paths=[asset["path"]], user_id=user_id)
-        await db.execute("delete from public.assets where id = %s and user_id = %s", (asset_id, user_id))
+            reader = await cur.fetchone()
+            if reader is not None:
+                raise Conflict(
+                    "A task that has not finished reads this file. Cancel the task or wait for it to end,"
+                    " then delete it.",
+                    details=[{"task_id": str(reader["id"])}],
+                )
+            expires = (asset["metadata"] or {}).get("upload_expires_at")
+            if expires and datetime.fromisoformat(expires) > datetime.now(UTC):  # its upload URL still works
+                await conn.execute(
+                    "insert into public.upload_tombstones (path, user_id, expires_at)"
+                    " values (%s, %s, %s::timestamptz + make_interval(secs => %s)) on conflict (path) do nothing",
+                    (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS),
+                )
+            await get_storage().remove(paths=[asset["path"]], user_id=user_id)
+            await conn.execute("delete from public.assets where id = %s", (asset_id,))
 
     # ------------------------------------------------------------ server side (the job runner)
 
@@ -279,7 +290,11 @@ class AssetService:
         query = (
             "insert into public.assets (id, user_id, project_id, kind, bucket, path, mime, bytes, width, height,"
             " duration_s, fps, source_task_id, metadata, status)"
-            " values (coalesce(%s::uuid, gen_random_uuid()), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
+            # The project if it still exists: one deleted while its task ran leaves the result outside any project,
+            # as its deletion left the task (on delete set null).
+            " values (coalesce(%s::uuid, gen_random_uuid()), %s,"
+            " (select p.id from public.projects p where p.id = %s::uuid for key share),"
+            " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
             f" %s::jsonb, %s) returning {ASSET_COLUMNS}"
         )
         params = (

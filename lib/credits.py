@@ -11,7 +11,13 @@ from lib import catalog, db
 from lib.errors import ACCOUNT_GONE, InsufficientCredits, NotFound, TooManyActiveTasks, Unauthorized
 from lib.paging import encode_cursor, id_after
 
-SQLSTATE_ERRORS = {"SP402": InsufficientCredits, "SP429": TooManyActiveTasks, "SP404": NotFound}
+SQLSTATE_ERRORS = {
+    "SP402": InsufficientCredits,
+    "SP429": TooManyActiveTasks,
+    "SP404": NotFound,
+    "SPA04": NotFound,
+    "SPP04": NotFound,
+}
 
 
 def raise_domain_error(exc: pg_errors.Error) -> None:
@@ -23,6 +29,8 @@ def raise_domain_error(exc: pg_errors.Error) -> None:
         "SP402": "Not enough credits for this task.",
         "SP429": "Too many tasks are running; wait for one to finish.",
         "SP404": "No credit account for this user.",
+        "SPA04": "An input asset of this task was deleted.",
+        "SPP04": "Project not found.",
     }[exc.sqlstate]
     raise error(message) from None
 

@@ -57,6 +57,30 @@ async def test_completed_task_has_result_asset_and_one_charge(client, make_user,
     assert fresh["result_url"]
 
 
+async def test_a_project_deleted_while_its_task_runs_keeps_the_result(client, make_user, job_models):
+    """任务运行中删掉它的项目：结果照常交付（不属于任何项目），不是失败退款"""
+    import time
+
+    user = await make_user()
+    project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]["id"]
+    resp = await client.post(
+        "/tasks",
+        json={"model_key": "test.slow", "project_id": project, "params": {"seconds": 0.6}},
+        headers=user.headers,
+    )
+    task = resp.json()["data"]
+    job = asyncio.create_task(run_task_async(task["id"]))
+    deadline = time.monotonic() + 30
+    while task_row(task["id"])["progress"] == 0:  # claimed, with the project in hand
+        assert time.monotonic() < deadline and not job.done()
+        await asyncio.sleep(0.02)
+    assert (await client.delete(f"/projects/{project}", headers=user.headers)).status_code == 200
+    assert await job == "completed"
+    [result] = sql("select project_id from public.assets where source_task_id = %s", (task["id"],))
+    assert result["project_id"] is None
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
 async def test_lists_sign_result_urls_afresh_and_a_deleted_result_leaves_the_task_readable(
     client, make_user, job_models
 ):
