@@ -91,8 +91,10 @@ async def test_deleting_a_project_keeps_its_assets(client, make_user):
     project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]
     asset_id = make_asset(user.id)
     sql("update public.assets set project_id = %s where id = %s", (project["id"], asset_id))
-    await client.delete(f"/projects/{project['id']}", headers=user.headers)
+    resp = await client.delete(f"/projects/{project['id']}", headers=user.headers)
+    assert resp.status_code == 200 and resp.json()["success"] is True
     assert sql("select project_id from public.assets where id = %s", (asset_id,)) == [{"project_id": None}]
+    assert (await client.get(f"/projects/{project['id']}", headers=user.headers)).status_code == 404
 
 
 async def test_projects_need_a_token(client):
