@@ -96,6 +96,17 @@ class KlingImageParams(KlingParams):
 
 
 KLING_PRICES = {("std", "5"): 35, ("std", "10"): 70, ("pro", "5"): 60, ("pro", "10"): 120}
+# Kling bills its "master" models at several times the units of kling-v1-6 pro, in either mode.
+KLING_MASTER_PRICES = {"5": 130, "10": 260}
+KLING_PRICE_RULE = "std: 35 (5 s) / 70 (10 s); pro: 60 (5 s) / 120 (10 s); master models: 130 (5 s) / 260 (10 s)"
+
+
+def kling_price(params) -> int:
+    """Kling 任务的价格（按模型档次、模式、时长）"""
+    if params.model_name.endswith("-master"):
+        return KLING_MASTER_PRICES[params.duration]
+    return KLING_PRICES[(params.mode, params.duration)]
+
 
 Assets = dict[str, dict]  # input asset id -> asset row (width, height, duration_s, fps, kind, ...)
 
@@ -251,8 +262,8 @@ CATALOG: dict[str, ModelSpec] = {
             kind="video",
             title="Kling AI — text to video",
             params=KlingParams,
-            price=lambda p, a: KLING_PRICES[(p.mode, p.duration)],
-            price_rule="std: 35 (5 s) / 70 (10 s); pro: 60 (5 s) / 120 (10 s)",
+            price=lambda p, a: kling_price(p),
+            price_rule=KLING_PRICE_RULE,
             handler="gpu_jobs.handlers.kling:run",
             timeout_s=45 * MINUTES,
             available=lambda s: s.kling_configured,
@@ -262,8 +273,8 @@ CATALOG: dict[str, ModelSpec] = {
             kind="video",
             title="Kling AI — image to video",
             params=KlingImageParams,
-            price=lambda p, a: KLING_PRICES[(p.mode, p.duration)],
-            price_rule="std: 35 (5 s) / 70 (10 s); pro: 60 (5 s) / 120 (10 s)",
+            price=lambda p, a: kling_price(p),
+            price_rule=KLING_PRICE_RULE,
             handler="gpu_jobs.handlers.kling:run",
             timeout_s=45 * MINUTES,
             inputs={"image_asset_id": "image"},

@@ -230,6 +230,23 @@ def test_waiting_progress_rises_but_never_reaches_the_download():
 # ---------------------------------------------------------------- availability
 
 
+@pytest.mark.parametrize(
+    ("params", "credits"),
+    [
+        ({}, 35),
+        ({"mode": "pro", "duration": "10"}, 120),
+        ({"model_name": "kling-v2-master"}, 130),
+        ({"model_name": "kling-v2-1-master", "mode": "pro", "duration": "10"}, 260),
+    ],
+)
+async def test_master_models_cost_what_kling_bills_for_them(client, make_user, kling, params, credits):
+    user = await make_user()
+    body = {"params": {"prompt": "a paper boat", **params}}
+    quoted = await client.post("/models/kling.text2video/quote", json=body, headers=user.headers)
+    assert quoted.status_code == 200, quoted.text
+    assert quoted.json()["data"]["credits"] == credits
+
+
 async def test_missing_keys_make_kling_unavailable_and_charge_nothing(client, make_user, no_kling):
     models = {m["key"]: m for m in (await client.get("/models")).json()["data"]["items"]}
     assert models["kling.text2video"]["available"] is False
