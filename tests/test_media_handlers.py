@@ -177,6 +177,49 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
         assert err.value.message.startswith("Unsupported image format DPX")
 
 
+def _index_first(src: Path, dst: Path) -> Path:
+    """同样的 MP4，索引（moov）放在最前（网页下载、聊天软件里的视频）"""
+    with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        for packet in inp.demux():
+            if packet.dts is not None:
+                packet.stream = streams[packet.stream.index]
+                out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.9])
+def test_an_mp4_cut_short_behind_its_index_is_refused(tmp_path, kept):
+    """索引在前的 MP4 截断后仍能打开：索引承诺的帧文件里没有了，要拒绝，而不是按 2 秒计费、交出 1 秒"""
+    whole = _index_first(make_video(tmp_path / "a.mp4", frames=48), tmp_path / "whole.mp4")
+    assert media.probe_file(whole)["duration_s"] == pytest.approx(2.0)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * kept)])
+    with pytest.raises(InvalidInput, match="truncated"):
+        media.probe_file(cut)
+
+
+def test_sparse_variable_rate_video_with_b_frames_lasts_to_its_last_frame(tmp_path):
+    """B 帧 + 稀疏的可变帧率：索引的解码时间比最后一帧的显示时间早结束，时长（计费、上限）要按显示算"""
+    times = [0, 0.04, 0.08, 2.0, 2.04, 5.0, 5.04, 8.0, 8.04, 8.08, 9.6]
+    path = tmp_path / "sparse.mp4"
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        video.options = {"bf": "2", "preset": "ultrafast"}
+        video.codec_context.time_base = Fraction(1, 1000)
+        for i, t in enumerate(times):
+            frame = av.VideoFrame.from_ndarray(pattern_frame(i, 64, 48), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+    with av.open(str(path)) as container:  # the shape of the file: its index ends well before its last frame
+        stream = container.streams.video[0]
+        assert float(stream.duration * stream.time_base) < 9
+    assert media.probe_file(path)["duration_s"] == pytest.approx(9.64, abs=0.01)
+
+
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
 def test_frames_larger_than_the_header_said_are_refused_undecoded(tmp_path, monkeypatch, handler):
     """A decompression bomb: a small first frame in the header, then frames over the pixel limit."""

@@ -155,7 +155,12 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
         frames, span = (stream.frames, None) if stream.frames else _count_packets(container, stream)
-        if stream.duration and stream.time_base:
+        if stream.frames and stream.duration and stream.time_base:  # an index (MP4, MOV): does the data match it?
+            shown_end = _check_tail(container, stream, first, fps)
+            duration = float(stream.duration * stream.time_base)
+            if shown_end is not None:  # B-frames of a variable rate: the index's decode times can end earlier
+                duration = max(duration, float((shown_end - first.pts) * stream.time_base))
+        elif stream.duration and stream.time_base:
             duration = float(stream.duration * stream.time_base)
         elif span:  # WebM keeps no stream duration; with a variable rate frames / fps is far off
             duration = span
@@ -218,6 +223,38 @@ def video_stream(container: Any) -> Any | None:
     """视频的画面流：第一个不是附图（音频文件的封面）的视频流"""
     cover = av.stream.Disposition.attached_pic
     return next((s for s in container.streams.video if not s.disposition & cover), None)
+
+
+def _check_tail(container: Any, stream: Any, first: av.VideoFrame, fps: float | None) -> int | None:
+    """读索引里最后一个关键帧起的包（只解复用）：数据在文件里没有（截断）→ 拒绝；返回最后一帧显示结束的时刻
+
+    An MP4 whose index comes first (a web download, a messenger video) still opens when its end is cut off: the
+    index promises frames the file no longer holds, and they would silently go missing from the output.
+    """
+    start = stream.start_time or 0
+    promised = start + stream.duration
+    try:
+        container.seek(promised, stream=stream, backward=True, any_frame=False)
+    except av.FFmpegError:
+        return None  # no index to seek with: nothing to check against
+    end = last = None
+    try:
+        for packet in container.demux(stream):
+            if packet.size and packet.pts is not None and (last is None or packet.pts >= last):
+                # The frame shown last ends the video: with B-frames a packet's duration is a decode-time step,
+                # so a reordered frame's pts + duration can overshoot.
+                last, end = packet.pts, packet.pts + (packet.duration or 0)
+    except av.FFmpegError:  # the data ends inside a packet
+        pass
+    # A frame and a half: an index's own rounding passes, two frames missing do not.
+    slack = max(1.5 / fps if fps else 0.0, 0.05) / stream.time_base
+    if end is None or end < promised - slack:
+        shown = max(0.0, float(((end or first.pts or 0) - start) * stream.time_base))
+        raise InvalidInput(
+            f"The video is truncated: its data ends at {shown:.1f} s of the "
+            f"{float(stream.duration * stream.time_base):.1f} s it announces. Upload the whole file."
+        )
+    return end
 
 
 def _count_packets(container: Any, stream: Any) -> tuple[int, float | None]:
