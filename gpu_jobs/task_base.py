@@ -6,12 +6,13 @@ import asyncio
 import json
 import logging
 import mimetypes
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 from lib import db
-from lib.errors import InvalidInput, NotFound, TaskCanceled, TransientError
+from lib.errors import InvalidInput, NotFound, OutputTooLarge, PayloadTooLarge, TaskCanceled, TransientError
 
 log = logging.getLogger("spool.jobs")
 T = TypeVar("T")
@@ -107,10 +108,17 @@ async def upload_to_supabase(local_file: Path, storage_path: str, content_type: 
     """把输出文件上传到存储"""
     from lib.storage import get_storage
 
-    await with_retries(
-        f"upload of {storage_path}",
-        lambda: get_storage().upload_file(path=storage_path, local_file=local_file, content_type=content_type),
-    )
+    try:
+        await with_retries(
+            f"upload of {storage_path}",
+            lambda: get_storage().upload_file(path=storage_path, local_file=local_file, content_type=content_type),
+        )
+    except PayloadTooLarge:  # over the bucket's (or the project's) file size limit: no retry can store it
+        size_mb = await asyncio.to_thread(os.path.getsize, local_file) / 1e6
+        raise OutputTooLarge(
+            f"The result is {size_mb:,.0f} MB, more than storage accepts. Try a shorter clip or a smaller scale."
+            " Your credits were refunded."
+        ) from None
 
 
 async def create_asset_record(conn, *, task: dict, output, path: str) -> dict:

@@ -77,6 +77,12 @@ class InvalidInput(SpoolError):
     task_error_code = "invalid_input"  # the code a failed task records
 
 
+class OutputTooLarge(InvalidInput):
+    """任务的结果文件超过存储接受的大小"""
+
+    task_error_code = "output_too_large"
+
+
 class TooManyActiveTasks(SpoolError):
     """进行中的任务过多"""
 

@@ -84,6 +84,24 @@ async def test_a_project_deleted_while_its_task_runs_keeps_the_result(client, ma
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
+async def test_a_result_over_storages_size_limit_fails_clearly_and_is_refunded(
+    client, make_user, job_models, monkeypatch
+):
+    """结果超过存储的文件大小上限：任何重试都存不进去，明说并退款（不是“意外失败”）"""
+    sql(
+        "insert into storage.buckets (id, name, public, file_size_limit) values ('tiny', 'tiny', false, 50)"
+        " on conflict (id) do nothing"
+    )
+    monkeypatch.setattr(get_settings(), "storage_bucket", "tiny")
+    user = await make_user()
+    task = await create(client, user, "quick")  # an 8×8 PNG: more than 50 bytes
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "output_too_large"
+    assert "more than storage accepts" in row["error"]["message"] and "refunded" in row["error"]["message"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
 async def test_lists_sign_result_urls_afresh_and_a_deleted_result_leaves_the_task_readable(
     client, make_user, job_models
 ):
