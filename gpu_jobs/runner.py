@@ -291,7 +291,10 @@ async def _settle_probe(task: dict, ctx: JobContext, *, reason: str | None) -> N
     from lib.assets import get_asset_service
 
     asset_id = str(ctx.params.asset_id)
-    await get_asset_service().mark_probed(asset_id=asset_id, probe=ctx.result.get("probe"), reason=reason)
+    if reason is not None:  # the file is of no use: removed with its verdict
+        await get_asset_service().reject_upload(asset_id=asset_id, reason=reason)
+    else:
+        await get_asset_service().mark_probed(asset_id=asset_id, probe=ctx.result.get("probe"), reason=None)
 
 
 async def _input_assets(task: dict) -> dict[str, dict]:

@@ -25,7 +25,12 @@ from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_stora
 log = logging.getLogger("spool.assets")
 
 PROBE_MODEL = "media.probe"
-ABANDON_MARGIN_SECONDS = 5 * 60  # past the signed upload URL's life: an upload still in flight may finish
+# Past a signed upload URL's life: a PUT started before it expired may still be running (2 GiB over a slow line).
+ABANDON_MARGIN_SECONDS = 60 * 60
+TOMBSTONE = (
+    "insert into public.upload_tombstones (path, user_id, expires_at)"
+    " values (%s, %s, %s::timestamptz + make_interval(secs => %s)) on conflict (path) do nothing"
+)
 ASSET_COLUMNS = (
     "id, project_id, kind, mime, bytes, width, height, duration_s, fps, source_task_id, metadata, status, "
     "created_at, path"
@@ -128,17 +133,21 @@ class AssetService:
             raise Conflict("The file has not been uploaded yet.")
         limit = get_settings().max_upload_bytes
         if info["size"] > limit:
-            await self._reject(asset, f"The file is larger than {limit} bytes.")
+            await self._reject(asset, f"The file is larger than {limit} bytes.", user_id)
             raise PayloadTooLarge(f"The file is too large (at most {limit} bytes).")
+        if asset["bytes"] is not None and info["size"] > asset["bytes"]:  # the cap was checked on the announced size
+            message = f"The file is {info['size']} bytes, more than the {asset['bytes']} announced for it."
+            await self._reject(asset, message, user_id)
+            raise PayloadTooLarge(message)
         media = sniff(await storage.read_head(path=asset["path"], user_id=user_id))
         if media is None:
-            await self._reject(asset, UNSUPPORTED)
+            await self._reject(asset, UNSUPPORTED, user_id)
             raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
         declared = (info.get("content_type") or "").split(";")[0].strip().lower()
         if declared not in ("", "application/octet-stream") and media_type_of(declared) is None:
             # Storage serves the file with the type it was uploaded with: text/html would run in a browser.
             message = f"The file was uploaded as {declared}; upload it as {media.mime}."
-            await self._reject(asset, message)
+            await self._reject(asset, message, user_id)
             raise InvalidInput(message, details=[{"field": "Content-Type", "message": "not a media type"}])
         asset = await self._set_type(asset_id, media, info["size"])
         return await self._request_probe(user_id=user_id, asset=asset)
@@ -231,13 +240,8 @@ class AssetService:
                     " then delete it.",
                     details=[{"task_id": str(reader["id"])}],
                 )
-            expires = (asset["metadata"] or {}).get("upload_expires_at")
-            if expires and datetime.fromisoformat(expires) > datetime.now(UTC):  # its upload URL still works
-                await conn.execute(
-                    "insert into public.upload_tombstones (path, user_id, expires_at)"
-                    " values (%s, %s, %s::timestamptz + make_interval(secs => %s)) on conflict (path) do nothing",
-                    (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS),
-                )
+            if tombstone := _tombstone_for(asset, user_id):
+                await conn.execute(*tombstone)
             await get_storage().remove(paths=[asset["path"]], user_id=user_id)
             await conn.execute("delete from public.assets where id = %s", (asset_id,))
 
@@ -327,10 +331,12 @@ class AssetService:
         limit = get_settings().max_upload_checks_per_user
         # Announced (a signed upload URL handed out) or being checked: each holds storage, and a check is a job
         # on our side, free to the user. Uploads never completed are swept once their URL expires.
+        # A tombstone counts while its URL still works (it expires a margin after the URL).
         pending = await db.fetch_one(
             "select (select count(*) from public.assets where user_id = %(user)s and status = 'pending')"
-            " + (select count(*) from public.upload_tombstones where user_id = %(user)s and expires_at > now()) as n",
-            {"user": user_id},
+            " + (select count(*) from public.upload_tombstones where user_id = %(user)s"
+            "    and expires_at > now() + make_interval(secs => %(margin)s)) as n",
+            {"user": user_id, "margin": ABANDON_MARGIN_SECONDS},
         )
         if pending["n"] >= limit:
             raise TooManyActiveTasks(
@@ -387,44 +393,82 @@ class AssetService:
             raise Conflict("The asset is no longer pending.")
         return row
 
-    async def _reject(self, asset: dict, reason: str) -> None:
+    async def reject_upload(self, *, asset_id: str, reason: str) -> None:
+        """探测拒绝了上传：标为 rejected 并删掉文件（服务端，由 worker 调用）"""
+        asset = await db.fetch_one("select id, user_id, path, metadata from public.assets where id = %s", (asset_id,))
+        if asset is not None:
+            await self._reject(asset, reason, str(asset["user_id"]))
+
+    async def _reject(self, asset: dict, reason: str, user_id: str) -> None:
+        """拒绝一个上传：标为 rejected，删掉文件；URL 还能用时留墓碑（否则它还能再传一次，文件无人认领）"""
         await self.mark_probed(asset_id=str(asset["id"]), probe=None, reason=reason)
+        if tombstone := _tombstone_for(asset, user_id):
+            await db.execute(*tombstone)
         await self._remove_quietly(asset["path"], None)
 
     async def sweep_expired_uploads(self, *, limit: int = 500) -> int:
-        """清理从未完成的上传（URL 过期后仍 pending、没有探测任务：行与文件），以及到期墓碑路径上后来传上的文件"""
+        """清理上传留下的文件：从未完成的上传（行与文件）、被拒绝的上传的文件、到期墓碑路径上后来传上的文件"""
         from lib.tasks import PROBE_KEY_PREFIX
 
+        age = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS  # its URL expired, and a PUT begun before has had time
         rows = await db.fetch_all(
-            "select a.id, a.path from public.assets a"
+            "select a.id, a.user_id, a.path from public.assets a"
             " where a.status = 'pending' and a.created_at < now() - make_interval(secs => %s)"
             " and not exists (select 1 from public.tasks t"
             "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)"
             " order by a.created_at limit %s",
-            (SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS, PROBE_KEY_PREFIX, limit),
+            (age, PROBE_KEY_PREFIX, limit),
+        )
+        # A check that crashed or was given up on rejects its upload in SQL, which cannot remove the file.
+        rejected = await db.fetch_all(
+            "select id, path from public.assets where status = 'rejected' and source_task_id is null"
+            " and not coalesce((metadata ->> 'file_removed')::boolean, false)"
+            " and created_at < now() - make_interval(secs => %s) order by created_at limit %s",
+            (age, limit),
         )
         tombstones = await db.fetch_all(
             "select path from public.upload_tombstones where expires_at < now() order by expires_at limit %s", (limit,)
         )
-        if not rows and not tombstones:
+        if not rows and not rejected and not tombstones:
             return 0
         # Files first: a retry finds the rows. A tombstone's path holds whatever its URL sent after the delete.
-        await get_storage().remove(paths=[row["path"] for row in [*rows, *tombstones]])
-        await db.execute(
-            "delete from public.assets where id = any(%s::uuid[]) and status = 'pending'",
-            ([row["id"] for row in rows],),
+        await get_storage().remove(paths=[row["path"] for row in [*rows, *rejected, *tombstones]])
+        async with db.transaction() as conn:
+            await conn.execute(
+                "delete from public.assets where id = any(%s::uuid[]) and status = 'pending'",
+                ([row["id"] for row in rows],),
+            )
+            for row in rows:  # a PUT that was still running when its row went leaves its file to a later pass
+                await conn.execute(TOMBSTONE, (row["path"], row["user_id"], "now", ABANDON_MARGIN_SECONDS))
+            await conn.execute(
+                "update public.assets set metadata = metadata || '{\"file_removed\": true}' where id = any(%s::uuid[])",
+                ([row["id"] for row in rejected],),
+            )
+            await conn.execute(
+                "delete from public.upload_tombstones where path = any(%s) and expires_at < now()",
+                ([row["path"] for row in tombstones],),
+            )
+        log.info(
+            "discarded %d uploads never completed, the files of %d rejected ones, and %d deleted ones",
+            len(rows),
+            len(rejected),
+            len(tombstones),
         )
-        await db.execute(
-            "delete from public.upload_tombstones where path = any(%s)", ([row["path"] for row in tombstones],)
-        )
-        log.info("discarded %d uploads never completed and %d deleted ones", len(rows), len(tombstones))
-        return len(rows) + len(tombstones)
+        return len(rows) + len(rejected) + len(tombstones)
 
     async def _remove_quietly(self, path: str, user_id: str | None) -> None:
         try:
             await get_storage().remove(paths=[path], user_id=user_id)
         except Exception as exc:
             log.warning("could not remove %s: %s", path, exc)
+
+
+def _tombstone_for(asset: dict, user_id: str) -> tuple[str, tuple] | None:
+    """上传 URL 仍可用时的墓碑语句：之后经它传上来的文件，清理时删掉；否则 None"""
+    expires = (asset.get("metadata") or {}).get("upload_expires_at")
+    if expires and datetime.fromisoformat(expires) > datetime.now(UTC):
+        return TOMBSTONE, (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS)
+    return None
 
 
 async def with_download_urls(assets: list[dict]) -> list[dict]:

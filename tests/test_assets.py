@@ -489,6 +489,82 @@ async def test_the_sweep_leaves_uploads_being_checked_and_fresh_announcements(cl
     assert ids == {checked["id"], fresh["asset_id"]}
 
 
+async def expire_tombstones(user) -> None:
+    sql("update public.upload_tombstones set expires_at = now() - interval '1 second' where user_id = %s", (user.id,))
+
+
+async def test_a_slow_upload_still_running_when_swept_leaves_no_file_behind(client, make_user):
+    """清理时 PUT 还在传（慢网、2 GiB）：行被清掉后文件才到，墓碑让下一轮把它删掉，而不是永远留着"""
+    from lib.reaper import reap
+
+    user = await make_user()
+    announce = {"content_type": "image/png", "bytes": 10_000}
+    ticket = (await client.post("/assets/uploads", json=announce, headers=user.headers)).json()["data"]
+    path = storage_path(ticket["asset_id"])
+    sql("update public.assets set created_at = now() - interval '4 hours' where id = %s", (ticket["asset_id"],))
+    assert (await reap()).get("abandoned_uploads") == 1
+    async with httpx.AsyncClient() as http:  # the PUT that had begun before the URL expired ends now
+        assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    assert await get_storage().exists(path=path)
+    # The swept upload does not hold a place: its URL no longer works.
+    assert (await client.post("/assets/uploads", json=announce, headers=user.headers)).status_code == 201
+    await expire_tombstones(user)
+    assert (await reap()).get("abandoned_uploads") == 1
+    assert not await get_storage().exists(path=path)
+
+
+async def test_an_upload_larger_than_announced_is_refused_and_its_url_cannot_park_a_file(client, make_user):
+    """上限按申报的大小检查：实际更大就拒绝；被拒绝后同一个 URL 再传一次，文件也会被清理"""
+    from lib.reaper import reap
+
+    user = await make_user()
+    ticket = (
+        await client.post("/assets/uploads", json={"content_type": "image/png", "bytes": 10}, headers=user.headers)
+    ).json()["data"]
+    path = storage_path(ticket["asset_id"])
+    async with httpx.AsyncClient() as http:
+        assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert resp.status_code == 413, resp.text
+    assert "more than the 10 announced" in resp.json()["error"]["message"]
+    assert not await get_storage().exists(path=path)
+    async with httpx.AsyncClient() as http:  # the URL still works for its two hours
+        assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    await expire_tombstones(user)
+    assert (await reap()).get("abandoned_uploads") == 1
+    assert not await get_storage().exists(path=path)
+    asset = (await client.get(f"/assets/{ticket['asset_id']}", headers=user.headers)).json()["data"]
+    assert asset["status"] == "rejected"
+
+
+async def test_an_upload_the_check_refuses_has_its_file_removed(client, make_user):
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    data = png_bytes()
+    asset = (await direct_upload(client, user, data[: len(data) // 2])).json()["data"]  # a truncated PNG
+    assert await run_task_async(asset["probe_task_id"]) == "failed"
+    row = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
+    assert row["status"] == "rejected" and "truncated" in row["metadata"]["reject_reason"]
+    assert not await get_storage().exists(path=storage_path(asset["id"]))
+
+
+async def test_a_check_that_ended_without_a_verdict_has_its_file_removed_later(client, make_user):
+    from lib.reaper import reap
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    sql("select public.finish_task(%s, 'failed')", (asset["probe_task_id"],))  # crashed: rejected in SQL
+    path = storage_path(asset["id"])
+    assert await get_storage().exists(path=path)
+    sql("update public.assets set created_at = now() - interval '4 hours' where id = %s", (asset["id"],))
+    assert (await reap()).get("abandoned_uploads") == 1
+    assert not await get_storage().exists(path=path)
+    assert "abandoned_uploads" not in await reap()  # once
+    row = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
+    assert row["status"] == "rejected" and row["metadata"]["file_removed"] is True
+
+
 async def test_a_deleted_uploads_url_cannot_leave_a_file_behind_or_free_its_place(client, make_user, monkeypatch):
     from lib.reaper import reap
 

@@ -147,7 +147,17 @@ def _truncated(src: Path, dst: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    "kind", ["empty", "truncated_video", "truncated_png", "garbage", "audio_only", "audio_with_cover_art", "dpx_still"]
+    "kind",
+    [
+        "empty",
+        "truncated_video",
+        "truncated_png",
+        "png_cut_in_its_header",
+        "garbage",
+        "audio_only",
+        "audio_with_cover_art",
+        "dpx_still",
+    ],
 )
 def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
     path = tmp_path / f"bad_{kind}"
@@ -157,6 +167,8 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
         _truncated(clip, path)
     elif kind == "truncated_png":
         _truncated(picture, path)
+    elif kind == "png_cut_in_its_header":  # too short for Pillow to know it, FFmpeg still calls it a PNG
+        path.write_bytes(picture.read_bytes()[:40])
     elif kind == "garbage":
         path.write_bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     elif kind == "dpx_still":  # a still FFmpeg reads as a one-frame "video" and Pillow not at all
@@ -175,6 +187,8 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
         assert "audio only" in err.value.message
     if kind == "dpx_still":
         assert err.value.message.startswith("Unsupported image format DPX")
+    if kind.startswith("truncated") or kind == "png_cut_in_its_header":
+        assert "truncated" in err.value.message
 
 
 def _index_first(src: Path, dst: Path) -> Path:

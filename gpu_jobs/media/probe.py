@@ -126,6 +126,8 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         if container.format.name.endswith("_pipe") or container.format.name.startswith("image2"):
             # FFmpeg reads stills Pillow does not (DPX, XWD, Radiance HDR) as one-frame "videos"
             kind = container.format.name.removesuffix("_pipe").upper()
+            if kind in IMAGE_FORMATS:  # one Pillow reads, but could not make sense of this one
+                raise InvalidInput(f"The image is truncated or corrupt (its {kind} data could not be read).")
             raise InvalidInput(f"Unsupported image format {kind}; use PNG, JPEG, WebP, GIF, BMP or TIFF.")
         audio = audio_stream(container)
         stream = video_stream(container)
