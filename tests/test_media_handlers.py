@@ -672,6 +672,27 @@ def test_audio_packets_with_a_repeated_time_are_kept_in_order(tmp_path, suffix, 
     assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
 
 
+@pytest.mark.parametrize("codec", ["ac3", "alac"])
+def test_audio_browsers_cannot_play_in_mp4_is_re_encoded(tmp_path, codec):
+    """电影压制常见的 AC-3、苹果无损 ALAC：Chrome/Firefox 放不出来，转成 AAC"""
+    src = make_video(tmp_path / "film.mkv", frames=24, fps=24, audio_codec=codec, audio_rate=48000)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert audio_codec(out.path) == "aac"
+    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
+
+
+def test_opus_without_its_decoder_setup_is_re_encoded_not_a_crash(tmp_path):
+    """Matroska 里的 Opus 缺 CodecPrivate：FFmpeg 照样解码，但 MP4 写不出它的设置，复制会在收尾时失败"""
+    data = make_video(tmp_path / "o.mkv", frames=24, fps=24, audio_codec="libopus", audio_rate=48000).read_bytes()
+    private = data.rfind(b"\x63\xa2", 0, data.find(b"OpusHead"))  # the CodecPrivate element, renamed away
+    src = tmp_path / "bare.mkv"
+    src.write_bytes(data[:private] + b"\x63\xa3" + data[private + 2 :])
+    with av.open(str(src)) as probe:
+        assert probe.streams.audio[0].codec_context.extradata is None
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert audio_codec(out.path) == "aac" and media.probe_file(out.path)["frame_count"] == 24
+
+
 def test_a_damaged_video_packet_is_skipped(tmp_path):
     """Decoding goes on past it, as the ffmpeg command does; the rest of the video comes through."""
     src = make_video(tmp_path / "ok.avi", frames=24, fps=24, audio=False, video_codec="mjpeg")

@@ -28,7 +28,10 @@ from gpu_jobs.media.probe import (
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
-MP4_COPY_AUDIO = {"aac", "mp3", "alac", "opus", "flac", "ac3", "eac3"}
+# Audio copied into the MP4 as it is: codecs browsers play there. AC-3, E-AC-3 and ALAC (film rips, Apple Lossless)
+# are re-encoded: Chrome and Firefox have no AC-3 decoder, and only Safari plays ALAC.
+MP4_COPY_AUDIO = {"aac", "mp3", "opus", "flac"}
+NEEDS_SETUP = {"opus", "flac"}  # copied only with the decoder setup (codec private data) the MP4 must carry
 AAC_RATES = {96000, 88200, 64000, 48000, 44100, 32000, 24000, 22050, 16000, 12000, 11025, 8000, 7350}
 AAC_FALLBACK = (48000, "stereo")  # what any other audio is resampled and remixed to
 # Layouts for a channel count whose order the file leaves unspecified (PCM in Matroska: "2 channels").
@@ -417,7 +420,9 @@ class FrameWriter(_Worker):
 
 def _audio_ways(cc: Any) -> list[str | tuple[int, str]]:
     """Ways to put this audio into MP4, best first: copied, AAC at its rate and layout, AAC stereo 48 kHz."""
-    ways: list[str | tuple[int, str]] = ["copy"] if cc.codec.canonical_name in MP4_COPY_AUDIO else []
+    name = cc.codec.canonical_name
+    copy = name in MP4_COPY_AUDIO and (name not in NEEDS_SETUP or bool(cc.extradata))
+    ways: list[str | tuple[int, str]] = ["copy"] if copy else []
     layout = cc.layout.name
     if layout.endswith(" channels"):  # the order is unspecified: the usual one for that count
         layout = DEFAULT_LAYOUTS.get(cc.layout.nb_channels, AAC_FALLBACK[1])
