@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 from fractions import Fraction
 from pathlib import Path
 
@@ -186,3 +187,53 @@ def _write_sine(out, stream, seconds: float, silent_for: float = 0.0) -> None:
         frame.sample_rate, frame.pts = rate, start
         out.mux(stream.encode(frame))
     out.mux(stream.encode(None))
+
+
+def display_p3_profile() -> bytes:
+    """A minimal ICC v2 RGB profile with Display P3's primaries (D50-adapted) and a 2.2 gamma, as iPhones tag photos.
+
+    Pillow can make an sRGB profile but no wide-gamut one, so it is written here: header, tag table, tags.
+    """
+
+    def s15(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + bytes(4) + s15(x) + s15(y) + s15(z)
+
+    def gamma(g: float) -> bytes:
+        return b"curv" + bytes(4) + struct.pack(">IH", 1, round(g * 256)) + bytes(2)
+
+    name = b"Display P3 (test)\0"
+    tags = [
+        (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(4 + 4 + 2 + 1 + 67)),
+        (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz(0.5151, 0.2412, -0.0011)),
+        (b"gXYZ", xyz(0.2920, 0.6922, 0.0419)),
+        (b"bXYZ", xyz(0.1571, 0.0666, 0.7841)),
+        (b"rTRC", gamma(2.2)),
+        (b"gTRC", gamma(2.2)),
+        (b"bTRC", gamma(2.2)),
+        (b"cprt", b"text" + bytes(4) + b"none\0"),
+    ]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (
+        struct.pack(">I", offset + len(data))
+        + b"lcms"
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acspAPPL"
+        + bytes(24)
+        + s15(0.9642)
+        + s15(1.0)
+        + s15(0.8249)
+        + b"lcms"
+        + bytes(44)
+    )
+    assert len(header) == 128
+    return header + struct.pack(">I", len(tags)) + table + data

@@ -31,6 +31,7 @@ from gpu_jobs.media import display, ops
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
 from tests.media_factories import (
+    display_p3_profile,
     first_sound,
     make_audio,
     make_growing_video,
@@ -459,6 +460,31 @@ def test_image_animate_shows_transparency_as_black(tmp_path, logo):
     [out] = image_animate.run(make_ctx(tmp_path, params, {"i": logo}))
     corner = decode(out.path)[0][2, 2].astype(int)
     assert corner.max() <= 20  # black, not the green the transparent pixels hold
+
+
+P3_RED = (200, 60, 30)  # stored in a Display P3 photo: shown as about (218, 37, 0) in sRGB
+
+
+@pytest.fixture
+def p3_photo(tmp_path) -> Path:
+    path = tmp_path / "iphone.jpg"
+    Image.new("RGB", (160, 120), P3_RED).save(path, quality=95, icc_profile=display_p3_profile())
+    return path
+
+
+def test_a_wide_gamut_photo_keeps_its_colours_in_a_clip_and_a_poster(tmp_path, p3_photo):
+    """视频与海报不带色彩描述：Display P3 的照片要换算到 sRGB，否则颜色发灰（升分辨率保留描述，不换算）"""
+    params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}
+    [out] = image_animate.run(make_ctx(tmp_path / "a", params, {"i": p3_photo}))
+    shown = first_frame_rgb(out.path, src_colorspace="ITU709")[64, 64].astype(int)
+    assert shown[0] >= 212 and shown[1] <= 45 and shown[2] <= 12, shown
+    _, poster = media.probe_with_poster(p3_photo)
+    r, g, b = poster.getpixel((80, 60))
+    assert r >= 212 and g <= 45 and b <= 12, (r, g, b)
+    [upscaled] = image_upscale.run(make_ctx(tmp_path / "u", {"image_asset_id": "i", "scale": 2}, {"i": p3_photo}))
+    with Image.open(upscaled.path) as img:  # the numbers as stored, with the profile that gives them meaning
+        assert img.info["icc_profile"] == display_p3_profile()
+        assert np.abs(np.asarray(img.convert("RGB"))[120, 160].astype(int) - P3_RED).max() <= 4
 
 
 def test_image_upscale_refuses_a_video(tmp_path, clip):

@@ -51,7 +51,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     check_output_pixels(info["width"] * scale, info["height"] * scale)
     check_image_side(info["width"] * scale, info["height"] * scale, fmt)
     ctx.progress(0.05, "Upscaling image")
-    image = load_image(path, keep_alpha=fmt != "jpeg", background=(255, 255, 255))
+    image = load_image(path, keep_alpha=fmt != "jpeg", background=(255, 255, 255), srgb=False)  # profile kept
     image = upscale_image(image, scale, sharpen, job_device(ctx), progress=ctx.progress)
     out = ctx.workdir / f"upscaled_{scale}x.{'jpg' if fmt == 'jpeg' else fmt}"
     ctx.progress(0.95, "Saving image")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+from functools import cache
 from pathlib import Path
 
 import av
@@ -19,19 +21,50 @@ IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
 def open_image(
-    path: str | Path, *, keep_alpha: bool = False, background: tuple[int, int, int] = (0, 0, 0)
+    path: str | Path,
+    *,
+    keep_alpha: bool = False,
+    background: tuple[int, int, int] = (0, 0, 0),
+    srgb: bool = True,
 ) -> Image.Image:
-    """打开图片（先检查像素数，再解码，按 EXIF 方向摆正）：RGB；有透明时铺在 background 上，或 keep_alpha 时为 RGBA"""
+    """打开图片（先检查像素数，再解码，按 EXIF 方向摆正）：RGB；有透明时铺在 background 上，或 keep_alpha 时为 RGBA
+
+    With ``srgb`` the colours are converted from the picture's own RGB profile to sRGB, for outputs that carry no
+    profile (video, posters, Kling's input); without it they stay as stored, for an output that keeps the profile.
+    """
     try:
         img = Image.open(path)
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as exc:
         raise InvalidInput(f"The image could not be read: {reason(exc, path)}") from None
     check_input_pixels(*img.size)
+    profile = img.info.get("icc_profile")
     try:
         img = eight_bit(ImageOps.exif_transpose(img))
-        return img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
+        img = img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"The image is truncated or corrupt: {reason(exc, path)}") from None
+    return to_srgb(img, profile) if srgb else img
+
+
+def to_srgb(img: Image.Image, profile: bytes | None) -> Image.Image:
+    """RGB/RGBA 图按其 ICC 描述转到 sRGB（iPhone 照片是 Display P3：不转换就显得发灰）；无描述或非 RGB 描述 → 原样"""
+    if not isinstance(profile, bytes) or profile[16:20] != b"RGB " or img.mode not in ("RGB", "RGBA"):
+        return img
+    from PIL import ImageCms
+
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        return ImageCms.profileToProfile(img, source, _srgb(), outputMode=img.mode)
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:  # a profile LittleCMS cannot use: colours as stored
+        log.warning("colour profile not applied: %s", exc)
+        return img
+
+
+@cache
+def _srgb():
+    from PIL import ImageCms
+
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
 
 
 def eight_bit(img: Image.Image) -> Image.Image:
@@ -71,7 +104,7 @@ def probe_with_poster(path: str | Path, max_side: int = 1280) -> tuple[dict, Ima
         if info["pixel_aspect"] != 1:  # anamorphic: the poster shows it as wide as a player does
             img = img.resize((max(1, round(img.width * info["pixel_aspect"])), img.height), Image.LANCZOS)
     else:
-        img = flatten(eight_bit(first), (255, 255, 255))
+        img = to_srgb(flatten(eight_bit(first), (255, 255, 255)), first.info.get("icc_profile"))
     img.thumbnail((max_side, max_side), Image.LANCZOS)
     return info, img
 
