@@ -719,6 +719,26 @@ def test_opus_without_its_decoder_setup_is_re_encoded_not_a_crash(tmp_path):
     assert audio_codec(out.path) == "aac" and media.probe_file(out.path)["frame_count"] == 24
 
 
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_an_avi_with_b_frames_keeps_its_even_frame_times(tmp_path, handler):
+    """AVI 不存显示时间：带 B 帧（行车记录仪、Xvid）时 FFmpeg 按解码顺序猜出的时间乱序且晚一帧"""
+    src = tmp_path / "dashcam.avi"
+    with av.open(str(src), "w") as out:
+        video = out.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt, video.options = 64, 48, "yuv420p", {"bf": "2"}
+        for i in range(24):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(pattern_frame(i, 64, 48), format="rgb24")))
+        out.mux(video.encode(None))
+    with av.open(str(src)) as container:  # the shape of the file: guessed times out of order
+        guessed = [frame.pts for frame in container.decode(video=0)]
+        assert guessed != sorted(guessed)
+    factor = 2 if handler is video_interpolate else 1
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": src}))
+    assert frame_times(out.path) == pytest.approx([i / (24 * factor) for i in range(24 * factor)], abs=1e-3)
+    assert media.probe_file(out.path)["duration_s"] == pytest.approx(1.0, abs=1e-3)
+
+
 def test_a_damaged_video_packet_is_skipped(tmp_path):
     """Decoding goes on past it, as the ffmpeg command does; the rest of the video comes through."""
     src = make_video(tmp_path / "ok.avi", frames=24, fps=24, audio=False, video_codec="mjpeg")

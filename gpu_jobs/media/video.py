@@ -143,13 +143,16 @@ class FrameReader(_Worker):
             limit_decoded_pixels(stream)
             width, height = stream.codec_context.width, stream.codec_context.height
             start, step = stream.start_time or 0, frame_ticks(stream)
+            # AVI stores no presentation times: FFmpeg guesses them from the decode order, so with B-frames they
+            # come out of order and a frame late. An AVI's frames are evenly spaced: a frame's time is its index.
+            timed = container.format.name != "avi"
             display, buf, n = Display(), None, 0
             planes_of = display.yuv420 if self.planar else lambda *frame: [display.rgb(*frame)]
             for frame in self._frames(container, stream):
                 if self.stop.is_set():
                     return
                 planes = planes_of(frame, width, height)
-                known = frame.pts is not None and frame.time_base == stream.time_base
+                known = timed and frame.pts is not None and frame.time_base == stream.time_base
                 self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
                 # A screen recording holds its last picture for as long as nothing moves (seconds, not a frame).
                 self.last_hold = frame.duration if known and frame.duration and frame.duration > 0 else None
