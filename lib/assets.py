@@ -25,6 +25,7 @@ from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_stora
 log = logging.getLogger("spool.assets")
 
 PROBE_MODEL = "media.probe"
+IN_MEMORY_UPLOAD_BYTES = 1024 * 1024  # a form file up to this size stays in memory (Starlette's spool limit)
 # Past a signed upload URL's life: a PUT started before it expired may still be running (2 GiB over a slow line).
 ABANDON_MARGIN_SECONDS = 60 * 60
 TOMBSTONE = (
@@ -165,13 +166,18 @@ class AssetService:
             )
         if size == 0:
             raise InvalidInput("The file is empty.", details=[{"field": "file", "message": "empty"}])
-        data = await asyncio.to_thread(file.read)
-        media = sniff(data[:HEAD_BYTES])
+        head = await asyncio.to_thread(file.read, HEAD_BYTES)
+        media = sniff(head)
         if media is None:
             raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
         asset_id, path = await self._upload_slot(user_id=user_id, media=media, project_id=project_id)
         storage = get_storage()
-        await storage.upload_bytes(path=path, data=data, content_type=media.mime, user_id=user_id, upsert=False)
+        if size <= IN_MEMORY_UPLOAD_BYTES:  # the form parser kept it in memory
+            file.seek(0)
+            data = await asyncio.to_thread(file.read)
+            await storage.upload_bytes(path=path, data=data, content_type=media.mime, user_id=user_id, upsert=False)
+        else:  # on disk: streamed, so concurrent uploads do not each hold their whole file in memory
+            await storage.upload_open_file(path=path, file=file, content_type=media.mime, user_id=user_id, upsert=False)
         try:
             asset = await self._record_upload(asset_id, user_id, project_id, media, path, size, filename)
         except BaseException:

@@ -8,14 +8,16 @@ must still be a well-formed user path.
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from lib.config import get_settings
 from lib.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, UpstreamError
@@ -146,6 +148,22 @@ class StorageService:
         options = {"content-type": content_type, "cache-control": "3600", "upsert": "true" if upsert else "false"}
         async with self._errors("upload the file"):
             await self._bucket().upload(path, Path(local_file), options)
+        return path
+
+    async def upload_open_file(
+        self, *, path: str, file: BinaryIO, content_type: str, user_id: str | None = None, upsert: bool = True
+    ) -> str:
+        """从打开的文件（如表单上传的临时文件）从头流式上传，不把整个文件读进内存"""
+        check_path(path, user_id)
+        options = {"content-type": content_type, "cache-control": "3600", "upsert": "true" if upsert else "false"}
+        # storage3 streams a FileIO; a spooled upload already on disk hands over its descriptor (a copy of it).
+        stream = io.FileIO(os.dup(file.fileno()), "rb")
+        try:
+            stream.seek(0)
+            async with self._errors("upload the file"):
+                await self._bucket().upload(path, stream, options)
+        finally:
+            stream.close()
         return path
 
     async def upload_bytes(

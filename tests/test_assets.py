@@ -52,6 +52,19 @@ async def test_direct_upload_is_pending_with_a_free_probe_task(client, make_user
     assert info["size"] == len(data) and info["content_type"] == "image/png"
 
 
+async def test_a_direct_upload_larger_than_the_forms_memory_is_stored_whole(client, make_user, tmp_path):
+    """超过 1 MB 的表单文件在磁盘上：从那里流式存入存储，内容一字不差"""
+    user = await make_user()
+    data = png_bytes() + bytes(range(256)) * (3 * 4096)  # 3 MB behind a PNG's header
+    resp = await direct_upload(client, user, data)
+    assert resp.status_code == 201, resp.text
+    asset = resp.json()["data"]
+    assert asset["bytes"] == len(data)
+    copy = tmp_path / "stored"
+    await get_storage().download_to(path=storage_path(asset["id"]), dest=copy)
+    assert copy.read_bytes() == data
+
+
 async def test_a_form_filename_is_kept_as_a_storable_label(client, make_user):
     user = await make_user()
     name = b"hol\0iday" + b"y" * 300 + b".png"  # a raw NUL, as a hand-made form can send it
