@@ -135,6 +135,17 @@ async def test_dev_users_returns_same_user_for_same_email(client):
     assert (await client.post("/dev/users", json={"email": "not-an-email"})).status_code == 422
 
 
+async def test_dev_users_answer_this_machine_only(app):
+    """SPOOL_HOST=0.0.0.0 时局域网也能连上：本地签发令牌只给本机（它能为任何邮箱签发）"""
+    import httpx
+
+    transport = httpx.ASGITransport(app=app, client=("192.168.1.23", 50000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://spool.test") as lan:
+        resp = await lan.post("/dev/users", json={"email": "someone@example.com"})
+    assert resp.status_code == 403
+    assert "lib.local token" in resp.json()["error"]["message"]
+
+
 async def test_dev_users_absent_from_the_product_app(postgres):
     """产品应用（云模式所用）不含本地替身：/dev/users 为 404"""
     import httpx

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import ipaddress
+
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, EmailStr
 
 from functions.errors import ok
 from lib import db
+from lib.errors import Forbidden
 from lib.local.stack import local_issuer
 
 router = APIRouter(tags=["Local"])
@@ -23,8 +26,11 @@ async def jwks():
 
 
 @router.post("/dev/users")
-async def create_dev_user(body: DevUserCreate):
-    """创建（或找回）本地用户并签发访问令牌"""
+async def create_dev_user(body: DevUserCreate, request: Request):
+    """创建（或找回）本地用户并签发访问令牌（只给本机：它能为任何邮箱签发令牌）"""
+    if not _from_this_machine(request):
+        # With SPOOL_HOST=0.0.0.0 the stack is reachable from the network: anyone there could sign in as anyone.
+        raise Forbidden("Dev tokens are handed out to this machine only; run `python -m lib.local token EMAIL` here.")
     email = body.email.lower()
     row = await db.fetch_one(
         "with new as ("
@@ -36,3 +42,12 @@ async def create_dev_user(body: DevUserCreate):
     )
     user_id = str(row["id"])
     return ok({"user_id": user_id, "access_token": local_issuer().mint(user_id, email)})
+
+
+def _from_this_machine(request: Request) -> bool:
+    """请求是否来自本机（回环地址；一个本机隧道转来的请求也是）"""
+    host = request.client.host if request.client else None
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
