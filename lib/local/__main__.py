@@ -86,11 +86,11 @@ def token(email: str) -> None:
     """为某个邮箱打印一个本地访问令牌"""
     import asyncio
 
-    from lib.local.dev_auth import DevUserCreate, create_dev_user
+    from lib.local.dev_auth import DevUserCreate, dev_user
 
+    email = DevUserCreate(email=email).email  # checked as the route checks it
     with stack.prepared():
-        result = asyncio.run(create_dev_user(DevUserCreate(email=email)))
-    print(result["data"]["access_token"])
+        print(asyncio.run(dev_user(email))["access_token"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,7 +31,12 @@ async def create_dev_user(body: DevUserCreate, request: Request):
     if not _from_this_machine(request):
         # With SPOOL_HOST=0.0.0.0 the stack is reachable from the network: anyone there could sign in as anyone.
         raise Forbidden("Dev tokens are handed out to this machine only; run `python -m lib.local token EMAIL` here.")
-    email = body.email.lower()
+    return ok(await dev_user(body.email))
+
+
+async def dev_user(email: str) -> dict:
+    """邮箱对应的本地用户（没有就创建）与它的访问令牌"""
+    email = email.lower()
     row = await db.fetch_one(
         "with new as ("
         "  insert into auth.users (id, aud, role, email, email_confirmed_at)"
@@ -41,7 +46,7 @@ async def create_dev_user(body: DevUserCreate, request: Request):
         {"email": email},
     )
     user_id = str(row["id"])
-    return ok({"user_id": user_id, "access_token": local_issuer().mint(user_id, email)})
+    return {"user_id": user_id, "access_token": local_issuer().mint(user_id, email)}
 
 
 def _from_this_machine(request: Request) -> bool:
