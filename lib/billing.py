@@ -124,6 +124,25 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
     return None
 
 
+async def _warn_on_a_price_mismatch(conn, event: dict) -> None:
+    """付款金额或币种与积分包不符时记一条警告（促销码，或 stripe_price_id 指向了别的价格）：积分照发"""
+    obj = event["data"]["object"]
+    package_id = _typed((_typed(obj.get("metadata"), dict) or {}).get("package_id"), str)
+    cur = await conn.execute("select price_cents, currency from public.credit_packages where id = %s", (package_id,))
+    pack = await cur.fetchone()
+    paid, currency = _cents(obj.get("amount_total")), _typed(obj.get("currency"), str)
+    if pack and (paid != pack["price_cents"] or (currency or "").lower() != pack["currency"]):
+        log.warning(
+            "stripe session %s paid %s %s for pack %s, which costs %s %s: check the pack's stripe_price_id",
+            obj.get("id"),
+            paid,
+            currency,
+            package_id,
+            pack["price_cents"],
+            pack["currency"],
+        )
+
+
 async def _user_departed(conn, event: dict) -> bool:
     """事件的元数据指向的用户是否已被删除"""
     obj = event["data"]["object"]
@@ -251,6 +270,8 @@ class BillingService:
             if effect is not None:
                 row = await (await conn.execute(*effect)).fetchone()
                 result = row["r"]
+            if result["result"] == "granted":
+                await _warn_on_a_price_mismatch(conn, event)
             if result["result"] == "ignored" and await _user_departed(conn, event):
                 # Nothing to grant to, nor take from, and a 500 would be retried for days: answered, and logged
                 # so that a payment for a deleted account can be refunded by hand.

@@ -509,6 +509,15 @@ async def test_a_dispute_won_forgives_the_shortfall_before_returning_credits(cli
     assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("paid", 0, 0)
 
 
+async def test_a_payment_that_does_not_match_its_pack_is_granted_and_logged(client, make_user, caplog):
+    user = await make_user()
+    metadata = metadata_for(user, "studio")
+    cheap = {**fake_stripe.session("cs_cheap", metadata, payment_intent="pi_cheap", amount_total=1), "currency": "jpy"}
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed", cheap))
+    assert resp.json()["data"]["result"] == "granted"  # the customer paid what Stripe asked: the pack is theirs
+    assert "paid 1 jpy for pack studio, which costs 5000 usd" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["checkout.session.completed", "checkout.session.expired", "charge.refunded"])
 async def test_an_event_about_a_deleted_account_is_answered_not_retried(client, make_user, stripe_api, kind, caplog):
     user = await make_user()
