@@ -261,48 +261,45 @@ async def test_an_input_of_an_unfinished_task_is_kept_until_the_task_ends(client
     assert (await client.delete(f"/assets/{asset}", headers=user.headers)).status_code == 200
 
 
-async def wait_for_a_lock_wait() -> None:
-    """等到有一个后端在等锁（另一条连接里未提交的事务挡住了它）"""
+async def while_held(hold, request) -> tuple:
+    """另一条连接在未提交的事务里做 hold(conn)，同时发出请求；等请求卡在锁上再提交，返回 (hold 的结果, 回答)"""
     import asyncio
     import time
 
-    deadline = time.monotonic() + 20
-    while not sql("select 1 from pg_stat_activity where wait_event_type = 'Lock'"):
-        assert time.monotonic() < deadline, "nothing ever waited for the lock"
-        await asyncio.sleep(0.02)
+    with connect() as conn, conn.transaction():
+        held = hold(conn)
+        pending = asyncio.create_task(request)
+        deadline = time.monotonic() + 20
+        while not sql("select 1 from pg_stat_activity where wait_event_type = 'Lock'"):
+            assert time.monotonic() < deadline, "the request never waited for the lock"
+            await asyncio.sleep(0.02)
+    return held, await pending
 
 
 async def test_a_delete_racing_the_creation_of_a_task_waits_and_keeps_the_input(client, make_user):
     """任务正在创建（已扣费、未提交）时删除它的输入：删除等它提交，然后 409"""
-    import asyncio
-
     user = await make_user()
     asset = make_asset(user.id, width=64, height=48)
-    with connect() as conn, conn.transaction():
-        created = conn.execute(
+    created, resp = await while_held(
+        lambda conn: conn.execute(
             "select public.create_task(%s, 'image.upscale', '{}'::jsonb, 5, null, null, %s::uuid[]) as r",
             (user.id, [asset]),
-        ).fetchone()["r"]
-        deleting = asyncio.create_task(client.delete(f"/assets/{asset}", headers=user.headers))
-        await wait_for_a_lock_wait()
-    resp = await deleting
+        ).fetchone()["r"],
+        client.delete(f"/assets/{asset}", headers=user.headers),
+    )
     assert resp.status_code == 409, resp.text
     assert resp.json()["error"]["details"] == [{"task_id": created["task"]["id"]}]
     assert sql("select id from public.assets where id = %s", (asset,))
 
 
 async def test_a_task_racing_the_deletion_of_its_input_is_refused_uncharged(client, make_user):
-    import asyncio
-
     user = await make_user()
     asset = make_asset(user.id, width=64, height=48)
     body = {"model_key": "image.upscale", "params": {"image_asset_id": asset}}
-    with connect() as conn, conn.transaction():
-        conn.execute("select id from public.assets where id = %s for update", (asset,))
-        conn.execute("delete from public.assets where id = %s", (asset,))
-        creating = asyncio.create_task(client.post("/tasks", json=body, headers=user.headers))
-        await wait_for_a_lock_wait()
-    resp = await creating
+    _, resp = await while_held(
+        lambda conn: conn.execute("delete from public.assets where id = %s", (asset,)),
+        client.post("/tasks", json=body, headers=user.headers),
+    )
     assert resp.status_code == 404, resp.text
     assert resp.json()["error"]["message"] == "An input asset of this task was deleted."
     assert balance(user.id) == 100
@@ -310,17 +307,14 @@ async def test_a_task_racing_the_deletion_of_its_input_is_refused_uncharged(clie
 
 
 async def test_a_task_racing_the_deletion_of_its_project_is_a_404(client, make_user):
-    import asyncio
-
     user = await make_user()
     asset = make_asset(user.id, width=64, height=48)
     project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]["id"]
     body = {"model_key": "image.upscale", "project_id": project, "params": {"image_asset_id": asset}}
-    with connect() as conn, conn.transaction():
-        conn.execute("delete from public.projects where id = %s", (project,))
-        creating = asyncio.create_task(client.post("/tasks", json=body, headers=user.headers))
-        await wait_for_a_lock_wait()
-    resp = await creating
+    _, resp = await while_held(
+        lambda conn: conn.execute("delete from public.projects where id = %s", (project,)),
+        client.post("/tasks", json=body, headers=user.headers),
+    )
     assert resp.status_code == 404, resp.text
     assert resp.json()["error"]["message"] == "Project not found."
     assert balance(user.id) == 100
