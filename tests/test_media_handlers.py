@@ -31,6 +31,7 @@ from gpu_jobs.media import display, ops
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
 from tests.media_factories import (
+    _write_sine,
     display_p3_profile,
     first_sound,
     make_audio,
@@ -717,6 +718,65 @@ def test_opus_without_its_decoder_setup_is_re_encoded_not_a_crash(tmp_path):
         assert probe.streams.audio[0].codec_context.extradata is None
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     assert audio_codec(out.path) == "aac" and media.probe_file(out.path)["frame_count"] == 24
+
+
+def _avi_with_drops(path: Path, shown: list[int], audio: bool = False) -> Path:
+    """MJPEG AVI at 24 fps showing frames only in the given slots: the muxer writes an empty chunk for each slot
+    skipped, as a capture that dropped frames does."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("mjpeg", rate=24)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuvj420p"
+        video.codec_context.time_base = Fraction(1, 24)
+        sound = out.add_stream("mp3", rate=44100) if audio else None
+        if sound is not None:
+            sound.layout = "stereo"
+        for slot in shown:
+            frame = av.VideoFrame.from_ndarray(pattern_frame(slot, 64, 48), format="rgb24")
+            frame.pts, frame.time_base = slot, Fraction(1, 24)
+            out.mux(video.encode(frame))
+        out.mux(video.encode(None))
+        if sound is not None:
+            _write_sine(out, sound, (shown[-1] + 1) / 24)
+    return path
+
+
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_an_avi_that_dropped_frames_keeps_its_gap_and_its_sound(tmp_path, handler):
+    src = _avi_with_drops(tmp_path / "capture.avi", [*range(10), *range(20, 30)], audio=True)
+    factor = 2 if handler is video_interpolate else 1
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    with av.open(str(src)) as container:  # the slots the file holds frames in (where its muxer put them)
+        slots = [p.dts for p in container.demux(video=0) if p.size]
+    assert len(slots) == 20 and slots[-1] - slots[0] >= 29  # a gap of ten dropped frames
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": src}))
+    times = frame_times(out.path)
+    assert times[::factor] == pytest.approx([slot / 24 for slot in slots], abs=1e-3)
+    assert audio_seconds(out.path) == pytest.approx((slots[-1] + 1) / 24, abs=0.08)
+
+
+def test_an_avi_with_dropped_frames_is_probed_over_its_whole_span(tmp_path):
+    src = _avi_with_drops(tmp_path / "capture.avi", [*range(24), 29])  # slots 24-28 dropped
+    info = media.probe_file(src)
+    assert info["frame_count"] == 30 and info["duration_s"] == pytest.approx(30 / 24, abs=1e-3)
+
+
+def test_an_mp4_trimmed_at_its_end_by_an_edit_list_lasts_as_trimmed(tmp_path):
+    """不重新编码的裁剪（iOS、QuickTime）：编辑列表去掉后半段，计费与上限按裁剪后的时长"""
+    src = make_video(tmp_path / "a.mp4", frames=48, audio=False)
+    listed = tmp_path / "listed.mp4"
+    with av.open(str(src)) as inp, av.open(str(listed), "w", options={"use_editlist": "1"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = bytearray(listed.read_bytes())
+    at = data.find(b"elst") + 12  # version 0, one entry: its segment duration in the movie's timescale
+    (segment,) = struct.unpack(">I", data[at : at + 4])
+    data[at : at + 4] = struct.pack(">I", segment // 2)
+    trimmed = tmp_path / "trimmed.mp4"
+    trimmed.write_bytes(bytes(data))
+    assert media.probe_file(trimmed)["duration_s"] == pytest.approx(1.0, abs=1e-3)
 
 
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])

@@ -157,7 +157,8 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
         frames, span = (stream.frames, None) if stream.frames else _count_packets(container, stream)
-        if stream.frames and stream.duration and stream.time_base:  # an index (MP4, MOV): does the data match it?
+        indexed = "mp4" in container.format.name.split(",")  # MP4, MOV: an index promising every frame
+        if indexed and stream.frames and stream.duration and stream.time_base:  # does the data match it?
             shown_end = _check_tail(container, stream, first, fps)
             duration = float(stream.duration * stream.time_base)
             if shown_end is not None:  # B-frames of a variable rate: the index's decode times can end earlier
@@ -242,7 +243,13 @@ def _check_tail(container: Any, stream: Any, first: av.VideoFrame, fps: float | 
     end = last = None
     try:
         for packet in container.demux(stream):
-            if packet.size and packet.pts is not None and (last is None or packet.pts >= last):
+            # Frames an edit list trims off the end still come out, marked discard: the clip ends before them.
+            if (
+                packet.size
+                and not packet.is_discard
+                and packet.pts is not None
+                and (last is None or packet.pts >= last)
+            ):
                 # The frame shown last ends the video: with B-frames a packet's duration is a decode-time step,
                 # so a reordered frame's pts + duration can overshoot.
                 last, end = packet.pts, packet.pts + (packet.duration or 0)

@@ -6,6 +6,7 @@ import logging
 import math
 import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -112,6 +113,7 @@ class FrameReader(_Worker):
         # frame is queued: phone video has a variable frame rate, and its output keeps these times.
         self.ticks: list[int] = []
         self.last_hold: int | None = None  # how long the last frame is shown, in ticks, when the file says
+        self._slots: deque[int] | None = None  # AVI: the time slots of coded frames not yet shown
         self._pool: queue.Queue | None = None
         if pin:  # a ring of pinned buffers, reused once the device has copied them
             self._pool = queue.Queue()
@@ -144,16 +146,21 @@ class FrameReader(_Worker):
             width, height = stream.codec_context.width, stream.codec_context.height
             start, step = stream.start_time or 0, frame_ticks(stream)
             # AVI stores no presentation times: FFmpeg guesses them from the decode order, so with B-frames they
-            # come out of order and a frame late. An AVI's frames are evenly spaced: a frame's time is its index.
-            timed = container.format.name != "avi"
+            # come out of order and a frame late. Each coded frame holds one slot of the constant rate (a dropped
+            # frame is an empty chunk), and frames come out in the order of those slots: a frame's time is the
+            # next coded frame's slot.
+            self._slots = deque() if container.format.name == "avi" else None
             display, buf, n = Display(), None, 0
             planes_of = display.yuv420 if self.planar else lambda *frame: [display.rgb(*frame)]
             for frame in self._frames(container, stream):
                 if self.stop.is_set():
                     return
                 planes = planes_of(frame, width, height)
-                known = timed and frame.pts is not None and frame.time_base == stream.time_base
-                self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
+                known = self._slots is None and frame.pts is not None and frame.time_base == stream.time_base
+                if self._slots:
+                    self.ticks.append(self._slots.popleft() - start)
+                else:
+                    self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
                 # A screen recording holds its last picture for as long as nothing moves (seconds, not a frame).
                 self.last_hold = frame.duration if known and frame.duration and frame.duration > 0 else None
                 if buf is None:
@@ -177,9 +184,14 @@ class FrameReader(_Worker):
         packets = bad = frames = 0
         for packet in container.demux(stream):
             packets += 1
+            slot = self._slots is not None and packet.size and packet.dts is not None
+            if slot:
+                self._slots.append(packet.dts)
             try:
                 decoded = packet.decode()
             except av.InvalidDataError as exc:  # damaged data, or a frame over the pixel limit (never decoded)
+                if slot:
+                    self._slots.pop()
                 bad += 1
                 if bad > MAX_BAD_PACKETS + packets // 50:
                     raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
