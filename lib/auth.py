@@ -64,8 +64,8 @@ class SigningKeys:
             raise Unauthorized("Invalid access token.")  # an unknown kid just after a fetch
         try:
             keys = self.client.get_signing_keys(refresh=True)
-        except (jwt.PyJWKClientError, jwt.PyJWKSetError, ValueError) as exc:  # unreachable, or not a key set
-            self._failed_at = now
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError, ValueError, OSError) as exc:  # down, cut off, not keys
+            self._failed_at = time.monotonic()  # the back-off counts from the failure: a time-out takes seconds
             log.warning("could not fetch the JWKS from %s: %s", self.client.uri, exc)
             return self._last_good(known)
         self._keys = {key.key_id: key for key in keys}

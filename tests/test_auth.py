@@ -323,10 +323,13 @@ async def test_known_keys_outlive_their_cache_while_the_jwks_is_down(client, mak
     assert status == 200 and jwks_server.fetches == 2  # and does not try again at once
 
 
-async def test_an_outage_costs_one_fetch_not_one_per_request(client, make_user, jwks_server):
+async def test_an_outage_costs_one_fetch_not_one_per_request(client, make_user, jwks_server, monkeypatch):
     """JWKS 挂起时并发请求不排队各等一次超时：等同一次获取的结果，之后几秒内直接回答"""
     import asyncio
 
+    import lib.auth
+
+    monkeypatch.setattr(lib.auth, "JWKS_RETRY_SECONDS", 0.3)  # shorter than the failing fetch itself
     user = await make_user()
     jwks_server.fail()
     jwks_server.delay = 0.5
