@@ -272,7 +272,13 @@ class BillingService:
                 result = row["r"]
             if result["result"] == "granted":
                 await _warn_on_a_price_mismatch(conn, event)
-            if result["result"] == "ignored" and await _user_departed(conn, event):
+            if result["result"] == "ignored" and event["type"].startswith("charge.dispute."):
+                # Money disputed for something not found here (an account deleted since): worth a look.
+                obj = event["data"]["object"]
+                log.warning(
+                    "stripe dispute %s on payment %s matches no purchase", obj.get("id"), obj.get("payment_intent")
+                )
+            elif result["result"] == "ignored" and await _user_departed(conn, event):
                 # Nothing to grant to, nor take from, and a 500 would be retried for days: answered, and logged
                 # so that a payment for a deleted account can be refunded by hand.
                 obj = event["data"]["object"]

@@ -320,6 +320,29 @@ async def test_a_task_racing_the_deletion_of_its_project_is_a_404(client, make_u
     assert balance(user.id) == 100
 
 
+async def test_a_task_racing_a_project_delete_that_reaches_its_input_does_not_deadlock(client, make_user):
+    """删除项目先锁项目、再经 on delete set null 改它的资源：创建任务按同样的顺序加锁，不会互等"""
+    import asyncio
+
+    user = await make_user()
+    asset = make_asset(user.id, width=64, height=48)
+    project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]["id"]
+    sql("update public.assets set project_id = %s where id = %s", (project, asset))
+    body = {"model_key": "image.upscale", "project_id": project, "params": {"image_asset_id": asset}}
+    with connect() as conn, conn.transaction():
+        conn.execute("select id from public.projects where id = %s for update", (project,))  # the delete begins
+        creating = asyncio.create_task(client.post("/tasks", json=body, headers=user.headers))
+        deadline = asyncio.get_running_loop().time() + 20
+        while not sql("select 1 from pg_stat_activity where wait_event_type = 'Lock'"):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+        conn.execute("delete from public.projects where id = %s", (project,))  # and reaches the asset
+    resp = await creating
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"]["message"] == "Project not found."
+    assert balance(user.id) == 100
+
+
 async def test_lists_carry_download_urls_and_a_file_gone_from_storage_reads_as_null(client, make_user):
     user = await make_user()
     data = png_bytes()

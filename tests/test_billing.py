@@ -518,6 +518,66 @@ async def test_a_payment_that_does_not_match_its_pack_is_granted_and_logged(clie
     assert "paid 1 jpy for pack studio, which costs 5000 usd" in caplog.text
 
 
+async def test_a_refund_while_a_webhook_holds_the_purchase_still_pays_off_its_shortfall(client, make_user):
+    """退款任务与同一购买的 webhook 同时进行：触发器跳过被锁的购买，webhook 持有余额锁，退回的积分照样先还欠款"""
+    from tests.test_assets import while_held
+
+    user = await make_user()
+    set_balance(user.id, 0)
+    metadata = metadata_for(user)
+    await post_event(client, fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_h", metadata)))
+    tasks = [new_task(user.id, 250), new_task(user.id, 250)]
+    refund = fake_stripe.charge(metadata, amount_refunded=500)
+    await post_event(client, fake_stripe.event("charge.refunded", refund))
+    assert purchases(user.id)[0]["clawback_shortfall"] == 500
+    redelivered = (metadata["purchase_id"], "pi_test_1", user.id, "starter", 500, 500)
+    _, canceled = await while_held(
+        lambda conn: conn.execute("select public.apply_charge_refunded(%s, %s, %s, %s, %s, %s)", redelivered),
+        client.post(f"/tasks/{tasks[0]}/cancel", headers=user.headers),
+    )
+    assert canceled.status_code == 200, canceled.text
+    assert balance(user.id) == 0
+    (row,) = purchases(user.id)
+    assert (row["credits_clawed_back"], row["clawback_shortfall"]) == (250, 250)
+
+
+async def test_a_late_withdrawal_of_a_dispute_already_won_takes_nothing(client, make_user):
+    user = await make_user()
+    metadata = metadata_for(user)
+    paid = fake_stripe.session("cs_late", metadata, payment_intent="pi_late")
+    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    dispute = fake_stripe.dispute(payment_intent="pi_late")
+    await post_event(client, fake_stripe.event("charge.dispute.funds_reinstated", {**dispute, "status": "won"}))
+    late = await post_event(client, fake_stripe.event("charge.dispute.funds_withdrawn", dispute))
+    assert late.status_code == 200 and late.json()["data"]["result"] == "already_won"
+    assert balance(user.id) == 600
+    assert purchases(user.id)[0]["status"] == "paid"
+
+
+async def test_collecting_shortfalls_never_writes_an_empty_clawback(client, make_user):
+    user = await make_user()
+    for n in (1, 2):
+        metadata = metadata_for(user)
+        paid = fake_stripe.session(f"cs_z{n}", metadata, payment_intent=f"pi_z{n}")
+        await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+        set_balance(user.id, 0)
+        refund = fake_stripe.charge(metadata, amount_refunded=500, payment_intent=f"pi_z{n}")
+        await post_event(client, fake_stripe.event("charge.refunded", refund))
+    sql("select public.grant_credits(%s, 10, 'adjustment', %s)", (user.id, f"support:{user.id}"))
+    assert balance(user.id) == 0
+    assert [row["delta"] for row in ledger(user.id) if row["kind"] == "clawback"][-1] == -10
+    assert all(row["delta"] != 0 for row in ledger(user.id) if row["kind"] == "clawback")
+    # The first refund's 500 was collected from the second pack; the second refund is 10 credits into its 500.
+    assert [row["clawback_shortfall"] for row in purchases(user.id)] == [0, 490]
+
+
+async def test_a_dispute_that_matches_no_purchase_is_logged(client, caplog):
+    evt = fake_stripe.event("charge.dispute.funds_withdrawn", fake_stripe.dispute(payment_intent="pi_nobody"))
+    resp = await post_event(client, evt)
+    assert resp.json()["data"]["result"] == "ignored"
+    assert "pi_nobody matches no purchase" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["checkout.session.completed", "checkout.session.expired", "charge.refunded"])
 async def test_an_event_about_a_deleted_account_is_answered_not_retried(client, make_user, stripe_api, kind, caplog):
     user = await make_user()
