@@ -25,6 +25,8 @@ from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_stora
 log = logging.getLogger("spool.assets")
 
 PROBE_MODEL = "media.probe"
+USER_FOLDERS = ("uploads", "tasks")  # everything stored for a user lies under {user_id}/ in one of these
+REMOVE_BATCH = 1000  # the most paths Supabase Storage removes in one call
 IN_MEMORY_UPLOAD_BYTES = 1024 * 1024  # a form file up to this size stays in memory (Starlette's spool limit)
 # Past a signed upload URL's life: a PUT started before it expired may still be running (2 GiB over a slow line).
 ABANDON_MARGIN_SECONDS = 60 * 60
@@ -461,6 +463,19 @@ class AssetService:
             len(tombstones),
         )
         return len(rows) + len(rejected) + len(tombstones)
+
+    async def sweep_departed_users(self, *, limit: int = 20) -> int:
+        """删除已注销用户留在存储里的文件（账号删除会级联删掉行，存储里的文件不会）；返回删除的文件数"""
+        rows = await db.fetch_all("select user_id from public.departed_users order by departed_at limit %s", (limit,))
+        storage, removed = get_storage(), 0
+        for row in rows:
+            user_id = str(row["user_id"])
+            paths = [p for folder in USER_FOLDERS for p in await storage.list_files(prefix=user_path(user_id, folder))]
+            for start in range(0, len(paths), REMOVE_BATCH):
+                await storage.remove(paths=paths[start : start + REMOVE_BATCH])
+            await db.execute("delete from public.departed_users where user_id = %s", (user_id,))
+            removed += len(paths)
+        return removed
 
     async def _remove_quietly(self, path: str, user_id: str | None) -> None:
         try:

@@ -32,6 +32,11 @@ async def reap() -> dict[str, int]:
             counts["abandoned_uploads"] = abandoned
     except Exception:
         log.exception("reaper: sweeping abandoned uploads failed; the next pass tries again")
+    try:
+        if departed := await get_asset_service().sweep_departed_users():
+            counts["departed_users_files"] = departed
+    except Exception:
+        log.exception("reaper: removing deleted accounts' files failed; the next pass tries again")
     await _withdraw_forgotten_calls([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
     for row in rows:
         task_id = str(row["task_id"])

@@ -36,7 +36,7 @@ for name in ("SUPABASE_URL", "SUPABASE_DB_URL", "SUPABASE_SERVICE_ROLE_KEY", "SU
     os.environ.pop(name, None)
 
 
-MONEY_TABLES = "auth.users, public.stripe_events"
+MONEY_TABLES = "auth.users, public.stripe_events, public.departed_users"
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,11 @@ async def direct_upload(client, user, data: bytes, name: str = "a.png", **form) 
     return await client.post("/assets", files={"file": (name, data, "image/png")}, data=form, headers=user.headers)
 
 
+def storage_path_of(user, asset_id: str) -> str:
+    """删除账号后行已不在：按上传的命名规则推出路径"""
+    return f"{user.id}/uploads/{asset_id}.png"
+
+
 def storage_path(asset_id: str) -> str:
     return sql("select path from public.assets where id = %s", (asset_id,))[0]["path"]
 
@@ -577,6 +582,25 @@ async def test_an_upload_the_check_refuses_has_its_file_removed(client, make_use
     row = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
     assert row["status"] == "rejected" and "truncated" in row["metadata"]["reject_reason"]
     assert not await get_storage().exists(path=storage_path(asset["id"]))
+
+
+async def test_a_deleted_accounts_files_are_removed_by_the_reaper(client, make_user):
+    """删除账号会级联删掉行，存储里的文件（上传、结果、海报）由回收器随后删掉；别人的文件不动"""
+    from gpu_jobs.runner import run_task_async
+    from lib.reaper import reap
+
+    user, other = await make_user(), await make_user()
+    mine = (await direct_upload(client, user, png_bytes())).json()["data"]
+    assert await run_task_async(mine["probe_task_id"]) == "completed"  # its poster lies under tasks/
+    theirs = (await direct_upload(client, other, png_bytes())).json()["data"]
+    files = await get_storage().list_files(prefix=f"{user.id}/tasks")
+    assert len(files) == 1
+    sql("delete from auth.users where id = %s", (user.id,))
+    assert (await reap()).get("departed_users_files") == 2
+    assert not await get_storage().exists(path=storage_path_of(user, mine["id"]))
+    assert not await get_storage().exists(path=files[0])
+    assert await get_storage().exists(path=storage_path(theirs["id"]))
+    assert "departed_users_files" not in await reap()
 
 
 async def test_a_check_that_ended_without_a_verdict_has_its_file_removed_later(client, make_user):

@@ -22,6 +22,7 @@ PUBLIC_TABLES = {
     "purchases",
     "stripe_events",
     "upload_tombstones",
+    "departed_users",
 }
 SERVICE_FUNCTIONS = [
     "create_task(uuid, text, jsonb, bigint, text, uuid, uuid[], int)",
