@@ -15,7 +15,7 @@ from pathlib import Path
 
 import modal
 
-from lib.catalog import CATALOG, GPU_CLASSES, MINUTES
+from lib.catalog import CATALOG, GPU_CLASSES, IO_ALLOWANCE_S, MINUTES
 from lib.config import get_settings
 from lib.modal_dispatch import function_for, job_functions
 
@@ -97,9 +97,9 @@ weights = modal.Volume.from_name("spool-weights", create_if_missing=True)
 RETRIES = modal.Retries(max_retries=2, initial_delay=5.0, backoff_coefficient=2.0)
 MAX_CONTAINERS = {"gpu-small": 10, "gpu-large": 4, None: 20}
 DEFAULT_TIMEOUT_S = 10 * MINUTES
-# Downloading inputs and uploading outputs come on top of a handler's timeout_s: the runner's own limit must
-# fire first, so the task fails with `timeout` and a refund instead of being killed and retried by Modal.
-IO_MARGIN_S = 10 * MINUTES
+# Downloading inputs and uploading outputs come on top of a handler's timeout_s (IO_ALLOWANCE_S): the runner's own
+# limit must fire first, so the task fails with `timeout` and a refund instead of being killed and retried by Modal.
+IO_MARGIN_S = IO_ALLOWANCE_S + 2 * MINUTES
 
 
 def job_timeout(gpu_class: str | None) -> int:

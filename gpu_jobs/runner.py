@@ -158,6 +158,19 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
 
 async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> str:
     spec = catalog.get_model(task["model_key"])
+    # Moving inputs and outputs has its own allowance on top of the handler's limit, and Modal's timeout leaves room
+    # for both: a job stuck on storage fails here with `timeout` and a refund, instead of being killed and rerun.
+    try:
+        async with asyncio.timeout(spec.timeout_s + catalog.IO_ALLOWANCE_S) as overall:
+            return await _run_steps(task, attempt, progress, workdir, spec)
+    except TimeoutError:
+        if not overall.expired():
+            raise
+        progress.stop = TimedOut(f"over its {spec.timeout_s + catalog.IO_ALLOWANCE_S} s limit, files included")
+        raise progress.stop from None
+
+
+async def _run_steps(task: dict, attempt: int, progress: Progress, workdir: Path, spec: catalog.ModelSpec) -> str:
     try:
         params = spec.params.model_validate(task["params"])
     except ValidationError:  # queued under an older version of the model

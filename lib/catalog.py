@@ -20,6 +20,8 @@ GPU_CLASSES: dict[str, list[str]] = {
     "gpu-large": ["H100", "A100-80GB"],
 }
 MINUTES = 60
+# A job's inputs are downloaded and its outputs uploaded within this, on top of its handler's timeout_s.
+IO_ALLOWANCE_S = 8 * MINUTES
 
 
 class Params(BaseModel):

@@ -102,6 +102,19 @@ async def test_a_result_over_storages_size_limit_fails_clearly_and_is_refunded(
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
 
 
+async def test_a_job_over_its_whole_allowance_fails_as_timed_out_before_modal_kills_it(
+    client, make_user, job_models, monkeypatch
+):
+    """处理器限时之外，下载输入、上传结果也有总时限：比 Modal 的函数超时先到，任务以 timeout 失败并退款"""
+    monkeypatch.setattr(catalog, "IO_ALLOWANCE_S", -(30 * catalog.MINUTES) + 0.5)  # the whole job: 0.5 s
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=3)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "timeout" and "refunded" in row["error"]["message"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
 async def test_lists_sign_result_urls_afresh_and_a_deleted_result_leaves_the_task_readable(
     client, make_user, job_models
 ):
