@@ -96,6 +96,9 @@ weights = modal.Volume.from_name("spool-weights", create_if_missing=True)
 # ---------------------------------------------------------------- job functions
 RETRIES = modal.Retries(max_retries=2, initial_delay=5.0, backoff_coefficient=2.0)
 MAX_CONTAINERS = {"gpu-small": 10, "gpu-large": 4, None: 20}
+# CPU cores and memory (MiB) reserved per container. Modal's default is an eighth of a core and 128 MiB: decoding and
+# x264 encoding run on the CPU beside the GPU (x264 scales with cores), and frame batches need room in host memory.
+RESOURCES = {"gpu-small": (4.0, 16 * 1024), "gpu-large": (8.0, 32 * 1024), None: (1.0, 4 * 1024)}
 DEFAULT_TIMEOUT_S = 10 * MINUTES
 # Downloading inputs and uploading outputs come on top of a handler's timeout_s (IO_ALLOWANCE_S): the runner's own
 # limit must fire first, so the task fails with `timeout` and a refund instead of being killed and retried by Modal.
@@ -117,6 +120,8 @@ def job_options(gpu_class: str | None) -> dict:
         "timeout": job_timeout(gpu_class),
         "retries": RETRIES,
         "max_containers": MAX_CONTAINERS.get(gpu_class, 4),
+        "cpu": RESOURCES.get(gpu_class, RESOURCES["gpu-small"])[0],
+        "memory": RESOURCES.get(gpu_class, RESOURCES["gpu-small"])[1],
     }
     if gpu_class is not None:
         options |= {"gpu": list(GPU_CLASSES[gpu_class]), "volumes": {WEIGHTS_DIR: weights}}
@@ -173,8 +178,11 @@ API_MAX_CONTAINERS = 10
     env=CLOUD_ENV,
     min_containers=0,
     max_containers=API_MAX_CONTAINERS,
+    cpu=1.0,
+    memory=1024,
 )
-@modal.concurrent(max_inputs=100)
+# Up to 100 requests at once, but Modal adds a container past 30 (its 10 database connections are shared by all).
+@modal.concurrent(max_inputs=100, target_inputs=30)
 @modal.asgi_app()
 def api():
     """HTTP API（FastAPI）；创建任务只 spawn，不等待 GPU"""

@@ -15,6 +15,8 @@ class Dispatcher(Protocol):
 
     async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None: ...
 
+    async def call_pending(self, *, call_id: str) -> bool: ...
+
 
 class LocalDispatcher:
     """本地调度：任务变为 queued 时数据库触发器已 NOTIFY 唤醒 worker，无需再做什么"""
@@ -24,6 +26,10 @@ class LocalDispatcher:
 
     async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None:
         """取消任务（本地：worker 在下一个进度点发现取消）"""
+
+    async def call_pending(self, *, call_id: str) -> bool:
+        """调用是否仍在排队或运行（本地没有调用）"""
+        return False
 
 
 _dispatcher: Dispatcher | None = None

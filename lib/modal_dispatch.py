@@ -69,3 +69,15 @@ class ModalDispatcher:
             # already refunded), and a container that only saw its input canceled keeps the handler thread running.
             await call.cancel.aio(terminate_containers=terminate)
         log.info("task %s: Modal call %s canceled", task_id, call_id)
+
+    async def call_pending(self, *, call_id: str) -> bool:
+        """Modal 调用是否仍在排队或运行（已结束：返回、失败、超时、被取消或结果已过期 → False）"""
+        call = modal.FunctionCall.from_id(call_id)
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT_S):
+                await call.get.aio(timeout=0)  # a poll: no output yet is Python's TimeoutError
+        except TimeoutError:  # still queued or running (or Modal was slow to answer: asked again next pass)
+            return True
+        except Exception as exc:  # the call's own end: failed, timed out, canceled, or its output expired
+            log.info("Modal call %s has ended (%s)", call_id, type(exc).__name__)
+        return False

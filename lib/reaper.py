@@ -37,9 +37,16 @@ async def reap() -> dict[str, int]:
             counts["departed_users_files"] = departed
     except Exception:
         log.exception("reaper: removing deleted accounts' files failed; the next pass tries again")
-    await _withdraw_forgotten_calls([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
+    waiting = await _calls_still_waiting([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
+    if waiting:  # still in Modal's queue (no GPU free): they keep their place
+        counts["waiting_for_gpu"] = len(waiting)
+        counts["redispatch"] -= len(waiting)
+        if not counts["redispatch"]:
+            del counts["redispatch"]
     for row in rows:
         task_id = str(row["task_id"])
+        if task_id in waiting:
+            continue
         try:
             if row["action"] in ("requeued", "redispatch"):
                 await get_task_service().dispatch(task_id=task_id, model_key=row["model_key"])
@@ -52,18 +59,26 @@ async def reap() -> dict[str, int]:
     return dict(counts)
 
 
-async def _withdraw_forgotten_calls(task_ids: list[str]) -> None:
-    """重新派发前撤回仍在排队的旧调用：等 GPU 的任务不会每 20 分钟多一个调用（每个都要冷启动一个容器）"""
+async def _calls_still_waiting(task_ids: list[str]) -> set[str]:
+    """排队已久的任务中，其 Modal 调用仍在排队或运行的那些（留着：重新 spawn 只会让它排到队尾）；已结束的调用被忘掉"""
     from lib.dispatch import get_dispatcher
 
     if not task_ids:
-        return
+        return set()
     rows = await db.fetch_all(
         "select id, call_id from public.tasks where id = any(%s::uuid[]) and status = 'queued' and call_id is not null",
         (task_ids,),
     )
+    waiting = set()
     for row in rows:
-        try:  # not started (the task is still queued): withdrawing the input stops no work
-            await get_dispatcher().cancel(task_id=str(row["id"]), call_id=row["call_id"], terminate=False)
-        except Exception as exc:  # the new call runs it either way; the old one exits at its claim
-            log.warning("reaper: could not withdraw call %s of task %s: %s", row["call_id"], row["id"], exc)
+        task_id, call_id = str(row["id"]), row["call_id"]
+        try:
+            pending = await get_dispatcher().call_pending(call_id=call_id)
+        except Exception as exc:  # Modal unreachable: ask again next pass rather than add a second call
+            log.warning("reaper: could not ask Modal about call %s of task %s: %s", call_id, task_id, exc)
+            pending = True
+        if pending:
+            waiting.add(task_id)
+        else:  # it ended without taking the task: forgotten, so a failed respawn is retried within a minute
+            await db.execute("select public.forget_task_call(%s, %s)", (task_id, call_id))
+    return waiting

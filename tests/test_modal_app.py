@@ -70,6 +70,7 @@ def test_every_gpu_class_has_one_job_function_with_its_limits():
         assert info.gpus == [(name, 1) for name in fallbacks]
         assert info.timeout == max(spec.timeout_s for spec in models) + modal_app.IO_MARGIN_S  # runner's limit first
         assert info.max_retries == 2
+        assert (info.cpu, info.memory_mib) == modal_app.RESOURCES[gpu]  # not Modal's eighth of a core
         assert "modal.Secret.from_name('spool-supabase')" in info.secrets
         assert "modal.Secret.from_name('spool-settings')" in info.secrets
         assert "modal.Secret.from_name('spool-stripe')" not in info.secrets  # jobs never touch Stripe
@@ -92,6 +93,7 @@ def test_a_gpu_class_without_a_function_stops_the_deploy(tmp_path):
 def test_api_is_a_concurrent_web_function_and_the_reaper_runs_every_minute():
     api = modal_app.api.info()
     assert api.web_info is not None and api.concurrency_info.max_inputs == 100 and api.gpus == []
+    assert api.concurrency_info.target_inputs == 30  # scales out before its connections are all taken
     for name in ("spool-settings", "spool-supabase", "spool-stripe", "spool-kling"):
         assert f"modal.Secret.from_name('{name}')" in api.secrets
     reaper = modal_app.reaper.info()
@@ -141,6 +143,8 @@ class FakeModal:
         self.spawn_error: BaseException | None = None
         self.spawn_delay = 0.0
         self.cancel_error: BaseException | None = None
+        self.ended: dict[str, BaseException | str] = {}  # calls that have ended: what .get() gives
+        self.polls: list[str] = []
         self._ids = itertools.count(1)
 
     def from_name(self, app_name: str, name: str, **_) -> SimpleNamespace:
@@ -162,7 +166,16 @@ class FakeModal:
             self.canceled.append(call_id)
             self.cancel_options.append(options)
 
-        return SimpleNamespace(cancel=SimpleNamespace(aio=cancel))
+        async def get(**_):  # timeout=0: a poll
+            self.polls.append(call_id)
+            outcome = self.ended.get(call_id)
+            if outcome is None:  # still queued or running: Modal's poll raises Python's TimeoutError then
+                raise TimeoutError()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        return SimpleNamespace(cancel=SimpleNamespace(aio=cancel), get=SimpleNamespace(aio=get))
 
 
 @pytest.fixture
@@ -236,15 +249,42 @@ async def test_failed_spawn_leaves_the_task_queued_and_the_reaper_dispatches_it_
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
-async def test_a_call_forgotten_in_modals_queue_is_withdrawn_before_the_task_is_spawned_again(
+async def test_a_call_waiting_in_modals_queue_keeps_its_place(client, make_user, fake_modal, gpu_job):
+    """没有空闲 GPU 时调用在 Modal 队列里等：再 spawn 一次只会排到队尾（Modal 不会让排队的输入过期）"""
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # fc-1, which no container has started yet
+    sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
+    assert await reap() == {"waiting_for_gpu": 1}
+    assert fake_modal.polls == ["fc-1"] and fake_modal.canceled == [] and len(fake_modal.spawned) == 1
+    assert task_row(task["id"])["call_id"] == "fc-1"
+
+
+@pytest.mark.parametrize(
+    "ended", ["skipped", RuntimeError("the container crashed before its claim"), modal.exception.OutputExpiredError()]
+)
+async def test_a_call_that_ended_without_its_task_is_replaced(client, make_user, fake_modal, gpu_job, ended):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)
+    fake_modal.ended["fc-1"] = ended
+    sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
+    assert await reap() == {"redispatch": 1}
+    assert len(fake_modal.spawned) == 2 and task_row(task["id"])["call_id"] == "fc-2"
+
+
+async def test_a_respawn_that_fails_after_its_call_ended_is_retried_a_minute_later(
     client, make_user, fake_modal, gpu_job
 ):
     user = await make_user()
-    task = await create_task(client, user, gpu_job)  # fc-1, which no container ever starts (no GPU free)
+    task = await create_task(client, user, gpu_job)
+    fake_modal.ended["fc-1"] = "skipped"
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
     sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
+    await reap()
+    assert task_row(task["id"])["call_id"] is None  # the ended call is not kept as if it were live
+    fake_modal.spawn_error = None
+    sql("update public.tasks set updated_at = now() - interval '2 minutes' where id = %s", (task["id"],))
     assert await reap() == {"redispatch": 1}
-    assert fake_modal.canceled == ["fc-1"] and fake_modal.cancel_options == [{"terminate_containers": False}]
-    assert len(fake_modal.spawned) == 2 and task_row(task["id"])["call_id"] == "fc-2"  # one live call, not two
+    assert task_row(task["id"])["call_id"] == "fc-2"
 
 
 async def test_a_hanging_spawn_times_out_and_leaves_the_task_queued(
