@@ -39,6 +39,9 @@ class EmbeddedPostgres:
             # Left by a Postgres killed hard (a crash, a reboot), its pid since reused by another program.
             log.warning("removing a stale postmaster.pid: pid %d is not Postgres now", running.pid)
             (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
+            for folder in {self.pgdata, running.socket_dir or self.pgdata}:  # its socket's lock file is stale too
+                for lock in folder.glob(".s.PGSQL.*.lock"):
+                    lock.unlink(missing_ok=True)
             running = None
         self.owned = not (running and running.is_running())  # a server another process started is left to it
         # cleanup_mode=None: we stop it ourselves, so a dev server and a test
