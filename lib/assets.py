@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ log = logging.getLogger("spool.assets")
 PROBE_MODEL = "media.probe"
 USER_FOLDERS = ("uploads", "tasks")  # everything stored for a user lies under {user_id}/ in one of these
 REMOVE_BATCH = 1000  # the most paths Supabase Storage removes in one call
+DEPARTED_SWEEP_SECONDS = 30  # a reaper pass's share for deleted accounts' files (the reaper has 2 minutes)
 IN_MEMORY_UPLOAD_BYTES = 1024 * 1024  # a form file up to this size stays in memory (Starlette's spool limit)
 # Past a signed upload URL's life: a PUT started before it expired may still be running (2 GiB over a slow line).
 ABANDON_MARGIN_SECONDS = 60 * 60
@@ -464,17 +466,40 @@ class AssetService:
         )
         return len(rows) + len(rejected) + len(tombstones)
 
-    async def sweep_departed_users(self, *, limit: int = 20) -> int:
-        """删除已注销用户留在存储里的文件（账号删除会级联删掉行，存储里的文件不会）；返回删除的文件数"""
-        rows = await db.fetch_all("select user_id from public.departed_users order by departed_at limit %s", (limit,))
-        storage, removed = get_storage(), 0
+    async def sweep_departed_users(self, *, budget_s: float = DEPARTED_SWEEP_SECONDS) -> int:
+        """删除已注销用户留在存储里的文件（行已级联删除，文件不会）：每轮限时，边列边删；返回删除的文件数
+
+        Each account is swept at once and again once every upload URL it held has expired (a PUT through one may
+        land after the first sweep). A pass stops at its time budget; the next one lists again and goes on.
+        """
+        late = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS
+        rows = await db.fetch_all(
+            "select user_id, departed_at < now() - make_interval(secs => %s) as final from public.departed_users"
+            " where swept_at is null or (swept_at < departed_at + make_interval(secs => %s)"
+            "   and departed_at < now() - make_interval(secs => %s))"
+            " order by departed_at limit 20",
+            (late, late, late),
+        )
+        storage, removed, deadline = get_storage(), 0, time.monotonic() + budget_s
         for row in rows:
             user_id = str(row["user_id"])
-            paths = [p for folder in USER_FOLDERS for p in await storage.list_files(prefix=user_path(user_id, folder))]
-            for start in range(0, len(paths), REMOVE_BATCH):
-                await storage.remove(paths=paths[start : start + REMOVE_BATCH])
-            await db.execute("delete from public.departed_users where user_id = %s", (user_id,))
-            removed += len(paths)
+            try:
+                for folder in USER_FOLDERS:
+                    async for files in storage.walk(prefix=user_path(user_id, folder)):
+                        for start in range(0, len(files), REMOVE_BATCH):
+                            await storage.remove(paths=files[start : start + REMOVE_BATCH])
+                        removed += len(files)
+                        if time.monotonic() > deadline:
+                            return removed  # the next pass lists again and goes on
+            except Exception as exc:  # one account's trouble must not hold up the others
+                log.warning("could not remove the files of deleted account %s: %s", user_id, exc)
+                continue
+            if row["final"]:
+                await db.execute("delete from public.departed_users where user_id = %s", (user_id,))
+            else:
+                await db.execute("update public.departed_users set swept_at = now() where user_id = %s", (user_id,))
+            if time.monotonic() > deadline:
+                break
         return removed
 
     async def _remove_quietly(self, path: str, user_id: str | None) -> None:

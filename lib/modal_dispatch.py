@@ -71,13 +71,34 @@ class ModalDispatcher:
         log.info("task %s: Modal call %s canceled", task_id, call_id)
 
     async def call_pending(self, *, call_id: str) -> bool:
-        """Modal 调用是否仍在排队或运行（已结束：返回、失败、超时、被取消或结果已过期 → False）"""
+        """Modal 调用是否仍在排队或运行（已结束：返回、失败、超时、被取消或结果已过期 → False；问不到 → 抛出）"""
         call = modal.FunctionCall.from_id(call_id)
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT_S):
                 await call.get.aio(timeout=0)  # a poll: no output yet is Python's TimeoutError
-        except TimeoutError:  # still queued or running (or Modal was slow to answer: asked again next pass)
+        except TimeoutError:  # still queued or running (or Modal was slow to answer: asked again later)
             return True
-        except Exception as exc:  # the call's own end: failed, timed out, canceled, or its output expired
+        except _could_not_ask():
+            raise  # Modal unreachable or refusing: the caller keeps the call and asks again
+        except Exception as exc:  # the call's own end: the job's error, Modal's timeout, a cancel, an expired output
             log.info("Modal call %s has ended (%s)", call_id, type(exc).__name__)
         return False
+
+
+def _could_not_ask() -> tuple[type[BaseException], ...]:
+    """Errors that say nothing about the call, only that Modal could not be asked."""
+    from grpclib.exceptions import GRPCError, StreamTerminatedError
+    from modal import exception as errors
+
+    return (
+        errors.ConnectionError,
+        errors.ServiceError,
+        errors.AuthError,
+        errors.ClientClosed,
+        errors.InternalError,
+        errors.ResourceExhaustedError,
+        errors.PermissionDeniedError,
+        GRPCError,
+        StreamTerminatedError,
+        OSError,
+    )

@@ -32,11 +32,6 @@ async def reap() -> dict[str, int]:
             counts["abandoned_uploads"] = abandoned
     except Exception:
         log.exception("reaper: sweeping abandoned uploads failed; the next pass tries again")
-    try:
-        if departed := await get_asset_service().sweep_departed_users():
-            counts["departed_users_files"] = departed
-    except Exception:
-        log.exception("reaper: removing deleted accounts' files failed; the next pass tries again")
     waiting = await _calls_still_waiting([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
     if waiting:  # still in Modal's queue (no GPU free): they keep their place
         counts["waiting_for_gpu"] = len(waiting)
@@ -54,6 +49,11 @@ async def reap() -> dict[str, int]:
                 await get_task_service().discard_orphaned_outputs(task_id=task_id)
         except Exception:  # one task's trouble must not leave the rest of the pass undone
             log.exception("reaper: %s of task %s failed; the next pass tries again", row["action"], task_id)
+    try:  # last, under a time budget: a large deleted account must not hold up the tasks above
+        if departed := await get_asset_service().sweep_departed_users():
+            counts["departed_users_files"] = departed
+    except Exception:
+        log.exception("reaper: removing deleted accounts' files failed; the next pass tries again")
     if counts:
         log.info("reaper: %s", dict(counts))
     return dict(counts)
@@ -77,8 +77,9 @@ async def _calls_still_waiting(task_ids: list[str]) -> set[str]:
         except Exception as exc:  # Modal unreachable: ask again next pass rather than add a second call
             log.warning("reaper: could not ask Modal about call %s of task %s: %s", call_id, task_id, exc)
             pending = True
-        if pending:
+        if pending:  # noted as waiting: asked about again in 20 minutes, and its owner sees why it waits
             waiting.add(task_id)
+            await db.execute("select public.note_task_waiting(%s, %s)", (task_id, call_id))
         else:  # it ended without taking the task: forgotten, so a failed respawn is retried within a minute
             await db.execute("select public.forget_task_call(%s, %s)", (task_id, call_id))
     return waiting

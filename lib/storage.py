@@ -250,11 +250,14 @@ class StorageService:
 
     async def list_files(self, *, prefix: str, user_id: str | None = None) -> list[str]:
         """列出一个文件夹下（含子文件夹）全部对象的路径"""
+        return [path async for files in self.walk(prefix=prefix, user_id=user_id) for path in files]
+
+    async def walk(self, *, prefix: str, user_id: str | None = None) -> AsyncIterator[list[str]]:
+        """逐个文件夹交出其中对象的路径（含子文件夹，深度优先），调用方可以边列边处理"""
         check_path(prefix.strip("/"), user_id)
-        files, folders = [], [prefix.strip("/")]
+        folders = [prefix.strip("/")]
         while folders:
-            folder = folders.pop()
-            offset = 0
+            folder, files, offset = folders.pop(), [], 0
             while True:
                 async with self._errors("list files"):
                     items = await self._bucket().list(folder, {"limit": LIST_PAGE, "offset": offset})
@@ -264,7 +267,8 @@ class StorageService:
                 if len(items) < LIST_PAGE:
                     break
                 offset += LIST_PAGE
-        return files
+            if files:
+                yield files
 
     async def exists(self, *, path: str, user_id: str | None = None) -> bool:
         """对象是否存在"""

@@ -595,12 +595,49 @@ async def test_a_deleted_accounts_files_are_removed_by_the_reaper(client, make_u
     theirs = (await direct_upload(client, other, png_bytes())).json()["data"]
     files = await get_storage().list_files(prefix=f"{user.id}/tasks")
     assert len(files) == 1
+    ticket = (
+        await client.post("/assets/uploads", json={"content_type": "image/png", "bytes": 10}, headers=user.headers)
+    ).json()["data"]
     sql("delete from auth.users where id = %s", (user.id,))
     assert (await reap()).get("departed_users_files") == 2
     assert not await get_storage().exists(path=storage_path_of(user, mine["id"]))
     assert not await get_storage().exists(path=files[0])
     assert await get_storage().exists(path=storage_path(theirs["id"]))
-    assert "departed_users_files" not in await reap()
+    assert "departed_users_files" not in await reap()  # swept; the next sweep waits for its upload URLs to expire
+
+    async with httpx.AsyncClient() as http:  # a URL handed out before the deletion still works for a while
+        assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    sql(
+        "update public.departed_users"
+        " set departed_at = departed_at - interval '4 hours', swept_at = swept_at - interval '4 hours'"
+    )
+    assert (await reap()).get("departed_users_files") == 1
+    assert sql("select user_id from public.departed_users") == []
+
+
+async def test_a_large_deleted_account_is_swept_a_slice_per_pass(client, make_user):
+    user = await make_user()
+    uploads = [(await direct_upload(client, user, png_bytes())).json()["data"]["id"] for _ in range(3)]
+    for asset_id in uploads:  # each check's poster lies in a folder of its own under tasks/
+        sql(
+            "select public.finish_task(t.id, 'completed') from public.tasks t where t.params->>'asset_id' = %s",
+            (asset_id,),
+        )
+    sql("delete from auth.users where id = %s", (user.id,))
+    service, passes, removed = get_asset_service(), 0, 0
+    while sql("select swept_at from public.departed_users where swept_at is null"):
+        removed += await service.sweep_departed_users(budget_s=0)  # one folder, then the budget is spent
+        passes += 1
+        assert passes < 10
+    assert removed == 3 and passes >= 2
+    assert await get_storage().list_files(prefix=f"{user.id}/uploads") == []
+
+
+async def test_an_account_created_again_with_the_same_id_is_not_swept(client, make_user):
+    user = await make_user()
+    sql("delete from auth.users where id = %s", (user.id,))
+    sql("insert into auth.users (id, email) values (%s, %s)", (user.id, user.email))
+    assert sql("select user_id from public.departed_users") == []
 
 
 async def test_a_check_that_ended_without_a_verdict_has_its_file_removed_later(client, make_user):

@@ -256,7 +256,35 @@ async def test_a_call_waiting_in_modals_queue_keeps_its_place(client, make_user,
     sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
     assert await reap() == {"waiting_for_gpu": 1}
     assert fake_modal.polls == ["fc-1"] and fake_modal.canceled == [] and len(fake_modal.spawned) == 1
-    assert task_row(task["id"])["call_id"] == "fc-1"
+    row = task_row(task["id"])
+    assert row["call_id"] == "fc-1" and row["message"] == "Waiting for a free worker"
+    assert await reap() == {} and fake_modal.polls == ["fc-1"]  # asked about again in 20 minutes, not every pass
+
+
+async def test_tasks_waiting_for_a_gpu_do_not_crowd_out_a_failed_spawn(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    waiting = [await create_task(client, user, gpu_job) for _ in range(3)]
+    sql(
+        "update public.tasks"
+        " set updated_at = now() - interval '30 minutes', created_at = created_at - interval '1 hour'"
+    )
+    await reap()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    failed = await create_task(client, user, gpu_job)
+    fake_modal.spawn_error = None
+    sql("update public.tasks set updated_at = now() - interval '2 minutes' where id = %s", (failed["id"],))
+    assert await reap() == {"redispatch": 1}
+    assert task_row(failed["id"])["call_id"] is not None
+    assert all(task_row(t["id"])["call_id"] in ("fc-1", "fc-2", "fc-3") for t in waiting)
+
+
+async def test_modal_out_of_reach_is_no_reason_to_spawn_again(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)
+    fake_modal.ended["fc-1"] = modal.exception.ConnectionError("Modal is unreachable")
+    sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
+    assert await reap() == {"waiting_for_gpu": 1}
+    assert len(fake_modal.spawned) == 1 and task_row(task["id"])["call_id"] == "fc-1"
 
 
 @pytest.mark.parametrize(
