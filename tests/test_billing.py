@@ -64,6 +64,14 @@ def metadata_for(user, package_id: str = "starter") -> dict:
     return {"user_id": user.id, "package_id": package_id, "purchase_id": str(uuid.uuid4())}
 
 
+async def bought(client, user, session_id: str, payment_intent: str) -> dict:
+    """一个已付款的 starter 包（checkout.session.completed），返回其 metadata"""
+    metadata = metadata_for(user)
+    paid = fake_stripe.session(session_id, metadata, payment_intent=payment_intent)
+    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    return metadata
+
+
 def purchases(user_id: str) -> list[dict]:
     with connect() as conn:
         return conn.execute(
@@ -446,9 +454,7 @@ async def test_credits_coming_back_later_pay_off_a_shortfall_first(client, make_
     """先买、把积分押在排队任务上、退款，再取消任务：退回的积分先还欠下的，钱和积分不能两头得"""
     user = await make_user()
     set_balance(user.id, 0)
-    metadata = metadata_for(user)
-    paid = fake_stripe.session("cs_sf", metadata, payment_intent="pi_sf")
-    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    metadata = await bought(client, user, "cs_sf", "pi_sf")
     tasks = [new_task(user.id, 250), new_task(user.id, 250)]
     refund = fake_stripe.charge(metadata, amount_refunded=500, payment_intent="pi_sf")
     assert (await post_event(client, fake_stripe.event("charge.refunded", refund))).json()["data"][
@@ -468,9 +474,7 @@ async def test_credits_coming_back_later_pay_off_a_shortfall_first(client, make_
 
 async def test_a_chargeback_takes_the_credits_back_and_a_dispute_won_returns_them(client, make_user):
     user = await make_user()
-    metadata = metadata_for(user)
-    paid = fake_stripe.session("cs_dp", metadata, payment_intent="pi_dp")
-    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    await bought(client, user, "cs_dp", "pi_dp")
     set_balance(user.id, 520)  # 80 credits of the pack spent
     created = fake_stripe.event("charge.dispute.created", fake_stripe.dispute(payment_intent="pi_dp"))
     assert (await post_event(client, created)).json()["data"]["result"] == "ignored"  # no money moved yet
@@ -494,9 +498,7 @@ async def test_a_chargeback_takes_the_credits_back_and_a_dispute_won_returns_the
 
 async def test_a_dispute_won_forgives_the_shortfall_before_returning_credits(client, make_user):
     user = await make_user()
-    metadata = metadata_for(user)
-    paid = fake_stripe.session("cs_dp2", metadata, payment_intent="pi_dp2")
-    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    await bought(client, user, "cs_dp2", "pi_dp2")
     set_balance(user.id, 200)
     dispute = fake_stripe.dispute(payment_intent="pi_dp2")
     await post_event(client, fake_stripe.event("charge.dispute.funds_withdrawn", dispute))
@@ -543,9 +545,7 @@ async def test_a_refund_while_a_webhook_holds_the_purchase_still_pays_off_its_sh
 
 async def test_a_late_withdrawal_of_a_dispute_already_won_takes_nothing(client, make_user):
     user = await make_user()
-    metadata = metadata_for(user)
-    paid = fake_stripe.session("cs_late", metadata, payment_intent="pi_late")
-    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    await bought(client, user, "cs_late", "pi_late")
     dispute = fake_stripe.dispute(payment_intent="pi_late")
     await post_event(client, fake_stripe.event("charge.dispute.funds_reinstated", {**dispute, "status": "won"}))
     late = await post_event(client, fake_stripe.event("charge.dispute.funds_withdrawn", dispute))
@@ -557,9 +557,7 @@ async def test_a_late_withdrawal_of_a_dispute_already_won_takes_nothing(client, 
 async def test_collecting_shortfalls_never_writes_an_empty_clawback(client, make_user):
     user = await make_user()
     for n in (1, 2):
-        metadata = metadata_for(user)
-        paid = fake_stripe.session(f"cs_z{n}", metadata, payment_intent=f"pi_z{n}")
-        await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+        metadata = await bought(client, user, f"cs_z{n}", f"pi_z{n}")
         set_balance(user.id, 0)
         refund = fake_stripe.charge(metadata, amount_refunded=500, payment_intent=f"pi_z{n}")
         await post_event(client, fake_stripe.event("charge.refunded", refund))
