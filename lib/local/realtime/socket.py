@@ -12,7 +12,7 @@ from fastapi import APIRouter, WebSocket
 from starlette.websockets import WebSocketState
 
 from lib.config import get_settings
-from lib.errors import Unauthorized
+from lib.errors import ServiceUnavailable, Unauthorized
 from lib.local.realtime.bindings import BindingError, parse_bindings
 from lib.local.realtime.channels import Channel, Hub, resolve_claims
 from lib.local.realtime.feed import ChangeFeed
@@ -186,7 +186,7 @@ class ClientConnection:
         try:
             claims = await resolve_claims(frame.payload.get("access_token") or self.apikey)
             bindings = parse_bindings(config.get("postgres_changes"))
-        except (Unauthorized, BindingError) as exc:
+        except (Unauthorized, ServiceUnavailable, BindingError) as exc:
             self.send(reply(frame, "error", {"reason": getattr(exc, "message", str(exc))}))
             return
         feed = self.realtime.feed
@@ -211,6 +211,8 @@ class ClientConnection:
             channel.claims = await resolve_claims(frame.payload.get("access_token"))
         except Unauthorized as exc:
             self.close_channel(channel, exc.message)
+            return
+        except ServiceUnavailable:  # the sign-in keys are out of reach for now: the token it has stays until it expires
             return
         self._schedule_expiry(channel)
 
