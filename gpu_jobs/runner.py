@@ -46,7 +46,12 @@ class Superseded(Exception):
 
 
 class TimedOut(Exception):
-    """处理器超过模型的 timeout_s"""
+    """任务超过时限（处理器的 timeout_s，或连同传输文件的总时限）"""
+
+    def __init__(self, limit_s: float, what: str = ""):
+        super().__init__(f"over its {limit_s:g} s limit{what}")
+        self.limit_s = limit_s
+        self.what = what
 
 
 class Progress:
@@ -136,9 +141,9 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
         return await _fail(task, attempt, exc.task_error_code, exc.message)
     except TimedOut as exc:
         log.warning("task %s: %s", task["id"], exc)
-        minutes = max(1, round(catalog.get_model(task["model_key"]).timeout_s / 60))
+        minutes = max(1, round(exc.limit_s / 60))
         return await _fail(
-            task, attempt, "timeout", f"The job took longer than {minutes} min and was stopped. {REFUNDED}"
+            task, attempt, "timeout", f"The job took longer than {minutes} min{exc.what} and was stopped. {REFUNDED}"
         )
     except Exception as exc:
         if is_transient(exc):  # storage, network or database trouble: another attempt may well succeed
@@ -166,7 +171,7 @@ async def _run(task: dict, attempt: int, progress: Progress, workdir: Path) -> s
     except TimeoutError:
         if not overall.expired():
             raise
-        progress.stop = TimedOut(f"over its {spec.timeout_s + catalog.IO_ALLOWANCE_S} s limit, files included")
+        progress.stop = TimedOut(spec.timeout_s + catalog.IO_ALLOWANCE_S, " (moving its files included)")
         raise progress.stop from None
 
 
@@ -200,7 +205,7 @@ async def _run_steps(task: dict, attempt: int, progress: Progress, workdir: Path
     except TimeoutError:
         if not limit.expired():  # the handler's own (a network read, a database round trip): temporary
             raise
-        progress.stop = TimedOut(f"over its {spec.timeout_s} s limit")  # the thread stops at its next progress
+        progress.stop = TimedOut(spec.timeout_s)  # the thread stops at its next progress
         raise progress.stop from None
     except InvalidInput as exc:
         if spec.key == "media.probe":

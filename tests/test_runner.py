@@ -112,6 +112,7 @@ async def test_a_job_over_its_whole_allowance_fails_as_timed_out_before_modal_ki
     assert await run_task_async(task["id"]) == "failed"
     row = task_row(task["id"])
     assert row["error"]["code"] == "timeout" and "refunded" in row["error"]["message"]
+    assert "(moving its files included)" in row["error"]["message"]
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
 
 
