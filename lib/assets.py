@@ -474,7 +474,8 @@ class AssetService:
         """
         late = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS
         rows = await db.fetch_all(
-            "select user_id, departed_at < now() - make_interval(secs => %s) as final from public.departed_users"
+            "select user_id, now() as started, departed_at < now() - make_interval(secs => %s) as final"
+            " from public.departed_users"
             " where swept_at is null or (swept_at < departed_at + make_interval(secs => %s)"
             "   and departed_at < now() - make_interval(secs => %s))"
             " order by departed_at limit 20",
@@ -497,7 +498,10 @@ class AssetService:
             if row["final"]:
                 await db.execute("delete from public.departed_users where user_id = %s", (user_id,))
             else:
-                await db.execute("update public.departed_users set swept_at = now() where user_id = %s", (user_id,))
+                # The sweep's start: one that began before the URLs expired must run once more after.
+                await db.execute(
+                    "update public.departed_users set swept_at = %s where user_id = %s", (row["started"], user_id)
+                )
             if time.monotonic() > deadline:
                 break
         return removed

@@ -87,7 +87,7 @@ class ModalDispatcher:
 
 def _could_not_ask() -> tuple[type[BaseException], ...]:
     """Errors that say nothing about the call, only that Modal could not be asked."""
-    from grpclib.exceptions import GRPCError, StreamTerminatedError
+    from grpclib.exceptions import StreamTerminatedError
     from modal import exception as errors
 
     return (
@@ -98,7 +98,5 @@ def _could_not_ask() -> tuple[type[BaseException], ...]:
         errors.InternalError,
         errors.ResourceExhaustedError,
         errors.PermissionDeniedError,
-        GRPCError,
-        StreamTerminatedError,
-        OSError,
+        StreamTerminatedError,  # not GRPCError: NotFoundError and InvalidError are its kind, and they are answers
     )
