@@ -513,6 +513,33 @@ def test_video_upscale(tmp_path, clip):
     assert not spool_threads()
 
 
+def top_level_boxes(path: Path) -> list[str]:
+    """MP4 顶层 box 的顺序"""
+    boxes, data, at = [], path.read_bytes(), 0
+    while at + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[at : at + 8])
+        size = struct.unpack(">Q", data[at + 8 : at + 16])[0] if size == 1 else size or len(data) - at
+        boxes.append(kind.decode("latin-1"))
+        at += size
+    return boxes
+
+
+@pytest.mark.parametrize(
+    ("handler", "params", "source"),
+    [
+        (video_upscale, {"video_asset_id": "s", "scale": 2}, "clip"),
+        (video_interpolate, {"video_asset_id": "s", "factor": 2, "mode": "blend"}, "clip"),
+        (image_animate, {"image_asset_id": "s", "duration": 2, "resolution": 128}, "picture"),
+    ],
+)
+def test_clips_start_playing_before_they_finish_downloading(tmp_path, request, handler, params, source):
+    """The index (moov) comes before the frames (mdat): a browser plays the clip as it streams in."""
+    [out] = handler.run(make_ctx(tmp_path, params, {"s": request.getfixturevalue(source)}))
+    boxes = top_level_boxes(out.path)
+    assert boxes.index("moov") < boxes.index("mdat")
+    assert media.probe_file(out.path)["frame_count"] == len(decode(out.path))
+
+
 def test_odd_sized_video_is_upscaled_and_interpolated(tmp_path):
     """H.264 cannot code 65x49 (FFV1 can): the chroma planes are 33x25, and outputs are cut to even sizes."""
     src = make_video(tmp_path / "odd.mkv", 65, 49, frames=6, fps=24, audio=False, video_codec="ffv1")

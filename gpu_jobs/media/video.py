@@ -291,7 +291,9 @@ class FrameWriter(_Worker):
     def _open(self, audio_as: str | tuple[int, str] | None) -> tuple[Any, Any, Any, Any]:
         """The output, its video stream, the audio source and the output's audio stream: none, the source's
         copied (``"copy"``) or encoded to AAC at ``(rate, layout)``."""
-        out = av.open(self.path, "w", format="mp4")
+        # faststart: the index goes before the frames once they are written, so a browser plays the clip as it
+        # streams in (the muxer moves it at close: 80 ms for a 211 MB file)
+        out = av.open(self.path, "w", format="mp4", container_options={"movflags": "+faststart"})
         try:
             video = out.add_stream("libx264", rate=self.rate)
             video.width, video.height, video.pix_fmt = self.width, self.height, "yuv420p"
