@@ -125,6 +125,31 @@ def test_clients_hold_no_table_privilege_that_rls_does_not_cover(postgres, db_co
                     conn.execute(f"lock table public.{table} in access exclusive mode")
 
 
+def test_clients_hold_only_the_table_privileges_they_use(postgres, db_conn):
+    """anon reads nothing (a grant alone would let it hear Realtime changes); authenticated reads under RLS and
+    writes its projects only: any other write privilege would also let it LOCK the table and stall the server."""
+    rows = db_conn.execute(
+        "select c.relname as table_name, r.role, p.privilege from pg_class c"
+        " join pg_namespace n on n.oid = c.relnamespace,"
+        " unnest(array['anon', 'authenticated']) r(role),"
+        " unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE']) p(privilege)"
+        " where n.nspname = 'public' and c.relkind in ('r', 'p', 'v', 'm')"
+        " and has_table_privilege(r.role, c.oid, p.privilege)"
+    ).fetchall()
+    granted = {(r["table_name"], r["role"], r["privilege"]) for r in rows}
+    assert not {g for g in granted if g[1] == "anon"}
+    writes = {(table, privilege) for table, role, privilege in granted if privilege != "SELECT"}
+    assert writes == {("projects", "INSERT"), ("projects", "UPDATE"), ("projects", "DELETE")}
+    assert ("departed_users", "authenticated", "SELECT") not in granted
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        for role in ("anon", "authenticated"):
+            as_role(conn, role, new_user(conn) if role == "authenticated" else None)
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):  # would stall every signup and deletion
+                with conn.transaction():
+                    conn.execute("lock table public.departed_users in access exclusive mode")
+            conn.execute("reset role")
+
+
 def test_signup_grants_credits_once(db_conn):
     user = new_user(db_conn)
     again = db_conn.execute(
@@ -295,5 +320,9 @@ def test_realtime_publication_and_replica_identity(db_conn):
         for r in db_conn.execute("select tablename from pg_publication_tables where pubname = 'supabase_realtime'")
     }
     assert {"tasks", "credit_accounts"} <= published
+    events = db_conn.execute(
+        "select pubinsert, pubupdate, pubdelete, pubtruncate from pg_publication where pubname = 'supabase_realtime'"
+    ).fetchone()
+    assert events == {"pubinsert": True, "pubupdate": True, "pubdelete": False, "pubtruncate": False}
     identity = db_conn.execute("select relreplident from pg_class where oid = 'public.tasks'::regclass").fetchone()
     assert identity["relreplident"] == "f"

@@ -54,33 +54,42 @@ end;
 $$;
 revoke execute on function realtime_local.capture() from public, anon, authenticated;
 
--- A DELETE goes to every subscriber whose filters match the old row, as in the
--- cloud (Supabase Realtime cannot check RLS on a row that is gone); earlier
--- versions checked the old row against the SELECT policies here.
+-- A DELETE (where the publication sends them) goes to every subscriber whose
+-- filters match the old row, as in the cloud (Supabase Realtime cannot check
+-- RLS on a row that is gone); earlier versions checked the old row against the
+-- SELECT policies here.
 drop function if exists realtime_local.row_visible(regclass, jsonb);
 
 -- ---------------------------------------------------------------------------
--- The capture trigger on every table of the publication (and off the tables
--- that left it).
+-- The capture trigger on every table of the publication, for the changes it
+-- publishes (as logical replication would send them), and off the tables that
+-- left it.
 -- ---------------------------------------------------------------------------
 do $$
 declare
   t record;
+  v_events text;
 begin
+  select concat_ws(' or ',
+           case when pubinsert then 'insert' end,
+           case when pubupdate then 'update' end,
+           case when pubdelete then 'delete' end)
+    into v_events
+    from pg_catalog.pg_publication where pubname = 'supabase_realtime';
   for t in
     select c.oid::regclass as rel from pg_catalog.pg_trigger g join pg_catalog.pg_class c on c.oid = g.tgrelid
     where g.tgname = 'realtime_local_capture'
-      and not exists (
-        select 1 from pg_catalog.pg_publication_tables p join pg_catalog.pg_namespace n on n.nspname = p.schemaname
-        where p.pubname = 'supabase_realtime' and p.tablename = c.relname and n.oid = c.relnamespace)
   loop
     execute format('drop trigger realtime_local_capture on %s', t.rel);
   end loop;
+  if coalesce(v_events, '') = '' then
+    return;
+  end if;
   for t in select p.schemaname, p.tablename from pg_catalog.pg_publication_tables p where p.pubname = 'supabase_realtime'
   loop
     execute format(
-      'create or replace trigger realtime_local_capture after insert or update or delete on %I.%I'
-      ' for each row execute function realtime_local.capture()', t.schemaname, t.tablename);
+      'create trigger realtime_local_capture after %s on %I.%I'
+      ' for each row execute function realtime_local.capture()', v_events, t.schemaname, t.tablename);
   end loop;
 end;
 $$;
