@@ -57,9 +57,8 @@ class TaskService:
             # A replay whose input or project was deleted since: the first answer still stands.
             earlier = idempotency_key and await self._keyed_task(user_id, idempotency_key)
             if earlier:
-                if earlier["project_id"] is None:  # its project may be the one deleted (project_id set null)
-                    earlier = {**earlier, "project_id": project_id}
-                return _same_request(earlier, request), False
+                [task] = await with_fresh_result_urls([_same_request(earlier, request)])
+                return task, False
             raise
         credits = get_credit_service()
         cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
@@ -73,9 +72,10 @@ class TaskService:
             input_asset_ids=list(assets),
             max_active=settings.max_active_tasks_per_user,
         )
-        task = public_task(outcome["task"])
         if not outcome["created"]:
-            return _same_request(task, request), False
+            [task] = await with_fresh_result_urls([_same_request(outcome["task"], request)])
+            return task, False
+        task = public_task(outcome["task"])
         await self.dispatch(task_id=task["id"], model_key=model_key)
         return task, True
 
@@ -123,7 +123,9 @@ class TaskService:
 
     async def _keyed_task(self, user_id: str, idempotency_key: str) -> dict | None:
         return await db.fetch_one_as(
-            user_id, f"select {PUBLIC_COLUMNS} from public.tasks where idempotency_key = %s", (idempotency_key,)
+            user_id,
+            f"select {PUBLIC_COLUMNS}, requested_project_id from public.tasks where idempotency_key = %s",
+            (idempotency_key,),
         )
 
     async def _own_task(self, user_id: str, task_id: str) -> dict:
@@ -240,11 +242,11 @@ async def with_fresh_result_urls(tasks: list[dict]) -> list[dict]:
 
 
 def _same_request(task: dict, request: tuple) -> dict:
-    """重放：幂等键对应的任务须来自同一请求（模型、参数、项目），否则 409"""
-    project_id = task["project_id"] and str(task["project_id"])
+    """重放：幂等键对应的任务须来自同一请求（模型、参数、所要的项目，即使它已被删除），否则 409；返回对外字段"""
+    project_id = task["requested_project_id"] and str(task["requested_project_id"])
     if (task["model_key"], task["params"], project_id) != request:
         raise Conflict("This Idempotency-Key was already used for a different request.")
-    return task
+    return public_task(task)
 
 
 def runnable_model(model_key: str) -> catalog.ModelSpec:

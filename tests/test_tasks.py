@@ -3,6 +3,7 @@
 import asyncio
 import base64
 import json
+import uuid
 
 import pytest
 
@@ -207,6 +208,38 @@ async def test_a_replay_after_its_input_and_project_were_deleted_returns_the_fir
     assert other.status_code == 409
     assert (await client.post("/tasks", json=body, headers=user.headers)).status_code == 404  # no key: no replay
     assert balance(user.id) == 96
+
+
+async def test_a_key_first_used_without_a_project_is_409_with_one(client, make_user):
+    user, other = await make_user(), await make_user()
+    theirs = (await client.post("/projects", json={"name": "theirs"}, headers=other.headers)).json()["data"]["id"]
+    asset = make_asset(user.id, width=1000, height=1000)
+    headers = {**user.headers, "Idempotency-Key": "no-project"}
+    first = await client.post("/tasks", json=upscale(asset), headers=headers)
+    assert first.status_code == 201
+    for project in (theirs, str(uuid.uuid4())):
+        resp = await client.post("/tasks", json={**upscale(asset), "project_id": project}, headers=headers)
+        assert resp.status_code == 409, resp.text
+    task = (await client.get(f"/tasks/{first.json()['data']['id']}", headers=user.headers)).json()["data"]
+    assert task["project_id"] is None and balance(user.id) == 96
+
+
+async def test_a_replay_signs_the_result_afresh(client, make_user):
+    user = await make_user()
+    asset = make_asset(user.id, width=1000, height=1000)
+    headers = {**user.headers, "Idempotency-Key": "finished"}
+    task = (await client.post("/tasks", json=upscale(asset), headers=headers)).json()["data"]
+    sql(
+        "update public.tasks set status = 'completed', progress = 1, result = %s, result_url = 'http://stale.example/x'"
+        " where id = %s",
+        (json.dumps({"path": f"{user.id}/tasks/{task['id']}/1/gone.png"}), task["id"]),
+    )
+    fresh = (await client.get(f"/tasks/{task['id']}", headers=user.headers)).json()["data"]["result_url"]
+    again = (await client.post("/tasks", json=upscale(asset), headers=headers)).json()["data"]
+    assert again["result_url"] == fresh != "http://stale.example/x"
+    sql("delete from public.assets where id = %s", (asset,))  # the replay that finds its input deleted
+    again = (await client.post("/tasks", json=upscale(asset), headers=headers)).json()["data"]
+    assert again["result_url"] == fresh
 
 
 async def test_a_key_reused_for_a_different_request_is_409_and_charges_nothing(client, make_user):
