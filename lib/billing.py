@@ -29,6 +29,7 @@ from lib.errors import (
     Unauthorized,
     UpstreamError,
 )
+from lib.fields import unstorable
 from lib.stripe_client import get_stripe_client
 
 if TYPE_CHECKING:
@@ -68,8 +69,8 @@ def _id_of(value) -> str | None:
 
 
 def _typed(value, kind: type):
-    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状；含 NUL 的文本存不进数据库）"""
-    if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, str) and "\x00" in value):
+    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状；存不进数据库的文本同样）"""
+    if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, str) and unstorable(value)):
         return None
     return value
 

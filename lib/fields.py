@@ -7,15 +7,22 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
 
-def _storable(value: str) -> str:
+def unstorable(value: str) -> str | None:
+    """文本存不进 Postgres 的原因（NUL、孤立代理项），可存为 None"""
     # Postgres text (and jsonb) can hold neither: refused here, not as a database error. A lone surrogate comes
     # from a client that cut a string inside an emoji's UTF-16 pair.
     if "\x00" in value:
-        raise ValueError("must not contain NUL (\\u0000) characters")
+        return "must not contain NUL (\\u0000) characters"
     try:
         value.encode()
     except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode (it holds half of a surrogate pair)") from None
+        return "must be valid Unicode (it holds half of a surrogate pair)"
+    return None
+
+
+def _storable(value: str) -> str:
+    if reason := unstorable(value):
+        raise ValueError(reason)
     return value
 
 

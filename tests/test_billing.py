@@ -679,12 +679,16 @@ async def test_a_signed_event_of_an_odd_shape_is_answered_not_500(client, make_u
     assert sum(delta for _, delta in kinds(user.id)) == balance(user.id)
 
 
-async def test_a_signed_event_with_a_nul_in_its_id_is_refused_not_500(client, make_user):
+@pytest.mark.parametrize("bad", ["\x00", "\ud800"], ids=["nul", "lone-surrogate"])
+async def test_a_signed_event_with_unstorable_text_is_refused_not_500(client, make_user, bad):
     user = await make_user()
-    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_nul", metadata_for(user)))
-    resp = await post_event(client, {**evt, "id": "evt_\x00"})
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_bad", metadata_for(user)))
+    resp = await post_event(client, {**evt, "id": f"evt_{bad}"})
     assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_webhook"
-    obj = fake_stripe.session("cs_\x00", metadata_for(user))  # a NUL in the session id: nothing to store it as
+    obj = fake_stripe.session(f"cs_{bad}", metadata_for(user))  # in the session id: nothing to store it as
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed", obj))
+    assert resp.status_code == 200 and balance(user.id) == 100
+    obj = fake_stripe.session("cs_bad_pack", {**metadata_for(user), "package_id": f"starter{bad}"})
     resp = await post_event(client, fake_stripe.event("checkout.session.completed", obj))
     assert resp.status_code == 200 and balance(user.id) == 100
 
