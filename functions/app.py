@@ -70,6 +70,6 @@ def create_app() -> FastAPI:
         allow_origins=settings.cors_origins,
         allow_methods=["*"],
         allow_headers=["*"],
-        expose_headers=["x-request-id"],
+        expose_headers=["x-request-id", "retry-after", "www-authenticate", "allow"],  # the ones errors carry
     )
     return app

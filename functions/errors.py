@@ -104,7 +104,9 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         incoming = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = incoming if 0 < len(incoming) <= 64 and incoming.isprintable() else uuid.uuid4().hex
+        rid = (
+            incoming if 0 < len(incoming) <= 64 and incoming.isascii() and incoming.isprintable() else uuid.uuid4().hex
+        )
         token = request_id_var.set(rid)
 
         started, status, began = False, 500, time.perf_counter()
@@ -143,11 +145,14 @@ def _validation_details(exc: RequestValidationError) -> list[dict]:
     return details
 
 
+_UNPARSABLE = {UnicodeDecodeError: "not valid UTF-8", RecursionError: "nested too deeply"}
+
+
 def _not_json(request: Request, exc: RequestValidationError) -> bool:
     """请求体不是 JSON（例如 fetch 对字符串默认的 text/plain）"""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body_refused = any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors())
-    return bool(content_type) and body_refused and not content_type.endswith(("/json", "+json"))
+    return body_refused and not content_type.endswith(("/json", "+json"))
 
 
 def _allowed_methods(request: Request) -> str:
@@ -177,6 +182,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's parser gave up on a JSON body
+            reason = _UNPARSABLE.get(type(exc.__cause__), "not valid JSON")
+            return error_response(
+                422, "validation_error", "The request is not valid.", [{"field": "body", "message": reason}]
+            )
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:
             headers["Allow"] = _allowed_methods(request)

@@ -62,6 +62,26 @@ async def test_bodies_that_are_not_json_say_so(client, make_user):
     assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
 
 
+@pytest.mark.parametrize(
+    "body",
+    [b'{"name": "\xff\xfe"}', b"[" * 100_000, b'{"name": "a", "n": ' + b"9" * 5000 + b"}"],
+    ids=["invalid-utf8", "nested-too-deep", "huge-integer"],
+)
+async def test_json_the_parser_gives_up_on_is_a_validation_error(client, make_user, body):
+    user = await make_user()
+    resp = await client.post("/projects", content=body, headers={**user.headers, "content-type": "application/json"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["code"] == "validation_error"
+    assert resp.json()["error"]["details"][0]["field"] == "body"
+
+
+async def test_a_body_without_a_content_type_is_415(client, make_user):
+    """Not a validation error on a body that is valid JSON: what is missing is its type."""
+    user = await make_user()
+    resp = await client.post("/projects", content=b'{"name": "a"}', headers=user.headers)
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+
+
 async def test_head_answers_as_get_without_a_body(client, make_user):
     resp = await client.head("/health")
     assert resp.status_code == 200 and resp.content == b"" and resp.headers["x-request-id"]
@@ -139,6 +159,20 @@ async def test_unexpected_exception_is_generic_500(app, client, caplog):
     }
     assert "secret" not in resp.text
     assert "secret internal detail" in caplog.text
+
+
+async def test_a_browser_can_read_the_retry_and_auth_headers(client):
+    resp = await client.get("/credits", headers={"origin": "http://localhost:3000"})
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+    exposed = {h.strip() for h in resp.headers["access-control-expose-headers"].lower().split(",")}
+    assert {"x-request-id", "retry-after", "www-authenticate", "allow"} <= exposed
+
+
+@pytest.mark.parametrize("incoming", ["caf\u00e9", "\u65e5\u672c"])
+async def test_a_request_id_that_is_not_ascii_is_replaced(client, incoming):
+    resp = await client.get("/health", headers=[(b"x-request-id", incoming.encode())])
+    rid = resp.headers["x-request-id"]
+    assert rid.isascii() and rid != incoming.encode().decode("latin-1")
 
 
 async def test_credits_balance_after_signup(client, make_user):
