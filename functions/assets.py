@@ -18,7 +18,7 @@ from functions.query import Filter
 from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import InvalidInput, PayloadTooLarge
-from lib.fields import RequestBody, Text
+from lib.fields import RequestBody, Text, Whole
 
 router = APIRouter(prefix="/assets", tags=["Assets"])
 
@@ -29,7 +29,7 @@ AssetStatus = Literal["pending", "ready", "rejected"]
 
 class AssetUploadCreate(RequestBody):
     content_type: str = Field(min_length=1, max_length=100, examples=["video/mp4"])
-    bytes: int = Field(gt=0, description="Size of the file that will be uploaded.")
+    bytes: Whole = Field(gt=0, description="Size of the file that will be uploaded.")
     filename: Text | None = Field(None, max_length=255)
     project_id: UUID | None = None
 

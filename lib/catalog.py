@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from lib.config import Settings, get_settings
 from lib.errors import InvalidInput
-from lib.fields import Text
+from lib.fields import Number, Text
 
 # Modal GPU classes, each with a fallback list (first available wins).
 GPU_CLASSES: dict[str, list[str]] = {
@@ -46,7 +46,7 @@ def check_image_side(width: int, height: int, fmt: str) -> None:
 class ImageUpscaleParams(Params):
     image_asset_id: UUID
     scale: Literal[2, 4] = 2
-    sharpen: float = Field(0.0, ge=0, le=1, description="Unsharp-mask strength after upscaling.")
+    sharpen: Number = Field(0.0, ge=0, le=1, description="Unsharp-mask strength after upscaling.")
     format: Literal["png", "jpeg", "webp"] = "png"
 
 
@@ -58,7 +58,7 @@ class VideoUpscaleParams(Params):
 class ImageAnimateParams(Params):
     image_asset_id: UUID
     motion: Literal["zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down", "ken_burns"] = "ken_burns"
-    duration: float = Field(5, ge=2, le=10, description="Clip length in seconds.")
+    duration: Number = Field(5, ge=2, le=10, description="Clip length in seconds.")
     fps: Literal[24, 30] = 24
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
     resolution: Literal[480, 720, 1080] = Field(720, description="Short side of the output in pixels.")
@@ -85,7 +85,7 @@ class KlingParams(Params):
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"
     aspect_ratio: Literal["16:9", "9:16", "1:1"] = "16:9"
-    cfg_scale: float = Field(0.5, ge=0, le=1, description="Kling 1.x models only; 2.x models ignore it.")
+    cfg_scale: Number = Field(0.5, ge=0, le=1, description="Kling 1.x models only; 2.x models ignore it.")
 
 
 class KlingImageParams(KlingParams):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Strict
 
 
 def unstorable(value: str) -> str | None:
@@ -28,6 +28,9 @@ def _storable(value: str) -> str:
 
 STORABLE = AfterValidator(_storable)  # list it after any StringConstraints, which apply to the str before it
 Text = Annotated[str, STORABLE]
+# A JSON number, not true/false nor "1" (pydantic's lax mode reads those as 1): a client bug shows as a 422.
+Number = Annotated[float, Strict()]
+Whole = Annotated[int, Strict()]
 
 
 class RequestBody(BaseModel):

@@ -134,6 +134,11 @@ async def test_upload_ticket_validation(client, make_user, monkeypatch):
     user = await make_user()
     resp = await client.post("/assets/uploads", json={"content_type": "text/plain", "bytes": 10}, headers=user.headers)
     assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "content_type"
+    for size in (True, "10", 10.0):  # a size is a JSON integer
+        resp = await client.post(
+            "/assets/uploads", json={"content_type": "video/mp4", "bytes": size}, headers=user.headers
+        )
+        assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "bytes", size
     monkeypatch.setattr(get_settings(), "max_upload_bytes", 1000)
     resp = await client.post("/assets/uploads", json={"content_type": "video/mp4", "bytes": 1001}, headers=user.headers)
     assert resp.status_code == 413 and resp.json()["error"]["code"] == "payload_too_large"

@@ -77,6 +77,8 @@ async def test_the_internal_probe_can_be_neither_run_nor_quoted(client, make_use
     [
         ({"scale": 3}, "params.scale"),
         ({"sharpen": 2}, "params.sharpen"),
+        ({"sharpen": True}, "params.sharpen"),  # a client bug, not 1.0
+        ({"sharpen": "0.5"}, "params.sharpen"),
         ({"format": "gif"}, "params.format"),
         ({"surprise": 1}, "params.surprise"),
     ],
