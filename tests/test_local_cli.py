@@ -53,6 +53,14 @@ def test_cli_commands_stop_only_the_postgres_they_started(home):
     assert not running(home)
 
 
+def test_psql_opens_the_local_database_and_stops_what_it_started(home):
+    done = cli(home, "psql", "-Atc", "select id from public.credit_packages order by price_cents")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["starter", "creator", "studio"] and not running(home)
+    done = cli(home, "psql", "-Atc", "select nothing")
+    assert done.returncode != 0 and "nothing" in done.stderr  # psql's own error and exit status
+
+
 def test_a_second_dev_on_a_taken_port_says_so_and_starts_nothing(tmp_path, live_server):
     port = live_server.rsplit(":", 1)[1]  # a running Spool: its /health answers, as the first `make dev`'s would
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPABASE_")}

