@@ -118,7 +118,14 @@ class AssetService:
         signed = await get_storage().create_signed_upload_url(path=path, user_id=user_id)
         expires = datetime.fromtimestamp(signed["expires_at"], UTC)
         await self._record_upload(
-            asset_id, user_id, project_id, media, path, size, filename, upload_expires_at=expires.isoformat()
+            asset_id,
+            user_id,
+            project_id,
+            media,
+            path,
+            size,
+            filename,
+            upload_expires_at=expires.isoformat().replace("+00:00", "Z"),
         )
         return {
             "asset_id": asset_id,
