@@ -40,7 +40,7 @@ class TaskService:
         if idempotency_key and idempotency_key.startswith(PROBE_KEY_PREFIX):
             raise InvalidInput(
                 f"Idempotency-Key values starting with '{PROBE_KEY_PREFIX}' are reserved; please choose another key.",
-                details=[{"field": "Idempotency-Key", "message": "reserved prefix"}],
+                details=[{"field": "header.Idempotency-Key", "message": "reserved prefix"}],
             )
         spec = available_model(model_key)
         settings = get_settings()

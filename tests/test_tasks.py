@@ -262,6 +262,7 @@ async def test_reserved_or_unstorable_idempotency_keys_are_422(client, make_user
     headers = {**user.headers, "Idempotency-Key": key}
     resp = await client.post("/tasks", json=upscale(make_asset(user.id)), headers=headers)
     assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["details"][0]["field"] == "header.Idempotency-Key"  # as the header's other errors
     if not key.startswith("probe:"):  # checkout keys have no reserved prefix
         resp = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
         assert resp.status_code == 422, resp.text
