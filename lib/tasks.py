@@ -42,26 +42,28 @@ class TaskService:
                 f"Idempotency-Key values starting with '{PROBE_KEY_PREFIX}' are reserved; please choose another key.",
                 details=[{"field": "header.Idempotency-Key", "message": "reserved prefix"}],
             )
-        spec = available_model(model_key)
+        spec = runnable_model(model_key)
         settings = get_settings()
         valid = catalog.validate_params(spec, params)
         stored_params = valid.model_dump(mode="json")
         request = (model_key, stored_params, project_id)
+        credits = get_credit_service()
         try:
+            require_available(spec)
             assets = await self._input_assets(user_id, spec, valid)
             if project_id:
                 from lib.projects import get_project_service
 
                 await get_project_service().require_owned(user_id=user_id, project_id=project_id)
-        except NotFound:
-            # A replay whose input or project was deleted since: the first answer still stands.
+            cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)  # checks the limits
+        except (NotFound, InvalidInput, ProviderUnavailable):
+            # A replay whose input or project was deleted since, or that today's limits or providers would refuse:
+            # the first answer still stands.
             earlier = idempotency_key and await self._keyed_task(user_id, idempotency_key)
             if earlier:
                 [task] = await with_fresh_result_urls([_same_request(earlier, request)])
                 return task, False
             raise
-        credits = get_credit_service()
-        cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)
         outcome = await credits.consume_credits(
             user_id=user_id,
             model_key=model_key,
@@ -81,7 +83,7 @@ class TaskService:
 
     async def quote(self, *, user_id: str, model_key: str, params: dict, input_asset_ids=None) -> dict:
         """报价：与创建任务相同的校验与计价，但不扣费"""
-        spec = available_model(model_key)
+        spec = require_available(runnable_model(model_key))
         valid = catalog.validate_params(spec, params)
         named = set(spec.input_asset_ids(valid))
         if input_asset_ids is not None and {str(i) for i in input_asset_ids} != named:
@@ -260,9 +262,8 @@ def runnable_model(model_key: str) -> catalog.ModelSpec:
     return spec
 
 
-def available_model(model_key: str) -> catalog.ModelSpec:
-    """可运行且此刻可用的模型（外部提供方未配置 → 503）"""
-    spec = runnable_model(model_key)
+def require_available(spec: catalog.ModelSpec) -> catalog.ModelSpec:
+    """模型此刻可用（外部提供方未配置 → 503）"""
     if not spec.available(get_settings()):
         raise ProviderUnavailable(f"'{spec.title}' is not available right now.")
     return spec

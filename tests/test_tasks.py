@@ -244,6 +244,21 @@ async def test_a_replay_signs_the_result_afresh(client, make_user):
     assert again["result_url"] == fresh
 
 
+async def test_a_replay_that_todays_limits_would_refuse_returns_the_first_answer(client, make_user, monkeypatch):
+    user = await make_user()
+    asset = make_asset(user.id, width=1000, height=1000)
+    headers = {**user.headers, "Idempotency-Key": "before-the-limit"}
+    first = await client.post("/tasks", json=upscale(asset), headers=headers)
+    assert first.status_code == 201
+    monkeypatch.setattr(get_settings(), "max_output_pixels", 1000 * 1000)  # lowered since: 2x is now too large
+    again = await client.post("/tasks", json=upscale(asset), headers=headers)
+    assert again.status_code == 200 and again.json()["data"]["id"] == first.json()["data"]["id"]
+    assert (await client.post("/tasks", json=upscale(asset), headers=user.headers)).status_code == 422
+    other = await client.post("/tasks", json=upscale(asset, scale=4), headers=headers)
+    assert other.status_code == 409  # still not a way around the limit for another request
+    assert balance(user.id) == 96
+
+
 async def test_a_key_reused_for_a_different_request_is_409_and_charges_nothing(client, make_user):
     user = await make_user()
     asset = make_asset(user.id, width=1000, height=1000)  # 2x: 4 credits
