@@ -9,11 +9,14 @@ import shutil
 import signal
 import subprocess
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
 import websockets
+from psycopg.rows import dict_row
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
 
 from lib.local.stack import free_port, start_server
@@ -407,6 +410,69 @@ async def test_feed_survives_a_dropped_database_connection(realtime_url, make_us
     assert (await sub.next(wait_s=15))["data"]["record"]["balance"] == 90
     create_task(db_conn, a.id, cost=10)
     assert (await sub.next())["data"]["record"]["balance"] == 80
+
+
+@contextmanager
+def visibility_check_dies_once(conn):
+    """让 feed 的下一次可见性检查断开它自己的数据库连接（一次），之后恢复原函数"""
+    conn.execute("alter function realtime_local.visible_rows(jsonb) rename to visible_rows_intact")
+    conn.execute("create sequence realtime_local.visible_rows_calls")
+    conn.execute(
+        """create function realtime_local.visible_rows(p_checks jsonb) returns table (check_no int, item jsonb)
+        language plpgsql as $$
+        begin
+          if nextval('realtime_local.visible_rows_calls') = 1 then
+            perform pg_terminate_backend(pg_backend_pid());
+            perform pg_sleep(5);
+          end if;
+          return query select * from realtime_local.visible_rows_intact(p_checks);
+        end $$"""
+    )
+    try:
+        yield
+    finally:
+        conn.execute("drop function realtime_local.visible_rows(jsonb)")
+        conn.execute("drop sequence realtime_local.visible_rows_calls")
+        conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
+
+
+async def test_a_change_whose_delivery_lost_the_database_arrives_after_reconnecting(
+    realtime_url, make_user, db_conn, subscriptions
+):
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "credits", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    with visibility_check_dies_once(db_conn):
+        create_task(db_conn, a.id, cost=10)
+        assert (await sub.next(wait_s=15))["data"]["record"]["balance"] == 90
+    create_task(db_conn, a.id, cost=10)
+    assert (await sub.next())["data"]["record"]["balance"] == 80
+
+
+async def test_a_change_committed_out_of_order_while_the_feed_was_away_arrives(
+    realtime_url, make_user, db_conn, postgres, subscriptions
+):
+    a, b = await make_user(), await make_user()
+    sub_a = await subscriptions(realtime_url, a.token).subscribe(
+        "credits-a", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    sub_b = await subscriptions(realtime_url, b.token).subscribe(
+        "credits-b", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{b.id}"}
+    )
+    with psycopg.connect(postgres, row_factory=dict_row) as slow:
+        create_task(slow, a.id, cost=10)  # its change is numbered now and committed last
+        create_task(db_conn, b.id, cost=10)
+        assert (await sub_b.next())["data"]["record"]["balance"] == 90
+        db_conn.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name like 'spool-realtime-%%'"
+        )
+        while db_conn.execute(
+            "select count(*) as n from pg_stat_activity where application_name = 'spool-realtime-listen'"
+        ).fetchone()["n"]:
+            await asyncio.sleep(0.01)
+        slow.commit()  # nobody listens: only the catch-up can find it
+    assert (await sub_a.next(wait_s=20))["data"]["record"]["balance"] == 90
 
 
 async def test_client_reconnects_after_a_server_restart(live_server, make_user, db_conn, subscriptions, tmp_path):

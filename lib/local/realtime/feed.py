@@ -111,7 +111,7 @@ class ChangeFeed:
         self.db_url = db_url
         self.ready = asyncio.Event()
         self.tables: dict[tuple[str, str], TableMeta] = {}
-        self.last_id: int | None = None
+        self.floor: int | None = None  # the newest change when the feed first listened: older ones are not ours
         self.delivered = 0
         self._recent: OrderedDict[int, None] = OrderedDict()
         self._task: asyncio.Task | None = None
@@ -175,16 +175,11 @@ class ChangeFeed:
             await listen.execute(f"listen {NOTIFY_CHANNEL}")
             await self._load_tables(query)
             queue: asyncio.Queue = asyncio.Queue()
-            cur = await query.execute("select coalesce(max(id), 0) from realtime_local.changes")
-            newest = (await cur.fetchone())[0]
-            if self.last_id is not None and newest > self.last_id:
-                # Catch up on what committed while the listener was away.
-                cur = await query.execute(
-                    "select id from realtime_local.changes where id > %s order by id", (self.last_id,)
-                )
-                for (change_id,) in await cur.fetchall():
-                    queue.put_nowait(change_id)
-            self.last_id = max(self.last_id or 0, newest)
+            if self.floor is None:
+                cur = await query.execute("select coalesce(max(id), 0) from realtime_local.changes")
+                self.floor = (await cur.fetchone())[0]
+            else:
+                await self._catch_up(query, queue)
             reader = asyncio.create_task(self._read(listen, queue), name="realtime-listen")
             self.ready.set()
             log.info("realtime feed listening on %s", NOTIFY_CHANNEL)
@@ -195,14 +190,30 @@ class ChangeFeed:
                         try:
                             await self._dispatch(query, ids)
                         except psycopg.OperationalError:
-                            raise
+                            raise  # not marked as seen: the catch-up after reconnecting delivers them
                         except psycopg.Error:
                             log.exception("realtime feed could not deliver changes %s..%s", min(ids), max(ids))
+                        self._seen(ids)
                     if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
                         await self._prune(query)
             finally:
                 self.ready.clear()
                 reader.cancel()
+
+    async def _catch_up(self, query: psycopg.AsyncConnection, queue: asyncio.Queue) -> None:
+        """重连后补发断线期间提交的变更：已记录的最早 id 之后、尚未发出的每一条（事务不按 id 顺序提交）"""
+        since = max(self.floor or 0, min(self._recent, default=0))
+        cur = await query.execute("select id from realtime_local.changes where id > %s order by id", (since,))
+        for (change_id,) in await cur.fetchall():
+            if change_id not in self._recent:
+                queue.put_nowait(change_id)
+
+    def _seen(self, ids: list[int]) -> None:
+        """记下已处理的变更（之后的通知与补发都跳过它们）"""
+        for change_id in ids:
+            self._recent[change_id] = None
+        while len(self._recent) > RECENT_IDS:
+            self._recent.popitem(last=False)
 
     async def _read(self, listen: psycopg.AsyncConnection, queue: asyncio.Queue) -> None:
         try:
@@ -224,7 +235,7 @@ class ChangeFeed:
         for item in items:
             if isinstance(item, Exception):
                 raise item
-            if item is not TICK and item not in self._recent:
+            if item is not TICK and item not in self._recent and item not in ids:  # a catch-up may meet its notify
                 ids.append(item)
         return ids
 
@@ -313,11 +324,6 @@ class ChangeFeed:
         cur = await query.execute(CHANGES_SQL, (ids,))
         order = {change_id: i for i, change_id in enumerate(ids)}
         changes = sorted((Change(*row) for row in await cur.fetchall()), key=lambda c: order[c.id])
-        for change_id in ids:
-            self._recent[change_id] = None
-        while len(self._recent) > RECENT_IDS:
-            self._recent.popitem(last=False)
-        self.last_id = max(self.last_id or 0, *ids)
 
         plan: list[tuple[Change, TableMeta, Channel, list[int]]] = []
         for change in changes:
