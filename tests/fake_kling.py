@@ -12,6 +12,7 @@ Knobs (set on the instance before or during a test):
 - ``drop_submit``: the next submit answers 500 without creating the job (a request that never arrived);
 - ``missing_job``: ``(http_status, code, message)`` answered to a status lookup of a job it does not know;
 - ``lagging_lookups``: the next lookups by our id miss a job that exists (Kling's lookup behind its submits);
+- ``busy_lookups``: the next lookups by our id answered 429 code 1302 (a rate limit that hits the lookup);
 - ``refused_downloads``: the next downloads of a video answered 403 (a link the CDN does not serve yet, or expired);
 - ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting).
 """
@@ -48,6 +49,7 @@ class FakeKling:
         self.retry_after: int | None = None
         self.refused_submits = 0
         self.lagging_lookups = 0
+        self.busy_lookups = 0
         self.refused_downloads = 0
         self.errors: list[int] = []
         self.lose_submit_response = False
@@ -191,6 +193,10 @@ class FakeKling:
     def _status(self, kind: str, ref: str) -> tuple[int, dict, bytes, str]:
         job = self.jobs.get(ref)
         if job is None:
+            with self._lock:
+                busy, self.busy_lookups = self.busy_lookups > 0, max(0, self.busy_lookups - 1)
+            if busy:
+                return _error(429, 1302, "rate limit exceeded")
             with self._lock:
                 lagging, self.lagging_lookups = self.lagging_lookups > 0, max(0, self.lagging_lookups - 1)
             if not lagging:

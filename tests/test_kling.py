@@ -189,6 +189,36 @@ def test_a_submit_accepted_without_a_job_id_adopts_the_job_by_our_id():
     assert sent[1].url.path == "/v1/videos/text2video/our-task"
 
 
+def test_a_rate_limited_lookup_after_a_lost_submit_answer_leaves_the_submit_unclear():
+    lost = httpx.Response(500, json={"code": 5000, "message": "Server internal error"})
+    limited = httpx.Response(429, json={"code": 1302, "message": "rate limit exceeded"})
+    provider, sent = mock_provider(lost, *[limited] * 5, retries=4)
+    with pytest.raises(ProviderBusy) as busy:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert busy.value.ambiguous  # the job may exist: the next attempt looks it up before submitting again
+    assert [r.method for r in sent] == ["POST", *["GET"] * 5]
+
+
+def test_a_submit_refused_for_our_existing_id_adopts_the_job():
+    provider, sent = mock_provider(
+        httpx.Response(400, json={"code": 1201, "message": "external_task_id already exists"}),
+        kling_ok({"task_id": "kt-7", "task_status": "processing"}),
+    )
+    assert provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={}) == "kt-7"
+    assert [r.method for r in sent] == ["POST", "GET"] and sent[1].url.path == "/v1/videos/text2video/our-task"
+
+
+def test_a_submit_refused_for_its_parameters_without_a_job_stays_refused():
+    missing = httpx.Response(404, json={"code": 1203, "message": "The requested resource does not exist"})
+    provider, sent = mock_provider(
+        httpx.Response(400, json={"code": 1201, "message": "prompt is too long"}), *[missing] * 5, retries=4
+    )
+    with pytest.raises(ProviderError) as refused:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert "prompt is too long" in refused.value.message and not isinstance(refused.value, JobNotFound)
+    assert [r.method for r in sent] == ["POST", *["GET"] * 5]  # looked up with the late-lookup retry
+
+
 def test_a_submit_refused_as_an_unknown_resource_is_a_refusal_not_a_lost_job():
     provider, _ = mock_provider(httpx.Response(404, json={"code": 1203, "message": "model is not exist"}))
     with pytest.raises(ProviderError) as refused:
@@ -403,6 +433,31 @@ async def test_a_submit_that_never_arrived_is_sent_again(client, make_user, klin
 async def test_a_resend_refused_as_a_duplicate_adopts_the_job_the_lost_answer_created(client, make_user, kling):
     kling.lose_submit_response, kling.lagging_lookups = True, 1  # the lookup right after the lost answer misses
     await completes_with_one_paid_job(client, make_user, kling)
+
+
+async def test_a_rate_limited_lookup_after_a_lost_answer_retries_with_a_lookup_not_a_second_submit(
+    client, make_user, kling
+):
+    kling.lose_submit_response, kling.busy_lookups = True, 5  # every try of the lookup after the lost answer
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "queued"  # requeued: whether Kling took the job is not known
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert task_row(task["id"])["attempts"] == 2 and kinds(user, task) == ["charge"]
+
+
+async def test_a_submit_refused_because_our_id_exists_adopts_the_job(client, make_user, kling):
+    user = await make_user()
+    task = await create(client, user)
+    # An earlier try created the job under our id, but nothing of it was stored with the task.
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
 
 
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):

@@ -46,6 +46,14 @@ class JobNotFound(ProviderError):
     """Kling 不认识这个任务 id"""
 
 
+class Refused(ProviderError):
+    """Kling 拒绝了请求（带 Kling 的错误码）"""
+
+    def __init__(self, message: str, *, code: int | None):
+        super().__init__(message)
+        self.code = code
+
+
 class KlingProvider:
     """Kling AI 适配器"""
 
@@ -113,21 +121,31 @@ class KlingProvider:
                 return str(job_id)
             except ProviderBusy as exc:
                 if exc.ambiguous:  # the job may exist although we got no answer: never submit it twice
-                    found = self.find(external_id)
+                    found = self._lookup(external_id, late=False)
                     if found is not None:
                         return found.job_id
                     unclear = True
                 if delay is None:
                     raise
                 self._wait("submit", attempt, exc, delay)
-            except ProviderError:
-                # A re-send refused (e.g. 1201 "external_task_id already exists") after a try whose answer was lost:
-                # that try did create the job, and Kling's lookup by our id had not caught up yet.
-                found = self._find_late(external_id) if unclear else None
+            except ProviderError as exc:
+                # A submit refused for its parameters may be refused for our external id (1201 "external_task_id
+                # already exists"): an earlier try, in this call or an earlier attempt, created the job and Kling's
+                # lookup by our id had not caught up. Our external id is our task id, so a job under it is ours.
+                if not (unclear or (isinstance(exc, Refused) and exc.code in PARAM_CODES)):
+                    raise
+                found = self._lookup(external_id, late=True)
                 if found is None:
                     raise
                 return found.job_id
         raise AssertionError("unreachable")
+
+    def _lookup(self, external_id: str, *, late: bool) -> ProviderJob | None:
+        """提交结果不明时按我们的 id 查找任务；查询本身暂时失败时结果仍不明（ambiguous）"""
+        try:
+            return self._find_late(external_id) if late else self.find(external_id)
+        except ProviderBusy as exc:  # not "certainly not created": the next attempt looks the job up first
+            raise ProviderBusy(f"could not look up the job by our id: {exc}", ambiguous=True) from exc
 
     def find(self, external_id: str) -> ProviderJob | None:
         """按 external_task_id 查找任务；不存在 → None"""
@@ -256,7 +274,7 @@ class KlingProvider:
             raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
         if method == "GET" and (status == 404 or code == NOT_FOUND_CODE or code in PARAM_CODES):
             raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
-        raise ProviderError(refusal_message(status, code, payload.get("message")))
+        raise Refused(refusal_message(status, code, payload.get("message")), code=code)
 
     def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
         delay = max(delay, min(exc.retry_after or 0.0, 30.0))
