@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import sys
 import time
@@ -15,11 +16,20 @@ import jwt
 import pytest
 from pydantic import ValidationError
 
-from gpu_jobs.providers import ProviderBusy, ProviderError, download_file, waiting_fraction
+from gpu_jobs.handlers import JobContext
+from gpu_jobs.providers import (
+    ProviderBusy,
+    ProviderError,
+    ProviderJob,
+    download_file,
+    submit_or_resume,
+    waiting_fraction,
+)
 from gpu_jobs.providers.kling import JobNotFound, KlingProvider, refusal_message
 from gpu_jobs.runner import run_task_async
 from lib.catalog import KlingParams
 from lib.config import get_settings
+from lib.errors import TransientError
 from lib.reaper import reap
 from tests.conftest import ROOT
 from tests.factories import balance, job_state, ledger, make_asset, set_balance, sql, task_row
@@ -217,6 +227,39 @@ def test_a_submit_refused_for_its_parameters_without_a_job_stays_refused():
         provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
     assert "prompt is too long" in refused.value.message and not isinstance(refused.value, JobNotFound)
     assert [r.method for r in sent] == ["POST", *["GET"] * 5]  # looked up with the late-lookup retry
+
+
+class OneJobProvider:
+    """一个只会接受或查找一个任务的提供方（submit 的回答丢失时抛出不明确的 ProviderBusy）"""
+
+    name = "Kling"
+
+    def __init__(self, *, lose_answer: bool):
+        self.lose_answer = lose_answer
+
+    def submit(self, *, external_id, params, inputs) -> str:
+        """提交：回答丢失或返回任务 id"""
+        if self.lose_answer:
+            raise ProviderBusy("no answer", ambiguous=True)
+        return "kt-1"
+
+    def find(self, external_id):
+        """按我们的 id 找到任务"""
+        return ProviderJob(job_id="kt-1", state="running", raw_state="processing")
+
+
+def test_a_job_adopted_by_our_id_keeps_the_deadline_of_its_first_submit(tmp_path):
+    ctx = JobContext(
+        task_id="our-task", params=None, inputs={}, input_meta={}, workdir=tmp_path, progress=lambda *a, **k: None
+    )
+    before = time.time()
+    with pytest.raises(TransientError):  # the submit's answer was lost: the attempt ends before the id is known
+        submit_or_resume(ctx, OneJobProvider(lose_answer=True), deadline_s=60, interval_s=0.01)
+    assert ctx.state["provider_submitting"] is True and before <= ctx.state["provider_submitted_at"] <= time.time()
+    first = ctx.state["provider_submitted_at"]
+    time.sleep(0.05)
+    job_id, started_at = submit_or_resume(ctx, OneJobProvider(lose_answer=False), deadline_s=60, interval_s=0.01)
+    assert (job_id, started_at) == ("kt-1", first) and ctx.state["provider_submitted_at"] == first
 
 
 def test_a_submit_refused_as_an_unknown_resource_is_a_refusal_not_a_lost_job():
@@ -587,6 +630,23 @@ async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, 
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+
+
+async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(client, make_user, kling):
+    user = await make_user()
+    task = await create(client, user)
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    submitted_at = time.time() - 3600  # the attempt that submitted died an hour ago, before it stored Kling's id
+    sql(
+        "insert into public.task_job_states (task_id, state) values (%s, %s)",
+        (task["id"], json.dumps({"provider_submitting": True, "provider_submitted_at": submitted_at})),
+    )
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["message"] == "The provider did not finish within 30 seconds; your credits were refunded."
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_submitted_at"] == submitted_at
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 
 async def test_cancel_refunds_and_abandons_the_provider_job(client, make_user, kling):

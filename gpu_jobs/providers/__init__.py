@@ -122,10 +122,11 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
         found = _find(provider, ctx.task_id)
         if found is not None:
             log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
-            return _saved(ctx, found.job_id, time.time())
+            # Its deadline counts from the submit that created it, not from each attempt that died before the save.
+            return _saved(ctx, found.job_id, float(state.get("provider_submitted_at") or time.time()))
     started_at = time.time()  # the deadline counts from here: waiting for a free slot is waiting too
     ctx.progress(0.03, f"Sending the request to {provider.name}")
-    _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True})
+    _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True, "provider_submitted_at": started_at})
     delay = max(interval_s, 0.01)
     while True:
         try:
