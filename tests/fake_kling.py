@@ -14,7 +14,11 @@ Knobs (set on the instance before or during a test):
 - ``lagging_lookups``: the next lookups by our id miss a job that exists (Kling's lookup behind its submits);
 - ``busy_lookups``: the next lookups by our id answered 429 code 1302 (a rate limit that hits the lookup);
 - ``refused_downloads``: the next downloads of a video answered 403 (a link the CDN does not serve yet, or expired);
-- ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting).
+- ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting);
+- ``clock_offset``: seconds the fake's clock is ahead of ours (negative: behind) when it checks a token's
+  ``nbf`` and ``exp``;
+- ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
+  valid: a clock that jumped for a moment).
 """
 
 from __future__ import annotations
@@ -56,6 +60,8 @@ class FakeKling:
         self.drop_submit = False
         self.missing_job = (404, 1203, "The requested resource does not exist")
         self.hold_first_poll = False
+        self.clock_offset = 0.0
+        self.unauthorized_polls = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
         self.submits: list[dict] = []  # bodies of accepted submits (each one a paid job)
@@ -127,14 +133,18 @@ class FakeKling:
             if jwt.get_unverified_header(token).get("typ") != "JWT":
                 raise jwt.InvalidTokenError("typ is not JWT")
             claims = jwt.decode(
-                token, self.secret_key, algorithms=["HS256"], leeway=0, options={"require": ["iss", "exp", "nbf"]}
+                token,
+                self.secret_key,
+                algorithms=["HS256"],
+                options={"require": ["iss", "exp", "nbf"], "verify_exp": False, "verify_nbf": False},
             )
-        except jwt.ExpiredSignatureError:
-            self.rejected.append("expired")
-            return 1004, "Authorization is expired"
-        except jwt.ImmatureSignatureError:
-            self.rejected.append("not yet valid")
-            return 1003, "Authorization is not yet valid"
+            now = time.time() + self.clock_offset
+            if not isinstance(claims["exp"], int | float) or claims["exp"] <= now:
+                self.rejected.append("expired")
+                return 1004, "Authorization is expired"
+            if not isinstance(claims["nbf"], int | float) or claims["nbf"] > now:
+                self.rejected.append("not yet valid")
+                return 1003, "Authorization is not yet valid"
         except jwt.InvalidTokenError as exc:
             self.rejected.append(f"invalid: {exc}")
             return 1002, "Authorization is invalid"
@@ -203,6 +213,11 @@ class FakeKling:
                 job = next((j for j in self.jobs.values() if j["external_task_id"] == ref), None)
         if job is None or job["kind"] != kind:
             return _error(*self.missing_job)
+        if ref == job["task_id"]:
+            with self._lock:
+                unauthorized, self.unauthorized_polls = self.unauthorized_polls > 0, max(0, self.unauthorized_polls - 1)
+            if unauthorized:
+                return _error(401, 1003, "Authorization is not yet valid")
         with self._lock:
             first = not self.polls
             self.polls.append(ref)

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from gpu_jobs.handlers import JobContext
 from gpu_jobs.providers import (
+    AccessRefused,
     ProviderBusy,
     ProviderError,
     ProviderJob,
@@ -122,7 +123,7 @@ def test_token_has_kling_header_and_claims():
     token = provider.token()
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     claims = jwt.decode(token, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
-    assert claims == {"iss": AK, "exp": 1_001_800, "nbf": 999_995}
+    assert claims == {"iss": AK, "exp": 1_001_800, "nbf": 999_940}  # a minute early: our clock may run ahead
 
 
 def mock_provider(*answers: httpx.Response, api=None, **options) -> tuple[KlingProvider, list[httpx.Request]]:
@@ -199,6 +200,15 @@ def test_a_submit_accepted_without_a_job_id_adopts_the_job_by_our_id():
     assert sent[1].url.path == "/v1/videos/text2video/our-task"
 
 
+@pytest.mark.parametrize(("status", "code"), [(401, 1004), (401, 1003), (400, 1002), (401, None)])
+def test_a_refused_token_is_an_access_refusal_not_retried(status, code):
+    provider, sent = mock_provider(httpx.Response(status, json={"code": code, "message": "Authorization is invalid"}))
+    with pytest.raises(AccessRefused) as refused:
+        provider.status("kt-1")
+    assert isinstance(refused.value, ProviderError) and "problem on our side" in refused.value.message
+    assert len(sent) == 1
+
+
 def test_a_rate_limited_lookup_after_a_lost_submit_answer_leaves_the_submit_unclear():
     lost = httpx.Response(500, json={"code": 5000, "message": "Server internal error"})
     limited = httpx.Response(429, json={"code": 1302, "message": "rate limit exceeded"})
@@ -207,6 +217,16 @@ def test_a_rate_limited_lookup_after_a_lost_submit_answer_leaves_the_submit_uncl
         provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
     assert busy.value.ambiguous  # the job may exist: the next attempt looks it up before submitting again
     assert [r.method for r in sent] == ["POST", *["GET"] * 5]
+
+
+def test_a_refused_token_on_the_lookup_after_a_lost_submit_answer_leaves_the_submit_unclear():
+    provider, sent = mock_provider(
+        httpx.Response(500, json={"code": 5000, "message": "Server internal error"}),
+        httpx.Response(401, json={"code": 1003, "message": "Authorization is not yet valid"}),
+    )
+    with pytest.raises(ProviderBusy) as busy:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert busy.value.ambiguous and [r.method for r in sent] == ["POST", "GET"]
 
 
 def test_a_submit_refused_for_our_existing_id_adopts_the_job():
@@ -501,6 +521,40 @@ async def test_a_submit_refused_because_our_id_exists_adopts_the_job(client, mak
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
     assert kinds(user, task) == ["charge"]
+
+
+async def test_a_refused_token_while_polling_keeps_polling_the_paid_job(client, make_user, kling):
+    kling.unauthorized_polls = 3
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert kling.unauthorized_polls == 0 and task_row(kling.submits[0]["external_task_id"])["attempts"] == 1
+
+
+async def test_a_token_refused_on_every_poll_fails_at_the_deadline(client, make_user, kling):
+    kling.unauthorized_polls = 10**6
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["message"] == "The provider did not finish within 0.5 seconds; your credits were refunded."
+    assert len(kling.submits) == 1 and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_submit_with_a_refused_token_fails_at_once_as_our_problem(client, make_user, kling):
+    kling.clock_offset = -600  # Kling's clock ten minutes behind ours: no margin covers that
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "provider_error" and "problem on our side" in row["error"]["message"]
+    assert kling.rejected == ["not yet valid"] and kling.submits == []
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_clock_slightly_ahead_of_klings_is_tolerated(client, make_user, kling):
+    kling.clock_offset = -30  # Kling's clock half a minute behind ours
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert kling.rejected == []
 
 
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):

@@ -42,6 +42,10 @@ class DownloadRefused(ProviderError):
     """提供方的下载地址拒绝了我们（4xx）"""
 
 
+class AccessRefused(ProviderError):
+    """提供方不接受我们的凭据（令牌缺失、无效、尚未生效或已过期）"""
+
+
 class ProviderBusy(Exception):
     """提供方暂时不可用（429、5xx、网络），可稍后重试"""
 
@@ -160,7 +164,8 @@ def wait_for(
     while True:
         try:
             job = provider.status(job_id)
-        except ProviderBusy as exc:  # the poll loop is itself the retry, until the deadline
+        except (ProviderBusy, AccessRefused) as exc:  # the poll loop is itself the retry, until the deadline
+            # A refused token while the paid job runs is most likely a clock briefly off, ours or theirs.
             log.warning("task %s: status of %s job %s unavailable: %s", ctx.task_id, provider.name, job_id, exc)
             job = None
         if job is not None:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import httpx
 import jwt
 
-from gpu_jobs.providers import ProviderBusy, ProviderError, ProviderJob, backoff, download_file
+from gpu_jobs.providers import AccessRefused, ProviderBusy, ProviderError, ProviderJob, backoff, download_file
 from lib.config import Settings
 from lib.errors import InvalidInput
 
@@ -25,7 +25,7 @@ log = logging.getLogger("spool.providers.kling")
 
 Endpoint = Literal["text2video", "image2video"]
 TOKEN_SECONDS = 1800
-TOKEN_NOT_BEFORE = 5
+TOKEN_NOT_BEFORE = 60  # a token valid a minute early: our clock may run ahead of Kling's
 STATES = {"submitted": "queued", "processing": "running", "succeed": "succeeded", "failed": "failed"}
 # Kling's error codes (https://app.klingai.com/global/dev/document-api/apiReference/commonInfo)
 AUTH_CODES = range(1000, 1100)  # 1000-1004: the token is missing, invalid, not yet valid or expired
@@ -144,7 +144,8 @@ class KlingProvider:
         """提交结果不明时按我们的 id 查找任务；查询本身暂时失败时结果仍不明（ambiguous）"""
         try:
             return self._find_late(external_id) if late else self.find(external_id)
-        except ProviderBusy as exc:  # not "certainly not created": the next attempt looks the job up first
+        except (ProviderBusy, AccessRefused) as exc:
+            # Not "certainly not created": the job may exist, so the next attempt looks it up before submitting.
             raise ProviderBusy(f"could not look up the job by our id: {exc}", ambiguous=True) from exc
 
     def find(self, external_id: str) -> ProviderJob | None:
@@ -274,6 +275,8 @@ class KlingProvider:
             raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
         if method == "GET" and (status == 404 or code == NOT_FOUND_CODE or code in PARAM_CODES):
             raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
+        if status == 401 or (code is not None and code in AUTH_CODES):
+            raise AccessRefused(refusal_message(status, code, payload.get("message")))
         raise Refused(refusal_message(status, code, payload.get("message")), code=code)
 
     def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
