@@ -15,6 +15,7 @@ Knobs (set on the instance before or during a test):
 - ``busy_lookups``: the next lookups by our id answered 429 code 1302 (a rate limit that hits the lookup);
 - ``refused_downloads``: the next downloads of a video answered 403 (a link the CDN does not serve yet, or expired);
 - ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting);
+- ``videoless_polls``: the next polls of a succeeded job answer ``succeed`` without any video in ``task_result``;
 - ``clock_offset``: seconds the fake's clock is ahead of ours (negative: behind) when it checks a token's
   ``nbf`` and ``exp``;
 - ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
@@ -61,6 +62,7 @@ class FakeKling:
         self.missing_job = (404, 1203, "The requested resource does not exist")
         self.hold_first_poll = False
         self.clock_offset = 0.0
+        self.videoless_polls = 0
         self.unauthorized_polls = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
@@ -236,7 +238,13 @@ class FakeKling:
         }
         if state == "failed":
             data["task_status_msg"] = self.fail_reason
+        videoless = False
         if state == "succeed":
+            with self._lock:
+                videoless, self.videoless_polls = self.videoless_polls > 0, max(0, self.videoless_polls - 1)
+        if videoless:
+            data["task_result"] = {"videos": []}
+        elif state == "succeed":
             data["task_result"] = {
                 "videos": [
                     {"id": f"v-{job['task_id']}", "url": f"{self.url}/files/{job['task_id']}.mp4", "duration": "1.0"}

@@ -22,6 +22,7 @@ from gpu_jobs.providers import (
     ProviderBusy,
     ProviderError,
     ProviderJob,
+    _minutes,
     download_file,
     submit_or_resume,
     waiting_fraction,
@@ -185,9 +186,31 @@ def test_an_answer_that_is_not_klings_is_retried_not_taken_as_a_refusal():
     "task_result",
     [{"videos": {"url": "http://x"}}, {"videos": ["http://x"]}, {"videos": [{"url": 7}]}, "done", ["x"]],
 )
-def test_a_finished_job_of_unexpected_shape_is_still_waited_for(task_result):
-    provider, _ = mock_provider(kling_ok({"task_id": "kt-1", "task_status": "succeed", "task_result": task_result}))
-    assert provider.status("kt-1").state == "unknown"  # no video to fetch yet: polled again until the deadline
+def test_a_finished_job_of_unexpected_shape_is_waited_for_three_polls_then_fails(task_result):
+    answer = {"task_id": "kt-1", "task_status": "succeed", "task_result": task_result}
+    provider, _ = mock_provider(*[kling_ok(answer) for _ in range(3)])
+    assert provider.status("kt-1").state == "unknown"  # no video to fetch yet: polled again
+    assert provider.status("kt-1").state == "unknown"
+    with pytest.raises(ProviderError) as failed:
+        provider.status("kt-1")
+    assert failed.value.message == "Kling finished without a video. Your credits were refunded."
+
+
+def test_only_consecutive_answers_without_a_video_count():
+    empty = {"task_id": "kt-1", "task_status": "succeed", "task_result": {"videos": []}}
+    running = {"task_id": "kt-1", "task_status": "processing"}
+    provider, _ = mock_provider(*[kling_ok(a) for a in (empty, empty, running, empty, empty)])
+    assert [provider.status("kt-1").state for _ in range(5)] == ["unknown", "unknown", "running", "unknown", "unknown"]
+
+
+def test_one_second_reads_in_the_singular():
+    assert [_minutes(s) for s in (1, 0.5, 30, 60, 90)] == [
+        "1 second",
+        "0.5 seconds",
+        "30 seconds",
+        "1 minute",
+        "1.5 minutes",
+    ]
 
 
 def test_a_submit_accepted_without_a_job_id_adopts_the_job_by_our_id():
@@ -555,6 +578,26 @@ async def test_a_clock_slightly_ahead_of_klings_is_tolerated(client, make_user, 
     kling.clock_offset = -30  # Kling's clock half a minute behind ours
     await completes_with_one_paid_job(client, make_user, kling)
     assert kling.rejected == []
+
+
+async def test_a_job_that_succeeded_without_a_video_fails_after_three_polls_and_refunds(client, make_user, kling):
+    kling.videoless_polls = 10**6
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"] == {
+        "code": "provider_error",
+        "message": "Kling finished without a video. Your credits were refunded.",
+    }
+    assert len(kling.polls) == 2 + 3 and kling.downloads == 0 and len(kling.submits) == 1
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_video_that_shows_up_on_the_third_poll_after_success_is_kept(client, make_user, kling):
+    kling.videoless_polls = 2
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert len(kling.polls) == 2 + 3
 
 
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):

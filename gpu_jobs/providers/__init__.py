@@ -294,6 +294,6 @@ def _pause(ctx: JobContext, seconds: float, fraction: float, message: str | None
 
 def _minutes(seconds: float) -> str:
     if seconds < 60:
-        return f"{seconds:g} seconds"
+        return "1 second" if seconds == 1 else f"{seconds:g} seconds"
     minutes = round(seconds / 60, 1)
     return "1 minute" if minutes == 1 else f"{minutes:g} minutes"

@@ -40,6 +40,8 @@ IMAGE_MIN_SIDE = 300
 IMAGE_MAX_RATIO = 2.5
 IMAGE_REENCODE_SIDE = 4096
 REASON_CHARS = 300
+VIDEOLESS_POLLS = 3  # consecutive "succeed" answers without a video before the job counts as failed
+NO_VIDEO = "Kling finished without a video. Your credits were refunded."
 
 
 class JobNotFound(ProviderError):
@@ -79,6 +81,7 @@ class KlingProvider:
         self.max_download_bytes = max_download_bytes
         self.clock = clock
         self.sleep = sleep  # between retries; a job passes one that notices a cancel
+        self.videoless: dict[str, int] = {}  # job id -> consecutive "succeed" answers without a video
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             transport=transport,
@@ -173,17 +176,22 @@ class KlingProvider:
         videos = result.get("videos") if isinstance(result, dict) else None
         videos = videos if isinstance(videos, list) else []  # an answer of another shape: no video yet
         urls = tuple(v["url"] for v in videos if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"])
+        job_id = str(data.get("task_id") or job_id)
         if state == "succeeded" and not urls:
-            state = "unknown"  # succeeded without a video yet: keep polling until it shows up or the deadline
+            # Succeeded without a video yet: it may show up on the next poll, but not after several.
+            self.videoless[job_id] = self.videoless.get(job_id, 0) + 1
+            if self.videoless[job_id] >= VIDEOLESS_POLLS:
+                raise ProviderError(NO_VIDEO)
+            state = "unknown"
+        else:
+            self.videoless.pop(job_id, None)
         message = failure_message(data.get("task_status_msg")) if state == "failed" else None
-        return ProviderJob(
-            job_id=str(data.get("task_id") or job_id), state=state, raw_state=raw, message=message, result_urls=urls
-        )
+        return ProviderJob(job_id=job_id, state=state, raw_state=raw, message=message, result_urls=urls)
 
     def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
         """下载生成的视频（Kling 的地址会过期，所以要转存）"""
         if not job.result_urls:
-            raise ProviderError("Kling finished without a video. Your credits were refunded.")
+            raise ProviderError(NO_VIDEO)
         return download_file(
             self.http,
             job.result_urls[0],
