@@ -16,6 +16,8 @@ Knobs (set on the instance before or during a test):
 - ``refused_downloads``: the next downloads of a video answered 403 (a link the CDN does not serve yet, or expired);
 - ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting);
 - ``videoless_polls``: the next polls of a succeeded job answer ``succeed`` without any video in ``task_result``;
+- ``video_url``: the URL a succeeded job names for its video, instead of the fake's own ``/files/...``;
+- ``redirect_downloads``: a URL the fake's ``/files/...`` answer with a 302 to, instead of the video;
 - ``clock_offset``: seconds the fake's clock is ahead of ours (negative: behind) when it checks a token's
   ``nbf`` and ``exp``;
 - ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
@@ -63,6 +65,8 @@ class FakeKling:
         self.hold_first_poll = False
         self.clock_offset = 0.0
         self.videoless_polls = 0
+        self.video_url: str | None = None
+        self.redirect_downloads: str | None = None
         self.unauthorized_polls = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
@@ -108,6 +112,8 @@ class FakeKling:
                 if self.refused_downloads:
                     self.refused_downloads -= 1
                     return 403, {}, b"<Error><Code>AccessDenied</Code></Error>", "application/xml"
+            if self.redirect_downloads:
+                return 302, {"Location": self.redirect_downloads}, b"", "text/plain"
             return 200, {}, self.video.read_bytes(), "video/mp4"
         denied = self._check_token(headers.get("Authorization", ""))
         if denied:
@@ -247,7 +253,11 @@ class FakeKling:
         elif state == "succeed":
             data["task_result"] = {
                 "videos": [
-                    {"id": f"v-{job['task_id']}", "url": f"{self.url}/files/{job['task_id']}.mp4", "duration": "1.0"}
+                    {
+                        "id": f"v-{job['task_id']}",
+                        "url": self.video_url or f"{self.url}/files/{job['task_id']}.mp4",
+                        "duration": "1.0",
+                    }
                 ]
             }
         return _ok(data)

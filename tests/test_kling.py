@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -19,11 +20,13 @@ from pydantic import ValidationError
 from gpu_jobs.handlers import JobContext
 from gpu_jobs.providers import (
     AccessRefused,
+    DownloadRefused,
     ProviderBusy,
     ProviderError,
     ProviderJob,
     _minutes,
     download_file,
+    public_only,
     submit_or_resume,
     waiting_fraction,
 )
@@ -321,6 +324,92 @@ def test_a_redirect_loop_on_the_download_is_retried_then_reported_as_temporary(t
             download_file(http, "http://cdn.test/v.mp4", tmp_path / "v.mp4", max_bytes=10, delays=[0.0], what="Kling")
 
 
+def resolving_to(monkeypatch, *addresses: str) -> None:
+    """让下载地址检查把任何主机名解析为这些地址"""
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        """任何主机名都解析为给定的地址"""
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_download_follows_redirects_between_public_https_hosts(tmp_path, monkeypatch):
+    resolving_to(monkeypatch, "93.184.216.34")
+    seen: list[str] = []
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        """cdn.test 重定向到 edge.test，后者给出视频"""
+        seen.append(str(request.url))
+        if request.url.host == "cdn.test":
+            return httpx.Response(302, headers={"Location": "https://edge.test/v.mp4?sig=1"})
+        return httpx.Response(200, content=b"video")
+
+    with httpx.Client(transport=httpx.MockTransport(cdn)) as http:
+        path = download_file(
+            http,
+            "https://cdn.test/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10,
+            delays=[0.0],
+            what="Kling",
+            check_url=public_only(exempt="http://kling.test"),
+        )
+    assert path.read_bytes() == b"video" and seen == ["https://cdn.test/v.mp4", "https://edge.test/v.mp4?sig=1"]
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses"),
+    [
+        ("http://cdn.test/v.mp4", ["93.184.216.34"]),  # not https
+        ("https://cdn.test/v.mp4", ["10.0.0.1"]),
+        ("https://cdn.test/v.mp4", ["93.184.216.34", "127.0.0.1"]),  # one private answer is enough
+        ("https://cdn.test/v.mp4", ["169.254.169.254"]),
+        ("https://cdn.test/v.mp4", ["::1"]),
+        ("https://cdn.test/v.mp4", ["::ffff:192.168.1.1"]),
+        ("https://cdn.test/v.mp4", ["0.0.0.0"]),
+        ("https://cdn.test/v.mp4", ["224.0.0.1"]),
+        ("https://cdn.test/v.mp4", ["240.0.0.1"]),
+        ("http://kling.test:8080/v.mp4", ["93.184.216.34"]),  # the API's host, another port
+        ("https://kling.test/v.mp4", ["127.0.0.1"]),  # the API's host, another scheme: not exempt
+    ],
+)
+def test_a_download_address_that_is_not_public_https_is_refused_before_connecting(
+    tmp_path, monkeypatch, url, addresses
+):
+    resolving_to(monkeypatch, *addresses)
+    sent: list[httpx.Request] = []
+    with httpx.Client(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200))) as http:
+        with pytest.raises(ProviderError) as refused:
+            download_file(
+                http,
+                url,
+                tmp_path / "v.mp4",
+                max_bytes=10,
+                delays=[0.0],
+                what="Kling",
+                check_url=public_only(exempt="http://kling.test"),
+            )
+    assert sent == [] and "refunded" in refused.value.message and not isinstance(refused.value, DownloadRefused)
+
+
+def test_the_api_origin_is_exempt(tmp_path, monkeypatch):
+    resolving_to(monkeypatch, "127.0.0.1")
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"v"))) as http:
+        path = download_file(
+            http,
+            "http://kling.test:80/files/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10,
+            delays=[0.0],
+            what="Kling",
+            check_url=public_only(exempt="http://kling.test/"),
+        )
+    assert path.read_bytes() == b"v"
+
+
 def test_a_blank_prompt_is_refused_before_charging():
     with pytest.raises(ValidationError):
         KlingParams(prompt=" \n\t ")
@@ -598,6 +687,45 @@ async def test_a_video_that_shows_up_on_the_third_poll_after_success_is_kept(cli
     kling.videoless_polls = 2
     await completes_with_one_paid_job(client, make_user, kling)
     assert len(kling.polls) == 2 + 3
+
+
+@pytest.fixture
+def elsewhere(clip):
+    """另一个端口上的本地服务器（也能提供视频）：下载不应碰到它"""
+    other = FakeKling(access_key=AK, secret_key=SK, video=clip).start()
+    yield other
+    other.stop()
+
+
+async def fails_as_a_refused_download(client, make_user, kling) -> dict:
+    """任务失败（provider_error）并退款一次，没有产出"""
+    user = await make_user()
+    task = await create(client, user)
+    started = time.monotonic()
+    assert await run_task_async(task["id"]) == "failed"
+    assert time.monotonic() - started < 10
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "provider_error" and "refunded" in row["error"]["message"]
+    assert len(kling.submits) == 1 and outputs(task) == []
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+    return row
+
+
+async def test_a_video_url_on_a_loopback_port_is_not_downloaded(client, make_user, kling, elsewhere):
+    kling.video_url = f"{elsewhere.url}/files/x.mp4"
+    await fails_as_a_refused_download(client, make_user, kling)
+    assert elsewhere.downloads == 0
+
+
+async def test_a_video_url_on_a_private_address_is_refused_before_connecting(client, make_user, kling):
+    kling.video_url = "https://10.0.0.1/x.mp4"
+    await fails_as_a_refused_download(client, make_user, kling)
+
+
+async def test_a_redirect_to_a_loopback_port_is_not_followed(client, make_user, kling, elsewhere):
+    kling.redirect_downloads = f"{elsewhere.url}/files/x.mp4"
+    await fails_as_a_refused_download(client, make_user, kling)
+    assert kling.downloads == 1 and elsewhere.downloads == 0
 
 
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):

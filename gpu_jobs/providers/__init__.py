@@ -11,10 +11,13 @@ handler that calls ``run_provider_job``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -30,6 +33,8 @@ JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 MAX_FRACTION = 0.89  # waiting never reports more than this: the download and the upload come after
 PAUSE_SLICE = 2.0  # seconds between cancel checks while waiting between polls
 DOWNLOAD_CHUNK = 1 << 20
+MAX_REDIRECTS = 10
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ProviderError(InvalidInput):
@@ -198,6 +203,47 @@ def waiting_fraction(state: str, elapsed: float, deadline_s: float) -> float:
     return min(fraction, MAX_FRACTION)
 
 
+def public_only(*, exempt: str | None) -> Callable[[httpx.URL, str], None]:
+    """下载地址检查：只允许 https 且只解析到公网地址（与 exempt 同源的地址除外），否则 ProviderError"""
+    exempt_origin = _origin(httpx.URL(exempt)) if exempt else None
+
+    def check(url: httpx.URL, what: str) -> None:
+        """检查一个地址（首个地址与每次重定向）"""
+        if exempt_origin is not None and _origin(url) == exempt_origin:
+            return
+        refused = ProviderError(
+            f"{what} named an address for the video that we do not download from. Your credits were refunded."
+        )
+        if url.scheme != "https" or not url.host:
+            log.warning("refused to download %s from %s: not https", url, what)
+            raise refused
+        try:
+            infos = socket.getaddrinfo(url.host, url.port or 443, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ProviderBusy(f"{what}: could not resolve {url.host}: {exc}") from exc
+        # The connection resolves the name again: a DNS answer that changes in between is not caught here.
+        for info in infos:
+            if not _public(str(info[4][0])):
+                log.warning("refused to download %s from %s: %s is not a public address", url, what, info[4][0])
+                raise refused
+
+    return check
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """地址的来源（协议、主机、端口）"""
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
+
+
+def _public(address: str) -> bool:
+    """地址是否为公网地址"""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id (fe80::1%eth0) is not part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    special = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+    return ip.is_global and not (special or ip.is_unspecified)
+
+
 def download_file(
     client: httpx.Client,
     url: str,
@@ -207,11 +253,12 @@ def download_file(
     delays: list[float],
     what: str,
     sleep: Callable[[float], None] = time.sleep,
+    check_url: Callable[[httpx.URL, str], None] | None = None,
 ) -> Path:
-    """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError）"""
+    """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError；check_url 检查每一跳）"""
     for attempt, delay in enumerate([*delays, None], start=1):
         try:
-            with client.stream("GET", url) as resp:
+            with _open(client, httpx.URL(url), what=what, check_url=check_url) as resp:
                 if resp.status_code == 429 or resp.status_code >= 500:
                     raise ProviderBusy(f"{what}: HTTP {resp.status_code}")
                 if resp.status_code >= 400:
@@ -235,6 +282,23 @@ def download_file(
             log.warning("download from %s failed (try %d): %s; retrying in %.1fs", what, attempt, exc, delay)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _open(
+    client: httpx.Client, url: httpx.URL, *, what: str, check_url: Callable[[httpx.URL, str], None] | None
+) -> Iterator[httpx.Response]:
+    """发出 GET 并逐跳跟随重定向（每一跳先经 check_url 检查），产出最终的流式应答"""
+    for _ in range(MAX_REDIRECTS + 1):
+        if check_url is not None:
+            check_url(url, what)
+        with client.stream("GET", url, follow_redirects=False) as resp:
+            location = resp.headers.get("location") if resp.is_redirect else None
+            if location is None:
+                yield resp
+                return
+            url = resp.url.join(location)
+    raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=resp.request)
 
 
 def probe_output(path: Path, provider: Provider, job: ProviderJob) -> OutputFile:

@@ -17,7 +17,15 @@ from typing import Any, Literal
 import httpx
 import jwt
 
-from gpu_jobs.providers import AccessRefused, ProviderBusy, ProviderError, ProviderJob, backoff, download_file
+from gpu_jobs.providers import (
+    AccessRefused,
+    ProviderBusy,
+    ProviderError,
+    ProviderJob,
+    backoff,
+    download_file,
+    public_only,
+)
 from lib.config import Settings
 from lib.errors import InvalidInput
 
@@ -81,6 +89,7 @@ class KlingProvider:
         self.max_download_bytes = max_download_bytes
         self.clock = clock
         self.sleep = sleep  # between retries; a job passes one that notices a cancel
+        self.check_url = public_only(exempt=base_url)  # the API's own origin may serve files too
         self.videoless: dict[str, int] = {}  # job id -> consecutive "succeed" answers without a video
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -200,6 +209,7 @@ class KlingProvider:
             delays=self.delays,
             what="Kling",
             sleep=self.sleep,
+            check_url=self.check_url,
         )
 
     # ------------------------------------------------------------ requests
