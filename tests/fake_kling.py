@@ -18,6 +18,8 @@ Knobs (set on the instance before or during a test):
 - ``videoless_polls``: the next polls of a succeeded job answer ``succeed`` without any video in ``task_result``;
 - ``video_url``: the URL a succeeded job names for its video, instead of the fake's own ``/files/...``;
 - ``redirect_downloads``: a URL the fake's ``/files/...`` answer with a 302 to, instead of the video;
+- ``trickle_downloads``: ``(bytes, seconds)``: the video is sent in pieces of that many bytes, that many seconds
+  apart (a slow CDN);
 - ``clock_offset``: seconds the fake's clock is ahead of ours (negative: behind) when it checks a token's
   ``nbf`` and ``exp``;
 - ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
@@ -67,6 +69,7 @@ class FakeKling:
         self.videoless_polls = 0
         self.video_url: str | None = None
         self.redirect_downloads: str | None = None
+        self.trickle_downloads: tuple[int, float] | None = None
         self.unauthorized_polls = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
@@ -315,7 +318,15 @@ def _handler(fake: FakeKling) -> type[BaseHTTPRequestHandler]:
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(payload)
+                trickle = fake.trickle_downloads if self.path.startswith("/files/") and status == 200 else None
+                if trickle is None:
+                    self.wfile.write(payload)
+                else:
+                    size, pause = trickle
+                    for start in range(0, len(payload), size):
+                        self.wfile.write(payload[start : start + size])
+                        self.wfile.flush()
+                        time.sleep(pause)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away (a killed job)
 

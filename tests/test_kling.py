@@ -17,6 +17,7 @@ import jwt
 import pytest
 from pydantic import ValidationError
 
+from gpu_jobs import providers
 from gpu_jobs.handlers import JobContext
 from gpu_jobs.providers import (
     AccessRefused,
@@ -34,7 +35,7 @@ from gpu_jobs.providers.kling import JobNotFound, KlingProvider, refusal_message
 from gpu_jobs.runner import run_task_async
 from lib.catalog import KlingParams
 from lib.config import get_settings
-from lib.errors import TransientError
+from lib.errors import TaskCanceled, TransientError
 from lib.reaper import reap
 from tests.conftest import ROOT
 from tests.factories import balance, job_state, ledger, make_asset, set_balance, sql, task_row
@@ -410,6 +411,66 @@ def test_the_api_origin_is_exempt(tmp_path, monkeypatch):
     assert path.read_bytes() == b"v"
 
 
+def trickling(pieces: int, pause: float):
+    """一个慢慢吐出视频的下载地址（每 pause 秒一个字节）及其请求记录"""
+    sent: list[httpx.Request] = []
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        """每个请求都慢慢地回答"""
+        sent.append(request)
+
+        def body():
+            """逐字节产出"""
+            for _ in range(pieces):
+                time.sleep(pause)
+                yield b"x"
+
+        return httpx.Response(200, content=body())
+
+    return httpx.MockTransport(cdn), sent
+
+
+def test_a_cancel_stops_a_download_within_one_chunk(tmp_path):
+    transport, sent = trickling(1000, 0.01)
+    chunks: list[int] = []
+
+    def cancel_after_three() -> None:
+        """第三块之后任务被取消"""
+        chunks.append(1)
+        if len(chunks) == 3:
+            raise TaskCanceled("t")
+
+    with httpx.Client(transport=transport) as http:
+        with pytest.raises(TaskCanceled):
+            download_file(
+                http,
+                "http://cdn.test/v.mp4",
+                tmp_path / "v.mp4",
+                max_bytes=10**6,
+                delays=[0.0],
+                what="Kling",
+                on_chunk=cancel_after_three,
+            )
+    assert len(chunks) == 3 and len(sent) == 1
+
+
+def test_a_download_slower_than_its_time_limit_is_temporary_and_not_retried(tmp_path):
+    transport, sent = trickling(1000, 0.01)
+    started = time.monotonic()
+    with httpx.Client(transport=transport) as http:
+        with pytest.raises(ProviderBusy) as slow:
+            download_file(
+                http,
+                "http://cdn.test/v.mp4",
+                tmp_path / "v.mp4",
+                max_bytes=10**6,
+                delays=[0.0, 0.0],
+                what="Kling",
+                time_limit=0.3,
+            )
+    assert time.monotonic() - started < 3 and len(sent) == 1 and "0.3 seconds" in str(slow.value)
+
+
 def test_a_blank_prompt_is_refused_before_charging():
     with pytest.raises(ValidationError):
         KlingParams(prompt=" \n\t ")
@@ -726,6 +787,37 @@ async def test_a_redirect_to_a_loopback_port_is_not_followed(client, make_user, 
     kling.redirect_downloads = f"{elsewhere.url}/files/x.mp4"
     await fails_as_a_refused_download(client, make_user, kling)
     assert kling.downloads == 1 and elsewhere.downloads == 0
+
+
+async def test_cancel_stops_a_slow_download(client, make_user, kling, clip):
+    kling.trickle_downloads = (32, 0.2)
+    assert clip.stat().st_size > 32 * 100  # a download of more than 20 s
+    user = await make_user()
+    task = await create(client, user)
+    job = asyncio.create_task(run_task_async(task["id"]))
+    await wait_until(lambda: kling.downloads > 0)
+    await asyncio.sleep(0.5)
+    assert (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).status_code == 200
+    started = time.monotonic()
+    assert await asyncio.wait_for(job, 30) == "canceled"
+    assert time.monotonic() - started < 5
+    assert outputs(task) == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_download_over_the_time_limit_requeues_and_the_next_attempt_resumes(
+    client, make_user, kling, monkeypatch
+):
+    monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 1.0)
+    kling.trickle_downloads = (32, 0.2)
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "queued"
+    assert task_row(task["id"])["message"] == "A temporary problem interrupted the job; retrying."
+    kling.trickle_downloads = None
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert task_row(task["id"])["attempts"] == 2 and kinds(user, task) == ["charge"]
 
 
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):

@@ -32,7 +32,7 @@ log = logging.getLogger("spool.providers")
 JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 MAX_FRACTION = 0.89  # waiting never reports more than this: the download and the upload come after
 PAUSE_SLICE = 2.0  # seconds between cancel checks while waiting between polls
-DOWNLOAD_CHUNK = 1 << 20
+DOWNLOAD_LIMIT_S = 300.0  # a whole download, retries included
 MAX_REDIRECTS = 10
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -254,8 +254,12 @@ def download_file(
     what: str,
     sleep: Callable[[float], None] = time.sleep,
     check_url: Callable[[httpx.URL, str], None] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+    time_limit: float | None = None,
 ) -> Path:
-    """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError；check_url 检查每一跳）"""
+    """流式下载：临时错误按退避重试；4xx、过大 → ProviderError；逐跳检查地址；每块后调 on_chunk；超时 → ProviderBusy"""
+    limit = DOWNLOAD_LIMIT_S if time_limit is None else time_limit
+    deadline = time.monotonic() + limit
     for attempt, delay in enumerate([*delays, None], start=1):
         try:
             with _open(client, httpx.URL(url), what=what, check_url=check_url) as resp:
@@ -268,16 +272,20 @@ def download_file(
                     )
                 size = 0
                 with open(dest, "wb") as out:
-                    for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                    for chunk in resp.iter_bytes():  # as the data arrives: a trickle still reaches on_chunk
                         size += len(chunk)
                         if size > max_bytes:
                             raise ProviderError(
                                 f"The video from {what} is larger than {max_bytes:,} bytes. Your credits were refunded."
                             )
                         out.write(chunk)
+                        if on_chunk is not None:
+                            on_chunk()
+                        if time.monotonic() > deadline:
+                            raise ProviderBusy(f"the download took longer than {_minutes(limit)}")
             return dest
         except (ProviderBusy, httpx.RequestError) as exc:  # RequestError: also redirect loops, undecodable bodies
-            if delay is None:
+            if delay is None or time.monotonic() + delay >= deadline:
                 raise ProviderBusy(f"{what}: {exc}") from exc
             log.warning("download from %s failed (try %d): %s; retrying in %.1fs", what, attempt, exc, delay)
             sleep(delay)

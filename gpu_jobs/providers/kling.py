@@ -210,6 +210,7 @@ class KlingProvider:
             what="Kling",
             sleep=self.sleep,
             check_url=self.check_url,
+            on_chunk=lambda: self.sleep(0.0),  # a job's sleep reports to it, so a cancel stops the download
         )
 
     # ------------------------------------------------------------ requests
