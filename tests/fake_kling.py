@@ -12,8 +12,18 @@ Knobs (set on the instance before or during a test):
 - ``drop_submit``: the next submit answers 500 without creating the job (a request that never arrived);
 - ``missing_job``: ``(http_status, code, message)`` answered to a status lookup of a job it does not know;
 - ``lagging_lookups``: the next lookups by our id miss a job that exists (Kling's lookup behind its submits);
+- ``busy_lookups``: the next lookups by our id answered 429 code 1302 (a rate limit that hits the lookup);
 - ``refused_downloads``: the next downloads of a video answered 403 (a link the CDN does not serve yet, or expired);
-- ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting).
+- ``hold_first_poll``: the first status poll blocks until ``release`` is set (a job killed while waiting);
+- ``videoless_polls``: the next polls of a succeeded job answer ``succeed`` without any video in ``task_result``;
+- ``video_url``: the URL a succeeded job names for its video, instead of the fake's own ``/files/...``;
+- ``redirect_downloads``: a URL the fake's ``/files/...`` answer with a 302 to, instead of the video;
+- ``trickle_downloads``: ``(bytes, seconds)``: the video is sent in pieces of that many bytes, that many seconds
+  apart (a slow CDN);
+- ``clock_offset``: seconds the fake's clock is ahead of ours (negative: behind) when it checks a token's
+  ``nbf`` and ``exp``;
+- ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
+  valid: a clock that jumped for a moment).
 """
 
 from __future__ import annotations
@@ -48,12 +58,19 @@ class FakeKling:
         self.retry_after: int | None = None
         self.refused_submits = 0
         self.lagging_lookups = 0
+        self.busy_lookups = 0
         self.refused_downloads = 0
         self.errors: list[int] = []
         self.lose_submit_response = False
         self.drop_submit = False
         self.missing_job = (404, 1203, "The requested resource does not exist")
         self.hold_first_poll = False
+        self.clock_offset = 0.0
+        self.videoless_polls = 0
+        self.video_url: str | None = None
+        self.redirect_downloads: str | None = None
+        self.trickle_downloads: tuple[int, float] | None = None
+        self.unauthorized_polls = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
         self.submits: list[dict] = []  # bodies of accepted submits (each one a paid job)
@@ -98,6 +115,8 @@ class FakeKling:
                 if self.refused_downloads:
                     self.refused_downloads -= 1
                     return 403, {}, b"<Error><Code>AccessDenied</Code></Error>", "application/xml"
+            if self.redirect_downloads:
+                return 302, {"Location": self.redirect_downloads}, b"", "text/plain"
             return 200, {}, self.video.read_bytes(), "video/mp4"
         denied = self._check_token(headers.get("Authorization", ""))
         if denied:
@@ -125,14 +144,18 @@ class FakeKling:
             if jwt.get_unverified_header(token).get("typ") != "JWT":
                 raise jwt.InvalidTokenError("typ is not JWT")
             claims = jwt.decode(
-                token, self.secret_key, algorithms=["HS256"], leeway=0, options={"require": ["iss", "exp", "nbf"]}
+                token,
+                self.secret_key,
+                algorithms=["HS256"],
+                options={"require": ["iss", "exp", "nbf"], "verify_exp": False, "verify_nbf": False},
             )
-        except jwt.ExpiredSignatureError:
-            self.rejected.append("expired")
-            return 1004, "Authorization is expired"
-        except jwt.ImmatureSignatureError:
-            self.rejected.append("not yet valid")
-            return 1003, "Authorization is not yet valid"
+            now = time.time() + self.clock_offset
+            if not isinstance(claims["exp"], int | float) or claims["exp"] <= now:
+                self.rejected.append("expired")
+                return 1004, "Authorization is expired"
+            if not isinstance(claims["nbf"], int | float) or claims["nbf"] > now:
+                self.rejected.append("not yet valid")
+                return 1003, "Authorization is not yet valid"
         except jwt.InvalidTokenError as exc:
             self.rejected.append(f"invalid: {exc}")
             return 1002, "Authorization is invalid"
@@ -192,11 +215,20 @@ class FakeKling:
         job = self.jobs.get(ref)
         if job is None:
             with self._lock:
+                busy, self.busy_lookups = self.busy_lookups > 0, max(0, self.busy_lookups - 1)
+            if busy:
+                return _error(429, 1302, "rate limit exceeded")
+            with self._lock:
                 lagging, self.lagging_lookups = self.lagging_lookups > 0, max(0, self.lagging_lookups - 1)
             if not lagging:
                 job = next((j for j in self.jobs.values() if j["external_task_id"] == ref), None)
         if job is None or job["kind"] != kind:
             return _error(*self.missing_job)
+        if ref == job["task_id"]:
+            with self._lock:
+                unauthorized, self.unauthorized_polls = self.unauthorized_polls > 0, max(0, self.unauthorized_polls - 1)
+            if unauthorized:
+                return _error(401, 1003, "Authorization is not yet valid")
         with self._lock:
             first = not self.polls
             self.polls.append(ref)
@@ -215,10 +247,20 @@ class FakeKling:
         }
         if state == "failed":
             data["task_status_msg"] = self.fail_reason
+        videoless = False
         if state == "succeed":
+            with self._lock:
+                videoless, self.videoless_polls = self.videoless_polls > 0, max(0, self.videoless_polls - 1)
+        if videoless:
+            data["task_result"] = {"videos": []}
+        elif state == "succeed":
             data["task_result"] = {
                 "videos": [
-                    {"id": f"v-{job['task_id']}", "url": f"{self.url}/files/{job['task_id']}.mp4", "duration": "1.0"}
+                    {
+                        "id": f"v-{job['task_id']}",
+                        "url": self.video_url or f"{self.url}/files/{job['task_id']}.mp4",
+                        "duration": "1.0",
+                    }
                 ]
             }
         return _ok(data)
@@ -276,7 +318,15 @@ def _handler(fake: FakeKling) -> type[BaseHTTPRequestHandler]:
                 for name, value in headers.items():
                     self.send_header(name, value)
                 self.end_headers()
-                self.wfile.write(payload)
+                trickle = fake.trickle_downloads if self.path.startswith("/files/") and status == 200 else None
+                if trickle is None:
+                    self.wfile.write(payload)
+                else:
+                    size, pause = trickle
+                    for start in range(0, len(payload), size):
+                        self.wfile.write(payload[start : start + size])
+                        self.wfile.flush()
+                        time.sleep(pause)
             except (BrokenPipeError, ConnectionResetError):
                 pass  # the client went away (a killed job)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -15,11 +17,25 @@ import jwt
 import pytest
 from pydantic import ValidationError
 
-from gpu_jobs.providers import ProviderBusy, ProviderError, download_file, waiting_fraction
+from gpu_jobs import providers
+from gpu_jobs.handlers import JobContext
+from gpu_jobs.providers import (
+    AccessRefused,
+    DownloadRefused,
+    ProviderBusy,
+    ProviderError,
+    ProviderJob,
+    _minutes,
+    download_file,
+    public_only,
+    submit_or_resume,
+    waiting_fraction,
+)
 from gpu_jobs.providers.kling import JobNotFound, KlingProvider, refusal_message
 from gpu_jobs.runner import run_task_async
 from lib.catalog import KlingParams
 from lib.config import get_settings
+from lib.errors import TaskCanceled, TransientError
 from lib.reaper import reap
 from tests.conftest import ROOT
 from tests.factories import balance, job_state, ledger, make_asset, set_balance, sql, task_row
@@ -112,7 +128,7 @@ def test_token_has_kling_header_and_claims():
     token = provider.token()
     assert jwt.get_unverified_header(token) == {"alg": "HS256", "typ": "JWT"}
     claims = jwt.decode(token, SK, algorithms=["HS256"], options={"verify_exp": False, "verify_nbf": False})
-    assert claims == {"iss": AK, "exp": 1_001_800, "nbf": 999_995}
+    assert claims == {"iss": AK, "exp": 1_001_800, "nbf": 999_940}  # a minute early: our clock may run ahead
 
 
 def mock_provider(*answers: httpx.Response, api=None, **options) -> tuple[KlingProvider, list[httpx.Request]]:
@@ -174,9 +190,31 @@ def test_an_answer_that_is_not_klings_is_retried_not_taken_as_a_refusal():
     "task_result",
     [{"videos": {"url": "http://x"}}, {"videos": ["http://x"]}, {"videos": [{"url": 7}]}, "done", ["x"]],
 )
-def test_a_finished_job_of_unexpected_shape_is_still_waited_for(task_result):
-    provider, _ = mock_provider(kling_ok({"task_id": "kt-1", "task_status": "succeed", "task_result": task_result}))
-    assert provider.status("kt-1").state == "unknown"  # no video to fetch yet: polled again until the deadline
+def test_a_finished_job_of_unexpected_shape_is_waited_for_three_polls_then_fails(task_result):
+    answer = {"task_id": "kt-1", "task_status": "succeed", "task_result": task_result}
+    provider, _ = mock_provider(*[kling_ok(answer) for _ in range(3)])
+    assert provider.status("kt-1").state == "unknown"  # no video to fetch yet: polled again
+    assert provider.status("kt-1").state == "unknown"
+    with pytest.raises(ProviderError) as failed:
+        provider.status("kt-1")
+    assert failed.value.message == "Kling finished without a video. Your credits were refunded."
+
+
+def test_only_consecutive_answers_without_a_video_count():
+    empty = {"task_id": "kt-1", "task_status": "succeed", "task_result": {"videos": []}}
+    running = {"task_id": "kt-1", "task_status": "processing"}
+    provider, _ = mock_provider(*[kling_ok(a) for a in (empty, empty, running, empty, empty)])
+    assert [provider.status("kt-1").state for _ in range(5)] == ["unknown", "unknown", "running", "unknown", "unknown"]
+
+
+def test_one_second_reads_in_the_singular():
+    assert [_minutes(s) for s in (1, 0.5, 30, 60, 90)] == [
+        "1 second",
+        "0.5 seconds",
+        "30 seconds",
+        "1 minute",
+        "1.5 minutes",
+    ]
 
 
 def test_a_submit_accepted_without_a_job_id_adopts_the_job_by_our_id():
@@ -187,6 +225,88 @@ def test_a_submit_accepted_without_a_job_id_adopts_the_job_by_our_id():
     job_id = provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
     assert job_id == "kt-9" and [r.method for r in sent] == ["POST", "GET"]
     assert sent[1].url.path == "/v1/videos/text2video/our-task"
+
+
+@pytest.mark.parametrize(("status", "code"), [(401, 1004), (401, 1003), (400, 1002), (401, None)])
+def test_a_refused_token_is_an_access_refusal_not_retried(status, code):
+    provider, sent = mock_provider(httpx.Response(status, json={"code": code, "message": "Authorization is invalid"}))
+    with pytest.raises(AccessRefused) as refused:
+        provider.status("kt-1")
+    assert isinstance(refused.value, ProviderError) and "problem on our side" in refused.value.message
+    assert len(sent) == 1
+
+
+def test_a_rate_limited_lookup_after_a_lost_submit_answer_leaves_the_submit_unclear():
+    lost = httpx.Response(500, json={"code": 5000, "message": "Server internal error"})
+    limited = httpx.Response(429, json={"code": 1302, "message": "rate limit exceeded"})
+    provider, sent = mock_provider(lost, *[limited] * 5, retries=4)
+    with pytest.raises(ProviderBusy) as busy:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert busy.value.ambiguous  # the job may exist: the next attempt looks it up before submitting again
+    assert [r.method for r in sent] == ["POST", *["GET"] * 5]
+
+
+def test_a_refused_token_on_the_lookup_after_a_lost_submit_answer_leaves_the_submit_unclear():
+    provider, sent = mock_provider(
+        httpx.Response(500, json={"code": 5000, "message": "Server internal error"}),
+        httpx.Response(401, json={"code": 1003, "message": "Authorization is not yet valid"}),
+    )
+    with pytest.raises(ProviderBusy) as busy:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert busy.value.ambiguous and [r.method for r in sent] == ["POST", "GET"]
+
+
+def test_a_submit_refused_for_our_existing_id_adopts_the_job():
+    provider, sent = mock_provider(
+        httpx.Response(400, json={"code": 1201, "message": "external_task_id already exists"}),
+        kling_ok({"task_id": "kt-7", "task_status": "processing"}),
+    )
+    assert provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={}) == "kt-7"
+    assert [r.method for r in sent] == ["POST", "GET"] and sent[1].url.path == "/v1/videos/text2video/our-task"
+
+
+def test_a_submit_refused_for_its_parameters_without_a_job_stays_refused():
+    missing = httpx.Response(404, json={"code": 1203, "message": "The requested resource does not exist"})
+    provider, sent = mock_provider(
+        httpx.Response(400, json={"code": 1201, "message": "prompt is too long"}), *[missing] * 5, retries=4
+    )
+    with pytest.raises(ProviderError) as refused:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert "prompt is too long" in refused.value.message and not isinstance(refused.value, JobNotFound)
+    assert [r.method for r in sent] == ["POST", *["GET"] * 5]  # looked up with the late-lookup retry
+
+
+class OneJobProvider:
+    """一个只会接受或查找一个任务的提供方（submit 的回答丢失时抛出不明确的 ProviderBusy）"""
+
+    name = "Kling"
+
+    def __init__(self, *, lose_answer: bool):
+        self.lose_answer = lose_answer
+
+    def submit(self, *, external_id, params, inputs) -> str:
+        """提交：回答丢失或返回任务 id"""
+        if self.lose_answer:
+            raise ProviderBusy("no answer", ambiguous=True)
+        return "kt-1"
+
+    def find(self, external_id):
+        """按我们的 id 找到任务"""
+        return ProviderJob(job_id="kt-1", state="running", raw_state="processing")
+
+
+def test_a_job_adopted_by_our_id_keeps_the_deadline_of_its_first_submit(tmp_path):
+    ctx = JobContext(
+        task_id="our-task", params=None, inputs={}, input_meta={}, workdir=tmp_path, progress=lambda *a, **k: None
+    )
+    before = time.time()
+    with pytest.raises(TransientError):  # the submit's answer was lost: the attempt ends before the id is known
+        submit_or_resume(ctx, OneJobProvider(lose_answer=True), deadline_s=60, interval_s=0.01)
+    assert ctx.state["provider_submitting"] is True and before <= ctx.state["provider_submitted_at"] <= time.time()
+    first = ctx.state["provider_submitted_at"]
+    time.sleep(0.05)
+    job_id, started_at = submit_or_resume(ctx, OneJobProvider(lose_answer=False), deadline_s=60, interval_s=0.01)
+    assert (job_id, started_at) == ("kt-1", first) and ctx.state["provider_submitted_at"] == first
 
 
 def test_a_submit_refused_as_an_unknown_resource_is_a_refusal_not_a_lost_job():
@@ -203,6 +323,152 @@ def test_a_redirect_loop_on_the_download_is_retried_then_reported_as_temporary(t
     with httpx.Client(transport=httpx.MockTransport(loop), follow_redirects=True) as http:
         with pytest.raises(ProviderBusy):
             download_file(http, "http://cdn.test/v.mp4", tmp_path / "v.mp4", max_bytes=10, delays=[0.0], what="Kling")
+
+
+def resolving_to(monkeypatch, *addresses: str) -> None:
+    """让下载地址检查把任何主机名解析为这些地址"""
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        """任何主机名都解析为给定的地址"""
+        return [
+            (socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port)) for a in addresses
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_a_download_follows_redirects_between_public_https_hosts(tmp_path, monkeypatch):
+    resolving_to(monkeypatch, "93.184.216.34")
+    seen: list[str] = []
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        """cdn.test 重定向到 edge.test，后者给出视频"""
+        seen.append(str(request.url))
+        if request.url.host == "cdn.test":
+            return httpx.Response(302, headers={"Location": "https://edge.test/v.mp4?sig=1"})
+        return httpx.Response(200, content=b"video")
+
+    with httpx.Client(transport=httpx.MockTransport(cdn)) as http:
+        path = download_file(
+            http,
+            "https://cdn.test/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10,
+            delays=[0.0],
+            what="Kling",
+            check_url=public_only(exempt="http://kling.test"),
+        )
+    assert path.read_bytes() == b"video" and seen == ["https://cdn.test/v.mp4", "https://edge.test/v.mp4?sig=1"]
+
+
+@pytest.mark.parametrize(
+    ("url", "addresses"),
+    [
+        ("http://cdn.test/v.mp4", ["93.184.216.34"]),  # not https
+        ("https://cdn.test/v.mp4", ["10.0.0.1"]),
+        ("https://cdn.test/v.mp4", ["93.184.216.34", "127.0.0.1"]),  # one private answer is enough
+        ("https://cdn.test/v.mp4", ["169.254.169.254"]),
+        ("https://cdn.test/v.mp4", ["::1"]),
+        ("https://cdn.test/v.mp4", ["::ffff:192.168.1.1"]),
+        ("https://cdn.test/v.mp4", ["0.0.0.0"]),
+        ("https://cdn.test/v.mp4", ["224.0.0.1"]),
+        ("https://cdn.test/v.mp4", ["240.0.0.1"]),
+        ("http://kling.test:8080/v.mp4", ["93.184.216.34"]),  # the API's host, another port
+        ("https://kling.test/v.mp4", ["127.0.0.1"]),  # the API's host, another scheme: not exempt
+    ],
+)
+def test_a_download_address_that_is_not_public_https_is_refused_before_connecting(
+    tmp_path, monkeypatch, url, addresses
+):
+    resolving_to(monkeypatch, *addresses)
+    sent: list[httpx.Request] = []
+    with httpx.Client(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200))) as http:
+        with pytest.raises(ProviderError) as refused:
+            download_file(
+                http,
+                url,
+                tmp_path / "v.mp4",
+                max_bytes=10,
+                delays=[0.0],
+                what="Kling",
+                check_url=public_only(exempt="http://kling.test"),
+            )
+    assert sent == [] and "refunded" in refused.value.message and not isinstance(refused.value, DownloadRefused)
+
+
+def test_the_api_origin_is_exempt(tmp_path, monkeypatch):
+    resolving_to(monkeypatch, "127.0.0.1")
+    with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"v"))) as http:
+        path = download_file(
+            http,
+            "http://kling.test:80/files/v.mp4",
+            tmp_path / "v.mp4",
+            max_bytes=10,
+            delays=[0.0],
+            what="Kling",
+            check_url=public_only(exempt="http://kling.test/"),
+        )
+    assert path.read_bytes() == b"v"
+
+
+def trickling(pieces: int, pause: float):
+    """一个慢慢吐出视频的下载地址（每 pause 秒一个字节）及其请求记录"""
+    sent: list[httpx.Request] = []
+
+    def cdn(request: httpx.Request) -> httpx.Response:
+        """每个请求都慢慢地回答"""
+        sent.append(request)
+
+        def body():
+            """逐字节产出"""
+            for _ in range(pieces):
+                time.sleep(pause)
+                yield b"x"
+
+        return httpx.Response(200, content=body())
+
+    return httpx.MockTransport(cdn), sent
+
+
+def test_a_cancel_stops_a_download_within_one_chunk(tmp_path):
+    transport, sent = trickling(1000, 0.01)
+    chunks: list[int] = []
+
+    def cancel_after_three() -> None:
+        """第三块之后任务被取消"""
+        chunks.append(1)
+        if len(chunks) == 3:
+            raise TaskCanceled("t")
+
+    with httpx.Client(transport=transport) as http:
+        with pytest.raises(TaskCanceled):
+            download_file(
+                http,
+                "http://cdn.test/v.mp4",
+                tmp_path / "v.mp4",
+                max_bytes=10**6,
+                delays=[0.0],
+                what="Kling",
+                on_chunk=cancel_after_three,
+            )
+    assert len(chunks) == 3 and len(sent) == 1
+
+
+def test_a_download_slower_than_its_time_limit_is_temporary_and_not_retried(tmp_path):
+    transport, sent = trickling(1000, 0.01)
+    started = time.monotonic()
+    with httpx.Client(transport=transport) as http:
+        with pytest.raises(ProviderBusy) as slow:
+            download_file(
+                http,
+                "http://cdn.test/v.mp4",
+                tmp_path / "v.mp4",
+                max_bytes=10**6,
+                delays=[0.0, 0.0],
+                what="Kling",
+                time_limit=0.3,
+            )
+    assert time.monotonic() - started < 3 and len(sent) == 1 and "0.3 seconds" in str(slow.value)
 
 
 def test_a_blank_prompt_is_refused_before_charging():
@@ -405,6 +671,155 @@ async def test_a_resend_refused_as_a_duplicate_adopts_the_job_the_lost_answer_cr
     await completes_with_one_paid_job(client, make_user, kling)
 
 
+async def test_a_rate_limited_lookup_after_a_lost_answer_retries_with_a_lookup_not_a_second_submit(
+    client, make_user, kling
+):
+    kling.lose_submit_response, kling.busy_lookups = True, 5  # every try of the lookup after the lost answer
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "queued"  # requeued: whether Kling took the job is not known
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert task_row(task["id"])["attempts"] == 2 and kinds(user, task) == ["charge"]
+
+
+async def test_a_submit_refused_because_our_id_exists_adopts_the_job(client, make_user, kling):
+    user = await make_user()
+    task = await create(client, user)
+    # An earlier try created the job under our id, but nothing of it was stored with the task.
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
+async def test_a_refused_token_while_polling_keeps_polling_the_paid_job(client, make_user, kling):
+    kling.unauthorized_polls = 3
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert kling.unauthorized_polls == 0 and task_row(kling.submits[0]["external_task_id"])["attempts"] == 1
+
+
+async def test_a_token_refused_on_every_poll_fails_at_the_deadline(client, make_user, kling):
+    kling.unauthorized_polls = 10**6
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["message"] == "The provider did not finish within 0.5 seconds; your credits were refunded."
+    assert len(kling.submits) == 1 and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_submit_with_a_refused_token_fails_at_once_as_our_problem(client, make_user, kling):
+    kling.clock_offset = -600  # Kling's clock ten minutes behind ours: no margin covers that
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "provider_error" and "problem on our side" in row["error"]["message"]
+    assert kling.rejected == ["not yet valid"] and kling.submits == []
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_clock_slightly_ahead_of_klings_is_tolerated(client, make_user, kling):
+    kling.clock_offset = -30  # Kling's clock half a minute behind ours
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert kling.rejected == []
+
+
+async def test_a_job_that_succeeded_without_a_video_fails_after_three_polls_and_refunds(client, make_user, kling):
+    kling.videoless_polls = 10**6
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"] == {
+        "code": "provider_error",
+        "message": "Kling finished without a video. Your credits were refunded.",
+    }
+    assert len(kling.polls) == 2 + 3 and kling.downloads == 0 and len(kling.submits) == 1
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_video_that_shows_up_on_the_third_poll_after_success_is_kept(client, make_user, kling):
+    kling.videoless_polls = 2
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert len(kling.polls) == 2 + 3
+
+
+@pytest.fixture
+def elsewhere(clip):
+    """另一个端口上的本地服务器（也能提供视频）：下载不应碰到它"""
+    other = FakeKling(access_key=AK, secret_key=SK, video=clip).start()
+    yield other
+    other.stop()
+
+
+async def fails_as_a_refused_download(client, make_user, kling) -> dict:
+    """任务失败（provider_error）并退款一次，没有产出"""
+    user = await make_user()
+    task = await create(client, user)
+    started = time.monotonic()
+    assert await run_task_async(task["id"]) == "failed"
+    assert time.monotonic() - started < 10
+    row = task_row(task["id"])
+    assert row["error"]["code"] == "provider_error" and "refunded" in row["error"]["message"]
+    assert len(kling.submits) == 1 and outputs(task) == []
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+    return row
+
+
+async def test_a_video_url_on_a_loopback_port_is_not_downloaded(client, make_user, kling, elsewhere):
+    kling.video_url = f"{elsewhere.url}/files/x.mp4"
+    await fails_as_a_refused_download(client, make_user, kling)
+    assert elsewhere.downloads == 0
+
+
+async def test_a_video_url_on_a_private_address_is_refused_before_connecting(client, make_user, kling):
+    kling.video_url = "https://10.0.0.1/x.mp4"
+    await fails_as_a_refused_download(client, make_user, kling)
+
+
+async def test_a_redirect_to_a_loopback_port_is_not_followed(client, make_user, kling, elsewhere):
+    kling.redirect_downloads = f"{elsewhere.url}/files/x.mp4"
+    await fails_as_a_refused_download(client, make_user, kling)
+    assert kling.downloads == 1 and elsewhere.downloads == 0
+
+
+async def test_cancel_stops_a_slow_download(client, make_user, kling, clip):
+    kling.trickle_downloads = (32, 0.2)
+    assert clip.stat().st_size > 32 * 100  # a download of more than 20 s
+    user = await make_user()
+    task = await create(client, user)
+    job = asyncio.create_task(run_task_async(task["id"]))
+    await wait_until(lambda: kling.downloads > 0)
+    await asyncio.sleep(0.5)
+    assert (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).status_code == 200
+    started = time.monotonic()
+    assert await asyncio.wait_for(job, 30) == "canceled"
+    assert time.monotonic() - started < 5
+    assert outputs(task) == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_download_over_the_time_limit_requeues_and_the_next_attempt_resumes(
+    client, make_user, kling, monkeypatch
+):
+    monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 1.0)
+    kling.trickle_downloads = (32, 0.2)
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "queued"
+    assert task_row(task["id"])["message"] == "A temporary problem interrupted the job; retrying."
+    kling.trickle_downloads = None
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert task_row(task["id"])["attempts"] == 2 and kinds(user, task) == ["charge"]
+
+
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):
     kling.busy_submits = 12  # more than the adapter's own retries
     user = await make_user()
@@ -532,6 +947,23 @@ async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, 
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+
+
+async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(client, make_user, kling):
+    user = await make_user()
+    task = await create(client, user)
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    submitted_at = time.time() - 3600  # the attempt that submitted died an hour ago, before it stored Kling's id
+    sql(
+        "insert into public.task_job_states (task_id, state) values (%s, %s)",
+        (task["id"], json.dumps({"provider_submitting": True, "provider_submitted_at": submitted_at})),
+    )
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["message"] == "The provider did not finish within 30 seconds; your credits were refunded."
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_submitted_at"] == submitted_at
+    assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 
 async def test_cancel_refunds_and_abandons_the_provider_job(client, make_user, kling):

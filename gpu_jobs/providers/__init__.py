@@ -11,10 +11,13 @@ handler that calls ``run_provider_job``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -29,7 +32,9 @@ log = logging.getLogger("spool.providers")
 JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 MAX_FRACTION = 0.89  # waiting never reports more than this: the download and the upload come after
 PAUSE_SLICE = 2.0  # seconds between cancel checks while waiting between polls
-DOWNLOAD_CHUNK = 1 << 20
+DOWNLOAD_LIMIT_S = 300.0  # a whole download, retries included
+MAX_REDIRECTS = 10
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class ProviderError(InvalidInput):
@@ -40,6 +45,10 @@ class ProviderError(InvalidInput):
 
 class DownloadRefused(ProviderError):
     """提供方的下载地址拒绝了我们（4xx）"""
+
+
+class AccessRefused(ProviderError):
+    """提供方不接受我们的凭据（令牌缺失、无效、尚未生效或已过期）"""
 
 
 class ProviderBusy(Exception):
@@ -122,10 +131,11 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
         found = _find(provider, ctx.task_id)
         if found is not None:
             log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
-            return _saved(ctx, found.job_id, time.time())
+            # Its deadline counts from the submit that created it, not from each attempt that died before the save.
+            return _saved(ctx, found.job_id, float(state.get("provider_submitted_at") or time.time()))
     started_at = time.time()  # the deadline counts from here: waiting for a free slot is waiting too
     ctx.progress(0.03, f"Sending the request to {provider.name}")
-    _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True})
+    _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True, "provider_submitted_at": started_at})
     delay = max(interval_s, 0.01)
     while True:
         try:
@@ -159,7 +169,8 @@ def wait_for(
     while True:
         try:
             job = provider.status(job_id)
-        except ProviderBusy as exc:  # the poll loop is itself the retry, until the deadline
+        except (ProviderBusy, AccessRefused) as exc:  # the poll loop is itself the retry, until the deadline
+            # A refused token while the paid job runs is most likely a clock briefly off, ours or theirs.
             log.warning("task %s: status of %s job %s unavailable: %s", ctx.task_id, provider.name, job_id, exc)
             job = None
         if job is not None:
@@ -192,6 +203,47 @@ def waiting_fraction(state: str, elapsed: float, deadline_s: float) -> float:
     return min(fraction, MAX_FRACTION)
 
 
+def public_only(*, exempt: str | None) -> Callable[[httpx.URL, str], None]:
+    """下载地址检查：只允许 https 且只解析到公网地址（与 exempt 同源的地址除外），否则 ProviderError"""
+    exempt_origin = _origin(httpx.URL(exempt)) if exempt else None
+
+    def check(url: httpx.URL, what: str) -> None:
+        """检查一个地址（首个地址与每次重定向）"""
+        if exempt_origin is not None and _origin(url) == exempt_origin:
+            return
+        refused = ProviderError(
+            f"{what} named an address for the video that we do not download from. Your credits were refunded."
+        )
+        if url.scheme != "https" or not url.host:
+            log.warning("refused to download %s from %s: not https", url, what)
+            raise refused
+        try:
+            infos = socket.getaddrinfo(url.host, url.port or 443, type=socket.SOCK_STREAM)
+        except (socket.gaierror, UnicodeError) as exc:
+            raise ProviderBusy(f"{what}: could not resolve {url.host}: {exc}") from exc
+        # The connection resolves the name again: a DNS answer that changes in between is not caught here.
+        for info in infos:
+            if not _public(str(info[4][0])):
+                log.warning("refused to download %s from %s: %s is not a public address", url, what, info[4][0])
+                raise refused
+
+    return check
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    """地址的来源（协议、主机、端口）"""
+    return url.scheme, url.host, url.port or DEFAULT_PORTS.get(url.scheme)
+
+
+def _public(address: str) -> bool:
+    """地址是否为公网地址"""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # an IPv6 zone id (fe80::1%eth0) is not part of it
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    special = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
+    return ip.is_global and not (special or ip.is_unspecified)
+
+
 def download_file(
     client: httpx.Client,
     url: str,
@@ -201,11 +253,16 @@ def download_file(
     delays: list[float],
     what: str,
     sleep: Callable[[float], None] = time.sleep,
+    check_url: Callable[[httpx.URL, str], None] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+    time_limit: float | None = None,
 ) -> Path:
-    """流式下载（临时错误按退避重试；4xx → ProviderError；超过大小限制 → ProviderError）"""
+    """流式下载：临时错误按退避重试；4xx、过大 → ProviderError；逐跳检查地址；每块后调 on_chunk；超时 → ProviderBusy"""
+    limit = DOWNLOAD_LIMIT_S if time_limit is None else time_limit
+    deadline = time.monotonic() + limit
     for attempt, delay in enumerate([*delays, None], start=1):
         try:
-            with client.stream("GET", url) as resp:
+            with _open(client, httpx.URL(url), what=what, check_url=check_url) as resp:
                 if resp.status_code == 429 or resp.status_code >= 500:
                     raise ProviderBusy(f"{what}: HTTP {resp.status_code}")
                 if resp.status_code >= 400:
@@ -215,20 +272,41 @@ def download_file(
                     )
                 size = 0
                 with open(dest, "wb") as out:
-                    for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                    for chunk in resp.iter_bytes():  # as the data arrives: a trickle still reaches on_chunk
                         size += len(chunk)
                         if size > max_bytes:
                             raise ProviderError(
                                 f"The video from {what} is larger than {max_bytes:,} bytes. Your credits were refunded."
                             )
                         out.write(chunk)
+                        if on_chunk is not None:
+                            on_chunk()
+                        if time.monotonic() > deadline:
+                            raise ProviderBusy(f"the download took longer than {_minutes(limit)}")
             return dest
         except (ProviderBusy, httpx.RequestError) as exc:  # RequestError: also redirect loops, undecodable bodies
-            if delay is None:
+            if delay is None or time.monotonic() + delay >= deadline:
                 raise ProviderBusy(f"{what}: {exc}") from exc
             log.warning("download from %s failed (try %d): %s; retrying in %.1fs", what, attempt, exc, delay)
             sleep(delay)
     raise AssertionError("unreachable")
+
+
+@contextmanager
+def _open(
+    client: httpx.Client, url: httpx.URL, *, what: str, check_url: Callable[[httpx.URL, str], None] | None
+) -> Iterator[httpx.Response]:
+    """发出 GET 并逐跳跟随重定向（每一跳先经 check_url 检查），产出最终的流式应答"""
+    for _ in range(MAX_REDIRECTS + 1):
+        if check_url is not None:
+            check_url(url, what)
+        with client.stream("GET", url, follow_redirects=False) as resp:
+            location = resp.headers.get("location") if resp.is_redirect else None
+            if location is None:
+                yield resp
+                return
+            url = resp.url.join(location)
+    raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=resp.request)
 
 
 def probe_output(path: Path, provider: Provider, job: ProviderJob) -> OutputFile:
@@ -288,6 +366,6 @@ def _pause(ctx: JobContext, seconds: float, fraction: float, message: str | None
 
 def _minutes(seconds: float) -> str:
     if seconds < 60:
-        return f"{seconds:g} seconds"
+        return "1 second" if seconds == 1 else f"{seconds:g} seconds"
     minutes = round(seconds / 60, 1)
     return "1 minute" if minutes == 1 else f"{minutes:g} minutes"

@@ -17,7 +17,15 @@ from typing import Any, Literal
 import httpx
 import jwt
 
-from gpu_jobs.providers import ProviderBusy, ProviderError, ProviderJob, backoff, download_file
+from gpu_jobs.providers import (
+    AccessRefused,
+    ProviderBusy,
+    ProviderError,
+    ProviderJob,
+    backoff,
+    download_file,
+    public_only,
+)
 from lib.config import Settings
 from lib.errors import InvalidInput
 
@@ -25,7 +33,7 @@ log = logging.getLogger("spool.providers.kling")
 
 Endpoint = Literal["text2video", "image2video"]
 TOKEN_SECONDS = 1800
-TOKEN_NOT_BEFORE = 5
+TOKEN_NOT_BEFORE = 60  # a token valid a minute early: our clock may run ahead of Kling's
 STATES = {"submitted": "queued", "processing": "running", "succeed": "succeeded", "failed": "failed"}
 # Kling's error codes (https://app.klingai.com/global/dev/document-api/apiReference/commonInfo)
 AUTH_CODES = range(1000, 1100)  # 1000-1004: the token is missing, invalid, not yet valid or expired
@@ -40,10 +48,20 @@ IMAGE_MIN_SIDE = 300
 IMAGE_MAX_RATIO = 2.5
 IMAGE_REENCODE_SIDE = 4096
 REASON_CHARS = 300
+VIDEOLESS_POLLS = 3  # consecutive "succeed" answers without a video before the job counts as failed
+NO_VIDEO = "Kling finished without a video. Your credits were refunded."
 
 
 class JobNotFound(ProviderError):
     """Kling 不认识这个任务 id"""
+
+
+class Refused(ProviderError):
+    """Kling 拒绝了请求（带 Kling 的错误码）"""
+
+    def __init__(self, message: str, *, code: int | None):
+        super().__init__(message)
+        self.code = code
 
 
 class KlingProvider:
@@ -71,6 +89,8 @@ class KlingProvider:
         self.max_download_bytes = max_download_bytes
         self.clock = clock
         self.sleep = sleep  # between retries; a job passes one that notices a cancel
+        self.check_url = public_only(exempt=base_url)  # the API's own origin may serve files too
+        self.videoless: dict[str, int] = {}  # job id -> consecutive "succeed" answers without a video
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             transport=transport,
@@ -113,21 +133,32 @@ class KlingProvider:
                 return str(job_id)
             except ProviderBusy as exc:
                 if exc.ambiguous:  # the job may exist although we got no answer: never submit it twice
-                    found = self.find(external_id)
+                    found = self._lookup(external_id, late=False)
                     if found is not None:
                         return found.job_id
                     unclear = True
                 if delay is None:
                     raise
                 self._wait("submit", attempt, exc, delay)
-            except ProviderError:
-                # A re-send refused (e.g. 1201 "external_task_id already exists") after a try whose answer was lost:
-                # that try did create the job, and Kling's lookup by our id had not caught up yet.
-                found = self._find_late(external_id) if unclear else None
+            except ProviderError as exc:
+                # A submit refused for its parameters may be refused for our external id (1201 "external_task_id
+                # already exists"): an earlier try, in this call or an earlier attempt, created the job and Kling's
+                # lookup by our id had not caught up. Our external id is our task id, so a job under it is ours.
+                if not (unclear or (isinstance(exc, Refused) and exc.code in PARAM_CODES)):
+                    raise
+                found = self._lookup(external_id, late=True)
                 if found is None:
                     raise
                 return found.job_id
         raise AssertionError("unreachable")
+
+    def _lookup(self, external_id: str, *, late: bool) -> ProviderJob | None:
+        """提交结果不明时按我们的 id 查找任务；查询本身暂时失败时结果仍不明（ambiguous）"""
+        try:
+            return self._find_late(external_id) if late else self.find(external_id)
+        except (ProviderBusy, AccessRefused) as exc:
+            # Not "certainly not created": the job may exist, so the next attempt looks it up before submitting.
+            raise ProviderBusy(f"could not look up the job by our id: {exc}", ambiguous=True) from exc
 
     def find(self, external_id: str) -> ProviderJob | None:
         """按 external_task_id 查找任务；不存在 → None"""
@@ -154,17 +185,22 @@ class KlingProvider:
         videos = result.get("videos") if isinstance(result, dict) else None
         videos = videos if isinstance(videos, list) else []  # an answer of another shape: no video yet
         urls = tuple(v["url"] for v in videos if isinstance(v, dict) and isinstance(v.get("url"), str) and v["url"])
+        job_id = str(data.get("task_id") or job_id)
         if state == "succeeded" and not urls:
-            state = "unknown"  # succeeded without a video yet: keep polling until it shows up or the deadline
+            # Succeeded without a video yet: it may show up on the next poll, but not after several.
+            self.videoless[job_id] = self.videoless.get(job_id, 0) + 1
+            if self.videoless[job_id] >= VIDEOLESS_POLLS:
+                raise ProviderError(NO_VIDEO)
+            state = "unknown"
+        else:
+            self.videoless.pop(job_id, None)
         message = failure_message(data.get("task_status_msg")) if state == "failed" else None
-        return ProviderJob(
-            job_id=str(data.get("task_id") or job_id), state=state, raw_state=raw, message=message, result_urls=urls
-        )
+        return ProviderJob(job_id=job_id, state=state, raw_state=raw, message=message, result_urls=urls)
 
     def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
         """下载生成的视频（Kling 的地址会过期，所以要转存）"""
         if not job.result_urls:
-            raise ProviderError("Kling finished without a video. Your credits were refunded.")
+            raise ProviderError(NO_VIDEO)
         return download_file(
             self.http,
             job.result_urls[0],
@@ -173,6 +209,8 @@ class KlingProvider:
             delays=self.delays,
             what="Kling",
             sleep=self.sleep,
+            check_url=self.check_url,
+            on_chunk=lambda: self.sleep(0.0),  # a job's sleep reports to it, so a cancel stops the download
         )
 
     # ------------------------------------------------------------ requests
@@ -256,7 +294,9 @@ class KlingProvider:
             raise ProviderBusy(f"HTTP {status} code {code}", ambiguous=status >= 500, retry_after=retry_after)
         if method == "GET" and (status == 404 or code == NOT_FOUND_CODE or code in PARAM_CODES):
             raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
-        raise ProviderError(refusal_message(status, code, payload.get("message")))
+        if status == 401 or (code is not None and code in AUTH_CODES):
+            raise AccessRefused(refusal_message(status, code, payload.get("message")))
+        raise Refused(refusal_message(status, code, payload.get("message")), code=code)
 
     def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
         delay = max(delay, min(exc.retry_after or 0.0, 30.0))
