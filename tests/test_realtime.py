@@ -346,6 +346,9 @@ async def test_a_malformed_join_is_refused_and_the_socket_lives_on(live_server, 
             await ws.send(json.dumps([ref, ref, f"realtime:bad{ref}", "phx_join", payload]))
             answer = await recv()
             assert (answer[1], answer[3], answer[4]["status"]) == (ref, "phx_reply", "error")
+        await ws.send("[" * 100_000)  # nested too deep for any JSON parser
+        await ws.send(json.dumps([None, "4", "phoenix", "heartbeat", {}]))
+        assert (await recv())[1:4] == ["4", "phoenix", "phx_reply"]
         create_task(db_conn, a.id)  # the channel joined first still gets its changes
         change = await recv()
         assert change[2:4] == ["realtime:ok", "postgres_changes"]
@@ -360,6 +363,19 @@ async def test_large_rows_arrive_whole(realtime_url, make_user, db_conn, subscri
     big = {"frames": ["x" * 100] * 2000}  # ~200 kB, far beyond NOTIFY's 8000 bytes
     db_conn.execute("update public.tasks set result = %s where id = %s", (json.dumps(big), task_id))
     assert (await sub.next())["data"]["record"]["result"] == big
+
+
+async def test_a_row_over_the_limit_in_bytes_loses_its_big_fields(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "big", {"event": "UPDATE", "table": "tasks", "filter": f"id=eq.{task_id}"}
+    )
+    big = {"text": "日" * 500_000}  # half a million characters, 1.5 MB in UTF-8
+    db_conn.execute("update public.tasks set result = %s where id = %s", (json.dumps(big), task_id))
+    data = (await sub.next())["data"]
+    assert data["errors"] == ["Error 413: Payload Too Large"]
+    assert "result" not in data["record"] and data["record"]["id"] == task_id
 
 
 async def test_refreshed_invalid_token_closes_the_channel(realtime_url, make_user, db_conn, subscriptions):

@@ -413,10 +413,10 @@ def _payload_data(change: Change, meta: TableMeta) -> dict:
         # As in the cloud: with RLS on, a delete's old record carries only the primary key.
         full = meta.full_identity and not meta.rls
         data["old_record"] = change.old_record if full else _pk_only(change.old_record, meta)
-    if len(dumps(data)) > MAX_RECORD_BYTES:
+    if len(dumps(data).encode()) > MAX_RECORD_BYTES:
         for name in ("record", "old_record"):
             if data.get(name):
-                data[name] = {k: v for k, v in data[name].items() if len(dumps(v)) <= 64}
+                data[name] = {k: v for k, v in data[name].items() if len(dumps(v).encode()) <= 64}
         errors = ["Error 413: Payload Too Large"]
     data["errors"] = errors
     return data

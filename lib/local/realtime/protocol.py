@@ -39,6 +39,8 @@ def decode(text: str, vsn: str) -> Frame:
         raw = json.loads(text)
     except ValueError:
         raise ProtocolError("not JSON") from None
+    except RecursionError:
+        raise ProtocolError("nested too deep") from None
     if vsn == VSN_2:
         if not isinstance(raw, list) or len(raw) != 5:
             raise ProtocolError("a 2.0.0 frame is [join_ref, ref, topic, event, payload]")
