@@ -330,6 +330,24 @@ async def test_vsn_2_array_frames_heartbeat_and_leave(live_server, make_user, db
             await asyncio.wait_for(ws.recv(), 1.0)
 
 
+async def test_many_filtered_joins_at_once_share_one_database_connection(live_server, make_user):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    binding = {"event": "UPDATE", "schema": "public", "table": "tasks", "filter": f"user_id=eq.{a.id}"}
+
+    async def join(n: int) -> str:
+        async with websockets.connect(url) as ws:
+            await ws.send(
+                json.dumps(["1", "1", f"realtime:t{n}", "phx_join", {"config": {"postgres_changes": [binding]}}])
+            )
+            while (frame := json.loads(await asyncio.wait_for(ws.recv(), 30)))[3] != "system":
+                assert frame[4]["status"] == "ok", frame
+            return frame[4]["message"]
+
+    messages = await asyncio.gather(*(join(n) for n in range(150)))  # more than Postgres takes connections
+    assert set(messages) == {"Subscribed to PostgreSQL"}
+
+
 async def test_a_malformed_join_is_refused_and_the_socket_lives_on(live_server, make_user, db_conn):
     a = await make_user()
     url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"

@@ -117,6 +117,8 @@ class ChangeFeed:
         self._task: asyncio.Task | None = None
         self._last_refresh = 0.0
         self._last_prune = 0.0
+        self._checker: psycopg.AsyncConnection | None = None  # joins' catalog and filter checks, one at a time
+        self._checker_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -135,6 +137,9 @@ class ChangeFeed:
                 pass
             self._task = None
         self.ready.clear()
+        if self._checker is not None:
+            await self._checker.close()
+            self._checker = None
 
     async def wait_ready(self, wait_s: float) -> bool:
         """等到正在监听（或超时）"""
@@ -149,6 +154,22 @@ class ChangeFeed:
         return await psycopg.AsyncConnection.connect(
             self.db_url, autocommit=True, prepare_threshold=None, application_name=name, connect_timeout=5
         )
+
+    async def _check(self, sql: str, params: tuple) -> list[tuple]:
+        """在共用的检查连接上执行一条查询（加入频道时用；断了就重连一次）"""
+        async with self._checker_lock:
+            for retry in (True, False):
+                if self._checker is None or self._checker.closed:
+                    self._checker = await self._connect("spool-realtime-check")
+                    await self._checker.execute("set statement_timeout = '10s'")
+                try:
+                    cur = await self._checker.execute(sql, params)
+                    return await cur.fetchall()
+                except psycopg.OperationalError:
+                    await self._checker.close()
+                    if not retry:
+                        raise
+        raise AssertionError("unreachable")
 
     async def _run(self) -> None:
         delay = 0.2
@@ -247,10 +268,13 @@ class ChangeFeed:
 
     # -- catalog -------------------------------------------------------------------
 
-    async def _load_tables(self, conn: psycopg.AsyncConnection) -> None:
-        cur = await conn.execute(TABLES_SQL, (PUBLICATION,))
+    async def _load_tables(self, conn: psycopg.AsyncConnection | None = None) -> None:
+        if conn is None:
+            rows = await self._check(TABLES_SQL, (PUBLICATION,))
+        else:
+            rows = await (await conn.execute(TABLES_SQL, (PUBLICATION,))).fetchall()
         tables = {}
-        for schema, table, rel, rls, full_identity, pk, columns, auth_sel, anon_sel in await cur.fetchall():
+        for schema, table, rel, rls, full_identity, pk, columns, auth_sel, anon_sel in rows:
             roles = frozenset(r for r, ok in (("authenticated", auth_sel), ("anon", anon_sel)) if ok)
             tables[(schema, table)] = TableMeta(
                 schema, table, rel, rls, full_identity, tuple(pk or ()), columns or [], roles
@@ -262,8 +286,7 @@ class ChangeFeed:
         """重新读取发布表（订阅了未知的表时，至多每秒一次）"""
         if time.monotonic() - self._last_refresh < 1.0:
             return
-        async with await self._connect("spool-realtime-catalog") as conn:
-            await self._load_tables(conn)
+        await self._load_tables()
 
     async def check_bindings(self, bindings: list[Binding]) -> list[str]:
         """检查订阅的表在发布中、过滤列存在、过滤值能转成列的类型（in 至多 100 个值）；返回问题列表"""
@@ -298,14 +321,12 @@ class ChangeFeed:
                 values += [{"value": v, "type": c.type} for v in c.values]
         if not values:
             return None
-        async with await self._connect("spool-realtime-check") as conn:
-            cur = await conn.execute(
-                "select e.message from jsonb_to_recordset(%s) as v(value text, type text),"
-                " lateral pg_catalog.pg_input_error_info(v.value, v.type) e where e.message is not null limit 1",
-                (Jsonb(values),),
-            )
-            row = await cur.fetchone()
-        return row[0] if row else None
+        rows = await self._check(
+            "select e.message from jsonb_to_recordset(%s) as v(value text, type text),"
+            " lateral pg_catalog.pg_input_error_info(v.value, v.type) e where e.message is not null limit 1",
+            (Jsonb(values),),
+        )
+        return rows[0][0] if rows else None
 
     def _resolve(self, b: Binding) -> bool:
         """Whether the table and the filter columns are published; types the filter conditions as the columns."""
