@@ -32,12 +32,12 @@ async def reap() -> dict[str, int]:
             counts["abandoned_uploads"] = abandoned
     except Exception:
         log.exception("reaper: sweeping abandoned uploads failed; the next pass tries again")
-    waiting = await _calls_still_waiting([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
-    if waiting:  # still in Modal's queue (no GPU free): they keep their place
-        counts["waiting_for_gpu"] = len(waiting)
-        counts["redispatch"] -= len(waiting)
-        if not counts["redispatch"]:
-            del counts["redispatch"]
+    # In Modal's queue (no GPU free) or Modal out of reach: they keep their call.
+    waiting = await _live_calls([str(row["task_id"]) for row in rows if row["action"] == "redispatch"])
+    counts.update(waiting.values())
+    counts["redispatch"] -= len(waiting)
+    if counts["redispatch"] <= 0:
+        del counts["redispatch"]
     for row in rows:
         task_id = str(row["task_id"])
         if task_id in waiting:
@@ -59,27 +59,28 @@ async def reap() -> dict[str, int]:
     return dict(counts)
 
 
-async def _calls_still_waiting(task_ids: list[str]) -> set[str]:
-    """排队已久的任务中，其 Modal 调用仍在排队或运行的那些（留着：重新 spawn 只会让它排到队尾）；已结束的调用被忘掉"""
+async def _live_calls(task_ids: list[str]) -> dict[str, str]:
+    """排队已久的任务中不该重新 spawn 的及原因（调用仍在排队或运行 / 问不到 Modal）；已结束的调用被忘掉"""
     from lib.dispatch import get_dispatcher
 
     if not task_ids:
-        return set()
+        return {}
     rows = await db.fetch_all(
         "select id, call_id from public.tasks where id = any(%s::uuid[]) and status = 'queued' and call_id is not null",
         (task_ids,),
     )
-    waiting = set()
+    live = {}
     for row in rows:
         task_id, call_id = str(row["id"]), row["call_id"]
         try:
             pending = await get_dispatcher().call_pending(call_id=call_id)
-        except Exception as exc:  # Modal unreachable: ask again next pass rather than add a second call
+        except Exception as exc:  # nothing known of the call: kept (not a second call), asked again next pass
             log.warning("reaper: could not ask Modal about call %s of task %s: %s", call_id, task_id, exc)
-            pending = True
+            live[task_id] = "modal_unreachable"
+            continue
         if pending:  # noted as waiting: asked about again in 20 minutes, and its owner sees why it waits
-            waiting.add(task_id)
+            live[task_id] = "waiting_for_gpu"
             await db.execute("select public.note_task_waiting(%s, %s)", (task_id, call_id))
         else:  # it ended without taking the task: forgotten, so a failed respawn is retried within a minute
             await db.execute("select public.forget_task_call(%s, %s)", (task_id, call_id))
-    return waiting
+    return live

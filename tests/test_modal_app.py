@@ -283,8 +283,10 @@ async def test_modal_out_of_reach_is_no_reason_to_spawn_again(client, make_user,
     task = await create_task(client, user, gpu_job)
     fake_modal.ended["fc-1"] = modal.exception.ConnectionError("Modal is unreachable")
     sql("update public.tasks set updated_at = now() - interval '30 minutes' where id = %s", (task["id"],))
-    assert await reap() == {"waiting_for_gpu": 1}
+    assert await reap() == {"modal_unreachable": 1}
     assert len(fake_modal.spawned) == 1 and task_row(task["id"])["call_id"] == "fc-1"
+    assert task_row(task["id"])["message"] is None  # it is not known to wait for a worker
+    assert await reap() == {"modal_unreachable": 1} and fake_modal.polls == ["fc-1", "fc-1"]  # asked again next pass
 
 
 @pytest.mark.parametrize(
