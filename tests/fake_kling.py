@@ -22,6 +22,8 @@ Knobs (set on the instance before or during a test):
   apart (a slow CDN);
 - ``clock_offset``: seconds the fake's clock is ahead of ours (negative: behind) when it checks a token's
   ``nbf`` and ``exp``;
+- ``unauthorized_lookups``: the next lookups by our id answered 401 code 1003 (a token Kling's clock takes as not
+  yet valid);
 - ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
   valid: a clock that jumped for a moment).
 """
@@ -71,6 +73,7 @@ class FakeKling:
         self.redirect_downloads: str | None = None
         self.trickle_downloads: tuple[int, float] | None = None
         self.unauthorized_polls = 0
+        self.unauthorized_lookups = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
         self.submits: list[dict] = []  # bodies of accepted submits (each one a paid job)
@@ -218,6 +221,13 @@ class FakeKling:
                 busy, self.busy_lookups = self.busy_lookups > 0, max(0, self.busy_lookups - 1)
             if busy:
                 return _error(429, 1302, "rate limit exceeded")
+            with self._lock:
+                refused, self.unauthorized_lookups = (
+                    self.unauthorized_lookups > 0,
+                    max(0, self.unauthorized_lookups - 1),
+                )
+            if refused:
+                return _error(401, 1003, "Authorization is not yet valid")
             with self._lock:
                 lagging, self.lagging_lookups = self.lagging_lookups > 0, max(0, self.lagging_lookups - 1)
             if not lagging:

@@ -949,6 +949,21 @@ async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, 
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
 
 
+async def test_a_refused_token_while_looking_up_an_unsaved_submit_requeues_the_task(client, make_user, kling):
+    user = await make_user()
+    task = await create(client, user)
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    sql(
+        "insert into public.task_job_states (task_id, state) values (%s, '{\"provider_submitting\": true}')",
+        (task["id"],),
+    )
+    kling.unauthorized_lookups = 1  # the paid job exists: failing the task would throw it away
+    assert await run_task_async(task["id"]) == "queued"
+    assert await run_task_async(task["id"]) == "completed"
+    assert len(kling.submits) == 1 and kinds(user, task) == ["charge"]
+
+
 async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(client, make_user, kling):
     user = await make_user()
     task = await create(client, user)

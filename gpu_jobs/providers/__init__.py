@@ -114,7 +114,7 @@ def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, 
             if job.state != "succeeded":
                 raise
             path = provider.fetch_result(job, ctx.workdir)
-    except ProviderBusy as exc:
+    except (ProviderBusy, AccessRefused) as exc:  # AccessRefused: asking for a fresh link of the finished job
         raise TransientError(f"download from {provider.name} failed: {exc}") from exc
     ctx.progress(0.95, "Checking the video")
     ctx.result.update({"provider": provider.name.lower(), "provider_job_id": job.job_id})
@@ -336,7 +336,7 @@ def probe_output(path: Path, provider: Provider, job: ProviderJob) -> OutputFile
 def _find(provider: Provider, external_id: str) -> ProviderJob | None:
     try:
         return provider.find(external_id)
-    except ProviderBusy as exc:
+    except (ProviderBusy, AccessRefused) as exc:  # the job may exist and be paid: never fail the task for it
         raise TransientError(f"could not look up the {provider.name} job: {exc}") from exc
 
 
