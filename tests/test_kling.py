@@ -111,6 +111,14 @@ def outputs(task) -> list[dict]:
     return sql("select * from public.assets where source_task_id = %s", (task["id"],))
 
 
+def submitted_earlier(kling: FakeKling, task_id: str, state: dict | None) -> None:
+    """之前的一次尝试已提交了 Kling 任务，却在保存其 id 之前死去（state：它留下的作业状态）"""
+    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
+        provider.submit(external_id=task_id, params=KlingParams(prompt="a paper boat"), inputs={})
+    if state is not None:
+        sql("insert into public.task_job_states (task_id, state) values (%s, %s)", (task_id, json.dumps(state)))
+
+
 async def wait_until(predicate, seconds: float = 60) -> None:
     deadline = time.monotonic() + seconds
     while not predicate():
@@ -687,9 +695,7 @@ async def test_a_rate_limited_lookup_after_a_lost_answer_retries_with_a_lookup_n
 async def test_a_submit_refused_because_our_id_exists_adopts_the_job(client, make_user, kling):
     user = await make_user()
     task = await create(client, user)
-    # An earlier try created the job under our id, but nothing of it was stored with the task.
-    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
-        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
+    submitted_earlier(kling, task["id"], None)  # nothing of it was stored with the task
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
@@ -937,13 +943,7 @@ async def test_a_job_killed_after_submit_resumes_polling_the_same_provider_task(
 async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, make_user, kling):
     user = await make_user()
     task = await create(client, user)
-    # An earlier attempt sent the submit and died before it could store Kling's id.
-    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
-        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
-    sql(
-        "insert into public.task_job_states (task_id, state) values (%s, '{\"provider_submitting\": true}')",
-        (task["id"],),
-    )
+    submitted_earlier(kling, task["id"], {"provider_submitting": True})
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
@@ -952,12 +952,7 @@ async def test_a_retry_after_an_unsaved_submit_adopts_the_job_by_our_id(client, 
 async def test_a_refused_token_while_looking_up_an_unsaved_submit_requeues_the_task(client, make_user, kling):
     user = await make_user()
     task = await create(client, user)
-    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
-        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
-    sql(
-        "insert into public.task_job_states (task_id, state) values (%s, '{\"provider_submitting\": true}')",
-        (task["id"],),
-    )
+    submitted_earlier(kling, task["id"], {"provider_submitting": True})
     kling.unauthorized_lookups = 1  # the paid job exists: failing the task would throw it away
     assert await run_task_async(task["id"]) == "queued"
     assert await run_task_async(task["id"]) == "completed"
@@ -967,13 +962,8 @@ async def test_a_refused_token_while_looking_up_an_unsaved_submit_requeues_the_t
 async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(client, make_user, kling):
     user = await make_user()
     task = await create(client, user)
-    with KlingProvider(access_key=AK, secret_key=SK, base_url=kling.url, endpoint="text2video") as provider:
-        provider.submit(external_id=task["id"], params=KlingParams(prompt="a paper boat"), inputs={})
-    submitted_at = time.time() - 3600  # the attempt that submitted died an hour ago, before it stored Kling's id
-    sql(
-        "insert into public.task_job_states (task_id, state) values (%s, %s)",
-        (task["id"], json.dumps({"provider_submitting": True, "provider_submitted_at": submitted_at})),
-    )
+    submitted_at = time.time() - 3600  # the attempt that submitted died an hour ago
+    submitted_earlier(kling, task["id"], {"provider_submitting": True, "provider_submitted_at": submitted_at})
     assert await run_task_async(task["id"]) == "failed"
     row = task_row(task["id"])
     assert row["error"]["message"] == "The provider did not finish within 30 seconds; your credits were refunded."
