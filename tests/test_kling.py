@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import jwt
@@ -333,6 +334,13 @@ def test_a_redirect_loop_on_the_download_is_retried_then_reported_as_temporary(t
             download_file(http, "http://cdn.test/v.mp4", tmp_path / "v.mp4", max_bytes=10, delays=[0.0], what="Kling")
 
 
+def checked_download(http: httpx.Client, url: str, tmp_path, *, exempt: str) -> Path:
+    """下载一个小文件，地址经 public_only 检查"""
+    return download_file(
+        http, url, tmp_path / "v.mp4", max_bytes=10, delays=[0.0], what="Kling", check_url=public_only(exempt=exempt)
+    )
+
+
 def resolving_to(monkeypatch, *addresses: str) -> None:
     """让下载地址检查把任何主机名解析为这些地址"""
 
@@ -357,15 +365,7 @@ def test_a_download_follows_redirects_between_public_https_hosts(tmp_path, monke
         return httpx.Response(200, content=b"video")
 
     with httpx.Client(transport=httpx.MockTransport(cdn)) as http:
-        path = download_file(
-            http,
-            "https://cdn.test/v.mp4",
-            tmp_path / "v.mp4",
-            max_bytes=10,
-            delays=[0.0],
-            what="Kling",
-            check_url=public_only(exempt="http://kling.test"),
-        )
+        path = checked_download(http, "https://cdn.test/v.mp4", tmp_path, exempt="http://kling.test")
     assert path.read_bytes() == b"video" and seen == ["https://cdn.test/v.mp4", "https://edge.test/v.mp4?sig=1"]
 
 
@@ -392,30 +392,14 @@ def test_a_download_address_that_is_not_public_https_is_refused_before_connectin
     sent: list[httpx.Request] = []
     with httpx.Client(transport=httpx.MockTransport(lambda r: sent.append(r) or httpx.Response(200))) as http:
         with pytest.raises(ProviderError) as refused:
-            download_file(
-                http,
-                url,
-                tmp_path / "v.mp4",
-                max_bytes=10,
-                delays=[0.0],
-                what="Kling",
-                check_url=public_only(exempt="http://kling.test"),
-            )
+            checked_download(http, url, tmp_path, exempt="http://kling.test")
     assert sent == [] and "refunded" in refused.value.message and not isinstance(refused.value, DownloadRefused)
 
 
 def test_the_api_origin_is_exempt(tmp_path, monkeypatch):
     resolving_to(monkeypatch, "127.0.0.1")
     with httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, content=b"v"))) as http:
-        path = download_file(
-            http,
-            "http://kling.test:80/files/v.mp4",
-            tmp_path / "v.mp4",
-            max_bytes=10,
-            delays=[0.0],
-            what="Kling",
-            check_url=public_only(exempt="http://kling.test/"),
-        )
+        path = checked_download(http, "http://kling.test:80/files/v.mp4", tmp_path, exempt="http://kling.test/")
     assert path.read_bytes() == b"v"
 
 
@@ -464,8 +448,7 @@ def test_a_cancel_stops_a_download_within_one_chunk(tmp_path):
 
 def test_a_download_slower_than_its_time_limit_is_temporary_and_not_retried(tmp_path):
     transport, sent = trickling(1000, 0.01)
-    started = time.monotonic()
-    with httpx.Client(transport=transport) as http:
+    with httpx.Client(transport=transport) as http:  # the whole trickle would take 10 s
         with pytest.raises(ProviderBusy) as slow:
             download_file(
                 http,
@@ -476,7 +459,7 @@ def test_a_download_slower_than_its_time_limit_is_temporary_and_not_retried(tmp_
                 what="Kling",
                 time_limit=0.3,
             )
-    assert time.monotonic() - started < 3 and len(sent) == 1 and "0.3 seconds" in str(slow.value)
+    assert len(sent) == 1 and "0.3 seconds" in str(slow.value)
 
 
 def test_a_blank_prompt_is_refused_before_charging():
@@ -633,9 +616,7 @@ async def test_deadline_fails_and_refunds_once(client, make_user, kling):
     set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})
     user = await make_user()
     task = await create(client, user)
-    started = time.monotonic()
-    assert await run_task_async(task["id"]) == "failed"
-    assert time.monotonic() - started < 10
+    assert await asyncio.wait_for(run_task_async(task["id"]), 20) == "failed"
     row = task_row(task["id"])
     assert row["error"]["message"] == ("The provider did not finish within 0.5 seconds; your credits were refunded.")
     assert len(kling.submits) == 1 and outputs(task) == []
@@ -768,9 +749,7 @@ async def fails_as_a_refused_download(client, make_user, kling) -> dict:
     """任务失败（provider_error）并退款一次，没有产出"""
     user = await make_user()
     task = await create(client, user)
-    started = time.monotonic()
-    assert await run_task_async(task["id"]) == "failed"
-    assert time.monotonic() - started < 10
+    assert await asyncio.wait_for(run_task_async(task["id"]), 20) == "failed"
     row = task_row(task["id"])
     assert row["error"]["code"] == "provider_error" and "refunded" in row["error"]["message"]
     assert len(kling.submits) == 1 and outputs(task) == []
@@ -804,9 +783,7 @@ async def test_cancel_stops_a_slow_download(client, make_user, kling, clip):
     await wait_until(lambda: kling.downloads > 0)
     await asyncio.sleep(0.5)
     assert (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).status_code == 200
-    started = time.monotonic()
-    assert await asyncio.wait_for(job, 30) == "canceled"
-    assert time.monotonic() - started < 5
+    assert await asyncio.wait_for(job, 15) == "canceled"  # long before the download could end
     assert outputs(task) == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 
@@ -854,9 +831,7 @@ async def test_cancel_is_noticed_while_kling_asks_us_to_retry_later(client, make
     job = asyncio.create_task(run_task_async(task["id"]))
     await wait_until(lambda: kling.refused_submits > 0)
     assert (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).status_code == 200
-    started = time.monotonic()
-    assert await asyncio.wait_for(job, 20) == "canceled"
-    assert time.monotonic() - started < 10  # not after the 30 s Kling asked for
+    assert await asyncio.wait_for(job, 20) == "canceled"  # before the 30 s Kling asked for
     assert kling.refused_submits == 1 and kinds(user, task) == ["charge", "refund"]
 
 
