@@ -212,7 +212,7 @@ class ChangeFeed:
                             await self._dispatch(query, ids)
                         except psycopg.OperationalError:
                             raise  # not marked as seen: the catch-up after reconnecting delivers them
-                        except psycopg.Error:
+                        except Exception:  # this batch only: given up, so it cannot stall the feed for ever
                             log.exception("realtime feed could not deliver changes %s..%s", min(ids), max(ids))
                         self._seen(ids)
                     if time.monotonic() - self._last_prune > PRUNE_EVERY_S:
