@@ -30,6 +30,7 @@ class Params(BaseModel):
 
 # The longest side each image format can hold (PNG's limit is far beyond any pixel limit).
 IMAGE_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383}
+VIDEO_MAX_SIDE = 16_384  # H.264 as libx264 writes it: no frame wider or taller
 
 
 def check_image_side(width: int, height: int, fmt: str) -> None:
@@ -175,6 +176,12 @@ def _check_output_size(params, assets: Assets, settings: Settings) -> None:
         )
     if hasattr(params, "format"):
         check_image_side(width, height, params.format)
+    if hasattr(params, "video_asset_id") and max(width, height) > VIDEO_MAX_SIDE:
+        raise InvalidInput(
+            f"The result would be {width}×{height}; a video holds at most {VIDEO_MAX_SIDE:,} pixels a side. "
+            + ("Choose a smaller scale or a smaller input." if scale > 1 else "Choose a smaller input."),
+            details=[{"field": "params.video_asset_id", "message": "output too wide or tall for a video"}],
+        )
 
 
 def _check_kling_image(params, assets: Assets, settings: Settings) -> None:

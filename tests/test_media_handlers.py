@@ -113,6 +113,44 @@ def test_probe_counts_packets_when_the_container_has_no_frame_count(tmp_path):
     assert info["duration_s"] == pytest.approx(10 / 30, abs=2e-3)
 
 
+def test_an_avi_header_that_understates_its_length_is_not_believed(tmp_path):
+    """AVI 的头部帧数与时长可以随意写：上限与价格按文件里真有的帧"""
+    src = make_video(tmp_path / "long.avi", frames=96, fps=24, audio=False, video_codec="mpeg4")
+    data = bytearray(src.read_bytes())
+    struct.pack_into("<I", data, data.find(b"avih") + 8 + 16, 24)  # dwTotalFrames
+    struct.pack_into("<I", data, data.find(b"strh") + 8 + 32, 24)  # dwLength
+    forged = tmp_path / "forged.avi"
+    forged.write_bytes(bytes(data))
+    with av.open(str(forged)) as container:
+        assert container.streams.video[0].frames == 24  # what the header claims
+    info = media.probe_file(forged)
+    assert info["frame_count"] == 96 and info["duration_s"] == pytest.approx(4.0, abs=1e-3)
+
+
+def test_a_fragmented_mp4_is_probed_over_all_its_fragments(tmp_path):
+    """moov 里只有第一个片段（movflags=frag_keyframe，录像机与直播录制常这样写）"""
+    fragmented = tmp_path / "fragmented.mp4"
+    with av.open(str(fragmented), "w", options={"movflags": "frag_keyframe"}) as out:
+        stream = out.add_stream("libx264", rate=24, options={"preset": "ultrafast", "g": "24", "keyint_min": "24"})
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for index in range(96):  # a keyframe, so a fragment, each second
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(pattern_frame(index, 64, 48), format="rgb24")))
+        out.mux(stream.encode(None))
+    with av.open(str(fragmented)) as container:
+        assert container.streams.video[0].frames == 24  # the first fragment's
+    info = media.probe_file(fragmented)
+    assert info["frame_count"] == 96 and info["duration_s"] == pytest.approx(4.0, abs=0.05)
+
+
+def test_decoding_stops_at_more_frames_than_the_probe_counted(tmp_path):
+    """头部之外的后备：解码出的帧明显多于探测到的帧数时拒绝，而不是按少算的价钱处理下去"""
+    src = make_video(tmp_path / "clip.mp4", frames=48, audio=False)
+    with pytest.raises(InvalidInput, match="more frames than"):
+        for _ in media.FrameReader(src, 8, max_frames=24):
+            pass
+    assert sum(len(batch) for batch in media.FrameReader(src, 8, max_frames=48)) == 48
+
+
 def test_a_clip_cut_without_reencoding_is_probed_from_the_first_frame_it_shows(tmp_path):
     """`ffmpeg -ss … -c copy` keeps the frames before the cut back to the keyframe, hidden by an edit list."""
     shades = [np.full((48, 64, 3), 5 * i, np.uint8) for i in range(45)]
@@ -129,7 +167,7 @@ def test_a_clip_cut_without_reencoding_is_probed_from_the_first_frame_it_shows(t
         shown = [frame.to_ndarray(format="gray").mean() for frame in container.decode(video=0)]
     assert len(shown) == 41 and shown[0] == pytest.approx(20, abs=3)  # what players show: from frame 4
     info = media.probe_file(cut)  # was refused as corrupt: no keyframe after the cut
-    assert info["duration_s"] == pytest.approx(41 / 30, abs=0.02)
+    assert info["duration_s"] == pytest.approx(41 / 30, abs=0.02) and info["frame_count"] == 41
     [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": cut}))
     with Image.open(poster.path) as img:
         assert np.asarray(img.convert("L")).mean() == pytest.approx(20, abs=3)
@@ -454,6 +492,13 @@ def test_image_upscale_refuses_a_result_too_wide_for_webp_before_the_work(tmp_pa
     monkeypatch.setattr(image_upscale, "upscale_image", lambda *a, **k: pytest.fail("upscaled before refusing"))
     with pytest.raises(InvalidInput, match="WEBP holds at most 16,383"):
         image_upscale.run(make_ctx(tmp_path, {"image_asset_id": "i", "scale": 2, "format": "webp"}, {"i": banner}))
+
+
+def test_video_upscale_refuses_a_result_wider_than_h264_takes_before_the_work(tmp_path):
+    strip = make_video(tmp_path / "strip.mp4", 4200, 16, frames=2, audio=False)  # 4x → 16,800 px wide
+    with pytest.raises(InvalidInput, match="16,384 pixels a side"):
+        video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 4}, {"v": strip}))
+    assert not list((tmp_path / "w").glob("*.mp4"))
 
 
 def test_image_animate_shows_transparency_as_black(tmp_path, logo):
@@ -784,7 +829,7 @@ def test_an_avi_that_dropped_frames_keeps_its_gap_and_its_sound(tmp_path, handle
 def test_an_avi_with_dropped_frames_is_probed_over_its_whole_span(tmp_path):
     src = _avi_with_drops(tmp_path / "capture.avi", [*range(24), 29])  # slots 24-28 dropped
     info = media.probe_file(src)
-    assert info["frame_count"] == 30 and info["duration_s"] == pytest.approx(30 / 24, abs=1e-3)
+    assert info["frame_count"] == 25 and info["duration_s"] == pytest.approx(30 / 24, abs=1e-3)  # 25 pictures shown
 
 
 def test_an_mp4_trimmed_at_its_end_by_an_edit_list_lasts_as_trimmed(tmp_path):

@@ -113,6 +113,16 @@ async def test_interpolating_a_video_over_the_output_limit_is_refused_before_cha
     assert balance(user.id) == 100
 
 
+@pytest.mark.parametrize(("model", "params"), [("video.upscale", {"scale": 4}), ("video.interpolate", {})])
+async def test_a_video_too_wide_for_h264_is_refused_before_charging(client, make_user, model, params):
+    user = await make_user()
+    strip = make_asset(user.id, kind="video", width=4200 if params else 16500, height=16, duration_s=2, fps=24)
+    body = {"model_key": model, "params": {"video_asset_id": strip, **params}}
+    resp = await client.post("/tasks", json=body, headers=user.headers)
+    assert resp.status_code == 422, resp.text
+    assert "16,384 pixels a side" in resp.json()["error"]["message"] and balance(user.id) == 100
+
+
 @pytest.mark.parametrize(("duration", "fps", "credits"), [(2.01, 24, 4), (2.03, 24, 6), (4.01, 30, 8), (10, 30, 20)])
 async def test_animate_is_priced_by_the_frames_it_renders(client, make_user, duration, fps, credits):
     """round(duration·fps) frames are rendered: 2.01 s at 24 fps is 48 frames, two seconds."""

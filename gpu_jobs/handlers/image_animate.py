@@ -57,7 +57,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     if not 128 <= short <= 4320:
         raise InvalidInput("resolution (the short side) must be between 128 and 4320.")
     width, height = frame_size(ASPECTS[aspect], short)
-    check_output_pixels(width, height)
+    check_output_pixels(width, height, video=True)
     require_kind(probe_file(path), "image")
     device = job_device(ctx)
     frames = round(duration * fps)

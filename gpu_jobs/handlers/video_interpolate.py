@@ -61,7 +61,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     info = probe_file(path)
     require_kind(info, "video")
     width, height = even(info["width"]), even(info["height"])
-    check_output_pixels(width, height)
+    check_output_pixels(width, height, video=True)
     device = job_device(ctx)
     out = ctx.workdir / f"interpolated_{factor}x.mp4"
     batch = max(2, batch_size_for(width, height, device) // factor)

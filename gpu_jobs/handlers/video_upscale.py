@@ -35,7 +35,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
     info = probe_file(path)
     require_kind(info, "video")
     width, height = even(info["width"] * scale), even(info["height"] * scale)
-    check_output_pixels(width, height)
+    check_output_pixels(width, height, video=True)
     out = ctx.workdir / f"upscaled_{scale}x.mp4"
 
     def process(batches: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:

@@ -11,6 +11,7 @@ import av
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from gpu_jobs.media.display import Orientation
+from lib.catalog import VIDEO_MAX_SIDE
 from lib.config import get_settings
 from lib.errors import InvalidInput
 
@@ -25,23 +26,26 @@ def check_input_pixels(width: int, height: int) -> None:
         raise InvalidInput(f"The input is {width}x{height} pixels; at most {limit:,} pixels are accepted.")
 
 
-def check_output_pixels(width: int, height: int) -> None:
-    """输出像素数超限时拒绝"""
+def check_output_pixels(width: int, height: int, *, video: bool = False) -> None:
+    """输出像素数超限时拒绝；视频的边长也不能超过 H.264 的上限"""
     limit = get_settings().max_output_pixels
     if width * height > limit:
         raise InvalidInput(f"The output would be {width}x{height} pixels; at most {limit:,} are allowed.")
+    if video and max(width, height) > VIDEO_MAX_SIDE:
+        raise InvalidInput(
+            f"The output would be {width}x{height} pixels; a video holds at most {VIDEO_MAX_SIDE:,} pixels a side."
+        )
 
 
 def check_video_limits(info: dict) -> None:
     """视频时长、帧数超限时拒绝"""
     settings = get_settings()
+    # Frames first: a count stops at the limit, so the span of the frames counted says nothing.
+    if (info.get("frame_count") or 0) > settings.max_video_frames:
+        raise InvalidInput(f"The video has more than {settings.max_video_frames} frames, the most accepted.")
     if (info.get("duration_s") or 0) > settings.max_video_seconds:
         raise InvalidInput(
             f"The video is {info['duration_s']:.1f} s long; at most {settings.max_video_seconds:g} s are accepted."
-        )
-    if (info.get("frame_count") or 0) > settings.max_video_frames:
-        raise InvalidInput(
-            f"The video has {info['frame_count']} frames; at most {settings.max_video_frames} are accepted."
         )
 
 
@@ -156,21 +160,20 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             raise InvalidInput(f"No frame of the video could be decoded (corrupt or unsupported {ctx.name}).")
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
-        frames, span = (stream.frames, None) if stream.frames else _count_packets(container, stream)
-        indexed = "mp4" in container.format.name.split(",")  # MP4, MOV: an index promising every frame
-        if indexed and stream.frames and stream.duration and stream.time_base:  # does the data match it?
+        if _index_holds(container, stream, fps):  # MP4, MOV: an index promising every frame; does the data match it?
+            frames = stream.frames
             shown_end = _check_tail(container, stream, first, fps)
             duration = float(stream.duration * stream.time_base)
             if shown_end is not None:  # B-frames of a variable rate: the index's decode times can end earlier
                 duration = max(duration, float((shown_end - first.pts) * stream.time_base))
-        elif stream.duration and stream.time_base:
-            duration = float(stream.duration * stream.time_base)
-        elif span:  # WebM keeps no stream duration; with a variable rate frames / fps is far off
-            duration = span
-        elif fps:
-            duration = frames / fps
-        else:
-            duration = container.duration / av.time_base if container.duration else None
+        else:  # any other header's count and length are only claims (and cost nothing to forge): count the packets
+            frames, span = _count_packets(container, stream, fps)
+            if span:  # with a variable rate frames / fps is far off
+                duration = span
+            elif fps:
+                duration = frames / fps
+            else:
+                duration = container.duration / av.time_base if container.duration else None
         if not fps and duration:
             fps = frames / duration
         orientation = Orientation.of(first)
@@ -266,18 +269,28 @@ def _check_tail(container: Any, stream: Any, first: av.VideoFrame, fps: float | 
     return end
 
 
-def _count_packets(container: Any, stream: Any) -> tuple[int, float | None]:
-    """Frames of a stream whose header has no count, and the time they span: its packets, demuxed, not decoded."""
+def _index_holds(container: Any, stream: Any, fps: float | None) -> bool:
+    """MP4/MOV 的索引是否可信：有帧数与时长且两者相符（分片文件的 moov 只记第一个片段，编辑列表会藏起一些帧）"""
+    indexed = "mp4" in container.format.name.split(",")
+    if not (indexed and stream.frames and stream.duration and stream.time_base and fps):
+        return False
+    return abs(stream.frames - float(stream.duration * stream.time_base) * fps) <= 1.5
+
+
+def _count_packets(container: Any, stream: Any, fps: float | None) -> tuple[int, float | None]:
+    """Frames of a stream, and the time they span: its packets (shown ones: not empty, not discarded), demuxed."""
     limit = get_settings().max_video_frames
     container.seek(0)
     frames, first, end = 0, None, None
+    step = round(1 / fps / stream.time_base) if fps and stream.time_base else 0
     for packet in container.demux(stream):
-        if not packet.size:
+        if not packet.size or packet.is_discard:  # an AVI's dropped frame; one an edit list hides
             continue
         frames += 1
-        if packet.pts is not None:
-            first = packet.pts if first is None else min(first, packet.pts)
-            end = max(end or packet.pts, packet.pts + (packet.duration or 0))
+        at = packet.pts if packet.pts is not None else packet.dts  # AVI: the frame's slot
+        if at is not None:
+            first = at if first is None else min(first, at)
+            end = max(end or at, at + (packet.duration or step))
         if frames > limit:  # no need to read on: the video is refused anyway
             break
     span = float((end - first) * stream.time_base) if first is not None and stream.time_base else None

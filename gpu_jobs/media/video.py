@@ -106,9 +106,19 @@ class FrameReader(_Worker):
     flat (N, H·W + 2·⌈H/2⌉·⌈W/2⌉): half the bytes, and no conversion when the video is 8-bit BT.709 already.
     """
 
-    def __init__(self, path: str | Path, batch_size: int, *, pin: bool = False, planar: bool = False, depth: int = 3):
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int,
+        *,
+        pin: bool = False,
+        planar: bool = False,
+        depth: int = 3,
+        max_frames: int | None = None,
+    ):
         super().__init__("spool-decode", depth)
         self.path, self.batch_size, self.planar = str(path), batch_size, planar
+        self.max_frames = max_frames  # the frames the probe counted (and was priced for), with a margin
         # Each decoded frame's presentation time in stream ticks from the stream's start, appended before the
         # frame is queued: phone video has a variable frame rate, and its output keeps these times.
         self.ticks: list[int] = []
@@ -200,6 +210,11 @@ class FrameReader(_Worker):
             except av.FFmpegError as exc:
                 raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
             frames += len(decoded)
+            if self.max_frames is not None and frames > self.max_frames:
+                raise InvalidInput(
+                    f"The video holds more frames than it was checked for ({self.max_frames}); "
+                    "it may be damaged. Please export it again."
+                )
             yield from decoded
         if not frames:
             raise InvalidInput("The video could not be decoded: no frame in it is readable.")
@@ -503,7 +518,9 @@ def stream_video(
     batch_size = batch_size or batch_size_for(out_size[1], out_size[0], device)
     done = 0
     with (
-        FrameReader(src, batch_size, pin=device.type == "cuda", planar=planar) as reader,
+        FrameReader(
+            src, batch_size, pin=device.type == "cuda", planar=planar, max_frames=frames_allowed(total)
+        ) as reader,
         FrameWriter(
             dst,
             out_size[1],
@@ -531,6 +548,11 @@ def stream_video(
     if not writer.frames_written:  # the probe saw frames, but none could be decoded: no empty video for a charge
         raise InvalidInput("No frame of the video could be decoded.")
     return writer.frames_written
+
+
+def frames_allowed(probed: int) -> int:
+    """解码时允许的帧数：探测数加一点余量（探测按包计数，解码器偶尔多出一两帧）"""
+    return probed + max(2, probed // 100)
 
 
 def encode_batches(batches: Iterable[torch.Tensor], writer: FrameWriter, after_batch: Callable[[], None]) -> None:
