@@ -39,10 +39,15 @@ PROGRESS_SECONDS = 0.5
 PROGRESS_STEP = 0.05
 REFUNDED = "Your credits were refunded."
 UNEXPECTED = f"Processing failed unexpectedly. {REFUNDED}"
+NO_RESULT = f"The job produced no result. {REFUNDED}"
 
 
 class Superseded(Exception):
     """任务在完成前已被取消或被接手：丢弃产出"""
+
+
+class NoResult(Exception):
+    """处理器正常返回，却没有 result 产出"""
 
 
 class TimedOut(Exception):
@@ -139,6 +144,11 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
         return "lost"
     except InvalidInput as exc:
         return await _fail(task, attempt, exc.task_error_code, exc.message)
+    except NoResult:
+        outcome = await _fail(task, attempt, "processing_error", NO_RESULT)
+        if outcome == "failed":
+            log.error("task %s: its handler returned no result output", task["id"])
+        return outcome
     except TimedOut as exc:
         log.warning("task %s: %s", task["id"], exc)
         minutes = max(1, round(exc.limit_s / 60))
@@ -214,6 +224,9 @@ async def _run_steps(task: dict, attempt: int, progress: Progress, workdir: Path
     await progress.awrite(0.96, "Saving the result")  # best effort: a blip here must not throw the result away
     if progress.stop is not None:
         raise progress.stop
+    # A probe's result is the facts it found (its poster is extra); any other task is paid for its result file.
+    if spec.key != "media.probe" and not any(output.role == "result" for output in outputs or []):
+        raise NoResult(task["id"])
     return await _publish(task, attempt, spec, ctx, outputs)
 
 

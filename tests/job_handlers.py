@@ -41,6 +41,12 @@ def hang(ctx: JobContext) -> list[OutputFile]:
     return quick(ctx)
 
 
+def nothing(ctx: JobContext) -> list[OutputFile]:
+    """正常返回，却没有任何产出"""
+    ctx.progress(1.0)
+    return []
+
+
 def quick(ctx: JobContext) -> list[OutputFile]:
     """写出一张 8×8 的 PNG"""
     from PIL import Image

@@ -20,7 +20,7 @@ class JobParams(catalog.Params):
 @pytest.fixture
 def job_models(monkeypatch):
     """把测试处理器登记进目录（真实的 runner 与 SQL 路径照常运行）"""
-    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang", "net_timeout"):
+    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang", "net_timeout", "nothing"):
         monkeypatch.setitem(
             catalog.CATALOG,
             f"test.{name}",
@@ -154,6 +154,21 @@ async def test_handler_crash_fails_with_generic_message_and_refunds_once(client,
     assert "secret" not in str(row["error"]) and "refunded" in row["error"]["message"]
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
     assert balance(user.id) == 100
+
+
+async def test_a_job_that_returns_no_result_fails_and_is_refunded(client, make_user, job_models):
+    """处理器正常返回却没有 result 产出：不能收了钱却没有结果"""
+    user = await make_user()
+    task = await create(client, user, "nothing")
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"] == {
+        "code": "processing_error",
+        "message": "The job produced no result. Your credits were refunded.",
+    }
+    assert row["result"] is None and row["result_url"] is None
+    assert sql("select id from public.assets where source_task_id = %s", (task["id"],)) == []
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"] and balance(user.id) == 100
 
 
 async def test_invalid_input_fails_with_the_reason(client, make_user, job_models):
