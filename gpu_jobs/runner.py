@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 from pydantic import ValidationError
 
 from gpu_jobs.handlers import JobContext, OutputFile
@@ -40,6 +41,7 @@ PROGRESS_STEP = 0.05
 REFUNDED = "Your credits were refunded."
 UNEXPECTED = f"Processing failed unexpectedly. {REFUNDED}"
 NO_RESULT = f"The job produced no result. {REFUNDED}"
+TASK_GONE = "SP404"  # finish_task: no such task (its account was deleted, and the task with it)
 
 
 class Superseded(Exception):
@@ -307,11 +309,18 @@ async def _completed_by(task_id: str, attempt: int) -> bool | None:
 
 
 async def _fail(task: dict, attempt: int, code: str, message: str) -> str:
-    """把任务标为失败并退款；任务已在别处结束（取消、被另一次尝试完成）时什么也不改，返回 'canceled'"""
-    row = await db.fetch_one(
-        "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s) as r",
-        (task["id"], json.dumps({"code": code, "message": message}), message, attempt),
-    )
+    """把任务标为失败并退款；任务已在别处结束（取消、被另一次尝试完成）或已不存在时什么也不改，返回 'canceled'"""
+    try:
+        row = await db.fetch_one(
+            "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s) as r",
+            (task["id"], json.dumps({"code": code, "message": message}), message, attempt),
+        )
+    except psycopg.Error as exc:
+        if exc.sqlstate != TASK_GONE:
+            raise
+        # Its outputs, if any were uploaded, were removed when saving them failed on the missing rows.
+        log.info("task %s no longer exists (its account was deleted); stopping (%s)", task["id"], code)
+        return "canceled"
     if row["r"]["changed"]:
         return "failed"
     log.info("task %s finished elsewhere; this attempt's failure (%s) changes nothing", task["id"], code)

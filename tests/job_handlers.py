@@ -47,6 +47,14 @@ def nothing(ctx: JobContext) -> list[OutputFile]:
     return []
 
 
+def orphaned(ctx: JobContext) -> list[OutputFile]:
+    """任务所属的账号在运行中被删除（级联删掉任务行），随后拒绝输入"""
+    from tests.factories import sql
+
+    sql("delete from auth.users where id = (select user_id from public.tasks where id = %s)", (ctx.task_id,))
+    raise InvalidInput("The file is not a picture we can read.")
+
+
 def quick(ctx: JobContext) -> list[OutputFile]:
     """写出一张 8×8 的 PNG"""
     from PIL import Image
