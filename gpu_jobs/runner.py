@@ -41,11 +41,16 @@ PROGRESS_STEP = 0.05
 REFUNDED = "Your credits were refunded."
 UNEXPECTED = f"Processing failed unexpectedly. {REFUNDED}"
 NO_RESULT = f"The job produced no result. {REFUNDED}"
+UPLOAD_GONE = "The upload was deleted before its check finished."
 TASK_GONE = "SP404"  # finish_task: no such task (its account was deleted, and the task with it)
 
 
 class Superseded(Exception):
     """任务在完成前已被取消或被接手：丢弃产出"""
+
+
+class UploadGone(Exception):
+    """探测的上传在检查结束前被删除：海报不入库"""
 
 
 class NoResult(Exception):
@@ -146,6 +151,9 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
         return "lost"
     except InvalidInput as exc:
         return await _fail(task, attempt, exc.task_error_code, exc.message)
+    except UploadGone:
+        log.info("task %s: the upload it checked was deleted; its poster is discarded", task["id"])
+        return await _fail(task, attempt, "canceled", UPLOAD_GONE, status="canceled")
     except NoResult:
         outcome = await _fail(task, attempt, "processing_error", NO_RESULT)
         if outcome == "failed":
@@ -257,6 +265,8 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
             else None
         )
         async with db.transaction() as conn:
+            if spec.key == "media.probe":
+                await _hold_probed_upload(conn, ctx)
             records = [
                 await create_asset_record(conn, task=task, output=output, path=path) for output, path in uploaded
             ]
@@ -308,12 +318,12 @@ async def _completed_by(task_id: str, attempt: int) -> bool | None:
     return bool(row) and row["status"] == "completed" and row["attempts"] == attempt
 
 
-async def _fail(task: dict, attempt: int, code: str, message: str) -> str:
-    """把任务标为失败并退款；任务已在别处结束（取消、被另一次尝试完成）或已不存在时什么也不改，返回 'canceled'"""
+async def _fail(task: dict, attempt: int, code: str, message: str, *, status: str = "failed") -> str:
+    """把任务标为失败（或取消）并退款；任务已在别处结束或已不存在时什么也不改，返回 'canceled'"""
     try:
         row = await db.fetch_one(
-            "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s) as r",
-            (task["id"], json.dumps({"code": code, "message": message}), message, attempt),
+            "select public.finish_task(%s, %s, null, null, %s::jsonb, %s, %s) as r",
+            (task["id"], status, json.dumps({"code": code, "message": message}), message, attempt),
         )
     except psycopg.Error as exc:
         if exc.sqlstate != TASK_GONE:
@@ -322,9 +332,16 @@ async def _fail(task: dict, attempt: int, code: str, message: str) -> str:
         log.info("task %s no longer exists (its account was deleted); stopping (%s)", task["id"], code)
         return "canceled"
     if row["r"]["changed"]:
-        return "failed"
+        return status
     log.info("task %s finished elsewhere; this attempt's failure (%s) changes nothing", task["id"], code)
     return "canceled"
+
+
+async def _hold_probed_upload(conn, ctx: JobContext) -> None:
+    """在保存结果的事务里锁住被探测的上传（删除它要等提交）；它已被删除 → UploadGone，海报不入库"""
+    cur = await conn.execute("select 1 from public.assets where id = %s for share", (str(ctx.params.asset_id),))
+    if await cur.fetchone() is None:
+        raise UploadGone(str(ctx.params.asset_id))
 
 
 async def _settle_probe(task: dict, ctx: JobContext, *, reason: str | None) -> None:
