@@ -70,18 +70,13 @@ class LocalWorker:
         self.wake.set()
 
     async def _release_running(self) -> None:
-        """退出时把仍在运行的任务放回队列，下次启动立即继续"""
+        """退出时把仍在运行的任务放回队列（归还这次认领用掉的尝试），下次启动立即继续"""
         for job, task in list(self.running.items()):
             job.cancel()
             with contextlib.suppress(Exception):
                 await db.fetch_one(
-                    "select public.requeue_task(%s, %s, %s, %s)",
-                    (
-                        task["id"],
-                        task["attempts"],
-                        self.settings.task_max_attempts + 1,
-                        "The worker restarted; resuming.",
-                    ),
+                    "select public.release_task(%s, %s, %s)",
+                    (task["id"], task["attempts"], "The worker restarted; resuming."),
                 )
 
     async def _listen(self) -> None:
