@@ -143,6 +143,9 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
     try:
         with tempfile.TemporaryDirectory(prefix=f"spool-{task['id'][:8]}-") as tmp:
             return await _run(task, attempt, progress, Path(tmp))
+    except asyncio.CancelledError:  # the worker is stopping: the handler thread stops at its next progress call
+        progress.stop = progress.stop or ClaimLost(f"task {task['id']}: the worker stopped")
+        raise
     except (TaskCanceled, Superseded):
         log.info("task %s was canceled or finished elsewhere; outputs discarded", task["id"])
         return "canceled"
@@ -403,6 +406,14 @@ async def _in_handler_thread(handler, ctx: JobContext) -> list[OutputFile]:
 def handler_still_running() -> bool:
     """是否有超时被放弃、仍在运行的处理器线程"""
     return any(t.name.startswith(HANDLER_THREAD) and t.is_alive() for t in threading.enumerate())
+
+
+def wait_for_handlers(timeout: float) -> bool:
+    """等仍在运行的处理器线程结束，至多 timeout 秒；返回是否都已结束"""
+    deadline = time.monotonic() + timeout
+    for thread in [t for t in threading.enumerate() if t.name.startswith(HANDLER_THREAD)]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not handler_still_running()
 
 
 def _device() -> str:

@@ -55,6 +55,21 @@ def orphaned(ctx: JobContext) -> list[OutputFile]:
     raise InvalidInput("The file is not a picture we can read.")
 
 
+def grind(ctx: JobContext) -> list[OutputFile]:
+    """在原生代码（torch）里长时间计算的任务：每算 chunk 秒才报告一次进度"""
+    import torch
+
+    x = torch.rand(384, 384)
+    ctx.progress(0.1, "grinding")
+    deadline = time.monotonic() + ctx.params.seconds
+    while time.monotonic() < deadline:
+        chunk = time.monotonic() + ctx.params.chunk
+        while time.monotonic() < chunk:
+            x = torch.tanh(x @ x)  # releases the GIL while it computes
+        ctx.progress(0.5, "grinding")
+    return quick(ctx)
+
+
 def quick(ctx: JobContext) -> list[OutputFile]:
     """写出一张 8×8 的 PNG"""
     from PIL import Image

@@ -1,7 +1,11 @@
-"""The local worker process: a restart hands its running task back without using up an attempt."""
+"""The local worker: a restart hands its running task back without using up an attempt, and exits cleanly."""
 
 import asyncio
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 from pydantic import Field
@@ -13,6 +17,7 @@ from tests.factories import ledger, task_row
 
 class WorkerJobParams(catalog.Params):
     seconds: float = Field(1, ge=0, le=60)
+    chunk: float = Field(2, ge=0, le=60)  # grind: seconds of computing between progress calls
 
 
 def spec(name: str) -> catalog.ModelSpec:
@@ -31,7 +36,7 @@ def spec(name: str) -> catalog.ModelSpec:
 @pytest.fixture
 def worker_models(monkeypatch):
     """把测试处理器登记进目录（真实的 worker、runner 与 SQL 路径照常运行）"""
-    for name in ("slow",):
+    for name in ("slow", "grind"):
         monkeypatch.setitem(catalog.CATALOG, f"test.{name}", spec(name))
 
 
@@ -110,3 +115,60 @@ async def test_a_temporary_failure_after_restarts_still_gets_every_retry(client,
     assert row["error"]["message"] == (
         f"A temporary problem stopped the job {max_attempts} times; your credits were refunded."
     )
+
+
+WORKER = (
+    "from lib import catalog\n"
+    "from tests.test_worker import spec\n"
+    "catalog.CATALOG['test.grind'] = spec('grind')\n"
+    "from lib.local import worker\n"
+    "worker.STOP_SECONDS = 1\n"
+    "from lib.local.__main__ import main\n"
+    "main(['worker'])\n"
+)
+
+
+@pytest.fixture
+def start_worker():
+    """启动一个登记了测试处理器的 worker 进程；测试结束时仍在运行的被杀掉"""
+    from tests.conftest import ROOT  # not at the top: the worker imports this module, and conftest sets a test home
+
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        with open(os.path.join(os.environ["SPOOL_HOME"], "worker-signals.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER], cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=log
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)
+
+
+@pytest.mark.parametrize(
+    ("sig", "chunk"),
+    [
+        (signal.SIGTERM, 0.5),  # the handler stops at its next progress call, within the wait
+        (signal.SIGINT, 0.5),
+        (signal.SIGTERM, 30),  # it would compute past the wait: the process ends without it
+    ],
+)
+async def test_a_worker_stopped_mid_task_exits_cleanly_and_hands_the_task_back(
+    client, make_user, worker_models, start_worker, sig, chunk
+):
+    """停止信号到来时处理器正在原生代码（torch）里计算：进程正常退出（不是 SIGABRT），任务回到队列且不计尝试"""
+    user = await make_user()
+    task = await create(client, user, "grind", seconds=60, chunk=chunk)
+    proc = start_worker()
+    await until(lambda: task_row(task["id"])["progress"] > 0.09, "the handler started")
+    proc.send_signal(sig)
+    assert await asyncio.to_thread(proc.wait, 60) == 0
+    row = task_row(task["id"])
+    assert (row["status"], row["message"]) == ("queued", "The worker restarted; resuming.")
+    assert (row["attempts"], row["released_attempts"]) == (1, 1)
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
