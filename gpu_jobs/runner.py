@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
 from pydantic import ValidationError
 
 from gpu_jobs.handlers import JobContext, OutputFile
@@ -39,10 +40,21 @@ PROGRESS_SECONDS = 0.5
 PROGRESS_STEP = 0.05
 REFUNDED = "Your credits were refunded."
 UNEXPECTED = f"Processing failed unexpectedly. {REFUNDED}"
+NO_RESULT = f"The job produced no result. {REFUNDED}"
+UPLOAD_GONE = "The upload was deleted before its check finished."
+TASK_GONE = "SP404"  # finish_task: no such task (its account was deleted, and the task with it)
 
 
 class Superseded(Exception):
     """任务在完成前已被取消或被接手：丢弃产出"""
+
+
+class UploadGone(Exception):
+    """探测的上传在检查结束前被删除：海报不入库"""
+
+
+class NoResult(Exception):
+    """处理器正常返回，却没有 result 产出"""
 
 
 class TimedOut(Exception):
@@ -131,6 +143,9 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
     try:
         with tempfile.TemporaryDirectory(prefix=f"spool-{task['id'][:8]}-") as tmp:
             return await _run(task, attempt, progress, Path(tmp))
+    except asyncio.CancelledError:  # the worker is stopping: the handler thread stops at its next progress call
+        progress.stop = progress.stop or ClaimLost(f"task {task['id']}: the worker stopped")
+        raise
     except (TaskCanceled, Superseded):
         log.info("task %s was canceled or finished elsewhere; outputs discarded", task["id"])
         return "canceled"
@@ -139,6 +154,14 @@ async def _outcome(task: dict, attempt: int, progress: Progress) -> str:
         return "lost"
     except InvalidInput as exc:
         return await _fail(task, attempt, exc.task_error_code, exc.message)
+    except UploadGone:
+        log.info("task %s: the upload it checked was deleted; its poster is discarded", task["id"])
+        return await _fail(task, attempt, "canceled", UPLOAD_GONE, status="canceled")
+    except NoResult:
+        outcome = await _fail(task, attempt, "processing_error", NO_RESULT)
+        if outcome == "failed":
+            log.error("task %s: its handler returned no result output", task["id"])
+        return outcome
     except TimedOut as exc:
         log.warning("task %s: %s", task["id"], exc)
         minutes = max(1, round(exc.limit_s / 60))
@@ -214,6 +237,9 @@ async def _run_steps(task: dict, attempt: int, progress: Progress, workdir: Path
     await progress.awrite(0.96, "Saving the result")  # best effort: a blip here must not throw the result away
     if progress.stop is not None:
         raise progress.stop
+    # A probe's result is the facts it found (its poster is extra); any other task is paid for its result file.
+    if spec.key != "media.probe" and not any(output.role == "result" for output in outputs or []):
+        raise NoResult(task["id"])
     return await _publish(task, attempt, spec, ctx, outputs)
 
 
@@ -242,6 +268,8 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
             else None
         )
         async with db.transaction() as conn:
+            if spec.key == "media.probe":
+                await _hold_probed_upload(conn, ctx)
             records = [
                 await create_asset_record(conn, task=task, output=output, path=path) for output, path in uploaded
             ]
@@ -293,16 +321,30 @@ async def _completed_by(task_id: str, attempt: int) -> bool | None:
     return bool(row) and row["status"] == "completed" and row["attempts"] == attempt
 
 
-async def _fail(task: dict, attempt: int, code: str, message: str) -> str:
-    """把任务标为失败并退款；任务已在别处结束（取消、被另一次尝试完成）时什么也不改，返回 'canceled'"""
-    row = await db.fetch_one(
-        "select public.finish_task(%s, 'failed', null, null, %s::jsonb, %s, %s) as r",
-        (task["id"], json.dumps({"code": code, "message": message}), message, attempt),
-    )
+async def _fail(task: dict, attempt: int, code: str, message: str, *, status: str = "failed") -> str:
+    """把任务标为失败（或取消）并退款；任务已在别处结束或已不存在时什么也不改，返回 'canceled'"""
+    try:
+        row = await db.fetch_one(
+            "select public.finish_task(%s, %s, null, null, %s::jsonb, %s, %s) as r",
+            (task["id"], status, json.dumps({"code": code, "message": message}), message, attempt),
+        )
+    except psycopg.Error as exc:
+        if exc.sqlstate != TASK_GONE:
+            raise
+        # Its outputs, if any were uploaded, were removed when saving them failed on the missing rows.
+        log.info("task %s no longer exists (its account was deleted); stopping (%s)", task["id"], code)
+        return "canceled"
     if row["r"]["changed"]:
-        return "failed"
+        return status
     log.info("task %s finished elsewhere; this attempt's failure (%s) changes nothing", task["id"], code)
     return "canceled"
+
+
+async def _hold_probed_upload(conn, ctx: JobContext) -> None:
+    """在保存结果的事务里锁住被探测的上传（删除它要等提交）；它已被删除 → UploadGone，海报不入库"""
+    cur = await conn.execute("select 1 from public.assets where id = %s for share", (str(ctx.params.asset_id),))
+    if await cur.fetchone() is None:
+        raise UploadGone(str(ctx.params.asset_id))
 
 
 async def _settle_probe(task: dict, ctx: JobContext, *, reason: str | None) -> None:
@@ -364,6 +406,14 @@ async def _in_handler_thread(handler, ctx: JobContext) -> list[OutputFile]:
 def handler_still_running() -> bool:
     """是否有超时被放弃、仍在运行的处理器线程"""
     return any(t.name.startswith(HANDLER_THREAD) and t.is_alive() for t in threading.enumerate())
+
+
+def wait_for_handlers(timeout: float) -> bool:
+    """等仍在运行的处理器线程结束，至多 timeout 秒；返回是否都已结束"""
+    deadline = time.monotonic() + timeout
+    for thread in [t for t in threading.enumerate() if t.name.startswith(HANDLER_THREAD)]:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return not handler_still_running()
 
 
 def _device() -> str:

@@ -41,6 +41,35 @@ def hang(ctx: JobContext) -> list[OutputFile]:
     return quick(ctx)
 
 
+def nothing(ctx: JobContext) -> list[OutputFile]:
+    """正常返回，却没有任何产出"""
+    ctx.progress(1.0)
+    return []
+
+
+def orphaned(ctx: JobContext) -> list[OutputFile]:
+    """任务所属的账号在运行中被删除（级联删掉任务行），随后拒绝输入"""
+    from tests.factories import sql
+
+    sql("delete from auth.users where id = (select user_id from public.tasks where id = %s)", (ctx.task_id,))
+    raise InvalidInput("The file is not a picture we can read.")
+
+
+def grind(ctx: JobContext) -> list[OutputFile]:
+    """在原生代码（torch）里长时间计算的任务：每算 chunk 秒才报告一次进度"""
+    import torch
+
+    x = torch.rand(384, 384)
+    ctx.progress(0.1, "grinding")
+    deadline = time.monotonic() + ctx.params.seconds
+    while time.monotonic() < deadline:
+        chunk = time.monotonic() + ctx.params.chunk
+        while time.monotonic() < chunk:
+            x = torch.tanh(x @ x)  # releases the GIL while it computes
+        ctx.progress(0.5, "grinding")
+    return quick(ctx)
+
+
 def quick(ctx: JobContext) -> list[OutputFile]:
     """写出一张 8×8 的 PNG"""
     from PIL import Image

@@ -257,6 +257,29 @@ async def test_delete_removes_the_object_and_the_row(client, make_user):
     assert (await client.get(f"/assets/{asset['id']}", headers=user.headers)).status_code == 404
 
 
+async def test_an_upload_deleted_while_it_is_checked_leaves_no_poster(client, make_user, monkeypatch):
+    """检查运行中删除上传：检查的海报不留下（行与文件），检查以取消结束"""
+    from gpu_jobs import runner
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    real_upload, uploaded = runner.upload_to_supabase, []
+
+    async def upload_then_delete(local, path, mime):
+        await real_upload(local, path, mime)
+        uploaded.append(path)
+        assert (await client.delete(f"/assets/{asset['id']}", headers=user.headers)).status_code == 200
+
+    monkeypatch.setattr(runner, "upload_to_supabase", upload_then_delete)
+    assert await run_task_async(asset["probe_task_id"]) == "canceled"
+    task = task_row(asset["probe_task_id"])
+    assert task["status"] == "canceled" and task["result"] is None
+    assert task["error"] == {"code": "canceled", "message": "The upload was deleted before its check finished."}
+    assert sql("select id from public.assets where user_id = %s", (user.id,)) == []
+    assert len(uploaded) == 1 and not await get_storage().exists(path=uploaded[0])
+
+
 async def test_an_input_of_an_unfinished_task_is_kept_until_the_task_ends(client, make_user):
     user = await make_user()
     asset = make_asset(user.id, width=64, height=48)

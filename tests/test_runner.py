@@ -20,7 +20,7 @@ class JobParams(catalog.Params):
 @pytest.fixture
 def job_models(monkeypatch):
     """把测试处理器登记进目录（真实的 runner 与 SQL 路径照常运行）"""
-    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang", "net_timeout"):
+    for name in ("slow", "boom", "refuse", "quick", "flaky", "hang", "net_timeout", "nothing", "orphaned"):
         monkeypatch.setitem(
             catalog.CATALOG,
             f"test.{name}",
@@ -154,6 +154,50 @@ async def test_handler_crash_fails_with_generic_message_and_refunds_once(client,
     assert "secret" not in str(row["error"]) and "refunded" in row["error"]["message"]
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
     assert balance(user.id) == 100
+
+
+async def test_a_job_that_returns_no_result_fails_and_is_refunded(client, make_user, job_models):
+    """处理器正常返回却没有 result 产出：不能收了钱却没有结果"""
+    user = await make_user()
+    task = await create(client, user, "nothing")
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"] == {
+        "code": "processing_error",
+        "message": "The job produced no result. Your credits were refunded.",
+    }
+    assert row["result"] is None and row["result_url"] is None
+    assert sql("select id from public.assets where source_task_id = %s", (task["id"],)) == []
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_an_account_deleted_while_its_task_saves_the_result_ends_the_job_quietly(
+    client, make_user, job_models, monkeypatch
+):
+    """账号在上传结果时被删除（任务行随之级联删除）：不算意外失败，上传的文件删掉"""
+    from gpu_jobs import runner
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    real_upload, uploaded = runner.upload_to_supabase, []
+
+    async def upload_then_account_deleted(local, path, mime):
+        await real_upload(local, path, mime)
+        uploaded.append(path)
+        sql("delete from auth.users where id = %s", (user.id,))
+
+    monkeypatch.setattr(runner, "upload_to_supabase", upload_then_account_deleted)
+    assert await run_task_async(task["id"]) == "canceled"
+    assert task_row(task["id"]) is None
+    assert len(uploaded) == 1 and not await get_storage().exists(path=uploaded[0])
+
+
+async def test_an_account_deleted_before_its_task_fails_ends_the_job_quietly(client, make_user, job_models):
+    user = await make_user()
+    task = await create(client, user, "orphaned")
+    assert await run_task_async(task["id"]) == "canceled"
+    assert task_row(task["id"]) is None
 
 
 async def test_invalid_input_fails_with_the_reason(client, make_user, job_models):

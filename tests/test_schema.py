@@ -32,6 +32,7 @@ SERVICE_FUNCTIONS = [
     "claim_next_task(text[])",
     "report_task_progress(uuid, int, real, text)",
     "requeue_task(uuid, int, int, text)",
+    "release_task(uuid, int, text)",
     "reap_tasks(int, int, int, int)",
     "set_task_dispatch(uuid, text, text)",
     "record_task_call(uuid, int, text)",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
+import sys
 
 import psycopg
 
@@ -16,6 +18,7 @@ from lib.reaper import reap
 
 log = logging.getLogger("spool.worker")
 POLL_SECONDS = 5.0
+STOP_SECONDS = 5.0  # on shutdown: how long each running job's cleanup, and then its handler thread, may take
 
 
 class LocalWorker:
@@ -70,19 +73,25 @@ class LocalWorker:
         self.wake.set()
 
     async def _release_running(self) -> None:
-        """退出时把仍在运行的任务放回队列，下次启动立即继续"""
-        for job, task in list(self.running.items()):
+        """退出时把仍在运行的任务放回队列（归还这次认领用掉的尝试），下次启动立即继续；再等处理器线程停下（有上限）"""
+        from gpu_jobs.runner import wait_for_handlers
+
+        running = dict(self.running)
+        if not running:
+            return
+        for job in running:
             job.cancel()
+        # A job cut off while saving its result removes what it uploaded (or commits it): that comes first.
+        await asyncio.wait(running.keys(), timeout=STOP_SECONDS)
+        for task in running.values():
             with contextlib.suppress(Exception):
                 await db.fetch_one(
-                    "select public.requeue_task(%s, %s, %s, %s)",
-                    (
-                        task["id"],
-                        task["attempts"],
-                        self.settings.task_max_attempts + 1,
-                        "The worker restarted; resuming.",
-                    ),
+                    "select public.release_task(%s, %s, %s)",
+                    (task["id"], task["attempts"], "The worker restarted; resuming."),
                 )
+        # The handlers stop at their next progress call. One still inside native code (torch) when the interpreter
+        # finalizes would abort the process; run_worker ends the process at once if one outlasts this wait.
+        await asyncio.to_thread(wait_for_handlers, STOP_SECONDS)  # the loop stays free to serve their last writes
 
     async def _listen(self) -> None:
         """LISTEN spool_task_queued；连接断开时重连"""
@@ -124,3 +133,11 @@ def run_worker() -> None:
             await db.close_pool()
 
     asyncio.run(main())
+    from gpu_jobs.runner import handler_still_running
+
+    if handler_still_running():  # its task is back in the queue already: nothing is left to do but exit
+        log.warning("a handler did not stop in time; exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

@@ -1,0 +1,174 @@
+"""The local worker: a restart hands its running task back without using up an attempt, and exits cleanly."""
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+from pydantic import Field
+
+from lib import catalog
+from lib.config import get_settings
+from tests.factories import ledger, task_row
+
+
+class WorkerJobParams(catalog.Params):
+    seconds: float = Field(1, ge=0, le=60)
+    chunk: float = Field(2, ge=0, le=60)  # grind: seconds of computing between progress calls
+
+
+def spec(name: str) -> catalog.ModelSpec:
+    return catalog.ModelSpec(
+        key=f"test.{name}",
+        kind="image",
+        title=name,
+        params=WorkerJobParams,
+        price=lambda p, a: 5,
+        price_rule="5",
+        handler=f"tests.job_handlers:{name}",
+        timeout_s=30 * catalog.MINUTES,
+    )
+
+
+@pytest.fixture
+def worker_models(monkeypatch):
+    """把测试处理器登记进目录（真实的 worker、runner 与 SQL 路径照常运行）"""
+    for name in ("slow", "grind"):
+        monkeypatch.setitem(catalog.CATALOG, f"test.{name}", spec(name))
+
+
+async def until(condition, what: str, seconds: float = 60) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.05)
+
+
+def handler_running(task_id: str, attempt: int) -> bool:
+    """这次认领（attempt）的处理器已报告过进度"""
+    row = task_row(task_id)
+    return row["status"] == "processing" and row["attempts"] == attempt and (row["message"] or "").startswith("step")
+
+
+async def create(client, user, name: str, **params) -> dict:
+    resp = await client.post("/tasks", json={"model_key": f"test.{name}", "params": params}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    return resp.json()["data"]
+
+
+@contextlib.asynccontextmanager
+async def running_worker():
+    """在本进程里运行一个真实的 LocalWorker；离开时停止它（它把仍在运行的任务放回队列）"""
+    from lib.local.worker import LocalWorker
+
+    worker = LocalWorker()
+    job = asyncio.create_task(worker.run())
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(job, 30)
+
+
+async def test_worker_restarts_mid_task_do_not_use_up_its_attempts(client, make_user, worker_models):
+    """worker 处理中被停止（重启）：任务回到队列，这次认领不计入尝试次数；重启再多也不会让任务失败"""
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=1)
+    restarts = get_settings().task_max_attempts + 1
+    for restart in range(1, restarts + 1):
+        async with running_worker():
+            await until(lambda n=restart: handler_running(task["id"], n), "the handler of this claim made progress")
+        row = task_row(task["id"])
+        assert (row["status"], row["message"]) == ("queued", "The worker restarted; resuming.")
+        assert (row["attempts"], row["released_attempts"]) == (restart, restart)  # each claim keeps its own number
+    async with running_worker():
+        await until(lambda: task_row(task["id"])["status"] in ("completed", "failed", "canceled"), "the task ended")
+    row = task_row(task["id"])
+    assert row["status"] == "completed" and row["attempts"] == restarts + 1
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_a_temporary_failure_after_restarts_still_gets_every_retry(client, make_user, worker_models):
+    """重启归还的尝试不算：之后临时故障仍有完整的重试次数，失败消息只数真正用掉的尝试"""
+    from lib import db
+
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=1)
+    max_attempts = get_settings().task_max_attempts
+    for _ in range(2):  # two restarts
+        claimed = await db.fetch_one("select * from public.claim_task(%s)", (task["id"],))
+        assert await db.fetch_one(
+            "select public.release_task(%s, %s, 'The worker restarted; resuming.') as s",
+            (task["id"], claimed["attempts"]),
+        ) == {"s": "queued"}
+    for used in range(1, max_attempts + 1):
+        claimed = await db.fetch_one("select * from public.claim_task(%s)", (task["id"],))
+        status = await db.fetch_one(
+            "select public.requeue_task(%s, %s, %s, 'A temporary problem interrupted the job; retrying.') as s",
+            (task["id"], claimed["attempts"], max_attempts),
+        )
+        assert status == {"s": "queued" if used < max_attempts else "failed"}
+    row = task_row(task["id"])
+    assert row["error"]["message"] == (
+        f"A temporary problem stopped the job {max_attempts} times; your credits were refunded."
+    )
+
+
+WORKER = (
+    "from lib import catalog\n"
+    "from tests.test_worker import spec\n"
+    "catalog.CATALOG['test.grind'] = spec('grind')\n"
+    "from lib.local import worker\n"
+    "worker.STOP_SECONDS = 1\n"
+    "from lib.local.__main__ import main\n"
+    "main(['worker'])\n"
+)
+
+
+@pytest.fixture
+def start_worker():
+    """启动一个登记了测试处理器的 worker 进程；测试结束时仍在运行的被杀掉"""
+    from tests.conftest import ROOT  # not at the top: the worker imports this module, and conftest sets a test home
+
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        with open(os.path.join(os.environ["SPOOL_HOME"], "worker-signals.log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", WORKER], cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=log
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(15)
+
+
+@pytest.mark.parametrize(
+    ("sig", "chunk"),
+    [
+        (signal.SIGTERM, 0.5),  # the handler stops at its next progress call, within the wait
+        (signal.SIGINT, 0.5),
+        (signal.SIGTERM, 30),  # it would compute past the wait: the process ends without it
+    ],
+)
+async def test_a_worker_stopped_mid_task_exits_cleanly_and_hands_the_task_back(
+    client, make_user, worker_models, start_worker, sig, chunk
+):
+    """停止信号到来时处理器正在原生代码（torch）里计算：进程正常退出（不是 SIGABRT），任务回到队列且不计尝试"""
+    user = await make_user()
+    task = await create(client, user, "grind", seconds=60, chunk=chunk)
+    proc = start_worker()
+    await until(lambda: task_row(task["id"])["progress"] > 0.09, "the handler started")
+    proc.send_signal(sig)
+    assert await asyncio.to_thread(proc.wait, 60) == 0
+    row = task_row(task["id"])
+    assert (row["status"], row["message"]) == ("queued", "The worker restarted; resuming.")
+    assert (row["attempts"], row["released_attempts"]) == (1, 1)
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
