@@ -1368,6 +1368,17 @@ def audio_seconds(path: Path) -> float:
         return float(max((p.pts + p.duration) * p.time_base for p in packets))
 
 
+@pytest.mark.parametrize("codec", ["aac", "mp2"])  # copied, re-encoded
+def test_a_transport_stream_whose_sound_starts_before_its_clock_keeps_it(tmp_path, codec):
+    """MPEG-TS 的时钟是 33 位的：零点之前一点的声音记作 2^33 - n，不能当成 26.5 小时之后"""
+    src = make_video(tmp_path / "clip.ts", 64, 48, frames=480, fps=24, audio=True, audio_codec=codec)
+    with av.open(str(src)) as container:
+        assert next(p.pts for p in container.demux(audio=0) if p.pts is not None) > 2**32  # wrapped
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert out.duration_s == pytest.approx(20, abs=0.05)
+    assert audio_seconds(out.path) == pytest.approx(20, abs=0.1)
+
+
 def test_video_upscale_keeps_a_variable_frame_rate(tmp_path):
     """Each frame keeps its time: retimed at the average rate, the picture would drift off the sound."""
     src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)

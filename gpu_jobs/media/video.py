@@ -45,6 +45,7 @@ BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 64_000_000}
 YUV_ON_DEVICE = {"cuda"}
 _END = object()
 MAX_BAD_PACKETS = 1  # damaged video packets skipped before the file is refused (plus 1 in 50 of those read)
+TS_CLOCK = 1 << 33  # MPEG-TS timestamps: a 33-bit 90 kHz clock, wrapping every 26.5 hours
 
 
 class _Worker:
@@ -405,8 +406,11 @@ class FrameWriter(_Worker):
         """(seconds, packet) of the source's audio, copied or re-encoded, shifted to the video's zero."""
         in_audio = audio_stream(src)
         shift = round(self.start_time / in_audio.time_base) if in_audio.time_base else 0
+        wrap = TS_CLOCK if src.format.name == "mpegts" and in_audio.time_base == Fraction(1, 90_000) else None
         next_at, ended_at, last_dts = 0.0, None, None
         for packet in src.demux(in_audio):
+            if wrap:  # sound stamped just before the clock's zero reads 2^33 - n: it is -n, not 26.5 hours on
+                packet.pts, packet.dts = _unwrap(packet.pts, shift, wrap), _unwrap(packet.dts, shift, wrap)
             if copy:
                 if packet.dts is None or not packet.size:
                     continue
@@ -448,6 +452,13 @@ class FrameWriter(_Worker):
             if time < until or math.isinf(time):
                 out.mux(packet)
             self._pending = None
+
+
+def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
+    """把绕回的时间戳移到离 near 最近的那一圈"""
+    if ticks is None:
+        return None
+    return ticks - wrap * round((ticks - near) / wrap)
 
 
 def _audio_ways(cc: Any) -> list[str | tuple[int, str]]:
