@@ -1379,6 +1379,21 @@ def test_a_transport_stream_whose_sound_starts_before_its_clock_keeps_it(tmp_pat
     assert audio_seconds(out.path) == pytest.approx(20, abs=0.1)
 
 
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])  # planar and RGB frames
+def test_frames_of_another_size_midway_are_fitted_not_stretched(tmp_path, handler):
+    """录像中途改了分辨率（屏幕录制、WebRTC）：后面的竖帧按比例放进横画面，两侧补黑"""
+    src = make_growing_video(tmp_path / "turned.mkv", (64, 48), (48, 64), frames=(12, 12))
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": src}))
+    last = decode(out.path)[-1].astype(np.float64)
+    width = last.shape[1]
+    bar = width * 7 // 32  # the 48x64 picture fitted into 64x48 is 36 wide: 14 of 64 black on each side
+    assert last[:, : bar - 2].max() < 30 and last[:, width - bar + 2 :].max() < 30
+    assert last[:, width // 2 - 4 : width // 2 + 4].mean() > 40  # the picture itself
+    first = decode(out.path)[0].astype(np.float64)
+    assert first[:, :4].mean() > 40  # frames of the video's own size fill it
+
+
 def test_video_upscale_keeps_a_variable_frame_rate(tmp_path):
     """Each frame keeps its time: retimed at the average rate, the picture would drift off the sound."""
     src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)

@@ -92,17 +92,31 @@ class Display:
         self.orientation = Orientation()
 
     def rgb(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
-        """uint8 RGB (H, W, 3)"""
-        rgb = self._convert(frame, width, height, "rgb24").to_ndarray()  # sets the orientation on the first frame
+        """uint8 RGB (H, W, 3)；尺寸与视频不同的帧（录像中途改了分辨率）按比例放进 width×height，四周补黑"""
+        box = _box(frame, width, height)
+        if box is None:
+            rgb = self._convert(frame, width, height, "rgb24").to_ndarray()  # sets the orientation on the first frame
+        else:
+            x, y, w, h = box
+            rgb = np.zeros((height, width, 3), np.uint8)
+            rgb[y : y + h, x : x + w] = self._convert(frame, w, h, "rgb24").to_ndarray()
         return self.orientation.apply(rgb)
 
     def yuv420(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> list[np.ndarray]:
-        """BT.709 有限范围的 Y、U、V 三个 uint8 平面（numpy 视图，用前拷贝）"""
-        planes = self._convert(frame, width, height, "yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
-        return [
-            self.orientation.apply(np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width])
-            for p in planes.planes
-        ]
+        """BT.709 有限范围的 Y、U、V 三个 uint8 平面（numpy 视图，用前拷贝）；尺寸不同的帧同 rgb 补黑"""
+        box = _box(frame, width, height)
+        size = (width, height) if box is None else box[2:]
+        converted = self._convert(frame, *size, "yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+        planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in converted.planes]
+        if box is not None:
+            x, y, w, h = box
+            canvas = [np.full((height, width), 16, np.uint8)]  # black in limited range: Y 16, U and V 128
+            canvas += [np.full(((height + 1) // 2, (width + 1) // 2), 128, np.uint8) for _ in range(2)]
+            canvas[0][y : y + h, x : x + w] = planes[0]
+            for plane, picture in zip(canvas[1:], planes[1:], strict=True):
+                plane[y // 2 : y // 2 + h // 2, x // 2 : x // 2 + w // 2] = picture
+            planes = canvas
+        return [self.orientation.apply(plane) for plane in planes]
 
     def _convert(self, frame: av.VideoFrame, width: int | None, height: int | None, fmt: str, **to) -> av.VideoFrame:
         if self._colour is None:  # the first frame decides, for the whole video
@@ -118,3 +132,13 @@ class Display:
                 )
                 self._colour = {}
         return self._reformatter.reformat(frame, width, height, fmt, **self._colour, **to)
+
+
+def _box(frame: av.VideoFrame, width: int | None, height: int | None) -> tuple[int, int, int, int] | None:
+    """尺寸与视频不同的帧在 width×height 里的位置 (x, y, w, h)：保持比例、居中、偶数对齐；尺寸相同 → None"""
+    if width is None or height is None or (frame.width, frame.height) == (width, height):
+        return None
+    scale = min(width / frame.width, height / frame.height)
+    w = min(width - width % 2, max(2, round(frame.width * scale / 2) * 2))
+    h = min(height - height % 2, max(2, round(frame.height * scale / 2) * 2))
+    return (width - w) // 4 * 2, (height - h) // 4 * 2, w, h
