@@ -355,18 +355,27 @@ def resolving_to(monkeypatch, *addresses: str) -> None:
 
 def test_a_download_follows_redirects_between_public_https_hosts(tmp_path, monkeypatch):
     resolving_to(monkeypatch, "93.184.216.34")
-    seen: list[str] = []
+    seen: list[tuple[str, str, str]] = []
 
     def cdn(request: httpx.Request) -> httpx.Response:
-        """cdn.test 重定向到 edge.test，后者给出视频"""
-        seen.append(str(request.url))
-        if request.url.host == "cdn.test":
+        """cdn.test 重定向到 edge.test（相对地址再跳一次），后者给出视频"""
+        assert request.headers["connection"] == "close"
+        seen.append((request.headers["host"], request.extensions.get("sni_hostname"), str(request.url)))
+        if request.headers["host"] == "cdn.test":
             return httpx.Response(302, headers={"Location": "https://edge.test/v.mp4?sig=1"})
+        if request.url.path == "/v.mp4":
+            return httpx.Response(302, headers={"Location": "/final.mp4"})
         return httpx.Response(200, content=b"video")
 
     with httpx.Client(transport=httpx.MockTransport(cdn)) as http:
         path = checked_download(http, "https://cdn.test/v.mp4", tmp_path, exempt="http://kling.test")
-    assert path.read_bytes() == b"video" and seen == ["https://cdn.test/v.mp4", "https://edge.test/v.mp4?sig=1"]
+    # Each hop connects to the address that was checked, named for TLS and HTTP by its host: a DNS answer that
+    # changes after the check (a rebinding) cannot send the request elsewhere.
+    assert path.read_bytes() == b"video" and seen == [
+        ("cdn.test", "cdn.test", "https://93.184.216.34/v.mp4"),
+        ("edge.test", "edge.test", "https://93.184.216.34/v.mp4?sig=1"),
+        ("edge.test", "edge.test", "https://93.184.216.34/final.mp4"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -203,14 +203,14 @@ def waiting_fraction(state: str, elapsed: float, deadline_s: float) -> float:
     return min(fraction, MAX_FRACTION)
 
 
-def public_only(*, exempt: str | None) -> Callable[[httpx.URL, str], None]:
-    """下载地址检查：只允许 https 且只解析到公网地址（与 exempt 同源的地址除外），否则 ProviderError"""
+def public_only(*, exempt: str | None) -> Callable[[httpx.URL, str], str | None]:
+    """下载地址检查：只允许 https 且只解析到公网地址（与 exempt 同源的地址除外），否则 ProviderError；返回要连接的 IP"""
     exempt_origin = _origin(httpx.URL(exempt)) if exempt else None
 
-    def check(url: httpx.URL, what: str) -> None:
-        """检查一个地址（首个地址与每次重定向）"""
+    def check(url: httpx.URL, what: str) -> str | None:
+        """检查一个地址（首个地址与每次重定向）：返回检查过的 IP（连接只去那里），豁免的地址 → None"""
         if exempt_origin is not None and _origin(url) == exempt_origin:
-            return
+            return None
         refused = ProviderError(
             f"{what} named an address for the video that we do not download from. Your credits were refunded."
         )
@@ -221,11 +221,11 @@ def public_only(*, exempt: str | None) -> Callable[[httpx.URL, str], None]:
             infos = socket.getaddrinfo(url.host, url.port or 443, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as exc:
             raise ProviderBusy(f"{what}: could not resolve {url.host}: {exc}") from exc
-        # The connection resolves the name again: a DNS answer that changes in between is not caught here.
         for info in infos:
             if not _public(str(info[4][0])):
                 log.warning("refused to download %s from %s: %s is not a public address", url, what, info[4][0])
                 raise refused
+        return str(infos[0][4][0]).split("%", 1)[0]
 
     return check
 
@@ -253,7 +253,7 @@ def download_file(
     delays: list[float],
     what: str,
     sleep: Callable[[float], None] = time.sleep,
-    check_url: Callable[[httpx.URL, str], None] | None = None,
+    check_url: Callable[[httpx.URL, str], str | None] | None = None,
     on_chunk: Callable[[], None] | None = None,
     time_limit: float | None = None,
 ) -> Path:
@@ -294,18 +294,25 @@ def download_file(
 
 @contextmanager
 def _open(
-    client: httpx.Client, url: httpx.URL, *, what: str, check_url: Callable[[httpx.URL, str], None] | None
+    client: httpx.Client, url: httpx.URL, *, what: str, check_url: Callable[[httpx.URL, str], str | None] | None
 ) -> Iterator[httpx.Response]:
-    """发出 GET 并逐跳跟随重定向（每一跳先经 check_url 检查），产出最终的流式应答"""
+    """发出 GET 并逐跳跟随重定向（每一跳先经 check_url 检查，并只连接检查过的地址），产出最终的流式应答"""
     for _ in range(MAX_REDIRECTS + 1):
-        if check_url is not None:
-            check_url(url, what)
-        with client.stream("GET", url, follow_redirects=False) as resp:
+        address = check_url(url, what) if check_url is not None else None
+        target, pinned = url, {}
+        if address is not None:
+            # To the address checked, not to whatever the name resolves to next (a DNS rebinding); TLS and HTTP
+            # still name the host, so its certificate is verified against it. Not kept open: a connection is
+            # pooled by address, and another host behind the same address must get its own TLS session.
+            target = url.copy_with(host=address)
+            headers = {"Host": url.netloc.decode("ascii"), "Connection": "close"}
+            pinned = {"headers": headers, "extensions": {"sni_hostname": url.host}}
+        with client.stream("GET", target, follow_redirects=False, **pinned) as resp:
             location = resp.headers.get("location") if resp.is_redirect else None
             if location is None:
                 yield resp
                 return
-            url = resp.url.join(location)
+            url = url.join(location)  # against the name, not the address
     raise httpx.TooManyRedirects(f"more than {MAX_REDIRECTS} redirects", request=resp.request)
 
 
