@@ -1394,6 +1394,42 @@ def test_frames_of_another_size_midway_are_fitted_not_stretched(tmp_path, handle
     assert first[:, :4].mean() > 40  # frames of the video's own size fill it
 
 
+def combing(frame: np.ndarray) -> float:
+    """隔行的梳齿：每行与上下两行平均的差"""
+    rows = frame.astype(np.float64).mean(axis=-1)
+    return float(np.abs(rows[1:-1] - (rows[:-2] + rows[2:]) / 2).mean())
+
+
+def make_interlaced_video(path: Path, frames: int = 12) -> Path:
+    """隔行扫描（上场优先）的 H.264：两场拍于不同时刻，白条在两场之间移动"""
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=25, options={"preset": "ultrafast", "flags": "+ildct+ilme"})
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        stream.options = {**stream.options, "x264opts": "tff=1"}
+        for index in range(frames):
+            picture = np.full((96, 128, 3), 30, np.uint8)
+            picture[0::2, 10 + 6 * index : 30 + 6 * index] = 230  # the top field, at its time
+            picture[1::2, 13 + 6 * index : 33 + 6 * index] = 230  # the bottom field, half a frame later
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")))
+        out.mux(stream.encode(None))
+    return path
+
+
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_interlaced_video_is_deinterlaced_frame_for_frame(tmp_path, handler):
+    """摄像机、广播的隔行视频：先去隔行（每帧一帧，帧率与时长不变），否则梳齿会被放大"""
+    src = make_interlaced_video(tmp_path / "camcorder.mp4")
+    with av.open(str(src)) as container:
+        assert next(container.decode(video=0)).interlaced_frame
+    before = np.mean([combing(frame) for frame in decode(src)])
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": src}))
+    frames = [np.asarray(Image.fromarray(f).resize((128, 96), Image.Resampling.BOX)) for f in decode(out.path)]
+    assert len(frames) == 12 * (2 if handler is video_interpolate else 1)
+    assert out.duration_s == pytest.approx(12 / 25, abs=1e-3)
+    assert np.mean([combing(frame) for frame in frames]) < before / 3
+
+
 def test_video_upscale_keeps_a_variable_frame_rate(tmp_path):
     """Each frame keeps its time: retimed at the average rate, the picture would drift off the sound."""
     src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)
