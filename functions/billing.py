@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Header, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request
 from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
@@ -40,6 +42,20 @@ async def create_checkout(
         idempotency_key=idempotency_key,
     )
     return ok(CheckoutPublic(**checkout).model_dump())
+
+
+class CheckoutStatus(BaseModel):
+    session_id: str
+    purchase_id: str
+    package_id: str
+    credits: int
+    status: str = Field(description="pending, paid, failed, expired, refunded or partially_refunded")
+
+
+@router.get("/checkout/{session_id}", response_model=Envelope[CheckoutStatus])
+async def checkout_status(session_id: Annotated[str, Path(max_length=255)], user_id: CurrentUserId):
+    """结账的状态（成功页：已付但 webhook 还没到时当场发放积分）"""
+    return ok(await get_billing_service().checkout_status(user_id=user_id, session_id=session_id))
 
 
 @router.post("/webhook", include_in_schema=False)

@@ -254,6 +254,50 @@ class BillingService:
         )
         return {"checkout_url": session.url, "session_id": session.id}
 
+    async def checkout_status(self, *, user_id: str, session_id: str) -> dict:
+        """结账的状态（成功页用）：仍待支付时向 Stripe 问一次，已付则当场发放积分（与 webhook 同一条 SQL，只发一次）"""
+        purchase = await self._purchase(user_id, session_id)
+        if purchase["status"] == "pending":
+            session = await self._session_if_reachable(session_id)
+            kind = {"complete": "checkout.session.completed", "expired": "checkout.session.expired"}.get(
+                session.get("status") if session else None
+            )
+            effect = event_effect({"type": kind, "data": {"object": session}}) if kind else None
+            if effect is not None:
+                async with db.transaction() as conn:
+                    row = await (await conn.execute(*effect)).fetchone()
+                log.info("checkout %s settled from the success page: %s", session_id, row["r"].get("result"))
+                purchase = await self._purchase(user_id, session_id)
+        return {
+            "session_id": session_id,
+            "purchase_id": str(purchase["id"]),
+            "package_id": purchase["package_id"],
+            "credits": purchase["credits"],
+            "status": purchase["status"],
+        }
+
+    async def _purchase(self, user_id: str, session_id: str) -> dict:
+        """这个用户以该会话发起的购买；没有 → NotFound"""
+        purchase = await db.fetch_one(
+            "select id, package_id, credits, status from public.purchases"
+            " where checkout_session_id = %s and user_id = %s",
+            (session_id, user_id),
+        )
+        if purchase is None:
+            raise NotFound("No checkout with this id.")
+        return purchase
+
+    async def _session_if_reachable(self, session_id: str) -> dict | None:
+        """从 Stripe 取会话；Stripe 不可达或出错 → None（只按我们的记录回答，webhook 照样会来）"""
+        import stripe
+
+        try:
+            session = await get_stripe_client().v1.checkout.sessions.retrieve_async(session_id)
+        except (stripe.StripeError, ProviderUnavailable) as exc:
+            log.warning("could not ask Stripe about checkout %s: %s", session_id, exc)
+            return None
+        return session.to_dict()
+
     async def handle_webhook(self, *, payload: bytes, signature: str | None) -> dict:
         """校验并处理一个 Stripe webhook 事件（每个事件 id 只生效一次）"""
         event = self._verify(payload, signature)

@@ -1,8 +1,9 @@
 """A local HTTP server standing in for Stripe's API, and webhook payloads signed the way Stripe signs them.
 
 The server speaks the part of Stripe's wire format the app uses: form-encoded POSTs to /v1/customers and
-/v1/checkout/sessions, JSON answers, `Idempotency-Key` replays, Stripe error bodies. Each request is recorded
-(method, path, the flat form as sent, headers) so tests can read exactly what went over the wire.
+/v1/checkout/sessions, GETs of a session, JSON answers, `Idempotency-Key` replays, Stripe error bodies. Each
+request is recorded (method, path, the flat form as sent, headers) so tests can read exactly what went over the
+wire. ``pay(session_id)`` and ``expire(session_id)`` move a session on, as the buyer or Stripe would.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class FakeStripe:
     requests: list[FakeRequest] = field(default_factory=list)
     failures: dict[str, tuple[int, dict]] = field(default_factory=dict)
     missing_customers: set[str] = field(default_factory=set)  # customers deleted at Stripe
+    sessions: dict[str, dict] = field(default_factory=dict)  # checkout sessions created, by id
     _replays: dict[str, tuple[dict, int, dict]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
@@ -54,10 +56,16 @@ class FakeStripe:
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
+                self._serve("POST")
+
+            def do_GET(self):
+                self._serve("GET")
+
+            def _serve(self, method: str):
                 body = self.rfile.read(int(self.headers.get("content-length") or 0)).decode()
                 request = FakeRequest(
-                    "POST",
-                    self.path,
+                    method,
+                    self.path.split("?", 1)[0],
                     dict(parse_qsl(body, keep_blank_values=True)),
                     {k.lower(): v for k, v in self.headers.items()},
                 )
@@ -93,7 +101,21 @@ class FakeStripe:
         self.failures[path] = (status, {"error": error or CARD_DECLINED})
 
     def posts(self, path: str) -> list[FakeRequest]:
-        return [r for r in self.requests if r.path == path]
+        return [r for r in self.requests if r.path == path and r.method == "POST"]
+
+    def gets(self, path: str) -> list[FakeRequest]:
+        return [r for r in self.requests if r.path == path and r.method == "GET"]
+
+    def pay(self, session_id: str, *, payment_intent: str = "pi_test_1", amount_total: int = 500) -> dict:
+        """买家付了款：会话完成、已付"""
+        paid = {"status": "complete", "payment_status": "paid", "payment_intent": payment_intent}
+        self.sessions[session_id].update(paid, amount_total=amount_total, currency="usd")
+        return self.sessions[session_id]
+
+    def expire(self, session_id: str) -> dict:
+        """会话过期未付"""
+        self.sessions[session_id].update(status="expired")
+        return self.sessions[session_id]
 
     def answer(self, request: FakeRequest) -> tuple[int, dict, dict]:
         self.requests.append(request)
@@ -124,6 +146,13 @@ class FakeStripe:
     def create(self, request: FakeRequest) -> tuple[int, dict]:
         params = nest(request.form)
         n = next(self._ids)
+        if request.method == "GET" and request.path.startswith("/v1/checkout/sessions/"):
+            found = self.sessions.get(request.path.rsplit("/", 1)[1])
+            if found is None:
+                return 404, {
+                    "error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such session"}
+                }
+            return 200, found
         if request.path == "/v1/customers":
             return 200, {
                 "id": f"cus_fake{n}",
@@ -143,7 +172,7 @@ class FakeStripe:
             }
         if request.path == "/v1/checkout/sessions":
             session_id = f"cs_test_fake{n}"
-            return 200, {
+            self.sessions[session_id] = {
                 "id": session_id,
                 "object": "checkout.session",
                 "mode": params.get("mode"),
@@ -156,8 +185,10 @@ class FakeStripe:
                 "success_url": params.get("success_url"),
                 "cancel_url": params.get("cancel_url"),
                 "payment_intent": None,
+                "amount_total": None,
                 "livemode": False,
             }
+            return 200, self.sessions[session_id]
         return 404, {"error": {"type": "invalid_request_error", "message": f"Unrecognized request URL {request.path}"}}
 
 

@@ -271,6 +271,68 @@ async def test_checkout_needs_sign_in(client):
     assert (await client.post("/billing/checkout", json={"package_id": "starter"})).status_code == 401
 
 
+# --- the success page: a checkout's status, fulfilled on arrival -----------------------------------------------
+
+
+async def checkout_status(client, user, session_id: str):
+    return await client.get(f"/billing/checkout/{session_id}", headers=user.headers)
+
+
+async def test_the_success_page_fulfils_a_paid_checkout_before_its_webhook(client, make_user, stripe_api):
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    resp = await checkout_status(client, user, session_id)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"] == {
+        "session_id": session_id,
+        "purchase_id": resp.json()["data"]["purchase_id"],
+        "package_id": "starter",
+        "credits": 500,
+        "status": "pending",
+    }
+    assert balance(user.id) == 100
+
+    stripe_api.pay(session_id, payment_intent="pi_landing")  # the buyer paid; the webhook is late
+    resp = await checkout_status(client, user, session_id)
+    assert resp.json()["data"]["status"] == "paid" and balance(user.id) == 600
+    (row,) = purchases(user.id)
+    assert row["payment_intent_id"] == "pi_landing"
+
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
+    late = fake_stripe.session(session_id, metadata, payment_intent="pi_landing")
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed", late))
+    assert resp.json()["data"]["result"] == "already_granted" and balance(user.id) == 600
+    asked = len(stripe_api.gets(f"{SESSIONS}/{session_id}"))
+    assert (await checkout_status(client, user, session_id)).json()["data"]["status"] == "paid"
+    assert len(stripe_api.gets(f"{SESSIONS}/{session_id}")) == asked  # settled: Stripe is not asked again
+
+
+async def test_the_success_page_of_an_expired_checkout_says_so(client, make_user, stripe_api):
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    stripe_api.expire(session_id)
+    assert (await checkout_status(client, user, session_id)).json()["data"]["status"] == "expired"
+    assert balance(user.id) == 100
+
+
+async def test_a_checkout_is_its_buyers_alone(client, make_user, stripe_api):
+    buyer, other = await make_user(), await make_user()
+    session_id = (await checkout(client, buyer))["session_id"]
+    stripe_api.pay(session_id)
+    for user, name in ((other, session_id), (buyer, "cs_test_unknown")):
+        resp = await checkout_status(client, user, name)
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "not_found"
+    assert balance(buyer.id) == 100 and balance(other.id) == 100
+
+
+async def test_the_success_page_answers_from_our_records_while_stripe_is_out_of_reach(client, make_user, stripe_api):
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    stripe_api.down()
+    resp = await checkout_status(client, user, session_id)
+    assert resp.status_code == 200 and resp.json()["data"]["status"] == "pending"
+
+
 # --- webhook: grants ------------------------------------------------------------------------------------------
 
 
