@@ -1192,14 +1192,27 @@ def test_media_probe_decodes_the_file_once(tmp_path, clip, monkeypatch):
     assert opened == ["PIL.Image"] and (poster.width, poster.height) == (1280, 853)
 
 
-def test_exif_rotated_photo_is_probed_postered_and_upscaled_upright(tmp_path):
+def damaged_exif(orientation: int) -> bytes:
+    """带方向标记、但 GPS 目录声称的条目数超出 EXIF 段的 EXIF（被截断或写坏的相机 EXIF）"""
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = orientation, "Maker"
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2] = "N", (1.0, 2.0, 3.0)
+    raw = bytearray(exif.tobytes())
+    at = 6 + int.from_bytes(raw[raw.index(b"\x88\x25") + 8 :][:4], "big")  # "Exif\0\0" + the GPS IFD's offset
+    raw[at] = 1  # its entry count 2 becomes 258: the directory runs past the end of the segment
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_exif_rotated_photo_is_probed_postered_and_upscaled_upright(tmp_path, damaged):
     """A phone photo stored landscape with EXIF orientation 6 (turn 90° clockwise to show): left half red."""
     stored = np.zeros((60, 80, 3), np.uint8)
     stored[:, :40], stored[:, 40:] = (220, 30, 30), (30, 30, 220)
     exif = Image.Exif()
     exif[0x0112] = 6
     path = tmp_path / "phone.jpg"
-    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=exif)
+    Image.fromarray(stored).save(path, format="JPEG", quality=95, exif=damaged_exif(6) if damaged else exif)
     info = media.probe_file(path)
     assert (info["width"], info["height"]) == (60, 80)
     [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": path}))

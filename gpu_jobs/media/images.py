@@ -10,10 +10,10 @@ from pathlib import Path
 import av
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from gpu_jobs.media.display import Display
-from gpu_jobs.media.probe import check_input_pixels, inspect_file, reason
+from gpu_jobs.media.probe import check_input_pixels, inspect_file, reason, upright
 from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def open_image(
     check_input_pixels(*img.size)
     profile = img.info.get("icc_profile")
     try:
-        img = eight_bit(ImageOps.exif_transpose(img))
+        img = eight_bit(upright(img))
         img = img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"The image is truncated or corrupt: {reason(exc, path)}") from None

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import av
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from gpu_jobs.media.display import Orientation
 from lib.catalog import VIDEO_MAX_SIDE
@@ -85,12 +85,12 @@ def _probe_image(path: Path, poster_side: int | None) -> tuple[dict, Image.Image
         width, height = img.size
         check_input_pixels(width, height)
         try:
-            if img.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF orientation that turns the picture by 90°
+            if exif_orientation(img) in (5, 6, 7, 8):  # EXIF orientation that turns the picture by 90°
                 width, height = height, width
             # JPEG decodes at a reduced scale directly: 1/8 is enough to validate, a poster asks for more.
             img.draft("RGB", (poster_side, poster_side) if poster_side else (max(1, width // 8), max(1, height // 8)))
             img.load()
-            poster = ImageOps.exif_transpose(img) if poster_side else None  # a copy: outlives the closed file
+            poster = upright(img) if poster_side else None  # a copy: outlives the closed file
         except (OSError, SyntaxError, ValueError) as exc:
             raise InvalidInput(f"The image is truncated or corrupt: {reason(exc, path)}") from None
         fmt = img.format.lower()
@@ -199,6 +199,31 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         raise InvalidInput("The video has no frames.")
     check_video_limits(info)
     return info, first
+
+
+TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def exif_orientation(img: Image.Image) -> int | None:
+    """EXIF 方向（1–8）；没有或 EXIF 读不了 → None"""
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:  # a damaged EXIF block is no reason to refuse the picture: shown as stored
+        return None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """按 EXIF 方向摆正的副本：只转像素，不像 ImageOps.exif_transpose 那样重写 EXIF（损坏的 EXIF 重写不了）"""
+    method = TRANSPOSES.get(exif_orientation(img))
+    return img.transpose(method) if method is not None else img.copy()
 
 
 def limit_decoded_pixels(stream: Any) -> None:
