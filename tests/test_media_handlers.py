@@ -175,6 +175,33 @@ def test_a_clip_cut_without_reencoding_is_probed_from_the_first_frame_it_shows(t
     assert len(frame_times(out.path)) == 41
 
 
+def test_pictures_pillow_cannot_read_are_refused_as_pictures_not_probed_as_videos(tmp_path):
+    """FFmpeg 也读图片（APNG、GIF、按扩展名的 image2）：Pillow 读不了的图片不能变成“视频”，错误信息说图片的事"""
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    animated = tmp_path / "animated.png"
+    frames[0].save(animated, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    data = bytearray(animated.read_bytes())
+    data[8 + 8 + 13] ^= 0xFF  # the IHDR chunk's CRC: Pillow refuses the file, FFmpeg's APNG demuxer does not
+    bad_crc = tmp_path / "bad-crc.png"
+    bad_crc.write_bytes(bytes(data))
+    gif_header = tmp_path / "header-only.gif"
+    gif_header.write_bytes(b"GIF89a\x10\x00\x10\x00\x00\x00\x00")
+    lossless = tmp_path / "input-1.jpg"  # the worker names inputs by their extension: FFmpeg's image2 takes it
+    with av.open(str(lossless), "w", format="image2pipe") as out:
+        stream = out.add_stream("ljpeg", rate=1)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "bgr24"
+        out.mux(stream.encode(av.VideoFrame.from_ndarray(np.full((48, 64, 3), 100, np.uint8), format="bgr24")))
+        out.mux(stream.encode(None))
+    for path, message in (
+        (bad_crc, "The image is truncated or corrupt (its PNG data could not be read)."),
+        (gif_header, "The image is truncated or corrupt (its GIF data could not be read)."),
+        (lossless, "The image is truncated or corrupt (its JPEG data could not be read)."),  # a lossless JPEG
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            media.probe_file(path)
+        assert refused.value.message == message
+
+
 def test_probe_image(tmp_path):
     info = media.probe_file(make_image(tmp_path / "a.jpg", 80, 60, "JPEG"))
     assert (info["kind"], info["format"], info["width"], info["height"]) == ("image", "jpeg", 80, 60)

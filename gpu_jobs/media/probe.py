@@ -17,6 +17,8 @@ from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
+STILL_DEMUXERS = {"gif", "apng", "webp"}  # FFmpeg's demuxers of picture formats that are not "<codec>_pipe"
+STILL_CODECS = {"mjpeg": "JPEG", "png": "PNG", "apng": "PNG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP"}
 
 
 def check_input_pixels(width: int, height: int) -> None:
@@ -127,12 +129,16 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             f"The file is not a readable image or video (corrupt, truncated or unsupported): {reason(exc, path)}"
         ) from None
     with container:
-        if container.format.name.endswith("_pipe") or container.format.name.startswith("image2"):
-            # FFmpeg reads stills Pillow does not (DPX, XWD, Radiance HDR) as one-frame "videos"
-            kind = container.format.name.removesuffix("_pipe").upper()
+        name = container.format.name
+        if name.endswith("_pipe") or name.startswith("image2") or name in STILL_DEMUXERS:
+            # FFmpeg reads pictures Pillow does not (DPX, XWD, Radiance HDR; a PNG or a GIF Pillow refuses) as
+            # "videos" of a frame or an animation: a picture it stays, and the message speaks of its format.
+            stream = video_stream(container)
+            codec = stream.codec_context.name if stream is not None and stream.codec_context is not None else ""
+            kind = STILL_CODECS.get(codec) or name.removesuffix("_pipe").upper()
             if kind in IMAGE_FORMATS:  # one Pillow reads, but could not make sense of this one
                 raise InvalidInput(f"The image is truncated or corrupt (its {kind} data could not be read).")
-            raise InvalidInput(f"Unsupported image format {kind}; use PNG, JPEG, WebP, GIF, BMP or TIFF.")
+            raise InvalidInput(f"Unsupported image format {kind}; use PNG, JPEG, WebP or GIF.")
         audio = audio_stream(container)
         stream = video_stream(container)
         if stream is None:
