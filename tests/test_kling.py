@@ -587,6 +587,36 @@ async def test_image2video_sends_the_input_image_as_base64(client, make_user, kl
     assert len(outputs(task)) == 1 and kinds(user, task) == ["charge"]
 
 
+def test_a_turned_or_wide_gamut_photo_goes_to_kling_upright_in_srgb(tmp_path):
+    """Kling 收到的图片与我们显示的一样：按 EXIF 方向摆正、转成 sRGB（只有已经如此的 JPEG/PNG 原样发送）"""
+    from PIL import Image, ImageCms
+
+    from gpu_jobs.media.images import to_srgb
+    from gpu_jobs.providers.kling import encode_image
+    from tests.media_factories import display_p3_profile
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown portrait
+    turned = tmp_path / "turned.jpg"
+    Image.new("RGB", (480, 360), (20, 120, 200)).save(turned, "JPEG", exif=exif)
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (480, 360), (200, 100, 50)).save(wide, "PNG", icc_profile=display_p3_profile())
+    srgb = tmp_path / "srgb.jpg"
+    profile = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    Image.new("RGB", (480, 360), (20, 120, 200)).save(srgb, "JPEG", icc_profile=profile)
+
+    def sent(path: Path) -> Image.Image:
+        return Image.open(io.BytesIO(base64.b64decode(encode_image(path))))
+
+    upright = sent(turned)
+    assert upright.size == (360, 480) and upright.getexif().get(0x0112) in (None, 1)
+    orange = sent(wide)
+    expected = to_srgb(Image.new("RGB", (1, 1), (200, 100, 50)), display_p3_profile()).getpixel((0, 0))
+    assert expected[0] > 210 and orange.info.get("icc_profile") is None  # P3's orange is redder than sRGB's
+    assert all(abs(a - b) <= 3 for a, b in zip(orange.getpixel((10, 10)), expected, strict=True))
+    assert base64.b64decode(encode_image(srgb)) == srgb.read_bytes()  # already as shown: the bytes as uploaded
+
+
 async def test_image_too_small_for_kling_is_refused_before_charging(client, make_user, kling):
     user = await make_user()
     asset_id = make_asset(user.id, kind="image", width=200, height=200)

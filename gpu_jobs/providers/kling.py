@@ -338,14 +338,17 @@ def failure_message(reason: Any) -> str:
 
 
 def encode_image(path: Path) -> str:
-    """把输入图片编码为 base64（JPEG/PNG 且不超过 10 MB 原样发送，否则转成 JPEG）"""
+    """把输入图片编码为 base64：已是摆正的 sRGB JPEG/PNG 且不超过 10 MB 原样发送，否则摆正、转 sRGB 后转成 JPEG"""
     from PIL import Image
 
     from gpu_jobs.media import open_image
+    from gpu_jobs.media.probe import exif_orientation
 
     try:
         with Image.open(path) as img:
             fmt, (width, height) = img.format, img.size
+            # Kling is sent the picture as we show it: turned by its EXIF orientation, in sRGB.
+            as_shown = exif_orientation(img) in (None, 1) and _srgb_or_untagged(img.info.get("icc_profile"))
     except OSError:
         raise InvalidInput("The input image could not be read.") from None
     if min(width, height) < IMAGE_MIN_SIDE:
@@ -357,7 +360,7 @@ def encode_image(path: Path) -> str:
             f"Kling needs an image no more than {IMAGE_MAX_RATIO:g} times as wide as it is tall "
             f"(or the reverse); this one is {width}x{height}."
         )
-    if fmt in ("JPEG", "PNG") and path.stat().st_size <= IMAGE_MAX_BYTES:
+    if fmt in ("JPEG", "PNG") and as_shown and path.stat().st_size <= IMAGE_MAX_BYTES:
         return base64.b64encode(path.read_bytes()).decode("ascii")
     img = open_image(path)
     img.thumbnail((IMAGE_REENCODE_SIDE, IMAGE_REENCODE_SIDE), Image.Resampling.LANCZOS)
@@ -367,6 +370,18 @@ def encode_image(path: Path) -> str:
         if buf.tell() <= IMAGE_MAX_BYTES:
             return base64.b64encode(buf.getvalue()).decode("ascii")
     raise InvalidInput("The input image is too large for Kling even after compression.")
+
+
+def _srgb_or_untagged(profile: Any) -> bool:
+    """没有 ICC 描述，或描述就是 sRGB"""
+    if not isinstance(profile, bytes) or not profile:
+        return True
+    from PIL import ImageCms
+
+    try:
+        return "srgb" in ImageCms.getProfileDescription(ImageCms.ImageCmsProfile(io.BytesIO(profile))).lower()
+    except (ImageCms.PyCMSError, OSError, ValueError):
+        return False
 
 
 def _reason(reason: Any) -> str:
