@@ -168,6 +168,19 @@ def test_a_clip_cut_without_reencoding_is_probed_from_the_first_frame_it_shows(t
     assert len(shown) == 41 and shown[0] == pytest.approx(20, abs=3)  # what players show: from frame 4
     info = media.probe_file(cut)  # was refused as corrupt: no keyframe after the cut
     assert info["duration_s"] == pytest.approx(41 / 30, abs=0.02) and info["frame_count"] == 41
+    # Uploaded index first and cut short: the frames it promises are missing, counted or not.
+    faststart = tmp_path / "faststart.mp4"
+    with av.open(str(cut)) as inp, av.open(str(faststart), "w", options={"movflags": "+faststart"}) as out:
+        stream = out.add_stream_from_template(inp.streams.video[0])
+        for packet in inp.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = stream
+                out.mux(packet)
+    data = faststart.read_bytes()
+    short = tmp_path / "short.mp4"
+    short.write_bytes(data[: len(data) * 7 // 10])
+    with pytest.raises(InvalidInput, match="truncated"):
+        media.probe_file(short)
     [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": cut}))
     with Image.open(poster.path) as img:
         assert np.asarray(img.convert("L")).mean() == pytest.approx(20, abs=3)

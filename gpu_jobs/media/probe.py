@@ -166,9 +166,11 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             raise InvalidInput(f"No frame of the video could be decoded (corrupt or unsupported {ctx.name}).")
         if container.duration:  # refuse an over-long file before reading through it
             check_video_limits({"duration_s": container.duration / av.time_base})
-        if _index_holds(container, stream, fps):  # MP4, MOV: an index promising every frame; does the data match it?
+        indexed = "mp4" in container.format.name.split(",") and stream.frames and stream.duration and stream.time_base
+        # MP4, MOV: an index promising frames; is the data all there (an upload cut short still opens)?
+        shown_end = _check_tail(container, stream, first, fps) if indexed else None
+        if indexed and _index_agrees(stream, fps):
             frames = stream.frames
-            shown_end = _check_tail(container, stream, first, fps)
             duration = float(stream.duration * stream.time_base)
             if shown_end is not None:  # B-frames of a variable rate: the index's decode times can end earlier
                 duration = max(duration, float((shown_end - first.pts) * stream.time_base))
@@ -300,12 +302,9 @@ def _check_tail(container: Any, stream: Any, first: av.VideoFrame, fps: float | 
     return end
 
 
-def _index_holds(container: Any, stream: Any, fps: float | None) -> bool:
-    """MP4/MOV 的索引是否可信：有帧数与时长且两者相符（分片文件的 moov 只记第一个片段，编辑列表会藏起一些帧）"""
-    indexed = "mp4" in container.format.name.split(",")
-    if not (indexed and stream.frames and stream.duration and stream.time_base and fps):
-        return False
-    return abs(stream.frames - float(stream.duration * stream.time_base) * fps) <= 1.5
+def _index_agrees(stream: Any, fps: float | None) -> bool:
+    """MP4/MOV 索引的帧数与时长是否相符（分片文件的 moov 只记第一个片段，编辑列表会藏起一些帧）"""
+    return bool(fps) and abs(stream.frames - float(stream.duration * stream.time_base) * fps) <= 1.5
 
 
 def _count_packets(container: Any, stream: Any, fps: float | None) -> tuple[int, float | None]:
