@@ -567,7 +567,11 @@ def stream_video(
     done = 0
     with (
         FrameReader(
-            src, batch_size, pin=device.type == "cuda", planar=planar, max_frames=frames_allowed(total)
+            src,
+            batch_size,
+            pin=device.type == "cuda",
+            planar=planar,
+            max_frames=frames_allowed(info["frame_count"]) if info.get("frame_count") else None,
         ) as reader,
         FrameWriter(
             dst,
