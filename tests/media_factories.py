@@ -194,6 +194,17 @@ def display_p3_profile() -> bytes:
 
     Pillow can make an sRGB profile but no wide-gamut one, so it is written here: header, tag table, tags.
     """
+    primaries = {"rXYZ": (0.5151, 0.2412, -0.0011), "gXYZ": (0.2920, 0.6922, 0.0419), "bXYZ": (0.1571, 0.0666, 0.7841)}
+    return _icc_profile(b"RGB ", b"Display P3 (test)", primaries, {"rTRC": 2.2, "gTRC": 2.2, "bTRC": 2.2})
+
+
+def gray_profile(gamma: float) -> bytes:
+    """A minimal ICC v2 grey profile of the given gamma, as black-and-white exports are tagged (Gray Gamma 1.8)."""
+    return _icc_profile(b"GRAY", f"Gray Gamma {gamma:g} (test)".encode(), {}, {"kTRC": gamma})
+
+
+def _icc_profile(space: bytes, name: bytes, primaries: dict, curves: dict) -> bytes:
+    """header, tag table, tags: an ICC v2 display profile of this colour space"""
 
     def s15(value: float) -> bytes:
         return struct.pack(">i", round(value * 65536))
@@ -204,16 +215,12 @@ def display_p3_profile() -> bytes:
     def gamma(g: float) -> bytes:
         return b"curv" + bytes(4) + struct.pack(">IH", 1, round(g * 256)) + bytes(2)
 
-    name = b"Display P3 (test)\0"
+    name += b"\0"
     tags = [
         (b"desc", b"desc" + bytes(4) + struct.pack(">I", len(name)) + name + bytes(4 + 4 + 2 + 1 + 67)),
         (b"wtpt", xyz(0.9642, 1.0, 0.8249)),
-        (b"rXYZ", xyz(0.5151, 0.2412, -0.0011)),
-        (b"gXYZ", xyz(0.2920, 0.6922, 0.0419)),
-        (b"bXYZ", xyz(0.1571, 0.0666, 0.7841)),
-        (b"rTRC", gamma(2.2)),
-        (b"gTRC", gamma(2.2)),
-        (b"bTRC", gamma(2.2)),
+        *((tag.encode(), xyz(*value)) for tag, value in primaries.items()),
+        *((tag.encode(), gamma(value)) for tag, value in curves.items()),
         (b"cprt", b"text" + bytes(4) + b"none\0"),
     ]
     offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
@@ -225,7 +232,9 @@ def display_p3_profile() -> bytes:
         struct.pack(">I", offset + len(data))
         + b"lcms"
         + struct.pack(">I", 0x02100000)
-        + b"mntrRGB XYZ "
+        + b"mntr"
+        + space
+        + b"XYZ "
         + bytes(12)
         + b"acspAPPL"
         + bytes(24)

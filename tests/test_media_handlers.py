@@ -34,6 +34,7 @@ from tests.media_factories import (
     _write_sine,
     display_p3_profile,
     first_sound,
+    gray_profile,
     make_audio,
     make_growing_video,
     make_image,
@@ -571,6 +572,28 @@ def test_a_wide_gamut_photo_keeps_its_colours_in_a_clip_and_a_poster(tmp_path, p
     with Image.open(upscaled.path) as img:  # the numbers as stored, with the profile that gives them meaning
         assert img.info["icc_profile"] == display_p3_profile()
         assert np.abs(np.asarray(img.convert("RGB"))[120, 160].astype(int) - P3_RED).max() <= 4
+
+
+def test_a_grey_photo_with_a_grey_profile_is_shown_in_its_tones(tmp_path):
+    """灰度描述（Gray Gamma 1.8）的黑白照片：RGB 输出带不了灰度描述，所以三种输出都换算到 sRGB"""
+    from PIL import ImageCms
+
+    path = tmp_path / "black-and-white.jpg"
+    Image.new("L", (160, 120), 128).save(path, quality=95, icc_profile=gray_profile(1.8))
+    source = ImageCms.ImageCmsProfile(io.BytesIO(gray_profile(1.8)))
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+    shown = ImageCms.profileToProfile(Image.new("L", (1, 1), 128), source, srgb, outputMode="RGB").getpixel((0, 0))
+    assert shown[0] >= 140  # gamma 1.8 shows 128 lighter than sRGB does
+    _, poster = media.probe_with_poster(path)
+    params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "fps": 24, "resolution": 128}
+    [clip] = image_animate.run(make_ctx(tmp_path / "a", params, {"i": path}))
+    [upscaled] = image_upscale.run(make_ctx(tmp_path / "u", {"image_asset_id": "i", "scale": 2}, {"i": path}))
+    with Image.open(upscaled.path) as img:
+        assert img.info.get("icc_profile") is None
+        big = img.convert("RGB").getpixel((160, 120))
+    framed = tuple(int(v) for v in first_frame_rgb(clip.path, src_colorspace="ITU709")[64, 64])
+    for got, slack in ((poster.getpixel((80, 60)), 2), (big, 2), (framed, 4)):
+        assert all(abs(a - b) <= slack for a, b in zip(got, shown, strict=True)), (got, shown)
 
 
 def test_image_upscale_refuses_a_video(tmp_path, clip):
