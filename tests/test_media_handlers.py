@@ -596,6 +596,36 @@ def test_a_grey_photo_with_a_grey_profile_is_shown_in_its_tones(tmp_path):
         assert all(abs(a - b) <= slack for a, b in zip(got, shown, strict=True)), (got, shown)
 
 
+def png_16_bit(path: Path, colour_type: int, pixels: np.ndarray, transparent: tuple[int, ...]) -> Path:
+    """16 位 PNG（0 灰度、2 RGB），tRNS 指定一个透明的取值（Pillow 写不了这种文件）"""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    height, width = pixels.shape[:2]  # (H, W, channels)
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels)
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    trns = struct.pack(f">{len(transparent)}H", *transparent)
+    body = chunk(b"IHDR", header) + chunk(b"tRNS", trns) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("colour_type", [0, 2])
+def test_a_16_bit_png_keeps_its_transparent_colour(tmp_path, colour_type):
+    """16 位 PNG 的 tRNS：透明的那个取值在 8 位的图里也要透明（海报铺白，升分辨率保留透明）"""
+    key, solid = (0x1234, 0xFF03, 0x0104), (0xC000, 0x2000, 0x2000)
+    channels = 1 if colour_type == 0 else 3
+    pixels = np.zeros((48, 64, channels), np.uint16)
+    pixels[:, :32], pixels[:, 32:] = key[:channels], solid[:channels]
+    path = png_16_bit(tmp_path / "sixteen.png", colour_type, pixels, key[:channels])
+    _, poster = media.probe_with_poster(path)
+    assert poster.getpixel((8, 24)) == (255, 255, 255)  # transparent: on white
+    [out] = image_upscale.run(make_ctx(tmp_path / "u", {"image_asset_id": "i", "scale": 2}, {"i": path}))
+    with Image.open(out.path) as img:
+        assert img.mode in ("RGBA", "LA") and img.getpixel((16, 48))[-1] == 0 and img.getpixel((112, 48))[-1] == 255
+
+
 def test_image_upscale_refuses_a_video(tmp_path, clip):
     with pytest.raises(InvalidInput, match="image"):
         image_upscale.run(make_ctx(tmp_path, {"image_asset_id": "i", "scale": 2}, {"i": clip}))

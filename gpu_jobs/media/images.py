@@ -86,12 +86,20 @@ def _srgb():
 
 
 def eight_bit(img: Image.Image) -> Image.Image:
-    """16 位、32 位整数与浮点灰度图按取值范围缩到 8 位（Pillow 的 convert 直接截断：几乎全白或全黑）"""
+    """16 位、32 位整数与浮点灰度图按取值范围缩到 8 位（Pillow 的 convert 直接截断）；16 位 PNG 的透明色随之保留"""
+    key = img.info.get("transparency")
+    if img.mode == "RGB" and isinstance(key, tuple) and max(key) > 255:
+        # A 16-bit PNG's pixels come out 8-bit (their high bytes) but its tRNS colour stays 16-bit: it matched none.
+        img.info["transparency"] = tuple(value >> 8 for value in key)
     if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
         return img
     values = np.asarray(img)
-    if img.mode.startswith("I;16"):
-        return Image.fromarray((values >> 8).astype(np.uint8))
+    if img.mode.startswith("I;16") or (img.mode == "I" and isinstance(key, int)):
+        grey = (values >> 8).astype(np.uint8)
+        if not isinstance(key, int):
+            return Image.fromarray(grey)
+        alpha = np.where(values == key, 0, 255).astype(np.uint8)  # the tRNS grey, compared at 16 bits
+        return Image.fromarray(np.stack([grey, alpha], axis=-1), "LA")
     top = float(values.max(initial=0))
     if img.mode == "F":  # usually 0..1
         top = 1.0 if top <= 1.0 else 255.0
