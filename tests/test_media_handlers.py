@@ -1521,6 +1521,14 @@ def make_interlaced_video(path: Path, frames: int = 12) -> Path:
     return path
 
 
+def test_an_interlaced_videos_poster_is_deinterlaced(tmp_path):
+    src = make_interlaced_video(tmp_path / "camcorder.mp4")
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": src}))
+    with Image.open(poster.path) as img:
+        shown = np.asarray(img.convert("RGB"))
+    assert combing(shown) < combing(decode(src)[0]) / 3
+
+
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
 def test_interlaced_video_is_deinterlaced_frame_for_frame(tmp_path, handler):
     """摄像机、广播的隔行视频：先去隔行（每帧一帧，帧率与时长不变），否则梳齿会被放大"""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import av
+import av.filter
 import numpy as np
 from av.sidedata.sidedata import Type
 from av.video.reformatter import VideoReformatter
@@ -142,3 +144,39 @@ def _box(frame: av.VideoFrame, width: int | None, height: int | None) -> tuple[i
     w = min(width - width % 2, max(2, round(frame.width * scale / 2) * 2))
     h = min(height - height % 2, max(2, round(frame.height * scale / 2) * 2))
     return (width - w) // 4 * 2, (height - h) // 4 * 2, w, h
+
+
+def deinterlaced(frames: Iterator[av.VideoFrame], stream: Any) -> Iterator[av.VideoFrame]:
+    """隔行视频（摄像机、广播）逐帧去隔行（bwdif：每帧一帧，时间不变）；逐行视频原样通过"""
+    graph = None
+    for frame in frames:
+        if graph is None and frame.interlaced_frame:  # the first interlaced frame decides; flagged ones only after
+            graph = av.filter.Graph()
+            source = graph.add_buffer(template=stream)
+            bwdif = graph.add("bwdif", "mode=send_frame:parity=auto:deint=interlaced")
+            source.link_to(bwdif)
+            bwdif.link_to(graph.add("buffersink"))
+            graph.configure()
+        if graph is None:
+            yield frame
+            continue
+        graph.push(frame)
+        yield from _pulled(graph, stream)
+    if graph is not None:
+        graph.push(None)
+        yield from _pulled(graph, stream)
+
+
+def _pulled(graph: Any, stream: Any) -> Iterator[av.VideoFrame]:
+    """取出滤镜图里已就绪的帧，时间换回流的时间基（bwdif 的时间基是它的一半）"""
+    while True:
+        try:
+            frame = graph.pull()
+        except (av.BlockingIOError, av.EOFError):
+            return
+        if frame.pts is not None and frame.time_base != stream.time_base:
+            ratio = frame.time_base / stream.time_base
+            frame.pts = round(frame.pts * ratio)
+            frame.duration = round(frame.duration * ratio) if frame.duration else frame.duration
+            frame.time_base = stream.time_base
+        yield frame

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from fractions import Fraction
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
 import av
 from PIL import Image, UnidentifiedImageError
 
-from gpu_jobs.media.display import Orientation
+from gpu_jobs.media.display import Orientation, deinterlaced
 from lib.catalog import VIDEO_MAX_SIDE
 from lib.config import get_settings
 from lib.errors import InvalidInput
@@ -157,7 +158,10 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         try:  # decode the first frame shown: proves the stream decodes without reading the whole file
             # Not keyframes only: a clip cut without re-encoding starts on a keyframe its edit list hides, and the
             # first frame shown may come a whole keyframe interval later (or have no keyframe after it at all).
-            first = next(container.decode(stream), None)
+            decoded = container.decode(stream)
+            first = next(decoded, None)
+            if first is not None and first.interlaced_frame:  # the poster too: bwdif weaves it from the next frame
+                first = next(deinterlaced(chain([first], islice(decoded, 1)), stream), first)
         except av.FFmpegError as exc:
             raise InvalidInput(
                 f"The video could not be decoded (corrupt or unsupported {ctx.name}): {reason(exc, path)}"
