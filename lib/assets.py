@@ -477,7 +477,8 @@ class AssetService:
         """删除已注销用户留在存储里的文件（行已级联删除，文件不会）：每轮限时，边列边删；返回删除的文件数
 
         Each account is swept at once and again once every upload URL it held has expired (a PUT through one may
-        land after the first sweep). A pass stops at its time budget; the next one lists again and goes on.
+        land after the first sweep). A pass stops at its time budget; the next one lists again and goes on. An
+        account whose sweep failed waits behind those not yet tried, so a few broken ones never block the rest.
         """
         late = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS
         rows = await db.fetch_all(
@@ -485,7 +486,7 @@ class AssetService:
             " from public.departed_users"
             " where swept_at is null or (swept_at < departed_at + make_interval(secs => %s)"
             "   and departed_at < now() - make_interval(secs => %s))"
-            " order by departed_at limit 20",
+            " order by tried_at nulls first, departed_at limit 20",
             (late, late, late),
         )
         storage, removed, deadline = get_storage(), 0, time.monotonic() + budget_s
@@ -499,15 +500,17 @@ class AssetService:
                         removed += len(files)
                         if time.monotonic() > deadline:
                             return removed  # the next pass lists again and goes on
-            except Exception as exc:  # one account's trouble must not hold up the others
+            except Exception as exc:  # one account's trouble must not hold up the others: it goes to the back
                 log.warning("could not remove the files of deleted account %s: %s", user_id, exc)
+                await db.execute("update public.departed_users set tried_at = now() where user_id = %s", (user_id,))
                 continue
             if row["final"]:
                 await db.execute("delete from public.departed_users where user_id = %s", (user_id,))
             else:
                 # The sweep's start: one that began before the URLs expired must run once more after.
                 await db.execute(
-                    "update public.departed_users set swept_at = %s where user_id = %s", (row["started"], user_id)
+                    "update public.departed_users set swept_at = %s, tried_at = null where user_id = %s",
+                    (row["started"], user_id),
                 )
             if time.monotonic() > deadline:
                 break

@@ -661,6 +661,35 @@ async def test_a_large_deleted_account_is_swept_a_slice_per_pass(client, make_us
     assert await get_storage().list_files(prefix=f"{user.id}/uploads") == []
 
 
+async def test_accounts_whose_files_cannot_be_removed_do_not_hold_the_others_back(client, make_user):
+    """20 个清理总失败的旧账号排到后面，之后注销的账号照样清理"""
+    broken = [str(uuid.uuid4()) for _ in range(20)]
+    for user_id in broken:
+        sql(
+            "insert into public.departed_users (user_id, departed_at) values (%s, now() - interval '1 day')",
+            (user_id,),
+        )
+    user = await make_user()
+    await direct_upload(client, user, png_bytes())
+    sql("delete from auth.users where id = %s", (user.id,))
+
+    async def storage_down_for_broken(request: httpx.Request) -> None:  # their listing fails at the HTTP boundary
+        if any(user_id in request.content.decode(errors="replace") for user_id in broken):
+            raise httpx.ConnectError("connection refused", request=request)
+
+    service, storage = get_asset_service(), get_storage()
+    await storage.exists(path=f"{user.id}/uploads/x")  # the storage client is made on first use
+    storage._http.event_hooks["request"].append(storage_down_for_broken)
+    try:
+        assert await service.sweep_departed_users() == 0  # the 20 oldest fail
+        assert await service.sweep_departed_users() == 1  # the newest is not held back
+        assert await get_storage().list_files(prefix=f"{user.id}/uploads") == []
+        assert await service.sweep_departed_users() == 0  # the broken ones take turns again
+    finally:
+        storage._http.event_hooks["request"].remove(storage_down_for_broken)
+    assert len(sql("select user_id from public.departed_users where tried_at is not null")) == 20
+
+
 async def test_an_account_created_again_with_the_same_id_is_not_swept(client, make_user):
     user = await make_user()
     sql("delete from auth.users where id = %s", (user.id,))
