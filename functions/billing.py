@@ -53,7 +53,7 @@ class CheckoutStatus(BaseModel):
 
 
 @router.get("/checkout/{session_id}", response_model=Envelope[CheckoutStatus])
-async def checkout_status(session_id: Annotated[str, Path(max_length=255)], user_id: CurrentUserId):
+async def checkout_status(session_id: Annotated[Text, Path(max_length=255)], user_id: CurrentUserId):
     """结账的状态（成功页：已付但 webhook 还没到时当场发放积分）"""
     return ok(await get_billing_service().checkout_status(user_id=user_id, session_id=session_id))
 

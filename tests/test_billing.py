@@ -325,6 +325,13 @@ async def test_a_checkout_is_its_buyers_alone(client, make_user, stripe_api):
     assert balance(buyer.id) == 100 and balance(other.id) == 100
 
 
+async def test_a_checkout_id_with_a_nul_character_is_refused_as_input(client, make_user):
+    user = await make_user()
+    resp = await checkout_status(client, user, "cs_test_%00")
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["details"][0]["field"] == "path.session_id"
+
+
 async def test_the_success_page_answers_from_our_records_while_stripe_is_out_of_reach(client, make_user, stripe_api):
     user = await make_user()
     session_id = (await checkout(client, user))["session_id"]
