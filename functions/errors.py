@@ -152,7 +152,9 @@ def _not_json(request: Request, exc: RequestValidationError) -> bool:
     """请求体不是 JSON（例如 fetch 对字符串默认的 text/plain）"""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     body_refused = any(tuple(err.get("loc", ())) == ("body",) for err in exc.errors())
-    return body_refused and not content_type.endswith(("/json", "+json"))
+    # The types FastAPI parses as JSON: a text/json body reaches validation as bytes.
+    maintype, _, subtype = content_type.partition("/")
+    return body_refused and not (maintype == "application" and (subtype == "json" or subtype.endswith("+json")))
 
 
 def _allowed_methods(request: Request) -> str:

@@ -75,6 +75,15 @@ async def test_json_the_parser_gives_up_on_is_a_validation_error(client, make_us
     assert resp.json()["error"]["details"][0]["field"] == "body"
 
 
+@pytest.mark.parametrize("content_type", ["text/json", "text/x-json", "application/jsonl"])
+async def test_a_json_body_under_a_type_that_is_not_json_is_415(client, make_user, content_type):
+    """Only application/json and application/*+json bodies are read as JSON: another type is named, not the body."""
+    user = await make_user()
+    headers = {**user.headers, "content-type": content_type}
+    resp = await client.post("/projects", content=b'{"name": "a"}', headers=headers)
+    assert resp.status_code == 415 and resp.json()["error"]["code"] == "unsupported_media_type"
+
+
 async def test_a_body_without_a_content_type_is_415(client, make_user):
     """Not a validation error on a body that is valid JSON: what is missing is its type."""
     user = await make_user()
