@@ -152,7 +152,9 @@ async def test_input_asset_rules(client, make_user):
     video = make_asset(alice.id, kind="video", duration_s=2, fps=24)
     assert (await client.post("/tasks", json=upscale(theirs), headers=alice.headers)).status_code == 404
     assert (await client.post("/tasks", json=upscale(pending), headers=alice.headers)).status_code == 422
-    assert (await client.post("/tasks", json=upscale(video), headers=alice.headers)).status_code == 422
+    wrong_kind = await client.post("/tasks", json=upscale(video), headers=alice.headers)
+    assert wrong_kind.status_code == 422
+    assert wrong_kind.json()["error"]["message"] == f"This model needs an image, but asset {video} is a video."
     assert balance(alice.id) == 100
 
 
