@@ -344,6 +344,8 @@ class BillingService:
         settings = get_settings()
         if not settings.stripe_webhook_secret:
             raise ProviderUnavailable("Stripe webhooks are not configured: STRIPE_WEBHOOK_SECRET is not set.")
+        if signature is not None and not signature.isascii():  # Stripe's comparison raises TypeError on it
+            raise InvalidWebhook("The Stripe signature is not valid: it holds characters that are not ASCII.")
         try:
             event = (
                 get_stripe_client()

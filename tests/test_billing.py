@@ -730,6 +730,18 @@ async def test_unverified_or_malformed_webhook_is_400_and_writes_nothing(client,
     assert balance(user.id) == 100
 
 
+async def test_a_signature_header_that_is_not_ascii_is_named_as_the_problem(client, make_user):
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_x", metadata_for(user)))
+    payload = json.dumps(evt)
+    signature = fake_stripe.sign(payload, SECRET).encode()[:-2] + "é".encode()
+    headers = [(b"stripe-signature", signature), (b"content-type", b"application/json")]
+    resp = await client.post("/billing/webhook", content=payload, headers=headers)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_webhook"
+    assert "signature" in resp.json()["error"]["message"]
+    assert stripe_event_count() == 0 and balance(user.id) == 100
+
+
 @pytest.mark.parametrize(
     "odd",
     [
