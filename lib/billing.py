@@ -75,9 +75,12 @@ def _typed(value, kind: type):
     return value
 
 
+MAX_CENTS = 10**12  # Stripe takes amounts of at most 12 digits; sums of a few such stay far inside a bigint
+
+
 def _cents(value) -> int | None:
     value = _typed(value, int)
-    return value if value is not None and 0 <= value < 2**63 else None
+    return value if value is not None and 0 <= value < MAX_CENTS else None
 
 
 def event_effect(event: dict) -> tuple[str, tuple] | None:

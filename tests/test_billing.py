@@ -565,6 +565,22 @@ async def test_a_chargeback_takes_the_credits_back_and_a_dispute_won_returns_the
     assert sum(entry["delta"] for entry in ledger(user.id)) == 520
 
 
+async def test_amounts_no_payment_can_have_are_not_taken_at_their_word(client, make_user):
+    """签名正确但金额大得离谱（超出 Stripe 的 12 位上限）的退款、争议：不当真，不出 500"""
+    user = await make_user()
+    await bought(client, user, "cs_big", "pi_big")
+    huge = 2**62
+    withdrawn = fake_stripe.event(
+        "charge.dispute.funds_withdrawn", fake_stripe.dispute(amount=huge, payment_intent="pi_big")
+    )
+    refunded = fake_stripe.event(
+        "charge.refunded", fake_stripe.charge({}, amount=huge, amount_refunded=huge, payment_intent="pi_big")
+    )
+    for event in (withdrawn, refunded):
+        assert (await post_event(client, event)).status_code < 500
+    assert 0 <= balance(user.id) <= 600
+
+
 async def test_a_dispute_won_forgives_the_shortfall_before_returning_credits(client, make_user):
     user = await make_user()
     await bought(client, user, "cs_dp2", "pi_dp2")
