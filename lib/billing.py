@@ -39,6 +39,8 @@ log = logging.getLogger("spool.billing")
 
 PACKAGE_COLUMNS = "id, name, credits, price_cents, currency"
 DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_TEXT = 500  # Stripe's ids are at most 255 characters, its metadata values 500
+MAX_CENTS = 10**12  # Stripe takes amounts of at most 12 digits; sums of a few such stay far inside a bigint
 
 
 def origin_of(url: str) -> str | None:
@@ -69,13 +71,12 @@ def _id_of(value) -> str | None:
 
 
 def _typed(value, kind: type):
-    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状；存不进数据库的文本同样）"""
-    if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, str) and unstorable(value)):
+    """Stripe 字段按类型取值，类型不对为 None（签名正确的事件也不假定其形状；存不进数据库的、过长的文本同样）"""
+    if not isinstance(value, kind) or isinstance(value, bool):
+        return None
+    if isinstance(value, str) and (len(value) > MAX_TEXT or unstorable(value)):
         return None
     return value
-
-
-MAX_CENTS = 10**12  # Stripe takes amounts of at most 12 digits; sums of a few such stay far inside a bigint
 
 
 def _cents(value) -> int | None:

@@ -581,6 +581,16 @@ async def test_amounts_no_payment_can_have_are_not_taken_at_their_word(client, m
     assert 0 <= balance(user.id) <= 600
 
 
+async def test_an_event_id_longer_than_stripe_makes_is_refused_not_retried(client, make_user):
+    user = await make_user()
+    evt = fake_stripe.event(
+        "checkout.session.completed", fake_stripe.session("cs_long", metadata_for(user)), "evt_" + "x" * 500_000
+    )
+    resp = await post_event(client, evt)
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "invalid_webhook"  # a 5xx is retried for days
+    assert balance(user.id) == 100
+
+
 async def test_a_dispute_won_forgives_the_shortfall_before_returning_credits(client, make_user):
     user = await make_user()
     await bought(client, user, "cs_dp2", "pi_dp2")
