@@ -272,6 +272,20 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
         assert "truncated" in err.value.message
 
 
+def test_a_png_damaged_inside_its_pixel_data_is_refused_not_shown_black(tmp_path):
+    """Bytes flipped halfway through a PNG's pixel data: Pillow cannot decode past them. The picture is refused,
+    not probed, postered and upscaled with everything after the damage black."""
+    whole = make_image(tmp_path / "whole.png", 256, 192)
+    data = bytearray(whole.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = bytes(8)
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(InvalidInput, match="corrupt"):
+        media.probe_file(damaged)
+    with pytest.raises(InvalidInput, match="corrupt"):
+        media.load_image(damaged)
+
+
 def _index_first(src: Path, dst: Path) -> Path:
     """同样的 MP4，索引（moov）放在最前（网页下载、聊天软件里的视频）"""
     with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
