@@ -817,6 +817,15 @@ def test_transcoded_audio_stays_in_sync(tmp_path, name, codec, rate):
     assert first_sound(out.path) == pytest.approx(0.3, abs=0.01)
 
 
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mkv", "pcm_s16le"), (".mov", "mp2")])
+def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, codec):
+    """A 1 s video whose sound goes on for 3 s lasts 1 s, with its sound up to the end (copied or re-encoded)."""
+    src = make_video(tmp_path / f"long{suffix}", frames=24, fps=24, audio_codec=codec, audio_seconds=3.0)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert out.duration_s == pytest.approx(1.0, abs=0.03)
+    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.03)
+
+
 def test_damaged_audio_packets_are_skipped(tmp_path):
     """As the ffmpeg command does: the picture and the rest of the sound come through."""
     src = make_video(tmp_path / "ok.mkv", frames=24, fps=24, audio_codec="mp2")

@@ -434,10 +434,10 @@ class FrameWriter(_Worker):
                 next_at = ended_at = at + frame.samples / frame.sample_rate
                 frame.pts, frame.time_base = round(at * frame.sample_rate), Fraction(1, frame.sample_rate)
                 for out_packet in audio.encode(frame):
-                    yield at, out_packet
+                    yield _packet_time(out_packet, at), out_packet
         if not copy:
             for out_packet in audio.encode(None):
-                yield math.inf, out_packet
+                yield _packet_time(out_packet, math.inf), out_packet
 
     def _mux_audio(self, out: Any, items: Iterator, until: float, flush: bool = False) -> None:
         """Mux audio up to ``until`` seconds of video, keeping the file interleaved; none past its end."""
@@ -452,6 +452,11 @@ class FrameWriter(_Worker):
             if time < until or math.isinf(time):
                 out.mux(packet)
             self._pending = None
+
+
+def _packet_time(packet: Any, default: float) -> float:
+    """编码器交出的包自己的时刻（秒）：编码器有延迟，包里的声音比刚送进去的那一帧早"""
+    return float(packet.pts * packet.time_base) if packet.pts is not None and packet.time_base else default
 
 
 def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
