@@ -826,6 +826,28 @@ def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, c
     assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.03)
 
 
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_an_output_says_it_has_sound_only_when_it_has(tmp_path, handler):
+    """An MKV whose audio track holds no packet (a recording stopped before any sound): no audio comes out, and
+    the output's facts say so."""
+    src = make_video(tmp_path / "picture.mkv", frames=12, fps=24, audio=False)
+    silent = tmp_path / "silent.mkv"
+    with av.open(str(src)) as inp, av.open(str(silent), "w") as out:
+        video = out.add_stream_from_template(inp.streams.video[0])
+        sound = out.add_stream("aac", rate=44100)
+        sound.layout = "stereo"
+        for packet in inp.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = video
+                out.mux(packet)
+    assert media.probe_file(silent)["has_audio"]
+    params = {"video_asset_id": "v", "scale": 2} if handler is video_upscale else {"video_asset_id": "v", "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": silent}))
+    assert audio_codec(out.path) is None and out.metadata["audio"] is False
+    [kept] = handler.run(make_ctx(tmp_path / "k", params, {"v": make_video(tmp_path / "sound.mkv", frames=12)}))
+    assert audio_codec(kept.path) == "aac" and kept.metadata["audio"] is True
+
+
 def test_damaged_audio_packets_are_skipped(tmp_path):
     """As the ffmpeg command does: the picture and the rest of the sound come through."""
     src = make_video(tmp_path / "ok.mkv", frames=24, fps=24, audio_codec="mp2")

@@ -605,9 +605,11 @@ def _pinned_like(writer: FrameWriter, frames: torch.Tensor) -> torch.Tensor:
 
 
 def video_output(path: Path, width: int, height: int, frames: int, fps: float, **metadata) -> OutputFile:
-    """一个 H.264 MP4 产出（时长读自写好的文件头：帧率可变时帧数 / 帧率并不是时长）"""
+    """一个 H.264 MP4 产出（时长与有无声音读自写好的文件：帧率可变时帧数 / 帧率并不是时长）"""
     with av.open(str(path)) as container:  # the stream's own duration is off once B-frames meet uneven times
         length = container.duration / av.time_base if container.duration else None
+        # An input's audio track may hold no sound under the picture (none at all, or only after its end).
+        metadata["audio"] = bool(container.streams.audio)
     return OutputFile(
         path=path,
         kind="video",
