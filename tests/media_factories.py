@@ -53,6 +53,7 @@ def make_video(
     pixel_aspect: Fraction | None = None,
     frames_from: list[np.ndarray] | None = None,
     hold_last: float | None = None,
+    audio_seconds: float | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -63,6 +64,7 @@ def make_video(
     The audio (``audio_rate`` Hz) is silent for its first ``audio_start`` seconds, then a tone.
     ``pixel_aspect`` makes the pixels non-square (anamorphic video); ``frames_from`` gives the pictures themselves.
     ``hold_last`` (with ``times``) shows the last frame that many seconds, as a screen recording holds a still screen.
+    ``audio_seconds`` makes the sound that long instead of as long as the picture.
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -99,7 +101,7 @@ def make_video(
             out.mux(packet)
         if sound is not None:
             end = times[-1] + (hold_last or 1 / float(fps)) if times else frames / float(fps)
-            _write_sine(out, sound, end, audio_start)
+            _write_sine(out, sound, audio_seconds or end, audio_start)
     return path
 
 

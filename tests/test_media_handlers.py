@@ -272,6 +272,20 @@ def test_probe_refuses_unusable_files(tmp_path, clip, picture, kind):
         assert "truncated" in err.value.message
 
 
+def test_a_png_damaged_inside_its_pixel_data_is_refused_not_shown_black(tmp_path):
+    """Bytes flipped halfway through a PNG's pixel data: Pillow cannot decode past them. The picture is refused,
+    not probed, postered and upscaled with everything after the damage black."""
+    whole = make_image(tmp_path / "whole.png", 256, 192)
+    data = bytearray(whole.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 8] = bytes(8)
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(InvalidInput, match="corrupt"):
+        media.probe_file(damaged)
+    with pytest.raises(InvalidInput, match="corrupt"):
+        media.load_image(damaged)
+
+
 def _index_first(src: Path, dst: Path) -> Path:
     """同样的 MP4，索引（moov）放在最前（网页下载、聊天软件里的视频）"""
     with av.open(str(src)) as inp, av.open(str(dst), "w", options={"movflags": "faststart"}) as out:
@@ -801,6 +815,37 @@ def test_transcoded_audio_stays_in_sync(tmp_path, name, codec, rate):
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     assert audio_codec(out.path) == "aac"
     assert first_sound(out.path) == pytest.approx(0.3, abs=0.01)
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mkv", "pcm_s16le"), (".mov", "mp2")])
+def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, codec):
+    """A 1 s video whose sound goes on for 3 s lasts 1 s, with its sound up to the end (copied or re-encoded)."""
+    src = make_video(tmp_path / f"long{suffix}", frames=24, fps=24, audio_codec=codec, audio_seconds=3.0)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert out.duration_s == pytest.approx(1.0, abs=0.03)
+    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.03)
+
+
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_an_output_says_it_has_sound_only_when_it_has(tmp_path, handler):
+    """An MKV whose audio track holds no packet (a recording stopped before any sound): no audio comes out, and
+    the output's facts say so."""
+    src = make_video(tmp_path / "picture.mkv", frames=12, fps=24, audio=False)
+    silent = tmp_path / "silent.mkv"
+    with av.open(str(src)) as inp, av.open(str(silent), "w") as out:
+        video = out.add_stream_from_template(inp.streams.video[0])
+        sound = out.add_stream("aac", rate=44100)
+        sound.layout = "stereo"
+        for packet in inp.demux(video=0):
+            if packet.dts is not None:
+                packet.stream = video
+                out.mux(packet)
+    assert media.probe_file(silent)["has_audio"]
+    params = {"video_asset_id": "v", "scale": 2} if handler is video_upscale else {"video_asset_id": "v", "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": silent}))
+    assert audio_codec(out.path) is None and out.metadata["audio"] is False
+    [kept] = handler.run(make_ctx(tmp_path / "k", params, {"v": make_video(tmp_path / "sound.mkv", frames=12)}))
+    assert audio_codec(kept.path) == "aac" and kept.metadata["audio"] is True
 
 
 def test_damaged_audio_packets_are_skipped(tmp_path):

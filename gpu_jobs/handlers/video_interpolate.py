@@ -84,7 +84,7 @@ def run(ctx: JobContext) -> list[OutputFile]:
         message="Interpolating frames",
     )
     fps = info["fps"] * factor
-    return [video_output(out, width, height, frames, fps, factor=factor, mode=mode, audio=info["has_audio"])]
+    return [video_output(out, width, height, frames, fps, factor=factor, mode=mode)]
 
 
 def interpolate(batches: Iterator[torch.Tensor], factor: int, mode: str = "motion") -> Iterator[torch.Tensor]:

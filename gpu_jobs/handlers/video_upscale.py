@@ -53,4 +53,4 @@ def run(ctx: JobContext) -> list[OutputFile]:
         planar=True,
         message="Upscaling video",
     )
-    return [video_output(out, width, height, frames, info["fps"], scale=scale, audio=info["has_audio"])]
+    return [video_output(out, width, height, frames, info["fps"], scale=scale)]

@@ -226,6 +226,10 @@ TRANSPOSES = {
 
 def exif_orientation(img: Image.Image) -> int | None:
     """EXIF 方向（1–8）；没有或 EXIF 读不了 → None"""
+    if img.format == "PNG":
+        # Pillow decodes a PNG to find an eXIf chunk after its pixels. Damaged pixels must fail here, outside the
+        # guard below: once a load has failed, the next one does nothing and the rest of the picture stays black.
+        img.load()
     try:
         return img.getexif().get(0x0112)
     except Exception:  # a damaged EXIF block is no reason to refuse the picture: shown as stored

@@ -434,10 +434,10 @@ class FrameWriter(_Worker):
                 next_at = ended_at = at + frame.samples / frame.sample_rate
                 frame.pts, frame.time_base = round(at * frame.sample_rate), Fraction(1, frame.sample_rate)
                 for out_packet in audio.encode(frame):
-                    yield at, out_packet
+                    yield _packet_time(out_packet, at), out_packet
         if not copy:
             for out_packet in audio.encode(None):
-                yield math.inf, out_packet
+                yield _packet_time(out_packet, math.inf), out_packet
 
     def _mux_audio(self, out: Any, items: Iterator, until: float, flush: bool = False) -> None:
         """Mux audio up to ``until`` seconds of video, keeping the file interleaved; none past its end."""
@@ -452,6 +452,11 @@ class FrameWriter(_Worker):
             if time < until or math.isinf(time):
                 out.mux(packet)
             self._pending = None
+
+
+def _packet_time(packet: Any, default: float) -> float:
+    """编码器交出的包自己的时刻（秒）：编码器有延迟，包里的声音比刚送进去的那一帧早"""
+    return float(packet.pts * packet.time_base) if packet.pts is not None and packet.time_base else default
 
 
 def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
@@ -600,9 +605,11 @@ def _pinned_like(writer: FrameWriter, frames: torch.Tensor) -> torch.Tensor:
 
 
 def video_output(path: Path, width: int, height: int, frames: int, fps: float, **metadata) -> OutputFile:
-    """一个 H.264 MP4 产出（时长读自写好的文件头：帧率可变时帧数 / 帧率并不是时长）"""
+    """一个 H.264 MP4 产出（时长与有无声音读自写好的文件：帧率可变时帧数 / 帧率并不是时长）"""
     with av.open(str(path)) as container:  # the stream's own duration is off once B-frames meet uneven times
         length = container.duration / av.time_base if container.duration else None
+        # An input's audio track may hold no sound under the picture (none at all, or only after its end).
+        metadata["audio"] = bool(container.streams.audio)
     return OutputFile(
         path=path,
         kind="video",
