@@ -18,6 +18,8 @@ from lib.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# Colour spaces no RGB output can carry a profile of, and the modes Pillow opens them in: converted to sRGB always.
+PROFILED_MODES = {b"GRAY": ("L", "LA"), b"CMYK": ("CMYK",)}
 
 
 def open_image(
@@ -31,7 +33,7 @@ def open_image(
 
     With ``srgb`` the colours are converted from the picture's own RGB profile to sRGB, for outputs that carry no
     profile (video, posters, Kling's input); without it they stay as stored, for an output that keeps the profile.
-    A grey profile is applied either way: no RGB output can carry it.
+    A grey or CMYK profile is applied either way: no RGB output can carry it.
     """
     try:
         img = Image.open(path)
@@ -40,24 +42,26 @@ def open_image(
     check_input_pixels(*img.size)
     profile = img.info.get("icc_profile")
     try:
-        img = grey_to_srgb(eight_bit(upright(img)), profile)
+        img = grey_or_cmyk_to_srgb(eight_bit(upright(img)), profile)
         img = img.convert("RGBA") if keep_alpha and img.has_transparency_data else flatten(img, background)
     except (OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"The image is truncated or corrupt: {reason(exc, path)}") from None
     return to_srgb(img, profile) if srgb else img
 
 
-def grey_to_srgb(img: Image.Image, profile: bytes | None) -> Image.Image:
-    """带灰度 ICC 描述的灰度图（L/LA）按描述转成 sRGB 的 RGB/RGBA（黑白照片的 Gray Gamma 1.8 等）；其他原样"""
-    if not isinstance(profile, bytes) or profile[16:20] != b"GRAY" or img.mode not in ("L", "LA"):
+def grey_or_cmyk_to_srgb(img: Image.Image, profile: bytes | None) -> Image.Image:
+    """带灰度或 CMYK ICC 描述的图（黑白照片的 Gray Gamma 1.8、印刷稿的 CMYK）按描述转成 sRGB 的 RGB/RGBA；其他原样"""
+    space = profile[16:20] if isinstance(profile, bytes) else None
+    if img.mode not in PROFILED_MODES.get(space, ()):
         return img
     from PIL import ImageCms
 
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        rgb = ImageCms.profileToProfile(img.getchannel("L"), source, _srgb(), outputMode="RGB")
-    except (ImageCms.PyCMSError, OSError, ValueError) as exc:  # a profile LittleCMS cannot use: tones as stored
-        log.warning("grey colour profile not applied: %s", exc)
+        colours = img.getchannel("L") if img.mode == "LA" else img
+        rgb = ImageCms.profileToProfile(colours, source, _srgb(), outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError) as exc:  # a profile LittleCMS cannot use: as Pillow converts
+        log.warning("%s colour profile not applied: %s", img.mode, exc)
         return img
     if img.mode == "LA":
         rgb.putalpha(img.getchannel("A"))
@@ -131,7 +135,7 @@ def probe_with_poster(path: str | Path, max_side: int = 1280) -> tuple[dict, Ima
             img = img.resize((max(1, round(img.width * info["pixel_aspect"])), img.height), Image.LANCZOS)
     else:
         profile = first.info.get("icc_profile")
-        img = to_srgb(flatten(grey_to_srgb(eight_bit(first), profile), (255, 255, 255)), profile)
+        img = to_srgb(flatten(grey_or_cmyk_to_srgb(eight_bit(first), profile), (255, 255, 255)), profile)
     img.thumbnail((max_side, max_side), Image.LANCZOS)
     return info, img
 
