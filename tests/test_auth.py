@@ -212,8 +212,9 @@ async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkey
         "/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}}, headers=user.headers
     )
     pay = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=user.headers)
+    paid = await client.get("/billing/checkout/cs_test_before_the_deletion", headers=user.headers)
     reads = [await client.get(path, headers=user.headers) for path in READS_OF(user)]
-    for resp in (created, ticket, balance, task, pay, *reads):
+    for resp in (created, ticket, balance, task, pay, paid, *reads):
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["message"] == "This account no longer exists."
 
