@@ -155,6 +155,9 @@ class TokenVerifier:
             raise Unauthorized("Access token expired.") from None
         except jwt.PyJWTError:
             raise Unauthorized("Invalid access token.") from None
+        if type(claims["exp"]) not in (int, float):
+            # PyJWT takes "1735689600" too, but a remembered token's expiry is compared as a number.
+            raise Unauthorized("Invalid access token.")
         sub = claims.get("sub")
         try:
             canonical = str(uuid.UUID(sub)) == sub  # Supabase's user ids; not '{...}' or 'urn:uuid:' spellings

@@ -281,8 +281,9 @@ class BillingService:
         }
 
     async def _purchase(self, user_id: str, session_id: str) -> dict:
-        """这个用户以该会话发起的购买；没有 → NotFound"""
-        purchase = await db.fetch_one(
+        """这个用户以该会话发起的购买；没有 → NotFound（账户已删除 → 401）"""
+        purchase = await db.fetch_one_as(
+            user_id,
             "select id, package_id, credits, status from public.purchases"
             " where checkout_session_id = %s and user_id = %s",
             (session_id, user_id),

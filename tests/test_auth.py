@@ -174,6 +174,16 @@ async def test_a_remembered_token_still_expires(client, make_user, monkeypatch):
     assert status == 401 and body["error"]["message"] == "Access token expired."
 
 
+async def test_a_token_whose_expiry_is_not_a_number_is_refused_every_time(client, make_user):
+    """exp 写成字符串："Invalid access token."（以前第一次通过，记住后再来时比较时间出错：500）"""
+    user = await make_user()
+    token = es256(claims(sub=user.id, exp=str(int(time.time()) + 600)))
+    for _ in range(2):
+        status, body = await balance_status(client, token)
+        assert status == 401, body
+        assert body["error"]["message"] == "Invalid access token."
+
+
 def READS_OF(user) -> list[str]:
     """用户能读的每一种东西（列表与单个）"""
     mine = str(uuid.uuid4())
@@ -202,8 +212,9 @@ async def test_a_deleted_users_token_is_401_everywhere(client, make_user, monkey
         "/tasks", json={"model_key": "kling.text2video", "params": {"prompt": "a cat"}}, headers=user.headers
     )
     pay = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=user.headers)
+    paid = await client.get("/billing/checkout/cs_test_before_the_deletion", headers=user.headers)
     reads = [await client.get(path, headers=user.headers) for path in READS_OF(user)]
-    for resp in (created, ticket, balance, task, pay, *reads):
+    for resp in (created, ticket, balance, task, pay, paid, *reads):
         assert resp.status_code == 401, resp.text
         assert resp.json()["error"]["message"] == "This account no longer exists."
 

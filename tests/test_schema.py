@@ -258,6 +258,16 @@ def test_rls_hides_and_protects_other_users_rows(postgres):
         as_role(conn, "postgres")
 
 
+def test_the_display_name_a_user_writes_directly_is_bounded(postgres):
+    """资料里唯一由客户端直接写的列（经 Data API）：有长度上限，像项目名一样"""
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        user = new_user(conn)
+        as_role(conn, "authenticated", user)
+        assert conn.execute("update public.profiles set display_name = 'Ada' where id = %s", (user,)).rowcount == 1
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("update public.profiles set display_name = repeat('x', 201) where id = %s", (user,))
+
+
 def _try(conn, sql, params=None):
     """执行一条语句：返回受影响行数，被拒绝时返回 None"""
     try:
@@ -311,8 +321,8 @@ def test_security_definer_functions_pin_search_path(db_conn):
         " where n.nspname = 'public' and p.prosecdef"
     ).fetchall()
     assert rows
-    for row in rows:
-        assert row["proconfig"] and any(c.startswith("search_path=") for c in row["proconfig"]), row["proname"]
+    for row in rows:  # empty, not just set: a schema on the path lets whoever can create in it shadow a name
+        assert 'search_path=""' in (row["proconfig"] or []), row["proname"]
 
 
 def test_realtime_publication_and_replica_identity(db_conn):
