@@ -114,7 +114,8 @@ def load_handler(path: str):
 
 async def run_task_async(task_id: str, *, claimed: dict | None = None, call_id: str | None = None) -> str:
     """运行一个任务，返回其最终状态（未能认领时返回 'skipped'）；call_id：运行它的 Modal 调用"""
-    task = claimed or await db.fetch_one("select * from public.claim_task(%s)", (task_id,))
+    # The claim records the call that made it, so that a cancel reaches it and no other call can reclaim the task.
+    task = claimed or await db.fetch_one("select * from public.claim_task(%s, %s)", (task_id, call_id))
     if task is None and call_id:  # Modal runs an input again after losing its container: this call held the task
         task = await db.fetch_one(
             "select * from public.reclaim_task(%s, %s, %s)", (task_id, call_id, get_settings().task_max_attempts)
@@ -124,8 +125,6 @@ async def run_task_async(task_id: str, *, claimed: dict | None = None, call_id: 
         return "skipped"
     task = {**task, "id": str(task["id"]), "user_id": str(task["user_id"])}
     attempt = task["attempts"]
-    if call_id:  # a cancel must reach this container, whichever of the task's calls claimed it
-        await db.execute("select public.record_task_call(%s, %s, %s)", (task["id"], attempt, call_id))
     progress = Progress(task["id"], attempt, asyncio.get_running_loop())
     log.info("task %s (%s) started, attempt %d", task["id"], task["model_key"], attempt)
     outcome = await _outcome(task, attempt, progress)

@@ -385,6 +385,34 @@ async def test_modals_rerun_of_a_lost_container_takes_its_task_over_at_once(clie
     assert row["attempts"] == 2 and [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
+async def test_a_call_that_lost_the_claim_does_not_take_the_task_from_the_one_that_won(
+    client, make_user, fake_modal, gpu_job, monkeypatch
+):
+    from gpu_jobs import runner
+
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # fc-1
+    await get_task_service().dispatch(task_id=task["id"], model_key=gpu_job)  # a re-dispatch before it started: fc-2
+    assert task_row(task["id"])["call_id"] == "fc-2"
+
+    real_fetch_one = runner.db.fetch_one
+    second: list[str] = []
+
+    async def fetch_one(query, params=None):
+        row = await real_fetch_one(query, params)
+        if "claim_task" in query and not second:  # fc-2 starts just as fc-1's claim has committed
+            second.append("started")
+            second.append(await run_task_async(task["id"], call_id="fc-2"))
+        return row
+
+    monkeypatch.setattr(runner.db, "fetch_one", fetch_one)
+    assert await run_task_async(task["id"], call_id="fc-1") == "completed"
+    assert second == ["started", "skipped"]
+    row = task_row(task["id"])
+    assert row["attempts"] == 1 and row["call_id"] == "fc-1"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
 async def test_a_task_is_created_even_when_noting_its_failed_dispatch_fails(
     client, make_user, fake_modal, gpu_job, monkeypatch
 ):

@@ -258,6 +258,41 @@ async def test_stalled_task_is_requeued_then_failed_after_max_attempts(client, m
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
 
 
+async def test_reaper_passes_at_the_same_time_all_succeed_and_refund_each_task_once(client, make_user, job_models):
+    """Several workers each run the reaper: passes that overlap, refunding the same users, must not deadlock."""
+    import threading
+
+    import psycopg
+
+    users = [await make_user() for _ in range(10)]
+    with psycopg.connect(get_settings().supabase_db_url, autocommit=True) as conn:
+        for index in range(300):
+            conn.execute(
+                "select public.create_task(%s, 'test.quick', '{}', 1, null, null, '{}', null)",
+                (users[index % len(users)].id,),
+            )
+        conn.execute(
+            "update public.tasks set status = 'processing', attempts = %s,"
+            " heartbeat_at = now() - interval '1 hour' - random() * interval '1 minute'",
+            (get_settings().task_max_attempts,),
+        )
+    barrier = threading.Barrier(6)
+    errors: list[Exception] = []
+
+    def one_pass() -> None:
+        with psycopg.connect(get_settings().supabase_db_url, autocommit=True) as conn:
+            barrier.wait()
+            try:
+                conn.execute("select * from public.reap_tasks(30, %s, 15)", (get_settings().task_max_attempts,))
+            except psycopg.Error as exc:
+                errors.append(exc)
+
+    await asyncio.gather(*[asyncio.to_thread(one_pass) for _ in range(6)])
+    assert errors == []
+    assert sql("select status, count(*) as n from public.tasks group by status") == [{"status": "failed", "n": 300}]
+    assert all(balance(user.id) == 100 for user in users)
+
+
 async def test_stale_worker_cannot_finish_after_requeue(client, make_user, job_models):
     user = await make_user()
     task = await create(client, user, "slow", seconds=1)

@@ -28,7 +28,7 @@ SERVICE_FUNCTIONS = [
     "create_task(uuid, text, jsonb, bigint, text, uuid, uuid[], int)",
     "finish_task(uuid, text, jsonb, text, jsonb, text, int)",
     "grant_credits(uuid, bigint, text, text)",
-    "claim_task(uuid)",
+    "claim_task(uuid, text)",
     "claim_next_task(text[])",
     "report_task_progress(uuid, int, real, text)",
     "requeue_task(uuid, int, int, text)",
