@@ -377,8 +377,7 @@ async def test_the_call_that_claims_a_task_is_the_one_a_cancel_reaches(client, m
 async def test_modals_rerun_of_a_lost_container_takes_its_task_over_at_once(client, make_user, fake_modal, gpu_job):
     user = await make_user()
     task = await create_task(client, user, gpu_job)
-    sql("select * from public.claim_task(%s)", (task["id"],))  # the first container claimed it, then was lost
-    sql("select public.record_task_call(%s, 1, 'fc-1')", (task["id"],))
+    sql("select * from public.claim_task(%s, 'fc-1')", (task["id"],))  # the first container claimed it, then was lost
     assert await run_task_async(task["id"], call_id="fc-other") == "skipped"  # another call never takes it
     assert await run_task_async(task["id"], call_id="fc-1") == "completed"  # Modal's rerun of the same input
     row = task_row(task["id"])

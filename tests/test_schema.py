@@ -35,7 +35,6 @@ SERVICE_FUNCTIONS = [
     "release_task(uuid, int, text)",
     "reap_tasks(int, int, int, int)",
     "set_task_dispatch(uuid, text, text)",
-    "record_task_call(uuid, int, text)",
     "reclaim_task(uuid, text, int)",
     "save_task_state(uuid, int, jsonb)",
 ]

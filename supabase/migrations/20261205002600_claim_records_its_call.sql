@@ -1,7 +1,7 @@
 -- A call claims its task and records itself on it in one statement. The claim and record_task_call were two:
 -- when a task had two calls (a re-dispatch while the first was starting), its call_id still named the other one
 -- between them, and that call, finding the task claimed, took it over with reclaim_task (which trusts call_id):
--- the call that won the claim lost its attempt, and the task ran twice.
+-- the call that won the claim lost its attempt, and the task ran twice. record_task_call goes with it.
 
 drop function public.claim_task(uuid);
 
@@ -17,3 +17,5 @@ as $$
 $$;
 revoke execute on function public.claim_task(uuid, text) from public, anon, authenticated;
 grant execute on function public.claim_task(uuid, text) to service_role;
+
+drop function public.record_task_call(uuid, int, text);
