@@ -139,7 +139,7 @@ def test_clients_hold_only_the_table_privileges_they_use(postgres, db_conn):
     granted = {(r["table_name"], r["role"], r["privilege"]) for r in rows}
     assert not {g for g in granted if g[1] == "anon"}
     writes = {(table, privilege) for table, role, privilege in granted if privilege != "SELECT"}
-    assert writes == {("projects", "INSERT"), ("projects", "UPDATE"), ("projects", "DELETE")}
+    assert writes == {("projects", "DELETE")}  # and INSERT, UPDATE of its name and description only
     assert ("departed_users", "authenticated", "SELECT") not in granted
     with psycopg.connect(postgres, autocommit=True) as conn:
         for role in ("anon", "authenticated"):
@@ -265,6 +265,25 @@ def test_the_display_name_a_user_writes_directly_is_bounded(postgres):
         assert conn.execute("update public.profiles set display_name = 'Ada' where id = %s", (user,)).rowcount == 1
         with pytest.raises(psycopg.errors.CheckViolation):
             conn.execute("update public.profiles set display_name = repeat('x', 201) where id = %s", (user,))
+
+
+def test_a_user_writes_only_a_projects_name_and_description(postgres):
+    """项目的 id、属主、时间由服务器定：客户端（经 Data API）只能写名字与描述"""
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        user = new_user(conn)
+        as_role(conn, "authenticated", user)
+        project = conn.execute(
+            "insert into public.projects (user_id, name, description) values (%s, 'A', 'b') returning id", (user,)
+        ).fetchone()[0]
+        assert _try(conn, "update public.projects set name = 'B', description = null where id = %s", (project,)) == 1
+        for column, value in (("id", "gen_random_uuid()"), ("created_at", "now() - interval '9 years'")):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(f"update public.projects set {column} = {value} where id = %s", (project,))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute(
+                "insert into public.projects (id, user_id, name, created_at) values (%s, %s, 'C', now())",
+                (str(uuid.uuid4()), user),
+            )
 
 
 def _try(conn, sql, params=None):
