@@ -1,0 +1,138 @@
+"""README.md against the code: the settings table, .env.example, the endpoint table and the models' examples."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from dotenv import dotenv_values
+
+from lib.catalog import CATALOG, validate_params
+from lib.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+PROCESS_ENV_ONLY = {"SPOOL_DEVICE"}  # read by the media jobs from the process environment, not a Settings field
+
+
+def section(title: str) -> str:
+    """一个二级标题下的内容（到下一个二级标题为止）"""
+    start = README.index(f"\n## {title}\n")
+    end = README.find("\n## ", start + 1)
+    return README[start : end if end != -1 else None]
+
+
+def table_rows(text: str, header: str) -> list[list[str]]:
+    """表头之后的各行（按 | 分列；单元格里的 \\| 不分列）"""
+    lines = text[text.index(header) :].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip())[1:-1]])
+    return rows
+
+
+def ticked(cell: str) -> list[str]:
+    return re.findall(r"`([^`]*)`", cell)
+
+
+def test_settings_table_names_every_setting_with_its_default():
+    documented: dict[str, str] = {}
+    for name_cell, default_cell, _ in table_rows(section("Settings"), "| name | default | meaning |"):
+        names = ticked(name_cell)
+        values = ticked(default_cell)
+        for i, name in enumerate(names):
+            documented[name] = values[i] if len(values) == len(names) else default_cell
+    fields = {name.upper() for name in Settings.model_fields}
+    assert set(documented) - PROCESS_ENV_ONLY == fields
+    for name, shown in documented.items():
+        if name in PROCESS_ENV_ONLY:
+            continue
+        default = Settings.model_fields[name.lower()].default
+        if default is None:
+            assert shown == "–" or shown.startswith("local:"), name
+        elif isinstance(default, list):
+            assert shown == ",".join(default), name
+        elif isinstance(default, int) and shown.endswith(("MiB", "GiB")):
+            amount, unit = shown.split()
+            assert int(amount) * 1024 ** {"MiB": 2, "GiB": 3}[unit] == default, name
+        elif isinstance(default, int | float) and re.fullmatch(r"[\d,]+(\s.*)?", shown):
+            number = shown.split()[0].replace(",", "")  # `600`, 40,000,000, 33,177,600 (8K)
+            assert float(number) == default, name
+        elif not shown.endswith("…"):
+            assert shown == str(default), name
+
+
+def test_env_example_holds_every_setting_at_its_default():
+    text = (ROOT / ".env.example").read_text()
+    named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.M))
+    assert named == {name.upper() for name in Settings.model_fields}
+    values = {k.lower(): v for k, v in dotenv_values(ROOT / ".env.example").items()}
+    example = Settings(_env_file=None, **values)  # arguments win over the environment
+    for name in values:
+        default = Settings.model_fields[name].default
+        if name == "spool_home":
+            default = default.resolve()
+        assert getattr(example, name) == default, name
+
+
+def app_routes() -> set[tuple[str, str]]:
+    from functions.app import ROUTERS
+    from lib.local import dev_auth
+
+    routes = set()
+    for router in [module.router for module in ROUTERS] + [dev_auth.router]:
+        for route in router.routes:
+            if router is dev_auth.router and not route.include_in_schema:
+                continue  # the local JWKS: Supabase's path, not this API's
+            status = route.status_code or 200
+            routes |= {(method, re.sub(r"\{\w+\}", "{}", route.path), status) for method in route.methods}
+    return routes
+
+
+def test_endpoint_table_lists_every_route():
+    documented = set()
+    for endpoint, _, answers in table_rows(README, "| endpoint | what | answers |"):
+        method, path = ticked(endpoint)[0].split()
+        documented.add((method, re.sub(r"\{\w+\}", "{}", path), int(answers.split()[0])))
+    assert documented == app_routes()
+
+
+def test_models_table_names_each_model_and_its_params():
+    rows = table_rows(section("Models and prices"), "| model_key | params | output | price (credits) |")
+    keys = set()
+    for key_cell, params_cell, *_ in rows:
+        row_keys = ticked(key_cell)
+        keys |= set(row_keys)
+        if not row_keys[0].startswith("kling."):
+            assert set(ticked(params_cell)) == set(CATALOG[row_keys[0]].params.model_fields), row_keys
+    assert keys == set(CATALOG)
+
+
+EXAMPLE_ID = "3f0c1e0e-2d7b-4d0e-9a49-6b1f4f0a6c11"
+
+
+def example_bodies() -> list[dict]:
+    bodies = []
+    for line in README.splitlines():
+        line = line.strip()
+        if line.startswith('{"model_key"'):
+            bodies.append(json.loads(line.replace("<uuid>", EXAMPLE_ID)))
+    for body in re.findall(r"-d '(\{\"model_key\".*?\})'", README, flags=re.S):
+        bodies.append(json.loads(body))
+    for body in re.findall(r'-d "(\{\\"model_key\\".*?\})"', README, flags=re.S):
+        bodies.append(json.loads(body.replace('\\"', '"').replace("$ASSET", EXAMPLE_ID)))
+    return bodies
+
+
+def test_readme_has_task_examples_for_every_public_model():
+    keys = {body["model_key"] for body in example_bodies()}
+    assert keys == {key for key, spec in CATALOG.items() if spec.public}
+
+
+@pytest.mark.parametrize("body", example_bodies(), ids=lambda body: body["model_key"])
+def test_readme_task_example_is_accepted(body):
+    validate_params(CATALOG[body["model_key"]], body["params"])
