@@ -49,7 +49,11 @@ class ModalDispatcher:
         self._functions: dict[str, modal.Function] = {}  # a handle looks the function up once, then is reused
 
     async def dispatch(self, *, task_id: str, model_key: str) -> None:
-        """派发任务：spawn 对应的 Modal 函数，并把 call id 记在任务上（失败时抛出，由调用方保持排队）"""
+        """派发任务：先认领派发，再 spawn 对应的 Modal 函数并把 call id 记在任务上（失败时抛出，由调用方保持排队）"""
+        claim = await db.fetch_one("select public.start_task_dispatch(%s) as claimed", (task_id,))
+        if not claim["claimed"]:  # another dispatcher is spawning it or has, or it left the queue
+            log.info("task %s: not spawned, another dispatcher has it or it is no longer waiting", task_id)
+            return
         name = function_for(model_key)
         function = self._functions.get(name)
         if function is None:

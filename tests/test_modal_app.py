@@ -142,6 +142,7 @@ class FakeModal:
         self.lookups = 0
         self.spawn_error: BaseException | None = None
         self.spawn_delay = 0.0
+        self.while_spawning = None  # a coroutine function run (once) inside the next spawn, before it returns
         self.cancel_error: BaseException | None = None
         self.ended: dict[str, BaseException | str] = {}  # calls that have ended: what .get() gives
         self.polls: list[str] = []
@@ -152,6 +153,9 @@ class FakeModal:
 
         async def spawn(*args):
             await asyncio.sleep(self.spawn_delay)
+            if self.while_spawning is not None:
+                hook, self.while_spawning = self.while_spawning, None
+                await hook()
             if self.spawn_error is not None:
                 raise self.spawn_error
             self.spawned.append((app_name, name, args))
@@ -317,6 +321,83 @@ async def test_a_respawn_that_fails_after_its_call_ended_is_retried_a_minute_lat
     assert task_row(task["id"])["call_id"] == "fc-2"
 
 
+async def test_a_reaper_pass_during_another_ones_spawn_leaves_the_task_to_it(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    task = await create_task(client, user, gpu_job)
+    fake_modal.spawn_error = None
+    sql("update public.tasks set updated_at = now() - interval '5 minutes' where id = %s", (task["id"],))
+    overlapping = []
+    fake_modal.while_spawning = lambda: reap_into(overlapping)  # a second pass starts meanwhile
+    assert await reap() == {"redispatch": 1}
+    assert overlapping == [{}]
+    assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
+    assert task_row(task["id"])["call_id"] == "fc-1"
+
+
+async def test_a_task_two_passes_both_picked_is_spawned_by_one(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    tasks = [await create_task(client, user, gpu_job) for _ in range(2)]
+    fake_modal.spawn_error = None
+    sql("update public.tasks set updated_at = now() - interval '5 minutes'")
+    overlapping = []
+    fake_modal.while_spawning = lambda: reap_into(overlapping)  # while the first pass spawns its first task
+    assert await reap() == {"redispatch": 2}  # picked before the second pass took the other one
+    assert overlapping == [{"redispatch": 1}]
+    assert sorted(args for _, _, args in fake_modal.spawned) == sorted((t["id"],) for t in tasks)
+    assert {task_row(t["id"])["call_id"] for t in tasks} == {"fc-1", "fc-2"}
+
+
+async def test_two_dispatches_of_a_task_at_once_spawn_it_once(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    task = await create_task(client, user, gpu_job)
+    fake_modal.spawn_error, fake_modal.spawn_delay = None, 0.2
+    service = get_task_service()
+    await asyncio.gather(*(service.dispatch(task_id=task["id"], model_key=gpu_job) for _ in range(2)))
+    assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
+    row = task_row(task["id"])
+    assert row["call_id"] == "fc-1" and row["dispatch_started_at"] is None
+
+
+async def test_a_slow_spawn_by_the_api_is_not_repeated_by_the_reaper(client, make_user, fake_modal, gpu_job):
+    overlapping = []
+
+    async def late_reaper_pass():  # the API's spawn outlasts the reaper's patience
+        sql("update public.tasks set updated_at = now() - interval '5 minutes'")
+        await reap_into(overlapping)
+
+    fake_modal.while_spawning = late_reaper_pass
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)
+    assert overlapping == [{}]
+    assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
+    assert task_row(task["id"])["call_id"] == "fc-1"
+
+
+async def test_a_dispatcher_that_died_mid_spawn_holds_the_task_for_two_minutes(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.spawn_error = asyncio.CancelledError()  # the request's process went away during the spawn
+    with pytest.raises(asyncio.CancelledError):
+        await get_task_service().create_task(user_id=user.id, model_key=gpu_job, params={})
+    fake_modal.spawn_error = None
+    [task] = sql("select id::text from public.tasks where user_id = %s", (user.id,))
+    sql("update public.tasks set updated_at = now() - interval '5 minutes' where id = %s", (task["id"],))
+    assert await reap() == {} and fake_modal.spawned == []  # it may still be spawning
+    sql(
+        "update public.tasks set dispatch_started_at = dispatch_started_at - interval '121 seconds',"
+        " queued_at = queued_at - interval '121 seconds' where id = %s",
+        (task["id"],),
+    )
+    assert await reap() == {"redispatch": 1}
+    assert fake_modal.spawned == [("spool", "run_gpu_large", (task["id"],))]
+
+
+async def reap_into(results: list) -> None:
+    results.append(await reap())
+
+
 async def test_a_hanging_spawn_times_out_and_leaves_the_task_queued(
     client, make_user, fake_modal, gpu_job, monkeypatch
 ):
@@ -391,6 +472,7 @@ async def test_a_call_that_lost_the_claim_does_not_take_the_task_from_the_one_th
 
     user = await make_user()
     task = await create_task(client, user, gpu_job)  # fc-1
+    sql("update public.tasks set call_id = null where id = %s", (task["id"],))  # its spawn's answer was lost
     await get_task_service().dispatch(task_id=task["id"], model_key=gpu_job)  # a re-dispatch before it started: fc-2
     assert task_row(task["id"])["call_id"] == "fc-2"
 

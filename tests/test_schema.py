@@ -35,6 +35,7 @@ SERVICE_FUNCTIONS = [
     "release_task(uuid, int, text)",
     "reap_tasks(int, int, int, int)",
     "set_task_dispatch(uuid, text, text)",
+    "start_task_dispatch(uuid)",
     "reclaim_task(uuid, text, int)",
     "save_task_state(uuid, int, jsonb)",
 ]
