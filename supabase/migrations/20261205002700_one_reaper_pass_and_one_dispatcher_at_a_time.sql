@@ -1,3 +1,8 @@
+-- One reaper pass at a time. Each pass refunds the worn-out tasks it finds in one transaction, locking each task's
+-- credit account until it commits; two passes at once (several local workers each run the reaper) skipped each
+-- other's tasks but not each other's accounts, so each could hold one user's account while waiting for another's:
+-- a deadlock that failed all but one of them, and rolled back everything the others had done.
+--
 -- One dispatcher spawns a task at a time. The reaper picked the tasks to spawn again with a plain select and spawned
 -- them after the select had committed, one by one: a second pass (another worker's reaper, a `modal run` beside the
 -- schedule) or a pass meeting the API's own slow spawn picked the same tasks and spawned them again. The extra call
