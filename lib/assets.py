@@ -418,7 +418,8 @@ class AssetService:
 
     async def _reject(self, asset: dict, reason: str, user_id: str) -> None:
         """拒绝一个上传：标为 rejected，删掉文件；URL 还能用时留墓碑（否则它还能再传一次，文件无人认领）"""
-        await self.mark_probed(asset_id=str(asset["id"]), probe=None, reason=reason)
+        if await self.mark_probed(asset_id=str(asset["id"]), probe=None, reason=reason) is None:
+            return  # already judged (a superseded check's late verdict) or gone: its file is not ours to remove
         if tombstone := _tombstone_for(asset, user_id):
             await db.execute(*tombstone)
         await self._remove_quietly(asset["path"], None)

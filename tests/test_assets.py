@@ -612,6 +612,19 @@ async def test_an_upload_the_check_refuses_has_its_file_removed(client, make_use
     assert not await get_storage().exists(path=storage_path(asset["id"]))
 
 
+async def test_a_late_verdict_on_an_upload_already_checked_leaves_it_alone(client, make_user):
+    """已判定 ready 的上传：迟到的拒绝（被取代的那次检查）不改状态，也不删文件"""
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    assert await run_task_async(asset["probe_task_id"]) == "completed"
+    await get_asset_service().reject_upload(asset_id=asset["id"], reason="The image is truncated or corrupt.")
+    row = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
+    assert row["status"] == "ready"
+    assert await get_storage().exists(path=storage_path(asset["id"]))
+
+
 async def test_a_deleted_accounts_files_are_removed_by_the_reaper(client, make_user):
     """删除账号会级联删掉行，存储里的文件（上传、结果、海报）由回收器随后删掉；别人的文件不动"""
     from gpu_jobs.runner import run_task_async
