@@ -929,6 +929,16 @@ def test_audio_browsers_cannot_play_in_mp4_is_re_encoded(tmp_path, codec):
     assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
 
 
+@pytest.mark.parametrize(("codec", "expected"), [("mp2", "aac"), ("mp3", "mp3")])
+def test_mpeg_audio_in_mp4_is_copied_only_when_it_is_layer_iii(tmp_path, codec, expected):
+    """MP4 labels any MPEG-1 audio mp3: Layer II (which browsers do not play) is told apart by its frame header."""
+    src = make_video(tmp_path / "in.mp4", frames=24, fps=24, audio_codec=codec)
+    assert audio_codec(src) == "mp3"
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert audio_codec(out.path) == expected
+    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
+
+
 def test_opus_without_its_decoder_setup_is_re_encoded_not_a_crash(tmp_path):
     """Matroska 里的 Opus 缺 CodecPrivate：FFmpeg 照样解码，但 MP4 写不出它的设置，复制会在收尾时失败"""
     data = make_video(tmp_path / "o.mkv", frames=24, fps=24, audio_codec="libopus", audio_rate=48000).read_bytes()

@@ -345,7 +345,9 @@ class FrameWriter(_Worker):
         if self.audio_from is not None:
             with open_media(self.audio_from) as probe:
                 if (in_audio := audio_stream(probe)) is not None:
-                    ways = _audio_ways(in_audio.codec_context)
+                    cc = in_audio.codec_context
+                    first = _first_packet(probe, in_audio) if cc.codec.canonical_name == "mp3" else b""
+                    ways = _audio_ways(cc, first)
         for way in ways:  # copied if MP4 takes the codec, else AAC at the source's rate and layout, else stereo
             try:
                 out, video, src, audio = self._open(way)
@@ -466,9 +468,26 @@ def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
     return ticks - wrap * round((ticks - near) / wrap)
 
 
-def _audio_ways(cc: Any) -> list[str | tuple[int, str]]:
+def _first_packet(container: Any, stream: Any) -> bytes:
+    """流里第一个非空包的数据（读不出来 → 空）"""
+    try:
+        return next((bytes(packet) for packet in container.demux(stream) if packet.size), b"")
+    except av.FFmpegError:
+        return b""
+
+
+def _mpeg_audio_layer(data: bytes) -> int | None:
+    """MPEG 音频帧头里的层（1、2 或 3）；不以帧头开始 → None"""
+    if len(data) < 2 or data[0] != 0xFF or data[1] & 0xE0 != 0xE0:
+        return None
+    return {3: 1, 2: 2, 1: 3}.get(data[1] >> 1 & 3)
+
+
+def _audio_ways(cc: Any, first_packet: bytes = b"") -> list[str | tuple[int, str]]:
     """Ways to put this audio into MP4, best first: copied, AAC at its rate and layout, AAC stereo 48 kHz."""
     name = cc.codec.canonical_name
+    if name == "mp3" and _mpeg_audio_layer(first_packet) in (1, 2):
+        name = "mp2"  # MP4 labels all MPEG-1 audio mp3: the first frame header tells Layer II from III
     copy = name in MP4_COPY_AUDIO and (name not in NEEDS_SETUP or bool(cc.extradata))
     ways: list[str | tuple[int, str]] = ["copy"] if copy else []
     layout = cc.layout.name
