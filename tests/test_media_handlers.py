@@ -859,6 +859,28 @@ def test_an_output_says_it_has_sound_only_when_it_has(tmp_path, handler):
     assert audio_codec(kept.path) == "aac" and kept.metadata["audio"] is True
 
 
+@pytest.mark.parametrize(("suffix", "codec"), [(".mkv", "aac"), (".mp4", "aac"), (".mkv", "pcm_s16le")])
+def test_sound_that_ends_before_the_first_frame_is_left_out(tmp_path, suffix, codec):
+    """A picture from 2 s to 3 s over sound from 0 to 1 s: no sound falls under the picture, so the output has no
+    audio track, and it lasts exactly as long as the picture (copied or re-encoded)."""
+    times = [2 + i / 24 for i in range(24)]
+    src = make_video(tmp_path / f"late{suffix}", frames=24, times=times, audio_codec=codec, audio_seconds=1.0)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert audio_codec(out.path) is None and out.metadata["audio"] is False
+    assert out.duration_s == pytest.approx(media.probe_file(src)["duration_s"], abs=1e-3)  # 1 s, to the ms
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mkv", "aac"), (".mp4", "aac"), (".mkv", "pcm_s16le")])
+def test_sound_under_the_picture_keeps_its_lead_in(tmp_path, suffix, codec):
+    """AAC's priming (a packet that ends where the sound begins) stays in front of the sound it belongs to."""
+    src = make_video(tmp_path / f"clip{suffix}", frames=24, fps=24, audio_codec=codec)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    with av.open(str(out.path)) as container:
+        first = next(p for p in container.demux(audio=0) if p.size)
+    assert first.pts < 0 and first.pts + first.duration == pytest.approx(0, abs=10)
+    assert first_sound(out.path) == pytest.approx(0.0, abs=0.01)
+
+
 def test_damaged_audio_packets_are_skipped(tmp_path):
     """As the ffmpeg command does: the picture and the rest of the sound come through."""
     src = make_video(tmp_path / "ok.mkv", frames=24, fps=24, audio_codec="mp2")

@@ -46,6 +46,7 @@ YUV_ON_DEVICE = {"cuda"}
 _END = object()
 MAX_BAD_PACKETS = 1  # damaged video packets skipped before the file is refused (plus 1 in 50 of those read)
 TS_CLOCK = 1 << 33  # MPEG-TS timestamps: a 33-bit 90 kHz clock, wrapping every 26.5 hours
+LEAD_IN = 1.0  # seconds of sound before the first frame kept in front of the sound under it (a codec's priming)
 
 
 class _Worker:
@@ -273,6 +274,10 @@ class FrameWriter(_Worker):
         self.thread_type, self.threads = thread_type, threads  # 0: as many as x264 sees fit for the cores
         self.frames_written = 0
         self._pending: tuple[float, Any] | None = None
+        # Audio that ends by the first frame waits here until sound under the picture comes; if none does, the
+        # track stays empty and the MP4 muxer leaves it out.
+        self._lead_in: deque[tuple[float, Any]] = deque()
+        self._heard = False
         self._held: Any = None  # the latest video packet, muxed once the next arrives: the last one ends the video
         self._first_dts: int | None = None
         self.buffers: queue.Queue = queue.Queue()  # pinned host buffers the encoder is done with
@@ -452,13 +457,29 @@ class FrameWriter(_Worker):
             if time >= until and not flush:
                 return
             if time < until or math.isinf(time):
-                out.mux(packet)
+                end = _packet_end(packet, time)
+                if not self._heard and end <= 0:
+                    self._lead_in.append((end, packet))
+                    while self._lead_in and self._lead_in[0][0] < -LEAD_IN:
+                        self._lead_in.popleft()
+                else:
+                    self._heard = True
+                    while self._lead_in:
+                        out.mux(self._lead_in.popleft()[1])
+                    out.mux(packet)
             self._pending = None
 
 
 def _packet_time(packet: Any, default: float) -> float:
     """编码器交出的包自己的时刻（秒）：编码器有延迟，包里的声音比刚送进去的那一帧早"""
     return float(packet.pts * packet.time_base) if packet.pts is not None and packet.time_base else default
+
+
+def _packet_end(packet: Any, time: float) -> float:
+    """包里的声音结束的时刻（秒）；包没有时长 → 它开始的时刻"""
+    if packet.duration and packet.time_base:
+        return time + float(packet.duration * packet.time_base)
+    return time
 
 
 def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
@@ -627,7 +648,7 @@ def video_output(path: Path, width: int, height: int, frames: int, fps: float, *
     """一个 H.264 MP4 产出（时长与有无声音读自写好的文件：帧率可变时帧数 / 帧率并不是时长）"""
     with av.open(str(path)) as container:  # the stream's own duration is off once B-frames meet uneven times
         length = container.duration / av.time_base if container.duration else None
-        # An input's audio track may hold no sound under the picture (none at all, or only after its end).
+        # An input's audio track may hold no sound under the picture (none at all, or only before or after it).
         metadata["audio"] = bool(container.streams.audio)
     return OutputFile(
         path=path,
