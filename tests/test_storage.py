@@ -225,3 +225,25 @@ async def test_signed_urls_stay_out_of_the_logs(storage, owner, caplog):
     await storage.upload_bytes(path=path, data=b"x" * 64, content_type="application/octet-stream")
     assert await storage.read_head(path=path, size=8) == b"x" * 8
     assert "token=" not in caplog.text  # httpx writes each request's URL at INFO: a signed one is a key to the file
+
+
+async def test_move_and_copy_through_storage3(storage, owner):
+    bucket = storage._bucket()
+    src, moved, copied = user_path(owner, "m", "a.png"), user_path(owner, "m", "b.png"), user_path(owner, "c.png")
+    await storage.upload_bytes(path=src, data=b"png!", content_type="image/png")
+    assert await bucket.copy(src, copied) == {"Key": f"{BUCKET}/{copied}"}
+    assert await bucket.move(src, moved) == {"message": "Successfully moved"}
+    assert not await storage.exists(path=src)
+    for path in (moved, copied):
+        assert await storage.info(path=path) == {
+            "path": path,
+            "size": 4,
+            "content_type": "image/png",
+            "etag": (await storage.info(path=path))["etag"],
+        }
+    with pytest.raises(StorageApiError) as err:
+        await bucket.move(moved, copied)  # the destination exists
+    assert (str(err.value.status), err.value.code) == ("409", "Duplicate")
+    with pytest.raises(StorageApiError) as err:
+        await bucket.copy(src, user_path(owner, "d.png"))  # the source is gone
+    assert (str(err.value.status), err.value.code) == ("404", "not_found")

@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,6 +148,16 @@ def meta_file(bucket: str, key: str) -> Path:
     """对象元数据的位置：按对象名的哈希，任何对象名（如 "c" 与 "c.json/x"）都不会互相占位"""
     digest = hashlib.sha256(check_key(key).encode(errors="surrogatepass")).hexdigest()
     return storage_root() / META_DIR / check_bucket(bucket) / digest[:2] / f"{digest}.json"
+
+
+def write_meta(bucket: str, key: str, meta: dict) -> None:
+    """原子地写入对象的元数据"""
+    path = meta_file(bucket, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f)
+    os.replace(name, path)
 
 
 def _legacy_meta_file(bucket: str, key: str) -> Path:

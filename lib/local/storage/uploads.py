@@ -25,9 +25,9 @@ from lib.local.storage.objects import (
     bucket_limit,
     invalid_key,
     make_token,
-    meta_file,
     object_file,
     read_meta,
+    write_meta,
 )
 
 
@@ -82,12 +82,7 @@ class _Upload:
             "cache_control": cache_control, "etag": f'"{self.md5.hexdigest()}"', "metadata": metadata,
             "created_at": datetime.now(UTC).isoformat(),
         }  # fmt: skip
-        meta_path = meta_file(self.bucket, self.key)
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=meta_path.parent, prefix=TMP_PREFIX)
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f)
-        os.replace(name, meta_path)
+        write_meta(self.bucket, self.key, meta)
         return {"Id": meta["id"], "Key": f"{self.bucket}/{self.key}"}
 
 
