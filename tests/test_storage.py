@@ -247,3 +247,17 @@ async def test_move_and_copy_through_storage3(storage, owner):
     with pytest.raises(StorageApiError) as err:
         await bucket.copy(src, user_path(owner, "d.png"))  # the source is gone
     assert (str(err.value.status), err.value.code) == ("404", "not_found")
+
+
+async def test_public_url_of_a_private_bucket_is_refused_as_bucket_not_found(storage, owner):
+    path = user_path(owner, "pub.txt")
+    await storage.upload_bytes(path=path, data=b"private", content_type="text/plain")
+    url = await storage._bucket().get_public_url(path)
+    async with httpx.AsyncClient() as http:
+        for headers in ({}, service_headers()):  # a browser sends no key; a key does not open a private bucket
+            resp = await http.get(url, headers=headers)
+            assert resp.status_code == 400, resp.text
+            assert resp.json() == {"statusCode": "404", "error": "Bucket not found", "message": "Bucket not found"}
+    # storage3's exists() tells a missing object from a missing bucket by the error
+    with pytest.raises(StorageApiError):
+        await storage._client.from_("nobucket").exists(path)

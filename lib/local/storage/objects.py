@@ -41,8 +41,13 @@ class StorageError(Exception):
         return JSONResponse(body, status_code=self.status if self.status >= 500 or self.status == 401 else 400)
 
 
-def not_found(what: str = "Object") -> StorageError:
-    return StorageError(404, "not_found", f"{what} not found")
+def not_found() -> StorageError:
+    return StorageError(404, "not_found", "Object not found")
+
+
+def bucket_not_found() -> StorageError:
+    # Storage names this error apart from a missing object's "not_found" (storage3's exists() goes by it).
+    return StorageError(404, "Bucket not found", "Bucket not found")
 
 
 def invalid_key(key: str) -> StorageError:
@@ -190,13 +195,18 @@ def read_meta(bucket: str, key: str) -> dict:
 _buckets: dict[str, dict] = {}
 
 
-async def bucket_limit(bucket: str) -> int:
-    """桶存在则返回其大小上限（桶上限或全局上限），否则 404"""
+async def bucket_row(bucket: str) -> dict:
+    """桶的设置（是否公开、大小上限）；桶不存在 → 404"""
     check_bucket(bucket)
     if bucket not in _buckets:
-        rows = await db.fetch_all("select id, file_size_limit from storage.buckets")
+        rows = await db.fetch_all("select id, public, file_size_limit from storage.buckets")
         _buckets.clear()
         _buckets.update({r["id"]: r for r in rows})
     if bucket not in _buckets:
-        raise not_found("Bucket")
-    return _buckets[bucket]["file_size_limit"] or get_settings().max_upload_bytes
+        raise bucket_not_found()
+    return _buckets[bucket]
+
+
+async def bucket_limit(bucket: str) -> int:
+    """桶存在则返回其大小上限（桶上限或全局上限），否则 404"""
+    return (await bucket_row(bucket))["file_size_limit"] or get_settings().max_upload_bytes

@@ -20,6 +20,8 @@ from lib.local.storage.objects import (
     TMP_PREFIX,
     StorageError,
     bucket_limit,
+    bucket_not_found,
+    bucket_row,
     check_bucket,
     check_token,
     invalid_key,
@@ -173,6 +175,14 @@ async def copy_object(request: Request):
     """复制对象（x-upsert: true 时覆盖目标，否则已存在 → 409）"""
     bucket, key = await transfer(request, move=False)
     return {"Key": f"{bucket}/{key}"}
+
+
+@router.get("/object/public/{bucket}/{key:path}")
+async def download_public(bucket: str, key: str, download: str | None = None):
+    """公开桶的对象（无需密钥）；私有桶如同不存在"""
+    if not (await bucket_row(bucket))["public"]:
+        raise bucket_not_found()
+    return file_response(bucket, key, download)
 
 
 @router.get("/object/authenticated/{bucket}/{key:path}")
