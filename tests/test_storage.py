@@ -261,3 +261,32 @@ async def test_public_url_of_a_private_bucket_is_refused_as_bucket_not_found(sto
     # storage3's exists() tells a missing object from a missing bucket by the error
     with pytest.raises(StorageApiError):
         await storage._client.from_("nobucket").exists(path)
+
+
+async def test_downloads_carry_the_objects_etag_and_answer_if_none_match_with_304(storage, owner):
+    path = user_path(owner, "e.txt")
+    await storage.upload_bytes(path=path, data=b"etag me", content_type="text/plain")
+    etag = (await storage.info(path=path))["etag"]
+    url = await storage.create_signed_url(path=path, expires_in=60)
+    async with httpx.AsyncClient() as http:
+        for get in (
+            lambda h: http.get(url, headers=h),
+            lambda h: http.get(raw_url(path), headers={**service_headers(), **h}),
+        ):
+            resp = await get({})
+            assert resp.status_code == 200 and resp.headers["etag"] == etag
+            assert resp.headers["content-type"] == "text/plain"  # as stored, no charset added
+            again = await get({"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+            assert (await get({"If-None-Match": '"other"'})).status_code == 200
+
+
+@pytest.mark.parametrize("ranges", ["bytes=0-1,4-5", "bytes=abc", "bytes=5-2", "bytes=20-30"])
+async def test_multiple_or_invalid_ranges_are_416(storage, owner, ranges):
+    path = user_path(owner, "r.bin")
+    await storage.upload_bytes(path=path, data=b"0123456789", content_type="application/octet-stream")
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(raw_url(path), headers={**service_headers(), "Range": ranges})
+        assert (resp.status_code, resp.headers["content-range"]) == (416, "bytes */10")
+        one = await http.get(raw_url(path), headers={**service_headers(), "Range": "bytes=2-4"})
+    assert (one.status_code, one.headers["content-range"], one.content) == (206, "bytes 2-4/10", b"234")

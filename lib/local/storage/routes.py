@@ -108,10 +108,12 @@ async def create_signed_urls(bucket: str, request: Request):
 
 
 @router.get("/object/sign/{bucket}/{key:path}")
-async def download_signed(bucket: str, key: str, token: str | None = None, download: str | None = None):
+async def download_signed(
+    bucket: str, key: str, request: Request, token: str | None = None, download: str | None = None
+):
     """凭签名令牌下载（流式，支持 Range）"""
     check_token(token, purpose="download", bucket=bucket, key=key)
-    return file_response(bucket, key, download)
+    return file_response(request, bucket, key, download)
 
 
 @router.get("/object/info/{bucket}/{key:path}")
@@ -178,11 +180,11 @@ async def copy_object(request: Request):
 
 
 @router.get("/object/public/{bucket}/{key:path}")
-async def download_public(bucket: str, key: str, download: str | None = None):
+async def download_public(bucket: str, key: str, request: Request, download: str | None = None):
     """公开桶的对象（无需密钥）；私有桶如同不存在"""
     if not (await bucket_row(bucket))["public"]:
         raise bucket_not_found()
-    return file_response(bucket, key, download)
+    return file_response(request, bucket, key, download)
 
 
 @router.get("/object/authenticated/{bucket}/{key:path}")
@@ -191,7 +193,7 @@ async def download_object(bucket: str, key: str, request: Request, download: str
     """以服务密钥下载（流式，支持 Range）"""
     require_service_key(request)
     await bucket_limit(bucket)
-    return file_response(bucket, key, download)
+    return file_response(request, bucket, key, download)
 
 
 @router.post("/object/{bucket}/{key:path}")
