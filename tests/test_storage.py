@@ -157,6 +157,30 @@ async def test_object_names_the_filesystem_cannot_hold_are_refused_not_half_writ
             assert (await http.get(raw_url(key), headers=service_headers())).headers["content-type"] == "image/png"
 
 
+@pytest.mark.parametrize(
+    "name", ["100%.png", "a#b.png", "t~.png", "[1].png", "{x}.png", "a^b", "a|b", 'a"b', "a<b>", "a`b"]
+)
+async def test_characters_storage_refuses_in_a_key_are_refused(storage, owner, name):
+    with pytest.raises(StorageApiError) as err:
+        await storage._bucket().upload(user_path(owner, name), b"x")
+    assert (str(err.value.status), err.value.code, err.value.message) == (
+        "400",
+        "InvalidKey",
+        f"Invalid key: {owner}/{name}",
+    )
+
+
+async def test_keys_with_spaces_unicode_plus_and_question_marks_round_trip(storage, owner):
+    for name in ("a b.png", "ünï 文件.png", "a+b.png", "why?.png", "it's (1) & $@=;:,!.png"):
+        path = user_path(owner, name)
+        await storage.upload_bytes(path=path, data=name.encode(), content_type="image/png")
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(await storage.create_signed_url(path=path, expires_in=60))).content == name.encode()
+        ticket = await storage.create_signed_upload_url(path=user_path(owner, "up " + name))
+        await storage._bucket().upload_to_signed_url(ticket["path"], ticket["token"], b"up")
+        assert (await storage.info(path=ticket["path"]))["size"] == 2
+
+
 @pytest.mark.parametrize("odd", [{"offset": "x"}, {"limit": -1}, {"sortBy": "name"}, {"offset": 1.5}])
 async def test_listing_with_odd_paging_is_a_400(live_server, owner, odd):
     async with httpx.AsyncClient() as http:

@@ -25,6 +25,10 @@ FIELD_LIMIT = 64 * 1024
 TMP_PREFIX = ".spool-upload-"
 META_DIR = ".meta"
 BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# What Storage refuses in an object key: control characters, S3's "characters to avoid", invisible ones.
+KEY_REFUSED = re.compile(
+    r"[\x00-\x1f\x7f-\x9f#\[\]{}^`\"<>\\|%~\u034f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060\u2066-\u2069\ufeff]"
+)
 
 
 class StorageError(Exception):
@@ -51,7 +55,7 @@ def bucket_not_found() -> StorageError:
 
 
 def invalid_key(key: str) -> StorageError:
-    return StorageError(400, "InvalidKey", f"Invalid key: {key!r}")
+    return StorageError(400, "InvalidKey", f"Invalid key: {key}")
 
 
 def invalid_token(message: str) -> StorageError:
@@ -118,8 +122,8 @@ def check_token(token: str | None, *, purpose: str, bucket: str, key: str) -> di
 
 
 def check_key(key: str) -> str:
-    """拒绝不安全的对象名（.. 段、绝对路径、反斜杠、NUL 与控制字符、文件系统放不下的长段）"""
-    if not key or len(key) > 1024 or key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
+    """拒绝 Storage 不收或不安全的对象名（.. 段、绝对路径、Storage 拒收的字符、文件系统放不下的长段）"""
+    if not key or len(key.encode(errors="replace")) > 1024 or key.startswith("/") or KEY_REFUSED.search(key):
         raise invalid_key(key)
     parts = key.split("/")
     if any(part in ("", ".", "..") or len(part.encode(errors="replace")) > 255 for part in parts):
