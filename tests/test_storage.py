@@ -157,6 +157,30 @@ async def test_object_names_the_filesystem_cannot_hold_are_refused_not_half_writ
             assert (await http.get(raw_url(key), headers=service_headers())).headers["content-type"] == "image/png"
 
 
+@pytest.mark.parametrize(
+    "name", ["100%.png", "a#b.png", "t~.png", "[1].png", "{x}.png", "a^b", "a|b", 'a"b', "a<b>", "a`b"]
+)
+async def test_characters_storage_refuses_in_a_key_are_refused(storage, owner, name):
+    with pytest.raises(StorageApiError) as err:
+        await storage._bucket().upload(user_path(owner, name), b"x")
+    assert (str(err.value.status), err.value.code, err.value.message) == (
+        "400",
+        "InvalidKey",
+        f"Invalid key: {owner}/{name}",
+    )
+
+
+async def test_keys_with_spaces_unicode_plus_and_question_marks_round_trip(storage, owner):
+    for name in ("a b.png", "ünï 文件.png", "a+b.png", "why?.png", "it's (1) & $@=;:,!.png"):
+        path = user_path(owner, name)
+        await storage.upload_bytes(path=path, data=name.encode(), content_type="image/png")
+        async with httpx.AsyncClient() as http:
+            assert (await http.get(await storage.create_signed_url(path=path, expires_in=60))).content == name.encode()
+        ticket = await storage.create_signed_upload_url(path=user_path(owner, "up " + name))
+        await storage._bucket().upload_to_signed_url(ticket["path"], ticket["token"], b"up")
+        assert (await storage.info(path=ticket["path"]))["size"] == 2
+
+
 @pytest.mark.parametrize("odd", [{"offset": "x"}, {"limit": -1}, {"sortBy": "name"}, {"offset": 1.5}])
 async def test_listing_with_odd_paging_is_a_400(live_server, owner, odd):
     async with httpx.AsyncClient() as http:
@@ -225,3 +249,68 @@ async def test_signed_urls_stay_out_of_the_logs(storage, owner, caplog):
     await storage.upload_bytes(path=path, data=b"x" * 64, content_type="application/octet-stream")
     assert await storage.read_head(path=path, size=8) == b"x" * 8
     assert "token=" not in caplog.text  # httpx writes each request's URL at INFO: a signed one is a key to the file
+
+
+async def test_move_and_copy_through_storage3(storage, owner):
+    bucket = storage._bucket()
+    src, moved, copied = user_path(owner, "m", "a.png"), user_path(owner, "m", "b.png"), user_path(owner, "c.png")
+    await storage.upload_bytes(path=src, data=b"png!", content_type="image/png")
+    assert await bucket.copy(src, copied) == {"Key": f"{BUCKET}/{copied}"}
+    assert await bucket.move(src, moved) == {"message": "Successfully moved"}
+    assert not await storage.exists(path=src)
+    for path in (moved, copied):
+        assert await storage.info(path=path) == {
+            "path": path,
+            "size": 4,
+            "content_type": "image/png",
+            "etag": (await storage.info(path=path))["etag"],
+        }
+    with pytest.raises(StorageApiError) as err:
+        await bucket.move(moved, copied)  # the destination exists
+    assert (str(err.value.status), err.value.code) == ("409", "Duplicate")
+    with pytest.raises(StorageApiError) as err:
+        await bucket.copy(src, user_path(owner, "d.png"))  # the source is gone
+    assert (str(err.value.status), err.value.code) == ("404", "not_found")
+
+
+async def test_public_url_of_a_private_bucket_is_refused_as_bucket_not_found(storage, owner):
+    path = user_path(owner, "pub.txt")
+    await storage.upload_bytes(path=path, data=b"private", content_type="text/plain")
+    url = await storage._bucket().get_public_url(path)
+    async with httpx.AsyncClient() as http:
+        for headers in ({}, service_headers()):  # a browser sends no key; a key does not open a private bucket
+            resp = await http.get(url, headers=headers)
+            assert resp.status_code == 400, resp.text
+            assert resp.json() == {"statusCode": "404", "error": "Bucket not found", "message": "Bucket not found"}
+    # storage3's exists() tells a missing object from a missing bucket by the error
+    with pytest.raises(StorageApiError):
+        await storage._client.from_("nobucket").exists(path)
+
+
+async def test_downloads_carry_the_objects_etag_and_answer_if_none_match_with_304(storage, owner):
+    path = user_path(owner, "e.txt")
+    await storage.upload_bytes(path=path, data=b"etag me", content_type="text/plain")
+    etag = (await storage.info(path=path))["etag"]
+    url = await storage.create_signed_url(path=path, expires_in=60)
+    async with httpx.AsyncClient() as http:
+        for get in (
+            lambda h: http.get(url, headers=h),
+            lambda h: http.get(raw_url(path), headers={**service_headers(), **h}),
+        ):
+            resp = await get({})
+            assert resp.status_code == 200 and resp.headers["etag"] == etag
+            assert resp.headers["content-type"] == "text/plain"  # as stored, no charset added
+            again = await get({"If-None-Match": etag})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
+            assert (await get({"If-None-Match": '"other"'})).status_code == 200
+
+
+@pytest.mark.parametrize("ranges", ["bytes=0-1,4-5", "bytes=abc", "bytes=5-2", "bytes=20-30"])
+async def test_multiple_or_invalid_ranges_are_416(storage, owner, ranges):
+    path = user_path(owner, "r.bin")
+    await storage.upload_bytes(path=path, data=b"0123456789", content_type="application/octet-stream")
+    async with httpx.AsyncClient() as http:
+        resp = await http.get(raw_url(path), headers={**service_headers(), "Range": ranges})
+        assert (resp.status_code, resp.headers["content-range"]) == (416, "bytes */10")
+        one = await http.get(raw_url(path), headers={**service_headers(), "Range": "bytes=2-4"})
+    assert (one.status_code, one.headers["content-range"], one.content) == (206, "bytes 2-4/10", b"234")

@@ -6,7 +6,9 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import re
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +25,10 @@ FIELD_LIMIT = 64 * 1024
 TMP_PREFIX = ".spool-upload-"
 META_DIR = ".meta"
 BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# What Storage refuses in an object key: control characters, S3's "characters to avoid", invisible ones.
+KEY_REFUSED = re.compile(
+    r"[\x00-\x1f\x7f-\x9f#\[\]{}^`\"<>\\|%~\u034f\u061c\u200b\u200e\u200f\u2028\u2029\u202a-\u202e\u2060\u2066-\u2069\ufeff]"
+)
 
 
 class StorageError(Exception):
@@ -39,12 +45,17 @@ class StorageError(Exception):
         return JSONResponse(body, status_code=self.status if self.status >= 500 or self.status == 401 else 400)
 
 
-def not_found(what: str = "Object") -> StorageError:
-    return StorageError(404, "not_found", f"{what} not found")
+def not_found() -> StorageError:
+    return StorageError(404, "not_found", "Object not found")
+
+
+def bucket_not_found() -> StorageError:
+    # Storage names this error apart from a missing object's "not_found" (storage3's exists() goes by it).
+    return StorageError(404, "Bucket not found", "Bucket not found")
 
 
 def invalid_key(key: str) -> StorageError:
-    return StorageError(400, "InvalidKey", f"Invalid key: {key!r}")
+    return StorageError(400, "InvalidKey", f"Invalid key: {key}")
 
 
 def invalid_token(message: str) -> StorageError:
@@ -111,8 +122,8 @@ def check_token(token: str | None, *, purpose: str, bucket: str, key: str) -> di
 
 
 def check_key(key: str) -> str:
-    """拒绝不安全的对象名（.. 段、绝对路径、反斜杠、NUL 与控制字符、文件系统放不下的长段）"""
-    if not key or len(key) > 1024 or key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
+    """拒绝 Storage 不收或不安全的对象名（.. 段、绝对路径、Storage 拒收的字符、文件系统放不下的长段）"""
+    if not key or len(key.encode(errors="replace")) > 1024 or key.startswith("/") or KEY_REFUSED.search(key):
         raise invalid_key(key)
     parts = key.split("/")
     if any(part in ("", ".", "..") or len(part.encode(errors="replace")) > 255 for part in parts):
@@ -148,6 +159,16 @@ def meta_file(bucket: str, key: str) -> Path:
     return storage_root() / META_DIR / check_bucket(bucket) / digest[:2] / f"{digest}.json"
 
 
+def write_meta(bucket: str, key: str, meta: dict) -> None:
+    """原子地写入对象的元数据"""
+    path = meta_file(bucket, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
+    with os.fdopen(fd, "w") as f:
+        json.dump(meta, f)
+    os.replace(name, path)
+
+
 def _legacy_meta_file(bucket: str, key: str) -> Path:
     return storage_root() / META_DIR / check_bucket(bucket) / f"{key}.json"  # before the hashed layout
 
@@ -178,13 +199,18 @@ def read_meta(bucket: str, key: str) -> dict:
 _buckets: dict[str, dict] = {}
 
 
-async def bucket_limit(bucket: str) -> int:
-    """桶存在则返回其大小上限（桶上限或全局上限），否则 404"""
+async def bucket_row(bucket: str) -> dict:
+    """桶的设置（是否公开、大小上限）；桶不存在 → 404"""
     check_bucket(bucket)
     if bucket not in _buckets:
-        rows = await db.fetch_all("select id, file_size_limit from storage.buckets")
+        rows = await db.fetch_all("select id, public, file_size_limit from storage.buckets")
         _buckets.clear()
         _buckets.update({r["id"]: r for r in rows})
     if bucket not in _buckets:
-        raise not_found("Bucket")
-    return _buckets[bucket]["file_size_limit"] or get_settings().max_upload_bytes
+        raise bucket_not_found()
+    return _buckets[bucket]
+
+
+async def bucket_limit(bucket: str) -> int:
+    """桶存在则返回其大小上限（桶上限或全局上限），否则 404"""
+    return (await bucket_row(bucket))["file_size_limit"] or get_settings().max_upload_bytes

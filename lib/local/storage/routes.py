@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
@@ -15,14 +20,18 @@ from lib.local.storage.objects import (
     TMP_PREFIX,
     StorageError,
     bucket_limit,
+    bucket_not_found,
+    bucket_row,
     check_bucket,
     check_token,
+    invalid_key,
     make_token,
     meta_file,
     object_file,
     read_meta,
     require_service_key,
     storage_root,
+    write_meta,
 )
 from lib.local.storage.uploads import expires_in, file_response, json_body, signed_path, store_upload, upsert_header
 
@@ -99,10 +108,12 @@ async def create_signed_urls(bucket: str, request: Request):
 
 
 @router.get("/object/sign/{bucket}/{key:path}")
-async def download_signed(bucket: str, key: str, token: str | None = None, download: str | None = None):
+async def download_signed(
+    bucket: str, key: str, request: Request, token: str | None = None, download: str | None = None
+):
     """凭签名令牌下载（流式，支持 Range）"""
     check_token(token, purpose="download", bucket=bucket, key=key)
-    return file_response(bucket, key, download)
+    return file_response(request, bucket, key, download)
 
 
 @router.get("/object/info/{bucket}/{key:path}")
@@ -154,13 +165,35 @@ async def list_objects(bucket: str, request: Request):
     return items
 
 
+@router.post("/object/move")
+async def move_object(request: Request):
+    """移动（改名）对象；目标已存在 → 409"""
+    await transfer(request, move=True)
+    return {"message": "Successfully moved"}
+
+
+@router.post("/object/copy")
+async def copy_object(request: Request):
+    """复制对象（x-upsert: true 时覆盖目标，否则已存在 → 409）"""
+    bucket, key = await transfer(request, move=False)
+    return {"Key": f"{bucket}/{key}"}
+
+
+@router.get("/object/public/{bucket}/{key:path}")
+async def download_public(bucket: str, key: str, request: Request, download: str | None = None):
+    """公开桶的对象（无需密钥）；私有桶如同不存在"""
+    if not (await bucket_row(bucket))["public"]:
+        raise bucket_not_found()
+    return file_response(request, bucket, key, download)
+
+
 @router.get("/object/authenticated/{bucket}/{key:path}")
 @router.get("/object/{bucket}/{key:path}")
 async def download_object(bucket: str, key: str, request: Request, download: str | None = None):
     """以服务密钥下载（流式，支持 Range）"""
     require_service_key(request)
     await bucket_limit(bucket)
-    return file_response(bucket, key, download)
+    return file_response(request, bucket, key, download)
 
 
 @router.post("/object/{bucket}/{key:path}")
@@ -209,3 +242,53 @@ def prune_empty(folder: Path, stop: Path) -> None:
         except OSError:
             return
         folder = folder.parent
+
+
+async def transfer(request: Request, *, move: bool) -> tuple[str, str]:
+    """复制或移动一个对象（连同元数据）；返回目标的桶与对象名"""
+    require_service_key(request)
+    body = await json_body(request)
+    bucket, source, dest = body.get("bucketId"), body.get("sourceKey"), body.get("destinationKey")
+    dest_bucket = body.get("destinationBucket") or bucket
+    if not all(isinstance(v, str) and v for v in (bucket, source, dest, dest_bucket)):
+        raise StorageError(400, "InvalidRequest", "bucketId, sourceKey and destinationKey are required")
+    await bucket_limit(bucket)
+    await bucket_limit(dest_bucket)
+    move_or_copy(bucket, source, dest_bucket, dest, move=move, upsert=not move and upsert_header(request))
+    return dest_bucket, dest
+
+
+def move_or_copy(bucket: str, source: str, dest_bucket: str, dest: str, *, move: bool, upsert: bool) -> None:
+    """在磁盘上复制或移动对象与其元数据（目标已存在且不覆盖 → 409）"""
+    meta = read_meta(bucket, source)
+    src_file, dest_file = object_file(bucket, source), object_file(dest_bucket, dest)
+    if src_file == dest_file:
+        return
+    if dest_file.is_dir():
+        raise invalid_key(dest)
+    try:
+        dest_file.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise invalid_key(dest) from None
+    fd, name = tempfile.mkstemp(dir=dest_file.parent, prefix=TMP_PREFIX)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        shutil.copyfile(src_file, tmp)
+        if upsert:
+            os.replace(tmp, dest_file)
+        else:
+            try:
+                os.link(tmp, dest_file)
+            except FileExistsError:
+                raise StorageError(409, "Duplicate", "The resource already exists") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    kept = {k: meta[k] for k in ("content_type", "cache_control", "etag", "metadata")}
+    if move:  # the same object under a new name: its id and creation time go with it
+        write_meta(dest_bucket, dest, {**kept, "id": meta["id"], "created_at": meta["created_at"]})
+        src_file.unlink(missing_ok=True)
+        meta_file(bucket, source).unlink(missing_ok=True)
+        prune_empty(src_file.parent, (storage_root() / bucket).resolve())
+    else:
+        write_meta(dest_bucket, dest, {**kept, "id": str(uuid.uuid4()), "created_at": datetime.now(UTC).isoformat()})

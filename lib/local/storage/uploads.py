@@ -14,8 +14,9 @@ from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, Response
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 
 from lib.local.storage.objects import (
     FIELD_LIMIT,
@@ -25,9 +26,9 @@ from lib.local.storage.objects import (
     bucket_limit,
     invalid_key,
     make_token,
-    meta_file,
     object_file,
     read_meta,
+    write_meta,
 )
 
 
@@ -82,12 +83,7 @@ class _Upload:
             "cache_control": cache_control, "etag": f'"{self.md5.hexdigest()}"', "metadata": metadata,
             "created_at": datetime.now(UTC).isoformat(),
         }  # fmt: skip
-        meta_path = meta_file(self.bucket, self.key)
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=meta_path.parent, prefix=TMP_PREFIX)
-        with os.fdopen(fd, "w") as f:
-            json.dump(meta, f)
-        os.replace(name, meta_path)
+        write_meta(self.bucket, self.key, meta)
         return {"Id": meta["id"], "Key": f"{self.bucket}/{self.key}"}
 
 
@@ -167,17 +163,34 @@ def upsert_header(request: Request) -> bool:
     return request.headers.get("x-upsert", "").lower() == "true"
 
 
-def file_response(bucket: str, key: str, download: str | None = None) -> FileResponse:
+class ObjectResponse(FileResponse):
+    """对象文件：只给一个字节范围；多段或写错的 Range → 416（Storage 不回 multipart/byteranges）"""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            ranges = super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader:
+            raise RangeNotSatisfiable(file_size) from None
+        if len(ranges) != 1:
+            raise RangeNotSatisfiable(file_size)
+        return ranges
+
+
+def file_response(request: Request, bucket: str, key: str, download: str | None = None) -> Response:
+    """对象的下载响应：存下的内容类型与 ETag，If-None-Match 相符 → 304"""
     meta = read_meta(bucket, key)
+    headers = {"cache-control": meta["cache_control"]}
+    if meta["etag"]:
+        headers["etag"] = meta["etag"]
+        presented = {tag.strip() for tag in request.headers.get("if-none-match", "").split(",")}
+        if meta["etag"] in presented or "*" in presented:
+            return Response(status_code=304, headers=headers)
     kwargs = {}
     if download is not None:
         kwargs = {"filename": download or key.rsplit("/", 1)[-1], "content_disposition_type": "attachment"}
-    return FileResponse(
-        object_file(bucket, key),
-        media_type=meta["content_type"],
-        headers={"cache-control": meta["cache_control"]},
-        **kwargs,
-    )
+    # content-type given as a header: FileResponse would add "; charset=utf-8" to a text/* media type
+    return ObjectResponse(object_file(bucket, key), headers={**headers, "content-type": meta["content_type"]}, **kwargs)
 
 
 def expires_in(body: dict) -> int:
