@@ -33,6 +33,11 @@ IMAGE_MAX_SIDE = {"jpeg": 65_500, "webp": 16_383}
 VIDEO_MAX_SIDE = 16_384  # H.264 as libx264 writes it: no frame wider or taller
 
 
+def a_kind(kind: str) -> str:
+    """资源类型连同冠词（an image、a video），用于错误信息"""
+    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
+
+
 def check_image_side(width: int, height: int, fmt: str) -> None:
     """输出图片的边长超出格式上限时拒绝（WebP 16383，JPEG 65500）"""
     limit = IMAGE_MAX_SIDE.get(fmt)

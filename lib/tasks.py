@@ -226,9 +226,10 @@ class TaskService:
                     details=[{"field": f"params.{field}", "message": "asset not ready"}],
                 )
             if asset["kind"] != kind:
+                wanted, given = catalog.a_kind(kind), catalog.a_kind(asset["kind"])
                 raise InvalidInput(
-                    f"This model needs {_a(kind)}, but asset {asset_id} is {_a(asset['kind'])}.",
-                    details=[{"field": f"params.{field}", "message": f"expected a {kind}"}],
+                    f"This model needs {wanted}, but asset {asset_id} is {given}.",
+                    details=[{"field": f"params.{field}", "message": f"expected {wanted}"}],
                 )
         return {asset_id: found[asset_id] for asset_id in ids}
 
@@ -241,11 +242,6 @@ async def with_fresh_result_urls(tasks: list[dict]) -> list[dict]:
         return (task.get("result") or {}).get("path") if task["status"] == "completed" else None
 
     return await with_signed_urls(tasks, "result_url", result_path)
-
-
-def _a(kind: str) -> str:
-    """资源类型连同冠词（an image、a video）"""
-    return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind}"
 
 
 def _same_request(task: dict, request: tuple) -> dict:

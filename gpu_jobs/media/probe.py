@@ -12,7 +12,7 @@ import av
 from PIL import Image, UnidentifiedImageError
 
 from gpu_jobs.media.display import Orientation, deinterlaced
-from lib.catalog import VIDEO_MAX_SIDE
+from lib.catalog import VIDEO_MAX_SIDE, a_kind
 from lib.config import get_settings
 from lib.errors import InvalidInput
 
@@ -347,8 +347,4 @@ def _mime_subtype(format_name: str) -> str:
 def require_kind(info: dict, kind: str) -> None:
     """媒体类型不符时拒绝"""
     if info["kind"] != kind:
-        raise InvalidInput(f"This task needs {_article(kind)}; the input is {_article(info['kind'])}.")
-
-
-def _article(kind: str) -> str:
-    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+        raise InvalidInput(f"This task needs {a_kind(kind)}; the input is {a_kind(info['kind'])}.")
