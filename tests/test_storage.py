@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -314,3 +315,38 @@ async def test_multiple_or_invalid_ranges_are_416(storage, owner, ranges):
         assert (resp.status_code, resp.headers["content-range"]) == (416, "bytes */10")
         one = await http.get(raw_url(path), headers={**service_headers(), "Range": "bytes=2-4"})
     assert (one.status_code, one.headers["content-range"], one.content) == (206, "bytes 2-4/10", b"234")
+
+
+async def test_listing_orders_searches_and_sorts_as_storage_does(storage, owner):
+    bucket = storage._bucket()
+    for name in ("b.png", "A.png", "a-b/x.png", "a/y.png", "c.png", "Cat/z.png"):
+        await storage.upload_bytes(path=f"{owner}/{name}", data=b"x", content_type="image/png")
+        await asyncio.sleep(0.01)  # distinct modification times for the updated_at sort
+
+    async def names(**options) -> list[str]:
+        return [item["name"] for item in await bucket.list(owner, options)]
+
+    # By name, folders among files, case-insensitively ('-' sorts before the '/' that ends a folder's name).
+    assert await names() == ["a-b", "A.png", "a", "b.png", "c.png", "Cat"]
+    assert await names(sortBy={"column": "name", "order": "desc"}) == ["Cat", "c.png", "b.png", "a", "A.png", "a-b"]
+    # search: names starting with it, in any case (not names that merely contain it).
+    assert await names(search="c") == ["c.png", "Cat"]
+    assert await names(search="png") == []
+    # Another column: folders first (by name), then the files by that column.
+    assert await names(sortBy={"column": "updated_at", "order": "asc"}) == [
+        "a",
+        "a-b",
+        "Cat",
+        "b.png",
+        "A.png",
+        "c.png",
+    ]
+    assert await names(sortBy={"column": "created_at", "order": "desc"}) == [
+        "Cat",
+        "a-b",
+        "a",
+        "c.png",
+        "A.png",
+        "b.png",
+    ]
+    assert await names(limit=2, offset=1) == ["A.png", "a"]

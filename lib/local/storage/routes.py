@@ -53,6 +53,8 @@ class StorageRoute(APIRoute):
         return route
 
 
+LIST_LIMIT = 1500  # Storage's most entries in one listing
+
 router = APIRouter(prefix="/storage/v1", tags=["Local"], route_class=StorageRoute, include_in_schema=False)
 
 
@@ -126,7 +128,7 @@ async def object_info(bucket: str, key: str, request: Request):
 
 @router.post("/object/list/{bucket}")
 async def list_objects(bucket: str, request: Request):
-    """列出一个前缀（文件夹）下的对象"""
+    """列出一个前缀（文件夹）下的对象，排序、搜索与分页同 Storage 的 storage.search"""
     require_service_key(request)
     body = await json_body(request)
     await bucket_limit(bucket)
@@ -135,34 +137,41 @@ async def list_objects(bucket: str, request: Request):
         raise StorageError(400, "InvalidRequest", "offset and limit must be whole numbers >= 0, sortBy an object")
     prefix = str(body.get("prefix") or "").strip("/")
     folder = object_file(bucket, prefix) if prefix else (storage_root() / check_bucket(bucket))
-    names = sorted(p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)) if folder.is_dir() else []
-    if body.get("search"):
-        names = [n for n in names if str(body["search"]).lower() in n.lower()]
-    if sort_by.get("order") == "desc":
-        names.reverse()
-    items = []
-    for name in names[offset : offset + limit]:
-        key = f"{prefix}/{name}" if prefix else name
-        if (folder / name).is_dir():
-            items.append({"name": name, "id": None, "updated_at": None, "created_at": None, "metadata": None})
-        else:
-            meta = read_meta(bucket, key)
-            items.append(
-                {
-                    "name": name,
-                    "id": meta["id"],
-                    "updated_at": meta["updated_at"],
-                    "created_at": meta["created_at"],
-                    "last_accessed_at": meta["last_modified"],
-                    "metadata": {
-                        "size": meta["size"],
-                        "mimetype": meta["content_type"],
-                        "cacheControl": meta["cache_control"],
-                        "eTag": meta["etag"],
-                    },
-                }
-            )
-    return items
+    names = [p.name for p in folder.iterdir() if not p.name.startswith(TMP_PREFIX)] if folder.is_dir() else []
+    search = str(body.get("search") or "").lower()
+    entries = [_entry(bucket, prefix, folder, name) for name in names if name.lower().startswith(search)]
+    column = str(sort_by.get("column") or "name").lower()
+    descending = str(sort_by.get("order") or "asc").lower() != "asc"
+    if column in ("updated_at", "created_at", "last_accessed_at"):  # folders first, by name; then files by column
+        folders = sorted((e for e in entries if e["id"] is None), key=lambda e: e["name"].lower(), reverse=descending)
+        files = sorted((e for e in entries if e["id"] is not None), key=lambda e: e[column], reverse=descending)
+        entries = folders + files
+    else:  # by name, case-insensitively, a folder's name read with its closing '/'
+        entries.sort(key=_name_key, reverse=descending)
+    return entries[offset : offset + min(limit, LIST_LIMIT)]
+
+
+def _name_key(entry: dict) -> bytes:
+    return (entry["name"].lower() + ("/" if entry["id"] is None else "")).encode()
+
+
+def _entry(bucket: str, prefix: str, folder: Path, name: str) -> dict:
+    if (folder / name).is_dir():
+        return {"name": name, "id": None, "updated_at": None, "created_at": None, "metadata": None}
+    meta = read_meta(bucket, f"{prefix}/{name}" if prefix else name)
+    return {
+        "name": name,
+        "id": meta["id"],
+        "updated_at": meta["updated_at"],
+        "created_at": meta["created_at"],
+        "last_accessed_at": meta["last_modified"],
+        "metadata": {
+            "size": meta["size"],
+            "mimetype": meta["content_type"],
+            "cacheControl": meta["cache_control"],
+            "eTag": meta["etag"],
+        },
+    }
 
 
 @router.post("/object/move")
