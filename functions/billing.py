@@ -49,7 +49,7 @@ class CheckoutStatus(BaseModel):
     purchase_id: str
     package_id: str
     credits: int
-    status: str = Field(description="pending, paid, failed, expired, refunded or partially_refunded")
+    status: str = Field(description="pending, paid, failed, expired, refunded, partially_refunded or disputed")
 
 
 @router.get("/checkout/{session_id}", response_model=Envelope[CheckoutStatus])

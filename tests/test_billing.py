@@ -846,3 +846,20 @@ async def test_webhook_without_a_configured_secret_is_503(client, monkeypatch):
     assert resp.status_code == 503
     assert "STRIPE_WEBHOOK_SECRET" in resp.json()["error"]["message"]
     assert stripe_event_count() == 0
+
+
+def test_checkout_status_schema_names_every_purchase_status():
+    import re
+    from pathlib import Path
+
+    from functions.billing import CheckoutStatus
+
+    migrations = sorted((Path(__file__).resolve().parents[1] / "supabase" / "migrations").glob("*.sql"))
+    checks = [
+        m.group(1)
+        for path in migrations
+        for m in re.finditer(r"purchases_status_check\s+check \(status in \(([^)]*)\)\)", path.read_text())
+    ]
+    statuses = re.findall(r"'(\w+)'", checks[-1])  # the latest constraint is the one in force
+    description = CheckoutStatus.model_fields["status"].description
+    assert set(re.findall(r"\w+", description.replace(" or ", ", "))) >= set(statuses), description
