@@ -115,6 +115,15 @@ def test_probe_counts_packets_when_the_container_has_no_frame_count(tmp_path):
     assert info["duration_s"] == pytest.approx(10 / 30, abs=2e-3)
 
 
+@pytest.mark.parametrize(("codec", "expected"), [("mp2", "mp2"), ("mp3", "mp3")])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_probe_names_mpeg_audio_by_its_layer(tmp_path, suffix, codec, expected):
+    """MP4 labels any MPEG-1 audio mp3: the probe names Layer II as what it is, as the video path tells it apart."""
+    src = make_video(tmp_path / f"in{suffix}", frames=12, fps=24, audio_codec=codec)
+    info = media.probe_file(src)
+    assert info["audio_codec"] == expected and info["frame_count"] == 12
+
+
 def test_an_avi_header_that_understates_its_length_is_not_believed(tmp_path):
     """AVI 的头部帧数与时长可以随意写：上限与价格按文件里真有的帧"""
     src = make_video(tmp_path / "long.avi", frames=96, fps=24, audio=False, video_codec="mpeg4")

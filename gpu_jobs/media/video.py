@@ -19,6 +19,7 @@ from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display, deinterlaced
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
 from gpu_jobs.media.probe import (
+    audio_codec,
     audio_stream,
     limit_decoded_pixels,
     open_media,
@@ -350,9 +351,7 @@ class FrameWriter(_Worker):
         if self.audio_from is not None:
             with open_media(self.audio_from) as probe:
                 if (in_audio := audio_stream(probe)) is not None:
-                    cc = in_audio.codec_context
-                    first = _first_packet(probe, in_audio) if cc.codec.canonical_name == "mp3" else b""
-                    ways = _audio_ways(cc, first)
+                    ways = _audio_ways(in_audio.codec_context, audio_codec(probe, in_audio))
         for way in ways:  # copied if MP4 takes the codec, else AAC at the source's rate and layout, else stereo
             try:
                 out, video, src, audio = self._open(way)
@@ -489,26 +488,8 @@ def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
     return ticks - wrap * round((ticks - near) / wrap)
 
 
-def _first_packet(container: Any, stream: Any) -> bytes:
-    """流里第一个非空包的数据（读不出来 → 空）"""
-    try:
-        return next((bytes(packet) for packet in container.demux(stream) if packet.size), b"")
-    except av.FFmpegError:
-        return b""
-
-
-def _mpeg_audio_layer(data: bytes) -> int | None:
-    """MPEG 音频帧头里的层（1、2 或 3）；不以帧头开始 → None"""
-    if len(data) < 2 or data[0] != 0xFF or data[1] & 0xE0 != 0xE0:
-        return None
-    return {3: 1, 2: 2, 1: 3}.get(data[1] >> 1 & 3)
-
-
-def _audio_ways(cc: Any, first_packet: bytes = b"") -> list[str | tuple[int, str]]:
-    """Ways to put this audio into MP4, best first: copied, AAC at its rate and layout, AAC stereo 48 kHz."""
-    name = cc.codec.canonical_name
-    if name == "mp3" and _mpeg_audio_layer(first_packet) in (1, 2):
-        name = "mp2"  # MP4 labels all MPEG-1 audio mp3: the first frame header tells Layer II from III
+def _audio_ways(cc: Any, name: str) -> list[str | tuple[int, str]]:
+    """音轨（编码名由 audio_codec 分辨）写进 MP4 的方式，好的在前：复制、原采样率与布局的 AAC、48 kHz 立体声 AAC"""
     copy = name in MP4_COPY_AUDIO and (name not in NEEDS_SETUP or bool(cc.extradata))
     ways: list[str | tuple[int, str]] = ["copy"] if copy else []
     layout = cc.layout.name
