@@ -970,6 +970,35 @@ def test_mpeg_audio_in_mp4_is_copied_only_when_it_is_layer_iii(tmp_path, codec, 
     assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
 
 
+def _two_audio_tracks(path: Path, default: int | None) -> Path:
+    """A 1 s video with two audio tracks: the first silent, the second a tone; ``default`` marks one as default."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        tracks = [out.add_stream("aac", rate=44100), out.add_stream("aac", rate=44100)]
+        for i, track in enumerate(tracks):
+            track.layout = "stereo"
+            track.disposition = av.stream.Disposition.default if i == default else av.stream.Disposition(0)
+        for i in range(24):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(pattern_frame(i, 64, 48), format="rgb24")))
+        out.mux(video.encode(None))
+        _write_sine(out, tracks[0], 1.0, silent_for=1.0)
+        _write_sine(out, tracks[1], 1.0)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_of_two_audio_tracks_the_default_one_is_kept(tmp_path, suffix):
+    """A commentary or second-language track comes first, the one players play is marked default: that one is kept."""
+    src = _two_audio_tracks(tmp_path / f"two{suffix}", default=1)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert first_sound(out.path) == pytest.approx(0.0, abs=0.01)
+    # Without a default mark, the first track is kept (here silent).
+    plain = _two_audio_tracks(tmp_path / f"plain{suffix}", default=None)
+    [out] = video_upscale.run(make_ctx(tmp_path / "p", {"video_asset_id": "v", "scale": 2}, {"v": plain}))
+    assert audio_codec(out.path) == "aac" and first_sound(out.path) is None
+
+
 def test_opus_without_its_decoder_setup_is_re_encoded_not_a_crash(tmp_path):
     """Matroska 里的 Opus 缺 CodecPrivate：FFmpeg 照样解码，但 MP4 写不出它的设置，复制会在收尾时失败"""
     data = make_video(tmp_path / "o.mkv", frames=24, fps=24, audio_codec="libopus", audio_rate=48000).read_bytes()

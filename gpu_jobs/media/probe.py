@@ -263,8 +263,10 @@ def pixel_aspect(stream: Any, transpose: bool = False) -> Fraction:
 
 
 def audio_stream(container: Any) -> Any | None:
-    """要保留的音轨：第一个有解码器的音频流（编码未知的音轨当作没有）"""
-    return next((s for s in container.streams.audio if s.codec_context is not None), None)
+    """要保留的音轨：有解码器的音频流里标为默认（播放器放的）的那个，都没标则第一个；编码未知的音轨当作没有"""
+    known = [s for s in container.streams.audio if s.codec_context is not None]
+    default = av.stream.Disposition.default
+    return next((s for s in known if s.disposition & default), known[0] if known else None)
 
 
 def audio_codec(container: Any, stream: Any) -> str:
