@@ -837,13 +837,32 @@ def test_transcoded_audio_stays_in_sync(tmp_path, name, codec, rate):
     assert first_sound(out.path) == pytest.approx(0.3, abs=0.01)
 
 
-@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mkv", "pcm_s16le"), (".mov", "mp2")])
-def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, codec):
-    """A 1 s video whose sound goes on for 3 s lasts 1 s, with its sound up to the end (copied or re-encoded)."""
-    src = make_video(tmp_path / f"long{suffix}", frames=24, fps=24, audio_codec=codec, audio_seconds=3.0)
+@pytest.mark.parametrize(
+    ("suffix", "codec", "frames", "fps", "rate"),
+    [
+        (".mp4", "aac", 24, 24, 44100),  # copied
+        (".mkv", "mp3", 17, 24, 44100),
+        (".mkv", "flac", 20, 24, 44100),
+        (".mp4", "aac", 50, 60, 8000),  # a packet (128 ms) longer than a frame
+        (".mkv", "pcm_s16le", 17, 24, 44100),  # re-encoded
+        (".mov", "mp2", 24, 24, 44100),
+    ],
+)
+def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, codec, frames, fps, rate):
+    """A video whose sound goes on for 3 s lasts as long as its picture, to the ms: the file, each of its tracks and
+    the sound, which runs up to the end (copied or re-encoded; the last packet under the picture straddles its end)."""
+    src = make_video(
+        tmp_path / f"long{suffix}", frames=frames, fps=fps, audio_codec=codec, audio_rate=rate, audio_seconds=3.0
+    )
+    end = media.probe_file(src)["duration_s"]
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
-    assert out.duration_s == pytest.approx(1.0, abs=0.03)
-    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.03)
+    assert out.duration_s == pytest.approx(end, abs=1e-3)
+    with av.open(str(out.path)) as container:
+        assert container.duration / av.time_base == pytest.approx(end, abs=1e-3)
+        for stream in container.streams:
+            assert float((stream.start_time + stream.duration) * stream.time_base) == pytest.approx(end, abs=1e-3)
+    # No sound under the picture is lost (FFmpeg's MP3 parser gives each packet a whole frame's length, not the file's).
+    assert audio_seconds(out.path) >= end - 1e-3
 
 
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])

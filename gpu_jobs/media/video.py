@@ -453,10 +453,10 @@ class FrameWriter(_Worker):
                 if self._pending is None:
                     return
             time, packet = self._pending
-            if time >= until and not flush:
+            end = _packet_end(packet, time)
+            if not flush and (time >= until or end > until):  # the video's end may yet fall inside it
                 return
-            if time < until or math.isinf(time):
-                end = _packet_end(packet, time)
+            if (time < until and (end <= until or _cut_at(packet, until))) or math.isinf(time):
                 if not self._heard and end <= 0:
                     self._lead_in.append((end, packet))
                     while self._lead_in and self._lead_in[0][0] < -LEAD_IN:
@@ -479,6 +479,19 @@ def _packet_end(packet: Any, time: float) -> float:
     if packet.duration and packet.time_base:
         return time + float(packet.duration * packet.time_base)
     return time
+
+
+def _cut_at(packet: Any, until: float) -> bool:
+    """把跨过 until（秒）的包缩短到 until 结束；包在 until 之前已没有一个刻度的声音 → False（不写）"""
+    if not (packet.duration and packet.time_base and packet.pts is not None):
+        return True
+    # MP4 ends a track at its last packet's pts + duration (its edit list and the file's duration follow), as for
+    # an encoder's last, partial frame. A millionth of a tick absorbs the float's error, never adds a tick.
+    ticks = math.floor(until / packet.time_base + 1e-6) - packet.pts
+    if ticks <= 0:
+        return False
+    packet.duration = min(packet.duration, ticks)
+    return True
 
 
 def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
