@@ -865,6 +865,23 @@ def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, c
     assert audio_seconds(out.path) >= end - 1e-3
 
 
+@pytest.mark.parametrize(("suffix", "codec"), [(".mkv", "aac"), (".mp4", "mp3"), (".mkv", "pcm_s16le")])
+def test_sound_that_starts_after_the_first_frame_keeps_its_time(tmp_path, suffix, codec):
+    """A track stamped to begin 0.4 s into the picture (not silence: no sound before it) begins there in the output,
+    copied or re-encoded, and the output lasts as long as the picture."""
+    src = make_video(tmp_path / f"clip{suffix}", frames=24, fps=24, audio_codec=codec, audio_seconds=0.6)
+
+    def later(packet, n):
+        if packet.stream.type == "audio":
+            packet.pts, packet.dts = (t + round(0.4 / packet.time_base) for t in (packet.pts, packet.dts))
+
+    late = _remux(src, tmp_path / f"late{suffix}", later)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": late}))
+    assert first_sound(out.path) == pytest.approx(first_sound(late), abs=0.01)
+    assert first_sound(late) == pytest.approx(0.4, abs=0.01)
+    assert out.duration_s == pytest.approx(media.probe_file(late)["duration_s"], abs=1e-3)
+
+
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
 def test_an_output_says_it_has_sound_only_when_it_has(tmp_path, handler):
     """An MKV whose audio track holds no packet (a recording stopped before any sound): no audio comes out, and
