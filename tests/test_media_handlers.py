@@ -115,6 +115,15 @@ def test_probe_counts_packets_when_the_container_has_no_frame_count(tmp_path):
     assert info["duration_s"] == pytest.approx(10 / 30, abs=2e-3)
 
 
+@pytest.mark.parametrize(("codec", "expected"), [("mp2", "mp2"), ("mp3", "mp3")])
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+def test_probe_names_mpeg_audio_by_its_layer(tmp_path, suffix, codec, expected):
+    """MP4 labels any MPEG-1 audio mp3: the probe names Layer II as what it is, as the video path tells it apart."""
+    src = make_video(tmp_path / f"in{suffix}", frames=12, fps=24, audio_codec=codec)
+    info = media.probe_file(src)
+    assert info["audio_codec"] == expected and info["frame_count"] == 12
+
+
 def test_an_avi_header_that_understates_its_length_is_not_believed(tmp_path):
     """AVI 的头部帧数与时长可以随意写：上限与价格按文件里真有的帧"""
     src = make_video(tmp_path / "long.avi", frames=96, fps=24, audio=False, video_codec="mpeg4")
@@ -828,13 +837,49 @@ def test_transcoded_audio_stays_in_sync(tmp_path, name, codec, rate):
     assert first_sound(out.path) == pytest.approx(0.3, abs=0.01)
 
 
-@pytest.mark.parametrize(("suffix", "codec"), [(".mp4", "aac"), (".mkv", "pcm_s16le"), (".mov", "mp2")])
-def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, codec):
-    """A 1 s video whose sound goes on for 3 s lasts 1 s, with its sound up to the end (copied or re-encoded)."""
-    src = make_video(tmp_path / f"long{suffix}", frames=24, fps=24, audio_codec=codec, audio_seconds=3.0)
+@pytest.mark.parametrize(
+    ("suffix", "codec", "frames", "fps", "rate"),
+    [
+        (".mp4", "aac", 24, 24, 44100),  # copied
+        (".mkv", "mp3", 17, 24, 44100),
+        (".mkv", "flac", 20, 24, 44100),
+        (".mp4", "aac", 50, 60, 8000),  # a packet (128 ms) longer than a frame
+        (".mkv", "pcm_s16le", 17, 24, 44100),  # re-encoded
+        (".mov", "mp2", 24, 24, 44100),
+    ],
+)
+def test_sound_that_runs_on_past_the_last_frame_is_cut_there(tmp_path, suffix, codec, frames, fps, rate):
+    """A video whose sound goes on for 3 s lasts as long as its picture, to the ms: the file, each of its tracks and
+    the sound, which runs up to the end (copied or re-encoded; the last packet under the picture straddles its end)."""
+    src = make_video(
+        tmp_path / f"long{suffix}", frames=frames, fps=fps, audio_codec=codec, audio_rate=rate, audio_seconds=3.0
+    )
+    end = media.probe_file(src)["duration_s"]
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
-    assert out.duration_s == pytest.approx(1.0, abs=0.03)
-    assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.03)
+    assert out.duration_s == pytest.approx(end, abs=1e-3)
+    with av.open(str(out.path)) as container:
+        assert container.duration / av.time_base == pytest.approx(end, abs=1e-3)
+        for stream in container.streams:
+            assert float((stream.start_time + stream.duration) * stream.time_base) == pytest.approx(end, abs=1e-3)
+    # No sound under the picture is lost (FFmpeg's MP3 parser gives each packet a whole frame's length, not the file's).
+    assert audio_seconds(out.path) >= end - 1e-3
+
+
+@pytest.mark.parametrize(("suffix", "codec"), [(".mkv", "aac"), (".mp4", "mp3"), (".mkv", "pcm_s16le")])
+def test_sound_that_starts_after_the_first_frame_keeps_its_time(tmp_path, suffix, codec):
+    """A track stamped to begin 0.4 s into the picture (not silence: no sound before it) begins there in the output,
+    copied or re-encoded, and the output lasts as long as the picture."""
+    src = make_video(tmp_path / f"clip{suffix}", frames=24, fps=24, audio_codec=codec, audio_seconds=0.6)
+
+    def later(packet, n):
+        if packet.stream.type == "audio":
+            packet.pts, packet.dts = (t + round(0.4 / packet.time_base) for t in (packet.pts, packet.dts))
+
+    late = _remux(src, tmp_path / f"late{suffix}", later)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": late}))
+    assert first_sound(out.path) == pytest.approx(first_sound(late), abs=0.01)
+    assert first_sound(late) == pytest.approx(0.4, abs=0.01)
+    assert out.duration_s == pytest.approx(media.probe_file(late)["duration_s"], abs=1e-3)
 
 
 @pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
@@ -959,6 +1004,35 @@ def test_mpeg_audio_in_mp4_is_copied_only_when_it_is_layer_iii(tmp_path, codec, 
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     assert audio_codec(out.path) == expected
     assert audio_seconds(out.path) == pytest.approx(1.0, abs=0.08)
+
+
+def _two_audio_tracks(path: Path, default: int | None) -> Path:
+    """A 1 s video with two audio tracks: the first silent, the second a tone; ``default`` marks one as default."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=24)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        tracks = [out.add_stream("aac", rate=44100), out.add_stream("aac", rate=44100)]
+        for i, track in enumerate(tracks):
+            track.layout = "stereo"
+            track.disposition = av.stream.Disposition.default if i == default else av.stream.Disposition(0)
+        for i in range(24):
+            out.mux(video.encode(av.VideoFrame.from_ndarray(pattern_frame(i, 64, 48), format="rgb24")))
+        out.mux(video.encode(None))
+        _write_sine(out, tracks[0], 1.0, silent_for=1.0)
+        _write_sine(out, tracks[1], 1.0)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_of_two_audio_tracks_the_default_one_is_kept(tmp_path, suffix):
+    """A commentary or second-language track comes first, the one players play is marked default: that one is kept."""
+    src = _two_audio_tracks(tmp_path / f"two{suffix}", default=1)
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    assert first_sound(out.path) == pytest.approx(0.0, abs=0.01)
+    # Without a default mark, the first track is kept (here silent).
+    plain = _two_audio_tracks(tmp_path / f"plain{suffix}", default=None)
+    [out] = video_upscale.run(make_ctx(tmp_path / "p", {"video_asset_id": "v", "scale": 2}, {"v": plain}))
+    assert audio_codec(out.path) == "aac" and first_sound(out.path) is None
 
 
 def test_opus_without_its_decoder_setup_is_re_encoded_not_a_crash(tmp_path):

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 STILL_DEMUXERS = {"gif", "apng", "webp"}  # FFmpeg's demuxers of picture formats that are not "<codec>_pipe"
 STILL_CODECS = {"mjpeg": "JPEG", "png": "PNG", "apng": "PNG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP"}
+MPEG_AUDIO_CODECS = {1: "mp1", 2: "mp2", 3: "mp3"}  # FFmpeg's codec for each layer of MPEG-1/2 audio
 
 
 def check_input_pixels(width: int, height: int) -> None:
@@ -201,7 +202,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             # Anamorphic video (DV, some broadcast) has non-square pixels: shown pixel_aspect times as wide.
             "pixel_aspect": round(float(pixel_aspect(stream, orientation.transpose)), 6),
             "video_codec": ctx.codec.canonical_name,
-            "audio_codec": audio.codec_context.codec.canonical_name if audio else None,
+            "audio_codec": audio_codec(container, audio) if audio else None,
             "duration_s": round(duration, 6) if duration else None,
             "fps": round(fps, 6) if fps else None,
             "frame_count": frames,
@@ -262,8 +263,34 @@ def pixel_aspect(stream: Any, transpose: bool = False) -> Fraction:
 
 
 def audio_stream(container: Any) -> Any | None:
-    """要保留的音轨：第一个有解码器的音频流（编码未知的音轨当作没有）"""
-    return next((s for s in container.streams.audio if s.codec_context is not None), None)
+    """要保留的音轨：有解码器的音频流里标为默认（播放器放的）的那个，都没标则第一个；编码未知的音轨当作没有"""
+    known = [s for s in container.streams.audio if s.codec_context is not None]
+    default = av.stream.Disposition.default
+    return next((s for s in known if s.disposition & default), known[0] if known else None)
+
+
+def audio_codec(container: Any, stream: Any) -> str:
+    """音轨的编码名；MP4 把 MPEG-1/2 音频一律标作 mp3，层（I、II、III）由第一个包的帧头分辨"""
+    name = stream.codec_context.codec.canonical_name
+    if name != "mp3":
+        return name
+    return MPEG_AUDIO_CODECS.get(_mpeg_audio_layer(_first_packet(container, stream)), name)
+
+
+def _first_packet(container: Any, stream: Any) -> bytes:
+    """流里第一个非空包的数据（读不出来 → 空）"""
+    try:
+        container.seek(0)
+        return next((bytes(packet) for packet in container.demux(stream) if packet.size), b"")
+    except av.FFmpegError:
+        return b""
+
+
+def _mpeg_audio_layer(data: bytes) -> int | None:
+    """MPEG 音频帧头里的层（1、2 或 3）；不以帧头开始 → None"""
+    if len(data) < 2 or data[0] != 0xFF or data[1] & 0xE0 != 0xE0:
+        return None
+    return {3: 1, 2: 2, 1: 3}.get(data[1] >> 1 & 3)
 
 
 def video_stream(container: Any) -> Any | None:

@@ -19,6 +19,7 @@ from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display, deinterlaced
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
 from gpu_jobs.media.probe import (
+    audio_codec,
     audio_stream,
     limit_decoded_pixels,
     open_media,
@@ -350,9 +351,7 @@ class FrameWriter(_Worker):
         if self.audio_from is not None:
             with open_media(self.audio_from) as probe:
                 if (in_audio := audio_stream(probe)) is not None:
-                    cc = in_audio.codec_context
-                    first = _first_packet(probe, in_audio) if cc.codec.canonical_name == "mp3" else b""
-                    ways = _audio_ways(cc, first)
+                    ways = _audio_ways(in_audio.codec_context, audio_codec(probe, in_audio))
         for way in ways:  # copied if MP4 takes the codec, else AAC at the source's rate and layout, else stereo
             try:
                 out, video, src, audio = self._open(way)
@@ -454,10 +453,10 @@ class FrameWriter(_Worker):
                 if self._pending is None:
                     return
             time, packet = self._pending
-            if time >= until and not flush:
+            end = _packet_end(packet, time)
+            if not flush and (time >= until or end > until):  # the video's end may yet fall inside it
                 return
-            if time < until or math.isinf(time):
-                end = _packet_end(packet, time)
+            if (time < until and (end <= until or _cut_at(packet, until))) or math.isinf(time):
                 if not self._heard and end <= 0:
                     self._lead_in.append((end, packet))
                     while self._lead_in and self._lead_in[0][0] < -LEAD_IN:
@@ -482,6 +481,19 @@ def _packet_end(packet: Any, time: float) -> float:
     return time
 
 
+def _cut_at(packet: Any, until: float) -> bool:
+    """把跨过 until（秒）的包缩短到 until 结束；包在 until 之前已没有一个刻度的声音 → False（不写）"""
+    if not (packet.duration and packet.time_base and packet.pts is not None):
+        return True
+    # MP4 ends a track at its last packet's pts + duration (its edit list and the file's duration follow), as for
+    # an encoder's last, partial frame. A millionth of a tick absorbs the float's error, never adds a tick.
+    ticks = math.floor(until / packet.time_base + 1e-6) - packet.pts
+    if ticks <= 0:
+        return False
+    packet.duration = min(packet.duration, ticks)
+    return True
+
+
 def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
     """把绕回的时间戳移到离 near 最近的那一圈"""
     if ticks is None:
@@ -489,26 +501,8 @@ def _unwrap(ticks: int | None, near: int, wrap: int) -> int | None:
     return ticks - wrap * round((ticks - near) / wrap)
 
 
-def _first_packet(container: Any, stream: Any) -> bytes:
-    """流里第一个非空包的数据（读不出来 → 空）"""
-    try:
-        return next((bytes(packet) for packet in container.demux(stream) if packet.size), b"")
-    except av.FFmpegError:
-        return b""
-
-
-def _mpeg_audio_layer(data: bytes) -> int | None:
-    """MPEG 音频帧头里的层（1、2 或 3）；不以帧头开始 → None"""
-    if len(data) < 2 or data[0] != 0xFF or data[1] & 0xE0 != 0xE0:
-        return None
-    return {3: 1, 2: 2, 1: 3}.get(data[1] >> 1 & 3)
-
-
-def _audio_ways(cc: Any, first_packet: bytes = b"") -> list[str | tuple[int, str]]:
-    """Ways to put this audio into MP4, best first: copied, AAC at its rate and layout, AAC stereo 48 kHz."""
-    name = cc.codec.canonical_name
-    if name == "mp3" and _mpeg_audio_layer(first_packet) in (1, 2):
-        name = "mp2"  # MP4 labels all MPEG-1 audio mp3: the first frame header tells Layer II from III
+def _audio_ways(cc: Any, name: str) -> list[str | tuple[int, str]]:
+    """音轨（编码名由 audio_codec 分辨）写进 MP4 的方式，好的在前：复制、原采样率与布局的 AAC、48 kHz 立体声 AAC"""
     copy = name in MP4_COPY_AUDIO and (name not in NEEDS_SETUP or bool(cc.extradata))
     ways: list[str | tuple[int, str]] = ["copy"] if copy else []
     layout = cc.layout.name
