@@ -12,12 +12,14 @@ import uuid
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
 import websockets
 from psycopg.rows import dict_row
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+from starlette.websockets import WebSocketState
 
 from lib.local.stack import free_port, start_server
 
@@ -537,7 +539,46 @@ async def test_client_reconnects_after_a_server_restart(live_server, make_user, 
             proc.kill()
 
 
-# -- the JavaScript client ---------------------------------------------------------------
+# -- a client that does not read -------------------------------------------------------
+
+
+class _StuckWebSocket:
+    """一个从不读取的客户端：发送永远阻塞"""
+
+    application_state = WebSocketState.CONNECTED
+
+    def __init__(self):
+        self.closed_with = None
+
+    async def receive(self):
+        await asyncio.Event().wait()
+
+    async def send_text(self, text):
+        await asyncio.Event().wait()
+
+    async def close(self, code=1000, reason=None):
+        self.closed_with = code
+
+
+async def test_a_client_that_does_not_read_is_dropped_once_its_outbox_holds_too_many_bytes():
+    from lib.local.realtime.channels import Hub
+    from lib.local.realtime.socket import OUTBOX_LIMIT_BYTES, ClientConnection
+
+    ws = _StuckWebSocket()
+    conn = ClientConnection(ws, "2.0.0", None, SimpleNamespace(hub=Hub()))
+    serving = asyncio.create_task(conn.serve())
+    await asyncio.sleep(0)
+    frame = "x" * (1 << 20)  # a large row
+    held = 0
+    for _ in range(OUTBOX_LIMIT_BYTES // len(frame) + 10):
+        conn.send_text(frame)
+        held = max(held, conn.outbox_bytes)
+    await asyncio.wait_for(serving, WAIT_S)  # dropped, as the cloud drops a socket over its memory limit
+    assert held <= OUTBOX_LIMIT_BYTES
+    assert conn.outbox_bytes == 0 and ws.closed_with == 1013
+
+
+# -- the JavaScript client -------------------------------------------------------------
 
 
 def _node_ready() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -32,7 +33,11 @@ log = logging.getLogger("spool.local.realtime")
 
 IDLE_TIMEOUT_S = 60.0  # Phoenix closes a socket that sent nothing (not even a heartbeat) for this long
 READY_TIMEOUT_S = 5.0
-OUTBOX_LIMIT = 10_000  # queued frames before a client that does not read is dropped
+CLOSE_TIMEOUT_S = 5.0  # a client that reads nothing cannot take the close frame either
+# Bytes a client may leave unread before it is dropped: as the cloud kills a socket's process past its
+# heap limit (WEBSOCKET_MAX_HEAP_SIZE, 50 MB by default); the client reconnects and rejoins.
+OUTBOX_LIMIT_BYTES = 50_000_000
+CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class LocalRealtime:
@@ -87,19 +92,32 @@ class ClientConnection:
         self.apikey = apikey
         self.realtime = realtime
         self.channels: dict[str, Channel] = {}
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.outbox_bytes = 0  # memory held by the queued frames
+        self.dropped = False
         self._writer: asyncio.Task | None = None
 
     # -- outgoing ------------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        """排队发送一帧（不阻塞；读不过来的客户端被断开）"""
-        try:
-            self.outbox.put_nowait(text)
-        except asyncio.QueueFull:
-            if self._writer is not None and not self._writer.done():
-                log.warning("realtime client is not reading; dropping it")
-                self._writer.cancel()
+        """排队发送一帧（不阻塞；未读数据超过上限的客户端被断开）"""
+        if self.dropped:
+            return
+        size = sys.getsizeof(text)
+        if self.outbox_bytes + size > OUTBOX_LIMIT_BYTES:
+            self._drop_slow_client()
+            return
+        self.outbox_bytes += size
+        self.outbox.put_nowait(text)
+
+    def _drop_slow_client(self) -> None:
+        """断开读不过来的客户端并立即释放它的待发数据"""
+        log.warning("realtime client left %s bytes unread; dropping it", self.outbox_bytes)
+        self.dropped = True
+        self.outbox = asyncio.Queue()
+        self.outbox_bytes = 0
+        if self._writer is not None:
+            self._writer.cancel()
 
     def send(self, frame: Frame) -> None:
         """排队发送一条消息"""
@@ -108,6 +126,7 @@ class ClientConnection:
     async def _write(self) -> None:
         while True:
             text = await self.outbox.get()
+            self.outbox_bytes -= sys.getsizeof(text)
             await self.ws.send_text(text)
 
     # -- the connection ------------------------------------------------------------
@@ -129,7 +148,9 @@ class ClientConnection:
             self.channels.clear()
             if self.ws.application_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):
-                    await self.ws.close()
+                    await asyncio.wait_for(
+                        self.ws.close(CLOSE_TRY_AGAIN_LATER if self.dropped else 1000), CLOSE_TIMEOUT_S
+                    )
 
     async def _read(self) -> None:
         while True:
