@@ -539,6 +539,51 @@ async def test_client_reconnects_after_a_server_restart(live_server, make_user, 
             proc.kill()
 
 
+# -- bindings the cloud refuses --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filter_text", "reason"),
+    [
+        ("id=like.x", "Error parsing `filter` params"),
+        ("id", "Error parsing `filter` params"),
+        ("id=in.1,2", "`in` filter value must be wrapped by parentheses"),
+    ],
+)
+async def test_a_malformed_filter_is_answered_after_the_join(live_server, make_user, filter_text, reason):
+    """As the cloud: the join succeeds, then a system message with status error names the filter's problem."""
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+        binding = {"event": "UPDATE", "schema": "public", "table": "tasks", "filter": filter_text}
+        await ws.send(json.dumps(["1", "1", "realtime:f", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        answer = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert answer[4]["status"] == "ok", answer
+        assert answer[4]["response"]["postgres_changes"][0]["filter"] == filter_text
+        *_, event, payload = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert (event, payload["status"], payload["extension"]) == ("system", "error", "postgres_changes")
+        assert reason in payload["message"]
+
+
+async def test_one_refused_binding_leaves_the_channel_without_changes(realtime_url, make_user, db_conn, subscriptions):
+    """As the cloud, which subscribes a channel's bindings all or none: its valid bindings deliver nothing either."""
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "mixed",
+        {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"},
+        {"event": "UPDATE", "table": "tasks", "filter": "progress=lt.zzz"},
+        expect_ok=False,
+    )
+    for _ in range(100):
+        if sub.errors:
+            break
+        await asyncio.sleep(0.05)
+    assert sub.states[:2] == [RealtimeSubscribeStates.SUBSCRIBED, RealtimeSubscribeStates.CHANNEL_ERROR], sub.states
+    assert "invalid input syntax" in sub.errors[0]
+    run_task(db_conn, create_task(db_conn, a.id))
+    await sub.none_within(1.0)
+
+
 # -- a client that does not read -------------------------------------------------------
 
 

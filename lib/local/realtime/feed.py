@@ -289,9 +289,12 @@ class ChangeFeed:
         await self._load_tables()
 
     async def check_bindings(self, bindings: list[Binding]) -> list[str]:
-        """检查订阅的表在发布中、过滤列存在、过滤值能转成列的类型（in 至多 100 个值）；返回问题列表"""
+        """检查过滤串可解析、订阅的表在发布中、过滤列存在、过滤值能转成列的类型（in 至多 100 个值）；返回问题列表"""
         problems = []
         for b in bindings:
+            if b.problem:
+                problems.append(b.problem)
+                continue
             if not self._resolve(b):
                 try:
                     await self.refresh_tables()

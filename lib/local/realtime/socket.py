@@ -215,7 +215,9 @@ class ClientConnection:
             self.send(reply(frame, "error", {"reason": "Realtime is not connected to the database yet."}))
             return
         problems = await feed.check_bindings(bindings) if bindings else []
-        channel = Channel(self, frame.topic, frame.join_ref or frame.ref, bindings, claims)
+        # As the cloud subscribes a channel's bindings in one transaction: one refused, none subscribed.
+        subscribed = [] if problems else bindings
+        channel = Channel(self, frame.topic, frame.join_ref or frame.ref, subscribed, claims)
         response = {"postgres_changes": [{**b.params, "id": b.id} for b in bindings]}
         self.send(reply(frame, "ok", response))
         self.channels[frame.topic] = channel
