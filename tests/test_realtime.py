@@ -584,6 +584,59 @@ async def test_one_refused_binding_leaves_the_channel_without_changes(realtime_u
     await sub.none_within(1.0)
 
 
+# -- tokens ----------------------------------------------------------------------------
+
+
+async def test_a_token_expired_seconds_ago_is_refused_at_join(realtime_url, make_user, db_conn, subscriptions):
+    """Realtime allows no leeway on `exp`: the join is refused, never answered ok and closed afterwards."""
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    token = local_issuer().mint(a.id, a.email, seconds=-5)
+    sub = await subscriptions(realtime_url, token).subscribe(
+        "late", {"event": "*", "table": "credit_accounts"}, expect_ok=False
+    )
+    assert sub.states[0] == RealtimeSubscribeStates.CHANNEL_ERROR, sub.states
+    assert "Token has expired" in sub.errors[0]
+    create_task(db_conn, a.id)
+    await sub.none_within(0.5)
+
+
+async def test_a_token_expiring_on_an_open_channel_closes_it(realtime_url, make_user, db_conn, subscriptions):
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    token = local_issuer().mint(a.id, a.email, seconds=2)
+    sub = await subscriptions(realtime_url, token).subscribe(
+        "short", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    for _ in range(100):
+        if RealtimeSubscribeStates.CLOSED in sub.states:
+            break
+        await asyncio.sleep(0.05)
+    assert sub.states[-2:] == [RealtimeSubscribeStates.CHANNEL_ERROR, RealtimeSubscribeStates.CLOSED], sub.states
+    assert json.loads(sub.errors[-1])["message"].startswith("Token has expired ")
+    assert json.loads(sub.errors[-1])["message"].endswith(" seconds ago")
+    create_task(db_conn, a.id)
+    await sub.none_within(0.5)
+
+
+@pytest.mark.parametrize("token", [None, "sb_publishable_local"])
+async def test_an_access_token_without_a_user_token_changes_nothing(
+    realtime_url, make_user, db_conn, subscriptions, token
+):
+    """As the cloud: an access_token message carrying no token, or the project key, is ignored."""
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "keep", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    await sub.client.set_auth(token)
+    await asyncio.sleep(0.2)
+    create_task(db_conn, a.id, cost=10)
+    assert (await sub.next())["data"]["record"]["balance"] == 90
+    assert RealtimeSubscribeStates.CLOSED not in sub.states
+
+
 # -- a client that does not read -------------------------------------------------------
 
 

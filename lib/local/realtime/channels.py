@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -64,10 +65,19 @@ async def resolve_claims(token: str | None) -> dict:
     if unverified.get("role") == "anon":
         # An anon key grants nothing beyond the anon role: keep none of its other claims.
         return dict(ANON_CLAIMS)
+    if expired := expiry_message(unverified.get("exp")):
+        raise Unauthorized(expired)  # Realtime allows no leeway on exp, unlike the API
     claims = await get_token_verifier().averify(token)
     if claims.get("role") != "authenticated":
         raise Unauthorized("Unsupported role in access token.")
     return claims
+
+
+def expiry_message(exp) -> str | None:
+    """令牌已过期时 Supabase Realtime 的说法；未过期（或没有数字 exp）则 None"""
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or exp > time.time():
+        return None
+    return f"Token has expired {int(time.time() - exp)} seconds ago"
 
 
 class Hub:

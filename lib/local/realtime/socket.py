@@ -15,7 +15,7 @@ from starlette.websockets import WebSocketState
 from lib.config import get_settings
 from lib.errors import ServiceUnavailable, Unauthorized
 from lib.local.realtime.bindings import BindingError, parse_bindings
-from lib.local.realtime.channels import Channel, Hub, resolve_claims
+from lib.local.realtime.channels import PROJECT_KEY_PREFIXES, Channel, Hub, expiry_message, resolve_claims
 from lib.local.realtime.feed import ChangeFeed
 from lib.local.realtime.protocol import (
     PHOENIX_TOPIC,
@@ -228,10 +228,13 @@ class ClientConnection:
             self.system(channel, status, message, "postgres_changes")
 
     async def refresh_token(self, frame: Frame) -> None:
-        """频道上的 access_token 刷新；无效则关闭频道"""
+        """频道上的 access_token 刷新；无效则关闭频道；不是用户令牌（空、项目密钥）则不理会，如 Supabase"""
         channel = self.channels[frame.topic]
+        token = frame.payload.get("access_token")
+        if not isinstance(token, str) or token.startswith(PROJECT_KEY_PREFIXES):
+            return
         try:
-            channel.claims = await resolve_claims(frame.payload.get("access_token"))
+            channel.claims = await resolve_claims(token)
         except Unauthorized as exc:
             self.close_channel(channel, exc.message)
             return
@@ -263,6 +266,7 @@ class ClientConnection:
         exp = channel.claims.get("exp")
         if isinstance(exp, int | float):
             delay = max(0.0, exp - time.time())
-            channel.expiry = asyncio.get_running_loop().call_later(
-                delay, self.close_channel, channel, "Token has expired."
-            )
+            channel.expiry = asyncio.get_running_loop().call_later(delay, self._expire, channel)
+
+    def _expire(self, channel: Channel) -> None:
+        self.close_channel(channel, expiry_message(channel.claims["exp"]) or "Token has expired 0 seconds ago")
