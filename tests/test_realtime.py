@@ -472,6 +472,60 @@ def visibility_check_dies_once(conn):
         conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
 
 
+@contextmanager
+def visibility_check_is_slow(conn, seconds: float):
+    """让 feed 的可见性检查每次先等待 seconds 秒，之后恢复原函数"""
+    conn.execute("alter function realtime_local.visible_rows(jsonb) rename to visible_rows_intact")
+    conn.execute(
+        f"""create function realtime_local.visible_rows(p_checks jsonb) returns table (check_no int, item jsonb)
+        language plpgsql as $$
+        begin
+          perform pg_sleep({seconds});
+          return query select * from realtime_local.visible_rows_intact(p_checks);
+        end $$"""
+    )
+    try:
+        yield
+    finally:
+        conn.execute("drop function realtime_local.visible_rows(jsonb)")
+        conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
+
+
+async def test_a_change_checked_while_the_token_is_refreshed_arrives(realtime_url, make_user, db_conn, subscriptions):
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "credits", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    with visibility_check_is_slow(db_conn, 1.5):
+        create_task(db_conn, a.id, cost=10)
+        await asyncio.sleep(0.5)  # the feed is checking it
+        await sub.client.set_auth(local_issuer().mint(a.id, a.email))
+        assert (await sub.next())["data"]["record"]["balance"] == 90
+
+
+async def test_a_change_checked_while_its_channel_is_left_is_not_sent(live_server, make_user, db_conn):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+
+        async def recv():
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+
+        binding = {"event": "UPDATE", "schema": "public", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+        await ws.send(json.dumps(["1", "1", "realtime:c", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        assert (await recv())[4]["status"] == "ok"
+        assert (await recv())[3] == "system"
+        with visibility_check_is_slow(db_conn, 1.5):
+            create_task(db_conn, a.id, cost=10)
+            await asyncio.sleep(0.5)  # the feed is checking it
+            await ws.send(json.dumps(["1", "2", "realtime:c", "phx_leave", {}]))
+            assert (await recv())[3:] == ["phx_reply", {"status": "ok", "response": {}}]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 2.0)
+
+
 async def test_a_change_whose_delivery_lost_the_database_arrives_after_reconnecting(
     realtime_url, make_user, db_conn, subscriptions
 ):

@@ -36,6 +36,7 @@ class Channel:
     bindings: list[Binding]
     claims: dict
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    active: bool = True  # false once left or closed: a batch already in flight sends it nothing more
 
     @property
     def role(self) -> str:
@@ -93,6 +94,7 @@ class Hub:
 
     def remove(self, channel: Channel) -> None:
         """注销频道"""
+        channel.active = False
         channel.cancel_expiry()
         for key in self._keys(channel):
             channels = self._by_table.get(key)
