@@ -9,7 +9,7 @@ import shutil
 import signal
 import subprocess
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,8 +34,8 @@ WAIT_S = 10.0
 class Subscription:
     """一个官方 Python 客户端的订阅：收到的变更与订阅状态"""
 
-    def __init__(self, url: str, token: str, **client_options):
-        self.client = AsyncRealtimeClient(url, token, **client_options)
+    def __init__(self, url: str, token: str, client: AsyncRealtimeClient | None = None, **client_options):
+        self.client = client or AsyncRealtimeClient(url, token, **client_options)
         self.changes: asyncio.Queue = asyncio.Queue()
         self.states: list[RealtimeSubscribeStates] = []
         self.errors: list[str] = []
@@ -691,6 +691,73 @@ async def test_an_access_token_without_a_user_token_changes_nothing(
     assert RealtimeSubscribeStates.CLOSED not in sub.states
 
 
+async def test_a_refreshed_token_of_another_user_changes_whose_rows_arrive(
+    realtime_url, make_user, db_conn, subscriptions
+):
+    a, b = await make_user(), await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe("who", {"event": "UPDATE", "table": "credit_accounts"})
+    await sub.client.set_auth(b.token)
+    await asyncio.sleep(0.3)
+    create_task(db_conn, a.id, cost=10)
+    create_task(db_conn, b.id, cost=20)
+    assert (await sub.next())["data"]["record"]["user_id"] == b.id
+    await sub.none_within(0.5)
+
+
+# -- filters, leave and rejoin ---------------------------------------------------------
+
+
+FILTER_CASES = [  # the balance goes from 100 to 90
+    ("eq.90", True),
+    ("eq.91", False),
+    ("neq.100", True),
+    ("neq.90", False),
+    ("lt.91", True),
+    ("lt.90", False),
+    ("lte.90", True),
+    ("lte.89", False),
+    ("gt.89", True),
+    ("gt.90", False),
+    ("gte.90", True),
+    ("gte.91", False),
+    ("in.(1,90)", True),
+    ("in.(1,2)", False),
+]
+
+
+async def test_each_filter_operator(realtime_url, make_user, db_conn, subscriptions):
+    a, b = await make_user(), await make_user()
+    bindings = [{"event": "UPDATE", "table": "credit_accounts", "filter": f"balance={f}"} for f, _ in FILTER_CASES]
+    sub = await subscriptions(realtime_url, a.token).subscribe("ops", *bindings)
+    create_task(db_conn, b.id, cost=10)  # the same balance, another user's row: never delivered
+    create_task(db_conn, a.id, cost=10)
+    change = await sub.next()
+    assert change["data"]["record"]["user_id"] == a.id
+    matched = {
+        cb.filter.removeprefix("balance=") for cb in sub.channel.postgres_changes_callbacks if cb.id in change["ids"]
+    }
+    assert matched == {f for f, hit in FILTER_CASES if hit}
+
+
+async def test_leave_then_join_the_same_topic_again(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    binding = {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    first = await subscriptions(realtime_url, a.token).subscribe("again", binding)
+    await first.channel.unsubscribe()
+    for _ in range(100):
+        if RealtimeSubscribeStates.CLOSED in first.states:
+            break
+        await asyncio.sleep(0.05)
+    create_task(db_conn, a.id, cost=10)
+    await first.none_within(0.5)  # left: nothing more arrives
+
+    second = Subscription(realtime_url, a.token, client=first.client)
+    await second.subscribe("again", binding)  # the same socket, the same topic
+    create_task(db_conn, a.id, cost=10)
+    assert (await second.next())["data"]["record"]["balance"] == 80
+    await first.none_within(0.1)
+
+
 # -- a client that does not read -------------------------------------------------------
 
 
@@ -745,40 +812,75 @@ def _node_ready() -> bool:
     return True
 
 
-async def test_supabase_realtime_js_receives_task_progress(live_server, make_user, db_conn):
+@asynccontextmanager
+async def js_subscriber(live_server: str, token: str, task_id: str):
+    """subscribe.mjs 的一个进程：next(kind) 读下一行该类的输出，set_auth 调用 client.setAuth"""
     if not await asyncio.to_thread(_node_ready):
         pytest.skip("node/npm or the @supabase/realtime-js package is not available")
-    a = await make_user()
-    task_id = create_task(db_conn, a.id)
-    env = {**os.environ, "REALTIME_URL": f"{live_server}/realtime/v1", "ACCESS_TOKEN": a.token, "TASK_ID": task_id}
+    env = {**os.environ, "REALTIME_URL": f"{live_server}/realtime/v1", "ACCESS_TOKEN": token, "TASK_ID": task_id}
+    pipe = asyncio.subprocess.PIPE
     proc = await asyncio.create_subprocess_exec(
-        "node", "subscribe.mjs", cwd=JS_DIR, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        "node", "subscribe.mjs", cwd=JS_DIR, env=env, stdin=pipe, stdout=pipe, stderr=pipe
     )
 
-    async def line() -> dict:
-        raw = await asyncio.wait_for(proc.stdout.readline(), 20)
-        if not raw:
-            raise AssertionError("node exited: " + (await proc.stderr.read()).decode()[-2000:])
-        return json.loads(raw)
+    async def next(kind: str) -> dict:
+        while True:
+            raw = await asyncio.wait_for(proc.stdout.readline(), 20)
+            if not raw:
+                raise AssertionError("node exited: " + (await proc.stderr.read()).decode()[-2000:])
+            line = json.loads(raw)
+            if kind in line:
+                return line
+
+    async def set_auth(new_token: str | None) -> None:
+        proc.stdin.write((json.dumps({"setAuth": new_token}) + "\n").encode())
+        await proc.stdin.drain()
 
     try:
-        status = await line()
-        assert status["status"] == "SUBSCRIBED", status
-        assert status["vsn"] == "2.0.0"
-        run_task(db_conn, task_id)
-        changes = []
-        while not changes or changes[-1]["new"]["status"] != "completed":
-            changes.append((await line())["change"])
-        assert [c["eventType"] for c in changes] == ["UPDATE"] * 5
-        progress = [c["new"]["progress"] for c in changes]
-        assert progress == sorted(progress) and progress[-1] == 1
-        assert changes[0]["old"]["status"] == "queued" and changes[0]["table"] == "tasks"
+        yield SimpleNamespace(next=next, set_auth=set_auth)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:
             proc.kill()
+
+
+async def test_supabase_realtime_js_receives_task_progress(live_server, make_user, db_conn):
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    async with js_subscriber(live_server, a.token, task_id) as js:
+        status = await js.next("status")
+        assert status["status"] == "SUBSCRIBED", status
+        assert status["vsn"] == "2.0.0"
+        run_task(db_conn, task_id)
+        changes = []
+        while not changes or changes[-1]["new"]["status"] != "completed":
+            changes.append((await js.next("change"))["change"])
+        assert [c["eventType"] for c in changes] == ["UPDATE"] * 5
+        progress = [c["new"]["progress"] for c in changes]
+        assert progress == sorted(progress) and progress[-1] == 1
+        assert changes[0]["old"]["status"] == "queued" and changes[0]["table"] == "tasks"
+
+
+async def test_supabase_realtime_js_set_auth(live_server, make_user, db_conn):
+    """setAuth with a fresh token keeps the channel; with the project key changes nothing; with a token that expires,
+    the channel is closed with the cloud's system message."""
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    async with js_subscriber(live_server, a.token, task_id) as js:
+        assert (await js.next("status"))["status"] == "SUBSCRIBED"
+        await js.set_auth(local_issuer().mint(a.id, a.email))
+        await js.set_auth("sb_publishable_local")
+        run_task(db_conn, task_id, steps=())
+        assert (await js.next("change"))["change"]["new"]["status"] == "processing"
+        await js.set_auth(local_issuer().mint(a.id, a.email, seconds=1))
+        while (system := (await js.next("system"))["system"])["status"] == "ok":
+            pass
+        assert system["extension"] == "system" and system["message"].startswith("Token has expired")
+        assert (await js.next("status"))["status"] == "CLOSED"
 
 
 def test_the_change_log_prunes_itself_without_any_subscriber(db_conn):
