@@ -26,6 +26,10 @@ class Outbox(Protocol):
     def send_text(self, text: str) -> None: ...
 
 
+class TokenExpired(Unauthorized):
+    """令牌已过期（Realtime 对 exp 不留余量）"""
+
+
 @dataclass(eq=False)
 class Channel:
     """一个已加入的频道：连接、主题、订阅与订阅者的 claims"""
@@ -67,7 +71,7 @@ async def resolve_claims(token: str | None) -> dict:
         # An anon key grants nothing beyond the anon role: keep none of its other claims.
         return dict(ANON_CLAIMS)
     if expired := expiry_message(unverified.get("exp")):
-        raise Unauthorized(expired)  # Realtime allows no leeway on exp, unlike the API
+        raise TokenExpired(expired)  # Realtime allows no leeway on exp, unlike the API
     claims = await get_token_verifier().averify(token)
     if claims.get("role") != "authenticated":
         raise Unauthorized("Unsupported role in access token.")

@@ -15,10 +15,18 @@ from starlette.websockets import WebSocketState
 from lib.config import get_settings
 from lib.errors import ServiceUnavailable, Unauthorized
 from lib.local.realtime.bindings import BindingError, parse_bindings
-from lib.local.realtime.channels import PROJECT_KEY_PREFIXES, Channel, Hub, expiry_message, resolve_claims
+from lib.local.realtime.channels import (
+    PROJECT_KEY_PREFIXES,
+    Channel,
+    Hub,
+    TokenExpired,
+    expiry_message,
+    resolve_claims,
+)
 from lib.local.realtime.feed import ChangeFeed
 from lib.local.realtime.protocol import (
     PHOENIX_TOPIC,
+    TOPIC_PREFIX,
     VERSIONS,
     VSN_1,
     Frame,
@@ -38,6 +46,7 @@ CLOSE_TIMEOUT_S = 5.0  # a client that reads nothing cannot take the close frame
 # heap limit (WEBSOCKET_MAX_HEAP_SIZE, 50 MB by default); the client reconnects and rejoins.
 OUTBOX_LIMIT_BYTES = 50_000_000
 CLOSE_TRY_AGAIN_LATER = 1013
+MAX_CHANNELS_PER_CLIENT = 100  # the cloud's default (TENANT_MAX_CHANNELS_PER_CLIENT)
 
 
 class LocalRealtime:
@@ -199,6 +208,9 @@ class ClientConnection:
 
     async def join(self, frame: Frame) -> None:
         """加入频道：校验令牌、解析订阅、回复 id，然后发 system 消息"""
+        if refusal := self._join_refusal(frame.topic):
+            self.send(reply(frame, "error", {"reason": refusal}))
+            return
         self.drop(frame.topic)  # a rejoin replaces the old membership
         config = frame.payload.get("config") or {}
         if not isinstance(config, dict):
@@ -207,6 +219,9 @@ class ClientConnection:
         try:
             claims = await resolve_claims(frame.payload.get("access_token") or self.apikey)
             bindings = parse_bindings(config.get("postgres_changes"))
+        except TokenExpired as exc:
+            self.send(reply(frame, "error", {"reason": f"InvalidJWTToken: {exc.message}"}))
+            return
         except (Unauthorized, ServiceUnavailable, BindingError) as exc:
             self.send(reply(frame, "error", {"reason": getattr(exc, "message", str(exc))}))
             return
@@ -226,6 +241,16 @@ class ClientConnection:
         if bindings:
             status, message = ("error", "; ".join(problems)) if problems else ("ok", "Subscribed to PostgreSQL")
             self.system(channel, status, message, "postgres_changes")
+
+    def _join_refusal(self, topic: str) -> str | None:
+        """Supabase 在做任何检查之前就拒绝的加入：不是 realtime: 主题、没有频道名、频道过多"""
+        if not topic.startswith(TOPIC_PREFIX):
+            return "unmatched topic"
+        if topic == TOPIC_PREFIX:
+            return "TopicNameRequired: You must provide a topic name"
+        if topic not in self.channels and len(self.channels) >= MAX_CHANNELS_PER_CLIENT:
+            return "ChannelRateLimitReached: Too many channels"
+        return None
 
     async def refresh_token(self, frame: Frame) -> None:
         """频道上的 access_token 刷新；无效则关闭频道；不是用户令牌（空、项目密钥）则不理会，如 Supabase"""
