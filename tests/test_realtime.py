@@ -9,15 +9,17 @@ import shutil
 import signal
 import subprocess
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import psycopg
 import pytest
 import websockets
 from psycopg.rows import dict_row
 from realtime import AsyncRealtimeClient, RealtimeSubscribeStates
+from starlette.websockets import WebSocketState
 
 from lib.local.stack import free_port, start_server
 
@@ -32,8 +34,8 @@ WAIT_S = 10.0
 class Subscription:
     """一个官方 Python 客户端的订阅：收到的变更与订阅状态"""
 
-    def __init__(self, url: str, token: str, **client_options):
-        self.client = AsyncRealtimeClient(url, token, **client_options)
+    def __init__(self, url: str, token: str, client: AsyncRealtimeClient | None = None, **client_options):
+        self.client = client or AsyncRealtimeClient(url, token, **client_options)
         self.changes: asyncio.Queue = asyncio.Queue()
         self.states: list[RealtimeSubscribeStates] = []
         self.errors: list[str] = []
@@ -372,6 +374,27 @@ async def test_a_malformed_join_is_refused_and_the_socket_lives_on(live_server, 
         assert change[2:4] == ["realtime:ok", "postgres_changes"]
 
 
+async def test_joins_the_cloud_refuses_before_any_check(live_server, make_user):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+
+        async def join(ref: int, topic: str) -> dict:
+            await ws.send(json.dumps([str(ref), str(ref), topic, "phx_join", {"config": {}}]))
+            answer = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+            assert answer[1] == str(ref), answer
+            return answer[4]
+
+        assert await join(1, "tasks") == {"status": "error", "response": {"reason": "unmatched topic"}}
+        refused = await join(2, "realtime:")
+        assert refused["response"]["reason"] == "TopicNameRequired: You must provide a topic name"
+        for n in range(100):
+            assert (await join(10 + n, f"realtime:c{n}"))["status"] == "ok"
+        refused = await join(200, "realtime:one-more")
+        assert refused == {"status": "error", "response": {"reason": "ChannelRateLimitReached: Too many channels"}}
+        assert (await join(201, "realtime:c0"))["status"] == "ok"  # a rejoin is not one more
+
+
 async def test_large_rows_arrive_whole(realtime_url, make_user, db_conn, subscriptions):
     a = await make_user()
     task_id = create_task(db_conn, a.id)
@@ -470,6 +493,60 @@ def visibility_check_dies_once(conn):
         conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
 
 
+@contextmanager
+def visibility_check_is_slow(conn, seconds: float):
+    """让 feed 的可见性检查每次先等待 seconds 秒，之后恢复原函数"""
+    conn.execute("alter function realtime_local.visible_rows(jsonb) rename to visible_rows_intact")
+    conn.execute(
+        f"""create function realtime_local.visible_rows(p_checks jsonb) returns table (check_no int, item jsonb)
+        language plpgsql as $$
+        begin
+          perform pg_sleep({seconds});
+          return query select * from realtime_local.visible_rows_intact(p_checks);
+        end $$"""
+    )
+    try:
+        yield
+    finally:
+        conn.execute("drop function realtime_local.visible_rows(jsonb)")
+        conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
+
+
+async def test_a_change_checked_while_the_token_is_refreshed_arrives(realtime_url, make_user, db_conn, subscriptions):
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "credits", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    with visibility_check_is_slow(db_conn, 1.5):
+        create_task(db_conn, a.id, cost=10)
+        await asyncio.sleep(0.5)  # the feed is checking it
+        await sub.client.set_auth(local_issuer().mint(a.id, a.email))
+        assert (await sub.next())["data"]["record"]["balance"] == 90
+
+
+async def test_a_change_checked_while_its_channel_is_left_is_not_sent(live_server, make_user, db_conn):
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+
+        async def recv():
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+
+        binding = {"event": "UPDATE", "schema": "public", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+        await ws.send(json.dumps(["1", "1", "realtime:c", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        assert (await recv())[4]["status"] == "ok"
+        assert (await recv())[3] == "system"
+        with visibility_check_is_slow(db_conn, 1.5):
+            create_task(db_conn, a.id, cost=10)
+            await asyncio.sleep(0.5)  # the feed is checking it
+            await ws.send(json.dumps(["1", "2", "realtime:c", "phx_leave", {}]))
+            assert (await recv())[3:] == ["phx_reply", {"status": "ok", "response": {}}]
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(ws.recv(), 2.0)
+
+
 async def test_a_change_whose_delivery_lost_the_database_arrives_after_reconnecting(
     realtime_url, make_user, db_conn, subscriptions
 ):
@@ -537,7 +614,211 @@ async def test_client_reconnects_after_a_server_restart(live_server, make_user, 
             proc.kill()
 
 
-# -- the JavaScript client ---------------------------------------------------------------
+# -- bindings the cloud refuses --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filter_text", "reason"),
+    [
+        ("id=like.x", "Error parsing `filter` params"),
+        ("id", "Error parsing `filter` params"),
+        ("id=in.1,2", "`in` filter value must be wrapped by parentheses"),
+    ],
+)
+async def test_a_malformed_filter_is_answered_after_the_join(live_server, make_user, filter_text, reason):
+    """As the cloud: the join succeeds, then a system message with status error names the filter's problem."""
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+        binding = {"event": "UPDATE", "schema": "public", "table": "tasks", "filter": filter_text}
+        await ws.send(json.dumps(["1", "1", "realtime:f", "phx_join", {"config": {"postgres_changes": [binding]}}]))
+        answer = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert answer[4]["status"] == "ok", answer
+        assert answer[4]["response"]["postgres_changes"][0]["filter"] == filter_text
+        *_, event, payload = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+        assert (event, payload["status"], payload["extension"]) == ("system", "error", "postgres_changes")
+        assert reason in payload["message"]
+
+
+async def test_one_refused_binding_leaves_the_channel_without_changes(realtime_url, make_user, db_conn, subscriptions):
+    """As the cloud, which subscribes a channel's bindings all or none: its valid bindings deliver nothing either."""
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "mixed",
+        {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"},
+        {"event": "UPDATE", "table": "tasks", "filter": "progress=lt.zzz"},
+        expect_ok=False,
+    )
+    for _ in range(100):
+        if sub.errors:
+            break
+        await asyncio.sleep(0.05)
+    assert sub.states[:2] == [RealtimeSubscribeStates.SUBSCRIBED, RealtimeSubscribeStates.CHANNEL_ERROR], sub.states
+    assert "invalid input syntax" in sub.errors[0]
+    run_task(db_conn, create_task(db_conn, a.id))
+    await sub.none_within(1.0)
+
+
+# -- tokens ----------------------------------------------------------------------------
+
+
+async def test_a_token_expired_seconds_ago_is_refused_at_join(realtime_url, make_user, db_conn, subscriptions):
+    """Realtime allows no leeway on `exp`: the join is refused, never answered ok and closed afterwards."""
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    token = local_issuer().mint(a.id, a.email, seconds=-5)
+    sub = await subscriptions(realtime_url, token).subscribe(
+        "late", {"event": "*", "table": "credit_accounts"}, expect_ok=False
+    )
+    assert sub.states[0] == RealtimeSubscribeStates.CHANNEL_ERROR, sub.states
+    assert json.loads(sub.errors[0])["reason"].startswith("InvalidJWTToken: Token has expired ")
+    create_task(db_conn, a.id)
+    await sub.none_within(0.5)
+
+
+async def test_a_token_expiring_on_an_open_channel_closes_it(realtime_url, make_user, db_conn, subscriptions):
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    token = local_issuer().mint(a.id, a.email, seconds=2)
+    sub = await subscriptions(realtime_url, token).subscribe(
+        "short", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    for _ in range(100):
+        if RealtimeSubscribeStates.CLOSED in sub.states:
+            break
+        await asyncio.sleep(0.05)
+    assert sub.states[-2:] == [RealtimeSubscribeStates.CHANNEL_ERROR, RealtimeSubscribeStates.CLOSED], sub.states
+    assert json.loads(sub.errors[-1])["message"].startswith("Token has expired ")
+    assert json.loads(sub.errors[-1])["message"].endswith(" seconds ago")
+    create_task(db_conn, a.id)
+    await sub.none_within(0.5)
+
+
+@pytest.mark.parametrize("token", [None, "sb_publishable_local"])
+async def test_an_access_token_without_a_user_token_changes_nothing(
+    realtime_url, make_user, db_conn, subscriptions, token
+):
+    """As the cloud: an access_token message carrying no token, or the project key, is ignored."""
+    a = await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe(
+        "keep", {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    )
+    await sub.client.set_auth(token)
+    await asyncio.sleep(0.2)
+    create_task(db_conn, a.id, cost=10)
+    assert (await sub.next())["data"]["record"]["balance"] == 90
+    assert RealtimeSubscribeStates.CLOSED not in sub.states
+
+
+async def test_a_refreshed_token_of_another_user_changes_whose_rows_arrive(
+    realtime_url, make_user, db_conn, subscriptions
+):
+    a, b = await make_user(), await make_user()
+    sub = await subscriptions(realtime_url, a.token).subscribe("who", {"event": "UPDATE", "table": "credit_accounts"})
+    await sub.client.set_auth(b.token)
+    await asyncio.sleep(0.3)
+    create_task(db_conn, a.id, cost=10)
+    create_task(db_conn, b.id, cost=20)
+    assert (await sub.next())["data"]["record"]["user_id"] == b.id
+    await sub.none_within(0.5)
+
+
+# -- filters, leave and rejoin ---------------------------------------------------------
+
+
+FILTER_CASES = [  # the balance goes from 100 to 90
+    ("eq.90", True),
+    ("eq.91", False),
+    ("neq.100", True),
+    ("neq.90", False),
+    ("lt.91", True),
+    ("lt.90", False),
+    ("lte.90", True),
+    ("lte.89", False),
+    ("gt.89", True),
+    ("gt.90", False),
+    ("gte.90", True),
+    ("gte.91", False),
+    ("in.(1,90)", True),
+    ("in.(1,2)", False),
+]
+
+
+async def test_each_filter_operator(realtime_url, make_user, db_conn, subscriptions):
+    a, b = await make_user(), await make_user()
+    bindings = [{"event": "UPDATE", "table": "credit_accounts", "filter": f"balance={f}"} for f, _ in FILTER_CASES]
+    sub = await subscriptions(realtime_url, a.token).subscribe("ops", *bindings)
+    create_task(db_conn, b.id, cost=10)  # the same balance, another user's row: never delivered
+    create_task(db_conn, a.id, cost=10)
+    change = await sub.next()
+    assert change["data"]["record"]["user_id"] == a.id
+    matched = {
+        cb.filter.removeprefix("balance=") for cb in sub.channel.postgres_changes_callbacks if cb.id in change["ids"]
+    }
+    assert matched == {f for f, hit in FILTER_CASES if hit}
+
+
+async def test_leave_then_join_the_same_topic_again(realtime_url, make_user, db_conn, subscriptions):
+    a = await make_user()
+    binding = {"event": "UPDATE", "table": "credit_accounts", "filter": f"user_id=eq.{a.id}"}
+    first = await subscriptions(realtime_url, a.token).subscribe("again", binding)
+    await first.channel.unsubscribe()
+    for _ in range(100):
+        if RealtimeSubscribeStates.CLOSED in first.states:
+            break
+        await asyncio.sleep(0.05)
+    create_task(db_conn, a.id, cost=10)
+    await first.none_within(0.5)  # left: nothing more arrives
+
+    second = Subscription(realtime_url, a.token, client=first.client)
+    await second.subscribe("again", binding)  # the same socket, the same topic
+    create_task(db_conn, a.id, cost=10)
+    assert (await second.next())["data"]["record"]["balance"] == 80
+    await first.none_within(0.1)
+
+
+# -- a client that does not read -------------------------------------------------------
+
+
+class _StuckWebSocket:
+    """一个从不读取的客户端：发送永远阻塞"""
+
+    application_state = WebSocketState.CONNECTED
+
+    def __init__(self):
+        self.closed_with = None
+
+    async def receive(self):
+        await asyncio.Event().wait()
+
+    async def send_text(self, text):
+        await asyncio.Event().wait()
+
+    async def close(self, code=1000, reason=None):
+        self.closed_with = code
+
+
+async def test_a_client_that_does_not_read_is_dropped_once_its_outbox_holds_too_many_bytes():
+    from lib.local.realtime.channels import Hub
+    from lib.local.realtime.socket import OUTBOX_LIMIT_BYTES, ClientConnection
+
+    ws = _StuckWebSocket()
+    conn = ClientConnection(ws, "2.0.0", None, SimpleNamespace(hub=Hub()))
+    serving = asyncio.create_task(conn.serve())
+    await asyncio.sleep(0)
+    frame = "x" * (1 << 20)  # a large row
+    held = 0
+    for _ in range(OUTBOX_LIMIT_BYTES // len(frame) + 10):
+        conn.send_text(frame)
+        held = max(held, conn.outbox_bytes)
+    await asyncio.wait_for(serving, WAIT_S)  # dropped, as the cloud drops a socket over its memory limit
+    assert held <= OUTBOX_LIMIT_BYTES
+    assert conn.outbox_bytes == 0 and ws.closed_with == 1013
+
+
+# -- the JavaScript client -------------------------------------------------------------
 
 
 def _node_ready() -> bool:
@@ -552,40 +833,75 @@ def _node_ready() -> bool:
     return True
 
 
-async def test_supabase_realtime_js_receives_task_progress(live_server, make_user, db_conn):
+@asynccontextmanager
+async def js_subscriber(live_server: str, token: str, task_id: str):
+    """subscribe.mjs 的一个进程：next(kind) 读下一行该类的输出，set_auth 调用 client.setAuth"""
     if not await asyncio.to_thread(_node_ready):
         pytest.skip("node/npm or the @supabase/realtime-js package is not available")
-    a = await make_user()
-    task_id = create_task(db_conn, a.id)
-    env = {**os.environ, "REALTIME_URL": f"{live_server}/realtime/v1", "ACCESS_TOKEN": a.token, "TASK_ID": task_id}
+    env = {**os.environ, "REALTIME_URL": f"{live_server}/realtime/v1", "ACCESS_TOKEN": token, "TASK_ID": task_id}
+    pipe = asyncio.subprocess.PIPE
     proc = await asyncio.create_subprocess_exec(
-        "node", "subscribe.mjs", cwd=JS_DIR, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        "node", "subscribe.mjs", cwd=JS_DIR, env=env, stdin=pipe, stdout=pipe, stderr=pipe
     )
 
-    async def line() -> dict:
-        raw = await asyncio.wait_for(proc.stdout.readline(), 20)
-        if not raw:
-            raise AssertionError("node exited: " + (await proc.stderr.read()).decode()[-2000:])
-        return json.loads(raw)
+    async def next(kind: str) -> dict:
+        while True:
+            raw = await asyncio.wait_for(proc.stdout.readline(), 20)
+            if not raw:
+                raise AssertionError("node exited: " + (await proc.stderr.read()).decode()[-2000:])
+            line = json.loads(raw)
+            if kind in line:
+                return line
+
+    async def set_auth(new_token: str | None) -> None:
+        proc.stdin.write((json.dumps({"setAuth": new_token}) + "\n").encode())
+        await proc.stdin.drain()
 
     try:
-        status = await line()
-        assert status["status"] == "SUBSCRIBED", status
-        assert status["vsn"] == "2.0.0"
-        run_task(db_conn, task_id)
-        changes = []
-        while not changes or changes[-1]["new"]["status"] != "completed":
-            changes.append((await line())["change"])
-        assert [c["eventType"] for c in changes] == ["UPDATE"] * 5
-        progress = [c["new"]["progress"] for c in changes]
-        assert progress == sorted(progress) and progress[-1] == 1
-        assert changes[0]["old"]["status"] == "queued" and changes[0]["table"] == "tasks"
+        yield SimpleNamespace(next=next, set_auth=set_auth)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), 10)
         except TimeoutError:
             proc.kill()
+
+
+async def test_supabase_realtime_js_receives_task_progress(live_server, make_user, db_conn):
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    async with js_subscriber(live_server, a.token, task_id) as js:
+        status = await js.next("status")
+        assert status["status"] == "SUBSCRIBED", status
+        assert status["vsn"] == "2.0.0"
+        run_task(db_conn, task_id)
+        changes = []
+        while not changes or changes[-1]["new"]["status"] != "completed":
+            changes.append((await js.next("change"))["change"])
+        assert [c["eventType"] for c in changes] == ["UPDATE"] * 5
+        progress = [c["new"]["progress"] for c in changes]
+        assert progress == sorted(progress) and progress[-1] == 1
+        assert changes[0]["old"]["status"] == "queued" and changes[0]["table"] == "tasks"
+
+
+async def test_supabase_realtime_js_set_auth(live_server, make_user, db_conn):
+    """setAuth with a fresh token keeps the channel; with the project key changes nothing; with a token that expires,
+    the channel is closed with the cloud's system message."""
+    from lib.local.stack import local_issuer
+
+    a = await make_user()
+    task_id = create_task(db_conn, a.id)
+    async with js_subscriber(live_server, a.token, task_id) as js:
+        assert (await js.next("status"))["status"] == "SUBSCRIBED"
+        await js.set_auth(local_issuer().mint(a.id, a.email))
+        await js.set_auth("sb_publishable_local")
+        run_task(db_conn, task_id, steps=())
+        assert (await js.next("change"))["change"]["new"]["status"] == "processing"
+        await js.set_auth(local_issuer().mint(a.id, a.email, seconds=1))
+        while (system := (await js.next("system"))["system"])["status"] == "ok":
+            pass
+        assert system["extension"] == "system" and system["message"].startswith("Token has expired")
+        assert (await js.next("status"))["status"] == "CLOSED"
 
 
 def test_the_change_log_prunes_itself_without_any_subscriber(db_conn):

@@ -1,6 +1,7 @@
 // Subscribes to one task with @supabase/realtime-js, exactly as the web app does,
 // and prints one JSON line per event: {"status": ...} for subscription states,
-// {"change": payload} for postgres_changes. Env: REALTIME_URL, ACCESS_TOKEN, TASK_ID.
+// {"change": payload} for postgres_changes, {"system": payload} for system messages.
+// Env: REALTIME_URL, ACCESS_TOKEN, TASK_ID. Each stdin line {"setAuth": token} calls client.setAuth(token).
 import { RealtimeClient } from '@supabase/realtime-js'
 
 const { REALTIME_URL, ACCESS_TOKEN, TASK_ID } = process.env
@@ -16,7 +17,19 @@ client
   .on('postgres_changes', { event: '*', schema: 'public', table: 'tasks', filter: `id=eq.${TASK_ID}` }, (payload) =>
     out({ change: payload }),
   )
+  .on('system', {}, (payload) => out({ system: payload }))
   .subscribe((status, err) => out({ status, error: err ? String(err) : null, vsn: client.vsn }))
+
+let pending = ''
+process.stdin.on('data', async (chunk) => {
+  pending += chunk
+  let end
+  while ((end = pending.indexOf('\n')) >= 0) {
+    const command = JSON.parse(pending.slice(0, end))
+    pending = pending.slice(end + 1)
+    if ('setAuth' in command) await client.setAuth(command.setAuth)
+  }
+})
 
 process.on('SIGTERM', async () => {
   await client.removeAllChannels()

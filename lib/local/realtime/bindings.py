@@ -61,6 +61,7 @@ class Binding:
     table: str
     conditions: tuple[Condition, ...]
     params: dict = field(default_factory=dict)  # as the client sent it, echoed in the join reply
+    problem: str | None = None  # why the cloud would not subscribe it, told after the join
 
     def wants(self, change_type: str, row: dict | None) -> bool:
         """该变更是否落在这个订阅里"""
@@ -89,11 +90,19 @@ def parse_binding(params: Any) -> Binding:
     table = params.get("table") or "*"
     if not isinstance(schema, str) or not isinstance(table, str):
         raise BindingError("schema and table must be strings")
-    filter_text = params.get("filter")
+    binding = Binding(binding_id(params), event, schema, table, (), dict(params))
+    try:
+        binding.conditions = _binding_conditions(params.get("filter"), table)
+    except BindingError as exc:
+        binding.problem = f"Error parsing `filter` params: {exc}"
+    return binding
+
+
+def _binding_conditions(filter_text: Any, table: str) -> tuple[Condition, ...]:
     conditions = parse_filter(filter_text) if filter_text else ()
     if conditions and table == "*":
         raise BindingError("a filter needs a table")
-    return Binding(binding_id(params), event, schema, table, conditions, dict(params))
+    return conditions
 
 
 def binding_id(params: dict) -> int:
@@ -111,17 +120,17 @@ def parse_filter(text: str) -> tuple[Condition, ...]:
 
 def _parse_condition(text: str) -> Condition:
     column, sep, rest = text.partition("=")
-    if not sep or not column or not rest:
-        raise BindingError(f"invalid filter {text!r}: expected column=operator.value")
+    if not sep or not column:
+        raise BindingError(_parts(column))  # the cloud names the parts it found
     negate = rest.startswith("not.")
     if negate:
         rest = rest[4:]
     op, dot, value = rest.partition(".")
     if op not in OPERATORS or not dot:
-        raise BindingError(f"invalid filter {text!r}: operator must be one of {', '.join(OPERATORS)}")
+        raise BindingError(_parts(op, value) if dot else _parts(op))
     if op == "in":
         if not (value.startswith("(") and value.endswith(")")):
-            raise BindingError(f"invalid filter {text!r}: in expects (a,b,...)")
+            raise BindingError("`in` filter value must be wrapped by parentheses")
         values = tuple(_unquote(v) for v in _split_top_level(value[1:-1]))
     elif op == "is":
         if value.lower() not in ("null", "true", "false", "unknown"):
@@ -130,6 +139,10 @@ def _parse_condition(text: str) -> Condition:
     else:
         values = (_unquote(value),)
     return Condition(column.strip(), op, values, negate)
+
+
+def _parts(*parts: str) -> str:
+    return "[" + ", ".join(json.dumps(p, ensure_ascii=False) for p in parts) + "]"
 
 
 def _split_top_level(text: str) -> list[str]:

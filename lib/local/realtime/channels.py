@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ class Outbox(Protocol):
     def send_text(self, text: str) -> None: ...
 
 
+class TokenExpired(Unauthorized):
+    """令牌已过期（Realtime 对 exp 不留余量）"""
+
+
 @dataclass(eq=False)
 class Channel:
     """一个已加入的频道：连接、主题、订阅与订阅者的 claims"""
@@ -35,6 +40,7 @@ class Channel:
     bindings: list[Binding]
     claims: dict
     expiry: asyncio.TimerHandle | None = field(default=None, repr=False)
+    active: bool = True  # false once left or closed: a batch already in flight sends it nothing more
 
     @property
     def role(self) -> str:
@@ -64,10 +70,19 @@ async def resolve_claims(token: str | None) -> dict:
     if unverified.get("role") == "anon":
         # An anon key grants nothing beyond the anon role: keep none of its other claims.
         return dict(ANON_CLAIMS)
+    if expired := expiry_message(unverified.get("exp")):
+        raise TokenExpired(expired)  # Realtime allows no leeway on exp, unlike the API
     claims = await get_token_verifier().averify(token)
     if claims.get("role") != "authenticated":
         raise Unauthorized("Unsupported role in access token.")
     return claims
+
+
+def expiry_message(exp) -> str | None:
+    """令牌已过期时 Supabase Realtime 的说法；未过期（或没有数字 exp）则 None"""
+    if not isinstance(exp, int | float) or isinstance(exp, bool) or exp > time.time():
+        return None
+    return f"Token has expired {int(time.time() - exp)} seconds ago"
 
 
 class Hub:
@@ -83,6 +98,7 @@ class Hub:
 
     def remove(self, channel: Channel) -> None:
         """注销频道"""
+        channel.active = False
         channel.cancel_expiry()
         for key in self._keys(channel):
             channels = self._by_table.get(key)

@@ -289,9 +289,12 @@ class ChangeFeed:
         await self._load_tables()
 
     async def check_bindings(self, bindings: list[Binding]) -> list[str]:
-        """检查订阅的表在发布中、过滤列存在、过滤值能转成列的类型（in 至多 100 个值）；返回问题列表"""
+        """检查过滤串可解析、订阅的表在发布中、过滤列存在、过滤值能转成列的类型（in 至多 100 个值）；返回问题列表"""
         problems = []
         for b in bindings:
+            if b.problem:
+                problems.append(b.problem)
+                continue
             if not self._resolve(b):
                 try:
                     await self.refresh_tables()
@@ -346,7 +349,9 @@ class ChangeFeed:
         order = {change_id: i for i, change_id in enumerate(ids)}
         changes = sorted((Change(*row) for row in await cur.fetchall()), key=lambda c: order[c.id])
 
-        plan: list[tuple[Change, TableMeta, Channel, list[int]]] = []
+        # Each channel's claims as they were when the batch was planned: a token refreshed while the batch is
+        # checked must not lose the batch's changes.
+        plan: list[tuple[Change, TableMeta, Channel, list[int], tuple[str, str]]] = []
         for change in changes:
             meta = self.tables.get((change.schema, change.table))
             if meta is None or not meta.pk:
@@ -357,13 +362,13 @@ class ChangeFeed:
                     continue
                 matched = [b.id for b in channel.bindings if _covers(b, change) and b.wants(change.type, row)]
                 if matched:
-                    plan.append((change, meta, channel, matched))
+                    plan.append((change, meta, channel, matched, (channel.role, channel.claims_json)))
         if not plan:
             return
         visible = await self._visible(query, plan)
         encoded: dict[int, str] = {}
-        for change, meta, channel, matched in plan:
-            if (channel.claims_json, change.id) not in visible:
+        for change, meta, channel, matched, (_, claims) in plan:
+            if (claims, change.id) not in visible or not channel.active:  # left or closed meanwhile: nothing
                 continue
             data = encoded.get(change.id)
             if data is None:
@@ -378,16 +383,16 @@ class ChangeFeed:
         checks: dict[tuple[str, str], dict] = {}  # (claims, rel) -> check
         by_key: dict[tuple[str, str], dict[str, list[int]]] = {}  # (claims, rel) -> pk -> change ids
         visible: set[tuple[str, int]] = set()
-        for change, meta, channel, _ in plan:
+        for change, meta, _, _, (role, claims) in plan:
             if change.type == "DELETE":  # as the cloud: no row left to check, the filters alone decide
-                visible.add((channel.claims_json, change.id))
+                visible.add((claims, change.id))
                 continue
-            group = (channel.claims_json, meta.rel)
+            group = (claims, meta.rel)
             check = checks.get(group)
             if check is None:
                 check = checks[group] = {
-                    "role": channel.role,
-                    "claims": channel.claims_json,
+                    "role": role,
+                    "claims": claims,
                     "rel": meta.rel,
                     "pk": list(meta.pk),
                     "keys": [],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from contextlib import asynccontextmanager
 
@@ -14,10 +15,18 @@ from starlette.websockets import WebSocketState
 from lib.config import get_settings
 from lib.errors import ServiceUnavailable, Unauthorized
 from lib.local.realtime.bindings import BindingError, parse_bindings
-from lib.local.realtime.channels import Channel, Hub, resolve_claims
+from lib.local.realtime.channels import (
+    PROJECT_KEY_PREFIXES,
+    Channel,
+    Hub,
+    TokenExpired,
+    expiry_message,
+    resolve_claims,
+)
 from lib.local.realtime.feed import ChangeFeed
 from lib.local.realtime.protocol import (
     PHOENIX_TOPIC,
+    TOPIC_PREFIX,
     VERSIONS,
     VSN_1,
     Frame,
@@ -32,7 +41,12 @@ log = logging.getLogger("spool.local.realtime")
 
 IDLE_TIMEOUT_S = 60.0  # Phoenix closes a socket that sent nothing (not even a heartbeat) for this long
 READY_TIMEOUT_S = 5.0
-OUTBOX_LIMIT = 10_000  # queued frames before a client that does not read is dropped
+CLOSE_TIMEOUT_S = 5.0  # a client that reads nothing cannot take the close frame either
+# Bytes a client may leave unread before it is dropped: as the cloud kills a socket's process past its
+# heap limit (WEBSOCKET_MAX_HEAP_SIZE, 50 MB by default); the client reconnects and rejoins.
+OUTBOX_LIMIT_BYTES = 50_000_000
+CLOSE_TRY_AGAIN_LATER = 1013
+MAX_CHANNELS_PER_CLIENT = 100  # the cloud's default (TENANT_MAX_CHANNELS_PER_CLIENT)
 
 
 class LocalRealtime:
@@ -87,19 +101,32 @@ class ClientConnection:
         self.apikey = apikey
         self.realtime = realtime
         self.channels: dict[str, Channel] = {}
-        self.outbox: asyncio.Queue[str] = asyncio.Queue(maxsize=OUTBOX_LIMIT)
+        self.outbox: asyncio.Queue[str] = asyncio.Queue()
+        self.outbox_bytes = 0  # memory held by the queued frames
+        self.dropped = False
         self._writer: asyncio.Task | None = None
 
     # -- outgoing ------------------------------------------------------------------
 
     def send_text(self, text: str) -> None:
-        """排队发送一帧（不阻塞；读不过来的客户端被断开）"""
-        try:
-            self.outbox.put_nowait(text)
-        except asyncio.QueueFull:
-            if self._writer is not None and not self._writer.done():
-                log.warning("realtime client is not reading; dropping it")
-                self._writer.cancel()
+        """排队发送一帧（不阻塞；未读数据超过上限的客户端被断开）"""
+        if self.dropped:
+            return
+        size = sys.getsizeof(text)
+        if self.outbox_bytes + size > OUTBOX_LIMIT_BYTES:
+            self._drop_slow_client()
+            return
+        self.outbox_bytes += size
+        self.outbox.put_nowait(text)
+
+    def _drop_slow_client(self) -> None:
+        """断开读不过来的客户端并立即释放它的待发数据"""
+        log.warning("realtime client left %s bytes unread; dropping it", self.outbox_bytes)
+        self.dropped = True
+        self.outbox = asyncio.Queue()
+        self.outbox_bytes = 0
+        if self._writer is not None:
+            self._writer.cancel()
 
     def send(self, frame: Frame) -> None:
         """排队发送一条消息"""
@@ -108,6 +135,7 @@ class ClientConnection:
     async def _write(self) -> None:
         while True:
             text = await self.outbox.get()
+            self.outbox_bytes -= sys.getsizeof(text)
             await self.ws.send_text(text)
 
     # -- the connection ------------------------------------------------------------
@@ -129,7 +157,9 @@ class ClientConnection:
             self.channels.clear()
             if self.ws.application_state == WebSocketState.CONNECTED:
                 with contextlib.suppress(Exception):
-                    await self.ws.close()
+                    await asyncio.wait_for(
+                        self.ws.close(CLOSE_TRY_AGAIN_LATER if self.dropped else 1000), CLOSE_TIMEOUT_S
+                    )
 
     async def _read(self) -> None:
         while True:
@@ -178,6 +208,9 @@ class ClientConnection:
 
     async def join(self, frame: Frame) -> None:
         """加入频道：校验令牌、解析订阅、回复 id，然后发 system 消息"""
+        if refusal := self._join_refusal(frame.topic):
+            self.send(reply(frame, "error", {"reason": refusal}))
+            return
         self.drop(frame.topic)  # a rejoin replaces the old membership
         config = frame.payload.get("config") or {}
         if not isinstance(config, dict):
@@ -186,6 +219,9 @@ class ClientConnection:
         try:
             claims = await resolve_claims(frame.payload.get("access_token") or self.apikey)
             bindings = parse_bindings(config.get("postgres_changes"))
+        except TokenExpired as exc:
+            self.send(reply(frame, "error", {"reason": f"InvalidJWTToken: {exc.message}"}))
+            return
         except (Unauthorized, ServiceUnavailable, BindingError) as exc:
             self.send(reply(frame, "error", {"reason": getattr(exc, "message", str(exc))}))
             return
@@ -194,7 +230,9 @@ class ClientConnection:
             self.send(reply(frame, "error", {"reason": "Realtime is not connected to the database yet."}))
             return
         problems = await feed.check_bindings(bindings) if bindings else []
-        channel = Channel(self, frame.topic, frame.join_ref or frame.ref, bindings, claims)
+        # As the cloud subscribes a channel's bindings in one transaction: one refused, none subscribed.
+        subscribed = [] if problems else bindings
+        channel = Channel(self, frame.topic, frame.join_ref or frame.ref, subscribed, claims)
         response = {"postgres_changes": [{**b.params, "id": b.id} for b in bindings]}
         self.send(reply(frame, "ok", response))
         self.channels[frame.topic] = channel
@@ -204,11 +242,24 @@ class ClientConnection:
             status, message = ("error", "; ".join(problems)) if problems else ("ok", "Subscribed to PostgreSQL")
             self.system(channel, status, message, "postgres_changes")
 
+    def _join_refusal(self, topic: str) -> str | None:
+        """Supabase 在做任何检查之前就拒绝的加入：不是 realtime: 主题、没有频道名、频道过多"""
+        if not topic.startswith(TOPIC_PREFIX):
+            return "unmatched topic"
+        if topic == TOPIC_PREFIX:
+            return "TopicNameRequired: You must provide a topic name"
+        if topic not in self.channels and len(self.channels) >= MAX_CHANNELS_PER_CLIENT:
+            return "ChannelRateLimitReached: Too many channels"
+        return None
+
     async def refresh_token(self, frame: Frame) -> None:
-        """频道上的 access_token 刷新；无效则关闭频道"""
+        """频道上的 access_token 刷新；无效则关闭频道；不是用户令牌（空、项目密钥）则不理会，如 Supabase"""
         channel = self.channels[frame.topic]
+        token = frame.payload.get("access_token")
+        if not isinstance(token, str) or token.startswith(PROJECT_KEY_PREFIXES):
+            return
         try:
-            channel.claims = await resolve_claims(frame.payload.get("access_token"))
+            channel.claims = await resolve_claims(token)
         except Unauthorized as exc:
             self.close_channel(channel, exc.message)
             return
@@ -240,6 +291,7 @@ class ClientConnection:
         exp = channel.claims.get("exp")
         if isinstance(exp, int | float):
             delay = max(0.0, exp - time.time())
-            channel.expiry = asyncio.get_running_loop().call_later(
-                delay, self.close_channel, channel, "Token has expired."
-            )
+            channel.expiry = asyncio.get_running_loop().call_later(delay, self._expire, channel)
+
+    def _expire(self, channel: Channel) -> None:
+        self.close_channel(channel, expiry_message(channel.claims["exp"]) or "Token has expired 0 seconds ago")
