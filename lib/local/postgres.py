@@ -93,6 +93,8 @@ class EmbeddedPostgres:
             try:
                 self._server = self._start_server()
             except BaseException:
+                if self._initializing.exists():  # initdb cut short: its bootstrap backend outlives it for a while
+                    _stop_all(_working_in(self.pgdata))
                 self._leave()  # Ctrl-C while it started: stop what started
                 raise
             self._initializing.unlink(missing_ok=True)
