@@ -496,3 +496,25 @@ def test_no_table_shows_or_hands_over_another_users_rows(postgres):
                         continue
                     assert not [r for r in rows if alice in r["row"]], (role, statement)
             as_role(conn, "postgres")
+
+
+def test_a_projects_update_time_is_the_servers_and_its_name_never_blank(postgres):
+    """经 Data API 写项目：updated_at 总是服务器的 now()，空白名字被拒（API 去掉首尾空白后要求至少一个字符）"""
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        user = new_user(conn)
+        as_role(conn, "authenticated", user)
+        project = conn.execute(
+            "insert into public.projects (user_id, name) values (%s, 'A') returning id", (user,)
+        ).fetchone()[0]
+        stamped = conn.execute(
+            "update public.projects set name = 'B', updated_at = '2001-01-01' where id = %s"
+            " returning updated_at > now() - interval '1 minute'",
+            (project,),
+        ).fetchone()[0]
+        assert stamped
+        for name in ("   ", "\t\n"):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("insert into public.projects (user_id, name) values (%s, %s)", (user, name))
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("update public.projects set name = %s where id = %s", (name, project))
+        conn.execute("reset role")
