@@ -356,3 +356,165 @@ def test_realtime_publication_and_replica_identity(db_conn):
     assert events == {"pubinsert": True, "pubupdate": True, "pubdelete": False, "pubtruncate": False}
     identity = db_conn.execute("select relreplident from pg_class where oid = 'public.tasks'::regclass").fetchone()
     assert identity["relreplident"] == "f"
+
+
+def test_tables_and_functions_to_come_are_not_granted_to_clients(postgres, db_conn):
+    """以后迁移新建的表、视图、序列、函数默认不授予 anon、authenticated 与 PUBLIC（本地 shim 重新应用后也是）"""
+    db_conn.execute("update spool_local.state set value = 'stale' where key = 'sql_fingerprint'")
+    migrate(postgres)  # the shim again, as when any SQL file changes
+    with db_conn.transaction(force_rollback=True):
+        db_conn.execute(
+            "create table public.future_table (id int); create view public.future_view as select 1 as x;"
+            " create sequence public.future_seq;"
+            " create function public.future_function() returns int language sql as 'select 1';"
+            " create function public.future_definer() returns int language sql security definer"
+            " set search_path = '' as 'select 1'"
+        )
+        tables = db_conn.execute(
+            "select c.relname, r.role, p.privilege from pg_class c,"
+            " unnest(array['anon', 'authenticated', 'public']) r(role),"
+            " unnest(array['SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER']) p(privilege)"
+            " where c.oid in ('public.future_table'::regclass, 'public.future_view'::regclass)"
+            " and has_table_privilege(r.role, c.oid, p.privilege)"
+        ).fetchall()
+        assert tables == []
+        sequences = db_conn.execute(
+            "select r.role from unnest(array['anon', 'authenticated', 'public']) r(role)"
+            " where has_sequence_privilege(r.role, 'public.future_seq', 'USAGE, SELECT, UPDATE')"
+        ).fetchall()
+        assert sequences == []
+        functions = db_conn.execute(
+            "select p.proname, a.grantee::regrole::text as grantee from pg_proc p,"
+            " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+            " where p.proname in ('future_function', 'future_definer') and a.privilege_type = 'EXECUTE'"
+            " and (a.grantee = 0 or a.grantee in ('anon'::regrole, 'authenticated'::regrole))"
+        ).fetchall()
+        assert functions == []
+
+
+def test_no_function_in_public_is_executable_by_public(db_conn):
+    """public 里没有任何函数（触发器函数在内）把 EXECUTE 留给 PUBLIC（anon 与 authenticated 都继承它）"""
+    rows = db_conn.execute(
+        "select p.oid::regprocedure::text as fn from pg_proc p join pg_namespace n on n.oid = p.pronamespace,"
+        " aclexplode(coalesce(p.proacl, acldefault('f', p.proowner))) a"
+        " where n.nspname = 'public' and a.grantee = 0 and a.privilege_type = 'EXECUTE'"
+    ).fetchall()
+    assert rows == []
+
+
+CLIENT_COLUMN_WRITES = {
+    ("profiles", "display_name", "UPDATE"),
+    ("projects", "user_id", "INSERT"),
+    ("projects", "name", "INSERT"),
+    ("projects", "description", "INSERT"),
+    ("projects", "name", "UPDATE"),
+    ("projects", "description", "UPDATE"),
+    ("projects", "updated_at", "UPDATE"),  # stamped with now() by a trigger, whatever is written
+}
+
+
+def test_clients_write_only_the_columns_they_use(db_conn):
+    """逐列检查（表级检查看不到列级授权）：anon 不写任何列，authenticated 只写资料的显示名和项目的这几列"""
+    rows = db_conn.execute(
+        "select c.relname, a.attname, r.role, p.privilege from pg_class c"
+        " join pg_namespace n on n.oid = c.relnamespace"
+        " join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped,"
+        " unnest(array['anon', 'authenticated']) r(role), unnest(array['INSERT', 'UPDATE']) p(privilege)"
+        " where n.nspname = 'public' and c.relkind in ('r', 'p', 'v', 'm', 'f')"
+        " and has_column_privilege(r.role, c.oid, a.attnum, p.privilege)"
+    ).fetchall()
+    assert {(r["relname"], r["attname"], r["privilege"]) for r in rows if r["role"] == "authenticated"} == (
+        CLIENT_COLUMN_WRITES
+    )
+    assert [r for r in rows if r["role"] == "anon"] == []
+
+
+def test_every_text_column_clients_write_is_bounded(db_conn):
+    """客户端能写的每个变长列（文本、JSON、数组……）都有约束限制其大小（否则一次请求可存上 GB）"""
+    rows = db_conn.execute(
+        "select c.relname, a.attname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " join pg_attribute a on a.attrelid = c.oid and a.attnum > 0 and not a.attisdropped"
+        " join pg_type t on t.oid = a.atttypid"
+        " where n.nspname = 'public' and c.relkind in ('r', 'p')"
+        " and t.typlen = -1 and a.atttypmod < 0"  # of variable size, no declared length
+        " and (has_column_privilege('authenticated', c.oid, a.attnum, 'INSERT')"
+        "   or has_column_privilege('authenticated', c.oid, a.attnum, 'UPDATE'))"
+        " and not exists (select 1 from pg_constraint k where k.conrelid = c.oid and k.contype = 'c'"
+        "   and a.attnum = any (k.conkey))"
+    ).fetchall()
+    assert rows == []
+
+
+def test_views_clients_read_check_the_readers_rows(db_conn):
+    """客户端能读的视图都以读者身份执行（security_invoker，RLS 生效）；物化视图没有 RLS，客户端一个也读不到"""
+    rows = db_conn.execute(
+        "select c.relname, c.relkind, c.reloptions from pg_class c join pg_namespace n on n.oid = c.relnamespace,"
+        " unnest(array['anon', 'authenticated']) r(role)"
+        " where n.nspname = 'public' and c.relkind in ('v', 'm') and has_table_privilege(r.role, c.oid, 'SELECT')"
+        " and (c.relkind = 'm' or not coalesce('security_invoker=true' = any (c.reloptions), false))"
+    ).fetchall()
+    assert rows == []
+
+
+def test_no_table_shows_or_hands_over_another_users_rows(postgres):
+    """逐表遍历（以后的表也算）：以另一用户身份读、逐列改、删，都碰不到别人的行"""
+    with psycopg.connect(postgres, autocommit=True, row_factory=dict_row) as conn:
+        alice, bob = new_user(conn), new_user(conn)
+        _seed_rows_of(conn, alice)
+        tables = [
+            r["relname"]
+            for r in conn.execute(
+                "select c.relname from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+                " where n.nspname = 'public' and c.relkind in ('r', 'p', 'v', 'm', 'f') order by 1"
+            )
+        ]
+        columns = {
+            t: [
+                r["attname"]
+                for r in conn.execute(
+                    "select attname from pg_attribute where attrelid = %s::regclass and attnum > 0"
+                    " and not attisdropped and attgenerated = '' and attidentity = ''",
+                    (f"public.{t}",),
+                )
+            ]
+            for t in tables
+        }
+        for role, user in (("anon", None), ("authenticated", bob)):
+            as_role(conn, role, user)
+            for table in tables:
+                statements = [f"select to_jsonb(t)::text as row from public.{table} t"]
+                statements += [
+                    f'update public.{table} t set "{c}" = "{c}" returning to_jsonb(t)::text as row'
+                    for c in columns[table]
+                ]
+                statements.append(f"delete from public.{table} t returning to_jsonb(t)::text as row")
+                for statement in statements:
+                    try:
+                        with conn.transaction(force_rollback=True):
+                            rows = conn.execute(statement).fetchall()
+                    except psycopg.errors.InsufficientPrivilege:
+                        continue
+                    assert not [r for r in rows if alice in r["row"]], (role, statement)
+            as_role(conn, "postgres")
+
+
+def test_a_projects_update_time_is_the_servers_and_its_name_never_blank(postgres):
+    """经 Data API 写项目：updated_at 总是服务器的 now()，空白名字被拒（API 去掉首尾空白后要求至少一个字符）"""
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        user = new_user(conn)
+        as_role(conn, "authenticated", user)
+        project = conn.execute(
+            "insert into public.projects (user_id, name) values (%s, 'A') returning id", (user,)
+        ).fetchone()[0]
+        stamped = conn.execute(
+            "update public.projects set name = 'B', updated_at = '2001-01-01' where id = %s"
+            " returning updated_at > now() - interval '1 minute'",
+            (project,),
+        ).fetchone()[0]
+        assert stamped
+        for name in ("   ", "\t\n"):
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("insert into public.projects (user_id, name) values (%s, %s)", (user, name))
+            with pytest.raises(psycopg.errors.CheckViolation):
+                conn.execute("update public.projects set name = %s where id = %s", (name, project))
+        conn.execute("reset role")

@@ -94,11 +94,19 @@ create table if not exists storage.buckets (
   updated_at timestamptz default now()
 );
 
--- Supabase's default privileges: the API roles may touch public tables, and
--- row level security is what actually guards them.
-alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
-alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
-alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
+-- Supabase's default privileges, as a new project starts with them: the API
+-- roles may touch public tables, and row level security is what guards them.
+-- Set once, on a database no migration has run on: migrations take some of
+-- them back, and applying this file again must not hand them out anew.
+do $$
+begin
+  if to_regclass('supabase_migrations.schema_migrations') is null then
+    alter default privileges in schema public grant all on tables to anon, authenticated, service_role;
+    alter default privileges in schema public grant all on functions to anon, authenticated, service_role;
+    alter default privileges in schema public grant all on sequences to anon, authenticated, service_role;
+  end if;
+end;
+$$;
 
 do $$
 begin
