@@ -1,4 +1,4 @@
-"""The web app's upload with the official @supabase/storage-js against the local Storage."""
+"""The web app's upload with the official @supabase/storage-js against the local Storage: journey and errors."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
@@ -18,9 +19,11 @@ from PIL import Image
 
 from lib.local.storage import objects as storage_objects
 from tests.conftest import ROOT
+from tests.factories import connect
 
 JS_DIR = ROOT / "tests" / "storage_js"
 BUCKET = "media"
+TINY_BUCKET, TINY_LIMIT = "tiny-js", 1024
 
 
 def _node_ready() -> bool:
@@ -61,6 +64,18 @@ def worker(live_server):
     log.close()
 
 
+@pytest.fixture(scope="module")
+def tiny_bucket(live_server):
+    """一个 1 KiB 上限的桶：用来看超出大小上限时 storage-js 得到什么"""
+    with connect() as conn:
+        conn.execute(
+            "insert into storage.buckets (id, name, public, file_size_limit) values (%s, %s, false, %s)"
+            " on conflict (id) do nothing",
+            (TINY_BUCKET, TINY_BUCKET, TINY_LIMIT),
+        )
+    return TINY_BUCKET
+
+
 def png_bytes(width: int = 24, height: int = 16) -> bytes:
     buf = io.BytesIO()
     Image.linear_gradient("L").resize((width, height)).convert("RGB").save(buf, format="PNG")
@@ -86,6 +101,11 @@ async def until_ready(client, user, asset_id: str, seconds: float = 90) -> dict:
             return asset
         assert time.monotonic() < deadline, f"asset {asset_id} still pending"
         await asyncio.sleep(0.2)
+
+
+def signed_upload_token(bucket: str, key: str, seconds: int) -> str:
+    expires = int(time.time()) + seconds
+    return storage_objects.make_token(purpose="upload", bucket=bucket, key=key, expires_at=expires)
 
 
 # -- the journey -----------------------------------------------------------------------
@@ -139,3 +159,55 @@ async def test_an_arraybuffer_without_a_content_type_goes_as_text_and_complete_r
     done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
     assert done.status_code == 422
     assert done.json()["error"]["message"] == "The file was uploaded as text/plain; upload it as image/png."
+
+
+# -- errors as storage-js reports them ---------------------------------------------------
+
+
+def api_error(status_code: str, code: str, message: str) -> dict:
+    """Supabase Storage 的错误经 storage-js：StorageApiError，HTTP 400，真正的状态在 statusCode"""
+    return {
+        "name": "StorageApiError",
+        "message": message,
+        "status": 400,
+        "statusCode": status_code,
+        "code": code,
+        "api": True,
+        "unknown": False,
+    }
+
+
+async def test_an_expired_upload_token_is_an_invalid_jwt(client, make_user, storage_js):
+    user = await make_user()
+    ticket = await announce(client, user, png_bytes(), "late.png")
+    path = ticket["upload_url"].split(f"/sign/{BUCKET}/")[1].split("?")[0]
+    token = signed_upload_token(BUCKET, path, -1)
+    step = {"op": "upload", "bucket": BUCKET, "path": path, "token": token, "file": {"as": "blob", "b64": b64(b"x")}}
+    sent = await storage_js(step, user.token)
+    assert sent["error"] == api_error("400", "InvalidJWT", "jwt expired")
+
+
+@pytest.mark.parametrize("upsert", [False, True])
+async def test_a_second_upload_to_the_same_signed_url_is_a_duplicate(client, make_user, storage_js, upsert):
+    """签名上传是否可覆盖由签发时决定（API 签发的不可覆盖）：客户端的 upsert 选项不改变它"""
+    user = await make_user()
+    data = png_bytes()
+    ticket = await announce(client, user, data, "twice.png")
+    step = {"op": "upload", "url": ticket["upload_url"], "file": {"as": "blob", "type": "image/png", "b64": b64(data)}}
+    assert (await storage_js(step, user.token))["error"] is None
+    again = await storage_js({**step, "options": {"upsert": upsert}}, user.token)
+    assert again["error"] == api_error("409", "ResourceAlreadyExists", "The resource already exists")
+
+
+SIZES = {"just over": TINY_LIMIT + 1, "far over": 8 * 1024 * 1024}
+
+
+@pytest.mark.parametrize("size", SIZES.values(), ids=SIZES.keys())
+@pytest.mark.parametrize("form", ["blob", "uint8array"])
+async def test_a_file_over_the_size_limit_is_entity_too_large(storage_js, tiny_bucket, form, size):
+    path = f"{uuid.uuid4()}/big.bin"
+    token = signed_upload_token(tiny_bucket, path, 60)
+    file = {"as": form, "type": "application/octet-stream", "zeros": size}
+    step = {"op": "upload", "bucket": tiny_bucket, "path": path, "token": token, "file": file}
+    sent = await storage_js(step)
+    assert sent["error"] == api_error("413", "EntityTooLarge", "The object exceeded the maximum allowed size")
