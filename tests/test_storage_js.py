@@ -211,3 +211,22 @@ async def test_a_file_over_the_size_limit_is_entity_too_large(storage_js, tiny_b
     step = {"op": "upload", "bucket": tiny_bucket, "path": path, "token": token, "file": file}
     sent = await storage_js(step)
     assert sent["error"] == api_error("413", "EntityTooLarge", "The object exceeded the maximum allowed size")
+
+
+# -- names that need encoding ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("download", [None, True])
+async def test_a_signed_download_of_a_non_ascii_name_works_through_storage_js(storage_js, live_server, download):
+    """Storage 给出未编码的 signedURL，storage-js 自己再 encodeURI：已编码的名字会被编码两次"""
+    path = f"{uuid.uuid4()}/uploads/été 照片 (1).png"
+    data = png_bytes()
+    file = {"as": "file", "type": "image/png", "name": "été 照片 (1).png", "b64": b64(data)}
+    token = signed_upload_token(BUCKET, path, 60)
+    sent = await storage_js({"op": "upload", "bucket": BUCKET, "path": path, "token": token, "file": file})
+    assert sent["data"] == {"path": path, "fullPath": f"{BUCKET}/{path}"}, sent
+
+    signed = await storage_js({"op": "sign", "bucket": BUCKET, "path": path, "expiresIn": 60, "download": download})
+    assert (signed["status"], base64.b64decode(signed["b64"])) == (200, data), signed
+    if download:
+        assert signed["disposition"].startswith("attachment;") and "%E7%85%A7" in signed["disposition"]

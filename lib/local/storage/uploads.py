@@ -11,7 +11,6 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import FileResponse, Response
@@ -207,7 +206,9 @@ def expires_in(body: dict) -> int:
 
 def signed_path(bucket: str, key: str, seconds: int) -> str:
     token = make_token(purpose="download", bucket=bucket, key=key, expires_at=int(time.time()) + seconds)
-    return f"/object/sign/{bucket}/{quote(key)}?token={token}"
+    # As Storage: the key unencoded (storage-js runs encodeURI over it, so an encoded one arrives encoded twice);
+    # only "?" is escaped, which would otherwise start the query ("%" is refused in keys, so it cannot clash).
+    return f"/object/sign/{bucket}/{key.replace('?', '%3F')}?token={token}"
 
 
 async def json_body(request: Request) -> dict:
