@@ -117,7 +117,7 @@ async def test_expired_or_tampered_tokens_are_refused(storage, owner):
         ]:
             resp = await http.get(f"{base}?token={token}")
             assert resp.status_code == 400, token
-            assert resp.json() == {"statusCode": "400", "error": "InvalidJWT", "message": message}
+            assert resp.json() == {"statusCode": "400", "code": "InvalidJWT", "error": "InvalidJWT", "message": message}
 
 
 async def test_service_key_is_required(live_server, owner):
@@ -211,7 +211,12 @@ async def test_missing_object_and_bucket(storage, owner, monkeypatch, tmp_path):
     async with httpx.AsyncClient() as http:
         resp = await http.get(raw_url(missing), headers=service_headers())
         assert resp.status_code == 400  # as Supabase Storage answers every error it raises itself
-        assert resp.json() == {"statusCode": "404", "error": "not_found", "message": "Object not found"}
+        assert resp.json() == {
+            "statusCode": "404",
+            "code": "NoSuchKey",
+            "error": "not_found",
+            "message": "Object not found",
+        }
         resp = await http.get(raw_url("x").replace(f"/{BUCKET}/", "/nobucket/"), headers=service_headers())
     assert resp.json()["statusCode"] == "404" and resp.json()["message"] == "Bucket not found"
     # Our direct reads go by the status in the body too: an object deleted after its URL was signed is NotFound.
@@ -282,7 +287,12 @@ async def test_public_url_of_a_private_bucket_is_refused_as_bucket_not_found(sto
         for headers in ({}, service_headers()):  # a browser sends no key; a key does not open a private bucket
             resp = await http.get(url, headers=headers)
             assert resp.status_code == 400, resp.text
-            assert resp.json() == {"statusCode": "404", "error": "Bucket not found", "message": "Bucket not found"}
+            assert resp.json() == {
+                "statusCode": "404",
+                "code": "NoSuchBucket",
+                "error": "Bucket not found",
+                "message": "Bucket not found",
+            }
     # storage3's exists() tells a missing object from a missing bucket by the error
     with pytest.raises(StorageApiError):
         await storage._client.from_("nobucket").exists(path)

@@ -1,9 +1,10 @@
-"""Local Storage stand-in: the subset of Supabase Storage's REST API that storage3 calls, files under SPOOL_HOME.
+"""Local Storage stand-in: the subset of Supabase Storage's REST API that storage3 and storage-js call.
 
 Objects live at `SPOOL_HOME/storage/{bucket}/{key}`, their content type and cache control beside them under
 `SPOOL_HOME/storage/.meta/`. Object routes need the service key (`apikey` or `Authorization: Bearer`); signed
 URLs carry an HMAC-SHA256 token (key derived from the service key) bound to purpose, bucket, key and expiry.
-Errors have Storage's JSON shape (`{"statusCode", "error", "message"}`), so storage3 raises StorageApiError.
+Errors have Storage's JSON shape (`{"statusCode", "code", "error", "message"}`), so storage3 and storage-js raise
+StorageApiError with Storage's own status and code.
 """
 
 from lib.local.storage.routes import router

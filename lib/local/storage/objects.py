@@ -34,24 +34,34 @@ KEY_REFUSED = re.compile(
 class StorageError(Exception):
     """存储接口错误（Supabase Storage 的 JSON 形状）"""
 
-    def __init__(self, status: int, error: str, message: str):
+    def __init__(self, status: int, error: str, message: str, code: str | None = None):
         super().__init__(message)
         self.status, self.error, self.message = status, error, message
+        # Storage's ErrorCode: storage-js reads it into StorageApiError.code; `error` is the older name storage3 reads.
+        self.code = code or error
 
     def response(self) -> JSONResponse:
         """错误响应：与 Supabase Storage 相同，真正的状态码在响应体里，HTTP 状态是 400（5xx 除外）"""
-        body = {"statusCode": str(self.status), "error": self.error, "message": self.message}
+        body = {"statusCode": str(self.status), "code": self.code, "error": self.error, "message": self.message}
         # Supabase's API gateway answers a request without a key with a plain 401; Storage itself, 400.
         return JSONResponse(body, status_code=self.status if self.status >= 500 or self.status == 401 else 400)
 
 
 def not_found() -> StorageError:
-    return StorageError(404, "not_found", "Object not found")
+    return StorageError(404, "not_found", "Object not found", "NoSuchKey")
 
 
 def bucket_not_found() -> StorageError:
     # Storage names this error apart from a missing object's "not_found" (storage3's exists() goes by it).
-    return StorageError(404, "Bucket not found", "Bucket not found")
+    return StorageError(404, "Bucket not found", "Bucket not found", "NoSuchBucket")
+
+
+def duplicate() -> StorageError:
+    return StorageError(409, "Duplicate", "The resource already exists", "ResourceAlreadyExists")
+
+
+def too_large() -> StorageError:
+    return StorageError(413, "Payload too large", "The object exceeded the maximum allowed size", "EntityTooLarge")
 
 
 def invalid_key(key: str) -> StorageError:
@@ -82,7 +92,7 @@ def require_service_key(request: Request) -> None:
     if not presented:
         raise StorageError(401, "Unauthorized", "Missing service key")
     if not hmac.compare_digest(presented.encode(), service_key().encode()):
-        raise StorageError(403, "Unauthorized", "invalid signature")
+        raise StorageError(403, "Unauthorized", "invalid signature", "AccessDenied")
 
 
 def _b64(data: bytes) -> str:

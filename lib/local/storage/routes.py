@@ -24,6 +24,7 @@ from lib.local.storage.objects import (
     bucket_row,
     check_bucket,
     check_token,
+    duplicate,
     invalid_key,
     make_token,
     meta_file,
@@ -290,7 +291,7 @@ def move_or_copy(bucket: str, source: str, dest_bucket: str, dest: str, *, move:
             try:
                 os.link(tmp, dest_file)
             except FileExistsError:
-                raise StorageError(409, "Duplicate", "The resource already exists") from None
+                raise duplicate() from None
     finally:
         tmp.unlink(missing_ok=True)
     kept = {k: meta[k] for k in ("content_type", "cache_control", "etag", "metadata")}

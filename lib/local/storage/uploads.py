@@ -11,7 +11,6 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from fastapi import Request
 from fastapi.responses import FileResponse, Response
@@ -24,10 +23,12 @@ from lib.local.storage.objects import (
     TMP_PREFIX,
     StorageError,
     bucket_limit,
+    duplicate,
     invalid_key,
     make_token,
     object_file,
     read_meta,
+    too_large,
     write_meta,
 )
 
@@ -53,7 +54,7 @@ class _Upload:
     def write(self, data: bytes) -> None:
         self.size += len(data)
         if self.size > self.limit:
-            raise StorageError(413, "Payload too large", "The object exceeded the maximum allowed size")
+            raise too_large()
         self.md5.update(data)
         self.file.write(data)
 
@@ -70,7 +71,7 @@ class _Upload:
                 try:
                     os.link(self.tmp, self.dest)  # fails if the object exists: no check-then-write race
                 except FileExistsError:
-                    raise StorageError(409, "Duplicate", "The resource already exists") from None
+                    raise duplicate() from None
                 self.tmp.unlink()
         finally:
             self.tmp.unlink(missing_ok=True)
@@ -91,7 +92,7 @@ async def _receive(request: Request, upload: _Upload) -> None:
     """读取请求体：multipart（storage3 的方式，文件部分直接写盘）或原始字节"""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > upload.limit + FIELD_LIMIT:
-        raise StorageError(413, "Payload too large", "The object exceeded the maximum allowed size")
+        raise too_large()
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         upload.content_type = content_type or None
@@ -205,7 +206,9 @@ def expires_in(body: dict) -> int:
 
 def signed_path(bucket: str, key: str, seconds: int) -> str:
     token = make_token(purpose="download", bucket=bucket, key=key, expires_at=int(time.time()) + seconds)
-    return f"/object/sign/{bucket}/{quote(key)}?token={token}"
+    # As Storage: the key unencoded (storage-js runs encodeURI over it, so an encoded one arrives encoded twice);
+    # only "?" is escaped, which would otherwise start the query ("%" is refused in keys, so it cannot clash).
+    return f"/object/sign/{bucket}/{key.replace('?', '%3F')}?token={token}"
 
 
 async def json_body(request: Request) -> dict:
