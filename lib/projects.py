@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from functools import cache
 
+import psycopg
 from psycopg import sql
 
 from lib import db
-from lib.errors import NotFound
+from lib.errors import Conflict, NotFound
 from lib.paging import page_after, page_of
 
 PROJECT_COLUMNS = "id, name, description, created_at, updated_at"
@@ -19,13 +20,18 @@ class ProjectService:
 
     async def create_project(self, *, user_id: str, name: str, description: str | None = None) -> dict:
         """创建项目"""
-        with db.user_must_exist():
-            return await db.fetch_one_as(
-                user_id,
-                f"insert into public.projects (user_id, name, description) values (%s, %s, %s)"
-                f" returning {PROJECT_COLUMNS}",
-                (user_id, name, description),
-            )
+        try:
+            with db.user_must_exist():
+                return await db.fetch_one_as(
+                    user_id,
+                    f"insert into public.projects (user_id, name, description) values (%s, %s, %s)"
+                    f" returning {PROJECT_COLUMNS}",
+                    (user_id, name, description),
+                )
+        except psycopg.Error as exc:
+            if exc.sqlstate == "SPP09":  # the per-account limit (limit_projects_per_account)
+                raise Conflict(exc.diag.message_primary) from None
+            raise
 
     async def list_projects(self, *, user_id: str, limit: int = 20, cursor: str | None = None) -> dict:
         """项目列表（最新在前，游标分页）"""

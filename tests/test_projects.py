@@ -99,3 +99,25 @@ async def test_deleting_a_project_keeps_its_assets(client, make_user):
 
 async def test_projects_need_a_token(client):
     assert (await client.get("/projects")).status_code == 401
+
+
+async def test_an_account_holds_at_most_a_thousand_projects(client, make_user):
+    user, other = await make_user(), await make_user()
+    sql("insert into public.projects (user_id, name) select %s, 'p' || n from generate_series(1, 999) n", (user.id,))
+    assert (await client.post("/projects", json={"name": "last"}, headers=user.headers)).status_code == 201
+    resp = await client.post("/projects", json={"name": "one more"}, headers=user.headers)
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"] == {
+        "code": "conflict",
+        "message": "An account holds at most 1000 projects: delete one to make room.",
+    }
+    import psycopg
+
+    with pytest.raises(psycopg.Error) as refused:  # through the Data API too
+        async with db.as_user(user.id) as conn:
+            await conn.execute("insert into public.projects (user_id, name) values (%s, 'x')", (user.id,))
+    assert refused.value.sqlstate == "SPP09"
+    # Each account counts its own; a deleted one makes room.
+    assert (await client.post("/projects", json={"name": "p"}, headers=other.headers)).status_code == 201
+    sql("delete from public.projects where user_id = %s and name = 'p1'", (user.id,))
+    assert (await client.post("/projects", json={"name": "again"}, headers=user.headers)).status_code == 201
