@@ -50,20 +50,26 @@ def migrate(db_url: str, *, signup_credits: int | None = None) -> list[str]:
     """应用 shim、新迁移与种子数据，返回本次应用的迁移版本"""
     applied: list[str] = []
     fingerprint = sql_fingerprint()
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        # One migrator at a time (dev server, worker and tests may start together).
+    conn = psycopg.connect(db_url, autocommit=True)
+    try:
+        # One migrator at a time (dev server, worker and tests may start together). The lock goes with the
+        # connection: closing it releases the lock also when a Ctrl-C cut a statement short, and close() (unlike
+        # leaving a `with` block) sends no rollback to a connection still busy with that statement.
         conn.execute("select pg_advisory_lock(hashtext('spool.migrate'))")
-        try:
-            if _applied_fingerprint(conn) != fingerprint:
-                applied = _apply_all(conn, fingerprint)
-            if signup_credits is not None:
-                conn.execute(
-                    "update public.app_settings set value = to_jsonb(%s::bigint), updated_at = now()"
-                    " where key = 'signup_credits' and value <> to_jsonb(%s::bigint)",
-                    (signup_credits, signup_credits),
-                )
-        finally:
-            conn.execute("select pg_advisory_unlock(hashtext('spool.migrate'))")
+        if _applied_fingerprint(conn) != fingerprint:
+            applied = _apply_all(conn, fingerprint)
+        if signup_credits is not None:
+            conn.execute(
+                "update public.app_settings set value = to_jsonb(%s::bigint), updated_at = now()"
+                " where key = 'signup_credits' and value <> to_jsonb(%s::bigint)",
+                (signup_credits, signup_credits),
+            )
+    except psycopg.Error as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):  # Ctrl-C mid-statement: the rollback after it fails too
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        conn.close()
     return applied
 
 
