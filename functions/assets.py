@@ -37,8 +37,13 @@ class AssetUploadCreate(RequestBody):
 class AssetUploadTicket(BaseModel):
     asset_id: UUID
     upload_url: str = Field(description="PUT the file here (raw body or multipart field 'file'), then complete.")
-    token: str
+    token: str = Field(description="The signed upload token; for a resumable upload, send it as `x-signature`.")
     expires_at: datetime
+    bucket: str = Field(description="The Storage bucket: `bucketName` in a resumable upload's metadata.")
+    path: str = Field(description="The object's path in the bucket: `objectName` in a resumable upload's metadata.")
+    resumable_url: str = Field(
+        description="The TUS endpoint for a resumable upload of the same object with the same token (6 MiB chunks)."
+    )
 
 
 class AssetPublic(BaseModel):

@@ -132,6 +132,9 @@ class AssetService:
             "upload_url": signed["url"],
             "token": signed["token"],
             "expires_at": datetime.fromtimestamp(signed["expires_at"], UTC),
+            "bucket": signed["bucket"],
+            "path": signed["path"],
+            "resumable_url": signed["resumable_url"],
         }
 
     async def complete_upload(self, *, user_id: str, asset_id: str) -> dict:

@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
+from urllib.parse import urlsplit, urlunsplit
 
 from lib.config import get_settings
 from lib.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, UpstreamError
@@ -184,9 +185,20 @@ class StorageService:
         return {
             "url": self.public_url(signed["signed_url"]),
             "token": signed["token"],
+            "bucket": get_settings().storage_bucket,
             "path": path,
+            "resumable_url": self.resumable_url(),
             "expires_at": int(time.time()) + SIGNED_UPLOAD_SECONDS,
         }
+
+    def resumable_url(self) -> str:
+        """可续传（TUS）签名上传的端点；云端用 Storage 的直连主机名（Supabase 建议大文件走它）"""
+        url = self.public_url(f"{self.storage_url}upload/resumable/sign")
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if host.endswith(".supabase.co") and not host.endswith(".storage.supabase.co"):
+            url = urlunsplit(parts._replace(netloc=host.removesuffix(".supabase.co") + ".storage.supabase.co"))
+        return url
 
     async def remove(self, *, paths: list[str], user_id: str | None = None) -> list[str]:
         """删除对象；返回确实被删除的路径"""

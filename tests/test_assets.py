@@ -90,8 +90,11 @@ async def test_signed_upload_then_complete_then_probed(client, make_user):
     )
     assert resp.status_code == 201, resp.text
     ticket = resp.json()["data"]
-    assert set(ticket) == {"asset_id", "upload_url", "token", "expires_at"}
-    assert ticket["upload_url"].startswith(f"{get_settings().supabase_url}/storage/v1/object/upload/sign/media/")
+    assert set(ticket) == {"asset_id", "upload_url", "token", "expires_at", "bucket", "path", "resumable_url"}
+    storage_url = f"{get_settings().supabase_url}/storage/v1"
+    assert ticket["upload_url"].startswith(f"{storage_url}/object/upload/sign/media/{ticket['path']}?token=")
+    assert ticket["bucket"] == "media" and ticket["path"] == f"{user.id}/uploads/{ticket['asset_id']}.png"
+    assert ticket["resumable_url"] == f"{storage_url}/upload/resumable/sign"
 
     early = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
     assert early.status_code == 409 and early.json()["error"]["code"] == "conflict"

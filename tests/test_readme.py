@@ -101,6 +101,14 @@ def test_endpoint_table_lists_every_route():
     assert documented == app_routes()
 
 
+def test_endpoint_table_names_every_field_of_the_upload_ticket():
+    from functions.assets import AssetUploadTicket
+
+    row = next(r for r in table_rows(README, "| endpoint | what | answers |") if r[0] == "`POST /assets/uploads`")
+    answer = re.search(r"→ `\{([^}]*)\}`", row[1]).group(1)
+    assert [name.strip() for name in answer.split(",")] == list(AssetUploadTicket.model_fields)
+
+
 def test_models_table_names_each_model_and_its_params():
     rows = table_rows(section("Models and prices"), "| model_key | params | output | price (credits) |")
     keys = set()

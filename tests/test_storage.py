@@ -244,6 +244,15 @@ async def test_public_url_is_used_for_browser_urls(storage, owner, monkeypatch):
     assert url.startswith(f"https://spool.example.test/storage/v1/object/sign/{BUCKET}/{path}?token=")
 
 
+async def test_the_resumable_endpoint_is_on_storages_direct_hostname_in_the_cloud(storage, monkeypatch):
+    assert storage.resumable_url() == f"{get_settings().supabase_url}/storage/v1/upload/resumable/sign"
+    monkeypatch.setattr(get_settings(), "public_url", "https://spool.example.test")
+    assert storage.resumable_url() == "https://spool.example.test/storage/v1/upload/resumable/sign"
+    monkeypatch.setattr(get_settings(), "public_url", None)
+    monkeypatch.setattr(get_settings(), "supabase_url", "https://abcd.supabase.co")
+    assert storage.resumable_url() == "https://abcd.storage.supabase.co/storage/v1/upload/resumable/sign"
+
+
 async def test_signed_urls_stay_out_of_the_logs(storage, owner, caplog):
     import logging
 

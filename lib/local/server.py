@@ -16,6 +16,8 @@ def create_local_app() -> FastAPI:
         raise RuntimeError("the local server runs only with SPOOL_MODE=local; deploy functions.app:create_app")
     app = create_app()
     app.include_router(dev_auth.router, responses=ERROR_RESPONSES)
-    for router in (storage.router, realtime.router):  # Supabase's own shapes, not this API's: not in its schema
+    # Supabase's own shapes, not this API's: not in its schema
+    for router in (storage.router, storage.resumable_router, realtime.router):
         app.include_router(router, include_in_schema=False)
+    app.add_middleware(storage.ExposeTusHeaders)  # outside CORS, which sets its own list of exposed headers
     return app

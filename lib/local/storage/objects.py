@@ -24,6 +24,7 @@ MAX_SIGN_SECONDS = 10 * 365 * 24 * 3600
 FIELD_LIMIT = 64 * 1024
 TMP_PREFIX = ".spool-upload-"
 META_DIR = ".meta"
+TUS_DIR = ".tus"
 BUCKET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # What Storage refuses in an object key: control characters, S3's "characters to avoid", invisible ones.
 KEY_REFUSED = re.compile(
@@ -161,6 +162,17 @@ def object_file(bucket: str, key: str) -> Path:
     if not path.is_relative_to(base) or path == base:
         raise invalid_key(key)
     return path
+
+
+def tus_root() -> Path:
+    """可续传上传的部分数据：在任何桶之外（"." 开头不是合法桶名）"""
+    return storage_root() / TUS_DIR
+
+
+def partials_dir(bucket: str, key: str) -> Path:
+    """一个对象名的各个未完成的可续传上传（按对象名的哈希）"""
+    digest = hashlib.sha256(check_key(key).encode(errors="surrogatepass")).hexdigest()
+    return tus_root() / check_bucket(bucket) / digest
 
 
 def meta_file(bucket: str, key: str) -> Path:

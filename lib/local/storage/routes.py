@@ -29,6 +29,7 @@ from lib.local.storage.objects import (
     make_token,
     meta_file,
     object_file,
+    partials_dir,
     read_meta,
     require_service_key,
     storage_root,
@@ -231,6 +232,7 @@ async def remove_objects(bucket: str, request: Request):
         raise StorageError(400, "InvalidRequest", "prefixes must be a list of object names")
     removed = []
     for key in prefixes:
+        drop_partials(bucket, key)
         try:
             meta = read_meta(bucket, key)
         except StorageError as exc:
@@ -242,6 +244,15 @@ async def remove_objects(bucket: str, request: Request):
         prune_empty(object_file(bucket, key).parent, (storage_root() / bucket).resolve())
         removed.append(meta)
     return removed
+
+
+def drop_partials(bucket: str, key: str) -> None:
+    """删除该对象名上未完成的可续传上传（清理被放弃的上传时，部分数据随之而去）"""
+    try:
+        folder = partials_dir(bucket, key)
+    except StorageError:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def prune_empty(folder: Path, stop: Path) -> None:
