@@ -131,6 +131,7 @@ async def test_web_upload_with_storage_js_then_complete_ready_and_download(clien
     assert sent["error"] is None, sent
     path = sent["target"]["path"]
     assert sent["target"]["bucket"] == BUCKET and sent["target"]["token"] == ticket["token"]
+    assert (ticket["bucket"], ticket["path"]) == (BUCKET, path)  # the ticket names them too: what the README uses
     assert sent["data"] == {"path": path, "fullPath": f"{BUCKET}/{path}"}
 
     done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
