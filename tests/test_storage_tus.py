@@ -344,3 +344,72 @@ async def test_a_browser_may_read_the_location_and_the_offset(live_server):
     assert resp.status_code == 201 and resp.headers["access-control-allow-origin"] == origin
     exposed = {h.strip().lower() for h in resp.headers["access-control-expose-headers"].split(",")}
     assert {"location", "upload-offset", "upload-length", "tus-resumable"} <= exposed
+
+
+async def test_upload_length_and_offset_other_than_ascii_digits_are_refused(live_server):
+    path = f"{uuid.uuid4()}/digits.bin"
+    token = signed_upload_token(BUCKET, path, 60)
+    base = {**TUS, "x-signature": token, "Upload-Metadata": metadata(BUCKET, path)}
+    endpoint = f"{live_server}/storage/v1/upload/resumable/sign"
+    async with httpx.AsyncClient() as http:
+        superscript = await http.post(endpoint, headers={**base, "Upload-Length": b"\xb2"})  # "²" is a digit to str
+        huge = await http.post(endpoint, headers={**base, "Upload-Length": "9" * 5000})
+        location = (await create(http, live_server, token, path, 10)).headers["location"]
+        offset = await http.patch(location, headers={**patch_headers(token, 0), "Upload-Offset": b"\xb2"}, content=b"a")
+    assert (superscript.status_code, superscript.text) == (400, "Upload-Length or Upload-Defer-Length header required")
+    assert (huge.status_code, huge.text) == (413, "Maximum size exceeded")
+    assert (offset.status_code, offset.text) == (400, "Invalid Upload-Offset")
+
+
+async def test_metadata_served_back_as_headers_cannot_break_the_download(live_server):
+    path = f"{uuid.uuid4()}/headers.bin"
+    token = signed_upload_token(BUCKET, path, 60)
+
+    def meta(content_type: str, cache: str) -> str:
+        pairs = {"bucketName": BUCKET, "objectName": path, "contentType": content_type, "cacheControl": cache}
+        return ",".join(f"{k} {base64.b64encode(v.encode()).decode()}" for k, v in pairs.items())
+
+    endpoint = f"{live_server}/storage/v1/upload/resumable/sign"
+    headers = {**TUS, "x-signature": token, "Upload-Length": "3"}
+    async with httpx.AsyncClient() as http:
+        bad_type = await http.post(endpoint, headers={**headers, "Upload-Metadata": meta("image/png\u4e2d", "60")})
+        split = await http.post(endpoint, headers={**headers, "Upload-Metadata": meta("image/png\r\nX-A: b", "60")})
+        created = await http.post(endpoint, headers={**headers, "Upload-Metadata": meta("image/png", "\u0663")})
+        assert created.status_code == 201, created.text
+        sent = await http.patch(created.headers["location"], headers=patch_headers(token, 0), content=b"abc")
+        got = await http.get(
+            f"{live_server}/storage/v1/object/{BUCKET}/{path}",
+            headers={"Authorization": f"Bearer {storage_objects.service_key()}"},
+        )
+    assert (bad_type.status_code, split.status_code, sent.status_code) == (400, 400, 204)
+    assert got.status_code == 200 and got.content == b"abc" and got.headers["cache-control"] == "no-cache"
+
+
+async def test_a_patch_whose_upload_was_removed_meanwhile_is_a_404(live_server):
+    path = f"{uuid.uuid4()}/removed.bin"
+    token = signed_upload_token(BUCKET, path, 60)
+    started, go_on = asyncio.Event(), asyncio.Event()
+
+    async def slow():
+        yield b"a" * 10
+        started.set()
+        await go_on.wait()
+        yield b"a" * 10
+
+    key = storage_objects.service_key()
+    async with httpx.AsyncClient() as http:
+        location = (await create(http, live_server, token, path, 20)).headers["location"]
+        first = asyncio.create_task(http.patch(location, headers=patch_headers(token, 0), content=slow()))
+        await started.wait()
+        await asyncio.sleep(0.3)  # the first bytes are written when the name is removed (as the reaper's sweep does)
+        removed = await http.request(
+            "DELETE",
+            f"{live_server}/storage/v1/object/{BUCKET}",
+            json={"prefixes": [path]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        go_on.set()
+        first = await first
+    assert removed.status_code == 200
+    assert (first.status_code, first.text) == (404, "The file for this url was not found")
+    assert partials(BUCKET, path) == [] and not storage_objects.object_file(BUCKET, path).exists()

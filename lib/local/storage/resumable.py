@@ -103,6 +103,13 @@ def _headers(**extra: str) -> dict[str, str]:
     return {"Tus-Resumable": TUS_VERSION, **extra}
 
 
+def _whole(value: str | None) -> int | None:
+    """头里的非负整数（只认 ASCII 数字；位数再多也只算作大于任何上限）；不是则 None"""
+    if value is None or not (value.isascii() and value.isdigit()):
+        return None
+    return int(value) if len(value.lstrip("0")) <= 19 else 2**63
+
+
 def _require_tus(request: Request) -> None:
     if request.headers.get("tus-resumable") != TUS_VERSION:
         raise StorageError(412, "TusError", "Unsupported version")
@@ -172,7 +179,7 @@ def _expires(info: dict) -> dict[str, str]:
 
 def _cache_control(value: str | None) -> str:
     # As Storage: a number of seconds becomes max-age, anything else no-cache.
-    return f"max-age={value}" if value and value.lstrip("-").isdigit() else "no-cache"
+    return f"max-age={value}" if value and value.isascii() and value.lstrip("-").isdigit() else "no-cache"
 
 
 def _sweep_expired() -> None:
@@ -209,22 +216,25 @@ async def create(request: Request) -> Response:
     _require_tus(request)
     if "upload-defer-length" in request.headers:
         raise tus_error(501, "creation-defer-length extension is not (yet) supported.")
-    length = request.headers.get("upload-length", "")
-    if not length.isdigit():
+    length = _whole(request.headers.get("upload-length"))
+    if length is None:
         raise tus_error(400, "Upload-Length or Upload-Defer-Length header required")
     meta = _metadata(request.headers.get("upload-metadata"))
     bucket, key = meta.get("bucketName", ""), meta.get("objectName", "")
+    content_type = meta.get("contentType", "")
+    if not (content_type.isascii() and content_type.isprintable()):  # it is sent back as a header with the object
+        raise tus_error(400, "Upload-Metadata is invalid")
     claims = _authorise(request, bucket, key)
-    if int(length) > await bucket_limit(bucket):
+    if length > await bucket_limit(bucket):
         raise tus_error(413, "Maximum size exceeded")
     if object_file(bucket, key).exists() and not claims.get("u"):
         raise duplicate()  # a token without upsert was used already
     _sweep_expired()
-    folder, upload_id = _new_upload(bucket, key, int(length), meta, claims)
+    folder, upload_id = _new_upload(bucket, key, length, meta, claims)
     headers = _headers(Location=f"{str(request.url.replace(query=None)).rstrip('/')}/{upload_id}")
     if request.headers.get("content-type") == OFFSET_TYPE:  # creation-with-upload: the first bytes come along
         headers["Upload-Offset"] = str(await _write(request, folder, _read_info(folder), 0))
-    elif int(length) == 0:  # nothing to wait for (tus-js-client sends no PATCH for an empty file)
+    elif length == 0:  # nothing to wait for (tus-js-client sends no PATCH for an empty file)
         await _finish(folder, _read_info(folder))
     headers.update(_expires(_read_info(folder)))
     return Response(status_code=201, headers=headers)
@@ -265,7 +275,7 @@ async def append(upload_id: str, request: Request) -> Response:
     claimed = request.headers.get("upload-offset")
     if claimed is None:
         raise tus_error(403, "Upload-Offset header required")
-    if not claimed.isdigit():
+    if _whole(claimed) is None:
         raise tus_error(400, "Invalid Upload-Offset")
     folder = _upload_dir(upload_id)
     info = _read_info(folder)
@@ -308,9 +318,12 @@ async def _write(request: Request, folder: Path, info: dict, claimed: int) -> in
             raise tus_error(409, "Upload-Offset conflict")
         if info["length"] > await bucket_limit(info["bucket"]):
             raise tus_error(413, "Maximum size exceeded")
-        new_offset = await _receive(request, folder / "data", claimed, info["length"])
-        if new_offset == info["length"]:
-            await _finish(folder, info)
+        try:
+            new_offset = await _receive(request, folder / "data", claimed, info["length"])
+            if new_offset == info["length"]:
+                await _finish(folder, info)
+        except FileNotFoundError:  # its object name was removed meanwhile, and its partial upload with it
+            raise tus_error(404, "The file for this url was not found") from None
         return new_offset
     finally:
         _busy.discard(upload_id)
@@ -352,7 +365,7 @@ async def _finish(folder: Path, info: dict) -> None:
         except FileExistsError:
             shutil.rmtree(folder, ignore_errors=True)
             raise duplicate() from None
-        data.unlink()
+        data.unlink(missing_ok=True)
     try:
         user_metadata = json.loads(info.get("metadata") or "{}")
     except ValueError:
@@ -361,11 +374,14 @@ async def _finish(folder: Path, info: dict) -> None:
         "id": str(uuid.uuid4()), "content_type": info["content_type"], "cache_control": info["cache_control"],
         "etag": f'"{etag}"', "metadata": user_metadata, "created_at": datetime.now(UTC).isoformat(),
     })  # fmt: skip
-    _save_info(folder, {**info, "done": True})
-    if not info["upsert"]:  # the others for this name can only end in a 409 now
-        for other in partials_dir(bucket, key).iterdir():
-            if other != folder and _upload_id(bucket, key, other.name) not in _busy:
-                shutil.rmtree(other, ignore_errors=True)
+    try:
+        _save_info(folder, {**info, "done": True})
+        others = list(partials_dir(bucket, key).iterdir()) if not info["upsert"] else []
+    except FileNotFoundError:  # the partial uploads were removed meanwhile: the object stands
+        return
+    for other in others:  # without upsert, the others for this name can only end in a 409 now
+        if other != folder and _upload_id(bucket, key, other.name) not in _busy:
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _md5(path: Path) -> str:
