@@ -518,3 +518,38 @@ def test_a_projects_update_time_is_the_servers_and_its_name_never_blank(postgres
             with pytest.raises(psycopg.errors.CheckViolation):
                 conn.execute("update public.projects set name = %s where id = %s", (name, project))
         conn.execute("reset role")
+
+
+def test_a_project_named_blank_before_the_check_is_renamed_and_can_be_changed(postgres, monkeypatch):
+    """检查之前存下的空白名字的项目：迁移给它起名，之后改描述不再被检查拒绝"""
+    from lib.local import migrate as migrate_module
+
+    files = migration_files()
+    before = [p for p in files if p.name < "20261205003000"]
+    with psycopg.connect(postgres, autocommit=True) as admin:
+        admin.execute("drop database if exists blank_names_check")
+        admin.execute("create database blank_names_check")
+    url = postgres.replace("/postgres?", "/blank_names_check?")
+    try:
+        monkeypatch.setattr(migrate_module, "migration_files", lambda: before)
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            user = new_user(conn)
+            project = conn.execute(
+                "insert into public.projects (user_id, name) values (%s, ' \t ') returning id", (user,)
+            ).fetchone()[0]
+        monkeypatch.setattr(migrate_module, "migration_files", lambda: files)
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            as_role(conn, "authenticated", user)
+            name = conn.execute(
+                "update public.projects set description = 'kept' where id = %s returning name", (project,)
+            ).fetchone()[0]
+            conn.execute("reset role")
+            validated = conn.execute(
+                "select convalidated from pg_constraint where conname = 'projects_name_not_blank'"
+            ).fetchone()[0]
+        assert name == "Untitled" and validated
+    finally:
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute("drop database blank_names_check with (force)")
