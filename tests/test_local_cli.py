@@ -370,3 +370,19 @@ def test_a_write_of_the_users_cut_short_keeps_the_list_it_replaces(tmp_path, mon
         pg._write_users([me, [1, 0.0]])
     monkeypatch.undo()
     assert pg._live_users() == [me]  # the processes using Postgres are still known: none of them loses it
+
+
+def test_a_running_postgres_whose_folder_cannot_be_read_still_counts_as_running(tmp_path):
+    from lib.local.postgres import _is_postgres
+
+    class Unreadable:  # another user's process, seen without ptrace rights (root in a container without them)
+        def name(self):
+            return "postgres"
+
+        def status(self):
+            return psutil.STATUS_SLEEPING
+
+        def cwd(self):
+            raise psutil.AccessDenied(1)
+
+    assert _is_postgres(Unreadable(), tmp_path)  # its pid file is never removed under a running server

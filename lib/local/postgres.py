@@ -28,12 +28,15 @@ log = logging.getLogger("spool.local.postgres")
 def _is_postgres(process, pgdata: Path) -> bool:
     """这个进程是不是在这个数据目录里活着的 Postgres（pid 可能已被别的程序或别的 Postgres 重用，或只剩僵尸进程）"""
     try:
-        return (
-            process.name().startswith(("postgres", "postmaster"))
-            and process.status() != psutil.STATUS_ZOMBIE
-            and Path(process.cwd()) == pgdata.resolve()  # a postmaster works in its own data folder
-        )
+        if not process.name().startswith(("postgres", "postmaster")) or process.status() == psutil.STATUS_ZOMBIE:
+            return False
     except Exception:  # gone in the meantime, or not ours to inspect
+        return False
+    try:
+        return Path(process.cwd()) == pgdata.resolve()  # a postmaster works in its own data folder
+    except psutil.AccessDenied:  # another user's, unreadable without ptrace rights: its name has to do
+        return True
+    except Exception:
         return False
 
 
