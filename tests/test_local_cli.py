@@ -55,7 +55,7 @@ def gone(process: psutil.Process) -> bool:
 class Dev:
     """后台运行的 `python -m lib.local dev`，输出写进文件"""
 
-    def __init__(self, home: Path, *, ignore_sigint: bool = False):
+    def __init__(self, home: Path, *, ignore_sigint: bool = False, own_group: bool = False):
         self.home = home
         self.log = home / "dev.log"
         with open(self.log, "w") as out:
@@ -67,6 +67,7 @@ class Dev:
                 stderr=subprocess.STDOUT,
                 # A shell script's background job starts with SIGINT ignored.
                 preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None,
+                start_new_session=own_group,  # as a terminal's foreground job: Ctrl-C reaches the whole group
             )
         self.process = psutil.Process(self.proc.pid)
 
@@ -311,3 +312,77 @@ def test_a_failing_migration_names_its_file_and_leaves_nothing_of_it(home, tmp_p
     check = "select to_regclass('public.half_done'), count(*) from supabase_migrations.schema_migrations"
     done = cli(home, "psql", "-Atc", check + " where version = '29990101000000'")
     assert done.stdout.strip() == "|0", done.stderr
+
+
+def test_a_stale_pid_file_whose_pid_is_now_another_postgres_does_not_block_the_start(home, tmp_path):
+    assert cli(home, "migrate").returncode == 0
+    fake = tmp_path / "postgres"
+    fake.symlink_to(shutil.which("sleep"))
+    other = subprocess.Popen([str(fake), "60"], cwd=tmp_path)  # another data folder's Postgres, by its name
+    try:
+        lines = [str(other.pid), str(home / "pg"), "1700000000", "5432", str(home / "pg"), "", "0 0", "ready"]
+        (home / "pg" / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        done = cli(home, "migrate")
+        assert done.returncode == 0, done.stderr
+        assert other.poll() is None and not running(home)  # the other one untouched, our Postgres stopped
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_ctrl_c_in_a_terminal_lets_the_server_shut_down_the_app(home, dev):
+    stack = dev(home, own_group=True)
+    stack.wait_running()
+    os.killpg(stack.proc.pid, signal.SIGINT)  # the terminal signals make, dev, the server and the worker alike
+    stack.proc.wait(60)
+    output = stack.output()
+    assert "Application shutdown complete" in output and "Traceback" not in output, output
+    assert not running(home)
+
+
+def test_a_write_of_the_users_cut_short_keeps_the_list_it_replaces(tmp_path, monkeypatch):
+    import io
+
+    pg = EmbeddedPostgres(tmp_path)
+    me = [os.getpid(), psutil.Process().create_time()]
+    pg._write_users([me])
+    real_open = io.open
+
+    class CutShort:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, _text):
+            raise KeyboardInterrupt  # a second Ctrl-C, or the process killed, between the truncation and the write
+
+    def opening(file, mode="r", *args, **kwargs):
+        opened = real_open(file, mode, *args, **kwargs)
+        return CutShort(opened) if "w" in mode and "pg.users" in str(file) else opened
+
+    monkeypatch.setattr(io, "open", opening)
+    with pytest.raises(KeyboardInterrupt):
+        pg._write_users([me, [1, 0.0]])
+    monkeypatch.undo()
+    assert pg._live_users() == [me]  # the processes using Postgres are still known: none of them loses it
+
+
+def test_a_running_postgres_whose_folder_cannot_be_read_still_counts_as_running(tmp_path):
+    from lib.local.postgres import _is_postgres
+
+    class Unreadable:  # another user's process, seen without ptrace rights (root in a container without them)
+        def name(self):
+            return "postgres"
+
+        def status(self):
+            return psutil.STATUS_SLEEPING
+
+        def cwd(self):
+            raise psutil.AccessDenied(1)
+
+    assert _is_postgres(Unreadable(), tmp_path)  # its pid file is never removed under a running server

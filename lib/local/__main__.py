@@ -67,7 +67,10 @@ def _run_stack(base: str, home: Path) -> None:
     children: dict[str, subprocess.Popen] = {}
     try:
         pg = stack.prepare()
-        children["server"] = stack.start_server(base, env={DEV_PID: str(os.getpid())})
+        # In their own process group: a terminal's Ctrl-C reaches only this process, which stops them in order
+        # (a Ctrl-C straight to a child still importing would print a traceback; a second SIGINT makes uvicorn
+        # skip the app's shutdown).
+        children["server"] = stack.start_server(base, env={DEV_PID: str(os.getpid())}, own_group=True)
         children["worker"] = _start_worker()
         _print_banner(base, home)
         _supervise(children)
@@ -114,7 +117,7 @@ def _stop_on_signals() -> None:
 
 def _start_worker() -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "lib.local", "worker"], env={**os.environ, DEV_PID: str(os.getpid())}
+        [sys.executable, "-m", "lib.local", "worker"], env={**os.environ, DEV_PID: str(os.getpid())}, process_group=0
     )
 
 
@@ -155,10 +158,10 @@ def _how(code: int) -> str:
 
 
 def _stop_children(children) -> None:
-    """先 SIGINT 让它们收尾，15 秒后还在的强行结束"""
+    """先 SIGTERM 让它们收尾，15 秒后还在的强行结束"""
     for child in children:
         if child.poll() is None:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signal.SIGTERM)
     for child in children:
         try:
             child.wait(timeout=15)

@@ -25,11 +25,18 @@ from lib.local.errors import StackError
 log = logging.getLogger("spool.local.postgres")
 
 
-def _is_postgres(process) -> bool:
-    """这个进程是不是一个活着的 Postgres（pid 文件里的 pid 可能已被别的程序重用，或只剩僵尸进程）"""
+def _is_postgres(process, pgdata: Path) -> bool:
+    """这个进程是不是在这个数据目录里活着的 Postgres（pid 可能已被别的程序或别的 Postgres 重用，或只剩僵尸进程）"""
     try:
-        return process.name().startswith(("postgres", "postmaster")) and process.status() != psutil.STATUS_ZOMBIE
+        if not process.name().startswith(("postgres", "postmaster")) or process.status() == psutil.STATUS_ZOMBIE:
+            return False
     except Exception:  # gone in the meantime, or not ours to inspect
+        return False
+    try:
+        return Path(process.cwd()) == pgdata.resolve()  # a postmaster works in its own data folder
+    except psutil.AccessDenied:  # another user's, unreadable without ptrace rights: its name has to do
+        return True
+    except Exception:
         return False
 
 
@@ -158,9 +165,10 @@ class EmbeddedPostgres:
             return False
         if not info or not info.is_running():
             return False  # Postgres itself ignores a pid file whose pid is gone
-        if _is_postgres(info.process):
+        if _is_postgres(info.process, self.pgdata):
             return True
-        # Left by a Postgres killed hard (a crash, a reboot): its pid reused by another program, or a zombie.
+        # Left by a Postgres killed hard (a crash, a reboot): its pid reused by another program (another data
+        # folder's Postgres too), or a zombie.
         log.warning("removing a stale postmaster.pid: pid %d is not a running Postgres", info.pid)
         (self.pgdata / "postmaster.pid").unlink(missing_ok=True)
         for folder in {self.pgdata, info.socket_dir or self.pgdata}:  # its socket's lock file is stale too
@@ -176,7 +184,10 @@ class EmbeddedPostgres:
         return [user for user in users if _alive(user)] if isinstance(users, list) else []
 
     def _write_users(self, users: list[list]) -> None:
-        self._users.write_text(json.dumps(users))
+        """整体替换使用者列表：写到一半被打断（Ctrl-C、SIGKILL）时旧列表原样保留，不会让别人的 Postgres 被停掉"""
+        partial = self._users.with_name(self._users.name + ".new")
+        partial.write_text(json.dumps(users))
+        os.replace(partial, self._users)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

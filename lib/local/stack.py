@@ -93,9 +93,14 @@ def port_in_use(base: str) -> bool:
 
 
 def start_server(
-    base: str, *, env: dict[str, str] | None = None, log_path: Path | None = None, seconds: float = 60
+    base: str,
+    *,
+    env: dict[str, str] | None = None,
+    log_path: Path | None = None,
+    seconds: float = 60,
+    own_group: bool = False,
 ) -> subprocess.Popen:
-    """在子进程中启动 API 与本地服务（python -m lib.local serve），等到 base 的 /health 应答"""
+    """在子进程中启动 API 与本地服务（python -m lib.local serve），等到 /health 应答；own_group 时自成进程组"""
     if port_in_use(base):  # else another server's /health would pass for this one's
         raise StackError(f"{base} is already taken (another `make dev`?): stop it, or set SPOOL_PORT")
     log = open(log_path, "ab") if log_path else None  # the child keeps writing to it
@@ -105,6 +110,7 @@ def start_server(
         env={**os.environ, **(env or {})},
         stdout=log,
         stderr=subprocess.STDOUT if log else None,
+        process_group=0 if own_group else None,
     )
     answered = False
     try:
