@@ -470,38 +470,14 @@ async def test_feed_survives_a_dropped_database_connection(realtime_url, make_us
 
 
 @contextmanager
-def visibility_check_dies_once(conn):
-    """让 feed 的下一次可见性检查断开它自己的数据库连接（一次），之后恢复原函数"""
-    conn.execute("alter function realtime_local.visible_rows(jsonb) rename to visible_rows_intact")
-    conn.execute("create sequence realtime_local.visible_rows_calls")
-    conn.execute(
-        """create function realtime_local.visible_rows(p_checks jsonb) returns table (check_no int, item jsonb)
-        language plpgsql as $$
-        begin
-          if nextval('realtime_local.visible_rows_calls') = 1 then
-            perform pg_terminate_backend(pg_backend_pid());
-            perform pg_sleep(5);
-          end if;
-          return query select * from realtime_local.visible_rows_intact(p_checks);
-        end $$"""
-    )
-    try:
-        yield
-    finally:
-        conn.execute("drop function realtime_local.visible_rows(jsonb)")
-        conn.execute("drop sequence realtime_local.visible_rows_calls")
-        conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
-
-
-@contextmanager
-def visibility_check_is_slow(conn, seconds: float):
-    """让 feed 的可见性检查每次先等待 seconds 秒，之后恢复原函数"""
+def visibility_check_wrapped(conn, before: str):
+    """把 feed 的可见性检查换成先执行 before（plpgsql 语句）再调原函数的版本，之后恢复原函数"""
     conn.execute("alter function realtime_local.visible_rows(jsonb) rename to visible_rows_intact")
     conn.execute(
         f"""create function realtime_local.visible_rows(p_checks jsonb) returns table (check_no int, item jsonb)
         language plpgsql as $$
         begin
-          perform pg_sleep({seconds});
+          {before}
           return query select * from realtime_local.visible_rows_intact(p_checks);
         end $$"""
     )
@@ -510,6 +486,26 @@ def visibility_check_is_slow(conn, seconds: float):
     finally:
         conn.execute("drop function realtime_local.visible_rows(jsonb)")
         conn.execute("alter function realtime_local.visible_rows_intact(jsonb) rename to visible_rows")
+
+
+@contextmanager
+def visibility_check_dies_once(conn):
+    """让 feed 的下一次可见性检查断开它自己的数据库连接（一次），之后恢复原函数"""
+    conn.execute("create sequence realtime_local.visible_rows_calls")
+    dies_once = """if nextval('realtime_local.visible_rows_calls') = 1 then
+            perform pg_terminate_backend(pg_backend_pid());
+            perform pg_sleep(5);
+          end if;"""
+    try:
+        with visibility_check_wrapped(conn, dies_once):
+            yield
+    finally:
+        conn.execute("drop sequence realtime_local.visible_rows_calls")
+
+
+def visibility_check_is_slow(conn, seconds: float):
+    """让 feed 的可见性检查每次先等待 seconds 秒，之后恢复原函数"""
+    return visibility_check_wrapped(conn, f"perform pg_sleep({seconds});")
 
 
 async def test_a_change_checked_while_the_token_is_refreshed_arrives(realtime_url, make_user, db_conn, subscriptions):
