@@ -26,10 +26,11 @@ BUCKET = "media"
 TINY_BUCKET, TINY_LIMIT = "tiny-js", 1024
 
 
-def _node_ready() -> bool:
+def node_ready(package: str) -> bool:
+    """node 与 npm 在，且 tests/storage_js 的包已装好（缺了就按 package-lock 装）"""
     if shutil.which("node") is None or shutil.which("npm") is None:
         return False
-    if not (JS_DIR / "node_modules" / "@supabase" / "storage-js").exists():
+    if not (JS_DIR / "node_modules" / package).exists():
         result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, timeout=180)
         if result.returncode != 0:
             return False
@@ -39,7 +40,7 @@ def _node_ready() -> bool:
 @pytest.fixture(scope="module")
 def storage_js(live_server):
     """运行 client.mjs 的一步（官方 storage-js），返回它输出的 JSON"""
-    if not _node_ready():
+    if not node_ready("@supabase/storage-js"):
         pytest.skip("node/npm or the @supabase/storage-js package is not available")
 
     async def run(step: dict, token: str = "") -> dict:

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import random
-import shutil
 import subprocess
 import time
 import uuid
@@ -30,20 +29,10 @@ CHUNK = 64 * 1024
 TUS = {"Tus-Resumable": "1.0.0"}
 
 
-def _node_ready() -> bool:
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        return False
-    if not (JS_DIR / "node_modules" / "tus-js-client").exists():
-        result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, timeout=180)
-        if result.returncode != 0:
-            return False
-    return True
-
-
 @pytest.fixture(scope="module")
 def tus_js(live_server, tmp_path_factory):
     """运行 tus.mjs 的一步（真实的 tus-js-client），返回它输出的 JSON"""
-    if not _node_ready():
+    if not storage_js.node_ready("tus-js-client"):
         pytest.skip("node/npm or the tus-js-client package is not available")
     folder = tmp_path_factory.mktemp("tus")
 
