@@ -206,20 +206,24 @@ async def test_a_patch_at_a_stale_offset_is_a_409_and_changes_nothing(live_serve
     assert head.headers["upload-offset"] == "10" and head.headers["upload-length"] == "30"
 
 
+async def held_body(started: asyncio.Event, go_on: asyncio.Event):
+    """PATCH 的正文：先送 10 字节，set started，等 go_on 后再送 10 字节"""
+    yield b"a" * 10
+    started.set()
+    await go_on.wait()
+    yield b"a" * 10
+
+
 async def test_a_patch_while_another_is_writing_is_a_409(live_server):
     path = f"{uuid.uuid4()}/race.bin"
     token = signed_upload_token(BUCKET, path, 60)
     started, go_on = asyncio.Event(), asyncio.Event()
 
-    async def slow():
-        yield b"a" * 10
-        started.set()
-        await go_on.wait()
-        yield b"a" * 10
-
     async with httpx.AsyncClient() as http:
         location = (await create(http, live_server, token, path, 20)).headers["location"]
-        first = asyncio.create_task(http.patch(location, headers=patch_headers(token, 0), content=slow()))
+        first = asyncio.create_task(
+            http.patch(location, headers=patch_headers(token, 0), content=held_body(started, go_on))
+        )
         await started.wait()
         await asyncio.sleep(0.3)  # the first PATCH's bytes are on their way
         second = await http.patch(location, headers=patch_headers(token, 0), content=b"b" * 20)
@@ -379,16 +383,12 @@ async def test_a_patch_whose_upload_was_removed_meanwhile_is_a_404(live_server):
     token = signed_upload_token(BUCKET, path, 60)
     started, go_on = asyncio.Event(), asyncio.Event()
 
-    async def slow():
-        yield b"a" * 10
-        started.set()
-        await go_on.wait()
-        yield b"a" * 10
-
     key = storage_objects.service_key()
     async with httpx.AsyncClient() as http:
         location = (await create(http, live_server, token, path, 20)).headers["location"]
-        first = asyncio.create_task(http.patch(location, headers=patch_headers(token, 0), content=slow()))
+        first = asyncio.create_task(
+            http.patch(location, headers=patch_headers(token, 0), content=held_body(started, go_on))
+        )
         await started.wait()
         await asyncio.sleep(0.3)  # the first bytes are written when the name is removed (as the reaper's sweep does)
         removed = await http.request(

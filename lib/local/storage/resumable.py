@@ -23,7 +23,6 @@ from email.utils import formatdate
 from pathlib import Path
 
 from fastapi import APIRouter, Request, Response
-from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 
 from lib.config import get_settings
@@ -38,6 +37,7 @@ from lib.local.storage.objects import (
     tus_root,
     write_meta,
 )
+from lib.local.storage.routes import StorageRoute
 
 TUS_VERSION = "1.0.0"
 EXTENSIONS = "creation,creation-with-upload,termination,expiration"
@@ -53,19 +53,11 @@ def tus_error(status: int, body: str) -> StorageError:
     return StorageError(status, "TusError", body)
 
 
-class TusRoute(APIRoute):
+class TusRoute(StorageRoute):
     """把错误写成 TUS 的形状：真实状态码与纯文本正文"""
 
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def route(request: Request):
-            try:
-                return await handler(request)
-            except StorageError as exc:
-                return Response(exc.message, status_code=exc.status, headers=_headers(), media_type="text/plain")
-
-        return route
+    def error_response(self, exc: StorageError) -> Response:
+        return Response(exc.message, status_code=exc.status, headers=_headers(), media_type="text/plain")
 
 
 router = APIRouter(prefix="/storage/v1/upload/resumable/sign", route_class=TusRoute, include_in_schema=False)

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 
@@ -41,6 +41,10 @@ from lib.local.storage.uploads import expires_in, file_response, json_body, sign
 class StorageRoute(APIRoute):
     """把存储错误（与请求校验错误）写成 Storage 的错误形状，而不是产品的信封"""
 
+    def error_response(self, exc: StorageError) -> Response:
+        """错误的响应（子类可换成别的形状）"""
+        return exc.response()
+
     def get_route_handler(self):
         handler = super().get_route_handler()
 
@@ -48,9 +52,9 @@ class StorageRoute(APIRoute):
             try:
                 return await handler(request)
             except StorageError as exc:
-                return exc.response()
+                return self.error_response(exc)
             except RequestValidationError as exc:
-                return StorageError(400, "InvalidRequest", str(exc.errors()[:1])).response()
+                return self.error_response(StorageError(400, "InvalidRequest", str(exc.errors()[:1])))
 
         return route
 
