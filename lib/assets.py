@@ -348,42 +348,35 @@ class AssetService:
         """新上传的资源 id 与存储路径（先确认项目属于该用户、待检查的上传未超上限）"""
         if project_id:
             await get_project_service().require_owned(user_id=user_id, project_id=project_id)
-        limit = get_settings().max_upload_checks_per_user
-        # Announced (a signed upload URL handed out) or being checked: each holds storage, and a check is a job
-        # on our side, free to the user. Uploads never completed are swept once their URL expires.
-        # A tombstone counts while its URL still works (it expires a margin after the URL).
-        pending = await db.fetch_one(
-            "select (select count(*) from public.assets where user_id = %(user)s and status = 'pending')"
-            " + (select count(*) from public.upload_tombstones where user_id = %(user)s"
-            "    and expires_at > now() + make_interval(secs => %(margin)s)) as n",
-            {"user": user_id, "margin": ABANDON_MARGIN_SECONDS},
-        )
-        if pending["n"] >= limit:
-            raise TooManyActiveTasks(
-                f"{pending['n']} uploads are not ready yet; complete them or wait for their checks to finish."
-            )
+        # Refused here before anything is stored or signed; _record_upload counts again under the account's lock.
+        async with db.connection() as conn:
+            await _require_upload_room(conn, user_id)
         asset_id = str(uuid.uuid4())
         return asset_id, user_path(user_id, "uploads", f"{asset_id}{media.ext}")
 
     async def _record_upload(
         self, asset_id, user_id, project_id, media: MediaType, path, size, filename, upload_expires_at=None
     ) -> dict:
-        """登记一个待探测（pending）的上传（签名上传记下其 URL 的过期时间）"""
+        """登记待探测（pending）的上传（签名上传记下 URL 的过期时间）；账户锁下再数一次，同时的上传不会一起越过上限"""
         with db.user_must_exist():
-            return await self.create_asset_record(
-                asset_id=asset_id,
-                user_id=user_id,
-                project_id=project_id,
-                kind=media.kind,
-                path=path,
-                mime=media.mime,
-                size=size,
-                metadata={
-                    **({"filename": filename} if filename else {}),
-                    **({"upload_expires_at": upload_expires_at} if upload_expires_at else {}),
-                },
-                status="pending",
-            )
+            async with db.transaction() as conn:
+                await conn.execute("select pg_advisory_xact_lock(hashtext('uploads:' || %s))", (user_id,))
+                await _require_upload_room(conn, user_id)
+                return await self.create_asset_record(
+                    asset_id=asset_id,
+                    user_id=user_id,
+                    project_id=project_id,
+                    kind=media.kind,
+                    path=path,
+                    mime=media.mime,
+                    size=size,
+                    metadata={
+                        **({"filename": filename} if filename else {}),
+                        **({"upload_expires_at": upload_expires_at} if upload_expires_at else {}),
+                    },
+                    status="pending",
+                    conn=conn,
+                )
 
     async def _request_probe(self, *, user_id: str, asset: dict) -> dict:
         """创建（幂等）零价的探测任务并派发"""
@@ -525,6 +518,24 @@ class AssetService:
             await get_storage().remove(paths=[path], user_id=user_id)
         except Exception as exc:
             log.warning("could not remove %s: %s", path, exc)
+
+
+async def _require_upload_room(conn, user_id: str) -> None:
+    """未就绪的上传已达上限 → 429"""
+    # Announced (a signed upload URL handed out) or being checked: each holds storage, and a check is a job
+    # on our side, free to the user. Uploads never completed are swept once their URL expires.
+    # A tombstone counts while its URL still works (it expires a margin after the URL).
+    cur = await conn.execute(
+        "select (select count(*) from public.assets where user_id = %(user)s and status = 'pending')"
+        " + (select count(*) from public.upload_tombstones where user_id = %(user)s"
+        "    and expires_at > now() + make_interval(secs => %(margin)s)) as n",
+        {"user": user_id, "margin": ABANDON_MARGIN_SECONDS},
+    )
+    pending = (await cur.fetchone())["n"]
+    if pending >= get_settings().max_upload_checks_per_user:
+        raise TooManyActiveTasks(
+            f"{pending} uploads are not ready yet; complete them or wait for their checks to finish."
+        )
 
 
 def _tombstone_for(asset: dict, user_id: str) -> tuple[str, tuple] | None:

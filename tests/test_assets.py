@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import uuid
 
@@ -749,3 +750,19 @@ async def test_a_deleted_uploads_url_cannot_leave_a_file_behind_or_free_its_plac
     assert not await get_storage().exists(path=path)
     assert sql("select path from public.upload_tombstones where user_id = %s", (user.id,)) == []
     assert (await client.post("/assets/uploads", json=announce, headers=user.headers)).status_code == 201
+
+
+async def test_uploads_at_once_cannot_pass_the_cap_together(client, make_user, monkeypatch):
+    """同时来的上传不能一起越过上限：计数与登记在同一把按账户的锁下；被拒的直传不留文件"""
+    user = await make_user()
+    monkeypatch.setattr(get_settings(), "max_upload_checks_per_user", 2)
+    body = {"content_type": "image/png", "bytes": 10}
+    answers = await asyncio.gather(
+        *(client.post("/assets/uploads", json=body, headers=user.headers) for _ in range(4)),
+        *(direct_upload(client, user, png_bytes()) for _ in range(4)),
+    )
+    assert sorted(resp.status_code for resp in answers) == [201, 201] + [429] * 6
+    rows = sql("select path from public.assets where user_id = %s", (user.id,))
+    assert len(rows) == 2
+    stored = await get_storage().list_files(prefix=f"{user.id}/uploads")
+    assert set(stored) <= {row["path"] for row in rows}
