@@ -159,6 +159,22 @@ async def _user_departed(conn, event: dict) -> bool:
     return (await cur.fetchone())["gone"]
 
 
+def _key_livemode(key: str | None) -> bool | None:
+    """API 密钥的模式：live → True，test → False，看不出 → None"""
+    if key and key.startswith(("sk_live_", "rk_live_")):
+        return True
+    if key and key.startswith(("sk_test_", "rk_test_")):
+        return False
+    return None
+
+
+def _of_another_mode(event: dict) -> bool:
+    """事件与 STRIPE_SECRET_KEY 不是同一模式（测试 / 线上）"""
+    mode = _key_livemode(get_settings().stripe_secret_key)
+    livemode = event.get("livemode")
+    return mode is not None and isinstance(livemode, bool) and livemode != mode
+
+
 def upstream_error(exc: stripe.StripeError) -> SpoolError:
     """把 Stripe 错误变成清楚的领域错误（502；幂等键冲突为 409）"""
     import stripe
@@ -306,6 +322,16 @@ class BillingService:
     async def handle_webhook(self, *, payload: bytes, signature: str | None) -> dict:
         """校验并处理一个 Stripe webhook 事件（每个事件 id 只生效一次）"""
         event = self._verify(payload, signature)
+        if _of_another_mode(event):
+            # A test payment is no money: it must not grant credits where the key is live (nor the other way).
+            # Signed correctly all the same when STRIPE_WEBHOOK_SECRET belongs to the other mode's endpoint.
+            log.warning(
+                "stripe event %s (%s) is a %s-mode event, and STRIPE_SECRET_KEY is not: check STRIPE_WEBHOOK_SECRET",
+                event["id"],
+                event["type"],
+                "live" if event["livemode"] else "test",
+            )
+            return {"event_id": event["id"], "result": "wrong_mode"}
         effect = event_effect(event)
         async with db.transaction() as conn:
             cur = await conn.execute(

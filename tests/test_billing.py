@@ -419,6 +419,17 @@ async def test_failed_or_expired_session_grants_nothing(client, make_user, strip
     assert kinds(user.id) == [("grant", 100)]
 
 
+async def test_an_event_of_the_other_stripe_mode_grants_nothing(client, make_user, caplog):
+    """测试模式的付款不给线上部署发积分（反之亦然）：Webhook 密钥配错时，事件照样签名正确"""
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_live", metadata_for(user)))
+    resp = await post_event(client, {**evt, "livemode": True})  # conftest's STRIPE_SECRET_KEY is a test key
+    assert resp.status_code == 200 and resp.json()["data"]["result"] == "wrong_mode"
+    assert balance(user.id) == 100
+    assert purchases(user.id) == []
+    assert "live-mode event" in caplog.text
+
+
 async def test_other_events_are_acknowledged_and_ignored(client, make_user):
     user = await make_user()
     resp = await post_event(client, fake_stripe.event("customer.created", {"id": "cus_x", "object": "customer"}))
