@@ -48,10 +48,17 @@ class SigningKeys:
         if not kid:
             raise Unauthorized("Invalid access token.")
         key = self.cached(kid)
-        if key is None:
-            with self._lock:
-                key = self.cached(kid) or self._refresh(kid)
-        return key
+        if key is not None:
+            return key
+        known = self._keys.get(kid)
+        # While another request fetches the key set again, a key we had serves at once: waiting for the fetch
+        # would hold every request up for as long as the identity provider takes (up to the time-out).
+        if not self._lock.acquire(blocking=known is None):
+            return known
+        try:
+            return self.cached(kid) or self._refresh(kid)
+        finally:
+            self._lock.release()
 
     def _refresh(self, kid: str) -> object:
         import jwt

@@ -392,3 +392,24 @@ def test_jwks_cache_seconds_must_be_positive(monkeypatch):
     monkeypatch.setenv("JWKS_CACHE_SECONDS", "0")
     with pytest.raises(ValidationError):
         Settings()
+
+
+async def test_a_known_key_answers_at_once_while_its_stale_key_set_is_fetched_again(client, make_user, jwks_server):
+    """密钥集过期后重新获取时（身份服务慢或挂起），已知 kid 的请求不排队等它：沿用已有的密钥"""
+    import asyncio
+
+    from lib.auth import get_token_verifier
+
+    user = await make_user()
+    assert (await balance_status(client, es256(claims(sub=user.id))))[0] == 200
+    get_token_verifier().keys._fetched_at -= 601  # the cached key set has expired
+    jwks_server.delay = 3  # a slow identity provider: this fetch takes a while
+    fetching = asyncio.create_task(balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 1))))
+    while jwks_server.fetches < 2:
+        await asyncio.sleep(0.01)
+    other = asyncio.create_task(balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 2))))
+    done, _ = await asyncio.wait({fetching, other}, return_when=asyncio.FIRST_COMPLETED)
+    assert other in done and fetching not in done
+    assert other.result()[0] == 200
+    assert (await fetching)[0] == 200
+    assert jwks_server.fetches == 2
