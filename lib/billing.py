@@ -41,6 +41,7 @@ PACKAGE_COLUMNS = "id, name, credits, price_cents, currency"
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_TEXT = 500  # Stripe's ids are at most 255 characters, its metadata values 500
 MAX_CENTS = 10**12  # Stripe takes amounts of at most 12 digits; sums of a few such stay far inside a bigint
+CHECKOUT_RECHECK_SECONDS = 5  # the success page asks Stripe about one pending checkout at most this often
 
 
 def origin_of(url: str) -> str | None:
@@ -277,7 +278,7 @@ class BillingService:
     async def checkout_status(self, *, user_id: str, session_id: str) -> dict:
         """结账的状态（成功页用）：仍待支付时向 Stripe 问一次，已付则当场发放积分（与 webhook 同一条 SQL，只发一次）"""
         purchase = await self._purchase(user_id, session_id)
-        if purchase["status"] == "pending":
+        if purchase["status"] == "pending" and await self._may_ask_stripe(purchase["id"]):
             session = await self._session_if_reachable(session_id)
             kind = {"complete": "checkout.session.completed", "expired": "checkout.session.expired"}.get(
                 session.get("status") if session else None
@@ -307,6 +308,16 @@ class BillingService:
         if purchase is None:
             raise NotFound("No checkout with this id.")
         return purchase
+
+    async def _may_ask_stripe(self, purchase_id) -> bool:
+        """这次可否向 Stripe 问这个待支付的结账（每个至多每 CHECKOUT_RECHECK_SECONDS 秒一次）"""
+        # A polling page, or a loop, would otherwise spend the Stripe rate limit that every checkout shares.
+        row = await db.fetch_one(
+            "update public.purchases set stripe_checked_at = now() where id = %s and status = 'pending'"
+            " and (stripe_checked_at is null or stripe_checked_at < now() - make_interval(secs => %s)) returning id",
+            (purchase_id, CHECKOUT_RECHECK_SECONDS),
+        )
+        return row is not None
 
     async def _session_if_reachable(self, session_id: str) -> dict | None:
         """从 Stripe 取会话；Stripe 不可达或出错 → None（只按我们的记录回答，webhook 照样会来）"""

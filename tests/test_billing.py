@@ -278,6 +278,14 @@ async def checkout_status(client, user, session_id: str):
     return await client.get(f"/billing/checkout/{session_id}", headers=user.headers)
 
 
+def asked_a_while_ago(session_id: str) -> None:
+    """成功页上次问 Stripe 已是一分钟前"""
+    sql(
+        "update public.purchases set stripe_checked_at = now() - interval '1 minute' where checkout_session_id = %s",
+        (session_id,),
+    )
+
+
 async def test_the_success_page_fulfils_a_paid_checkout_before_its_webhook(client, make_user, stripe_api):
     user = await make_user()
     session_id = (await checkout(client, user))["session_id"]
@@ -293,6 +301,7 @@ async def test_the_success_page_fulfils_a_paid_checkout_before_its_webhook(clien
     assert balance(user.id) == 100
 
     stripe_api.pay(session_id, payment_intent="pi_landing")  # the buyer paid; the webhook is late
+    asked_a_while_ago(session_id)
     resp = await checkout_status(client, user, session_id)
     assert resp.json()["data"]["status"] == "paid" and balance(user.id) == 600
     (row,) = purchases(user.id)
@@ -305,6 +314,21 @@ async def test_the_success_page_fulfils_a_paid_checkout_before_its_webhook(clien
     asked = len(stripe_api.gets(f"{SESSIONS}/{session_id}"))
     assert (await checkout_status(client, user, session_id)).json()["data"]["status"] == "paid"
     assert len(stripe_api.gets(f"{SESSIONS}/{session_id}")) == asked  # settled: Stripe is not asked again
+
+
+async def test_a_polled_success_page_asks_stripe_at_most_once_every_few_seconds(client, make_user, stripe_api):
+    """成功页轮询（异步付款要等几天）不把每次请求都转给 Stripe：同一购买每几秒至多问一次，Stripe 的限流留给结账"""
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    answers = [await checkout_status(client, user, session_id) for _ in range(3)]
+    answers += await asyncio.gather(*(checkout_status(client, user, session_id) for _ in range(3)))
+    assert [resp.json()["data"]["status"] for resp in answers] == ["pending"] * 6
+    assert len(stripe_api.gets(f"{SESSIONS}/{session_id}")) == 1
+
+    stripe_api.pay(session_id)
+    asked_a_while_ago(session_id)
+    assert (await checkout_status(client, user, session_id)).json()["data"]["status"] == "paid"
+    assert len(stripe_api.gets(f"{SESSIONS}/{session_id}")) == 2 and balance(user.id) == 600
 
 
 async def test_the_success_page_of_an_expired_checkout_says_so(client, make_user, stripe_api):
