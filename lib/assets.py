@@ -66,6 +66,16 @@ MEDIA_TYPES = {
         MediaType("video", "video/x-msvideo", ".avi"),
     )
 }
+# Other names of the same types: a browser's File.type comes from the operating system, which names AVI
+# video/avi (Windows, macOS) and an .m4v (MP4) video/x-m4v (Safari); older clients say image/jpg or image/pjpeg.
+TYPE_ALIASES = {
+    "video/avi": "video/x-msvideo",
+    "video/msvideo": "video/x-msvideo",
+    "video/x-m4v": "video/mp4",
+    "image/jpg": "image/jpeg",
+    "image/pjpeg": "image/jpeg",
+    "image/x-png": "image/png",
+}
 UNSUPPORTED = "Unsupported file type: send a PNG, JPEG, WebP or GIF image, or an MP4, MOV, WebM, MKV or AVI video."
 NOT_MEDIA_BRANDS = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif", b"avis", b"M4A ", b"M4B ", b"M4P ", b"crx ")
 
@@ -96,7 +106,8 @@ def sniff(head: bytes) -> MediaType | None:
 
 def media_type_of(content_type: str) -> MediaType | None:
     """客户端声明的内容类型 → 支持的媒体类型"""
-    return MEDIA_TYPES.get(content_type.split(";")[0].strip().lower())
+    name = content_type.split(";")[0].strip().lower()
+    return MEDIA_TYPES.get(TYPE_ALIASES.get(name, name))
 
 
 class AssetService:

@@ -154,6 +154,34 @@ async def test_upload_ticket_validation(client, make_user, monkeypatch):
     assert resp.status_code == 404
 
 
+@pytest.mark.parametrize(
+    ("declared", "head", "ext", "mime"),
+    [
+        ("video/avi", b"RIFF\0\0\0\0AVI LIST", ".avi", "video/x-msvideo"),  # Windows' and macOS's name for AVI
+        ("video/x-m4v", b"\0\0\0\x18ftypM4V ", ".mp4", "video/mp4"),  # Safari's for an .m4v (MP4) file
+        ("image/jpg", b"\xff\xd8\xff\xe0", ".jpg", "image/jpeg"),
+    ],
+)
+async def test_a_file_named_by_another_common_type_is_taken_for_what_it_is(
+    client, make_user, declared, head, ext, mime
+):
+    """浏览器给的类型名不止一种（file.type 来自操作系统）：常见的别名照收，签名上传后 complete 也不拒"""
+    user = await make_user()
+    data = head + b"\0" * 64
+    resp = await client.post(
+        "/assets/uploads", json={"content_type": declared, "bytes": len(data)}, headers=user.headers
+    )
+    assert resp.status_code == 201, resp.text
+    ticket = resp.json()["data"]
+    assert ticket["path"].endswith(ext)
+    async with httpx.AsyncClient() as http:
+        put = await http.put(ticket["upload_url"], content=data, headers={"content-type": declared})
+    assert put.status_code == 200, put.text
+    done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert done.status_code == 200, done.text
+    assert (done.json()["data"]["status"], done.json()["data"]["mime"]) == ("pending", mime)
+
+
 async def test_signed_upload_of_a_non_media_file_is_rejected(client, make_user):
     user = await make_user()
     ticket = (
