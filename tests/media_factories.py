@@ -55,6 +55,7 @@ def make_video(
     frames_from: list[np.ndarray] | None = None,
     hold_last: float | None = None,
     audio_seconds: float | None = None,
+    keyframe_every: int | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -66,6 +67,7 @@ def make_video(
     ``pixel_aspect`` makes the pixels non-square (anamorphic video); ``frames_from`` gives the pictures themselves.
     ``hold_last`` (with ``times``) shows the last frame that many seconds, as a screen recording holds a still screen.
     ``audio_seconds`` makes the sound that long instead of as long as the picture.
+    ``keyframe_every`` (H.264) starts a new group of pictures every that many frames.
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -74,6 +76,8 @@ def make_video(
         video.pix_fmt = "yuvj420p" if video_codec == "mjpeg" else "yuv420p"
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
+            if keyframe_every:
+                video.options |= {"g": str(keyframe_every), "keyint_min": str(keyframe_every)}
         if pixel_aspect is not None:
             video.codec_context.sample_aspect_ratio = pixel_aspect
         if rotation or mirror:

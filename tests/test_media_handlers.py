@@ -1737,6 +1737,43 @@ def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
     assert frame_times(out.path) == pytest.approx(expected, abs=2e-3)
 
 
+def _cut_into_a_group(src: Path, dst: Path, dropped: int) -> Path:
+    """逐包复制，丢掉前 dropped 个视频包：像不重新编码、从两个关键帧之间剪下的片段，开头几帧没有参考帧解不出来"""
+    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
+        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
+        seen = 0
+        for packet in inp.demux():
+            if packet.dts is None:
+                continue
+            if packet.stream.type == "video" and (seen := seen + 1) <= dropped:
+                continue
+            packet.stream = streams[packet.stream_index]
+            out.mux(packet)
+    return dst
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_a_clip_whose_first_frames_cannot_be_decoded_starts_with_its_first_frame(tmp_path, suffix, handler):
+    """Cut between keyframes without re-encoding: the frames before the next keyframe do not decode. The output
+    begins with the first frame that does, as the sound under it, and lasts as long as the frames it holds."""
+    src = make_video(tmp_path / f"clip{suffix}", frames=48, fps=24, keyframe_every=12, audio_start=1.0)
+    cut = _cut_into_a_group(src, tmp_path / f"cut{suffix}", dropped=3)
+    with av.open(str(cut)) as container:
+        stream = container.streams.video[0]
+        start = float(stream.start_time * stream.time_base)
+        shown = [frame.time - start for frame in container.decode(stream)]
+    assert len(shown) == 36 and shown[0] == pytest.approx(0.375, abs=1e-3)  # frames 3 to 11 cannot be decoded
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": cut}))
+    factor = 2 if handler is video_interpolate else 1
+    assert frame_times(out.path)[0] == pytest.approx(0, abs=1e-3)
+    assert len(frame_times(out.path)) == 36 * factor
+    assert out.duration_s == pytest.approx(36 / 24, abs=1e-3)  # not 0.375 s more of no picture
+    # the tone starts 1 s into the input, 0.5 s after the first frame that decodes (at 0.5 s)
+    assert first_sound(out.path) == pytest.approx(0.5, abs=0.01)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
 def test_a_held_last_frame_keeps_its_time_and_the_sound_under_it(tmp_path, suffix):
     """A screen recording: one second of frames, then the last picture held three seconds while the sound goes on."""

@@ -270,6 +270,7 @@ class FrameWriter(_Worker):
             time_base, pts = 1 / self.rate, lambda index: index
         self.time_base, self.pts = time_base, pts
         self._last_pts = -1
+        self._origin: int | None = None  # pts(0): the output's zero, where its first frame is shown
         self.audio_from, self.start_time, self.crf, self.preset = audio_from, start_time, crf, preset
         self.pixel_aspect = pixel_aspect  # non-square pixels (anamorphic input) are kept, so players widen them
         self.thread_type, self.threads = thread_type, threads  # 0: as many as x264 sees fit for the cores
@@ -405,7 +406,13 @@ class FrameWriter(_Worker):
 
     def _next_pts(self) -> int:
         """The next frame's pts: its time, kept strictly increasing (a broken file may repeat a time)."""
-        self._last_pts = max(self.pts(self.frames_written), self._last_pts + 1)
+        at = self.pts(self.frames_written)
+        if self._origin is None:
+            # The output begins with its first frame, and the sound moves with it: frames an input holds before
+            # its first decodable one (a clip cut between keyframes) leave no gap without a picture.
+            self._origin = at
+            self.start_time += float(at * self.time_base)
+        self._last_pts = max(at - self._origin, self._last_pts + 1)
         return self._last_pts
 
     def _audio_items(self, src: Any, audio: Any, copy: bool) -> Iterator[tuple[float, Any]]:
