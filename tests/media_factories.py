@@ -67,7 +67,7 @@ def make_video(
     ``pixel_aspect`` makes the pixels non-square (anamorphic video); ``frames_from`` gives the pictures themselves.
     ``hold_last`` (with ``times``) shows the last frame that many seconds, as a screen recording holds a still screen.
     ``audio_seconds`` makes the sound that long instead of as long as the picture.
-    ``keyframe_every`` (H.264) starts a new group of pictures every that many frames.
+    ``keyframe_every`` starts a new group of pictures (a keyframe) every that many frames.
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
@@ -76,8 +76,8 @@ def make_video(
         video.pix_fmt = "yuvj420p" if video_codec == "mjpeg" else "yuv420p"
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
-            if keyframe_every:
-                video.options |= {"g": str(keyframe_every), "keyint_min": str(keyframe_every)}
+        if keyframe_every:
+            video.codec_context.gop_size = keyframe_every
         if pixel_aspect is not None:
             video.codec_context.sample_aspect_ratio = pixel_aspect
         if rotation or mirror:

@@ -1774,6 +1774,17 @@ def test_a_clip_whose_first_frames_cannot_be_decoded_starts_with_its_first_frame
     assert first_sound(out.path) == pytest.approx(0.5, abs=0.01)
 
 
+def test_an_avi_cut_between_keyframes_is_counted_and_upscaled(tmp_path):
+    """An Xvid AVI whose index holds no keyframe at its start cannot be rewound to count its packets: it is read
+    afresh (the decoder shows the frames before the first keyframe as well as it can, as the ffmpeg command does)."""
+    src = make_video(tmp_path / "clip.avi", frames=48, fps=24, keyframe_every=12, video_codec="mpeg4", audio=False)
+    cut = _cut_into_a_group(src, tmp_path / "cut.avi", dropped=3)
+    info = media.probe_file(cut)
+    assert info["frame_count"] == 45
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": cut}))
+    assert out.metadata["frames"] == 45 and out.duration_s == pytest.approx(info["duration_s"], abs=1e-3)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
 def test_a_held_last_frame_keeps_its_time_and_the_sound_under_it(tmp_path, suffix):
     """A screen recording: one second of frames, then the last picture held three seconds while the sound goes on."""

@@ -180,7 +180,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
             if shown_end is not None:  # B-frames of a variable rate: the index's decode times can end earlier
                 duration = max(duration, float((shown_end - first.pts) * stream.time_base))
         else:  # any other header's count and length are only claims (and cost nothing to forge): count the packets
-            frames, span = _count_packets(container, stream, fps)
+            frames, span = _count_packets(container, stream, fps, path)
             if span:  # with a variable rate frames / fps is far off
                 duration = span
             elif fps:
@@ -342,10 +342,19 @@ def _index_agrees(stream: Any, fps: float | None) -> bool:
     return bool(fps) and abs(stream.frames - float(stream.duration * stream.time_base) * fps) <= 1.5
 
 
-def _count_packets(container: Any, stream: Any, fps: float | None) -> tuple[int, float | None]:
+def _count_packets(container: Any, stream: Any, fps: float | None, path: Path) -> tuple[int, float | None]:
     """Frames of a stream, and the time they span: its packets (shown ones: not empty, not discarded), demuxed."""
+    try:
+        container.seek(0)
+    except av.FFmpegError:  # no keyframe in the index to rewind to (an AVI cut between keyframes): read it afresh
+        with open_media(path) as fresh:
+            return _packets_of(fresh, video_stream(fresh), fps)
+    return _packets_of(container, stream, fps)
+
+
+def _packets_of(container: Any, stream: Any, fps: float | None) -> tuple[int, float | None]:
+    """从当前位置起数一个流的包（只解复用）：帧数，与它们跨越的时间（秒）"""
     limit = get_settings().max_video_frames
-    container.seek(0)
     frames, first, end = 0, None, None
     step = round(1 / fps / stream.time_base) if fps and stream.time_base else 0
     for packet in container.demux(stream):
