@@ -1785,6 +1785,25 @@ def test_an_avi_cut_between_keyframes_is_counted_and_upscaled(tmp_path):
     assert out.metadata["frames"] == 45 and out.duration_s == pytest.approx(info["duration_s"], abs=1e-3)
 
 
+@pytest.mark.parametrize("handler", [video_upscale, video_interpolate])
+def test_an_h264_avi_cut_between_keyframes_stays_on_its_sound(tmp_path, handler):
+    """H.264's decoder shows nothing before the first keyframe: the time slots of the frames it never shows are not
+    handed to the frames after them, which would then be shown that much early, ahead of their sound."""
+    src = make_video(
+        tmp_path / "clip.avi", frames=48, fps=24, keyframe_every=12, audio_codec="pcm_s16le", audio_start=1.0
+    )
+    cut = _cut_into_a_group(src, tmp_path / "cut.avi", dropped=3)
+    with av.open(str(cut)) as container:
+        stream = container.streams.video[0]
+        key = next(float(p.dts * p.time_base) for p in container.demux(stream) if p.is_keyframe)  # its slot
+    params = {"video_asset_id": "v", "scale" if handler is video_upscale else "factor": 2}
+    [out] = handler.run(make_ctx(tmp_path / "w", params, {"v": cut}))
+    factor = 2 if handler is video_interpolate else 1
+    assert out.metadata["frames"] == 36 * factor and out.duration_s == pytest.approx(36 / 24, abs=1e-3)
+    # the output begins with the keyframe: the tone comes as long after it as in the input
+    assert first_sound(out.path) == pytest.approx(first_sound(cut) - key, abs=0.01)
+
+
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
 def test_a_held_last_frame_keeps_its_time_and_the_sound_under_it(tmp_path, suffix):
     """A screen recording: one second of frames, then the last picture held three seconds while the sound goes on."""

@@ -163,6 +163,8 @@ class FrameReader(_Worker):
             # frame is an empty chunk), and frames come out in the order of those slots: a frame's time is the
             # next coded frame's slot.
             self._slots = deque() if container.format.name == "avi" else None
+            if self._slots is not None:  # each frame names its packet's slot (see _forget_unshown)
+                stream.codec_context.flags |= av.codec.context.Flags.copy_opaque
             display, buf, n = Display(), None, 0
             planes_of = display.yuv420 if self.planar else lambda *frame: [display.rgb(*frame)]
             for frame in deinterlaced(self._frames(container, stream), stream):
@@ -200,6 +202,7 @@ class FrameReader(_Worker):
             slot = self._slots is not None and packet.size and packet.dts is not None
             if slot:
                 self._slots.append(packet.dts)
+                packet.opaque = packet.dts
             try:
                 decoded = packet.decode()
             except av.InvalidDataError as exc:  # damaged data, or a frame over the pixel limit (never decoded)
@@ -212,6 +215,8 @@ class FrameReader(_Worker):
                 continue
             except av.FFmpegError as exc:
                 raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
+            if decoded and not frames and self._slots:
+                self._forget_unshown(decoded[0])
             frames += len(decoded)
             if self.max_frames is not None and frames > self.max_frames:
                 raise InvalidInput(
@@ -221,6 +226,11 @@ class FrameReader(_Worker):
             yield from decoded
         if not frames:
             raise InvalidInput("The video could not be decoded: no frame in it is readable.")
+
+    def _forget_unshown(self, first: av.VideoFrame) -> None:
+        """AVI：第一帧之前送进解码器却没出画面的包（剪在关键帧之间，H.264 不显示关键帧前的帧），时间槽不留给后面的帧"""
+        while self._slots and first.opaque is not None and self._slots[0] < first.opaque:
+            self._slots.popleft()
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         while (item := self.get()) is not _END:
