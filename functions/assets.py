@@ -28,7 +28,11 @@ AssetStatus = Literal["pending", "ready", "rejected"]
 
 
 class AssetUploadCreate(RequestBody):
-    content_type: str = Field(min_length=1, max_length=100, examples=["video/mp4"])
+    content_type: str = Field(
+        max_length=100,
+        examples=["video/mp4"],
+        description="The file's type (the browser's `file.type`); when empty, the type `filename` names.",
+    )
     bytes: Whole = Field(gt=0, description="Size of the file that will be uploaded.")
     filename: Text | None = Field(None, max_length=255)
     project_id: UUID | None = None

@@ -13,6 +13,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cache
+from pathlib import PurePosixPath
 from typing import BinaryIO
 
 from lib import db
@@ -76,6 +77,14 @@ TYPE_ALIASES = {
     "image/pjpeg": "image/jpeg",
     "image/x-png": "image/png",
 }
+# A browser's File.type is empty for an extension its system does not know (.mkv on macOS), and some clients send
+# application/octet-stream: the ticket then goes by the file's name (the bytes still decide at complete).
+UNNAMED_TYPES = ("", "application/octet-stream", "binary/octet-stream")
+EXTENSIONS = {t.ext: t for t in MEDIA_TYPES.values()} | {
+    ".jpeg": MEDIA_TYPES["image/jpeg"],
+    ".m4v": MEDIA_TYPES["video/mp4"],
+    ".qt": MEDIA_TYPES["video/quicktime"],
+}
 UNSUPPORTED = "Unsupported file type: send a PNG, JPEG, WebP or GIF image, or an MP4, MOV, WebM, MKV or AVI video."
 NOT_MEDIA_BRANDS = (b"heic", b"heix", b"hevc", b"mif1", b"msf1", b"avif", b"avis", b"M4A ", b"M4B ", b"M4P ", b"crx ")
 
@@ -104,9 +113,11 @@ def sniff(head: bytes) -> MediaType | None:
     return None
 
 
-def media_type_of(content_type: str) -> MediaType | None:
-    """客户端声明的内容类型 → 支持的媒体类型"""
+def media_type_of(content_type: str, filename: str | None = None) -> MediaType | None:
+    """客户端声明的内容类型 → 支持的媒体类型；没有声明类型时看文件名的扩展名"""
     name = content_type.split(";")[0].strip().lower()
+    if name in UNNAMED_TYPES and filename:
+        return EXTENSIONS.get(PurePosixPath(filename.lower()).suffix)
     return MEDIA_TYPES.get(TYPE_ALIASES.get(name, name))
 
 
@@ -119,7 +130,7 @@ class AssetService:
         self, *, user_id: str, content_type: str, size: int, filename: str | None = None, project_id: str | None = None
     ) -> dict:
         """登记一个待上传的资源并签发上传 URL"""
-        media = media_type_of(content_type)
+        media = media_type_of(content_type, filename)
         if media is None:
             raise InvalidInput(UNSUPPORTED, details=[{"field": "content_type", "message": "unsupported type"}])
         limit = get_settings().max_upload_bytes

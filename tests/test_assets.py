@@ -182,6 +182,39 @@ async def test_a_file_named_by_another_common_type_is_taken_for_what_it_is(
     assert (done.json()["data"]["status"], done.json()["data"]["mime"]) == ("pending", mime)
 
 
+@pytest.mark.parametrize(
+    ("declared", "filename", "ext"),
+    [("", "holiday.MKV", ".mkv"), ("application/octet-stream", "clip.m4v", ".mp4"), ("", "scan.jpeg", ".jpg")],
+)
+async def test_a_file_the_browser_gives_no_type_is_known_by_its_name(client, make_user, declared, filename, ext):
+    """浏览器不认识的扩展名 file.type 为空（macOS 上的 .mkv）：按文件名签发，字节仍决定类型"""
+    user = await make_user()
+    data = b"\x1a\x45\xdf\xa3" + b"\0" * 64
+    body = {"content_type": declared, "bytes": len(data), "filename": filename}
+    resp = await client.post("/assets/uploads", json=body, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    ticket = resp.json()["data"]
+    assert ticket["path"].endswith(ext)
+    async with httpx.AsyncClient() as http:
+        put = await http.put(ticket["upload_url"], content=data, headers={"content-type": "application/octet-stream"})
+    assert put.status_code == 200, put.text
+    done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert done.status_code == 200, done.text
+    assert done.json()["data"]["mime"] == "video/x-matroska"
+
+
+@pytest.mark.parametrize(("declared", "filename"), [("", None), ("", "notes.txt"), ("application/octet-stream", "x")])
+async def test_a_file_of_no_type_and_no_known_name_is_refused_saying_what_to_send(
+    client, make_user, declared, filename
+):
+    """没有类型、文件名也看不出类型 → 422，说明该发什么"""
+    user = await make_user()
+    body = {"content_type": declared, "bytes": 10, "filename": filename}
+    resp = await client.post("/assets/uploads", json=body, headers=user.headers)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["message"].startswith("Unsupported file type")
+
+
 async def test_signed_upload_of_a_non_media_file_is_rejected(client, make_user):
     user = await make_user()
     ticket = (
