@@ -5,12 +5,13 @@ from __future__ import annotations
 import sys
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from functions import assets, billing, credits, health, models, projects, tasks
 from functions.errors import ERROR_RESPONSES, RequestIdMiddleware, install_error_handlers
 from functions.limits import BodyLimitMiddleware
+from functions.query import given_once
 from lib import db
 from lib.config import get_settings
 from lib.logs import configure_logging
@@ -59,7 +60,7 @@ def create_app() -> FastAPI:
         redirect_slashes=False,  # "/tasks/" is a 404 in the envelope, not a bare redirect
     )
     for module in ROUTERS:
-        app.include_router(module.router, responses=ERROR_RESPONSES)
+        app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(given_once)])
     install_error_handlers(app)
     # Added last is outermost: CORS wraps the rest, so a browser can read every error, the 413 and the 500 included.
     app.add_middleware(HeadAsGet)

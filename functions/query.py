@@ -1,10 +1,15 @@
-"""Query parameters several routes share: a filter sent empty (`?status=`) is the same as one left out."""
+"""Query parameters several routes share: a filter sent empty (`?status=`) is the same as one left out, and a
+parameter a route takes may be given only once."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Annotated, TypeVar
 
+from fastapi import Request
 from pydantic import BeforeValidator
+
+from lib.errors import InvalidInput
 
 T = TypeVar("T")
 
@@ -16,3 +21,16 @@ def _empty_is_unset(value: object) -> object:
 
 # Browsers' URLSearchParams send a filter the page left blank as `?status=`: that filters nothing, it is no 422.
 Filter = Annotated[T | None, BeforeValidator(_empty_is_unset)]
+
+
+async def given_once(request: Request) -> None:
+    """路由接受的查询参数每个只能给一次（?status=a&status=b 不会悄悄只按最后一个过滤）→ 422"""
+    route = request.scope.get("route")
+    taken = {field.alias for field in getattr(getattr(route, "dependant", None), "query_params", [])}
+    counts = Counter(name for name, _ in request.query_params.multi_items() if name in taken)
+    repeated = sorted(name for name, count in counts.items() if count > 1)
+    if repeated:
+        raise InvalidInput(
+            "The request is not valid.",
+            details=[{"field": f"query.{name}", "message": "given more than once"} for name in repeated],
+        )
