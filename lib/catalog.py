@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from lib.config import Settings, get_settings
 from lib.errors import InvalidInput
-from lib.fields import Number, Text
+from lib.fields import Number, RequestBody, Text
 
 # Modal GPU classes, each with a fallback list (first available wins).
 GPU_CLASSES: dict[str, list[str]] = {
@@ -24,8 +24,8 @@ MINUTES = 60
 IO_ALLOWANCE_S = 8 * MINUTES
 
 
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class Params(RequestBody):
+    """模型参数的基类：与请求体一样，未知字段是 422"""
 
 
 # The longest side each image format can hold (PNG's limit is far beyond any pixel limit).

@@ -441,3 +441,22 @@ async def test_a_query_parameter_given_twice_is_422_not_the_last_value(client, m
     assert resp.json()["error"]["details"] == [{"field": f"query.{field}", "message": "given more than once"}]
     once = await client.get(f"{path}?{query.split('&')[0]}&other=1&other=2", headers=user.headers)
     assert once.status_code == 200, once.text  # once is fine; a parameter the route does not take is ignored
+
+
+@pytest.mark.parametrize("where", ["params", "body"])
+async def test_a_body_full_of_unknown_fields_is_one_error_not_one_per_field(client, make_user, where):
+    """Tens of thousands of unknown fields in a 1 MiB body: one detail, not a 5 MB answer listing each."""
+    user = await make_user()
+    asset = make_asset(user.id)
+    unknown = {f"k{i}": 0 for i in range(70_000)}
+    body = {**upscale(asset), **unknown} if where == "body" else upscale(asset, **unknown)
+    resp = await client.post("/tasks", json=body, headers=user.headers)
+    assert resp.status_code == 422, resp.text[:300]
+    field = "params" if where == "params" else "body"
+    assert resp.json()["error"]["details"] == [{"field": field, "message": "70,000 fields it does not take"}]
+    project = await client.post("/projects", json={"name": "p", **unknown}, headers=user.headers)
+    assert project.status_code == 422
+    assert project.json()["error"]["details"] == [{"field": "body", "message": "70,000 fields it does not take"}]
+    few = await client.post("/tasks", json=upscale(asset, a=1, b=2), headers=user.headers)  # a typo or two: named
+    assert {d["field"] for d in few.json()["error"]["details"]} == {"params.a", "params.b"}
+    assert balance(user.id) == 100
