@@ -174,9 +174,8 @@ class TaskService:
         )
         if not outcome["changed"]:
             raise Conflict(f"The task is already {outcome['task']['status']}.")
-        call = await db.fetch_one("select call_id from public.tasks where id = %s", (task_id,))
         try:
-            await get_dispatcher().cancel(task_id=task_id, call_id=call and call["call_id"])
+            await get_dispatcher().cancel(task_id=task_id, call_id=outcome["task"].get("call_id"))
         except Exception:
             log.warning("could not cancel the running job of task %s; it stops at its next progress point", task_id)
         await self.discard_orphaned_outputs(task_id=task_id)  # a killed job may have left files behind
@@ -186,13 +185,13 @@ class TaskService:
         """删除已结束任务在存储里留下、却没有资源行引用的文件（被杀死的尝试上传到一半的产出）；返回删除数"""
         from lib.storage import get_storage
 
-        task = await db.fetch_one("select user_id, status, attempts from public.tasks where id = %s", (task_id,))
-        if task is None or not task["attempts"]:
-            return 0  # never ran: nothing was uploaded
-        if task["status"] not in TERMINAL:
-            return 0  # an attempt may still be uploading: only a finished task's leftovers are known to be orphans
-        storage = get_storage()
         try:
+            task = await db.fetch_one("select user_id, status, attempts from public.tasks where id = %s", (task_id,))
+            if task is None or not task["attempts"]:
+                return 0  # never ran: nothing was uploaded
+            if task["status"] not in TERMINAL:
+                return 0  # an attempt may still be uploading: only a finished task's leftovers are known to be orphans
+            storage = get_storage()
             files = await storage.list_files(prefix=f"{task['user_id']}/tasks/{task_id}")
             kept = await db.fetch_all("select path from public.assets where path = any(%s)", (files,))
             orphans = sorted(set(files) - {row["path"] for row in kept})

@@ -460,3 +460,33 @@ async def test_a_body_full_of_unknown_fields_is_one_error_not_one_per_field(clie
     few = await client.post("/tasks", json=upscale(asset, a=1, b=2), headers=user.headers)  # a typo or two: named
     assert {d["field"] for d in few.json()["error"]["details"]} == {"params.a", "params.b"}
     assert balance(user.id) == 100
+
+
+async def test_a_cancel_that_committed_answers_200_and_stops_the_call_it_names(client, make_user, monkeypatch):
+    """The call to stop comes with the canceled row: no second read that a database blip could turn into a 503."""
+    import psycopg
+
+    from lib import tasks as tasks_module
+
+    user = await make_user()
+    task = (await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)).json()["data"]
+    sql("update public.tasks set call_id = 'fc-running' where id = %s", (task["id"],))
+    stopped = []
+
+    class Dispatcher:
+        async def cancel(self, *, task_id, call_id, terminate=True):
+            stopped.append(call_id)
+
+    real_fetch_one = tasks_module.db.fetch_one
+
+    async def blip_after_the_cancel(query, *args, **kwargs):
+        if task_row(task["id"])["status"] == "canceled":
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await real_fetch_one(query, *args, **kwargs)
+
+    monkeypatch.setattr(tasks_module, "get_dispatcher", lambda: Dispatcher())
+    monkeypatch.setattr(tasks_module.db, "fetch_one", blip_after_the_cancel)
+    resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["data"]["status"] == "canceled" and stopped == ["fc-running"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
