@@ -8,10 +8,12 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
+from psycopg.types.datetime import TimestamptzLoader
 from psycopg_pool import AsyncConnectionPool
 
 from lib.config import get_settings
@@ -32,6 +34,20 @@ def connect_kwargs() -> dict[str, Any]:
     return {"prepare_threshold": None, "row_factory": dict_row, "autocommit": True}
 
 
+class UtcTimestamptzLoader(TimestamptzLoader):
+    """timestamptz 一律读成 UTC，与会话的 TimeZone 无关"""
+
+    # psycopg reads times in the session's zone, which follows the database's default (a Supabase project set to
+    # local time, or a local initdb that took the machine's zone): the API's times are UTC either way. A startup
+    # option cannot fix the session's zone behind Supavisor, which does not pass it on.
+    def load(self, data) -> datetime:
+        return super().load(data).astimezone(UTC)
+
+
+async def _read_times_as_utc(conn: psycopg.AsyncConnection) -> None:
+    conn.adapters.register_loader("timestamptz", UtcTimestamptzLoader)
+
+
 class Pool(AsyncConnectionPool):
     """连接池：只在连接闲置过久后才于借出前检查它"""
 
@@ -48,6 +64,7 @@ class Pool(AsyncConnectionPool):
             kwargs=connect_kwargs(),
             open=False,
             check=self._check_if_idle,
+            configure=_read_times_as_utc,
             timeout=timeout,  # waiting longer for a connection only piles requests up: a 503 says "try again"
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 
 from lib import catalog, db
@@ -275,7 +275,7 @@ def public_task(row: dict) -> dict:
     task["progress"] = float(task["progress"] or 0)  # a real, as a query returns it (jsonb gives 0 for 0.0)
     for key in ("created_at", "started_at", "finished_at", "updated_at"):
         if isinstance(task[key], str):
-            task[key] = datetime.fromisoformat(task[key])
+            task[key] = datetime.fromisoformat(task[key]).astimezone(UTC)  # to_jsonb writes the session's zone
     return task
 
 

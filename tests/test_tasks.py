@@ -490,3 +490,26 @@ async def test_a_cancel_that_committed_answers_200_and_stops_the_call_it_names(c
     assert resp.status_code == 200, resp.text
     assert resp.json()["data"]["status"] == "canceled" and stopped == ["fc-running"]
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+@pytest.fixture
+async def database_in_kolkata(monkeypatch):
+    """API 的数据库连接使用非 UTC 的会话时区（数据库的默认时区被改过，或本地 initdb 取了机器的时区）"""
+    from lib import db
+
+    await db.close_pool()
+    monkeypatch.setenv("PGTZ", "Asia/Kolkata")  # libpq sends it as the session's TimeZone
+    yield
+    await db.close_pool()  # the next test's pool opens after monkeypatch has removed PGTZ
+
+
+async def test_times_are_utc_whatever_the_databases_time_zone(client, make_user, database_in_kolkata):
+    user = await make_user()
+    created = await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)
+    task = created.json()["data"]
+    read = (await client.get(f"/tasks/{task['id']}", headers=user.headers)).json()["data"]
+    canceled = (await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)).json()["data"]
+    entry = (await client.get("/credits/ledger", headers=user.headers)).json()["data"]["items"][0]
+    times = [task["created_at"], read["created_at"], canceled["finished_at"], entry["created_at"]]
+    assert all(t.endswith("Z") for t in times), times
+    assert task["created_at"] == read["created_at"]
