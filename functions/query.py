@@ -4,7 +4,7 @@ parameter a route takes may be given only once."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, TypeVar
+from typing import Annotated, TypeVar, get_origin
 
 from fastapi import Request
 from pydantic import BeforeValidator
@@ -26,7 +26,9 @@ Filter = Annotated[T | None, BeforeValidator(_empty_is_unset)]
 async def given_once(request: Request) -> None:
     """路由接受的查询参数每个只能给一次（?status=a&status=b 不会悄悄只按最后一个过滤）→ 422"""
     route = request.scope.get("route")
-    taken = {field.alias for field in getattr(getattr(route, "dependant", None), "query_params", [])}
+    fields = getattr(getattr(route, "dependant", None), "query_params", [])
+    # A list parameter (?id=a&id=b) is meant to be given many times.
+    taken = {field.alias for field in fields if get_origin(field.field_info.annotation) not in (list, set, tuple)}
     counts = Counter(name for name, _ in request.query_params.multi_items() if name in taken)
     repeated = sorted(name for name, count in counts.items() if count > 1)
     if repeated:

@@ -443,6 +443,28 @@ async def test_a_query_parameter_given_twice_is_422_not_the_last_value(client, m
     assert once.status_code == 200, once.text  # once is fine; a parameter the route does not take is ignored
 
 
+async def test_a_list_parameter_may_be_given_many_times():
+    """列表型查询参数本就可以给多次：只有单值参数给两次才是 422"""
+    import httpx
+    from fastapi import Depends, FastAPI, Query
+
+    from functions.errors import install_error_handlers
+    from functions.query import given_once
+
+    app = FastAPI(dependencies=[Depends(given_once)])
+    install_error_handlers(app)
+
+    @app.get("/items")
+    async def items(ids: list[str] = Query([]), limit: int = 10):
+        return {"ids": ids, "limit": limit}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http:
+        many = await http.get("/items?ids=a&ids=b")
+        twice = await http.get("/items?ids=a&limit=1&limit=2")
+    assert many.json() == {"ids": ["a", "b"], "limit": 10}
+    assert twice.status_code == 422 and twice.json()["error"]["details"][0]["field"] == "query.limit"
+
+
 @pytest.mark.parametrize("where", ["params", "body"])
 async def test_a_body_full_of_unknown_fields_is_one_error_not_one_per_field(client, make_user, where):
     """Tens of thousands of unknown fields in a 1 MiB body: one detail, not a 5 MB answer listing each."""
