@@ -117,6 +117,29 @@ async def test_a_temporary_failure_after_restarts_still_gets_every_retry(client,
     )
 
 
+async def test_a_retried_task_shows_its_new_attempts_progress(client, make_user, worker_models):
+    """重试从头开始，进度也从 0 开始：不会停在上一次尝试的 90% 直到新尝试超过它"""
+    from lib import db
+
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=1)
+    max_attempts = get_settings().task_max_attempts
+    requeues = [
+        "select public.release_task(%s, %s, 'The worker restarted; resuming.') as s",
+        f"select public.requeue_task(%s, %s, {max_attempts}, 'A temporary problem interrupted the job; retrying.') as s",
+    ]
+    for requeue in requeues:
+        claimed = await db.fetch_one("select * from public.claim_task(%s)", (task["id"],))
+        await db.fetch_one("select * from public.report_task_progress(%s, %s, 0.9)", (task["id"], claimed["attempts"]))
+        assert await db.fetch_one(requeue, (task["id"], claimed["attempts"])) == {"s": "queued"}
+        assert task_row(task["id"])["progress"] == 0  # queued again: nothing of the new attempt is done
+        claimed = await db.fetch_one("select * from public.claim_task(%s)", (task["id"],))
+        assert claimed["progress"] == 0
+        await db.fetch_one("select * from public.report_task_progress(%s, %s, 0.25)", (task["id"], claimed["attempts"]))
+        assert task_row(task["id"])["progress"] == 0.25
+        await db.fetch_one(requeue, (task["id"], claimed["attempts"]))
+
+
 WORKER = (
     "from lib import catalog\n"
     "from tests.test_worker import spec\n"
