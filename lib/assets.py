@@ -41,6 +41,11 @@ ASSET_COLUMNS = (
     "id, project_id, kind, mime, bytes, width, height, duration_s, fps, source_task_id, metadata, status, "
     "created_at, path"
 )
+# Reads also name the upload's check: the task keyed `probe:{asset id}` (as the upload's own answer does).
+PROBE_TASK_OF_ASSET = (
+    "(select t.id from public.tasks t where t.user_id = a.user_id"
+    " and t.idempotency_key = %(probe_prefix)s || a.id::text) as probe_task_id"
+)
 PROBE_COLUMNS = ("kind", "mime", "bytes", "width", "height", "duration_s", "fps")
 
 
@@ -225,7 +230,11 @@ class AssetService:
 
     async def get_asset(self, *, user_id: str, asset_id: str, sign: bool = True) -> dict:
         """查询自己的一个资源（他人的 → 404）；ready 时附新签名的下载 URL"""
-        asset = await db.fetch_one_as(user_id, f"select {ASSET_COLUMNS} from public.assets where id = %s", (asset_id,))
+        asset = await db.fetch_one_as(
+            user_id,
+            f"select {ASSET_COLUMNS}, {PROBE_TASK_OF_ASSET} from public.assets a where id = %(id)s",
+            {"id": asset_id, **_probe_prefix()},
+        )
         if asset is None:
             raise NotFound("Asset not found.")
         return (await with_download_urls([asset]))[0] if sign else asset
@@ -244,13 +253,13 @@ class AssetService:
         after = page_after(cursor)
         rows = await db.fetch_all_as(
             user_id,
-            f"select {ASSET_COLUMNS} from public.assets"
+            f"select {ASSET_COLUMNS}, {PROBE_TASK_OF_ASSET} from public.assets a"
             " where (%(project)s::uuid is null or project_id = %(project)s)"
             " and (%(kind)s::text is null or kind = %(kind)s)"
             " and (%(status)s::text is null or status = %(status)s)"
             " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
             " order by created_at desc, id desc limit %(limit)s",
-            {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1},
+            {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1, **_probe_prefix()},
         )
         page = page_of(rows, limit)
         return {**page, "items": await with_download_urls(page["items"])}
@@ -566,6 +575,13 @@ def _tombstone_for(asset: dict, user_id: str) -> tuple[str, tuple] | None:
     if expires and datetime.fromisoformat(expires) > datetime.now(UTC):
         return TOMBSTONE, (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS)
     return None
+
+
+def _probe_prefix() -> dict:
+    """探测任务幂等键的前缀（查询参数）"""
+    from lib.tasks import PROBE_KEY_PREFIX  # late, as in _request_probe
+
+    return {"probe_prefix": PROBE_KEY_PREFIX}
 
 
 async def with_download_urls(assets: list[dict]) -> list[dict]:

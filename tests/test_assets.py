@@ -58,6 +58,18 @@ async def test_direct_upload_is_pending_with_a_free_probe_task(client, make_user
     assert info["size"] == len(data) and info["content_type"] == "image/png"
 
 
+async def test_reads_name_the_uploads_check_as_the_upload_did(client, make_user):
+    user = await make_user()
+    uploaded = (await direct_upload(client, user, png_bytes())).json()["data"]
+    other = make_asset(user.id)  # a row no upload check made (a task's result, say)
+
+    one = (await client.get(f"/assets/{uploaded['id']}", headers=user.headers)).json()["data"]
+    assert one["status"] == "pending" and one["probe_task_id"] == uploaded["probe_task_id"]
+    listed = {a["id"]: a for a in (await client.get("/assets", headers=user.headers)).json()["data"]["items"]}
+    assert listed[uploaded["id"]]["probe_task_id"] == uploaded["probe_task_id"]
+    assert listed[other]["probe_task_id"] is None
+
+
 async def test_a_direct_upload_larger_than_the_forms_memory_is_stored_whole(client, make_user, tmp_path):
     """超过 1 MB 的表单文件在磁盘上：从那里流式存入存储，内容一字不差"""
     user = await make_user()
