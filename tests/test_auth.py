@@ -135,6 +135,12 @@ async def test_dev_users_returns_same_user_for_same_email(client):
     assert (await client.post("/dev/users", json={"email": "not-an-email"})).status_code == 422
 
 
+async def test_dev_users_refuse_a_field_they_do_not_take(client):
+    resp = await client.post("/dev/users", json={"email": "a@example.com", "password": "secret"})
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["details"] == [{"field": "password", "message": "Extra inputs are not permitted"}]
+
+
 async def test_dev_users_answer_this_machine_only(app):
     """SPOOL_HOST=0.0.0.0 时局域网也能连上：本地签发令牌只给本机（它能为任何邮箱签发）"""
     import httpx

@@ -127,6 +127,11 @@ async def test_openapi_declares_the_bearer_token_and_the_error_envelope(client):
     for path, method in (("/tasks", "get"), ("/tasks", "post"), ("/credits/ledger", "get"), ("/models", "get")):
         ok_schema = schema["paths"][path][method]["responses"]["201" if method == "post" else "200"]
         assert ok_schema["content"]["application/json"]["schema"]["$ref"].split("/")[-1].startswith("Envelope_")
+    for path, methods in schema["paths"].items():  # the local stand-ins' routes too (POST /dev/users)
+        for method, operation in methods.items():
+            [(status, answer)] = [(s, a) for s, a in operation["responses"].items() if s.startswith("2")]
+            ref = answer["content"]["application/json"]["schema"].get("$ref", "")
+            assert ref.split("/")[-1].startswith("Envelope_"), (method, path, status)
     page = schema["components"]["schemas"]["TaskPage"]["properties"]["items"]["items"]["$ref"]
     assert page.endswith("/TaskPublic")  # a client generator gets typed tasks, not `any`
 

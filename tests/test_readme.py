@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,34 @@ def test_readme_has_task_examples_for_every_public_model():
 @pytest.mark.parametrize("body", example_bodies(), ids=lambda body: body["model_key"])
 def test_readme_task_example_is_accepted(body):
     validate_params(CATALOG[body["model_key"]], body["params"])
+
+
+def answer_fields(route) -> list[str]:
+    """路由回答里 data 的字段（列表取其中一项的字段）"""
+    data = route.response_model.model_fields["data"].annotation
+    if "items" in getattr(data, "model_fields", {}):
+        data = typing.get_args(data.model_fields["items"].annotation)[0]
+    return list(data.model_fields)
+
+
+def documented_answers() -> list[tuple[str, str, list[str]]]:
+    """端点表里写明的回答字段：`→ {…}` 之后的，或没有请求体时那一格里的 {…}"""
+    answers = []
+    for endpoint, what, _ in table_rows(README, "| endpoint | what | answers |"):
+        method, path = ticked(endpoint)[0].split()
+        shown = what.split("→", 1)[1] if "→" in what else what
+        fields = re.findall(r"`\{([^}]*)\}`", shown)
+        if fields:
+            answers.append((method, path, [name.strip() for name in fields[0].split(",")]))
+    return answers
+
+
+@pytest.mark.parametrize("method,path,fields", documented_answers(), ids=lambda v: v if isinstance(v, str) else "")
+def test_endpoint_table_names_every_field_of_the_answer(method, path, fields):
+    from functions.app import ROUTERS
+    from lib.local import dev_auth
+
+    shape = re.sub(r"\{\w+\}", "{}", path)
+    routes = [r for m in [*ROUTERS, dev_auth] for r in m.router.routes if method in getattr(r, "methods", ())]
+    route = next(r for r in routes if re.sub(r"\{\w+\}", "{}", r.path) == shape)
+    assert fields == answer_fields(route)

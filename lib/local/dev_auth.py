@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import ipaddress
+from uuid import UUID
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, EmailStr
 
-from functions.errors import ok
+from functions.errors import Envelope, ok
 from lib import db
 from lib.errors import Forbidden
+from lib.fields import RequestBody
 from lib.local.stack import local_issuer
 
 router = APIRouter(tags=["Local"])
 
 
-class DevUserCreate(BaseModel):
+class DevUserCreate(RequestBody):
     email: EmailStr
+
+
+class DevUser(BaseModel):
+    """本地用户及其访问令牌"""
+
+    user_id: UUID
+    access_token: str
 
 
 @router.get("/auth/v1/.well-known/jwks.json", include_in_schema=False)
@@ -25,7 +34,7 @@ async def jwks():
     return local_issuer().jwks()
 
 
-@router.post("/dev/users")
+@router.post("/dev/users", response_model=Envelope[DevUser])
 async def create_dev_user(body: DevUserCreate, request: Request):
     """创建（或找回）本地用户并签发访问令牌（只给本机：它能为任何邮箱签发令牌）"""
     if not _from_this_machine(request):
