@@ -23,6 +23,7 @@ from lib.fields import RequestBody, Text, Whole
 router = APIRouter(prefix="/assets", tags=["Assets"])
 
 FORM_OVERHEAD = 64 * 1024  # boundaries, part headers and the small fields around the file
+FORM_FIELDS = ("file", "project_id")  # what a direct upload's form may hold
 AssetKind = Literal["image", "video", "audio"]
 AssetStatus = Literal["pending", "ready", "rejected"]
 
@@ -119,6 +120,16 @@ async def read_upload_form(request: Request):
         raise InvalidInput(exc.message, details=[{"field": "file", "message": exc.message}]) from None
 
 
+def _refuse_unknown_fields(form) -> None:
+    """表单里不认识的字段 → 422（拼错的 project_id 不会被悄悄忽略）"""
+    unknown = sorted({name for name in form.keys() if name not in FORM_FIELDS})
+    if unknown:
+        raise InvalidInput(
+            "The request is not valid.",
+            details=[{"field": name, "message": "Extra inputs are not permitted"} for name in unknown],
+        )
+
+
 def _project_field(value: Any) -> str | None:
     if value in (None, ""):
         return None
@@ -163,6 +174,7 @@ async def upload_direct(request: Request, user_id: CurrentUserId):
     """小文件直传（multipart 字段 file，可选 project_id）"""
     form = await read_upload_form(request)
     try:
+        _refuse_unknown_fields(form)
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise InvalidInput("The form has no file.", details=[{"field": "file", "message": "required"}])

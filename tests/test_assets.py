@@ -58,6 +58,14 @@ async def test_direct_upload_is_pending_with_a_free_probe_task(client, make_user
     assert info["size"] == len(data) and info["content_type"] == "image/png"
 
 
+async def test_a_direct_upload_refuses_a_form_field_it_does_not_take(client, make_user):
+    user = await make_user()
+    resp = await direct_upload(client, user, png_bytes(), projectId=str(uuid.uuid4()))  # project_id misspelt
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["details"] == [{"field": "projectId", "message": "Extra inputs are not permitted"}]
+    assert sql("select id from public.assets where user_id = %s", (user.id,)) == []
+
+
 async def test_reads_name_the_uploads_check_as_the_upload_did(client, make_user):
     user = await make_user()
     uploaded = (await direct_upload(client, user, png_bytes())).json()["data"]
