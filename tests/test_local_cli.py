@@ -295,6 +295,17 @@ def test_a_server_that_cannot_listen_stops_the_start_with_one_line(home):
     assert not running(home)
 
 
+def test_a_setting_that_is_not_valid_stops_the_start_with_one_line_naming_it(home):
+    env = cli_env(home, PUBLIC_URL="localhost:8000", JWKS_CACHE_SECONDS="601")
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", "dev"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert "PUBLIC_URL: must be an http(s) URL" in line and "JWKS_CACHE_SECONDS: " in line, line
+    assert not running(home)
+
+
 def test_a_failing_migration_names_its_file_and_leaves_nothing_of_it(home, tmp_path):
     migrations = tmp_path / "migrations"
     shutil.copytree(ROOT / "supabase" / "migrations", migrations)

@@ -222,13 +222,30 @@ def main(argv: list[str] | None = None) -> None:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    configure_logging(get_settings().log_level)
+    configure_logging(_settings_or_exit().log_level)
     try:
         _run(args, extra)
     except StackError as exc:
         raise SystemExit(f"{exc}") from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+
+
+def _settings_or_exit():
+    """读取配置；有不合法的项 → 一行说明（逐项写出其名称），退出码 1，不打印 traceback"""
+    from pydantic import ValidationError
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        problems = "; ".join(_setting_problem(error) for error in exc.errors())
+        raise SystemExit(f"a setting is not valid (environment or .env): {problems}") from None
+
+
+def _setting_problem(error: dict) -> str:
+    """一项配置错误：大写的名称与原因"""
+    name = ".".join(str(part) for part in error["loc"]).upper()
+    return f"{name}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def _run(args: argparse.Namespace, extra: list[str]) -> None:
