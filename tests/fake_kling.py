@@ -7,6 +7,8 @@ Knobs (set on the instance before or during a test):
 - ``refuse``: ``(http_status, code, message)`` answered to every submit;
 - ``busy_submits``: the next submits answered 429 code 1303 (the account's concurrency is full), with a
   ``Retry-After`` of ``retry_after`` seconds when that is set;
+- ``concurrency``: how many unfinished jobs the account may have; a submit beyond it is answered 429 code 1303
+  (a job counts until its polls reach the end of its script);
 - ``errors``: HTTP statuses answered, in order, to the next API requests (429 with code 1302, 5xx with 5000);
 - ``lose_submit_response``: the next submit creates the job, then answers 500 (a lost response);
 - ``drop_submit``: the next submit answers 500 without creating the job (a request that never arrived);
@@ -57,6 +59,7 @@ class FakeKling:
         self.fail_reason = "Failure to pass the risk control system"
         self.refuse: tuple[int, int, str] | None = None
         self.busy_submits = 0
+        self.concurrency: int | None = None
         self.retry_after: int | None = None
         self.refused_submits = 0
         self.lagging_lookups = 0
@@ -173,8 +176,9 @@ class FakeKling:
             status, code, message = self.refuse
             return _error(status, code, message)
         with self._lock:
-            if self.busy_submits:
-                self.busy_submits -= 1
+            full = self.concurrency is not None and len(self._unfinished()) >= self.concurrency
+            if self.busy_submits or full:
+                self.busy_submits = max(0, self.busy_submits - 1)
                 self.refused_submits += 1
                 status, _, payload, ctype = _error(429, 1303, "parallel task over resource pack limit")
                 return status, {"Retry-After": str(self.retry_after)} if self.retry_after else {}, payload, ctype
@@ -213,6 +217,12 @@ class FakeKling:
                 "updated_at": self.jobs[task_id]["created_at"],
             }
         )
+
+    def _unfinished(self) -> list[dict]:
+        """还没有被轮询到结束状态的任务（占着账户的并发名额）"""
+        last = len(self.script) - 1
+        ended = ("succeed", "failed")
+        return [j for j in self.jobs.values() if not j["polls"] or self.script[min(j["polls"] - 1, last)] not in ended]
 
     def _status(self, kind: str, ref: str) -> tuple[int, dict, bytes, str]:
         job = self.jobs.get(ref)

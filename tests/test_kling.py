@@ -712,6 +712,21 @@ async def test_a_rate_limited_lookup_after_a_lost_answer_retries_with_a_lookup_n
     assert task_row(task["id"])["attempts"] == 2 and kinds(user, task) == ["charge"]
 
 
+async def test_a_lost_submit_answer_whose_job_takes_the_only_slot_is_requeued_not_refunded(client, make_user, kling):
+    # The lost answer's job runs in the account's only slot, so every resend is refused as "full" until it ends.
+    kling.lose_submit_response, kling.lagging_lookups, kling.concurrency = True, 1, 1
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "queued"  # whether Kling took the job is not known: never refunded
+    assert len(kling.jobs) == 1 and kinds(user, task) == ["charge"]
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "30"})
+    assert await run_task_async(task["id"]) == "completed"  # looked up by our id, not submitted again
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
 async def test_a_submit_refused_because_our_id_exists_adopts_the_job(client, make_user, kling):
     user = await make_user()
     task = await create(client, user)

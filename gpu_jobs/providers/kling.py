@@ -138,6 +138,10 @@ class KlingProvider:
                         return found.job_id
                     unclear = True
                 if delay is None:
+                    if unclear and not exc.ambiguous:
+                        # A later try refused as busy does not undo an earlier one that may have created the job
+                        # (whose own run may be what fills the account): the next attempt looks it up first.
+                        raise ProviderBusy(str(exc), ambiguous=True, retry_after=exc.retry_after) from exc
                     raise
                 self._wait("submit", attempt, exc, delay)
             except ProviderError as exc:
