@@ -1000,6 +1000,35 @@ async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(c
     assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 
+async def test_a_job_adopted_after_a_lookup_that_missed_keeps_the_deadline_of_the_submit_that_created_it(
+    client, make_user, kling
+):
+    kling.lagging_lookups = 1  # the lookup by our id misses; the resend is refused as a duplicate and adopted
+    user = await make_user()
+    task = await create(client, user)
+    submitted_at = time.time() - 10  # the attempt that submitted died ten seconds ago
+    submitted_earlier(kling, task["id"], {"provider_submitting": True, "provider_submitted_at": submitted_at})
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert job_state(task["id"])["provider_submitted_at"] == submitted_at  # where its deadline counts from
+    assert kinds(user, task) == ["charge"]
+
+
+async def test_a_retry_past_the_deadline_of_an_earlier_submit_that_created_nothing_submits_nothing(
+    client, make_user, kling
+):
+    user = await make_user()
+    task = await create(client, user)
+    # An hour ago an attempt began submitting (or waiting for a slot) and died; Kling has no job under our id.
+    state = {"provider_submitting": True, "provider_submitted_at": time.time() - 3600}
+    sql("insert into public.task_job_states (task_id, state) values (%s, %s)", (task["id"], json.dumps(state)))
+    assert await run_task_async(task["id"]) == "failed"
+    row = task_row(task["id"])
+    assert row["error"]["message"].startswith("Kling could not take the job within 30 seconds")
+    assert kling.submits == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
 async def test_cancel_refunds_and_abandons_the_provider_job(client, make_user, kling):
     kling.hang()
     user = await make_user()

@@ -127,13 +127,17 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
     if state.get("provider_job_id"):
         log.info("task %s: resuming %s job %s", ctx.task_id, provider.name, state["provider_job_id"])
         return state["provider_job_id"], float(state.get("provider_submitted_at") or time.time())
+    started_at = time.time()  # the deadline counts from here: waiting for a free slot is waiting too
     if state.get("provider_submitting"):  # an earlier attempt died between submitting and saving the id
+        # Its deadline counts from the first submit, not from each attempt that died before the save: the job a
+        # resend below is refused for (our id exists already) and adopts is the one that submit created.
+        started_at = float(state.get("provider_submitted_at") or started_at)
         found = _find(provider, ctx.task_id)
         if found is not None:
             log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
-            # Its deadline counts from the submit that created it, not from each attempt that died before the save.
-            return _saved(ctx, found.job_id, float(state.get("provider_submitted_at") or time.time()))
-    started_at = time.time()  # the deadline counts from here: waiting for a free slot is waiting too
+            return _saved(ctx, found.job_id, started_at)
+        if time.time() - started_at >= deadline_s:  # a job sent now would be abandoned at its first poll
+            raise _no_slot(provider, deadline_s)
     ctx.progress(0.03, f"Sending the request to {provider.name}")
     _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True, "provider_submitted_at": started_at})
     delay = max(interval_s, 0.01)
@@ -147,15 +151,20 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
             # Certainly not created: the provider's rate or concurrency limit is full, or it is down. Other jobs
             # of ours end and free a slot, so this one waits in line (a retry would only spend an attempt).
             if time.time() + delay - started_at >= deadline_s:
-                raise ProviderError(
-                    f"{provider.name} could not take the job within {_minutes(deadline_s)}; "
-                    "your credits were refunded. Please try again later."
-                ) from exc
+                raise _no_slot(provider, deadline_s) from exc
             log.warning("task %s: %s has no room for the job (%s); trying again", ctx.task_id, provider.name, exc)
             _pause(ctx, delay, 0.03, f"Waiting for a free slot at {provider.name}")
             delay = min(delay * 1.5, 30.0)
     log.info("task %s: submitted %s job %s", ctx.task_id, provider.name, job_id)
     return _saved(ctx, job_id, started_at)
+
+
+def _no_slot(provider: Provider, deadline_s: float) -> ProviderError:
+    """提供方在期限内没有接下任务"""
+    return ProviderError(
+        f"{provider.name} could not take the job within {_minutes(deadline_s)}; "
+        "your credits were refunded. Please try again later."
+    )
 
 
 def wait_for(
