@@ -493,6 +493,41 @@ def test_waiting_progress_rises_but_never_reaches_the_download():
     assert running == sorted(running) and running[0] >= 0.3 and max(running) < 0.9
 
 
+class ScriptedProvider:
+    """按脚本回答状态查询的提供方（每次查询一个状态，最后一个重复）"""
+
+    name = "Kling"
+
+    def __init__(self, *states: str):
+        self.states = list(states)
+
+    def status(self, job_id: str) -> ProviderJob:
+        """下一个状态"""
+        state = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        return ProviderJob(job_id=job_id, state=state, raw_state=state)
+
+
+def test_generating_after_a_long_queue_starts_where_the_queue_left_the_progress(tmp_path):
+    reports: list[tuple[float, str | None]] = []
+    ctx = JobContext(
+        task_id="our-task",
+        params=None,
+        inputs={},
+        input_meta={},
+        workdir=tmp_path,
+        progress=lambda fraction, message=None: reports.append((fraction, message)),
+    )
+    provider = ScriptedProvider("queued", "running", "running", "succeeded")
+    # Ten minutes in Kling's queue (or waiting for a slot) before it starts generating.
+    started_at = time.time() - 600
+    providers.wait_for(ctx, provider, "kt-1", started_at=started_at, deadline_s=1800, interval_s=0.01)
+    queued = [f for f, m in reports if m == "Queued at Kling"]
+    generating = [f for f, m in reports if m == "Generating video"]
+    assert queued and generating and max(queued) <= 0.3
+    assert generating[0] == pytest.approx(0.3)  # rising from there, not at once near the end
+    assert generating == sorted(generating) and max(generating) < 0.89
+
+
 # ---------------------------------------------------------------- availability
 
 

@@ -175,6 +175,7 @@ def wait_for(
     interval_s = max(interval_s, 0.01)
     delay, cap = interval_s, max(interval_s, min(6 * interval_s, 30.0))
     state, message, last_raw = "queued", f"Queued at {provider.name}", None
+    running_since: float | None = None  # when this attempt first saw the job generating
     while True:
         try:
             job = provider.status(job_id)
@@ -194,12 +195,15 @@ def wait_for(
             last_raw = job.raw_state
             state = "queued" if job.state == "queued" else "running"
             message = f"Queued at {provider.name}" if state == "queued" else "Generating video"
+            if state == "running" and running_since is None:
+                running_since = time.time()
         now = time.time()
         if now >= deadline:
             raise ProviderError(
                 f"The provider did not finish within {_minutes(deadline_s)}; your credits were refunded."
             )
-        fraction = waiting_fraction(state, now - started_at, deadline_s)
+        # Generating rises from when it began: a long queue or wait for a slot must not put it near the end at once.
+        fraction = waiting_fraction(state, now - (running_since or started_at), deadline_s)
         _pause(ctx, min(delay, deadline - now), fraction, message)
         delay = min(delay * 1.5, cap)
 
