@@ -126,7 +126,7 @@ async def test_a_retried_task_shows_its_new_attempts_progress(client, make_user,
     max_attempts = get_settings().task_max_attempts
     requeues = [
         "select public.release_task(%s, %s, 'The worker restarted; resuming.') as s",
-        f"select public.requeue_task(%s, %s, {max_attempts}, 'A temporary problem interrupted the job; retrying.') as s",
+        f"select public.requeue_task(%s, %s, {max_attempts}, 'A temporary problem interrupted the job.') as s",
     ]
     for requeue in requeues:
         claimed = await db.fetch_one("select * from public.claim_task(%s)", (task["id"],))
