@@ -23,6 +23,7 @@ from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, TooMan
 from lib.paging import page_after, page_of
 from lib.projects import get_project_service
 from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_storage, user_path, with_signed_urls
+from lib.tasks import PROBE_KEY_PREFIX
 
 log = logging.getLogger("spool.assets")
 
@@ -233,7 +234,7 @@ class AssetService:
         asset = await db.fetch_one_as(
             user_id,
             f"select {ASSET_COLUMNS}, {PROBE_TASK_OF_ASSET} from public.assets a where id = %(id)s",
-            {"id": asset_id, **_probe_prefix()},
+            {"id": asset_id, "probe_prefix": PROBE_KEY_PREFIX},
         )
         if asset is None:
             raise NotFound("Asset not found.")
@@ -259,7 +260,14 @@ class AssetService:
             " and (%(status)s::text is null or status = %(status)s)"
             " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
             " order by created_at desc, id desc limit %(limit)s",
-            {"project": project_id, "kind": kind, "status": status, **after, "limit": limit + 1, **_probe_prefix()},
+            {
+                "project": project_id,
+                "kind": kind,
+                "status": status,
+                **after,
+                "limit": limit + 1,
+                "probe_prefix": PROBE_KEY_PREFIX,
+            },
         )
         page = page_of(rows, limit)
         return {**page, "items": await with_download_urls(page["items"])}
@@ -411,7 +419,7 @@ class AssetService:
 
     async def _request_probe(self, *, user_id: str, asset: dict) -> dict:
         """创建（幂等）零价的探测任务并派发"""
-        from lib.tasks import PROBE_KEY_PREFIX, get_task_service  # late: the task service may come to need assets
+        from lib.tasks import get_task_service  # late: the task service may come to need assets
 
         asset_id = str(asset["id"])
         outcome = await get_credit_service().consume_credits(
@@ -453,7 +461,6 @@ class AssetService:
 
     async def sweep_expired_uploads(self, *, limit: int = 500) -> int:
         """清理上传留下的文件：从未完成的上传（行与文件）、被拒绝的上传的文件、到期墓碑路径上后来传上的文件"""
-        from lib.tasks import PROBE_KEY_PREFIX
 
         age = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS  # its URL expired, and a PUT begun before has had time
         rows = await db.fetch_all(
@@ -575,13 +582,6 @@ def _tombstone_for(asset: dict, user_id: str) -> tuple[str, tuple] | None:
     if expires and datetime.fromisoformat(expires) > datetime.now(UTC):
         return TOMBSTONE, (asset["path"], user_id, expires, ABANDON_MARGIN_SECONDS)
     return None
-
-
-def _probe_prefix() -> dict:
-    """探测任务幂等键的前缀（查询参数）"""
-    from lib.tasks import PROBE_KEY_PREFIX  # late, as in _request_probe
-
-    return {"probe_prefix": PROBE_KEY_PREFIX}
 
 
 async def with_download_urls(assets: list[dict]) -> list[dict]:

@@ -950,7 +950,7 @@ def test_damaged_audio_packets_are_skipped(tmp_path):
 
 
 def _remux(src: Path, dst: Path, change) -> Path:
-    """逐包复制一个文件；change(packet, n) 可改写或替换第 n 个同类包"""
+    """逐包复制一个文件；change(packet, n) 可改写或替换第 n 个同类包（返回新包），返回 False 则丢掉它"""
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
         counts = {"audio": 0, "video": 0}
@@ -958,7 +958,10 @@ def _remux(src: Path, dst: Path, change) -> Path:
             if packet.dts is None:
                 continue
             counts[packet.stream.type] += 1
-            packet = change(packet, counts[packet.stream.type]) or packet
+            changed = change(packet, counts[packet.stream.type])
+            if changed is False:
+                continue
+            packet = changed or packet
             packet.stream = streams[packet.stream_index]
             out.mux(packet)
     return dst
@@ -1738,18 +1741,8 @@ def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
 
 
 def _cut_into_a_group(src: Path, dst: Path, dropped: int) -> Path:
-    """逐包复制，丢掉前 dropped 个视频包：像不重新编码、从两个关键帧之间剪下的片段，开头几帧没有参考帧解不出来"""
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        streams = {s.index: out.add_stream_from_template(s) for s in inp.streams}
-        seen = 0
-        for packet in inp.demux():
-            if packet.dts is None:
-                continue
-            if packet.stream.type == "video" and (seen := seen + 1) <= dropped:
-                continue
-            packet.stream = streams[packet.stream_index]
-            out.mux(packet)
-    return dst
+    """丢掉前 dropped 个视频包：像不重新编码、从两个关键帧之间剪下的片段，开头几帧没有参考帧解不出来"""
+    return _remux(src, dst, lambda packet, n: False if packet.stream.type == "video" and n <= dropped else None)
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mkv"])
