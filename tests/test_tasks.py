@@ -296,6 +296,18 @@ async def test_reserved_or_unstorable_idempotency_keys_are_422(client, make_user
     assert balance(user.id) == 100
 
 
+async def test_an_idempotency_key_sent_twice_is_422(client, make_user):
+    user = await make_user()
+    headers = [*user.headers.items(), ("Idempotency-Key", "first"), ("Idempotency-Key", "second")]
+    for path, body in (("/tasks", upscale(make_asset(user.id))), ("/billing/checkout", {"package_id": "starter"})):
+        resp = await client.post(path, json=body, headers=headers)
+        assert resp.status_code == 422, resp.text
+        detail = {"field": "header.Idempotency-Key", "message": "given more than once"}
+        assert resp.json()["error"]["details"] == [detail]
+    assert balance(user.id) == 100
+    assert sql("select count(*) from public.tasks where user_id = %s", (user.id,))[0]["count"] == 0
+
+
 async def test_a_quote_for_an_unavailable_provider_is_503_like_the_task(client, make_user, monkeypatch):
     from lib.config import get_settings
 
