@@ -28,6 +28,7 @@ from gpu_jobs.handlers import (
     video_upscale,
 )
 from gpu_jobs.media import display, ops
+from gpu_jobs.media.probe import inspect_file
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
 from tests.media_factories import (
@@ -1141,6 +1142,23 @@ def test_a_damaged_video_packet_is_skipped(tmp_path):
 
     damaged = _remux(src, tmp_path / "damaged.avi", damage)
     assert media.probe_file(damaged)["frame_count"] == 24
+    [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": damaged}))
+    assert media.probe_file(out.path)["frame_count"] == 23
+
+
+def test_a_damaged_first_video_packet_is_skipped_by_the_probe_too(tmp_path):
+    """The upload's check takes what a job takes: its poster is the first frame that decodes."""
+    src = make_video(tmp_path / "ok.avi", frames=24, fps=24, audio=False, video_codec="mjpeg")
+
+    def damage(packet, n):
+        if packet.stream.type == "video" and n == 1:
+            broken = av.Packet(b"\xff\xd8\xff\xdb" + bytes(packet.size))
+            broken.pts, broken.dts, broken.time_base = packet.pts, packet.dts, packet.time_base
+            return broken
+
+    damaged = _remux(src, tmp_path / "damaged.avi", damage)
+    info, poster = inspect_file(damaged, poster_side=64)
+    assert (info["width"], info["height"], info["frame_count"]) == (64, 48, 24) and poster is not None
     [out] = video_upscale.run(make_ctx(tmp_path / "w", {"video_asset_id": "v", "scale": 2}, {"v": damaged}))
     assert media.probe_file(out.path)["frame_count"] == 23
 

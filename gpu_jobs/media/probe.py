@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from fractions import Fraction
 from itertools import chain, islice
 from pathlib import Path
@@ -21,6 +22,7 @@ IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
 STILL_DEMUXERS = {"gif", "apng", "webp"}  # FFmpeg's demuxers of picture formats that are not "<codec>_pipe"
 STILL_CODECS = {"mjpeg": "JPEG", "png": "PNG", "apng": "PNG", "gif": "GIF", "webp": "WEBP", "bmp": "BMP"}
 MPEG_AUDIO_CODECS = {1: "mp1", 2: "mp2", 3: "mp3"}  # FFmpeg's codec for each layer of MPEG-1/2 audio
+MAX_BAD_PACKETS = 1  # damaged video packets skipped before the file is refused (plus 1 in 50 of those read)
 
 
 def check_input_pixels(width: int, height: int) -> None:
@@ -159,7 +161,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         try:  # decode the first frame shown: proves the stream decodes without reading the whole file
             # Not keyframes only: a clip cut without re-encoding starts on a keyframe its edit list hides, and the
             # first frame shown may come a whole keyframe interval later (or have no keyframe after it at all).
-            decoded = container.decode(stream)
+            decoded = _decoded(container, stream, path)
             first = next(decoded, None)
             if first is not None and first.interlaced_frame:  # the poster too: bwdif weaves it from the next frame
                 first = next(deinterlaced(chain([first], islice(decoded, 1)), stream), first)
@@ -241,6 +243,27 @@ def upright(img: Image.Image) -> Image.Image:
     """按 EXIF 方向摆正的副本：只转像素，不像 ImageOps.exif_transpose 那样重写 EXIF（损坏的 EXIF 重写不了）"""
     method = TRANSPOSES.get(exif_orientation(img))
     return img.transpose(method) if method is not None else img.copy()
+
+
+def too_damaged(bad: int, packets: int) -> bool:
+    """损坏的视频包是否多到要拒绝文件（探测与任务用同一条规则：任务能处理的，上传的检查也接受）"""
+    return bad > MAX_BAD_PACKETS + packets // 50
+
+
+def _decoded(container: Any, stream: Any, path: Path) -> Iterator[av.VideoFrame]:
+    """逐包解码视频流；跳过少量损坏的包（如任务所做）"""
+    packets = bad = 0
+    for packet in container.demux(stream):
+        packets += 1
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError as exc:
+            bad += 1
+            if too_damaged(bad, packets):
+                raise
+            log.warning("%s: skipped a damaged video packet (%s)", path, exc)
+            continue
+        yield from frames
 
 
 def limit_decoded_pixels(stream: Any) -> None:

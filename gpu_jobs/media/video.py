@@ -25,6 +25,7 @@ from gpu_jobs.media.probe import (
     open_media,
     pixel_aspect,
     reason,
+    too_damaged,
     video_stream,
 )
 from lib.errors import InvalidInput
@@ -45,7 +46,6 @@ BATCH_PIXELS = {"cpu": 4_000_000, "cuda": 64_000_000}
 # cheaper than torch's conversion and runs beside the processing, so frames go to the encoder as RGB.
 YUV_ON_DEVICE = {"cuda"}
 _END = object()
-MAX_BAD_PACKETS = 1  # damaged video packets skipped before the file is refused (plus 1 in 50 of those read)
 TS_CLOCK = 1 << 33  # MPEG-TS timestamps: a 33-bit 90 kHz clock, wrapping every 26.5 hours
 LEAD_IN = 1.0  # seconds of sound before the first frame kept in front of the sound under it (a codec's priming)
 
@@ -209,7 +209,7 @@ class FrameReader(_Worker):
                 if slot:
                     self._slots.pop()
                 bad += 1
-                if bad > MAX_BAD_PACKETS + packets // 50:
+                if too_damaged(bad, packets):
                     raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
                 log.warning("%s: skipped a damaged video packet (%s)", self.path, exc)
                 continue
