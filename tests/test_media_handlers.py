@@ -200,6 +200,21 @@ def test_a_clip_cut_without_reencoding_is_probed_from_the_first_frame_it_shows(t
     assert len(frame_times(out.path)) == 41
 
 
+@pytest.mark.parametrize("codec", ["libvpx", "libvpx-vp9"])
+def test_a_webm_cut_between_keyframes_starts_at_its_first_keyframe(tmp_path, codec):
+    """VP8/VP9 refuse the frames before the first keyframe of a clip cut without re-encoding: no damage, as players
+    start at that keyframe too."""
+    src = make_video(tmp_path / "long.webm", frames=48, fps=24, audio=False, video_codec=codec, keyframe_every=12)
+    cut = _remux(src, tmp_path / "cut.webm", lambda packet, n: False if n <= 3 else None)
+    with av.open(str(cut)) as container:
+        assert not next(container.demux(video=0)).is_keyframe
+    assert media.probe_file(cut)["kind"] == "video"
+    [poster] = media_probe.run(make_ctx(tmp_path / "p", {"asset_id": "a"}, {"a": cut}))
+    assert poster.kind == "image"
+    [out] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": cut}))
+    assert frame_times(out.path) == pytest.approx([i / 24 for i in range(36)], abs=1e-3)  # from the keyframe at 12
+
+
 def test_pictures_pillow_cannot_read_are_refused_as_pictures_not_probed_as_videos(tmp_path):
     """FFmpeg 也读图片（APNG、GIF、按扩展名的 image2）：Pillow 读不了的图片不能变成“视频”，错误信息说图片的事"""
     frames = [Image.new("RGB", (64, 48), colour) for colour in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]

@@ -245,24 +245,37 @@ def upright(img: Image.Image) -> Image.Image:
     return img.transpose(method) if method is not None else img.copy()
 
 
-def too_damaged(bad: int, packets: int) -> bool:
-    """损坏的视频包是否多到要拒绝文件（探测与任务用同一条规则：任务能处理的，上传的检查也接受）"""
-    return bad > MAX_BAD_PACKETS + packets // 50
+class PacketDamage:
+    """解码失败的视频包的账：少量损坏的包跳过（如 ffmpeg 命令），多了拒绝文件；探测与任务用同一条规则"""
+
+    def __init__(self) -> None:
+        self.read = 0  # packets read so far (the caller counts them)
+        self.damaged = 0
+        self.shown = False  # a frame has decoded (the caller says so)
+
+    def too_much(self, packet: Any) -> bool:
+        """又一个包解码失败：是否该拒绝文件"""
+        if not self.shown and not packet.is_keyframe:
+            # A clip cut between keyframes without re-encoding: VP8/VP9 refuse the frames before its first keyframe
+            # (H.264 shows nothing for them), and players start at that keyframe too. That is no damage.
+            return False
+        self.damaged += 1
+        return self.damaged > MAX_BAD_PACKETS + self.read // 50
 
 
 def _decoded(container: Any, stream: Any, path: Path) -> Iterator[av.VideoFrame]:
     """逐包解码视频流；跳过少量损坏的包（如任务所做）"""
-    packets = bad = 0
+    damage = PacketDamage()
     for packet in container.demux(stream):
-        packets += 1
+        damage.read += 1
         try:
             frames = packet.decode()
         except av.InvalidDataError as exc:
-            bad += 1
-            if too_damaged(bad, packets):
+            if damage.too_much(packet):
                 raise
-            log.warning("%s: skipped a damaged video packet (%s)", path, exc)
+            log.warning("%s: skipped an undecodable video packet (%s)", path, exc)
             continue
+        damage.shown = damage.shown or bool(frames)
         yield from frames
 
 

@@ -19,13 +19,13 @@ from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display, deinterlaced
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
 from gpu_jobs.media.probe import (
+    PacketDamage,
     audio_codec,
     audio_stream,
     limit_decoded_pixels,
     open_media,
     pixel_aspect,
     reason,
-    too_damaged,
     video_stream,
 )
 from lib.errors import InvalidInput
@@ -196,9 +196,9 @@ class FrameReader(_Worker):
 
     def _frames(self, container: Any, stream: Any) -> Iterator[av.VideoFrame]:
         """Decoded frames; a damaged packet is skipped (as the ffmpeg command does), many of them refuse the file."""
-        packets = bad = frames = 0
+        damage, frames = PacketDamage(), 0
         for packet in container.demux(stream):
-            packets += 1
+            damage.read += 1
             slot = self._slots is not None and packet.size and packet.dts is not None
             if slot:
                 self._slots.append(packet.dts)
@@ -208,16 +208,16 @@ class FrameReader(_Worker):
             except av.InvalidDataError as exc:  # damaged data, or a frame over the pixel limit (never decoded)
                 if slot:
                     self._slots.pop()
-                bad += 1
-                if too_damaged(bad, packets):
+                if damage.too_much(packet):
                     raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
-                log.warning("%s: skipped a damaged video packet (%s)", self.path, exc)
+                log.warning("%s: skipped an undecodable video packet (%s)", self.path, exc)
                 continue
             except av.FFmpegError as exc:
                 raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
             if decoded and not frames and self._slots:
                 self._forget_unshown(decoded[0])
             frames += len(decoded)
+            damage.shown = frames > 0
             if self.max_frames is not None and frames > self.max_frames:
                 raise InvalidInput(
                     f"The video holds more frames than it was checked for ({self.max_frames}); "
