@@ -27,7 +27,9 @@ Knobs (set on the instance before or during a test):
 - ``unauthorized_lookups``: the next lookups by our id answered 401 code 1003 (a token Kling's clock takes as not
   yet valid);
 - ``unauthorized_polls``: the next status polls of a Kling task id answered 401 code 1003 (the token is not yet
-  valid: a clock that jumped for a moment).
+  valid: a clock that jumped for a moment);
+- ``forbidden_polls``: the next status polls of a Kling task id answered 403 with an HTML page and no Kling ``code``
+  (a proxy or firewall in front of Kling).
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ class FakeKling:
         self.trickle_downloads: tuple[int, float] | None = None
         self.unauthorized_polls = 0
         self.unauthorized_lookups = 0
+        self.forbidden_polls = 0
         self.release = threading.Event()
         self.jobs: dict[str, dict] = {}  # Kling task id -> job
         self.submits: list[dict] = []  # bodies of accepted submits (each one a paid job)
@@ -249,6 +252,10 @@ class FakeKling:
                 unauthorized, self.unauthorized_polls = self.unauthorized_polls > 0, max(0, self.unauthorized_polls - 1)
             if unauthorized:
                 return _error(401, 1003, "Authorization is not yet valid")
+            with self._lock:
+                forbidden, self.forbidden_polls = self.forbidden_polls > 0, max(0, self.forbidden_polls - 1)
+            if forbidden:
+                return 403, {}, b"<html><body>403 Forbidden</body></html>", "text/html"
         with self._lock:
             first = not self.polls
             self.polls.append(ref)

@@ -195,6 +195,28 @@ def test_an_answer_that_is_not_klings_is_retried_not_taken_as_a_refusal():
     assert provider.status("kt-1").state == "running" and len(sent) == 3
 
 
+def test_a_bare_403_on_a_status_poll_is_retried_not_taken_as_a_refusal():
+    provider, sent = mock_provider(
+        httpx.Response(403, text="<html>Access denied</html>"),  # a proxy's or firewall's page, no Kling code
+        kling_ok({"task_id": "kt-1", "task_status": "processing"}),
+    )
+    assert provider.status("kt-1").state == "running" and len(sent) == 2
+
+
+def test_a_403_with_klings_account_code_on_a_status_poll_stays_a_refusal():
+    provider, sent = mock_provider(httpx.Response(403, json={"code": 1103, "message": "no access to this resource"}))
+    with pytest.raises(ProviderError) as refused:
+        provider.status("kt-1")
+    assert "problem on our side" in refused.value.message and len(sent) == 1
+
+
+def test_a_submit_answered_by_a_bare_403_stays_refused():
+    provider, sent = mock_provider(httpx.Response(403, text="<html>Access denied</html>"))
+    with pytest.raises(ProviderError) as refused:  # nothing was created: no lookup, no retry
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert "problem on our side" in refused.value.message and [r.method for r in sent] == ["POST"]
+
+
 @pytest.mark.parametrize(
     "task_result",
     [{"videos": {"url": "http://x"}}, {"videos": ["http://x"]}, {"videos": [{"url": 7}]}, "done", ["x"]],
@@ -776,6 +798,12 @@ async def test_a_refused_token_while_polling_keeps_polling_the_paid_job(client, 
     kling.unauthorized_polls = 3
     await completes_with_one_paid_job(client, make_user, kling)
     assert kling.unauthorized_polls == 0 and task_row(kling.submits[0]["external_task_id"])["attempts"] == 1
+
+
+async def test_status_polls_forbidden_by_a_proxy_keep_polling_the_paid_job(client, make_user, kling):
+    kling.forbidden_polls = 8  # more than the adapter's own retries: the poll loop retries too
+    await completes_with_one_paid_job(client, make_user, kling)
+    assert kling.forbidden_polls == 0 and task_row(kling.submits[0]["external_task_id"])["attempts"] == 1
 
 
 async def test_a_token_refused_on_every_poll_fails_at_the_deadline(client, make_user, kling):

@@ -280,9 +280,11 @@ class KlingProvider:
         if resp.is_success and code == 0:
             data = payload.get("data")
             return data if isinstance(data, dict) else {}
-        if code is None and status < 500 and status not in (401, 403, 429):
-            # Not Kling's answer (a proxy's page, a body cut short): nothing can be read from it, so it is
-            # retried like a 5xx, and a submit so answered may have gone through.
+        # Not Kling's answer (a proxy's page, a body cut short): nothing can be read from it, so it is retried like
+        # a 5xx, and a submit so answered may have gone through. A bare 403 (a proxy or firewall in front of Kling)
+        # is waited out only on a lookup, where a paid job may run: a submit so refused created nothing.
+        bare_403_on_get = status == 403 and method == "GET"
+        if code is None and status < 500 and (status not in (401, 403, 429) or bare_403_on_get):
             raise ProviderBusy(f"HTTP {status} without Kling's answer", ambiguous=method == "POST")
         log.warning(
             "Kling %s %s: HTTP %d code %s %r (request %s)",
