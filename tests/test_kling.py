@@ -347,6 +347,25 @@ def test_a_submit_refused_as_an_unknown_resource_is_a_refusal_not_a_lost_job():
     assert "model is not exist" in refused.value.message and not isinstance(refused.value, JobNotFound)
 
 
+@pytest.mark.parametrize(
+    ("job_id", "name"),
+    [
+        ("../../x/y", "kling-xy.mp4"),
+        ("/etc/passwd", "kling-etcpasswd.mp4"),
+        ("../..", "kling-video.mp4"),  # nothing usable left
+        ("kt-" + "a" * 500, "kling-kt-" + "a" * 61 + ".mp4"),
+    ],
+)
+def test_the_downloaded_file_stays_in_its_folder_whatever_the_job_id(tmp_path, job_id, name):
+    provider, _ = mock_provider(api=lambda request: httpx.Response(200, content=b"video"))
+    dest_dir = tmp_path / "work"
+    dest_dir.mkdir()
+    job = ProviderJob(job_id=job_id, state="succeeded", raw_state="succeed", result_urls=("http://kling.test/v.mp4",))
+    path = provider.fetch_result(job, dest_dir)
+    assert path == dest_dir / name and path.read_bytes() == b"video"
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == [name]
+
+
 def test_a_redirect_loop_on_the_download_is_retried_then_reported_as_temporary(tmp_path):
     def loop(request: httpx.Request) -> httpx.Response:
         return httpx.Response(302, headers={"Location": str(request.url)})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,7 @@ IMAGE_REENCODE_SIDE = 4096
 REASON_CHARS = 300
 VIDEOLESS_POLLS = 3  # consecutive "succeed" answers without a video before the job counts as failed
 NO_VIDEO = "Kling finished without a video. Your credits were refunded."
+FILE_ID_CHARS = 64  # of Kling's job id in the downloaded file's name
 
 
 class JobNotFound(ProviderError):
@@ -208,7 +210,7 @@ class KlingProvider:
         return download_file(
             self.http,
             job.result_urls[0],
-            dest_dir / f"kling-{job.job_id}.mp4",
+            dest_dir / result_file_name(job.job_id),
             max_bytes=self.max_download_bytes,
             delays=self.delays,
             what="Kling",
@@ -332,6 +334,12 @@ def refusal_message(status: int, code: int | None, reason: Any) -> str:
         f"Kling rejected the request ({reason}). Please check the prompt and settings and try again; "
         "your credits were refunded."
     )
+
+
+def result_file_name(job_id: str) -> str:
+    """下载文件名：只保留任务 id 中的字母、数字、_ 和 -，并限制长度（id 来自 Kling，不能决定写到哪里）"""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "", job_id)[:FILE_ID_CHARS]
+    return f"kling-{safe or 'video'}.mp4"
 
 
 def failure_message(reason: Any) -> str:
