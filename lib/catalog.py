@@ -107,6 +107,8 @@ KLING_PRICES = {("std", "5"): 35, ("std", "10"): 70, ("pro", "5"): 60, ("pro", "
 # Kling bills its "master" models at several times the units of kling-v1-6 pro, in either mode.
 KLING_MASTER_PRICES = {"5": 130, "10": 260}
 KLING_PRICE_RULE = "std: 35 (5 s) / 70 (10 s); pro: 60 (5 s) / 120 (10 s); master models: 130 (5 s) / 260 (10 s)"
+# The longest poll deadline (40 min, lib/config.py), then the download (5 min) and the last poll's retries.
+KLING_TIMEOUT_S = 48 * MINUTES
 
 
 def kling_price(params) -> int:
@@ -279,7 +281,7 @@ CATALOG: dict[str, ModelSpec] = {
             price=lambda p, a: kling_price(p),
             price_rule=KLING_PRICE_RULE,
             handler="gpu_jobs.handlers.kling:run",
-            timeout_s=45 * MINUTES,
+            timeout_s=KLING_TIMEOUT_S,
             available=lambda s: s.kling_configured,
         ),
         ModelSpec(
@@ -290,7 +292,7 @@ CATALOG: dict[str, ModelSpec] = {
             price=lambda p, a: kling_price(p),
             price_rule=KLING_PRICE_RULE,
             handler="gpu_jobs.handlers.kling:run",
-            timeout_s=45 * MINUTES,
+            timeout_s=KLING_TIMEOUT_S,
             inputs={"image_asset_id": "image"},
             check=_check_kling_image,
             available=lambda s: s.kling_configured,

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     kling_ai_access_key: str | None = None
     kling_ai_secret_key: str | None = None
     kling_api_base: str = "https://api-singapore.klingai.com"
-    # At most 40 min: the Kling models' job limit (lib/catalog.py) is 45, and the download and upload come after.
+    # At most 40 min: the Kling models' job limit (lib/catalog.py) is 48, and the 5 min download comes after.
     kling_poll_deadline_seconds: float = Field(1800, gt=0, le=40 * 60)
     kling_poll_interval_seconds: float = Field(5, gt=0)
 

@@ -569,6 +569,59 @@ def test_generating_after_a_long_queue_starts_where_the_queue_left_the_progress(
     assert generating == sorted(generating) and max(generating) < 0.89
 
 
+def test_the_longest_poll_deadline_and_the_download_fit_each_kling_models_limit():
+    from lib.catalog import CATALOG
+    from lib.config import Settings
+
+    metadata = Settings.model_fields["kling_poll_deadline_seconds"].metadata
+    [longest_poll] = [m.le for m in metadata if getattr(m, "le", None) is not None]
+    margin = 2 * 60  # the last status poll after the deadline (its retries included), a fresh link, the probe
+    specs = [spec for spec in CATALOG.values() if spec.handler == "gpu_jobs.handlers.kling:run"]
+    assert {spec.key for spec in specs} == {"kling.text2video", "kling.image2video"}
+    for spec in specs:
+        assert longest_poll + providers.DOWNLOAD_LIMIT_S + margin <= spec.timeout_s, spec.key
+
+
+class RefusedOnceProvider:
+    """已完成任务的提供方：第一次下载费时 spend 秒后被拒绝，第二次下载成功；记下每次下载得到的时限"""
+
+    name = "Kling"
+
+    def __init__(self, video: Path, *, spend: float):
+        self.video, self.spend = video, spend
+        self.time_limits: list[float | None] = []
+
+    def status(self, job_id: str) -> ProviderJob:
+        """任务已完成，附一个新的下载地址"""
+        return ProviderJob(job_id=job_id, state="succeeded", raw_state="succeed", result_urls=("https://cdn.test/v",))
+
+    def fetch_result(self, job: ProviderJob, dest_dir: Path, *, time_limit: float | None = None) -> Path:
+        """第一次：耗时后被拒绝；第二次：交出视频"""
+        self.time_limits.append(time_limit)
+        if len(self.time_limits) == 1:
+            time.sleep(self.spend)
+            raise DownloadRefused("HTTP 403")
+        return self.video
+
+
+def test_the_download_with_a_fresh_link_gets_only_what_is_left_of_the_allowance(tmp_path, monkeypatch, clip):
+    monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 2.0)
+    ctx = JobContext(
+        task_id="our-task",
+        params=None,
+        inputs={},
+        input_meta={},
+        workdir=tmp_path,
+        progress=lambda *a, **k: None,
+        state={"provider_job_id": "kt-1", "provider_submitted_at": time.time()},
+    )
+    provider = RefusedOnceProvider(clip, spend=0.5)
+    [output] = providers.run_provider_job(ctx, provider, deadline_s=60, interval_s=0.01)
+    first, second = provider.time_limits
+    assert output.path == clip and first == 2.0
+    assert second is not None and second <= 2.0 - 0.5  # one allowance for both downloads
+
+
 # ---------------------------------------------------------------- availability
 
 

@@ -88,8 +88,8 @@ class Provider(Protocol):
         """查询任务状态"""
         ...
 
-    def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
-        """把成功任务的结果下载到本地目录"""
+    def fetch_result(self, job: ProviderJob, dest_dir: Path, *, time_limit: float) -> Path:
+        """把成功任务的结果下载到本地目录，重试在内最多用 time_limit 秒（超时 → ProviderBusy）"""
         ...
 
 
@@ -103,9 +103,12 @@ def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, 
     job_id, started_at = submit_or_resume(ctx, provider, deadline_s=deadline_s, interval_s=interval_s)
     job = wait_for(ctx, provider, job_id, started_at=started_at, deadline_s=deadline_s, interval_s=interval_s)
     ctx.progress(0.9, f"Downloading the video from {provider.name}")
+    limit = DOWNLOAD_LIMIT_S
+    # One allowance for the download and the one with a fresh link: the poll deadline plus it fit the job's limit.
+    download_deadline = time.monotonic() + limit
     try:
         try:
-            path = provider.fetch_result(job, ctx.workdir)
+            path = provider.fetch_result(job, ctx.workdir, time_limit=limit)
         except DownloadRefused as exc:
             # A CDN can refuse a link for a moment after the job finished, and a link expires: ask for a fresh one once.
             log.warning("task %s: %s; asking %s for a fresh link", ctx.task_id, exc, provider.name)
@@ -113,7 +116,10 @@ def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, 
             job = provider.status(job.job_id)
             if job.state != "succeeded":
                 raise
-            path = provider.fetch_result(job, ctx.workdir)
+            left = download_deadline - time.monotonic()
+            if left <= 0:
+                raise ProviderBusy(f"the download took longer than {_minutes(limit)}") from exc
+            path = provider.fetch_result(job, ctx.workdir, time_limit=left)
     except (ProviderBusy, AccessRefused) as exc:  # AccessRefused: asking for a fresh link of the finished job
         raise TransientError(f"download from {provider.name} failed: {exc}") from exc
     ctx.progress(0.95, "Checking the video")

@@ -203,8 +203,8 @@ class KlingProvider:
         message = failure_message(data.get("task_status_msg")) if state == "failed" else None
         return ProviderJob(job_id=job_id, state=state, raw_state=raw, message=message, result_urls=urls)
 
-    def fetch_result(self, job: ProviderJob, dest_dir: Path) -> Path:
-        """下载生成的视频（Kling 的地址会过期，所以要转存）"""
+    def fetch_result(self, job: ProviderJob, dest_dir: Path, *, time_limit: float | None = None) -> Path:
+        """下载生成的视频，最多用 time_limit 秒（Kling 的地址会过期，所以要转存）"""
         if not job.result_urls:
             raise ProviderError(NO_VIDEO)
         return download_file(
@@ -217,6 +217,7 @@ class KlingProvider:
             sleep=self.sleep,
             check_url=self.check_url,
             on_chunk=lambda: self.sleep(0.0),  # a job's sleep reports to it, so a cancel stops the download
+            time_limit=time_limit,
         )
 
     # ------------------------------------------------------------ requests
