@@ -195,6 +195,28 @@ def test_an_answer_that_is_not_klings_is_retried_not_taken_as_a_refusal():
     assert provider.status("kt-1").state == "running" and len(sent) == 3
 
 
+def test_lookups_wait_less_for_an_answer_than_a_submit():
+    provider, sent = mock_provider(
+        kling_ok({"task_id": "kt-1", "task_status": "submitted"}),
+        kling_ok({"task_id": "kt-1", "task_status": "processing"}),
+    )
+    provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    provider.status("kt-1")
+    post, get = (r.extensions["timeout"] for r in sent)
+    assert post["read"] == 60 and get["read"] == 15  # the submit carries up to 10 MB of image
+    assert post["connect"] == get["connect"] == 10
+
+
+def test_a_status_poll_gives_up_on_a_slow_answer_after_its_own_time_out(kling):
+    options = {"base_url": kling.url, "endpoint": "text2video", "retry_base": 0.001, "lookup_timeout_s": 0.3}
+    with KlingProvider(access_key=AK, secret_key=SK, **options) as provider:
+        job_id = provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+        kling.hold_first_poll = True  # the first poll is answered only after 30 s
+        started = time.monotonic()
+        assert provider.status(job_id).state == "queued"
+    assert time.monotonic() - started < 5 and kling.polls == [job_id, job_id]  # given up, then asked again
+
+
 def test_a_bare_403_on_a_status_poll_is_retried_not_taken_as_a_refusal():
     provider, sent = mock_provider(
         httpx.Response(403, text="<html>Access denied</html>"),  # a proxy's or firewall's page, no Kling code

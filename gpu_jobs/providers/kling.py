@@ -52,6 +52,9 @@ REASON_CHARS = 300
 VIDEOLESS_POLLS = 3  # consecutive "succeed" answers without a video before the job counts as failed
 NO_VIDEO = "Kling finished without a video. Your credits were refunded."
 FILE_ID_CHARS = 64  # of Kling's job id in the downloaded file's name
+CONNECT_TIMEOUT_S = 10.0
+SUBMIT_TIMEOUT_S = 60.0  # a submit carries up to 10 MB of base64 image; also the download's wait between chunks
+LOOKUP_TIMEOUT_S = 15.0  # a status poll or lookup: a hung connection or a cancel is noticed sooner
 
 
 class JobNotFound(ProviderError):
@@ -84,6 +87,7 @@ class KlingProvider:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         transport: httpx.BaseTransport | None = None,
+        lookup_timeout_s: float = LOOKUP_TIMEOUT_S,
     ):
         self.access_key, self.secret_key = access_key, secret_key
         self.endpoint = endpoint
@@ -93,11 +97,12 @@ class KlingProvider:
         self.sleep = sleep  # between retries; a job passes one that notices a cancel
         self.check_url = public_only(exempt=base_url)  # the API's own origin may serve files too
         self.videoless: dict[str, int] = {}  # job id -> consecutive "succeed" answers without a video
+        self.lookup_timeout = httpx.Timeout(lookup_timeout_s, connect=CONNECT_TIMEOUT_S)
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
             transport=transport,
             follow_redirects=True,
-            timeout=httpx.Timeout(60.0, connect=10.0),
+            timeout=httpx.Timeout(SUBMIT_TIMEOUT_S, connect=CONNECT_TIMEOUT_S),
         )
 
     @classmethod
@@ -266,7 +271,8 @@ class KlingProvider:
         """发送一次请求；返回 data，或抛 ProviderBusy / ProviderError"""
         headers = {"Authorization": f"Bearer {self.token()}"}
         try:
-            resp = self.http.request(method, path, json=body, headers=headers)
+            timeout = self.lookup_timeout if method == "GET" else httpx.USE_CLIENT_DEFAULT
+            resp = self.http.request(method, path, json=body, headers=headers, timeout=timeout)
         except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
             raise ProviderBusy(f"Kling unreachable: {exc}") from exc
         except httpx.RequestError as exc:  # timeouts, dropped connections, redirect loops, undecodable bodies
