@@ -318,6 +318,17 @@ def test_a_submit_refused_for_our_existing_id_adopts_the_job():
     assert [r.method for r in sent] == ["POST", "GET"] and sent[1].url.path == "/v1/videos/text2video/our-task"
 
 
+def test_a_submit_refused_for_our_existing_id_whose_lookups_miss_stays_unclear():
+    """The job exists (Kling says so) though its lookup has not caught up: never refunded while Kling runs it."""
+    missing = httpx.Response(404, json={"code": 1203, "message": "The requested resource does not exist"})
+    provider, sent = mock_provider(
+        httpx.Response(400, json={"code": 1201, "message": "external_task_id already exists"}), *[missing] * 5
+    )
+    with pytest.raises(ProviderBusy) as busy:
+        provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
+    assert busy.value.ambiguous and [r.method for r in sent] == ["POST", *["GET"] * 5]
+
+
 def test_a_submit_refused_for_its_parameters_without_a_job_stays_refused():
     missing = httpx.Response(404, json={"code": 1203, "message": "The requested resource does not exist"})
     provider, sent = mock_provider(
@@ -1155,6 +1166,20 @@ async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(c
     assert row["error"]["message"] == "The provider did not finish within 30 seconds; your credits were refunded."
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_submitted_at"] == submitted_at
     assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_duplicate_refusal_whose_lookups_all_miss_is_requeued_then_adopted(client, make_user, kling):
+    kling.lagging_lookups = 100  # Kling's lookup by our id lags far behind its submits
+    user = await make_user()
+    task = await create(client, user)
+    submitted_earlier(kling, task["id"], None)
+    assert await run_task_async(task["id"]) == "queued"  # Kling has a job under our id: never refunded
+    assert kinds(user, task) == ["charge"]
+    kling.lagging_lookups = 0
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
 
 
 async def test_a_job_adopted_after_a_lookup_that_missed_keeps_the_deadline_of_the_submit_that_created_it(

@@ -64,9 +64,16 @@ class JobNotFound(ProviderError):
 class Refused(ProviderError):
     """Kling 拒绝了请求（带 Kling 的错误码）"""
 
-    def __init__(self, message: str, *, code: int | None):
+    def __init__(self, message: str, *, code: int | None, reason: str = ""):
         super().__init__(message)
         self.code = code
+        self.reason = reason  # Kling's own words, for telling a duplicate of our id from other refusals
+
+    @property
+    def names_our_id_taken(self) -> bool:
+        """拒绝的原因是我们的 external_task_id 已存在（任务已建好）"""
+        reason = self.reason.lower()
+        return self.code in PARAM_CODES and "external_task_id" in reason and "exist" in reason
 
 
 class KlingProvider:
@@ -158,9 +165,13 @@ class KlingProvider:
                 if not (unclear or (isinstance(exc, Refused) and exc.code in PARAM_CODES)):
                     raise
                 found = self._lookup(external_id, late=True)
-                if found is None:
-                    raise
-                return found.job_id
+                if found is not None:
+                    return found.job_id
+                if isinstance(exc, Refused) and exc.names_our_id_taken:
+                    # Kling has a job under our id that its lookup does not show yet: it runs and is paid, so the
+                    # task must not fail and refund; the next attempt looks it up again.
+                    raise ProviderBusy(f"Kling has our job but not yet found: {exc.reason}", ambiguous=True) from exc
+                raise
         raise AssertionError("unreachable")
 
     def _lookup(self, external_id: str, *, late: bool) -> ProviderJob | None:
@@ -311,7 +322,8 @@ class KlingProvider:
             raise JobNotFound("Kling no longer knows this job; your credits were refunded.")
         if status == 401 or (code is not None and code in AUTH_CODES):
             raise AccessRefused(refusal_message(status, code, payload.get("message")))
-        raise Refused(refusal_message(status, code, payload.get("message")), code=code)
+        reason = _reason(payload.get("message"))
+        raise Refused(refusal_message(status, code, payload.get("message")), code=code, reason=reason)
 
     def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
         delay = max(delay, min(exc.retry_after or 0.0, 30.0))
