@@ -10,9 +10,10 @@ import httpx
 import pytest
 from PIL import Image
 
-from lib.assets import get_asset_service, sniff
+from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import Forbidden
+from lib.media_types import sniff
 from lib.storage import get_storage
 from tests.factories import balance, connect, make_asset, sql, task_row
 

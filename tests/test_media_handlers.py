@@ -31,6 +31,7 @@ from gpu_jobs.media import display, ops
 from gpu_jobs.media.probe import inspect_file
 from lib.config import get_settings
 from lib.errors import InvalidInput, TaskCanceled
+from lib.media_types import sniff
 from tests.media_factories import (
     _write_sine,
     cmyk_profile,
@@ -105,6 +106,22 @@ def test_probe_video(clip):
     assert (info["width"], info["height"], info["frame_count"]) == (64, 48, 24)
     assert info["fps"] == 24 and info["duration_s"] == pytest.approx(1.0, abs=1e-3)
     assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["has_audio"]
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "mime"),
+    [
+        ("clip.mp4", "libx264", "video/mp4"),
+        ("clip.mov", "libx264", "video/quicktime"),
+        ("clip.mkv", "libx264", "video/x-matroska"),
+        ("clip.webm", "libvpx-vp9", "video/webm"),
+        ("clip.avi", "mjpeg", "video/x-msvideo"),
+    ],
+)
+def test_probe_names_the_container_as_the_upload_does(tmp_path, name, codec, mime):
+    """FFmpeg names MP4 and QuickTime, Matroska and WebM alike: the file's first bytes tell them apart."""
+    path = make_video(tmp_path / name, frames=4, audio=False, video_codec=codec)
+    assert media.probe_file(path)["mime"] == mime == sniff(path.read_bytes()[:64]).mime
 
 
 def test_probe_counts_packets_when_the_container_has_no_frame_count(tmp_path):

@@ -16,6 +16,7 @@ from gpu_jobs.media.display import Orientation, deinterlaced
 from lib.catalog import VIDEO_MAX_SIDE, a_kind
 from lib.config import get_settings
 from lib.errors import InvalidInput
+from lib.media_types import SNIFF_BYTES, sniff
 
 log = logging.getLogger(__name__)
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "MPO"}
@@ -195,7 +196,7 @@ def _probe_video(path: Path) -> tuple[dict, av.VideoFrame]:
         info = {
             "kind": "video",
             "format": container.format.name,
-            "mime": "video/" + _mime_subtype(container.format.name),
+            "mime": _container_mime(path, container.format.name),
             # As displayed: a phone's portrait clip is stored landscape with a 90° display rotation.
             "width": ctx.height if orientation.transpose else ctx.width,
             "height": ctx.width if orientation.transpose else ctx.height,
@@ -405,6 +406,13 @@ def _packets_of(container: Any, stream: Any, fps: float | None) -> tuple[int, fl
             break
     span = float((end - first) * stream.time_base) if first is not None and stream.time_base else None
     return frames, span
+
+
+def _container_mime(path: Path, format_name: str) -> str:
+    """视频容器的 MIME：与上传时一样按文件开头判断（FFmpeg 把 MP4 与 QuickTime、Matroska 与 WebM 叫作同一种格式）"""
+    with open(path, "rb") as file:
+        media = sniff(file.read(SNIFF_BYTES))
+    return media.mime if media is not None and media.kind == "video" else "video/" + _mime_subtype(format_name)
 
 
 def _mime_subtype(format_name: str) -> str:
