@@ -1042,8 +1042,26 @@ async def test_no_slot_before_the_deadline_fails_and_refunds_once(client, make_u
     assert await run_task_async(task["id"]) == "failed"
     row = task_row(task["id"])
     assert row["attempts"] == 1 and row["error"]["code"] == "provider_error"
-    assert row["error"]["message"].startswith("Kling could not take the job within 0.5 seconds")
+    assert row["error"]["message"].startswith("Kling could not take the job within 0.25 seconds")  # half of it
     assert kling.submits == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+async def test_a_slot_that_frees_too_late_for_the_job_to_finish_is_not_taken(client, make_user, kling):
+    """A job sent when little of the deadline is left would be paid for and abandoned at the deadline."""
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "2"})
+    kling.busy_submits = 10**6
+    user = await make_user()
+    task = await create(client, user)
+
+    async def free_a_slot_late() -> None:
+        await asyncio.sleep(1.3)  # past half the deadline, well before its end
+        kling.busy_submits = 0
+
+    freeing = asyncio.create_task(free_a_slot_late())
+    assert await run_task_async(task["id"]) == "failed"
+    await freeing
+    assert task_row(task["id"])["error"]["message"].startswith("Kling could not take the job within 1 second")
+    assert kling.submits == [] and kinds(user, task) == ["charge", "refund"]
 
 
 async def test_cancel_is_noticed_while_kling_asks_us_to_retry_later(client, make_user, kling):
@@ -1207,7 +1225,7 @@ async def test_a_retry_past_the_deadline_of_an_earlier_submit_that_created_nothi
     sql("insert into public.task_job_states (task_id, state) values (%s, %s)", (task["id"], json.dumps(state)))
     assert await run_task_async(task["id"]) == "failed"
     row = task_row(task["id"])
-    assert row["error"]["message"].startswith("Kling could not take the job within 30 seconds")
+    assert row["error"]["message"].startswith("Kling could not take the job within 15 seconds")
     assert kling.submits == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 

@@ -33,6 +33,9 @@ JobState = Literal["queued", "running", "succeeded", "failed", "unknown"]
 MAX_FRACTION = 0.89  # waiting never reports more than this: the download and the upload come after
 PAUSE_SLICE = 2.0  # seconds between cancel checks while waiting between polls
 DOWNLOAD_LIMIT_S = 300.0  # a whole download, retries included
+# A job is sent only while at least this share of the deadline is left: the rest is its time to generate. One sent
+# later would be paid for and abandoned unfinished at the deadline.
+SUBMIT_SHARE = 0.5
 MAX_REDIRECTS = 10
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -142,7 +145,7 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
         if found is not None:
             log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
             return _saved(ctx, found.job_id, started_at)
-        if time.time() - started_at >= deadline_s:  # a job sent now would be abandoned at its first poll
+        if time.time() - started_at >= deadline_s * SUBMIT_SHARE:  # too late to send a job that can finish
             raise _no_slot(provider, deadline_s)
     ctx.progress(0.03, f"Sending the request to {provider.name}")
     _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True, "provider_submitted_at": started_at})
@@ -156,7 +159,7 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
                 raise TransientError(f"{provider.name} did not accept the job: {exc}") from exc
             # Certainly not created: the provider's rate or concurrency limit is full, or it is down. Other jobs
             # of ours end and free a slot, so this one waits in line (a retry would only spend an attempt).
-            if time.time() + delay - started_at >= deadline_s:
+            if time.time() + delay - started_at >= deadline_s * SUBMIT_SHARE:
                 raise _no_slot(provider, deadline_s) from exc
             log.warning("task %s: %s has no room for the job (%s); trying again", ctx.task_id, provider.name, exc)
             _pause(ctx, delay, 0.03, f"Waiting for a free slot at {provider.name}")
@@ -166,9 +169,9 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
 
 
 def _no_slot(provider: Provider, deadline_s: float) -> ProviderError:
-    """提供方在期限内没有接下任务"""
+    """提供方在可以提交的时间内没有接下任务"""
     return ProviderError(
-        f"{provider.name} could not take the job within {_minutes(deadline_s)}; "
+        f"{provider.name} could not take the job within {_minutes(deadline_s * SUBMIT_SHARE)}; "
         "your credits were refunded. Please try again later."
     )
 
