@@ -326,6 +326,10 @@ async def test_vsn_2_array_frames_heartbeat_and_leave(live_server, make_user, db
         assert change[4]["ids"] == [server_binding["id"]] and change[4]["data"]["record"]["balance"] == 90
         await ws.send(json.dumps(["2", "3", "realtime:c", "phx_leave", {}]))
         assert (await recv())[3:] == ["phx_reply", {"status": "ok", "response": {}}]
+        # As Phoenix closes a channel that left: phx_close under the join's ref, after the reply.
+        assert await recv() == ["2", "2", "realtime:c", "phx_close", {}]
+        await ws.send(json.dumps(["5", "5", "realtime:never-joined", "phx_leave", {}]))
+        assert await recv() == ["5", "5", "realtime:never-joined", "phx_reply", {"status": "ok", "response": {}}]
         task = create_task(db_conn, a.id)
         db_conn.execute("delete from public.tasks where id = %s", (task,))
         with pytest.raises(TimeoutError):
@@ -539,6 +543,7 @@ async def test_a_change_checked_while_its_channel_is_left_is_not_sent(live_serve
             await asyncio.sleep(0.5)  # the feed is checking it
             await ws.send(json.dumps(["1", "2", "realtime:c", "phx_leave", {}]))
             assert (await recv())[3:] == ["phx_reply", {"status": "ok", "response": {}}]
+            assert (await recv())[3] == "phx_close"
             with pytest.raises(TimeoutError):
                 await asyncio.wait_for(ws.recv(), 2.0)
 

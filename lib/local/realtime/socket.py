@@ -194,8 +194,11 @@ class ClientConnection:
         if frame.event == "phx_join":
             await self.join(frame)
         elif frame.event == "phx_leave":
+            channel = self.channels.get(frame.topic)
             self.drop(frame.topic)
             self.send(reply(frame, "ok", {}))
+            if channel is not None:  # as Phoenix: a channel that was joined is then closed
+                self.send(Frame(channel.topic, "phx_close", {}, channel.join_ref, channel.join_ref))
         elif frame.topic not in self.channels:
             self.send(reply(frame, "error", {"reason": "unmatched topic"}))
         elif frame.event == "access_token":
