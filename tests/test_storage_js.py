@@ -16,7 +16,9 @@ import uuid
 import httpx
 import pytest
 from PIL import Image
+from storage3 import AsyncStorageClient
 
+from lib.config import get_settings
 from lib.local.storage import objects as storage_objects
 from tests.conftest import ROOT
 from tests.factories import connect
@@ -161,6 +163,26 @@ async def test_an_arraybuffer_without_a_content_type_goes_as_text_and_complete_r
     done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
     assert done.status_code == 422
     assert done.json()["error"]["message"] == "The file was uploaded as text/plain; upload it as image/png."
+
+
+@pytest.mark.parametrize("form", ["blob", "uint8array"])
+async def test_metadata_and_cache_control_sent_with_storage_js_are_in_the_objects_info(storage_js, form):
+    """storage-js 的 metadata（Blob：表单字段；字节：base64 JSON 的 x-metadata 头）与 cacheControl 进入对象信息"""
+    path = f"{uuid.uuid4()}/tagged.png"
+    token = signed_upload_token(BUCKET, path, 60)
+    file = {"as": form, "type": "image/png", "b64": b64(png_bytes())}
+    metadata = {"source": "camera", "n": 2, "名前": "写真"}
+    options = {"contentType": "image/png", "cacheControl": "60", "metadata": metadata}
+    step = {"op": "upload", "bucket": BUCKET, "path": path, "token": token, "file": file, "options": options}
+    assert (await storage_js(step))["error"] is None
+
+    key = storage_objects.service_key()
+    service = AsyncStorageClient(
+        f"{get_settings().supabase_url}/storage/v1/", {"apikey": key, "Authorization": f"Bearer {key}"}
+    )
+    async with service:
+        info = await service.from_(BUCKET).info(path)
+    assert (info["metadata"], info["cache_control"], info["content_type"]) == (metadata, "max-age=60", "image/png")
 
 
 # -- errors as storage-js reports them ---------------------------------------------------

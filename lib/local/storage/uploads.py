@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -77,7 +78,7 @@ class _Upload:
             self.tmp.unlink(missing_ok=True)
         try:
             metadata = json.loads(self.fields.get("metadata") or "{}")
-        except ValueError:
+        except ValueError:  # as Storage: metadata that does not parse is dropped, the upload kept
             metadata = {}
         meta = {
             "id": str(uuid.uuid4()), "content_type": self.content_type or "application/octet-stream",
@@ -96,6 +97,8 @@ async def _receive(request: Request, upload: _Upload) -> None:
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         upload.content_type = content_type or None
+        if header := request.headers.get("x-metadata"):  # a raw body's user metadata: base64 of its JSON
+            upload.fields["metadata"] = _unbase64(header)
         async for chunk in request.stream():
             upload.write(chunk)
         return
@@ -147,6 +150,14 @@ async def _receive(request: Request, upload: _Upload) -> None:
     parser.finalize()
     if not upload.got_file:
         raise StorageError(400, "InvalidRequest", "No file in the form")
+
+
+def _unbase64(text: str) -> str:
+    """x-metadata 头的内容（base64 解不开 → 空，与 Storage 一样忽略它）"""
+    try:
+        return base64.b64decode(text).decode()
+    except ValueError:
+        return ""
 
 
 async def store_upload(request: Request, bucket: str, key: str, *, upsert: bool) -> dict:
