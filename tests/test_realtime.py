@@ -336,6 +336,29 @@ async def test_vsn_2_array_frames_heartbeat_and_leave(live_server, make_user, db
             await asyncio.wait_for(ws.recv(), 1.0)
 
 
+async def test_broadcast_and_presence_are_acknowledged_and_other_events_ignored(live_server, make_user):
+    """如 Supabase：broadcast 与 presence 得到回复，不认识的事件不回复（客户端等到超时），socket 照常"""
+    a = await make_user()
+    url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"
+    async with websockets.connect(url) as ws:
+
+        async def recv():
+            return json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))
+
+        await ws.send(json.dumps(["1", "1", "realtime:e", "phx_join", {"config": {"broadcast": {"ack": True}}}]))
+        assert (await recv())[4]["status"] == "ok"
+        ok = {"status": "ok", "response": {}}
+        broadcast = {"type": "broadcast", "event": "hi", "payload": {}}
+        await ws.send(json.dumps(["1", "2", "realtime:e", "broadcast", broadcast]))
+        assert await recv() == ["1", "2", "realtime:e", "phx_reply", ok]
+        track = {"type": "presence", "event": "track", "payload": {}}
+        await ws.send(json.dumps(["1", "3", "realtime:e", "presence", track]))
+        assert await recv() == ["1", "3", "realtime:e", "phx_reply", ok]
+        await ws.send(json.dumps(["1", "4", "realtime:e", "no_such_event", {}]))
+        await ws.send(json.dumps([None, "5", "phoenix", "heartbeat", {}]))
+        assert await recv() == [None, "5", "phoenix", "phx_reply", ok]  # nothing came for ref 4
+
+
 async def test_many_filtered_joins_at_once_share_one_database_connection(live_server, make_user):
     a = await make_user()
     url = live_server.replace("http", "ws") + f"/realtime/v1/websocket?vsn=2.0.0&apikey={a.token}"

@@ -203,8 +203,8 @@ class ClientConnection:
             self.send(reply(frame, "error", {"reason": "unmatched topic"}))
         elif frame.event == "access_token":
             await self.refresh_token(frame)
-        elif frame.ref is not None:
-            # broadcast / presence are not part of this subset: acknowledge, relay nothing.
+        elif frame.event in ("broadcast", "presence") and frame.ref is not None:
+            # Not part of this subset: acknowledged, relayed to no one. Other events get no answer, as in the cloud.
             self.send(reply(frame, "ok", {}))
 
     # -- channels ------------------------------------------------------------------
