@@ -134,12 +134,15 @@ def run_job(task_id: str) -> str:
     from lib.logs import configure_logging
 
     configure_logging(get_settings().log_level)
-    outcome = run_task(task_id, call_id=modal.current_function_call_id())
-    if handler_still_running():  # a handler past its time limit holds the GPU: let this container go
-        from modal import experimental
+    try:
+        return run_task(task_id, call_id=modal.current_function_call_id())
+    finally:
+        # A handler past its time limit holds the GPU: let this container go, also when run_task raised (Modal
+        # would retry that input, maybe here).
+        if handler_still_running():
+            from modal import experimental
 
-        experimental.stop_fetching_inputs()
-    return outcome
+            experimental.stop_fetching_inputs()
 
 
 @app.function(**job_options("gpu-small"))

@@ -542,3 +542,44 @@ async def test_run_task_local_completes_a_real_upscale(client, make_user, fake_m
     assert (row["result"]["width"], row["result"]["height"]) == (48, 32)
     assert await storage_module.get_storage().exists(path=row["result"]["path"])
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_a_container_whose_timed_out_handler_still_runs_stops_taking_inputs_even_when_run_task_raises(
+    client, make_user, monkeypatch
+):
+    """The database is out of reach when the timed-out task is failed: Modal retries the input, not on this GPU."""
+    import psycopg
+    from modal import experimental
+
+    from gpu_jobs import runner
+    from tests.test_runner import JobParams
+
+    monkeypatch.setitem(
+        catalog.CATALOG,
+        "test.hang",
+        catalog.ModelSpec(
+            key="test.hang",
+            kind="image",
+            title="hang",
+            params=JobParams,
+            price=lambda p, a: 5,
+            price_rule="5",
+            handler="tests.job_handlers:hang",
+            timeout_s=1,
+        ),
+    )
+    user = await make_user()
+    resp = await client.post("/tasks", json={"model_key": "test.hang", "params": {"seconds": 3}}, headers=user.headers)
+    task = resp.json()["data"]
+
+    async def unreachable(*args, **kwargs):
+        raise psycopg.OperationalError("connection to server failed")
+
+    stopped: list[bool] = []
+    monkeypatch.setattr(runner, "_fail", unreachable)
+    monkeypatch.setattr(modal, "current_function_call_id", lambda: "fc-hang")
+    monkeypatch.setattr(experimental, "stop_fetching_inputs", lambda: stopped.append(True))
+    with pytest.raises(psycopg.OperationalError):
+        await asyncio.to_thread(modal_app.run_job, task["id"])
+    assert runner.handler_still_running() and stopped == [True]
+    assert runner.wait_for_handlers(5)
