@@ -98,7 +98,10 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
             kind == "checkout.session.completed" and obj.get("payment_status") == "paid"
         )
         if paid:
-            amount = _cents(obj.get("amount_total"))
+            # What the PaymentIntent charged: its refunds and disputes count in that amount and currency. With
+            # Adaptive Pricing that is the buyer's currency, while amount_total stays in the integration's.
+            presented = _typed(obj.get("presentment_details"), dict) or {}
+            amount = _cents(presented.get("presentment_amount")) or _cents(obj.get("amount_total"))
             return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", (*ids, amount)
         unpaid = {
             "checkout.session.completed": "pending",

@@ -673,6 +673,22 @@ async def test_a_refund_while_a_webhook_holds_the_purchase_still_pays_off_its_sh
     assert (row["credits_clawed_back"], row["clawback_shortfall"]) == (250, 250)
 
 
+async def test_a_chargeback_of_a_payment_in_the_buyers_currency_takes_back_the_whole_pack(client, make_user):
+    """Adaptive Pricing：会话金额是 5 美元，实际扣款（及其退款、争议）是 4.60 欧元：全额拒付收回整个包"""
+    user = await make_user()
+    localized = {
+        **fake_stripe.session("cs_eur", metadata_for(user), payment_intent="pi_eur"),
+        "presentment_details": {"presentment_amount": 460, "presentment_currency": "eur"},
+    }
+    await post_event(client, fake_stripe.event("checkout.session.completed", localized))
+    assert balance(user.id) == 600
+    chargeback = {**fake_stripe.dispute(amount=460, payment_intent="pi_eur"), "currency": "eur"}
+    await post_event(client, fake_stripe.event("charge.dispute.funds_withdrawn", chargeback))
+    assert balance(user.id) == 100
+    (row,) = purchases(user.id)
+    assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("disputed", 500, 0)
+
+
 async def test_a_late_withdrawal_of_a_dispute_already_won_takes_nothing(client, make_user):
     user = await make_user()
     await bought(client, user, "cs_late", "pi_late")
