@@ -46,6 +46,7 @@ PROBE_TASK_OF_ASSET = (
     "(select t.id from public.tasks t where t.user_id = a.user_id"
     " and t.idempotency_key = %(probe_prefix)s || a.id::text) as probe_task_id"
 )
+EMPTY = "The file is empty."
 PROBE_COLUMNS = ("kind", "mime", "bytes", "width", "height", "duration_s", "fps")
 
 
@@ -96,6 +97,9 @@ class AssetService:
         info = await storage.info(path=asset["path"], user_id=user_id)
         if info is None:
             raise Conflict("The file has not been uploaded yet.")
+        if not info["size"]:  # nothing to sniff: a ranged read of an empty object is refused (416)
+            await self._reject(asset, EMPTY, user_id)
+            raise InvalidInput(EMPTY, details=[{"field": "file", "message": "empty"}])
         limit = get_settings().max_upload_bytes
         if info["size"] > limit:
             await self._reject(asset, f"The file is larger than {limit} bytes.", user_id)
@@ -129,7 +133,7 @@ class AssetService:
                 f"The file is too large for a direct upload (at most {limit} bytes); use POST /assets/uploads."
             )
         if size == 0:
-            raise InvalidInput("The file is empty.", details=[{"field": "file", "message": "empty"}])
+            raise InvalidInput(EMPTY, details=[{"field": "file", "message": "empty"}])
         head = await asyncio.to_thread(file.read, HEAD_BYTES)
         media = sniff(head)
         if media is None:

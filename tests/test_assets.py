@@ -251,6 +251,22 @@ async def test_signed_upload_of_a_non_media_file_is_rejected(client, make_user):
     assert sql("select id from public.tasks where user_id = %s", (user.id,)) == []
 
 
+async def test_an_empty_file_sent_through_a_signed_upload_is_refused_as_empty(client, make_user):
+    """空文件：说明文件是空的（422），上传被拒绝；不是存储的 502、也不会停在 pending"""
+    user = await make_user()
+    body = {"content_type": "image/png", "bytes": 10}
+    ticket = (await client.post("/assets/uploads", json=body, headers=user.headers)).json()["data"]
+    async with httpx.AsyncClient() as http:
+        assert (await http.put(ticket["upload_url"], content=b"", headers={"content-type": "image/png"})).is_success
+    resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert resp.status_code == 422, resp.text
+    assert resp.json()["error"]["message"] == "The file is empty."
+    asset = (await client.get(f"/assets/{ticket['asset_id']}", headers=user.headers)).json()["data"]
+    assert asset["status"] == "rejected" and asset["metadata"]["reject_reason"] == "The file is empty."
+    assert not await get_storage().exists(path=storage_path(ticket["asset_id"]))
+    assert sql("select id from public.tasks where user_id = %s", (user.id,)) == []
+
+
 async def test_a_picture_uploaded_as_html_is_rejected_before_anyone_is_served_it(client, make_user):
     """Storage serves an object with the type it was uploaded with: a PNG carrying a script, sent as text/html."""
     user = await make_user()
