@@ -18,7 +18,7 @@ from lib import db
 from lib.config import get_settings
 from lib.credits import get_credit_service
 from lib.errors import Conflict, InvalidInput, NotFound, PayloadTooLarge, TooManyActiveTasks
-from lib.media_types import UNSUPPORTED, MediaType, media_type_of, sniff
+from lib.media_types import UNNAMED_TYPES, UNSUPPORTED, MediaType, media_type_of, sniff
 from lib.paging import page_after, page_of
 from lib.projects import get_project_service
 from lib.storage import HEAD_BYTES, SIGNED_UPLOAD_SECONDS, check_path, get_storage, user_path, with_signed_urls
@@ -113,7 +113,7 @@ class AssetService:
             await self._reject(asset, UNSUPPORTED, user_id)
             raise InvalidInput(UNSUPPORTED, details=[{"field": "file", "message": "unsupported type"}])
         declared = (info.get("content_type") or "").split(";")[0].strip().lower()
-        if declared not in ("", "application/octet-stream") and media_type_of(declared) is None:
+        if declared not in UNNAMED_TYPES and media_type_of(declared) is None:
             # Storage serves the file with the type it was uploaded with: text/html would run in a browser.
             message = f"The file was uploaded as {declared}; upload it as {media.mime}."
             await self._reject(asset, message, user_id)

@@ -205,7 +205,12 @@ async def test_a_file_named_by_another_common_type_is_taken_for_what_it_is(
 
 @pytest.mark.parametrize(
     ("declared", "filename", "ext"),
-    [("", "holiday.MKV", ".mkv"), ("application/octet-stream", "clip.m4v", ".mp4"), ("", "scan.jpeg", ".jpg")],
+    [
+        ("", "holiday.MKV", ".mkv"),
+        ("application/octet-stream", "clip.m4v", ".mp4"),
+        ("", "scan.jpeg", ".jpg"),
+        ("binary/octet-stream", "take.mkv", ".mkv"),  # an S3-minded client's name for no type, sent with the file too
+    ],
 )
 async def test_a_file_the_browser_gives_no_type_is_known_by_its_name(client, make_user, declared, filename, ext):
     """浏览器不认识的扩展名 file.type 为空（macOS 上的 .mkv）：按文件名签发，字节仍决定类型"""
@@ -217,7 +222,8 @@ async def test_a_file_the_browser_gives_no_type_is_known_by_its_name(client, mak
     ticket = resp.json()["data"]
     assert ticket["path"].endswith(ext)
     async with httpx.AsyncClient() as http:
-        put = await http.put(ticket["upload_url"], content=data, headers={"content-type": "application/octet-stream"})
+        sent_as = {"content-type": declared or "application/octet-stream"}
+        put = await http.put(ticket["upload_url"], content=data, headers=sent_as)
     assert put.status_code == 200, put.text
     done = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
     assert done.status_code == 200, done.text
