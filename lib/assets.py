@@ -410,7 +410,9 @@ class AssetService:
         if not rows and not rejected and not tombstones:
             return 0
         # Files first: a retry finds the rows. A tombstone's path holds whatever its URL sent after the delete.
-        await get_storage().remove(paths=[row["path"] for row in [*rows, *rejected, *tombstones]])
+        paths = [row["path"] for row in [*rows, *rejected, *tombstones]]
+        for start in range(0, len(paths), REMOVE_BATCH):  # up to three lists of `limit`: over Storage's bulk cap
+            await get_storage().remove(paths=paths[start : start + REMOVE_BATCH])
         async with db.transaction() as conn:
             await conn.execute(
                 "delete from public.assets where id = any(%s::uuid[]) and status = 'pending'",

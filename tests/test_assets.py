@@ -660,6 +660,38 @@ async def test_the_sweep_leaves_uploads_being_checked_and_fresh_announcements(cl
     assert ids == {checked["id"], fresh["asset_id"]}
 
 
+async def test_the_sweep_removes_files_in_batches_storage_takes(client, make_user, monkeypatch):
+    """一轮清理的文件（未完成的上传、被拒绝的、墓碑）分批删除：存储一次最多删 REMOVE_BATCH 个，超过就整批被拒"""
+    from lib import assets
+    from lib.reaper import reap
+
+    user = await make_user()
+    monkeypatch.setattr(assets, "REMOVE_BATCH", 2)
+    storage, real_remove, calls = get_storage(), get_storage().remove, []
+
+    async def remove(*, paths, user_id=None):
+        calls.append(len(paths))
+        if len(paths) > assets.REMOVE_BATCH:  # as Supabase Storage refuses a bulk delete over its limit
+            raise RuntimeError("Bulk object requests are limited")
+        return await real_remove(paths=paths, user_id=user_id)
+
+    monkeypatch.setattr(storage, "remove", remove)
+    announce = {"content_type": "image/png", "bytes": 10_000}
+    tickets = [(await client.post("/assets/uploads", json=announce, headers=user.headers)).json()["data"] for _ in "ab"]
+    async with httpx.AsyncClient() as http:
+        for ticket in tickets:
+            assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    rejected = (await direct_upload(client, user, png_bytes())).json()["data"]  # its check crashed: file kept
+    sql("update public.tasks set status = 'failed' where id = %s", (rejected["probe_task_id"],))
+    sql("update public.assets set created_at = now() - interval '4 hours' where user_id = %s", (user.id,))
+    assert (await reap()).get("abandoned_uploads") == 3
+    assert [r["status"] for r in sql("select status from public.assets where user_id = %s", (user.id,))] == ["rejected"]
+    assert not await get_storage().exists(path=storage_path(rejected["id"]))
+    for ticket in tickets:
+        assert not await get_storage().exists(path=ticket["path"])
+    assert max(calls) <= 2
+
+
 async def expire_tombstones(user) -> None:
     sql("update public.upload_tombstones set expires_at = now() - interval '1 second' where user_id = %s", (user.id,))
 
