@@ -202,8 +202,17 @@ async def _run_steps(task: dict, attempt: int, progress: Progress, workdir: Path
         params = spec.params.model_validate(task["params"])
     except ValidationError:  # queued under an older version of the model
         raise InvalidInput(f"The parameters of this task no longer suit '{spec.title}'. {REFUNDED}") from None
-    assets = await _input_assets(task)
-    inputs = {asset_id: await download_file_to_temp(asset, workdir) for asset_id, asset in assets.items()}
+    try:
+        assets = await _input_assets(task)
+        inputs = {asset_id: await download_file_to_temp(asset, workdir) for asset_id, asset in assets.items()}
+    except InvalidInput:
+        # Deleting an upload is how its check is stopped: one deleted before the check read it ends canceled.
+        if (
+            spec.key == "media.probe"
+            and await db.fetch_one("select 1 from public.assets where id = %s", (str(params.asset_id),)) is None
+        ):
+            raise UploadGone(str(params.asset_id)) from None
+        raise
     await update_task_status(task["id"], attempt, progress=0.02, message="Processing")
     loop = asyncio.get_running_loop()
     ctx = JobContext(

@@ -388,6 +388,30 @@ async def test_an_upload_deleted_while_it_is_checked_leaves_no_poster(client, ma
     assert len(uploaded) == 1 and not await get_storage().exists(path=uploaded[0])
 
 
+@pytest.mark.parametrize("when", ["before it ran", "while it downloaded"])
+async def test_an_upload_deleted_before_its_check_read_it_ends_the_check_canceled(client, make_user, monkeypatch, when):
+    """检查还没读到文件就删除上传（排队中、下载中）：检查以取消结束，不是失败"""
+    from gpu_jobs import task_base
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    if when == "before it ran":
+        assert (await client.delete(f"/assets/{asset['id']}", headers=user.headers)).status_code == 200
+    else:
+        real_download = task_base.download_file_to_temp
+
+        async def delete_then_download(row, workdir):
+            assert (await client.delete(f"/assets/{asset['id']}", headers=user.headers)).status_code == 200
+            return await real_download(row, workdir)
+
+        monkeypatch.setattr("gpu_jobs.runner.download_file_to_temp", delete_then_download)
+    assert await run_task_async(asset["probe_task_id"]) == "canceled"
+    task = task_row(asset["probe_task_id"])
+    assert task["status"] == "canceled"
+    assert task["error"] == {"code": "canceled", "message": "The upload was deleted before its check finished."}
+
+
 async def test_an_input_of_an_unfinished_task_is_kept_until_the_task_ends(client, make_user):
     user = await make_user()
     asset = make_asset(user.id, width=64, height=48)
