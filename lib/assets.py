@@ -354,6 +354,7 @@ class AssetService:
             params={"asset_id": asset_id},
             cost=0,
             idempotency_key=f"{PROBE_KEY_PREFIX}{asset_id}",
+            project_id=asset["project_id"] and str(asset["project_id"]),  # its check and poster go with the upload
             input_asset_ids=[asset_id],
         )
         task_id = str(outcome["task"]["id"])

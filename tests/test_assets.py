@@ -338,6 +338,19 @@ async def test_direct_upload_into_a_project(client, make_user):
     assert resp.status_code == 404
 
 
+async def test_an_uploads_check_and_its_poster_stay_in_the_uploads_project(client, make_user):
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]
+    asset = (await direct_upload(client, user, png_bytes(), project_id=project["id"])).json()["data"]
+    listed = await client.get("/tasks", params={"project_id": project["id"]}, headers=user.headers)
+    assert [task["id"] for task in listed.json()["data"]["items"]] == [asset["probe_task_id"]]
+    assert await run_task_async(asset["probe_task_id"]) == "completed"
+    posters = sql("select project_id from public.assets where source_task_id = %s", (asset["probe_task_id"],))
+    assert [str(poster["project_id"]) for poster in posters] == [project["id"]]
+
+
 async def test_other_users_assets_are_404(client, make_user):
     alice, bob = await make_user(), await make_user()
     asset = (await direct_upload(client, alice, png_bytes())).json()["data"]
