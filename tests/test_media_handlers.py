@@ -1375,6 +1375,24 @@ def test_pan_left_moves_the_view_left(tmp_path):
     assert np.all(np.diff(brightness) <= 0.5)  # eased and monotonic, no jumps back
 
 
+@pytest.mark.parametrize(("aspect", "resolution"), [("16:9", 128), ("9:16", 128), ("16:9", 480)])
+def test_image_animate_crops_a_square_photo_without_stretching_it(tmp_path, aspect, resolution):
+    """A square stays square: the source is cut and shrunk in whole pixels, the window is exact."""
+    side = {128: 1000, 480: 1199}[resolution]
+    img = np.full((side, side, 3), 255, np.uint8)
+    half = side // 4
+    img[side // 2 - half : side // 2 + half, side // 2 - half : side // 2 + half] = 0
+    Image.fromarray(img).save(tmp_path / "square.png")
+    params = {"image_asset_id": "i", "motion": "zoom_in", "duration": 2, "aspect_ratio": aspect,
+              "resolution": resolution}  # fmt: skip
+    [out] = image_animate.run(make_ctx(tmp_path, params, {"i": tmp_path / "square.png"}))
+    dark = 1 - decode(out.path)[0].mean(2) / 255  # the first frame: the whole window, unzoomed
+    h, w = dark.shape
+    across = dark[h // 2 - 10 : h // 2 + 10].sum(1).mean()  # the square's width and height, to a fraction of a pixel
+    down = dark[:, w // 2 - 10 : w // 2 + 10].sum(0).mean()
+    assert across / down == pytest.approx(1, abs=0.004)
+
+
 def test_image_animate_checks_params(tmp_path, picture):
     with pytest.raises(InvalidInput, match="duration"):
         image_animate.run(

@@ -138,9 +138,13 @@ def render(source: torch.Tensor, cams: torch.Tensor, width: int, height: int) ->
     """按相机参数批量渲染帧：grid_sample 双三次，亚像素"""
     n = cams.shape[0]
     zoom, cx, cy = cams.to(torch.float32).unbind(1)
+    # The source is cropped and shrunk in whole pixels, so its shape misses the frame's by up to a few percent:
+    # the window narrows (sub-pixel) on the side that has too much, never stretching the picture.
+    excess = source.shape[-1] * height / (source.shape[-2] * width)
+    kx, ky = (1 / excess, 1.0) if excess > 1 else (1.0, excess)
     theta = torch.zeros(n, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1] = 1 / zoom, 1 / zoom
-    theta[:, 0, 2], theta[:, 1, 2] = cx, cy
+    theta[:, 0, 0], theta[:, 1, 1] = kx / zoom, ky / zoom
+    theta[:, 0, 2], theta[:, 1, 2] = kx * cx, ky * cy
     grid = F.affine_grid(theta.to(source.device), [n, 3, height, width], align_corners=False)
     frames = F.grid_sample(
         source.expand(n, -1, -1, -1), grid, mode="bicubic", padding_mode="border", align_corners=False
