@@ -225,10 +225,22 @@ class AssetService:
                     " then delete it.",
                     details=[{"task_id": str(reader["id"])}],
                 )
+            # The poster its check made goes with it, unless an unfinished task reads the poster.
+            cur = await conn.execute(
+                "select a.id, a.path from public.assets a join public.tasks t on t.id = a.source_task_id"
+                " where t.user_id = %(user)s and t.idempotency_key = %(probe_key)s and not exists ("
+                "   select 1 from public.tasks r where r.user_id = %(user)s and a.id = any(r.input_asset_ids)"
+                "   and r.status in ('queued', 'processing'))"
+                " for update of a",
+                {"user": user_id, "probe_key": f"{PROBE_KEY_PREFIX}{asset_id}"},
+            )
+            posters = await cur.fetchall()
             if tombstone := _tombstone_for(asset, user_id):
                 await conn.execute(*tombstone)
-            await get_storage().remove(paths=[asset["path"]], user_id=user_id)
-            await conn.execute("delete from public.assets where id = %s", (asset_id,))
+            await get_storage().remove(paths=[asset["path"], *(p["path"] for p in posters)], user_id=user_id)
+            await conn.execute(
+                "delete from public.assets where id = any(%s::uuid[])", ([asset_id, *(str(p["id"]) for p in posters)],)
+            )
 
     # ------------------------------------------------------------ server side (the job runner)
 

@@ -378,6 +378,33 @@ async def test_delete_removes_the_object_and_the_row(client, make_user):
     assert (await client.get(f"/assets/{asset['id']}", headers=user.headers)).status_code == 404
 
 
+async def test_deleting_an_upload_removes_the_poster_its_check_made(client, make_user):
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    assert await run_task_async(asset["probe_task_id"]) == "completed"
+    [poster] = sql("select id, path from public.assets where source_task_id = %s", (asset["probe_task_id"],))
+    assert await get_storage().exists(path=poster["path"])
+    assert (await client.delete(f"/assets/{asset['id']}", headers=user.headers)).status_code == 200
+    assert (await client.get("/assets", headers=user.headers)).json()["data"]["items"] == []
+    assert not await get_storage().exists(path=poster["path"])
+
+
+async def test_a_poster_a_task_reads_outlives_its_upload(client, make_user):
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    assert await run_task_async(asset["probe_task_id"]) == "completed"
+    [poster] = sql("select id, path from public.assets where source_task_id = %s", (asset["probe_task_id"],))
+    body = {"model_key": "image.upscale", "params": {"image_asset_id": str(poster["id"]), "scale": 2}}
+    assert (await client.post("/tasks", json=body, headers=user.headers)).status_code == 201
+    assert (await client.delete(f"/assets/{asset['id']}", headers=user.headers)).status_code == 200
+    assert [row["id"] for row in sql("select id from public.assets where user_id = %s", (user.id,))] == [poster["id"]]
+    assert await get_storage().exists(path=poster["path"])
+
+
 async def test_an_upload_deleted_while_it_is_checked_leaves_no_poster(client, make_user, monkeypatch):
     """检查运行中删除上传：检查的海报不留下（行与文件），检查以取消结束"""
     from gpu_jobs import runner
