@@ -443,6 +443,20 @@ async def test_failed_or_expired_session_grants_nothing(client, make_user, strip
     assert kinds(user.id) == [("grant", 100)]
 
 
+async def test_another_session_of_a_purchase_expiring_leaves_the_purchase_as_it_is(client, make_user, stripe_api):
+    """A key reused after Stripe forgot it makes a second session under the same purchase (never handed out, 409):
+    its expiry says nothing of the checkout the buyer is paying by bank transfer."""
+    user = await make_user()
+    data = await checkout(client, user)
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
+    waiting = fake_stripe.session(data["session_id"], metadata, payment_status="unpaid")
+    await post_event(client, fake_stripe.event("checkout.session.completed", waiting))
+    orphan = fake_stripe.session("cs_orphan", metadata, payment_status="unpaid", status="expired")
+    resp = await post_event(client, fake_stripe.event("checkout.session.expired", orphan))
+    assert resp.status_code == 200 and resp.json()["data"]["result"] == "ignored"
+    assert [(p["status"], p["checkout_session_id"]) for p in purchases(user.id)] == [("pending", data["session_id"])]
+
+
 async def test_an_event_of_the_other_stripe_mode_grants_nothing(client, make_user, caplog):
     """测试模式的付款不给线上部署发积分（反之亦然）：Webhook 密钥配错时，事件照样签名正确"""
     user = await make_user()
