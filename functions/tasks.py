@@ -52,7 +52,15 @@ class TaskCreate(RequestBody):
     project_id: UUID | None = None
 
 
-@router.post("", status_code=201, response_model=Envelope[TaskPublic])
+REPLAYED = {
+    200: {
+        "model": Envelope[TaskPublic],
+        "description": "A replay (the same Idempotency-Key and request): the earlier task, nothing charged.",
+    }
+}
+
+
+@router.post("", status_code=201, response_model=Envelope[TaskPublic], responses=REPLAYED)
 async def create_task(
     body: TaskCreate,
     user_id: CurrentUserId,

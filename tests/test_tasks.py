@@ -283,6 +283,15 @@ async def test_a_key_reused_for_a_different_request_is_409_and_charges_nothing(c
     assert balance(user.id) == 96
 
 
+async def test_openapi_documents_the_replays_200_as_the_same_task(client):
+    """A client generated from the schema reads a replay's task: an undocumented 200 left it without one."""
+    schema = (await client.get("/openapi.json")).json()
+    answers = schema["paths"]["/tasks"]["post"]["responses"]
+    for status in ("201", "200"):
+        ref = answers[status]["content"]["application/json"]["schema"]["$ref"]
+        assert ref.endswith("/Envelope_TaskPublic_"), status
+
+
 @pytest.mark.parametrize("key", ["probe:00000000-0000-0000-0000-000000000000", "a\x00b", "tab\there", ""])
 async def test_reserved_or_unstorable_idempotency_keys_are_422(client, make_user, key):
     user = await make_user()
