@@ -265,3 +265,24 @@ async def test_every_answer_is_logged_with_its_request_id(client, caplog):
     resp = await client.get("/no-such-route")
     [line] = [r.getMessage() for r in caplog.records if r.name == "spool.access"]
     assert line.startswith("GET /no-such-route 404 ") and line.endswith(f"request {resp.json()['request_id']}")
+
+
+@pytest.mark.parametrize(
+    "configured", ["https://app.example.com/", "HTTPS://App.Example.com:443", "https://app.example.com"]
+)
+async def test_cors_origins_are_matched_as_the_browser_writes_its_origin(monkeypatch, configured):
+    """A trailing slash or a default port in CORS_ORIGINS (BILLING_ALLOWED_ORIGINS takes them) still admits the app."""
+    import httpx
+
+    from functions.app import create_app
+    from lib.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "cors_origins", [configured])
+    transport = httpx.ASGITransport(app=create_app(), raise_app_exceptions=False)
+    origin = {"origin": "https://app.example.com"}
+    async with httpx.AsyncClient(transport=transport, base_url="http://spool.test") as client:
+        preflight = await client.options("/tasks", headers={**origin, "access-control-request-method": "POST"})
+        assert preflight.status_code == 200, preflight.text
+        resp = await client.get("/no-such-route", headers=origin)
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert resp.headers["access-control-allow-origin"] == "https://app.example.com"
