@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -14,7 +13,7 @@ from functions.errors import ERROR_RESPONSES, RequestIdMiddleware, install_error
 from functions.limits import BodyLimitMiddleware
 from functions.query import given_once
 from lib import db
-from lib.config import get_settings
+from lib.config import get_settings, origin_of
 from lib.logs import configure_logging
 
 ROUTERS = (health, models, credits, billing, projects, assets, tasks)
@@ -38,24 +37,6 @@ class HeadAsGet:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, send_headers_only)
-
-
-DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def browser_origin(value: str) -> str:
-    """把配置的源写成浏览器 Origin 头的样子（小写、无路径与末尾斜杠、无默认端口；"*" 等原样）"""
-    # CORSMiddleware compares the header's text exactly: "https://app.example.com/" admitted no browser at all.
-    parts = urlsplit(value.strip())
-    try:
-        port = parts.port
-    except ValueError:
-        return value
-    scheme = parts.scheme.lower()
-    if scheme not in DEFAULT_PORTS or not parts.hostname:
-        return value
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # an IPv6 address keeps its brackets
-    return f"{scheme}://{host}" + (f":{port}" if port and port != DEFAULT_PORTS[scheme] else "")
 
 
 @asynccontextmanager
@@ -87,7 +68,8 @@ def create_app() -> FastAPI:
     app.add_middleware(RequestIdMiddleware)
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=[browser_origin(origin) for origin in settings.cors_origins],
+        # CORSMiddleware compares the Origin header's text exactly: "https://app.example.com/" admitted no browser.
+        allow_origins=[origin_of(origin) or origin for origin in settings.cors_origins],
         allow_methods=["*"],
         allow_headers=["*"],
         expose_headers=["x-request-id", "retry-after", "www-authenticate", "allow"],  # the ones errors carry

@@ -14,10 +14,9 @@ import logging
 import uuid
 from functools import cache
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from lib import db
-from lib.config import get_settings
+from lib.config import get_settings, origin_of
 from lib.errors import (
     ACCOUNT_GONE,
     Conflict,
@@ -38,23 +37,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("spool.billing")
 
 PACKAGE_COLUMNS = "id, name, credits, price_cents, currency"
-DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_TEXT = 500  # Stripe's ids are at most 255 characters, its metadata values 500
 MAX_CENTS = 10**12  # Stripe takes amounts of at most 12 digits; sums of a few such stay far inside a bigint
 CHECKOUT_RECHECK_SECONDS = 5  # the success page asks Stripe about one pending checkout at most this often
-
-
-def origin_of(url: str) -> str | None:
-    """URL 的源（scheme://host[:port]），无效时为 None"""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
-        return None
-    port_part = f":{port}" if port and port != DEFAULT_PORTS[parts.scheme] else ""
-    return f"{parts.scheme}://{parts.hostname}{port_part}"
 
 
 def _uuid_or_none(value) -> str | None:

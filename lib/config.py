@@ -31,6 +31,20 @@ URL_SETTINGS = (
 )
 # A list of origins: a JSON array or comma-separated (`https://a.example,https://b.example`).
 Origins = Annotated[list[str], NoDecode]
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def origin_of(url: str) -> str | None:
+    """URL 的源，写成浏览器 Origin 头的样子（scheme://host[:port]，小写，无默认端口）；无效时为 None"""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in DEFAULT_PORTS or not parts.hostname or parts.username or parts.password:
+        return None
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname  # an IPv6 address keeps its brackets
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != DEFAULT_PORTS[parts.scheme] else "")
 
 
 class Settings(BaseSettings):
