@@ -397,3 +397,11 @@ def test_a_running_postgres_whose_folder_cannot_be_read_still_counts_as_running(
             raise psutil.AccessDenied(1)
 
     assert _is_postgres(Unreadable(), tmp_path)  # its pid file is never removed under a running server
+
+
+def test_a_token_for_something_not_an_email_says_so_in_one_line(home):
+    done = cli(home, "token", "me-at-example.com")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert "'me-at-example.com' is not an email address" in line, line
+    assert not (home / "pg").exists()  # refused before anything started

@@ -189,9 +189,15 @@ def token(email: str) -> None:
     """为某个邮箱打印一个本地访问令牌"""
     import asyncio
 
+    from pydantic import ValidationError
+
     from lib.local.dev_auth import DevUserCreate, dev_user
 
-    email = DevUserCreate(email=email).email  # checked as the route checks it
+    try:
+        email = DevUserCreate(email=email).email  # checked as the route checks it
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("value is not a valid email address: ")
+        raise StackError(f"{email!r} is not an email address: {reason}") from None
     with stack.prepared():
         print(asyncio.run(dev_user(email))["access_token"])
 
