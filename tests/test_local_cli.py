@@ -405,3 +405,15 @@ def test_a_token_for_something_not_an_email_says_so_in_one_line(home):
     [line] = done.stderr.splitlines()
     assert "'me-at-example.com' is not an email address" in line, line
     assert not (home / "pg").exists()  # refused before anything started
+
+
+@pytest.mark.parametrize("command", ["dev", "migrate"])
+def test_cloud_mode_stops_the_local_stack_with_one_line(home, command):
+    env = cli_env(home, SPOOL_MODE="cloud", SPOOL_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert "SPOOL_MODE=local" in line, line
+    assert not running(home)

