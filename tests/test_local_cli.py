@@ -417,3 +417,16 @@ def test_cloud_mode_stops_the_local_stack_with_one_line(home, command):
     [line] = done.stderr.splitlines()
     assert "SPOOL_MODE=local" in line, line
     assert not running(home)
+
+
+@pytest.mark.parametrize("command", ["dev", "migrate"])
+def test_a_spool_home_that_cannot_be_made_is_named_in_one_line(tmp_path, command):
+    (tmp_path / "notes").write_text("a file, not a folder")
+    home = tmp_path / "notes" / "spool"
+    env = cli_env(home, SPOOL_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert f"SPOOL_HOME {home} cannot be used" in line, line

@@ -87,7 +87,7 @@ def _run_stack(base: str, home: Path) -> None:
 
 def _claim_home(home: Path):
     """一个 SPOOL_HOME 同时只给一个 make dev；返回持有的锁文件（进程结束即释放，被 SIGKILL 也一样）"""
-    home.mkdir(parents=True, exist_ok=True)
+    stack.make_home(home)
     lock = open(home / "dev.lock", "a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

