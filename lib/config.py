@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -179,4 +180,5 @@ def is_placeholder(value: str) -> bool:
 @lru_cache
 def get_settings() -> Settings:
     """获取缓存的配置对象"""
-    return Settings()
+    # SPOOL_ENV_FILE set empty reads no .env: the test session sets it, so a developer's .env cannot reach it
+    return Settings(_env_file=os.environ.get("SPOOL_ENV_FILE", ".env") or None)

@@ -21,6 +21,7 @@ _HOME = Path(tempfile.mkdtemp(prefix="spool-test-"))
 _PORT = stack.free_port()
 os.environ.update(
     {
+        "SPOOL_ENV_FILE": "",  # no .env: a developer's settings there (Kling keys, a cloud database) stay out
         "SPOOL_MODE": "local",
         "SPOOL_HOME": str(_HOME),
         "SPOOL_HOST": "127.0.0.1",

@@ -116,3 +116,30 @@ def test_a_kling_deadline_past_the_jobs_own_limit_is_refused():
     assert any(getattr(m, "le", 0) < get_model("kling.text2video").timeout_s for m in limit)
     with pytest.raises(ValidationError, match="kling_poll_deadline_seconds"):
         Settings(_env_file=None, kling_poll_deadline_seconds=3600)
+
+
+def test_a_developers_env_file_does_not_reach_the_tests(tmp_path, monkeypatch):
+    """.env 里的设置（Kling 密钥、云端数据库、隧道地址）不进入测试会话与它启动的进程；make dev 照常读它"""
+    import os
+    import subprocess
+    import sys
+
+    from lib.config import get_settings
+    from tests.conftest import ROOT
+
+    (tmp_path / ".env").write_text("PUBLIC_URL=https://tunnel.example.test\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PUBLIC_URL", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert get_settings().public_url is None
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    code = "from lib.config import get_settings; print(get_settings().public_url)"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "None", done.stderr  # a server, worker or CLI the tests start
+    env.pop("SPOOL_ENV_FILE", None)
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "https://tunnel.example.test", done.stderr  # outside the tests
