@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     # Mode and local server
     spool_mode: Literal["local", "cloud"] = "local"
     spool_host: str = "127.0.0.1"
-    spool_port: int = 8000
+    spool_port: int = Field(8000, ge=1, le=65535)
     spool_home: Path = Path(".spool")
     public_url: str | None = None  # how browsers reach the API; default http://SPOOL_HOST:SPOOL_PORT
     cors_origins: Origins = ["http://localhost:3000", "http://127.0.0.1:3000"]

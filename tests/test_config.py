@@ -143,3 +143,11 @@ def test_a_developers_env_file_does_not_reach_the_tests(tmp_path, monkeypatch):
     env.pop("SPOOL_ENV_FILE", None)
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.stdout.strip() == "https://tunnel.example.test", done.stderr  # outside the tests
+
+
+@pytest.mark.parametrize("port", [0, 65536, 80000])
+def test_a_port_no_server_can_listen_on_is_refused_by_name(port):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="spool_port"):
+        Settings(_env_file=None, spool_port=port)
