@@ -430,3 +430,14 @@ def test_a_spool_home_that_cannot_be_made_is_named_in_one_line(tmp_path, command
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     [line] = done.stderr.splitlines()
     assert f"SPOOL_HOME {home} cannot be used" in line, line
+
+
+def test_a_spool_host_that_names_no_address_is_named_in_one_line(home):
+    env = cli_env(home, SPOOL_HOST="no-such-host.invalid", SPOOL_PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", "dev"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert "SPOOL_HOST 'no-such-host.invalid'" in line, line
+    assert not running(home)

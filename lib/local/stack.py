@@ -103,9 +103,14 @@ def free_port() -> int:
 def port_in_use(base: str) -> bool:
     """base 的端口上是否已有服务在监听（例如另一个 make dev）"""
     parts = urllib.parse.urlsplit(base)
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex((parts.hostname or "127.0.0.1", parts.port or 80)) == 0
+    host = parts.hostname or "127.0.0.1"
+    try:
+        with socket.create_connection((host, parts.port or 80), timeout=1):
+            return True
+    except socket.gaierror as exc:
+        raise StackError(f"SPOOL_HOST {host!r} is not an address of this machine ({exc.strerror})") from None
+    except OSError:
+        return False
 
 
 def start_server(
