@@ -441,3 +441,17 @@ def test_a_spool_host_that_names_no_address_is_named_in_one_line(home):
     [line] = done.stderr.splitlines()
     assert "SPOOL_HOST 'no-such-host.invalid'" in line, line
     assert not running(home)
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_a_database_that_cannot_be_reached_is_named_in_one_line(home, tmp_path, command):
+    """So ends a server `make dev` is starting when a Ctrl-C stops its Postgres: one line, no traceback."""
+    env = cli_env(
+        home, SUPABASE_DB_URL=f"postgresql://postgres:@/postgres?host={tmp_path}", SPOOL_PORT=str(free_port())
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "lib.local", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith("the database at SUPABASE_DB_URL cannot be reached"), line

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psycopg
+
 from lib.config import get_settings
 from lib.local.errors import StackError
 from lib.local.keys import LocalIssuer
@@ -69,6 +71,11 @@ def prepare(*, start_postgres: bool = True) -> EmbeddedPostgres | None:
         get_settings.cache_clear()
         settings = get_settings()
         migrate(settings.supabase_db_url, signup_credits=settings.signup_credits)
+    except psycopg.OperationalError as exc:  # also a server `make dev` was starting when a Ctrl-C stopped Postgres
+        if pg is not None:
+            pg.stop()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StackError(f"the database at SUPABASE_DB_URL cannot be reached: {reason}") from None
     except BaseException:
         if pg is not None:
             pg.stop()
