@@ -553,3 +553,72 @@ def test_a_project_named_blank_before_the_check_is_renamed_and_can_be_changed(po
     finally:
         with psycopg.connect(postgres, autocommit=True) as admin:
             admin.execute("drop database blank_names_check with (force)")
+
+
+# Schemas the Data API serves (supabase/config.toml [api] schemas) and Realtime publishes from.
+CLIENT_SCHEMAS = ("public",)
+OWNER_CHECK = "(( SELECT auth.uid() AS uid) = {column})"
+# Policies that are not an owner check, each on purpose: the credit packs are one catalog for every signed-in user.
+SHARED_POLICIES = {("credit_packages", "SELECT", "active", None)}
+
+
+def test_every_table_clients_reach_has_row_level_security_its_owner_cannot_skip(db_conn):
+    """逐表遍历（分区表、以后的表在内）：客户端可达的 schema 里每张表都开着 RLS，且表的属主不是客户端角色"""
+    rows = db_conn.execute(
+        "select n.nspname, c.relname, c.relrowsecurity,"
+        " pg_has_role('anon', c.relowner, 'USAGE') or pg_has_role('authenticated', c.relowner, 'USAGE') as owned"
+        " from pg_class c join pg_namespace n on n.oid = c.relnamespace"
+        " where n.nspname = any(%s) and c.relkind in ('r', 'p')",
+        (list(CLIENT_SCHEMAS),),
+    ).fetchall()
+    assert PUBLIC_TABLES <= {r["relname"] for r in rows}
+    assert [r for r in rows if not r["relrowsecurity"] or r["owned"]] == []
+
+
+def test_every_policy_is_for_signed_in_users_and_checks_the_owner(db_conn):
+    """逐条遍历策略：只给 authenticated（不给 anon、PUBLIC），条件都是 auth.uid() = 属主列（共享的套餐目录除外）"""
+    rows = db_conn.execute(
+        "select tablename, policyname, roles::text[] as roles, cmd, qual, with_check from pg_policies"
+        " where schemaname = any(%s)",
+        (list(CLIENT_SCHEMAS),),
+    ).fetchall()
+    assert rows
+    for row in rows:
+        assert row["roles"] == ["authenticated"], row
+        if (row["tablename"], row["cmd"], row["qual"], row["with_check"]) in SHARED_POLICIES:
+            continue
+        owner = OWNER_CHECK.format(column=OWNED.get(row["tablename"], "?"))
+        assert row["qual"] in (owner, None) and row["with_check"] in (owner, None), row
+        assert (row["qual"], row["with_check"]) != (None, None), row
+
+
+def test_what_realtime_publishes_is_read_under_rls(db_conn):
+    """Realtime 发布的每张表都开着 RLS、anon 读不到，authenticated 能读到的只有自己的行（由上面的策略检查保证）"""
+    rows = db_conn.execute(
+        "select p.schemaname, p.tablename, c.relrowsecurity,"
+        " has_table_privilege('anon', c.oid, 'SELECT') as anon_reads,"
+        " exists (select 1 from pg_policies q where q.schemaname = p.schemaname and q.tablename = p.tablename"
+        "   and q.cmd in ('SELECT', 'ALL')) as has_read_policy"
+        " from pg_publication_tables p join pg_class c on c.oid = format('%I.%I', p.schemaname, p.tablename)::regclass"
+        " where p.pubname = 'supabase_realtime'"
+    ).fetchall()
+    assert {r["tablename"] for r in rows} == {"tasks", "credit_accounts"}
+    for row in rows:
+        assert row["relrowsecurity"] and not row["anon_reads"] and row["has_read_policy"], row
+
+
+def test_security_definer_functions_in_every_schema_pin_search_path(db_conn):
+    """不止 public：任何 schema 里的 security definer 函数都把 search_path 设为空"""
+    rows = db_conn.execute(
+        "select p.oid::regprocedure::text as fn, p.proconfig from pg_proc p"
+        " join pg_namespace n on n.oid = p.pronamespace"
+        " where p.prosecdef and n.nspname not in ('pg_catalog', 'information_schema')"
+    ).fetchall()
+    assert [r["fn"] for r in rows if 'search_path=""' not in (r["proconfig"] or [])] == []
+
+
+def test_the_media_bucket_is_private_and_storage_has_no_client_policy(db_conn):
+    """media 桶是私有的（下载只走签名 URL）；迁移没给 storage 里的表加任何策略（只有服务密钥能读写对象）"""
+    bucket = db_conn.execute("select public from storage.buckets where id = 'media'").fetchone()
+    assert bucket == {"public": False}
+    assert db_conn.execute("select * from pg_policies where schemaname = 'storage'").fetchall() == []
