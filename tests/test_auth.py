@@ -102,6 +102,11 @@ def _forged_tokens() -> dict[str, str]:
         "unknown kid": es256(claims(), key=other_key, kid="not-a-known-kid"),
         "signed by another key": es256(claims(), key=other_key),
         "subject not a uuid": es256(claims(sub="admin")),
+        "not valid yet": es256(claims(nbf=int(time.time()) + 600)),
+        "no expiry": es256({k: v for k, v in claims().items() if k != "exp"}),
+        "no audience": es256({k: v for k, v in claims().items() if k != "aud"}),
+        "no issuer": es256({k: v for k, v in claims().items() if k != "iss"}),
+        "no subject": es256({k: v for k, v in claims().items() if k != "sub"}),
         "garbage": "not.a.token",
     }
 
