@@ -1,5 +1,9 @@
 """Settings: defaults, and cloud mode refusing to start without what it needs."""
 
+import re
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from lib.config import Settings
@@ -151,3 +155,27 @@ def test_a_port_no_server_can_listen_on_is_refused_by_name(port):
 
     with pytest.raises(ValidationError, match="spool_port"):
         Settings(_env_file=None, spool_port=port)
+
+
+CREDENTIAL = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----"
+    r"|\b[sr]k_(?:live|test)_[0-9A-Za-z]{16,}"
+    r"|\bwhsec_[0-9A-Za-z+/=]{20,}"
+    r"|\bsb_secret_[0-9A-Za-z_-]{16,}"
+    r"|\beyJ[0-9A-Za-z_-]{10,}\.eyJ[0-9A-Za-z_-]{10,}\.[0-9A-Za-z_-]{10,}"
+    r"|\bAKIA[0-9A-Z]{16}\b"
+)
+
+
+def test_no_credential_is_committed():
+    """仓库里不提交任何凭据（私钥、Stripe 与 Supabase 密钥、签名过的 JWT）；本地开发密钥每台机器自己生成在 SPOOL_HOME"""
+    root = Path(__file__).resolve().parent.parent
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    found = []
+    for name in listed.stdout.decode().split("\0"):
+        path = root / name
+        if name and path.is_file():
+            found += [f"{name}: {m.group()[:12]}…" for m in CREDENTIAL.finditer(path.read_text(errors="ignore"))]
+    assert found == []
