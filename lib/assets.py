@@ -294,7 +294,7 @@ class AssetService:
             # The project if it still exists: one deleted while its task ran leaves the result outside any project,
             # as its deletion left the task (on delete set null).
             " values (coalesce(%s::uuid, gen_random_uuid()), %s,"
-            " (select p.id from public.projects p where p.id = %s::uuid for key share),"
+            " (select p.id from public.projects p where p.id = %s::uuid and p.user_id = %s for key share),"
             " %s, %s, %s, %s, %s, %s, %s, %s, %s, %s,"
             f" %s::jsonb, %s) returning {ASSET_COLUMNS}"
         )
@@ -302,6 +302,7 @@ class AssetService:
             asset_id,
             user_id,
             project_id,
+            user_id,  # only the owner's project, whatever the caller checked
             kind,
             get_settings().storage_bucket,
             path,

@@ -351,6 +351,15 @@ async def test_an_uploads_check_and_its_poster_stay_in_the_uploads_project(clien
     assert [str(poster["project_id"]) for poster in posters] == [project["id"]]
 
 
+async def test_an_asset_record_never_lands_in_another_users_project(client, make_user):
+    alice, bob = await make_user(), await make_user()
+    project = (await client.post("/projects", json={"name": "bob's"}, headers=bob.headers)).json()["data"]
+    row = await get_asset_service().create_asset_record(
+        user_id=alice.id, kind="image", path=f"{alice.id}/tasks/x/1/result-0.png", project_id=project["id"]
+    )
+    assert row["project_id"] is None
+
+
 async def test_other_users_assets_are_404(client, make_user):
     alice, bob = await make_user(), await make_user()
     asset = (await direct_upload(client, alice, png_bytes())).json()["data"]
