@@ -849,9 +849,8 @@ def _node_ready() -> bool:
     if shutil.which("node") is None or shutil.which("npm") is None:
         return False
     if not (JS_DIR / "node_modules" / "@supabase" / "realtime-js").exists():
-        result = subprocess.run(
-            ["npm", "install", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, timeout=180
-        )
+        # ci: exactly the versions package-lock.json pins, never a rewrite of it
+        result = subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=JS_DIR, capture_output=True, timeout=180)
         if result.returncode != 0:
             return False
     return True
