@@ -7,6 +7,7 @@ import asyncio
 import io
 import itertools
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,33 @@ def test_web_image_installs_neither_torch_nor_av_and_pins_come_from_requirements
     torch_line = next(line for line in job if "torch==" in line)
     assert modal_app.pinned("torch")[0] in torch_line and f"--index-url {modal_app.TORCH_INDEX_URL}" in torch_line
     assert all(pin in " ".join(job) for pin in modal_app.pinned("av", "pillow", "numpy"))
+
+
+def required_keys(secret) -> list[str]:
+    """Secret.from_name 要求服务端在部署时确认存在的键（SDK 内部，modal 1.6.4）"""
+    from modal._utils.async_utils import synchronizer
+
+    load = synchronizer._translate_in(secret)._load
+    cells = dict(zip(load.__code__.co_freevars, load.__closure__ or (), strict=True))
+    return list(cells["required_keys"].cell_contents)
+
+
+def test_readme_secret_commands_give_every_key_the_deploy_requires():
+    """`modal secret create --force` 会整体替换密钥，缺少必需键的密钥会让部署失败：README 的命令须给出全部必需键"""
+    secrets = (modal_app.supabase_secret, modal_app.stripe_secret, modal_app.settings_secret, modal_app.kling_secret)
+    required = {secret.name: required_keys(secret) for secret in secrets}
+    readme = (ROOT / "README.md").read_text().replace("\\\n", " ")
+    checked = []
+    for line in readme.splitlines():
+        command = line.lstrip("# ").removeprefix("modal secret create ")
+        if command == line.lstrip("# "):
+            continue
+        words = [w for w in shlex.split(command, comments=True) if not w.startswith("--")]
+        if words and words[0] in required:
+            given = {word.split("=", 1)[0] for word in words[1:] if "=" in word}
+            assert set(required[words[0]]) <= given, line
+            checked.append(words[0])
+    assert {"spool-supabase", "spool-settings"} <= set(checked) and checked.count("spool-stripe") == 2
 
 
 # ---------------------------------------------------------------- running the app's functions here
