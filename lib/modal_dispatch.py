@@ -64,7 +64,7 @@ class ModalDispatcher:
         log.info("task %s spawned on %s/%s as %s", task_id, self.app_name, name, call.object_id)
 
     async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None:
-        """取消任务对应的 Modal 调用（没有 call id 时无事可做）；terminate=False 只撤回尚未开始的输入"""
+        """取消任务对应的 Modal 调用（没有 call id 时无事可做）；terminate=False 也取消运行中的输入，只是不结束其容器"""
         if not call_id:
             return
         call = modal.FunctionCall.from_id(call_id)
