@@ -326,7 +326,7 @@ def test_a_submit_refused_for_our_existing_id_whose_lookups_miss_stays_unclear()
     )
     with pytest.raises(ProviderBusy) as busy:
         provider.submit(external_id="our-task", params=KlingParams(prompt="a boat"), inputs={})
-    assert busy.value.ambiguous and [r.method for r in sent] == ["POST", *["GET"] * 5]
+    assert busy.value.ambiguous and busy.value.exists and [r.method for r in sent] == ["POST", *["GET"] * 5]
 
 
 def test_a_submit_refused_for_its_parameters_without_a_job_stays_refused():
@@ -1192,6 +1192,24 @@ async def test_a_duplicate_refusal_whose_lookups_all_miss_is_requeued_then_adopt
     task = await create(client, user)
     submitted_earlier(kling, task["id"], None)
     assert await run_task_async(task["id"]) == "queued"  # Kling has a job under our id: never refunded
+    assert kinds(user, task) == ["charge"]
+    kling.lagging_lookups = 0
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
+async def test_a_job_kling_says_it_has_is_not_refunded_when_the_next_attempt_comes_past_half_the_deadline(
+    client, make_user, kling
+):
+    kling.lagging_lookups = 100  # Kling's lookup by our id lags far behind its submits
+    user = await make_user()
+    task = await create(client, user)
+    submitted_earlier(kling, task["id"], {"provider_submitting": True, "provider_submitted_at": time.time() - 10})
+    assert await run_task_async(task["id"]) == "queued"  # refused as a duplicate of our id: Kling has the job
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "16"})  # the next attempt comes past half the deadline
+    assert await run_task_async(task["id"]) == "queued"  # the job runs and is paid: not "could not take the job"
     assert kinds(user, task) == ["charge"]
     kling.lagging_lookups = 0
     assert await run_task_async(task["id"]) == "completed"

@@ -57,9 +57,13 @@ class AccessRefused(ProviderError):
 class ProviderBusy(Exception):
     """提供方暂时不可用（429、5xx、网络），可稍后重试"""
 
-    def __init__(self, message: str, *, ambiguous: bool = False, retry_after: float | None = None):
+    def __init__(
+        self, message: str, *, ambiguous: bool = False, exists: bool = False, retry_after: float | None = None
+    ):
         super().__init__(message)
-        self.ambiguous = ambiguous  # the request may have reached the provider (a submit may have been accepted)
+        # The request may have reached the provider (a submit may have been accepted).
+        self.ambiguous = ambiguous or exists
+        self.exists = exists  # the provider said it has a job under our id, which its lookup does not show yet
         self.retry_after = retry_after
 
 
@@ -145,7 +149,9 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
         if found is not None:
             log.info("task %s: adopting %s job %s found by our id", ctx.task_id, provider.name, found.job_id)
             return _saved(ctx, found.job_id, started_at)
-        if time.time() - started_at >= deadline_s * SUBMIT_SHARE:  # too late to send a job that can finish
+        # Too late to send a job that can finish; but a job the provider said it has runs and is paid, whatever
+        # its lookup shows: a resend is refused again for our id and the job looked up once more.
+        if time.time() - started_at >= deadline_s * SUBMIT_SHARE and not state.get("provider_exists"):
             raise _no_slot(provider, deadline_s)
     ctx.progress(0.03, f"Sending the request to {provider.name}")
     _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True, "provider_submitted_at": started_at})
@@ -156,6 +162,8 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
             break
         except ProviderBusy as exc:
             if exc.ambiguous:  # the next attempt looks the job up by our id before submitting again
+                if exc.exists:
+                    _save(ctx, {"provider_exists": True})
                 raise TransientError(f"{provider.name} did not accept the job: {exc}") from exc
             # Certainly not created: the provider's rate or concurrency limit is full, or it is down. Other jobs
             # of ours end and free a slot, so this one waits in line (a retry would only spend an attempt).

@@ -170,7 +170,7 @@ class KlingProvider:
                 if isinstance(exc, Refused) and exc.names_our_id_taken:
                     # Kling has a job under our id that its lookup does not show yet: it runs and is paid, so the
                     # task must not fail and refund; the next attempt looks it up again.
-                    raise ProviderBusy(f"Kling has our job but not yet found: {exc.reason}", ambiguous=True) from exc
+                    raise ProviderBusy(f"Kling has our job but not yet found: {exc.reason}", exists=True) from exc
                 raise
         raise AssertionError("unreachable")
 
