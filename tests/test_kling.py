@@ -1025,6 +1025,23 @@ async def test_a_download_over_the_time_limit_requeues_and_the_next_attempt_resu
     assert task_row(task["id"])["attempts"] == 2 and kinds(user, task) == ["charge"]
 
 
+async def test_a_finished_job_whose_status_is_unavailable_past_the_deadline_is_not_refunded_as_unfinished(
+    client, make_user, kling, monkeypatch
+):
+    monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 1.0)
+    kling.trickle_downloads = (32, 0.2)
+    user = await make_user()
+    task = await create(client, user)
+    assert await run_task_async(task["id"]) == "queued"  # the job finished; its download was too slow
+    kling.trickle_downloads = None
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})  # the next attempt comes past the deadline
+    kling.errors = [500] * 5  # and Kling answers none of its status poll's tries
+    assert await run_task_async(task["id"]) == "queued"  # Kling finished it: not "did not finish", not refunded
+    assert kinds(user, task) == ["charge"]
+    assert await run_task_async(task["id"]) == "completed"
+    assert len(kling.submits) == 1 and kinds(user, task) == ["charge"]
+
+
 async def test_a_full_account_makes_the_job_wait_for_a_slot_without_spending_attempts(client, make_user, kling):
     kling.busy_submits = 12  # more than the adapter's own retries
     user = await make_user()

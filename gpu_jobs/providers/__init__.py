@@ -109,6 +109,8 @@ def run_provider_job(ctx: JobContext, provider: Provider, *, deadline_s: float, 
     """运行一个提供方任务：提交或恢复、轮询、下载、探测"""
     job_id, started_at = submit_or_resume(ctx, provider, deadline_s=deadline_s, interval_s=interval_s)
     job = wait_for(ctx, provider, job_id, started_at=started_at, deadline_s=deadline_s, interval_s=interval_s)
+    if not ctx.state.get("provider_finished"):
+        _save(ctx, {"provider_finished": True})  # a requeued download resumes it, maybe past the deadline
     ctx.progress(0.9, f"Downloading the video from {provider.name}")
     limit = DOWNLOAD_LIMIT_S
     # One allowance for the download and the one with a fresh link: the poll deadline plus it fit the job's limit.
@@ -215,6 +217,10 @@ def wait_for(
             if state == "running" and running_since is None:
                 running_since = time.time()
         now = time.time()
+        if now >= deadline and ctx.state.get("provider_finished"):
+            # An earlier attempt saw it finish (its download was requeued): a status we cannot read now is no
+            # reason to call it unfinished and refund a paid video.
+            raise TransientError(f"status of the finished {provider.name} job {job_id} unavailable")
         if now >= deadline:
             raise ProviderError(
                 f"The provider did not finish within {_minutes(deadline_s)}; your credits were refunded."
