@@ -74,15 +74,25 @@ class Progress:
         self.stop: BaseException | None = None
         self._last_time = 0.0
         self._last_fraction = -1.0
+        self._last_message: str | None = None
 
     def __call__(self, fraction: float, message: str | None = None) -> None:
         if self.stop is not None:
             raise self.stop
         now = time.monotonic()
         fraction = min(max(float(fraction), 0.0), 1.0)
-        if now - self._last_time < PROGRESS_SECONDS and fraction - self._last_fraction < PROGRESS_STEP:
+        # A new message is a new phase ("Saving image"): written at once, or the UI shows the old one until the next
+        # write, which may be the end of the phase.
+        new_message = message is not None and message != self._last_message
+        if (
+            now - self._last_time < PROGRESS_SECONDS
+            and fraction - self._last_fraction < PROGRESS_STEP
+            and not new_message
+        ):
             return
         self._last_time, self._last_fraction = now, fraction
+        if message is not None:
+            self._last_message = message
         self.write(round(fraction * 0.95, 4), message)  # the last 5 % is the upload
 
     def write(self, fraction: float | None, message: str | None = None) -> None:

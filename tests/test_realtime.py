@@ -938,3 +938,32 @@ def test_the_change_log_prunes_itself_without_any_subscriber(db_conn):
     # The new user's credit account (a published table) is change number 1000·k, which prunes.
     left = db_conn.execute("select count(*) as n from realtime_local.changes where id = %s", (stale,)).fetchone()
     assert left["n"] == 0
+
+
+async def test_supabase_realtime_js_receives_each_new_message_of_a_job(live_server, make_user, db_conn, monkeypatch):
+    """处理器换一句说明（如“Saving image”）时立即写出，即使距上次写入不足 0.5 s、进度也没有多 5 %"""
+    from gpu_jobs.runner import run_task_async
+    from lib import catalog
+
+    spec = catalog.ModelSpec(
+        key="test.phases",
+        kind="image",
+        title="phases",
+        params=catalog.Params,
+        price=lambda p, a: 5,
+        price_rule="5",
+        handler="tests.job_handlers:phases",
+        timeout_s=60,
+    )
+    monkeypatch.setitem(catalog.CATALOG, spec.key, spec)
+    a = await make_user()
+    task_id = db_conn.execute(
+        "select public.create_task(%s, 'test.phases', '{}'::jsonb, 5, null, null, '{}', null) as r", (a.id,)
+    ).fetchone()["r"]["task"]["id"]
+    async with js_subscriber(live_server, a.token, task_id) as js:
+        assert (await js.next("status"))["status"] == "SUBSCRIBED"
+        assert await run_task_async(task_id) == "completed"
+        messages = []
+        while not messages or messages[-1] != "Done":
+            messages.append((await js.next("change"))["change"]["new"]["message"])
+    assert "Saving image" in messages, messages
