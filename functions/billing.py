@@ -18,7 +18,9 @@ router = APIRouter(prefix="/billing", tags=["Billing"])
 
 class CheckoutCreate(RequestBody):
     package_id: Text = Field(min_length=1, max_length=100, examples=["starter"])
-    success_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/success"])
+    success_url: Text | None = Field(
+        None, max_length=2048, examples=["http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"]
+    )
     cancel_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/cancel"])
 
 

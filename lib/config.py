@@ -99,7 +99,7 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None  # another server speaking Stripe's API (tests)
     stripe_webhook_tolerance: int = Field(300, gt=0)  # 0 would turn off Stripe's replay check
     billing_allowed_origins: Origins = ["http://localhost:3000", "http://127.0.0.1:3000"]
-    billing_success_url: str = "http://localhost:3000/billing/success"
+    billing_success_url: str = "http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"
     billing_cancel_url: str = "http://localhost:3000/billing/cancel"
 
     # Modal

@@ -142,7 +142,7 @@ async def test_checkout_sends_price_mode_metadata_key_and_customer(client, make_
         assert form[f"{prefix}[user_id]"] == user.id
         assert form[f"{prefix}[package_id]"] == "creator"
         assert form[f"{prefix}[purchase_id]"] == purchase_id
-    assert form["success_url"] == "http://localhost:3000/billing/success"
+    assert form["success_url"] == "http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"
     assert form["cancel_url"] == "http://localhost:3000/billing/cancel"
     assert req.headers["idempotency-key"] == f"checkout-{purchase_id}-cus_fake1"
 
@@ -236,6 +236,14 @@ async def test_redirect_urls_must_be_on_allowed_origins(client, make_user, strip
     form = stripe_api.posts(SESSIONS)[0].form
     assert form["success_url"] == "http://localhost:3000/thanks?s={CHECKOUT_SESSION_ID}"
     assert form["cancel_url"] == "http://127.0.0.1:3000/"
+
+
+async def test_the_default_success_page_is_told_its_checkout(client, make_user, stripe_api):
+    """默认的成功页地址带上 {CHECKOUT_SESSION_ID}：成功页靠它查 GET /billing/checkout/{session_id}"""
+    user = await make_user()
+    await checkout(client, user)
+    success_url = stripe_api.posts(SESSIONS)[0].form["success_url"]
+    assert success_url == "http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"
 
 
 async def test_unknown_or_inactive_pack_is_404(client, make_user, stripe_api):
