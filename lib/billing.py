@@ -385,6 +385,11 @@ class BillingService:
                 .to_dict()
             )
         except stripe.SignatureVerificationError as exc:
+            # Otherwise a wrong secret shows only as 400s in the access log while Stripe retries every event.
+            log.warning(
+                "stripe webhook refused: %s; if every event is, STRIPE_WEBHOOK_SECRET is not this endpoint's secret",
+                exc.user_message or exc,
+            )
             raise InvalidWebhook(f"The Stripe signature is not valid: {exc.user_message or exc}") from None
         except (ValueError, TypeError, AttributeError):  # not UTF-8, not JSON, not an object
             raise InvalidWebhook("The webhook body is not a Stripe event.") from None

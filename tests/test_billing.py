@@ -829,6 +829,16 @@ async def test_unverified_or_malformed_webhook_is_400_and_writes_nothing(client,
     assert balance(user.id) == 100
 
 
+async def test_a_webhook_signed_with_another_secret_is_logged_for_the_operator(client, make_user, caplog):
+    """签名对不上（STRIPE_WEBHOOK_SECRET 配错时每个事件都这样）在日志里写明，而不只是访问日志里的 400"""
+    user = await make_user()
+    evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_secret", metadata_for(user)))
+    resp = await post_event(client, evt, secret="whsec_of_another_endpoint")
+    assert resp.status_code == 400
+    (record,) = [r for r in caplog.records if r.name == "spool.billing" and r.levelname == "WARNING"]
+    assert "STRIPE_WEBHOOK_SECRET" in record.getMessage()
+
+
 async def test_a_signature_header_that_is_not_ascii_is_named_as_the_problem(client, make_user):
     user = await make_user()
     evt = fake_stripe.event("checkout.session.completed", fake_stripe.session("cs_x", metadata_for(user)))
