@@ -539,6 +539,17 @@ def test_image_upscale_keeps_transparency_without_a_dark_fringe(tmp_path, logo, 
         assert rim[:, 0].min() >= 150
 
 
+@pytest.mark.parametrize("scale", [2, 4])
+def test_a_flat_coloured_logo_keeps_its_colour_to_the_rim(tmp_path, logo, scale):
+    """边缘没有抗锯齿的单色图标：Lanczos 的振铃让边上的 alpha 超过 255，颜色仍是原色，边缘不能一圈发亮"""
+    params = {"image_asset_id": "i", "scale": scale}
+    [out] = image_upscale.run(make_ctx(tmp_path / "w", params, {"i": logo}))
+    with Image.open(out.path) as img:
+        pixels = np.asarray(img).astype(int)
+    visible = pixels[..., 3] >= 16
+    assert np.abs(pixels[visible][:, :3] - (230, 20, 20)).max() <= 2
+
+
 def test_image_upscale_puts_transparency_on_white_for_jpeg(tmp_path, logo):
     [out] = image_upscale.run(
         make_ctx(tmp_path / "w", {"image_asset_id": "i", "scale": 2, "format": "jpeg"}, {"i": logo})

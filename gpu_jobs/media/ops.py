@@ -215,9 +215,10 @@ def premultiply(x: torch.Tensor) -> torch.Tensor:
 
 def unpremultiply(x: torch.Tensor) -> torch.Tensor:
     """premultiply 的逆（alpha 约为 0 处颜色取 0）"""
-    alpha = x[:, 3:].clamp(0, 255)
+    # Divided by the alpha before clamping: where ringing lifts it over 255 the colour rang with it.
+    alpha = x[:, 3:]
     rgb = torch.where(alpha >= 0.5, x[:, :3] * 255 / alpha.clamp_min(0.5), 0)
-    return torch.cat([rgb, alpha], 1)
+    return torch.cat([rgb, alpha.clamp(0, 255)], 1)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
