@@ -539,10 +539,10 @@ def test_image_upscale_keeps_transparency_without_a_dark_fringe(tmp_path, logo, 
         assert rim[:, 0].min() >= 150
 
 
-@pytest.mark.parametrize("scale", [2, 4])
-def test_a_flat_coloured_logo_keeps_its_colour_to_the_rim(tmp_path, logo, scale):
-    """边缘没有抗锯齿的单色图标：Lanczos 的振铃让边上的 alpha 超过 255，颜色仍是原色，边缘不能一圈发亮"""
-    params = {"image_asset_id": "i", "scale": scale}
+@pytest.mark.parametrize(("scale", "sharpen"), [(2, 0.0), (4, 0.0), (2, 1.0), (4, 0.5)])
+def test_a_flat_coloured_logo_keeps_its_colour_to_the_rim(tmp_path, logo, scale, sharpen):
+    """单色图标放大（及锐化）后边缘仍是原色：振铃让 alpha 超过 255 时不发亮，锐化时不把透明像素当暗邻居而镶黑边"""
+    params = {"image_asset_id": "i", "scale": scale, "sharpen": sharpen}
     [out] = image_upscale.run(make_ctx(tmp_path / "w", params, {"i": logo}))
     with Image.open(out.path) as img:
         pixels = np.asarray(img).astype(int)

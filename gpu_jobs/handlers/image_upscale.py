@@ -24,8 +24,8 @@ from gpu_jobs.media import (
     rgb_colour_profile,
     save_image,
     to_uint8,
-    unpremultiply,
     unsharp_mask,
+    unsharp_mask_premultiplied,
     work_dtype,
 )
 from lib.catalog import check_image_side
@@ -97,7 +97,7 @@ def upscale_image(
         patch = image[:, ya:yb, xa:xb].to(device, non_blocking=True)[None].to(work_dtype(device))
         if channels == 4:  # resized premultiplied, and only the colour sharpened
             up = resize(premultiply(patch.float()), ((yb - ya) * scale, (xb - xa) * scale))
-            up = unpremultiply(torch.cat([unsharp_mask(up[:, :3], sharpen, sigma), up[:, 3:]], 1))
+            up = unsharp_mask_premultiplied(up, sharpen, sigma)
         else:
             up = unsharp_mask(resize(patch, ((yb - ya) * scale, (xb - xa) * scale)), sharpen, sigma)
         up = up[..., (y0 - ya) * scale : (y1 - ya) * scale, (x0 - xa) * scale : (x1 - xa) * scale]

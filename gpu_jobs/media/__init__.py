@@ -30,6 +30,7 @@ from gpu_jobs.media.ops import (
     to_yuv420,
     unpremultiply,
     unsharp_mask,
+    unsharp_mask_premultiplied,
 )
 from gpu_jobs.media.probe import (
     check_input_pixels,
@@ -84,6 +85,7 @@ __all__ = [
     "to_yuv420",
     "unpremultiply",
     "unsharp_mask",
+    "unsharp_mask_premultiplied",
     "video_output",
     "work_dtype",
 ]

@@ -239,6 +239,17 @@ def unsharp_mask(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Te
     return x + amount * (x - gaussian_blur(x, sigma))
 
 
+def unsharp_mask_premultiplied(x: torch.Tensor, amount: float, sigma: float = 1.0) -> torch.Tensor:
+    """预乘 RGBA 的 USM，返回非预乘 RGBA：颜色只与周围按 alpha 加权的均值比较（透明像素不算暗邻居），alpha 不锐化"""
+    straight = unpremultiply(x)
+    if amount <= 0:
+        return straight
+    # Blurred premultiplied colour over blurred alpha: the neighbours' colour, each as much as it is opaque.
+    blurred = gaussian_blur(x, sigma)
+    mean = torch.where(blurred[:, 3:] >= 0.5, unpremultiply(blurred)[:, :3], straight[:, :3])
+    return torch.cat([straight[:, :3] + amount * (straight[:, :3] - mean), straight[:, 3:]], 1)
+
+
 def psnr(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
     """两幅 8 位图像的 PSNR（dB）"""
     diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
