@@ -1203,6 +1203,15 @@ async def test_an_adopted_job_keeps_the_deadline_of_the_submit_that_created_it(c
     assert kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 
+async def adopts_the_one_job_once_it_is_found(kling: FakeKling, user, task: dict) -> None:
+    """Kling 的查询赶上之后，下一次尝试领养那一个任务：完成，只提交过一次，只扣费一次"""
+    kling.lagging_lookups = 0
+    assert await run_task_async(task["id"]) == "completed"
+    [job_id] = kling.jobs
+    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
+    assert kinds(user, task) == ["charge"]
+
+
 async def test_a_duplicate_refusal_whose_lookups_all_miss_is_requeued_then_adopted(client, make_user, kling):
     kling.lagging_lookups = 100  # Kling's lookup by our id lags far behind its submits
     user = await make_user()
@@ -1210,11 +1219,7 @@ async def test_a_duplicate_refusal_whose_lookups_all_miss_is_requeued_then_adopt
     submitted_earlier(kling, task["id"], None)
     assert await run_task_async(task["id"]) == "queued"  # Kling has a job under our id: never refunded
     assert kinds(user, task) == ["charge"]
-    kling.lagging_lookups = 0
-    assert await run_task_async(task["id"]) == "completed"
-    [job_id] = kling.jobs
-    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
-    assert kinds(user, task) == ["charge"]
+    await adopts_the_one_job_once_it_is_found(kling, user, task)
 
 
 async def test_a_job_kling_says_it_has_is_not_refunded_when_the_next_attempt_comes_past_half_the_deadline(
@@ -1228,11 +1233,7 @@ async def test_a_job_kling_says_it_has_is_not_refunded_when_the_next_attempt_com
     set_env({"KLING_POLL_DEADLINE_SECONDS": "16"})  # the next attempt comes past half the deadline
     assert await run_task_async(task["id"]) == "queued"  # the job runs and is paid: not "could not take the job"
     assert kinds(user, task) == ["charge"]
-    kling.lagging_lookups = 0
-    assert await run_task_async(task["id"]) == "completed"
-    [job_id] = kling.jobs
-    assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
-    assert kinds(user, task) == ["charge"]
+    await adopts_the_one_job_once_it_is_found(kling, user, task)
 
 
 async def test_a_job_adopted_after_a_lookup_that_missed_keeps_the_deadline_of_the_submit_that_created_it(
