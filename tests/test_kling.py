@@ -1009,16 +1009,22 @@ async def test_cancel_stops_a_slow_download(client, make_user, kling, clip):
     assert outputs(task) == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
 
 
-async def test_a_download_over_the_time_limit_requeues_and_the_next_attempt_resumes(
-    client, make_user, kling, monkeypatch
-):
+async def requeued_by_a_slow_download(client, make_user, kling: FakeKling, monkeypatch) -> tuple:
+    """一个任务：Kling 的任务已完成，下载超过时限，任务回到队列；之后的下载恢复正常速度"""
     monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 1.0)
     kling.trickle_downloads = (32, 0.2)
     user = await make_user()
     task = await create(client, user)
     assert await run_task_async(task["id"]) == "queued"
-    assert task_row(task["id"])["message"] == "A temporary problem interrupted the job; retrying."
     kling.trickle_downloads = None
+    return user, task
+
+
+async def test_a_download_over_the_time_limit_requeues_and_the_next_attempt_resumes(
+    client, make_user, kling, monkeypatch
+):
+    user, task = await requeued_by_a_slow_download(client, make_user, kling, monkeypatch)
+    assert task_row(task["id"])["message"] == "A temporary problem interrupted the job; retrying."
     assert await run_task_async(task["id"]) == "completed"
     [job_id] = kling.jobs
     assert len(kling.submits) == 1 and job_state(task["id"])["provider_job_id"] == job_id
@@ -1028,12 +1034,7 @@ async def test_a_download_over_the_time_limit_requeues_and_the_next_attempt_resu
 async def test_a_finished_job_whose_status_is_unavailable_past_the_deadline_is_not_refunded_as_unfinished(
     client, make_user, kling, monkeypatch
 ):
-    monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 1.0)
-    kling.trickle_downloads = (32, 0.2)
-    user = await make_user()
-    task = await create(client, user)
-    assert await run_task_async(task["id"]) == "queued"  # the job finished; its download was too slow
-    kling.trickle_downloads = None
+    user, task = await requeued_by_a_slow_download(client, make_user, kling, monkeypatch)  # the job had finished
     set_env({"KLING_POLL_DEADLINE_SECONDS": "0.5"})  # the next attempt comes past the deadline
     kling.errors = [500] * 5  # and Kling answers none of its status poll's tries
     assert await run_task_async(task["id"]) == "queued"  # Kling finished it: not "did not finish", not refunded
