@@ -246,38 +246,39 @@ def upright(img: Image.Image) -> Image.Image:
     return img.transpose(method) if method is not None else img.copy()
 
 
-class PacketDamage:
-    """解码失败的视频包的账：少量损坏的包跳过（如 ffmpeg 命令），多了拒绝文件；探测与任务用同一条规则"""
+class PacketDecoder:
+    """逐包解码视频：少量损坏的包跳过（如 ffmpeg 命令），多了拒绝文件；探测与任务用同一条规则"""
 
-    def __init__(self) -> None:
-        self.read = 0  # packets read so far (the caller counts them)
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.read = 0  # packets read so far
         self.damaged = 0
-        self.shown = False  # a frame has decoded (the caller says so)
+        self.shown = False  # a frame has decoded
 
-    def too_much(self, packet: Any) -> bool:
-        """又一个包解码失败：是否该拒绝文件"""
-        if not self.shown and not packet.is_keyframe:
-            # A clip cut between keyframes without re-encoding: VP8/VP9 refuse the frames before its first keyframe
-            # (H.264 shows nothing for them), and players start at that keyframe too. That is no damage.
-            return False
-        self.damaged += 1
-        return self.damaged > MAX_BAD_PACKETS + self.read // 50
+    def decode(self, packet: Any) -> list[av.VideoFrame] | None:
+        """一个包的帧；损坏而可跳过 → None；损坏过多 → av.InvalidDataError"""
+        self.read += 1
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError as exc:  # damaged data, or a frame over the pixel limit (never decoded)
+            if self.shown or packet.is_keyframe:
+                # Before the first frame, a packet that is no keyframe is no damage: a clip cut between keyframes
+                # without re-encoding (VP8/VP9 refuse the frames before its first keyframe, H.264 shows nothing for
+                # them), and players start at that keyframe too.
+                self.damaged += 1
+                if self.damaged > MAX_BAD_PACKETS + self.read // 50:
+                    raise
+            log.warning("%s: skipped an undecodable video packet (%s)", self.path, exc)
+            return None
+        self.shown = self.shown or bool(frames)
+        return frames
 
 
 def _decoded(container: Any, stream: Any, path: Path) -> Iterator[av.VideoFrame]:
     """逐包解码视频流；跳过少量损坏的包（如任务所做）"""
-    damage = PacketDamage()
+    decoder = PacketDecoder(path)
     for packet in container.demux(stream):
-        damage.read += 1
-        try:
-            frames = packet.decode()
-        except av.InvalidDataError as exc:
-            if damage.too_much(packet):
-                raise
-            log.warning("%s: skipped an undecodable video packet (%s)", path, exc)
-            continue
-        damage.shown = damage.shown or bool(frames)
-        yield from frames
+        yield from decoder.decode(packet) or ()
 
 
 def limit_decoded_pixels(stream: Any) -> None:

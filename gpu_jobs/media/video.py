@@ -19,7 +19,7 @@ from gpu_jobs.handlers import OutputFile
 from gpu_jobs.media.display import Display, deinterlaced
 from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
 from gpu_jobs.media.probe import (
-    PacketDamage,
+    PacketDecoder,
     audio_codec,
     audio_stream,
     limit_decoded_pixels,
@@ -196,28 +196,23 @@ class FrameReader(_Worker):
 
     def _frames(self, container: Any, stream: Any) -> Iterator[av.VideoFrame]:
         """Decoded frames; a damaged packet is skipped (as the ffmpeg command does), many of them refuse the file."""
-        damage, frames = PacketDamage(), 0
+        decoder, frames = PacketDecoder(self.path), 0
         for packet in container.demux(stream):
-            damage.read += 1
             slot = self._slots is not None and packet.size and packet.dts is not None
             if slot:
                 self._slots.append(packet.dts)
                 packet.opaque = packet.dts
             try:
-                decoded = packet.decode()
-            except av.InvalidDataError as exc:  # damaged data, or a frame over the pixel limit (never decoded)
-                if slot:
-                    self._slots.pop()
-                if damage.too_much(packet):
-                    raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
-                log.warning("%s: skipped an undecodable video packet (%s)", self.path, exc)
-                continue
+                decoded = decoder.decode(packet)
             except av.FFmpegError as exc:
                 raise InvalidInput(f"The video could not be decoded: {reason(exc, self.path)}") from None
+            if decoded is None:  # skipped: its slot is no frame's
+                if slot:
+                    self._slots.pop()
+                continue
             if decoded and not frames and self._slots:
                 self._forget_unshown(decoded[0])
             frames += len(decoded)
-            damage.shown = frames > 0
             if self.max_frames is not None and frames > self.max_frames:
                 raise InvalidInput(
                     f"The video holds more frames than it was checked for ({self.max_frames}); "
