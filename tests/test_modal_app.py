@@ -146,6 +146,29 @@ def test_readme_secret_commands_give_every_key_the_deploy_requires():
     assert {"spool-supabase", "spool-settings"} <= set(checked) and checked.count("spool-stripe") == 2
 
 
+def test_readme_function_table_matches_the_deployed_functions():
+    """README 部署一节的函数表：每个函数的模型、GPU、核数、内存与超时都与 modal_app.py 一致"""
+    from tests.test_readme import table_rows, ticked
+
+    rows = table_rows((ROOT / "README.md").read_text(), "| function | what | hardware | timeout |")
+    assert [ticked(row[0])[0] for row in rows] == ["api", *modal_app.JOB_FUNCTIONS, "reaper"]
+    for name_cell, what, hardware, timeout in rows:
+        name = ticked(name_cell)[0]
+        info = getattr(modal_app, name).info()
+        assert int(timeout.split()[0]) * 60 == info.timeout, name
+        models = set(ticked(what))
+        if models:
+            assert models == {key for key in catalog.CATALOG if function_for(key) == name}, name
+        gpus, _, resources = hardware.rpartition("; ")
+        assert (gpus.split(", else ") if gpus else []) == [gpu for gpu, _ in info.gpus], name
+        if resources == "CPU":
+            assert info.cpu is None and info.memory_mib is None and not info.gpus, name
+            continue
+        cores, memory = resources.split(", ")
+        assert float(cores.split()[0]) == info.cpu, name
+        assert int(memory.split()[0]) * 1024 == info.memory_mib, name
+
+
 # ---------------------------------------------------------------- running the app's functions here
 
 
