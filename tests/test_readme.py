@@ -176,3 +176,13 @@ def test_endpoint_table_names_every_field_of_the_answer(method, path, fields):
     routes = [r for m in [*ROUTERS, dev_auth] for r in m.router.routes if method in getattr(r, "methods", ())]
     route = next(r for r in routes if re.sub(r"\{\w+\}", "{}", r.path) == shape)
     assert fields == answer_fields(route)
+
+
+def test_kling_deadline_bound_and_job_limit_are_the_codes():
+    from lib.catalog import KLING_TIMEOUT_S
+
+    bound = next(m.le for m in Settings.model_fields["kling_poll_deadline_seconds"].metadata if hasattr(m, "le"))
+    row = next(r for r in table_rows(section("Settings"), "| name | default | meaning |") if "KLING_POLL" in r[0])
+    example = next(line for line in (ROOT / ".env.example").read_text().splitlines() if "DEADLINE" in line)
+    for text in (row[2], example):
+        assert f"at most {bound:.0f}" in text and f"{KLING_TIMEOUT_S // 60} min" in text, text
