@@ -186,3 +186,12 @@ def test_kling_deadline_bound_and_job_limit_are_the_codes():
     example = next(line for line in (ROOT / ".env.example").read_text().splitlines() if "DEADLINE" in line)
     for text in (row[2], example):
         assert f"at most {bound:.0f}" in text and f"{KLING_TIMEOUT_S // 60} min" in text, text
+
+
+def test_kling_price_table_is_the_catalogs():
+    from lib.catalog import KLING_MASTER_PRICES, KLING_PRICES
+
+    rows = table_rows(section("Kling AI (external provider)"), "| model | 5 s | 10 s |")
+    shown = {ticked(row[0])[0]: [int(cell.split()[0]) for cell in row[1:]] for row in rows}
+    expected = {mode: [KLING_PRICES[(mode, "5")], KLING_PRICES[(mode, "10")]] for mode in ("std", "pro")}
+    assert shown == {**expected, "-master": [KLING_MASTER_PRICES["5"], KLING_MASTER_PRICES["10"]]}
