@@ -215,7 +215,7 @@ class BillingService:
             else uuid.uuid4()
         )
         earlier = idempotency_key and await db.fetch_one(  # only a replayed key can name an earlier purchase
-            "select package_id, checkout_session_id from public.purchases where id = %s", (purchase_id,)
+            "select package_id, checkout_session_id, status from public.purchases where id = %s", (purchase_id,)
         )
         if earlier and earlier["package_id"] != package["id"]:
             raise Conflict("This Idempotency-Key was already used for a different request.")
@@ -230,6 +230,12 @@ class BillingService:
             "payment_intent_data": {"metadata": metadata},
         }
         try:
+            if earlier and earlier["status"] == "pending" and earlier["checkout_session_id"]:
+                # The checkout this key started, while still open, whatever changed since (the pack's price, the
+                # redirect URLs): Stripe refuses a key reused with other parameters, and forgets it after a day.
+                ongoing = await self._open_session(earlier["checkout_session_id"])
+                if ongoing is not None:
+                    return {"checkout_url": ongoing.url, "session_id": ongoing.id}
             customer_id = await self._customer_for(user_id=user_id)
             try:
                 session = await self._create_session(params, purchase_id, customer_id)
@@ -243,6 +249,8 @@ class BillingService:
                 session = await self._create_session(params, purchase_id, customer_id)
         except stripe.StripeError as exc:
             log.warning("stripe checkout failed for user %s: %s (%s)", user_id, type(exc).__name__, exc)
+            if earlier and isinstance(exc, stripe.IdempotencyError):  # the same pack, asked for with other parameters
+                raise Conflict("This Idempotency-Key's checkout has ended; start a new one with a new key.") from None
             raise upstream_error(exc) from None
         if earlier and earlier["checkout_session_id"] != session.id:
             # Stripe replays a key's answer (the same session, open, paid or expired) for at least 24 hours; past
@@ -402,6 +410,18 @@ class BillingService:
         ):
             raise InvalidWebhook("The webhook body is not a Stripe event.")
         return event
+
+    async def _open_session(self, session_id: str):
+        """Stripe 上仍可付款的会话；已结束或 Stripe 不认识 → None"""
+        import stripe
+
+        try:
+            session = await get_stripe_client().v1.checkout.sessions.retrieve_async(session_id)
+        except stripe.InvalidRequestError as exc:
+            if exc.code != "resource_missing":
+                raise
+            return None
+        return session if session.status == "open" and session.url else None
 
     async def _create_session(self, params: dict, purchase_id: str, customer_id: str):
         """创建 Checkout Session（幂等键含客户：Stripe 也记住失败的回答，换了客户的重试需要新键）"""

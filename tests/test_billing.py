@@ -205,12 +205,48 @@ async def test_a_key_reused_after_stripe_forgot_it_never_binds_a_new_session_to_
     headers = {**user.headers, "Idempotency-Key": "buy-old"}
     first = await client.post("/billing/checkout", json={"package_id": "studio"}, headers=headers)
     assert first.status_code == 200
-    stripe_api._replays.clear()  # a day later Stripe no longer knows the key
+    stripe_api._replays.clear()  # a day later Stripe no longer knows the key, and the session has expired
+    stripe_api.expire(first.json()["data"]["session_id"])
     for package_id in ("starter", "studio"):
         resp = await client.post("/billing/checkout", json={"package_id": package_id}, headers=headers)
         assert resp.status_code == 409, resp.text
     [purchase] = purchases(user.id)
     assert (purchase["package_id"], purchase["checkout_session_id"]) == ("studio", first.json()["data"]["session_id"])
+
+
+async def test_a_key_replayed_after_the_pack_changed_price_returns_the_open_checkout(client, make_user, stripe_api):
+    """A deploy between a click and its retry changed the pack's price: Stripe refuses the key with other parameters,
+    and the buyer gets back the checkout they started, at the price it was started at."""
+    user = await make_user()
+    headers = {**user.headers, "Idempotency-Key": "buy-repriced"}
+    first = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
+    assert first.status_code == 200
+    for change in ("price_cents = 600", "stripe_price_id = 'price_new'"):
+        sql(f"update public.credit_packages set {change} where id = 'starter'")
+        try:
+            again = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
+        finally:
+            sql("update public.credit_packages set price_cents = 500, stripe_price_id = null where id = 'starter'")
+        assert again.status_code == 200, again.text
+        assert again.json()["data"] == first.json()["data"]
+    assert len(stripe_api.posts(SESSIONS)) == 1
+    [purchase] = purchases(user.id)
+    assert (purchase["amount_cents"], purchase["checkout_session_id"]) == (500, first.json()["data"]["session_id"])
+
+
+async def test_a_key_replayed_after_its_checkout_ended_and_the_price_changed_says_so(client, make_user, stripe_api):
+    user = await make_user()
+    headers = {**user.headers, "Idempotency-Key": "buy-ended"}
+    first = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
+    stripe_api.pay(first.json()["data"]["session_id"])
+    sql("update public.credit_packages set price_cents = 600 where id = 'starter'")
+    try:
+        again = await client.post("/billing/checkout", json={"package_id": "starter"}, headers=headers)
+    finally:
+        sql("update public.credit_packages set price_cents = 500 where id = 'starter'")
+    assert again.status_code == 409, again.text
+    assert "has ended" in again.json()["error"]["message"]
+    assert len(purchases(user.id)) == 1
 
 
 async def test_redirect_urls_must_be_on_allowed_origins(client, make_user, stripe_api):
