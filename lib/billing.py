@@ -70,8 +70,11 @@ def _cents(value) -> int | None:
     return value if value is not None and 0 <= value < MAX_CENTS else None
 
 
-def event_effect(event: dict) -> tuple[str, tuple] | None:
-    """把 Stripe 事件映射为一次 SQL 调用（不处理的事件为 None）"""
+DISPUTE_EVENTS = ("charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated")
+
+
+def event_effect(event: dict, *, disputed_purchase_id: str | None = None) -> tuple[str, tuple] | None:
+    """把 Stripe 事件映射为一次 SQL 调用（不处理的事件为 None；争议可带上其 PaymentIntent 的 metadata 指明的购买）"""
     kind, obj = event["type"], event["data"]["object"]
     meta = _typed(obj.get("metadata"), dict) or {}
     purchase_id = _uuid_or_none(meta.get("purchase_id"))
@@ -96,11 +99,17 @@ def event_effect(event: dict) -> tuple[str, tuple] | None:
         if unpaid:
             return "select public.apply_checkout_unpaid(%s, %s, %s, %s, %s, %s) as r", (*ids, unpaid)
         return None
-    if kind in ("charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated") and _typed(obj.get("id"), str):
+    if kind in DISPUTE_EVENTS and _typed(obj.get("id"), str):
         # A chargeback: no charge.refunded comes, the money is withdrawn (and given back if the dispute is won).
         return (
-            "select public.apply_charge_dispute(%s, %s, %s, %s) as r",
-            (_id_of(obj.get("payment_intent")), obj["id"], _cents(obj.get("amount")), kind.endswith("withdrawn")),
+            "select public.apply_charge_dispute(%s, %s, %s, %s, %s) as r",
+            (
+                _id_of(obj.get("payment_intent")),
+                obj["id"],
+                _cents(obj.get("amount")),
+                kind.endswith("withdrawn"),
+                disputed_purchase_id,
+            ),
         )
     if kind == "charge.refunded":
         user_id = _uuid_or_none(meta.get("user_id"))
@@ -339,7 +348,8 @@ class BillingService:
                 "live" if event["livemode"] else "test",
             )
             return {"event_id": event["id"], "result": "wrong_mode"}
-        effect = event_effect(event)
+        disputed_purchase_id = await self._purchase_of_an_unknown_payment(event)
+        effect = event_effect(event, disputed_purchase_id=disputed_purchase_id)
         async with db.transaction() as conn:
             cur = await conn.execute(
                 "insert into public.stripe_events (id, type, processed_at) values (%s, %s, now())"
@@ -375,6 +385,27 @@ class BillingService:
                 result = {"result": "orphaned"}
         log.info("stripe event %s (%s): %s", event["id"], event["type"], result.get("result"))
         return {"event_id": event["id"], **result}
+
+    async def _purchase_of_an_unknown_payment(self, event: dict) -> str | None:
+        """争议的付款还没记在任何购买上时：Stripe 上该 PaymentIntent 的 metadata 指明的购买 id"""
+        import stripe
+
+        if event["type"] not in DISPUTE_EVENTS:
+            return None
+        payment_intent = _id_of(event["data"]["object"].get("payment_intent"))
+        if payment_intent is None or await db.fetch_one(
+            "select 1 from public.purchases where payment_intent_id = %s", (payment_intent,)
+        ):
+            return None  # the usual case: the payment was recorded long before its chargeback
+        # Its checkout's events may still be on their way (retried, or resent in any order): a dispute names only
+        # the PaymentIntent, whose metadata names the purchase. Stripe out of reach: a 500, and Stripe retries.
+        try:
+            intent = await get_stripe_client().v1.payment_intents.retrieve_async(payment_intent)
+        except stripe.InvalidRequestError as exc:
+            if exc.code != "resource_missing":
+                raise
+            return None
+        return _uuid_or_none((_typed(intent.to_dict().get("metadata"), dict) or {}).get("purchase_id"))
 
     def _verify(self, payload: bytes, signature: str | None) -> dict:
         import stripe

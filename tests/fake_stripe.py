@@ -1,9 +1,10 @@
 """A local HTTP server standing in for Stripe's API, and webhook payloads signed the way Stripe signs them.
 
 The server speaks the part of Stripe's wire format the app uses: form-encoded POSTs to /v1/customers and
-/v1/checkout/sessions, GETs of a session, JSON answers, `Idempotency-Key` replays, Stripe error bodies. Each
-request is recorded (method, path, the flat form as sent, headers) so tests can read exactly what went over the
-wire. ``pay(session_id)`` and ``expire(session_id)`` move a session on, as the buyer or Stripe would.
+/v1/checkout/sessions, GETs of a session or of a paid session's PaymentIntent, JSON answers, `Idempotency-Key`
+replays, Stripe error bodies. Each request is recorded (method, path, the flat form as sent, headers) so tests can
+read exactly what went over the wire. ``pay(session_id)`` and ``expire(session_id)`` move a session on, as the buyer
+or Stripe would.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class FakeStripe:
     failures: dict[str, tuple[int, dict]] = field(default_factory=dict)
     missing_customers: set[str] = field(default_factory=set)  # customers deleted at Stripe
     sessions: dict[str, dict] = field(default_factory=dict)  # checkout sessions created, by id
+    payment_intents: dict[str, dict] = field(default_factory=dict)  # the PaymentIntents of paid sessions, by id
+    _intent_metadata: dict[str, dict] = field(default_factory=dict)  # a session's payment_intent_data[metadata]
     _replays: dict[str, tuple[dict, int, dict]] = field(default_factory=dict)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     _server: ThreadingHTTPServer | None = None
@@ -110,6 +113,15 @@ class FakeStripe:
         """买家付了款：会话完成、已付"""
         paid = {"status": "complete", "payment_status": "paid", "payment_intent": payment_intent}
         self.sessions[session_id].update(paid, amount_total=amount_total, currency="usd")
+        self.payment_intents[payment_intent] = {
+            "id": payment_intent,
+            "object": "payment_intent",
+            "amount": amount_total,
+            "currency": "usd",
+            "status": "succeeded",
+            "metadata": self._intent_metadata.get(session_id, {}),
+            "livemode": False,
+        }
         return self.sessions[session_id]
 
     def expire(self, session_id: str) -> dict:
@@ -153,6 +165,17 @@ class FakeStripe:
                     "error": {"type": "invalid_request_error", "code": "resource_missing", "message": "No such session"}
                 }
             return 200, found
+        if request.method == "GET" and request.path.startswith("/v1/payment_intents/"):
+            found = self.payment_intents.get(request.path.rsplit("/", 1)[1])
+            if found is None:
+                return 404, {
+                    "error": {
+                        "type": "invalid_request_error",
+                        "code": "resource_missing",
+                        "message": "No such payment_intent",
+                    }
+                }
+            return 200, found
         if request.path == "/v1/customers":
             return 200, {
                 "id": f"cus_fake{n}",
@@ -172,6 +195,7 @@ class FakeStripe:
             }
         if request.path == "/v1/checkout/sessions":
             session_id = f"cs_test_fake{n}"
+            self._intent_metadata[session_id] = params.get("payment_intent_data", {}).get("metadata", {})
             self.sessions[session_id] = {
                 "id": session_id,
                 "object": "checkout.session",

@@ -773,7 +773,24 @@ async def test_collecting_shortfalls_never_writes_an_empty_clawback(client, make
     assert [row["clawback_shortfall"] for row in purchases(user.id)] == [0, 490]
 
 
-async def test_a_dispute_that_matches_no_purchase_is_logged(client, caplog):
+async def test_a_chargeback_before_the_payment_is_recorded_is_taken_back_at_the_grant(client, make_user, stripe_api):
+    """The chargeback arrives while the checkout's own events are still being retried (a webhook down, Dashboard
+    resends): its PaymentIntent names the purchase, and the grant that follows takes the disputed credits back."""
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    paid = stripe_api.pay(session_id, payment_intent="pi_early")
+    withdrawn = fake_stripe.event("charge.dispute.funds_withdrawn", fake_stripe.dispute(payment_intent="pi_early"))
+    resp = await post_event(client, withdrawn)
+    assert resp.status_code == 200 and resp.json()["data"]["result"] == "recorded", resp.text
+    assert balance(user.id) == 100
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    assert resp.json()["data"]["result"] == "granted"
+    assert balance(user.id) == 100
+    (row,) = purchases(user.id)
+    assert (row["status"], row["payment_intent_id"], row["credits_clawed_back"]) == ("disputed", "pi_early", 500)
+
+
+async def test_a_dispute_that_matches_no_purchase_is_logged(client, caplog, stripe_api):
     evt = fake_stripe.event("charge.dispute.funds_withdrawn", fake_stripe.dispute(payment_intent="pi_nobody"))
     resp = await post_event(client, evt)
     assert resp.json()["data"]["result"] == "ignored"
