@@ -225,14 +225,19 @@ class AssetService:
                     " then delete it.",
                     details=[{"task_id": str(reader["id"])}],
                 )
-            # The poster its check made goes with it, unless an unfinished task reads the poster.
+            # The poster its check made goes with it, unless an unfinished task reads the poster. Locked first and
+            # looked up in a later statement, as the upload above: a task being created with the poster holds it
+            # until it commits, and a lock wait does not refresh the statement's view of the tasks.
             cur = await conn.execute(
-                "select a.id, a.path from public.assets a join public.tasks t on t.id = a.source_task_id"
-                " where t.user_id = %(user)s and t.idempotency_key = %(probe_key)s and not exists ("
+                "select a.id from public.assets a join public.tasks t on t.id = a.source_task_id"
+                " where t.user_id = %s and t.idempotency_key = %s for update of a",
+                (user_id, f"{PROBE_KEY_PREFIX}{asset_id}"),
+            )
+            cur = await conn.execute(
+                "select a.id, a.path from public.assets a where a.id = any(%(ids)s::uuid[]) and not exists ("
                 "   select 1 from public.tasks r where r.user_id = %(user)s and a.id = any(r.input_asset_ids)"
-                "   and r.status in ('queued', 'processing'))"
-                " for update of a",
-                {"user": user_id, "probe_key": f"{PROBE_KEY_PREFIX}{asset_id}"},
+                "   and r.status in ('queued', 'processing'))",
+                {"ids": [str(row["id"]) for row in await cur.fetchall()], "user": user_id},
             )
             posters = await cur.fetchall()
             if tombstone := _tombstone_for(asset, user_id):

@@ -506,6 +506,27 @@ async def test_a_delete_racing_the_creation_of_a_task_waits_and_keeps_the_input(
     assert sql("select id from public.assets where id = %s", (asset,))
 
 
+async def test_a_poster_a_task_is_being_created_with_outlives_its_upload(client, make_user):
+    """任务正在以海报为输入创建（已扣费、未提交）时删除上传：删除等它提交，海报（行与文件）留下"""
+    from gpu_jobs.runner import run_task_async
+
+    user = await make_user()
+    asset = (await direct_upload(client, user, png_bytes())).json()["data"]
+    assert await run_task_async(asset["probe_task_id"]) == "completed"
+    [poster] = sql("select id, path from public.assets where source_task_id = %s", (asset["probe_task_id"],))
+    created, resp = await while_held(
+        lambda conn: conn.execute(
+            "select public.create_task(%s, 'image.upscale', '{}'::jsonb, 5, null, null, %s::uuid[]) as r",
+            (user.id, [poster["id"]]),
+        ).fetchone()["r"],
+        client.delete(f"/assets/{asset['id']}", headers=user.headers),
+    )
+    assert resp.status_code == 200, resp.text
+    assert created["task"]["input_asset_ids"] == [str(poster["id"])]
+    assert [row["id"] for row in sql("select id from public.assets where user_id = %s", (user.id,))] == [poster["id"]]
+    assert await get_storage().exists(path=poster["path"])
+
+
 async def test_a_task_racing_the_deletion_of_its_input_is_refused_uncharged(client, make_user):
     user = await make_user()
     asset = make_asset(user.id, width=64, height=48)
