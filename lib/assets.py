@@ -47,6 +47,10 @@ PROBE_TASK_OF_ASSET = (
     " and t.idempotency_key = %(probe_prefix)s || a.id::text) as probe_task_id"
 )
 EMPTY = "The file is empty."
+SWEEP_AGE_SECONDS = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS  # its URL expired, and a PUT begun has had time
+UPLOAD_EXPIRED = (
+    f"The upload was not completed within {SWEEP_AGE_SECONDS // 3600} hours of its announcement; announce it again."
+)
 PROBE_COLUMNS = ("kind", "mime", "bytes", "width", "height", "duration_s", "fps")
 
 
@@ -93,6 +97,16 @@ class AssetService:
         asset = await self.get_asset(user_id=user_id, asset_id=asset_id, sign=False)
         if asset["status"] != "pending":
             raise Conflict(f"The asset is already {asset['status']}.")
+        await _refuse_if_expired(asset_id)
+        try:
+            return await self._complete(user_id=user_id, asset_id=asset_id, asset=asset)
+        except (Conflict, NotFound):
+            # The sweep (or a delete) overtook it midway: say that, not "not uploaded yet" or "file not found".
+            await _refuse_if_expired(asset_id)
+            raise
+
+    async def _complete(self, *, user_id: str, asset_id: str, asset: dict) -> dict:
+        """complete 的检查与探测请求（调用方已确认 pending 且未过期）"""
         storage = get_storage()
         info = await storage.info(path=asset["path"], user_id=user_id)
         if info is None:
@@ -406,16 +420,7 @@ class AssetService:
 
     async def sweep_expired_uploads(self, *, limit: int = 500) -> int:
         """清理上传留下的文件：从未完成的上传（行与文件）、被拒绝的上传的文件、到期墓碑路径上后来传上的文件"""
-
-        age = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS  # its URL expired, and a PUT begun before has had time
-        rows = await db.fetch_all(
-            "select a.id, a.user_id, a.path from public.assets a"
-            " where a.status = 'pending' and a.created_at < now() - make_interval(secs => %s)"
-            " and not exists (select 1 from public.tasks t"
-            "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)"
-            " order by a.created_at limit %s",
-            (age, PROBE_KEY_PREFIX, limit),
-        )
+        age = SWEEP_AGE_SECONDS
         # A check that crashed or was given up on rejects its upload in SQL, which cannot remove the file.
         rejected = await db.fetch_all(
             "select id, path from public.assets where status = 'rejected' and source_task_id is null"
@@ -426,13 +431,32 @@ class AssetService:
         tombstones = await db.fetch_all(
             "select path from public.upload_tombstones where expires_at < now() order by expires_at limit %s", (limit,)
         )
-        if not rows and not rejected and not tombstones:
-            return 0
-        # Files first: a retry finds the rows. A tombstone's path holds whatever its URL sent after the delete.
-        paths = [row["path"] for row in [*rows, *rejected, *tombstones]]
-        for start in range(0, len(paths), REMOVE_BATCH):  # up to three lists of `limit`: over Storage's bulk cap
-            await get_storage().remove(paths=paths[start : start + REMOVE_BATCH])
         async with db.transaction() as conn:
+            # Uploads never completed, locked until their rows are gone: a check being created for one (its
+            # complete began in time) holds it and is skipped, and one created after this waits and finds it gone.
+            # Looked at again in a later statement: a check committed just before the lock was taken is seen there.
+            cur = await conn.execute(
+                "select a.id from public.assets a"
+                " where a.status = 'pending' and a.created_at < now() - make_interval(secs => %s)"
+                " and not exists (select 1 from public.tasks t"
+                "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)"
+                " order by a.created_at limit %s for update skip locked",
+                (age, PROBE_KEY_PREFIX, limit),
+            )
+            cur = await conn.execute(
+                "select a.id, a.user_id, a.path from public.assets a"
+                " where a.id = any(%s::uuid[]) and a.status = 'pending' and not exists (select 1 from public.tasks t"
+                "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)",
+                ([str(row["id"]) for row in await cur.fetchall()], PROBE_KEY_PREFIX),
+            )
+            rows = await cur.fetchall()
+            if not rows and not rejected and not tombstones:
+                return 0
+            # Files first: if Storage fails the rows stay, and a retry finds them. A tombstone's path holds
+            # whatever its URL sent after the delete.
+            paths = [row["path"] for row in [*rows, *rejected, *tombstones]]
+            for start in range(0, len(paths), REMOVE_BATCH):  # up to three lists of `limit`: over Storage's bulk cap
+                await get_storage().remove(paths=paths[start : start + REMOVE_BATCH])
             await conn.execute(
                 "delete from public.assets where id = any(%s::uuid[]) and status = 'pending'",
                 ([row["id"] for row in rows],),
@@ -521,6 +545,20 @@ async def _require_upload_room(conn, user_id: str) -> None:
         raise TooManyActiveTasks(
             f"{pending} uploads are not ready yet; complete them or wait for their checks to finish."
         )
+
+
+async def _refuse_if_expired(asset_id: str) -> None:
+    """上传已被删除 → 404；没有检查、已超过清理的期限（与清理的条件相同，按数据库时钟）→ 409 过期"""
+    row = await db.fetch_one(
+        "select a.created_at < now() - make_interval(secs => %s) and not exists (select 1 from public.tasks t"
+        "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id) as past"
+        " from public.assets a where a.id = %s",
+        (SWEEP_AGE_SECONDS, PROBE_KEY_PREFIX, asset_id),
+    )
+    if row is None:
+        raise NotFound("Asset not found.")
+    if row["past"]:
+        raise Conflict(UPLOAD_EXPIRED)
 
 
 def _tombstone_for(asset: dict, user_id: str) -> tuple[str, tuple] | None:

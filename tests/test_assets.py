@@ -786,6 +786,122 @@ async def test_the_sweep_removes_files_in_batches_storage_takes(client, make_use
     assert max(calls) <= 2
 
 
+EXPIRED = "The upload was not completed within 3 hours of its announcement; announce it again."
+
+
+async def uploaded_ticket(client, user) -> dict:
+    """申报一个签名上传并把文件传上去（未 complete）"""
+    announce = {"content_type": "image/png", "bytes": 10_000}
+    ticket = (await client.post("/assets/uploads", json=announce, headers=user.headers)).json()["data"]
+    async with httpx.AsyncClient() as http:
+        assert (await http.put(ticket["upload_url"], content=png_bytes())).status_code == 200
+    return ticket
+
+
+def age(asset_id: str, interval: str) -> None:
+    sql(f"update public.assets set created_at = now() - interval '{interval}' where id = %s", (asset_id,))
+
+
+async def test_a_complete_later_than_the_sweeps_age_is_refused_as_expired(client, make_user):
+    """申报三小时后才 complete：明确拒绝为过期（不建检查），清理照常删掉行与文件"""
+    from lib.reaper import reap
+
+    user = await make_user()
+    ticket = await uploaded_ticket(client, user)
+    age(ticket["asset_id"], "3 hours 1 minute")
+    resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"] == {"code": "conflict", "message": EXPIRED}
+    assert not sql("select id from public.tasks where user_id = %s", (user.id,))
+    assert (await reap()).get("abandoned_uploads") == 1
+    assert not await get_storage().exists(path=ticket["path"])
+    assert (await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)).status_code == 404
+
+
+async def test_a_complete_sent_again_late_while_its_check_waits_answers_the_same(client, make_user):
+    """检查还在排队时，三小时后再发 complete：照常答同一个检查（清理不碰有检查的上传）"""
+    user = await make_user()
+    ticket = await uploaded_ticket(client, user)
+    first = (await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)).json()["data"]
+    age(ticket["asset_id"], "3 hours 1 minute")
+    again = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["data"]["probe_task_id"] == first["probe_task_id"]
+
+
+async def test_a_complete_arriving_while_the_sweep_removes_its_file_is_refused_as_expired(
+    client, make_user, monkeypatch
+):
+    """清理正在删文件时来的 complete：明确拒绝为过期，而不是答应了检查、行却随后被删掉"""
+    from lib.reaper import reap
+
+    user = await make_user()
+    ticket = await uploaded_ticket(client, user)
+    age(ticket["asset_id"], "3 hours 1 minute")
+    storage, real_remove, answers = get_storage(), get_storage().remove, []
+
+    async def complete_then_remove(*, paths, user_id=None):
+        answers.append(await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers))
+        return await real_remove(paths=paths, user_id=user_id)
+
+    monkeypatch.setattr(storage, "remove", complete_then_remove)
+    assert (await reap()).get("abandoned_uploads") == 1
+    [resp] = answers
+    assert resp.status_code == 409, resp.text
+    assert resp.json()["error"] == {"code": "conflict", "message": EXPIRED}
+    assert sql("select id from public.assets where user_id = %s", (user.id,)) == []
+    assert not sql("select id from public.tasks where user_id = %s", (user.id,))
+
+
+@pytest.mark.parametrize("step", ["info", "read_head", "consume_credits"])
+async def test_a_complete_the_sweep_overtakes_midway_is_told_the_upload_is_gone(client, make_user, monkeypatch, step):
+    """complete 开始时还没过期、做到一半清理把上传删了：每一步都答资源已不在（不是"还没上传"或"文件不在"）"""
+    from lib.credits import get_credit_service
+    from lib.reaper import reap
+
+    user = await make_user()
+    ticket = await uploaded_ticket(client, user)
+    age(ticket["asset_id"], "2 hours 59 minutes")
+    owner = get_credit_service() if step == "consume_credits" else get_storage()
+    real = getattr(owner, step)
+
+    async def swept_then(**kwargs):
+        age(ticket["asset_id"], "3 hours 1 minute")
+        assert (await reap()).get("abandoned_uploads") == 1
+        return await real(**kwargs)
+
+    monkeypatch.setattr(owner, step, swept_then)
+    resp = await client.post(f"/assets/{ticket['asset_id']}/complete", headers=user.headers)
+    monkeypatch.undo()
+    assert resp.status_code == 404, resp.text
+    assert resp.json()["error"] == {"code": "not_found", "message": "Asset not found."}  # as complete after a sweep
+    assert sql("select id from public.assets where user_id = %s", (user.id,)) == []
+    assert not await get_storage().exists(path=ticket["path"])
+    assert not sql("select id from public.tasks where user_id = %s", (user.id,))
+
+
+async def test_the_sweep_leaves_an_upload_whose_check_is_being_created(client, make_user):
+    """清理时上传的检查正在创建（未提交）：清理不碰它（行与文件），检查提交后照常进行"""
+    user = await make_user()
+    ticket = await uploaded_ticket(client, user)
+    age(ticket["asset_id"], "3 hours 1 minute")
+    with connect() as conn, conn.transaction():
+        conn.execute(
+            "select public.create_task(%s, 'media.probe', %s::jsonb, 0, %s, null, %s::uuid[])",
+            (user.id, f'{{"asset_id": "{ticket["asset_id"]}"}}', f"probe:{ticket['asset_id']}", [ticket["asset_id"]]),
+        )
+        sweeping = asyncio.create_task(get_asset_service().sweep_expired_uploads())
+        deadline = asyncio.get_running_loop().time() + 20
+        while not sweeping.done() and not sql("select 1 from pg_stat_activity where wait_event_type = 'Lock'"):
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.02)
+    assert await sweeping == 0
+    assert [str(r["id"]) for r in sql("select id from public.assets where user_id = %s", (user.id,))] == [
+        ticket["asset_id"]
+    ]
+    assert await get_storage().exists(path=ticket["path"])
+
+
 async def expire_tombstones(user) -> None:
     sql("update public.upload_tombstones set expires_at = now() - interval '1 second' where user_id = %s", (user.id,))
 
