@@ -18,6 +18,8 @@ log = logging.getLogger("spool.tasks")
 
 TERMINAL = ("completed", "failed", "canceled")
 PROBE_KEY_PREFIX = "probe:"  # the server's own idempotency keys (an upload's probe task); reserved
+# The note a failed spawn leaves on its task; set_task_dispatch removes exactly this text once a spawn succeeds.
+DISPATCH_RETRY_NOTE = "Waiting for a worker (dispatch will be retried)."
 PUBLIC_COLUMNS = (
     "id, project_id, model_key, params, status, progress, message, cost, input_asset_ids, result, "
     "result_url, error, attempts, created_at, started_at, finished_at, updated_at"
@@ -113,7 +115,7 @@ class TaskService:
             try:
                 await db.execute(
                     "select public.set_task_dispatch(%s, null, %s)",
-                    (task_id, "Waiting for a worker (dispatch will be retried)."),
+                    (task_id, DISPATCH_RETRY_NOTE),
                 )
             except Exception as exc:  # the reaper finds the task without a call either way
                 log.warning("task %s: could not note the failed dispatch: %s", task_id, exc)

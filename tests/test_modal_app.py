@@ -304,6 +304,25 @@ async def test_failed_spawn_leaves_the_task_queued_and_the_reaper_dispatches_it_
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
+async def test_a_respawn_that_succeeds_clears_the_note_of_the_failed_spawn(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    task = await create_task(client, user, gpu_job)
+    assert task_row(task["id"])["message"] == "Waiting for a worker (dispatch will be retried)."
+    fake_modal.spawn_error = None
+    sql("update public.tasks set updated_at = now() - interval '5 minutes' where id = %s", (task["id"],))
+    assert await reap() == {"redispatch": 1}
+    row = task_row(task["id"])
+    assert row["status"] == "queued" and row["call_id"] == "fc-1" and row["message"] is None
+
+    # A task requeued by the reaper keeps saying why once it is spawned again.
+    sql("select * from public.claim_task(%s, 'fc-1')", (task["id"],))
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    assert await reap() == {"requeued": 1}
+    row = task_row(task["id"])
+    assert row["call_id"] == "fc-2" and row["message"] == "The worker stopped responding; retrying."
+
+
 async def test_a_call_waiting_in_modals_queue_keeps_its_place(client, make_user, fake_modal, gpu_job):
     """没有空闲 GPU 时调用在 Modal 队列里等：再 spawn 一次只会排到队尾（Modal 不会让排队的输入过期）"""
     user = await make_user()
