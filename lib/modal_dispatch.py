@@ -20,6 +20,7 @@ log = logging.getLogger("spool.dispatch")
 CPU_FUNCTION = "run_cpu"
 SPAWN_TIMEOUT_S = 10.0  # a spawn only enqueues; past this the task stays queued and the reaper retries
 CANCEL_TIMEOUT_S = 10.0
+ENDED = ("completed", "failed", "canceled")
 
 
 def function_name(gpu_class: str | None) -> str:
@@ -49,7 +50,7 @@ class ModalDispatcher:
         self._functions: dict[str, modal.Function] = {}  # a handle looks the function up once, then is reused
 
     async def dispatch(self, *, task_id: str, model_key: str) -> None:
-        """派发任务：先认领派发，再 spawn 对应的 Modal 函数并把 call id 记在任务上（失败时抛出，由调用方保持排队）"""
+        """派发任务：认领派发，spawn 并记下 call id（失败时抛出，任务保持排队）；任务在 spawn 期间已结束 → 取消该调用"""
         claim = await db.fetch_one("select public.start_task_dispatch(%s) as claimed", (task_id,))
         if not claim["claimed"]:  # another dispatcher is spawning it or has, or it left the queue
             log.info("task %s: not spawned, another dispatcher has it or it is no longer waiting", task_id)
@@ -60,8 +61,16 @@ class ModalDispatcher:
             function = self._functions[name] = modal.Function.from_name(self.app_name, name)
         async with asyncio.timeout(SPAWN_TIMEOUT_S):
             call = await function.spawn.aio(task_id)
-        await db.execute("select public.set_task_dispatch(%s, %s, null)", (task_id, call.object_id))
+        task = await db.fetch_one("select * from public.set_task_dispatch(%s, %s, null)", (task_id, call.object_id))
         log.info("task %s spawned on %s/%s as %s", task_id, self.app_name, name, call.object_id)
+        if task is None or (task["status"] in ENDED and task["call_id"] != call.object_id):
+            # Canceled (or ended) while the spawn was in flight: the cancel found no call to stop, and this one has
+            # nothing to run. Its input is canceled before it waits for a GPU; a container it already holds is kept.
+            log.info("task %s ended during its spawn; canceling call %s", task_id, call.object_id)
+            try:
+                await self.cancel(task_id=task_id, call_id=call.object_id, terminate=False)
+            except Exception as exc:  # the call's claim finds the task ended and exits
+                log.warning("task %s: could not cancel call %s: %s", task_id, call.object_id, exc)
 
     async def cancel(self, *, task_id: str, call_id: str | None, terminate: bool = True) -> None:
         """取消任务对应的 Modal 调用（没有 call id 时无事可做）；terminate=False 也取消运行中的输入，只是不结束其容器"""

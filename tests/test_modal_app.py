@@ -504,6 +504,39 @@ async def test_cancel_still_cancels_when_modal_refuses_or_there_is_no_call(clien
     assert [e["kind"] for e in ledger(user.id, never_spawned["id"])] == ["charge", "refund"]
 
 
+async def test_a_cancel_during_the_spawn_cancels_the_call_the_spawn_made(client, make_user, fake_modal, gpu_job):
+    user = await make_user()
+    fake_modal.spawn_error = ConnectionError("Modal is unreachable")
+    task = await create_task(client, user, gpu_job)
+    fake_modal.spawn_error = None
+
+    async def cancel_meanwhile():  # the user cancels after the dispatcher claimed the task, before its call id is kept
+        resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+        assert resp.status_code == 200, resp.text
+
+    fake_modal.while_spawning = cancel_meanwhile
+    await get_task_service().dispatch(task_id=task["id"], model_key=gpu_job)  # the reaper's respawn: fc-1
+    assert fake_modal.canceled == ["fc-1"]  # not left to wait for a GPU and start a container for nothing
+    assert fake_modal.cancel_options == [{"terminate_containers": False}]
+    row = task_row(task["id"])
+    assert row["status"] == "canceled" and row["call_id"] is None
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    assert await run_task_async(task["id"], call_id="fc-1") == "skipped"  # had it started anyway: no work
+
+    # A call that claimed its task before the spawn returned is the task's own: a cancel then reaches it as usual.
+    other = await create_task(client, user, gpu_job)  # fc-2
+    fake_modal.spawn_error = None
+    sql("update public.tasks set call_id = null where id = %s", (other["id"],))
+
+    async def claim_and_finish():
+        sql("select * from public.claim_task(%s, 'fc-3')", (other["id"],))
+        sql("select public.finish_task(%s, 'failed', null, null, null, null, null)", (other["id"],))
+
+    fake_modal.while_spawning = claim_and_finish
+    await get_task_service().dispatch(task_id=other["id"], model_key=gpu_job)
+    assert fake_modal.canceled == ["fc-1"] and task_row(other["id"])["call_id"] == "fc-3"
+
+
 async def test_the_call_that_claims_a_task_is_the_one_a_cancel_reaches(client, make_user, fake_modal, gpu_job):
     user = await make_user()
     task = await create_task(client, user, gpu_job)  # spawned as fc-1
