@@ -258,9 +258,13 @@ def test_a_killed_worker_is_started_again_and_said_so(home, dev):
     stack = dev(home)
     stack.wait_running()
     (worker,) = stack.children("worker")
+    name = worker.environ()["SPOOL_WORKER_ID"]
     worker.kill()
     assert wait_for(lambda: "the worker exited (killed by SIGKILL); starting another" in stack.output(), 30)
     assert wait_for(lambda: [w.pid for w in stack.children("worker")] not in ([], [worker.pid]), 30)
+    (replacement,) = stack.children("worker")
+    env = replacement.environ()  # it hands the killed worker's claims back as it starts
+    assert env["SPOOL_LOST_WORKER_ID"] == name and env["SPOOL_WORKER_ID"] not in ("", name)
     assert stack.proc.poll() is None and len(stack.children("serve")) == 1
     children = stack.children()
     assert stack.stop() == 0

@@ -60,11 +60,11 @@ async def create(client, user, name: str, **params) -> dict:
 
 
 @contextlib.asynccontextmanager
-async def running_worker():
+async def running_worker(**options):
     """在本进程里运行一个真实的 LocalWorker；离开时停止它（它把仍在运行的任务放回队列）"""
     from lib.local.worker import LocalWorker
 
-    worker = LocalWorker()
+    worker = LocalWorker(**options)
     job = asyncio.create_task(worker.run())
     try:
         yield worker
@@ -158,10 +158,10 @@ def start_worker():
 
     started: list[subprocess.Popen] = []
 
-    def start() -> subprocess.Popen:
+    def start(**env: str) -> subprocess.Popen:
         with open(os.path.join(os.environ["SPOOL_HOME"], "worker-signals.log"), "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER], cwd=ROOT, env=os.environ.copy(), stdout=log, stderr=log
+                [sys.executable, "-c", WORKER], cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=log
             )
         started.append(proc)
         return proc
@@ -194,4 +194,43 @@ async def test_a_worker_stopped_mid_task_exits_cleanly_and_hands_the_task_back(
     row = task_row(task["id"])
     assert (row["status"], row["message"]) == ("queued", "The worker restarted; resuming.")
     assert (row["attempts"], row["released_attempts"]) == (1, 1)
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_a_worker_started_in_place_of_a_killed_one_requeues_its_tasks_at_once(
+    client, make_user, worker_models, start_worker, monkeypatch
+):
+    """worker 被 SIGKILL：接替它的 worker 一启动就把它认领的任务放回队列（不等心跳超时），别的 worker 的任务不动"""
+    from lib import db
+
+    monkeypatch.setattr(get_settings(), "task_stall_seconds", 3600)  # the reaper alone would wait an hour
+    user = await make_user()
+    task = await create(client, user, "grind", seconds=60, chunk=0.5)
+    proc = start_worker(SPOOL_WORKER_ID="local-worker:dead")
+    await until(lambda: task_row(task["id"])["progress"] > 0.09, "the handler started")
+    assert task_row(task["id"])["call_id"] == "local-worker:dead"  # the claim names its worker
+    proc.kill()
+    await asyncio.to_thread(proc.wait, 30)
+
+    max_attempts = get_settings().task_max_attempts
+    worn = await create(client, user, "slow", seconds=1)  # the dead worker's too, on its last attempt
+    sql_update = "update public.tasks set attempts = %s where id = %s"
+    await db.execute(sql_update, (max_attempts - 1, worn["id"]))
+    assert (await db.fetch_one("select * from public.claim_next_task(null, 'local-worker:dead')"))["id"]
+    other = await create(client, user, "slow", seconds=1)  # a live worker's
+    assert (await db.fetch_one("select * from public.claim_next_task(null, 'local-worker:alive')"))["id"]
+
+    async with running_worker(lost_worker="local-worker:dead"):
+        await until(lambda: task_row(task["id"])["attempts"] == 2, "the killed worker's task was claimed again")
+        row = task_row(task["id"])
+        assert row["status"] == "processing" and row["call_id"] != "local-worker:dead"
+        worn_row = task_row(worn["id"])
+        assert worn_row["status"] == "failed" and worn_row["error"]["code"] == "worker_lost"
+        assert [e["kind"] for e in ledger(user.id, worn["id"])] == ["charge", "refund"]
+        other_row = task_row(other["id"])
+        assert (other_row["status"], other_row["attempts"], other_row["call_id"]) == (
+            "processing",
+            1,
+            "local-worker:alive",
+        )
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]

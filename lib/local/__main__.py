@@ -12,7 +12,10 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
+
+import psycopg
 
 from lib.config import get_settings
 from lib.local import stack
@@ -41,10 +44,12 @@ def worker() -> None:
     """运行本地 GPU 任务 worker"""
     from lib.local.worker import run_worker
 
-    run_worker()
+    run_worker(worker_id=os.environ.pop(WORKER_ID, None), lost_worker=os.environ.pop(LOST_WORKER_ID, None))
 
 
 DEV_PID = "SPOOL_DEV_PID"  # set for the server and worker `make dev` starts: they stop when it is gone
+WORKER_ID = "SPOOL_WORKER_ID"  # set for the worker `make dev` starts: the name its claims carry
+LOST_WORKER_ID = "SPOOL_LOST_WORKER_ID"  # and, for one started in place of a worker that died, that worker's name
 WORKER_MIN_SECONDS = 30  # a worker exiting sooner after its start, three times in a row, is not started again
 
 
@@ -71,9 +76,9 @@ def _run_stack(base: str, home: Path) -> None:
         # (a Ctrl-C straight to a child still importing would print a traceback; a second SIGINT makes uvicorn
         # skip the app's shutdown).
         children["server"] = stack.start_server(base, env={DEV_PID: str(os.getpid())}, own_group=True)
-        children["worker"] = _start_worker()
+        children["worker"], worker_id = _start_worker()
         _print_banner(base, home)
-        _supervise(children)
+        _supervise(children, worker_id)
     except KeyboardInterrupt:
         pass
     finally:
@@ -115,10 +120,13 @@ def _stop_on_signals() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def _start_worker() -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "lib.local", "worker"], env={**os.environ, DEV_PID: str(os.getpid())}, process_group=0
-    )
+def _start_worker(lost_worker: str | None = None) -> tuple[subprocess.Popen, str]:
+    """启动 worker 进程，给它一个名字（记在它的认领上）；lost_worker：它接替的已死 worker 的名字"""
+    worker_id = f"local-worker:{uuid.uuid4()}"
+    env = {**os.environ, DEV_PID: str(os.getpid()), WORKER_ID: worker_id}
+    if lost_worker:
+        env[LOST_WORKER_ID] = lost_worker
+    return subprocess.Popen([sys.executable, "-m", "lib.local", "worker"], env=env, process_group=0), worker_id
 
 
 def _print_banner(base: str, home: Path) -> None:
@@ -130,7 +138,7 @@ def _print_banner(base: str, home: Path) -> None:
     )
 
 
-def _supervise(children: dict[str, subprocess.Popen]) -> None:
+def _supervise(children: dict[str, subprocess.Popen], worker_id: str) -> None:
     """运行到 Ctrl-C：worker 退出就另起一个（接连三次刚启动就退出则停下），API 服务器退出则整个栈停下"""
     started, quick_exits = time.monotonic(), 0
     while True:
@@ -139,14 +147,27 @@ def _supervise(children: dict[str, subprocess.Popen]) -> None:
             raise StackError(f"the API server exited ({_how(code)}); the stack is stopped, its output is above")
         if (code := children["worker"].poll()) is None:
             continue
-        quick_exits = quick_exits + 1 if time.monotonic() - started < WORKER_MIN_SECONDS else 0
+        # A worker that died running a task (one that kills it, say) had started fine: that is no failed start.
+        held = _claimed_tasks(worker_id)
+        quick_exits = quick_exits + 1 if time.monotonic() - started < WORKER_MIN_SECONDS and not held else 0
         if quick_exits >= 3:
             raise StackError(f"the worker exited ({_how(code)}) right after it started, 3 times; its output is above")
-        log.warning(
-            "the worker exited (%s); starting another (a task it was running is requeued after TASK_STALL_SECONDS)",
-            _how(code),
-        )
-        children["worker"], started = _start_worker(), time.monotonic()
+        log.warning("the worker exited (%s); starting another, which requeues the tasks it was running", _how(code))
+        # The exited worker is gone for good (poll() reaped it): the next one hands its claims back at once.
+        (children["worker"], worker_id), started = _start_worker(lost_worker=worker_id), time.monotonic()
+
+
+def _claimed_tasks(worker_id: str) -> int:
+    """该 worker 认领、仍在处理中的任务数（数据库不可达 → 0）"""
+    try:
+        with psycopg.connect(get_settings().supabase_db_url, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute(
+                "select count(*) from public.tasks where status = 'processing' and call_id = %s", (worker_id,)
+            ).fetchone()
+    except psycopg.Error as exc:
+        log.warning("could not look up the tasks of the worker that exited: %s", exc)
+        return 0
+    return row[0]
 
 
 def _how(code: int) -> str:

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import uuid
 
 import psycopg
 
@@ -24,8 +25,10 @@ STOP_SECONDS = 5.0  # on shutdown: how long each running job's cleanup, and then
 class LocalWorker:
     """本地任务 worker"""
 
-    def __init__(self, concurrency: int | None = None):
+    def __init__(self, concurrency: int | None = None, *, worker_id: str | None = None, lost_worker: str | None = None):
         self.settings = get_settings()
+        self.worker_id = worker_id or f"local-worker:{uuid.uuid4()}"
+        self.lost_worker = lost_worker
         self.concurrency = concurrency or self.settings.worker_concurrency
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
@@ -37,6 +40,7 @@ class LocalWorker:
         from gpu_jobs.runner import run_task_async  # torch and av load here, in the worker only
 
         self._run_task = run_task_async
+        await self._requeue_lost_worker_tasks()
         background = [asyncio.create_task(self._listen()), asyncio.create_task(self._reap_loop())]
         log.info("worker ready (concurrency %d)", self.concurrency)
         try:
@@ -58,7 +62,9 @@ class LocalWorker:
     async def _fill_slots(self) -> None:
         while len(self.running) < self.concurrency and not self.stopping.is_set():
             try:
-                task = await db.fetch_one("select * from public.claim_next_task(%s)", (self.model_keys,))
+                task = await db.fetch_one(
+                    "select * from public.claim_next_task(%s, %s)", (self.model_keys, self.worker_id)
+                )
             except psycopg.Error as exc:
                 log.warning("claim failed: %s", exc)
                 return
@@ -67,6 +73,24 @@ class LocalWorker:
             job = asyncio.create_task(self._run_task(str(task["id"]), claimed=task))
             self.running[job] = task
             job.add_done_callback(self._done)
+
+    async def _requeue_lost_worker_tasks(self) -> None:
+        """接替一个已死的 worker 时，立即把它认领的任务放回队列（或在用尽尝试后失败并退款），不等心跳超时"""
+        if not self.lost_worker:
+            return
+        from lib.tasks import get_task_service
+
+        try:
+            rows = await db.fetch_all(
+                "select * from public.requeue_worker_tasks(%s, %s)", (self.lost_worker, self.settings.task_max_attempts)
+            )
+        except psycopg.Error as exc:  # the reaper requeues them after TASK_STALL_SECONDS
+            log.warning("could not requeue the tasks of the worker that died: %s", exc)
+            return
+        for row in rows:
+            log.warning("task %s of the worker that died: %s", row["task_id"], row["action"])
+            if row["action"] == "failed":  # its lost attempt may have left partial uploads
+                await get_task_service().discard_orphaned_outputs(task_id=str(row["task_id"]))
 
     def _done(self, job: asyncio.Task) -> None:
         self.running.pop(job, None)
@@ -119,11 +143,11 @@ class LocalWorker:
                 log.warning("reaper pass failed: %s", exc)
 
 
-def run_worker() -> None:
-    """运行 worker，直到 SIGINT/SIGTERM"""
+def run_worker(*, worker_id: str | None = None, lost_worker: str | None = None) -> None:
+    """运行 worker，直到 SIGINT/SIGTERM；worker_id：它的认领所带的名字，lost_worker：它接替的已死 worker 的名字"""
 
     async def main() -> None:
-        worker = LocalWorker()
+        worker = LocalWorker(worker_id=worker_id, lost_worker=lost_worker)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, worker.stop)
