@@ -1819,6 +1819,25 @@ def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
     assert frame_times(out.path) == pytest.approx(expected, abs=2e-3)
 
 
+def test_an_upscaled_variable_rate_clip_read_again_lasts_as_it_plays(tmp_path):
+    """Our MP4 has B-frames: at a variable rate its last packet's decode-time duration reaches past the end of the
+    clip. Probed again, upscaled again or interpolated, it keeps its length, and its last frame its time."""
+    src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)
+    length = media.probe_file(src)["duration_s"]
+    [up] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    with av.open(str(up.path)) as container:  # the shape of the file: the frame shown last is coded ahead of others
+        last = max((p for p in container.demux(video=0) if p.size), key=lambda p: p.pts)
+        assert float((last.pts + last.duration) * last.time_base) > length + 0.1
+    assert media.probe_file(up.path)["duration_s"] == pytest.approx(length, abs=1e-3)
+    [again] = video_upscale.run(make_ctx(tmp_path / "a", {"video_asset_id": "v", "scale": 2}, {"v": up.path}))
+    params = {"video_asset_id": "v", "factor": 2, "mode": "blend"}
+    [smooth] = video_interpolate.run(make_ctx(tmp_path / "i", params, {"v": up.path}))
+    for out in (again, smooth):
+        assert out.duration_s == pytest.approx(length, abs=2e-3)
+        assert audio_seconds(out.path) == pytest.approx(length, abs=0.03)
+    assert frame_times(smooth.path)[-1] == pytest.approx((VFR_TIMES[-1] + length) / 2, abs=2e-3)
+
+
 def _cut_into_a_group(src: Path, dst: Path, dropped: int) -> Path:
     """丢掉前 dropped 个视频包：像不重新编码、从两个关键帧之间剪下的片段，开头几帧没有参考帧解不出来"""
     return _remux(src, dst, lambda packet, n: False if packet.stream.type == "video" and n <= dropped else None)

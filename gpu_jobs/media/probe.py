@@ -372,7 +372,9 @@ def _check_tail(container: Any, stream: Any, first: av.VideoFrame, fps: float | 
             f"The video is truncated: its data ends at {shown:.1f} s of the "
             f"{float(stream.duration * stream.time_base):.1f} s it announces. Upload the whole file."
         )
-    return end
+    # An index that ends after the last frame starts says when it ends: with B-frames at a variable rate, that frame's
+    # decode-time duration reaches past it (the MP4 this service writes, read again, is one).
+    return end if last >= promised else promised
 
 
 def _index_agrees(stream: Any, fps: float | None) -> bool:

@@ -158,6 +158,8 @@ class FrameReader(_Worker):
             limit_decoded_pixels(stream)
             width, height = stream.codec_context.width, stream.codec_context.height
             start, step = stream.start_time or 0, frame_ticks(stream)
+            # MP4/MOV: where the index ends the video (ticks from its start), so how long the last frame is shown.
+            indexed_end = stream.duration if "mp4" in container.format.name.split(",") else None
             # AVI stores no presentation times: FFmpeg guesses them from the decode order, so with B-frames they
             # come out of order and a frame late. Each coded frame holds one slot of the constant rate (a dropped
             # frame is an empty chunk), and frames come out in the order of those slots: a frame's time is the
@@ -178,6 +180,10 @@ class FrameReader(_Worker):
                     self.ticks.append(frame.pts - start if known else (self.ticks[-1] + step if self.ticks else 0))
                 # A screen recording holds its last picture for as long as nothing moves (seconds, not a frame).
                 self.last_hold = frame.duration if known and frame.duration and frame.duration > 0 else None
+                if known and indexed_end and indexed_end > self.ticks[-1]:
+                    # A packet's duration is a decode-time step: with B-frames at a variable rate the last one's
+                    # reaches past the end (the probe reads it the same way).
+                    self.last_hold = indexed_end - self.ticks[-1]
                 if buf is None:
                     shape = (sum(p.size for p in planes),) if self.planar else planes[0].shape
                     buf, n = self._buffer((self.batch_size, *shape)), 0
