@@ -51,6 +51,20 @@ SWEEP_AGE_SECONDS = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS  # its URL ex
 UPLOAD_EXPIRED = (
     f"The upload was not completed within {SWEEP_AGE_SECONDS // 3600} hours of its announcement; announce it again."
 )
+# The sweep's two scans, each served by a partial index (migration 20261208009100) so that a reaper pass never
+# reads the whole assets table.
+REJECTED_FILES = (
+    "select id, path from public.assets where status = 'rejected' and source_task_id is null"
+    " and not coalesce((metadata ->> 'file_removed')::boolean, false)"
+    " and created_at < now() - make_interval(secs => %s) order by created_at limit %s"
+)
+UNCOMPLETED_UPLOADS = (
+    "select a.id from public.assets a"
+    " where a.status = 'pending' and a.created_at < now() - make_interval(secs => %s)"
+    " and not exists (select 1 from public.tasks t"
+    "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)"
+    " order by a.created_at limit %s for update skip locked"
+)
 PROBE_COLUMNS = ("kind", "mime", "bytes", "width", "height", "duration_s", "fps")
 
 
@@ -422,12 +436,7 @@ class AssetService:
         """清理上传留下的文件：从未完成的上传（行与文件）、被拒绝的上传的文件、到期墓碑路径上后来传上的文件"""
         age = SWEEP_AGE_SECONDS
         # A check that crashed or was given up on rejects its upload in SQL, which cannot remove the file.
-        rejected = await db.fetch_all(
-            "select id, path from public.assets where status = 'rejected' and source_task_id is null"
-            " and not coalesce((metadata ->> 'file_removed')::boolean, false)"
-            " and created_at < now() - make_interval(secs => %s) order by created_at limit %s",
-            (age, limit),
-        )
+        rejected = await db.fetch_all(REJECTED_FILES, (age, limit))
         tombstones = await db.fetch_all(
             "select path from public.upload_tombstones where expires_at < now() order by expires_at limit %s", (limit,)
         )
@@ -435,14 +444,7 @@ class AssetService:
             # Uploads never completed, locked until their rows are gone: a check being created for one (its
             # complete began in time) holds it and is skipped, and one created after this waits and finds it gone.
             # Looked at again in a later statement: a check committed just before the lock was taken is seen there.
-            cur = await conn.execute(
-                "select a.id from public.assets a"
-                " where a.status = 'pending' and a.created_at < now() - make_interval(secs => %s)"
-                " and not exists (select 1 from public.tasks t"
-                "   where t.user_id = a.user_id and t.idempotency_key = %s || a.id)"
-                " order by a.created_at limit %s for update skip locked",
-                (age, PROBE_KEY_PREFIX, limit),
-            )
+            cur = await conn.execute(UNCOMPLETED_UPLOADS, (age, PROBE_KEY_PREFIX, limit))
             cur = await conn.execute(
                 "select a.id, a.user_id, a.path from public.assets a"
                 " where a.id = any(%s::uuid[]) and a.status = 'pending' and not exists (select 1 from public.tasks t"
