@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from lib import db
+from lib import catalog, db
 from lib.config import get_settings
 
 log = logging.getLogger("spool.reaper")
@@ -49,6 +49,11 @@ async def reap() -> dict[str, int]:
                 await get_task_service().discard_orphaned_outputs(task_id=task_id)
         except Exception:  # one task's trouble must not leave the rest of the pass undone
             log.exception("reaper: %s of task %s failed; the next pass tries again", row["action"], task_id)
+    try:
+        if leftovers := await get_task_service().sweep_task_leftovers(after_seconds=leftover_grace_seconds()):
+            counts["task_leftover_files"] = leftovers
+    except Exception:
+        log.exception("reaper: sweeping ended tasks' leftover files failed; the next pass tries again")
     try:  # last, under a time budget: a large deleted account must not hold up the tasks above
         if departed := await get_asset_service().sweep_departed_users():
             counts["departed_users_files"] = departed
@@ -57,6 +62,12 @@ async def reap() -> dict[str, int]:
     if counts:
         log.info("reaper: %s", dict(counts))
     return dict(counts)
+
+
+def leftover_grace_seconds() -> int:
+    """任务结束多久之后，它的任何尝试都不可能还在上传（最长的任务连同传输余量；Modal 的函数超时也就到此）"""
+    longest = max(spec.timeout_s for spec in catalog.CATALOG.values())
+    return longest + catalog.IO_ALLOWANCE_S + 2 * catalog.MINUTES
 
 
 async def _live_calls(task_ids: list[str]) -> dict[str, str]:

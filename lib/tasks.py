@@ -17,6 +17,7 @@ from lib.paging import page_after, page_of
 log = logging.getLogger("spool.tasks")
 
 TERMINAL = ("completed", "failed", "canceled")
+SWEEP_BATCH = 100  # ended tasks whose leftovers one reaper pass sweeps
 PROBE_KEY_PREFIX = "probe:"  # the server's own idempotency keys (an upload's probe task); reserved
 # The note a failed spawn leaves on its task; set_task_dispatch removes exactly this text once a spawn succeeds.
 DISPATCH_RETRY_NOTE = "Waiting for a worker (dispatch will be retried)."
@@ -185,25 +186,43 @@ class TaskService:
 
     async def discard_orphaned_outputs(self, *, task_id: str) -> int:
         """删除已结束任务在存储里留下、却没有资源行引用的文件（被杀死的尝试上传到一半的产出）；返回删除数"""
-        from lib.storage import get_storage
-
         try:
-            task = await db.fetch_one("select user_id, status, attempts from public.tasks where id = %s", (task_id,))
-            if task is None or not task["attempts"]:
-                return 0  # never ran: nothing was uploaded
-            if task["status"] not in TERMINAL:
-                return 0  # an attempt may still be uploading: only a finished task's leftovers are known to be orphans
-            storage = get_storage()
-            files = await storage.list_files(prefix=f"{task['user_id']}/tasks/{task_id}")
-            kept = await db.fetch_all("select path from public.assets where path = any(%s)", (files,))
-            orphans = sorted(set(files) - {row["path"] for row in kept})
-            if orphans:
-                await storage.remove(paths=orphans)
-                log.info("task %s: removed %d file(s) no asset refers to", task_id, len(orphans))
-            return len(orphans)
-        except Exception as exc:  # housekeeping: never fails the caller
+            return await self._remove_leftovers(task_id)
+        except Exception as exc:  # housekeeping: never fails the caller (the reaper tries again later)
             log.warning("task %s: could not remove leftover files: %s", task_id, exc)
             return 0
+
+    async def sweep_task_leftovers(self, *, after_seconds: int, limit: int = SWEEP_BATCH) -> int:
+        """清扫结束已久的任务留下的文件（结束时那一次删除可能失败或漏掉）；成功才忘掉该任务；返回删除的文件数"""
+        rows = await db.fetch_all(
+            "select task_id from public.take_task_output_sweeps(%s, %s) as task_id", (after_seconds, limit)
+        )
+        removed = 0
+        for row in rows:
+            task_id = str(row["task_id"])
+            try:
+                removed += await self._remove_leftovers(task_id)
+                await db.execute("select public.forget_task_output_sweep(%s)", (task_id,))
+            except Exception as exc:  # kept: a later pass tries again
+                log.warning("task %s: could not sweep leftover files: %s", task_id, exc)
+        return removed
+
+    async def _remove_leftovers(self, task_id: str) -> int:
+        from lib.storage import get_storage
+
+        task = await db.fetch_one("select user_id, status, attempts from public.tasks where id = %s", (task_id,))
+        if task is None or not task["attempts"]:
+            return 0  # never ran: nothing was uploaded
+        if task["status"] not in TERMINAL:
+            return 0  # an attempt may still be uploading: only a finished task's leftovers are known to be orphans
+        storage = get_storage()
+        files = await storage.list_files(prefix=f"{task['user_id']}/tasks/{task_id}")
+        kept = await db.fetch_all("select path from public.assets where path = any(%s)", (files,))
+        orphans = sorted(set(files) - {row["path"] for row in kept})
+        if orphans:
+            await storage.remove(paths=orphans)
+            log.info("task %s: removed %d file(s) no asset refers to", task_id, len(orphans))
+        return len(orphans)
 
     async def _input_assets(self, user_id: str, spec: catalog.ModelSpec, params) -> dict[str, dict]:
         ids = spec.input_asset_ids(params)

@@ -625,3 +625,93 @@ async def test_the_result_is_signed_before_the_completing_transaction_opens(clie
     task = await create(client, user, "quick")
     assert await run_task_async(task["id"]) == "completed"
     assert signed_inside == [False] and task_row(task["id"])["result_url"]
+
+
+def past_leftover_grace(task_id: str) -> None:
+    """让任务的遗留文件清扫到期（此时它的任何尝试都不可能还在上传）"""
+    sql("update public.task_output_sweeps set due_at = due_at - interval '1 day' where task_id = %s", (task_id,))
+
+
+async def test_a_file_a_canceled_job_uploaded_as_it_was_stopped_is_removed_later(client, make_user, job_models):
+    """Modal stops a canceled job's container: an upload that lands after the cancel looked is removed by the reaper."""
+    from gpu_jobs import runner
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    uploading, canceled, landed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    real_upload = runner.upload_to_supabase
+
+    async def stopped_after_upload(local, path, mime):
+        uploading.set()
+        await canceled.wait()
+        await real_upload(local, path, mime)
+        landed.set()
+        await asyncio.Event().wait()  # its container is gone: nothing after the upload runs
+
+    runner.upload_to_supabase = stopped_after_upload
+    job = asyncio.create_task(run_task_async(task["id"]))
+    try:
+        await asyncio.wait_for(uploading.wait(), 30)
+        resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+        assert resp.status_code == 200 and resp.json()["data"]["status"] == "canceled"
+        canceled.set()
+        await asyncio.wait_for(landed.wait(), 30)
+        [stray] = await get_storage().list_files(prefix=f"{user.id}/tasks/{task['id']}")
+        assert await reap() == {}  # an attempt may still be uploading: not yet
+        assert await get_storage().info(path=stray) is not None
+        past_leftover_grace(task["id"])
+        assert await reap() == {"task_leftover_files": 1}
+        assert await get_storage().info(path=stray) is None
+        assert sql("select * from public.task_output_sweeps where task_id = %s", (task["id"],)) == []
+        assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    finally:
+        runner.upload_to_supabase = real_upload
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
+
+
+async def test_leftovers_storage_refused_to_remove_are_removed_by_a_later_pass(
+    client, make_user, job_models, monkeypatch
+):
+    from lib.storage import StorageError, StorageService, get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    stray = await leave_partial_upload(task, user)
+    sql("update public.tasks set attempts = %s where id = %s", (get_settings().task_max_attempts, task["id"]))
+
+    async def refused(self, *, paths, user_id=None):
+        raise StorageError("Storage could not remove files.", status=503)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StorageService, "remove", refused)
+        assert await reap() == {"failed": 1}  # gives up on the task; its leftover stays for now
+        past_leftover_grace(task["id"])
+        assert await reap() == {}  # still refused: kept for a later pass
+    assert await get_storage().info(path=stray) is not None
+    assert await reap() == {}  # taken a moment ago: waits its turn again
+    past_leftover_grace(task["id"])
+    assert await reap() == {"task_leftover_files": 1}
+    assert await get_storage().info(path=stray) is None
+    assert sql("select * from public.task_output_sweeps where task_id = %s", (task["id"],)) == []
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_a_task_completed_by_its_first_attempt_leaves_nothing_to_sweep(client, make_user, job_models):
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    assert await run_task_async(task["id"]) == "completed"
+    assert sql("select * from public.task_output_sweeps where task_id = %s", (task["id"],)) == []
+    [asset] = sql("select path from public.assets where source_task_id = %s", (task["id"],))
+    retried = await create(client, user, "flaky")
+    assert await run_task_async(retried["id"]) == "queued"
+    assert sql("select * from public.task_output_sweeps where task_id = %s", (retried["id"],)) == []  # not ended
+    resp = await client.post(f"/tasks/{retried['id']}/cancel", headers=user.headers)
+    assert resp.status_code == 200
+    past_leftover_grace(retried["id"])
+    assert await reap() == {}  # nothing was left: swept, and forgotten
+    assert sql("select * from public.task_output_sweeps") == []
+    assert await get_storage().info(path=asset["path"]) is not None

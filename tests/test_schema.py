@@ -18,6 +18,7 @@ PUBLIC_TABLES = {
     "assets",
     "tasks",
     "task_job_states",
+    "task_output_sweeps",
     "credit_packages",
     "purchases",
     "stripe_events",
@@ -39,6 +40,8 @@ SERVICE_FUNCTIONS = [
     "start_task_dispatch(uuid)",
     "reclaim_task(uuid, text, int)",
     "save_task_state(uuid, int, jsonb)",
+    "take_task_output_sweeps(int, int)",
+    "forget_task_output_sweep(uuid)",
 ]
 
 
@@ -239,7 +242,8 @@ def test_rls_hides_and_protects_other_users_rows(postgres):
             assert updated in (0, None), table
             deleted = _try(conn, f"delete from public.{table} where {column} = %s", (alice,))
             assert deleted in (0, None), table
-        for table in ("stripe_events", "app_settings", "task_job_states"):  # server only, even for the owner
+        # Server only, even for the owner.
+        for table in ("stripe_events", "app_settings", "task_job_states", "task_output_sweeps"):
             assert _try(conn, f"select * from public.{table}") is None, table
         # Writes of one's own money rows are refused too.
         assert _try(conn, "update public.credit_accounts set balance = 1000000") in (0, None)
