@@ -715,3 +715,50 @@ async def test_a_task_completed_by_its_first_attempt_leaves_nothing_to_sweep(cli
     assert await reap() == {}  # nothing was left: swept, and forgotten
     assert sql("select * from public.task_output_sweeps") == []
     assert await get_storage().info(path=asset["path"]) is not None
+
+
+@pytest.mark.parametrize("point", ["load_task_state", "upload_to_supabase", "create_asset_record"])
+@pytest.mark.parametrize("arrival", ["cancel", "reaper", "modal_rerun"])
+async def test_whatever_arrives_at_each_step_the_task_ends_once_charged_once_and_leaves_no_stray_file(
+    client, make_user, job_models, monkeypatch, point, arrival
+):
+    """在任务的每一步（输入已下载 / 产出已上传 / 资源行已写、尚未完成）停住时：取消、回收器接手或 Modal 重跑同一输入"""
+    from gpu_jobs import runner
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+    real, paused, resume = getattr(runner, point), asyncio.Event(), asyncio.Event()
+
+    async def pause_once(*args, **kwargs):
+        result = await real(*args, **kwargs)
+        if not paused.is_set():
+            paused.set()
+            await resume.wait()
+        return result
+
+    monkeypatch.setattr(runner, point, pause_once)
+    first = asyncio.create_task(run_task_async(task["id"], call_id="fc-first"))
+    await asyncio.wait_for(paused.wait(), 30)
+    if arrival == "cancel":
+        resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
+        assert resp.status_code == 200
+    elif arrival == "reaper":  # the first runner is merely slow, but its heartbeat looks stale
+        sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+        assert await reap() == {"requeued": 1}
+        assert await run_task_async(task["id"], call_id="fc-second") == "completed"
+    else:  # Modal runs the same input again while the first run still goes on
+        assert await run_task_async(task["id"], call_id="fc-first") == "completed"
+    resume.set()
+    assert await asyncio.wait_for(first, 30) in ("canceled", "lost")  # the first run changes nothing
+    row = task_row(task["id"])
+    assets = sql("select path from public.assets where source_task_id = %s", (task["id"],))
+    files = await get_storage().list_files(prefix=f"{user.id}/tasks/{task['id']}")
+    assert sorted(files) == sorted(asset["path"] for asset in assets)
+    if arrival == "cancel":
+        assert (row["status"], row["message"], row["attempts"]) == ("canceled", "Canceled.", 1) and assets == []
+        assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    else:
+        assert (row["status"], row["progress"], row["message"], row["attempts"]) == ("completed", 1, "Done", 2)
+        assert len(assets) == 1 and "/2/" in assets[0]["path"] and row["result"]["path"] == assets[0]["path"]
+        assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
