@@ -42,6 +42,7 @@ REFUNDED = "Your credits were refunded."
 UNEXPECTED = f"Processing failed unexpectedly. {REFUNDED}"
 NO_RESULT = f"The job produced no result. {REFUNDED}"
 UPLOAD_GONE = "The upload was deleted before its check finished."
+COMMIT_WAIT_S = 30  # how long to wait for a commit whose answer was lost to land or roll back
 TASK_GONE = "SP404"  # finish_task: no such task (its account was deleted, and the task with it)
 
 
@@ -330,9 +331,15 @@ async def _publish(task: dict, attempt: int, spec, ctx: JobContext, outputs: lis
 
 
 async def _completed_by(task_id: str, attempt: int) -> bool | None:
-    """这次尝试是否已把任务完成（提交成功但应答丢失时为真）；数据库不可达 → None"""
+    """这次尝试是否已把任务完成（提交成功但应答丢失时为真）；数据库不可达或久等不到那次提交 → None"""
     try:
-        row = await db.fetch_one("select status, attempts from public.tasks where id = %s", (task_id,))
+        async with db.transaction() as conn:
+            # A COMMIT sent before the connection died may still be landing, holding the task's row: a plain read
+            # would see the task unfinished and the caller would remove a result it then points to. A locking read
+            # waits for that transaction to end, within a bound (past it the answer is unknown).
+            await conn.execute(f"set local lock_timeout = '{COMMIT_WAIT_S}s'")
+            cur = await conn.execute("select status, attempts from public.tasks where id = %s for share", (task_id,))
+            row = await cur.fetchone()
     except Exception as exc:
         log.warning("task %s: could not tell whether its result was saved: %s", task_id, exc)
         return None

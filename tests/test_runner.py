@@ -367,31 +367,94 @@ async def test_a_database_blip_while_saving_requeues_instead_of_failing(client, 
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
-async def test_a_commit_whose_answer_is_lost_keeps_the_completed_result(client, make_user, job_models, monkeypatch):
+def saving_transaction(monkeypatch, faulty) -> None:
+    """只让第一个事务（保存结果的那个）换成 faulty；之后的照常"""
+    from lib import db
+
+    real, calls = db.transaction, []
+
+    def transaction():
+        calls.append(1)
+        return faulty(real) if len(calls) == 1 else real()
+
+    monkeypatch.setattr(db, "transaction", transaction)
+
+
+SAVED_UNANSWERED = "the database committed the result but its answer was lost"
+
+
+async def test_a_commit_whose_answer_is_lost_keeps_the_completed_result(
+    client, make_user, job_models, monkeypatch, caplog
+):
     """The database committed completed, but the connection died before saying so: the result must stay."""
     from contextlib import asynccontextmanager
 
     import psycopg
 
-    from gpu_jobs import runner
+    from lib.storage import get_storage
+
+    user = await make_user()
+    task = await create(client, user, "quick")
+
+    @asynccontextmanager
+    async def answer_lost(real_transaction):
+        async with real_transaction() as conn:
+            yield conn
+        raise psycopg.OperationalError("server closed the connection unexpectedly")  # after COMMIT
+
+    saving_transaction(monkeypatch, answer_lost)
+    assert await run_task_async(task["id"]) == "completed"
+    assert SAVED_UNANSWERED in caplog.text
+    row = task_row(task["id"])
+    assert row["status"] == "completed"
+    assert await get_storage().info(path=row["result"]["path"]) is not None
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_a_commit_still_landing_when_its_answer_is_lost_keeps_the_completed_result(
+    client, make_user, job_models, monkeypatch, caplog
+):
+    """The connection died after COMMIT was sent, and the database finishes committing a moment later: the runner
+    must not read the task before that, take it for unsaved and remove the result the task then points to."""
+    from contextlib import asynccontextmanager
+
+    import psycopg
+
     from lib import db
     from lib.storage import get_storage
 
     user = await make_user()
     task = await create(client, user, "quick")
-    real_transaction = db.transaction
+    landing: list[asyncio.Task] = []
 
     @asynccontextmanager
-    async def answer_lost():
-        async with real_transaction() as conn:
+    async def commit_lands_late(real_transaction):
+        conn = await psycopg.AsyncConnection.connect(get_settings().supabase_db_url, **db.connect_kwargs())
+        await conn.execute("begin")
+        try:
             yield conn
-        raise psycopg.OperationalError("server closed the connection unexpectedly")  # after COMMIT
+        except BaseException:
+            await conn.execute("rollback")
+            await conn.close()
+            raise
 
-    monkeypatch.setattr(runner.db, "transaction", answer_lost)
+        async def commit() -> None:
+            await asyncio.sleep(0.5)
+            await conn.execute("commit")
+            await conn.close()
+
+        landing.append(asyncio.create_task(commit()))
+        raise psycopg.OperationalError("server closed the connection unexpectedly")  # COMMIT sent, no answer
+
+    saving_transaction(monkeypatch, commit_lands_late)
     assert await run_task_async(task["id"]) == "completed"
+    assert SAVED_UNANSWERED in caplog.text  # it waited for the commit instead of reading the task before it landed
+    await asyncio.gather(*landing)
     row = task_row(task["id"])
     assert row["status"] == "completed"
-    assert await get_storage().info(path=row["result"]["path"]) is not None
+    [asset] = sql("select path from public.assets where source_task_id = %s", (task["id"],))
+    assert row["result"]["path"] == asset["path"]
+    assert await get_storage().info(path=asset["path"]) is not None
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
 
 
