@@ -7,14 +7,14 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from functions.auth import CurrentUserId
 from functions.errors import Deleted, Envelope, ok
-from functions.query import Filter
+from functions.query import Filter, page_size
 from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import InvalidInput, PayloadTooLarge
@@ -195,7 +195,7 @@ async def list_assets(
     project_id: Filter[UUID] = None,
     kind: Filter[AssetKind] = None,
     status: Filter[AssetStatus] = None,
-    limit: int = Query(20, ge=1, le=100),
+    limit: page_size(100) = 20,
     cursor: str | None = None,
 ):
     """资源列表"""

@@ -3,11 +3,12 @@
 from datetime import datetime
 from uuid import UUID
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel
 
 from functions.auth import CurrentUserId
 from functions.errors import Envelope, ok
+from functions.query import page_size
 from lib.billing import get_billing_service
 from lib.credits import get_credit_service
 
@@ -53,7 +54,7 @@ async def get_balance(user_id: CurrentUserId):
 
 
 @router.get("/ledger", response_model=Envelope[LedgerPage])
-async def list_ledger(user_id: CurrentUserId, limit: int = Query(50, ge=1, le=200), cursor: str | None = None):
+async def list_ledger(user_id: CurrentUserId, limit: page_size(200) = 50, cursor: str | None = None):
     """积分流水（最新在前，游标分页）"""
     return ok(await get_credit_service().list_ledger(user_id=user_id, limit=limit, cursor=cursor))
 

@@ -6,11 +6,12 @@ from datetime import datetime
 from typing import Annotated
 from uuid import UUID
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from pydantic import BaseModel, StringConstraints
 
 from functions.auth import CurrentUserId
 from functions.errors import Deleted, Envelope, ok
+from functions.query import page_size
 from lib.fields import STORABLE, RequestBody
 from lib.projects import get_project_service
 
@@ -51,7 +52,7 @@ async def create_project(body: ProjectCreate, user_id: CurrentUserId):
 
 
 @router.get("", response_model=Envelope[ProjectPage])
-async def list_projects(user_id: CurrentUserId, limit: int = Query(20, ge=1, le=100), cursor: str | None = None):
+async def list_projects(user_id: CurrentUserId, limit: page_size(100) = 20, cursor: str | None = None):
     """项目列表（最新在前，游标分页）"""
     return ok(
         ProjectPage.model_validate(

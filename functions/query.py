@@ -1,13 +1,14 @@
-"""Query parameters several routes share: a filter sent empty (`?status=`) is the same as one left out, and a
-parameter a route takes may be given only once."""
+"""Query parameters several routes share: a filter or page size sent empty (`?status=`, `?limit=`) is the same as
+one left out, and a parameter a route takes may be given only once."""
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Annotated, TypeVar, get_origin
+from typing import Annotated, Any, TypeVar, get_origin
 
-from fastapi import Request
+from fastapi import Query, Request
 from pydantic import BeforeValidator
+from pydantic_core import PydanticUseDefault
 
 from lib.errors import InvalidInput
 
@@ -21,6 +22,20 @@ def _empty_is_unset(value: object) -> object:
 
 # Browsers' URLSearchParams send a filter the page left blank as `?status=`: that filters nothing, it is no 422.
 Filter = Annotated[T | None, BeforeValidator(_empty_is_unset)]
+
+
+def _empty_is_default(value: object) -> object:
+    """空字符串当作没给（取默认值）"""
+    if value == "":
+        raise PydanticUseDefault()
+    return value
+
+
+def page_size(most: int) -> Any:
+    """分页大小参数（1..most；空值取路由的默认值）"""
+    # `?limit=` is the default page, not a 422. The validator goes after Query: before it, the OpenAPI schema
+    # loses its minimum and maximum.
+    return Annotated[int, Query(ge=1, le=most), BeforeValidator(_empty_is_default)]
 
 
 async def given_once(request: Request) -> None:

@@ -6,13 +6,13 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
 from functions.errors import Envelope, ok
 from functions.headers import IdempotencyKey
-from functions.query import Filter
+from functions.query import Filter, page_size
 from lib.fields import RequestBody
 from lib.tasks import get_task_service
 
@@ -85,7 +85,7 @@ async def list_tasks(
     user_id: CurrentUserId,
     status: Filter[TaskStatus] = None,
     project_id: Filter[UUID] = None,
-    limit: int = Query(20, ge=1, le=100),
+    limit: page_size(100) = 20,
     cursor: str | None = None,
 ):
     """任务列表"""

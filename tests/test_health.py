@@ -154,6 +154,23 @@ async def test_a_filter_sent_empty_filters_nothing(client, make_user):
     assert (await client.get("/tasks?status=done", headers=user.headers)).status_code == 422
 
 
+async def test_a_page_size_sent_empty_is_the_default_one(client, make_user):
+    """A page size the page left blank (`?limit=`) is the default, as a blank filter or cursor is no filter."""
+    user = await make_user()
+    for n in range(3):
+        await client.post("/projects", json={"name": f"p{n}"}, headers=user.headers)
+    for url in ("/tasks?limit=", "/assets?limit=&cursor=", "/projects?limit=", "/credits/ledger?limit="):
+        resp = await client.get(url, headers=user.headers)
+        assert resp.status_code == 200, (url, resp.text)
+    assert len((await client.get("/projects?limit=", headers=user.headers)).json()["data"]["items"]) == 3
+    for url in ("/projects?limit=0", "/projects?limit=abc", "/projects?limit=&limit=2"):
+        resp = await client.get(url, headers=user.headers)
+        assert resp.status_code == 422 and resp.json()["error"]["details"][0]["field"] == "query.limit", url
+    schema = (await client.get("/openapi.json")).json()
+    [limit] = [p for p in schema["paths"]["/credits/ledger"]["get"]["parameters"] if p["name"] == "limit"]
+    assert limit["schema"] == {"type": "integer", "minimum": 1, "maximum": 200, "default": 50, "title": "Limit"}
+
+
 async def test_unexpected_exception_is_generic_500(app, client, caplog):
     from fastapi import APIRouter
 
