@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from functions.auth import CurrentUserId
-from functions.errors import Deleted, Envelope, ok
+from functions.errors import ANSWER, Deleted, Envelope, ok
 from functions.query import Filter, page_size
 from lib.assets import get_asset_service
 from lib.config import get_settings
@@ -52,6 +52,8 @@ class AssetUploadTicket(BaseModel):
 
 
 class AssetPublic(BaseModel):
+    model_config = ANSWER
+
     id: UUID
     project_id: UUID | None
     kind: AssetKind

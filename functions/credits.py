@@ -7,7 +7,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from functions.auth import CurrentUserId
-from functions.errors import Envelope, ok
+from functions.errors import ANSWER, Envelope, ok
 from functions.query import page_size
 from lib.billing import get_billing_service
 from lib.credits import get_credit_service
@@ -43,6 +43,8 @@ class CreditPackage(BaseModel):
 
 
 class PackageList(BaseModel):
+    model_config = ANSWER
+
     items: list[CreditPackage]
     next_cursor: None = None
 

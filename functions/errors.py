@@ -6,7 +6,7 @@ import logging
 import time
 import uuid
 from contextvars import ContextVar
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from uuid import UUID
 
 import psycopg
@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -42,11 +42,17 @@ HTTP_CODES = {
 
 T = TypeVar("T")
 
+# An answer always carries its fields, those with a default too: the OpenAPI schema marks them required, so a
+# generated client gets neither `success?` nor an optional `next_cursor`.
+ANSWER = ConfigDict(json_schema_serialization_defaults_required=True)
+
 
 class Envelope(BaseModel, Generic[T]):
     """成功响应信封（OpenAPI 里每个路由的 data 都有类型）"""
 
-    success: bool = True
+    model_config = ANSWER
+
+    success: Literal[True] = True
     data: T
 
 
@@ -67,7 +73,9 @@ class ErrorBody(BaseModel):
 
 
 class ErrorEnvelope(BaseModel):
-    success: bool = False
+    model_config = ANSWER
+
+    success: Literal[False] = False
     error: ErrorBody
     request_id: str
 

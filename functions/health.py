@@ -4,7 +4,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from functions.errors import Envelope, ok, request_id_var
+from functions.errors import Envelope, ErrorEnvelope, ok, request_id_var
 from lib.health import check_database
 
 router = APIRouter(tags=["Health"])
@@ -15,7 +15,16 @@ class Health(BaseModel):
     db: str
 
 
-@router.get("/health", response_model=Envelope[Health])
+class HealthDown(ErrorEnvelope):
+    data: Health
+
+
+DOWN = {
+    503: {"model": HealthDown, "description": "The database is not reachable: the error, with `data` for monitors."}
+}
+
+
+@router.get("/health", response_model=Envelope[Health], responses=DOWN)
 async def health():
     """服务健康检查（数据库不可达 → 503，错误信封里仍带状态）"""
     if await check_database():

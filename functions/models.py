@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
-from functions.errors import Envelope, ok
+from functions.errors import ANSWER, Envelope, ok
 from lib.catalog import CATALOG, list_models
 from lib.errors import NotFound
 from lib.fields import RequestBody
@@ -29,6 +29,8 @@ class ModelInfo(BaseModel):
 
 
 class ModelList(BaseModel):
+    model_config = ANSWER
+
     items: list[ModelInfo]
     next_cursor: None = None
 

@@ -1,5 +1,7 @@
 """Health, the response envelopes and the request id."""
 
+import re
+
 import pytest
 
 
@@ -136,6 +138,46 @@ async def test_openapi_declares_the_bearer_token_and_the_error_envelope(client):
                 assert ref.split("/")[-1].startswith("Envelope_"), (method, path, status)
     page = schema["components"]["schemas"]["TaskPage"]["properties"]["items"]["items"]["$ref"]
     assert page.endswith("/TaskPublic")  # a client generator gets typed tasks, not `any`
+
+
+def _components_under(schema: dict, name: str, seen: set) -> None:
+    """name 及其引用到的所有组件"""
+    if name not in seen:
+        seen.add(name)
+        for other in re.findall(r"#/components/schemas/(\w+)", str(schema["components"]["schemas"][name])):
+            _components_under(schema, other, seen)
+
+
+async def test_openapi_marks_what_every_answer_always_carries_as_required(client, make_user):
+    """A client generated from the schema can tell success from error by `success`, and gets no optional fields
+    that every answer carries (`download_url`, `next_cursor`)."""
+    schema = (await client.get("/openapi.json")).json()
+    names: set = set()
+    for methods in schema["paths"].values():
+        for operation in methods.values():
+            for answer in operation["responses"].values():
+                ref = answer.get("content", {}).get("application/json", {}).get("schema", {}).get("$ref")
+                if ref:
+                    _components_under(schema, ref.split("/")[-1], names)
+    components = schema["components"]["schemas"]
+    for name in names - {"ErrorBody"}:  # an error's `details` is left out when there are none
+        component = components[name]
+        assert set(component.get("required", [])) == set(component["properties"]), name
+    assert components["Envelope_TaskPublic_"]["properties"]["success"]["const"] is True
+    assert components["ErrorEnvelope"]["properties"]["success"]["const"] is False
+    # The health check's 503 carries its status for monitors: the schema says so.
+    down = schema["paths"]["/health"]["get"]["responses"]["503"]["content"]["application/json"]["schema"]
+    assert "data" in components[down["$ref"].split("/")[-1]]["required"]
+
+    user = await make_user()
+    answers = [
+        (await client.get("/assets", headers=user.headers)).json(),
+        (await client.get("/models")).json(),
+        (await client.get("/credits/packages", headers=user.headers)).json(),
+        (await client.get("/tasks/0", headers=user.headers)).json(),
+    ]
+    assert [answer["success"] for answer in answers] == [True, True, True, False]
+    assert all("next_cursor" in answer["data"] for answer in answers[:3])
 
 
 async def test_timestamps_have_one_format_everywhere(client, make_user):
