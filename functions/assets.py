@@ -18,7 +18,7 @@ from functions.query import Filter, page_size
 from lib.assets import get_asset_service
 from lib.config import get_settings
 from lib.errors import InvalidInput, PayloadTooLarge
-from lib.fields import RequestBody, Text, Whole
+from lib.fields import RequestBody, Whole, text_up_to
 
 router = APIRouter(prefix="/assets", tags=["Assets"])
 
@@ -35,7 +35,7 @@ class AssetUploadCreate(RequestBody):
         description="The file's type (the browser's `file.type`); when empty, the type `filename` names.",
     )
     bytes: Whole = Field(gt=0, description="Size of the file that will be uploaded.")
-    filename: Text | None = Field(None, max_length=255)
+    filename: text_up_to(255) | None = None
     project_id: UUID | None = None
 
 

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Header, Request
 from pydantic import BaseModel, Field
 
 from functions.auth import CurrentUserId
 from functions.errors import Envelope, ok
 from functions.headers import IdempotencyKey
 from lib.billing import get_billing_service
-from lib.fields import RequestBody, Text
+from lib.fields import RequestBody, Text, text_up_to
 
 router = APIRouter(prefix="/billing", tags=["Billing"])
 
 
 class CheckoutCreate(RequestBody):
     package_id: Text = Field(min_length=1, max_length=100, examples=["starter"])
-    success_url: Text | None = Field(
-        None, max_length=2048, examples=["http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"]
+    success_url: text_up_to(2048) | None = Field(
+        None, examples=["http://localhost:3000/billing/success?session_id={CHECKOUT_SESSION_ID}"]
     )
-    cancel_url: Text | None = Field(None, max_length=2048, examples=["http://localhost:3000/billing/cancel"])
+    cancel_url: text_up_to(2048) | None = Field(None, examples=["http://localhost:3000/billing/cancel"])
 
 
 class CheckoutPublic(BaseModel):
@@ -55,7 +53,7 @@ class CheckoutStatus(BaseModel):
 
 
 @router.get("/checkout/{session_id}", response_model=Envelope[CheckoutStatus])
-async def checkout_status(session_id: Annotated[Text, Path(max_length=255)], user_id: CurrentUserId):
+async def checkout_status(session_id: text_up_to(255), user_id: CurrentUserId):
     """结账的状态（成功页：已付但 webhook 还没到时当场发放积分）"""
     return ok(await get_billing_service().checkout_status(user_id=user_id, session_id=session_id))
 

@@ -12,7 +12,7 @@ from pydantic import ConfigDict, Field
 
 from lib.config import Settings, get_settings
 from lib.errors import InvalidInput
-from lib.fields import Number, RequestBody, Text
+from lib.fields import Number, RequestBody, Text, text_up_to
 
 # Modal GPU classes, each with a fallback list (first available wins).
 GPU_CLASSES: dict[str, list[str]] = {
@@ -86,7 +86,7 @@ class KlingParams(Params):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)  # a blank prompt is no prompt
 
     prompt: Text = Field(min_length=1, max_length=2500)
-    negative_prompt: Text | None = Field(None, max_length=2500)
+    negative_prompt: text_up_to(2500) | None = None
     model_name: Literal["kling-v1", "kling-v1-6", "kling-v2-master", "kling-v2-1-master"] = "kling-v1-6"
     mode: Literal["std", "pro"] = "std"
     duration: Literal["5", "10"] = "5"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Strict, StringConstraints, model_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -29,6 +29,15 @@ def _storable(value: str) -> str:
 
 STORABLE = AfterValidator(_storable)  # list it after any StringConstraints, which apply to the str before it
 Text = Annotated[str, STORABLE]
+
+
+def text_up_to(max_length: int) -> Any:
+    """可存储、至多 max_length 个字符的文本（可放进 `| None` 与路径参数）"""
+    # Field(max_length=...) on `Text | None` or beside Path() lands after the validator, where pydantic can only
+    # say "Value should have at most N items after validation": here the length is the string's own.
+    return Annotated[str, StringConstraints(max_length=max_length), STORABLE]
+
+
 # A JSON number, not true/false nor "1" (pydantic's lax mode reads those as 1): a client bug shows as a 422.
 Number = Annotated[float, Strict()]
 Whole = Annotated[int, Strict()]

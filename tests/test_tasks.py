@@ -428,6 +428,44 @@ async def test_text_postgres_cannot_store_is_refused_as_input(client, make_user,
     assert field in [d["field"] for d in resp.json()["error"]["details"]]
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "field", "says"),
+    [
+        (
+            "/assets/uploads",
+            {"content_type": "image/png", "bytes": 10, "filename": "a" * 256},
+            "filename",
+            "at most 255",
+        ),
+        ("/billing/checkout", {"package_id": ""}, "package_id", "at least 1"),
+        ("/billing/checkout", {"package_id": "starter", "cancel_url": "h" * 2049}, "cancel_url", "at most 2048"),
+        ("/models/kling.text2video/quote", {"params": {"prompt": "a" * 2501}}, "params.prompt", "at most 2500"),
+        ("/models/kling.text2video/quote", {"params": {"prompt": "  "}}, "params.prompt", "at least 1"),
+        (
+            "/models/kling.text2video/quote",
+            {"params": {"prompt": "a", "negative_prompt": "b" * 2501}},
+            "params.negative_prompt",
+            "at most 2500",
+        ),
+        ("/billing/checkout/" + "c" * 256, None, "path.session_id", "at most 255"),
+    ],
+)
+async def test_text_of_the_wrong_length_is_told_in_characters(client, make_user, path, body, field, says, monkeypatch):
+    """A too long prompt or file name is "String should have at most N characters", not "items after validation"."""
+    from lib.config import get_settings
+
+    monkeypatch.setattr(get_settings(), "kling_ai_access_key", "ak-test")
+    monkeypatch.setattr(get_settings(), "kling_ai_secret_key", "sk-test")
+    user = await make_user()
+    if body is None:
+        resp = await client.get(path, headers=user.headers)
+    else:
+        resp = await client.post(path, json=body, headers=user.headers)
+    assert resp.status_code == 422, resp.text
+    [message] = [d["message"] for d in resp.json()["error"]["details"] if d["field"] == field]
+    assert message.startswith("String should have") and says in message and "character" in message, message
+
+
 async def test_video_above_60_fps_is_billed_per_60_frames(client, make_user):
     """The GPU's work is per frame: a 1 s clip of 3000 frames is not one second's price."""
     user = await make_user()
