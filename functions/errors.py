@@ -103,7 +103,7 @@ def error_response(status: int, code: str, message: str, details: Any = None, he
 
 
 class RequestIdMiddleware:
-    """为每个请求分配 request id、写入响应头、记一行访问日志，并把未处理的异常变成通用 500（纯 ASGI）"""
+    """为每个请求分配 request id、写入响应头、记一行访问日志（纯 ASGI；最外层，CORS 拒绝的预检也在内）"""
 
     def __init__(self, app):
         self.app = app
@@ -117,28 +117,49 @@ class RequestIdMiddleware:
         )
         token = request_id_var.set(rid)
 
-        started, status, began = False, 500, time.perf_counter()
+        status, began = 500, time.perf_counter()
 
         async def send_with_id(message):
-            nonlocal started, status
+            nonlocal status
             if message["type"] == "http.response.start":
-                started, status = True, message["status"]
+                status = message["status"]
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            # Logged with the traceback; the client sees a generic message only.
-            log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], rid)
-            if not started:
-                response = error_response(500, "internal_error", "Something went wrong on our side. Please try again.")
-                await response(scope, receive, send_with_id)
         finally:
             # One line per request, so any answer (a 404, a 409, a 503) is found by the request_id its body names.
             took = (time.perf_counter() - began) * 1000
             access_log.info("%s %s %d %.0f ms request %s", scope["method"], scope["path"], status, took, rid)
             request_id_var.reset(token)
+
+
+class UnhandledErrorMiddleware:
+    """把未处理的异常变成通用 500（纯 ASGI；在 CORS 之内，浏览器读得到它）"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def send_watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_watched)
+        except Exception:
+            # Logged with the traceback; the client sees a generic message only.
+            rid = request_id_var.get()
+            log.exception("unhandled error on %s %s (request %s)", scope["method"], scope["path"], rid)
+            if not started:
+                response = error_response(500, "internal_error", "Something went wrong on our side. Please try again.")
+                await response(scope, receive, send_watched)
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict]:

@@ -345,3 +345,22 @@ async def test_cors_origins_are_matched_as_the_browser_writes_its_origin(monkeyp
         resp = await client.get("/no-such-route", headers=origin)
     assert preflight.headers["access-control-allow-origin"] == "https://app.example.com"
     assert resp.headers["access-control-allow-origin"] == "https://app.example.com"
+
+
+async def test_a_refused_preflight_is_an_envelope_in_the_access_log(client, caplog):
+    """An origin missing from CORS_ORIGINS: the refusal says so in the envelope, and the logs show it."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="spool.access")
+    preflight = {"origin": "https://app.elsewhere.example", "access-control-request-method": "POST"}
+    resp = await client.options("/tasks", headers=preflight)
+    assert resp.status_code == 400
+    body = resp.json()
+    assert body["success"] is False and body["error"]["code"] == "bad_request"
+    assert "origin" in body["error"]["message"] and "CORS_ORIGINS" in body["error"]["message"]
+    assert body["request_id"] == resp.headers["x-request-id"]
+    [line] = [r.getMessage() for r in caplog.records if r.name == "spool.access"]
+    assert line.startswith("OPTIONS /tasks 400 ") and line.endswith(f"request {body['request_id']}")
+    allowed = await client.options("/tasks", headers={**preflight, "origin": "http://localhost:3000"})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
+    assert allowed.headers["x-request-id"]
