@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from psycopg_pool import PoolTimeout
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from lib.errors import SpoolError
@@ -38,6 +39,8 @@ HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
+# Nginx's status for a request its client abandoned: the access log tells it from a server error.
+CLIENT_GONE = 499
 
 
 T = TypeVar("T")
@@ -153,6 +156,13 @@ class UnhandledErrorMiddleware:
 
         try:
             await self.app(scope, receive, send_watched)
+        except ClientDisconnect:
+            # A closed tab or a dropped upload: nobody to answer and nothing wrong here (no 500, no traceback).
+            log.info(
+                "client disconnected during %s %s (request %s)", scope["method"], scope["path"], request_id_var.get()
+            )
+            if not started:
+                await _client_gone()(scope, receive, send_watched)
         except Exception:
             # Logged with the traceback; the client sees a generic message only.
             rid = request_id_var.get()
@@ -160,6 +170,11 @@ class UnhandledErrorMiddleware:
             if not started:
                 response = error_response(500, "internal_error", "Something went wrong on our side. Please try again.")
                 await response(scope, receive, send_watched)
+
+
+def _client_gone() -> JSONResponse:
+    """客户端在请求读完前断开时的应答（没人收，只为访问日志记下 499）"""
+    return error_response(CLIENT_GONE, "client_closed_request", "The client closed the connection mid-request.")
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict]:
@@ -213,6 +228,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         code = HTTP_CODES.get(exc.status_code, "error")
         message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+        if isinstance(exc.__cause__, ClientDisconnect):  # FastAPI reads a JSON body's disconnect as a parse error
+            return _client_gone()
         if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI's parser gave up on a JSON body
             reason = _UNPARSABLE.get(type(exc.__cause__), "not valid JSON")
             return error_response(

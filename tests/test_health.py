@@ -364,3 +364,37 @@ async def test_a_refused_preflight_is_an_envelope_in_the_access_log(client, capl
     allowed = await client.options("/tasks", headers={**preflight, "origin": "http://localhost:3000"})
     assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:3000"
     assert allowed.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("path", "content_type", "first_part"),
+    [
+        ("/assets", "multipart/form-data; boundary=b", b'--b\r\ncontent-disposition: form-data; name="file"\r\n\r\n'),
+        ("/projects", "application/json", b'{"name": '),
+    ],
+    ids=["upload", "json"],
+)
+async def test_a_client_gone_mid_request_is_no_server_error(app, make_user, caplog, path, content_type, first_part):
+    """A closed tab or a dropped upload: logged as the client's doing (499), not as a 500 with a traceback."""
+    import logging
+
+    user = await make_user()
+    caplog.set_level(logging.INFO)
+    messages = [{"type": "http.request", "body": first_part, "more_body": True}]
+
+    async def receive():  # the connection drops after the first part of the body
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    headers = [(b"content-type", content_type.encode()), (b"authorization", f"Bearer {user.token}".encode())]
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": headers, "http_version": "1.1", "scheme": "http", "server": ("spool.test", 80),
+             "client": ("127.0.0.1", 5000), "root_path": ""}  # fmt: skip
+    await app(scope, receive, send)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    [line] = [r.getMessage() for r in caplog.records if r.name == "spool.access"]
+    assert line.startswith(f"POST {path} 499 "), line
