@@ -162,8 +162,11 @@ class TaskService:
         return {**page, "items": await with_fresh_result_urls(page["items"])}
 
     async def cancel_task(self, *, user_id: str, task_id: str) -> dict:
-        """取消排队中或处理中的任务并退款；已结束的任务 → 409"""
+        """取消排队中或处理中的任务并退款；再次取消已取消的任务照样回答它（重试安全）；已完成或失败 → 409"""
         task = await self._own_task(user_id, task_id)
+        if task["status"] == "canceled":  # a retry of a cancel whose answer was lost: it did cancel
+            [task] = await with_fresh_result_urls([task])
+            return task
         if task["status"] in TERMINAL:
             raise Conflict(f"The task is already {task['status']}.")
         spec = catalog.CATALOG.get(task["model_key"])
@@ -176,6 +179,8 @@ class TaskService:
             message="Canceled.",
         )
         if not outcome["changed"]:
+            if outcome["task"]["status"] == "canceled":  # two cancels at once: both did what was asked
+                return public_task(outcome["task"])
             raise Conflict(f"The task is already {outcome['task']['status']}.")
         try:
             await get_dispatcher().cancel(task_id=task_id, call_id=outcome["task"].get("call_id"))

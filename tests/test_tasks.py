@@ -338,13 +338,26 @@ async def test_other_users_task_is_404(client, make_user):
     assert task_row(task["id"])["status"] == "queued"
 
 
-async def test_cancel_queued_refunds_once_then_409(client, make_user):
+async def test_cancel_queued_refunds_once_and_a_retried_cancel_answers_the_same(client, make_user):
+    """取消排队任务退款一次；重试的取消（上次回答丢了）照样回答已取消的任务，不再退款"""
     user = await make_user()
     task = (await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)).json()["data"]
     resp = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
     assert resp.status_code == 200 and resp.json()["data"]["status"] == "canceled"
     again = await client.post(f"/tasks/{task['id']}/cancel", headers=user.headers)
-    assert again.status_code == 409 and again.json()["error"]["code"] == "conflict"
+    assert again.status_code == 200 and again.json()["data"] == resp.json()["data"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+    assert balance(user.id) == 100
+
+
+async def test_two_cancels_at_once_both_answer_the_canceled_task_and_refund_once(client, make_user):
+    """同时两次取消：都回答已取消的任务，只退款一次"""
+    user = await make_user()
+    task = (await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)).json()["data"]
+    answers = await asyncio.gather(
+        *(client.post(f"/tasks/{task['id']}/cancel", headers=user.headers) for _ in range(2))
+    )
+    assert [(a.status_code, a.json()["data"]["status"]) for a in answers] == [(200, "canceled")] * 2
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
     assert balance(user.id) == 100
 
