@@ -70,6 +70,12 @@ def _cents(value) -> int | None:
     return value if value is not None and 0 <= value < MAX_CENTS else None
 
 
+def _currency(value) -> str | None:
+    """Stripe 的币种（三个字母的 ISO 代码，小写）；不像币种为 None"""
+    value = _typed(value, str)
+    return value.lower() if value and len(value) == 3 and value.isascii() and value.isalpha() else None
+
+
 DISPUTE_EVENTS = ("charge.dispute.funds_withdrawn", "charge.dispute.funds_reinstated")
 
 
@@ -87,10 +93,16 @@ def event_effect(event: dict, *, disputed_purchase_id: str | None = None) -> tup
         )
         if paid:
             # What the PaymentIntent charged: its refunds and disputes count in that amount and currency. With
-            # Adaptive Pricing that is the buyer's currency, while amount_total stays in the integration's.
+            # Adaptive Pricing that is the buyer's currency, while amount_total stays in the integration's. Each
+            # amount is recorded with its own currency.
             presented = _typed(obj.get("presentment_details"), dict) or {}
-            amount = _cents(presented.get("presentment_amount")) or _cents(obj.get("amount_total"))
-            return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", (*ids, amount)
+            amount, currency = (
+                _cents(presented.get("presentment_amount")),
+                _currency(presented.get("presentment_currency")),
+            )
+            if not amount or currency is None:
+                amount, currency = _cents(obj.get("amount_total")), _currency(obj.get("currency"))
+            return "select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s, %s) as r", (*ids, amount, currency)
         unpaid = {
             "checkout.session.completed": "pending",
             "checkout.session.async_payment_failed": "failed",
@@ -114,7 +126,7 @@ def event_effect(event: dict, *, disputed_purchase_id: str | None = None) -> tup
     if kind == "charge.refunded":
         user_id = _uuid_or_none(meta.get("user_id"))
         return (
-            "select public.apply_charge_refunded(%s, %s, %s, %s, %s, %s) as r",
+            "select public.apply_charge_refunded(%s, %s, %s, %s, %s, %s, %s) as r",
             (
                 purchase_id,
                 _id_of(obj.get("payment_intent")),
@@ -122,6 +134,7 @@ def event_effect(event: dict, *, disputed_purchase_id: str | None = None) -> tup
                 package_id,
                 _cents(obj.get("amount")),
                 _cents(obj.get("amount_refunded")) or 0,
+                _currency(obj.get("currency")),
             ),
         )
     return None

@@ -747,6 +747,62 @@ async def test_a_chargeback_of_a_payment_in_the_buyers_currency_takes_back_the_w
     assert (row["status"], row["credits_clawed_back"], row["clawback_shortfall"]) == ("disputed", 500, 0)
 
 
+def in_euros(obj: dict, amount: int = 460) -> dict:
+    """Adaptive Pricing：会话仍以美元计，买家实付欧元"""
+    return {**obj, "presentment_details": {"presentment_amount": amount, "presentment_currency": "eur"}}
+
+
+async def test_a_payment_in_another_currency_is_recorded_in_the_currency_paid(client, make_user, stripe_api):
+    """实付金额与其币种一起记下：4.60 欧元记为 460 eur，而不是 460 usd"""
+    user = await make_user()
+    adaptive = (await checkout(client, user))["session_id"]
+    priced_in_yen = (await checkout(client, user))["session_id"]  # a stripe_price_id in yen, or per-currency prices
+    metadata = [fake_stripe.nest(r.form)["metadata"] for r in stripe_api.posts(SESSIONS)]
+    paid = [
+        in_euros(fake_stripe.session(adaptive, metadata[0], payment_intent="pi_adaptive")),
+        {
+            **fake_stripe.session(priced_in_yen, metadata[1], payment_intent="pi_yen", amount_total=780),
+            "currency": "jpy",
+        },
+    ]
+    for obj in paid:
+        resp = await post_event(client, fake_stripe.event("checkout.session.completed", obj))
+        assert resp.json()["data"]["result"] == "granted"
+    rows = {p["checkout_session_id"]: (p["amount_cents"], p["currency"], p["status"]) for p in purchases(user.id)}
+    assert rows == {adaptive: (460, "eur", "paid"), priced_in_yen: (780, "jpy", "paid")}
+    assert balance(user.id) == 1100
+
+
+async def test_a_refund_in_another_currency_before_its_payment_is_recorded_in_that_currency(
+    client, make_user, stripe_api
+):
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["payment_intent_data"]["metadata"]
+    refund = {**fake_stripe.charge(metadata, amount=460, amount_refunded=100, payment_intent="pi_r"), "currency": "eur"}
+    await post_event(client, fake_stripe.event("charge.refunded", refund))
+    (row,) = purchases(user.id)
+    assert (row["amount_cents"], row["currency"], row["status"]) == (460, "eur", "pending")
+
+    paid = in_euros(fake_stripe.session(session_id, metadata, payment_intent="pi_r"))
+    await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    (row,) = purchases(user.id)
+    assert (row["amount_cents"], row["currency"], row["status"]) == (460, "eur", "partially_refunded")
+    assert row["credits_clawed_back"] == 500 * 100 // 460
+    assert balance(user.id) == 100 + 500 - 500 * 100 // 460
+
+
+async def test_the_former_paid_signature_still_grants(client, make_user):
+    """部署期间旧版 API 仍按旧签名调用 apply_checkout_paid：照样发放，金额照旧记下"""
+    user = await make_user()
+    metadata = metadata_for(user)
+    args = (metadata["purchase_id"], "cs_former", "pi_former", user.id, "starter", 500)
+    row = sql("select public.apply_checkout_paid(%s, %s, %s, %s, %s, %s) as r", args)[0]["r"]
+    assert row["result"] == "granted" and balance(user.id) == 600
+    (purchase,) = purchases(user.id)
+    assert (purchase["amount_cents"], purchase["currency"], purchase["status"]) == (500, "usd", "paid")
+
+
 async def test_a_late_withdrawal_of_a_dispute_already_won_takes_nothing(client, make_user):
     user = await make_user()
     await bought(client, user, "cs_late", "pi_late")
