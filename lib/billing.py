@@ -140,23 +140,22 @@ def event_effect(event: dict, *, disputed_purchase_id: str | None = None) -> tup
     return None
 
 
-async def _warn_on_a_price_mismatch(conn, event: dict) -> None:
-    """付款金额或币种与积分包不符时记一条警告（促销码，或 stripe_price_id 指向了别的价格）：积分照发"""
-    obj = event["data"]["object"]
-    package_id = _typed((_typed(obj.get("metadata"), dict) or {}).get("package_id"), str)
-    cur = await conn.execute("select price_cents, currency from public.credit_packages where id = %s", (package_id,))
-    pack = await cur.fetchone()
-    paid, currency = _cents(obj.get("amount_total")), _typed(obj.get("currency"), str)
-    if pack and (paid != pack["price_cents"] or (currency or "").lower() != pack["currency"]):
-        log.warning(
-            "stripe session %s paid %s %s for pack %s, which costs %s %s: check the pack's stripe_price_id",
-            obj.get("id"),
-            paid,
-            currency,
-            package_id,
-            pack["price_cents"],
-            pack["currency"],
-        )
+def _warn_on_a_price_mismatch(session: dict, price: dict | None) -> None:
+    """付款与结账时购买记下的价格（同一币种）不符时记一条警告（折扣，或 stripe_price_id 指向了别的价格）：积分照发"""
+    # amount_total is in the session's currency, which Adaptive Pricing leaves as the integration's; a payment in
+    # another currency (per-currency prices) has no amount in the recorded one to compare with.
+    paid, currency = _cents(session.get("amount_total")), _currency(session.get("currency"))
+    if not price or paid is None or currency != price.get("currency") or paid == price.get("amount_cents"):
+        return
+    log.warning(
+        "stripe session %s paid %s %s for pack %s, priced %s %s at checkout: check the pack's stripe_price_id",
+        session.get("id"),
+        paid,
+        currency,
+        _typed((_typed(session.get("metadata"), dict) or {}).get("package_id"), str),
+        price.get("amount_cents"),
+        price.get("currency"),
+    )
 
 
 async def _user_departed(conn, event: dict) -> bool:
@@ -306,6 +305,8 @@ class BillingService:
                 async with db.transaction() as conn:
                     row = await (await conn.execute(*effect)).fetchone()
                 log.info("checkout %s settled from the success page: %s", session_id, row["r"].get("result"))
+                if row["r"].get("result") == "granted":  # its webhook will find it already granted
+                    _warn_on_a_price_mismatch(session, row["r"].get("price"))
                 purchase = await self._purchase(user_id, session_id)
         return {
             "session_id": session_id,
@@ -376,8 +377,9 @@ class BillingService:
             if effect is not None:
                 row = await (await conn.execute(*effect)).fetchone()
                 result = row["r"]
+            price = result.pop("price", None)
             if result["result"] == "granted":
-                await _warn_on_a_price_mismatch(conn, event)
+                _warn_on_a_price_mismatch(event["data"]["object"], price)
             if result["result"] == "ignored" and event["type"].startswith("charge.dispute."):
                 # Money disputed for something not found here (an account deleted since): worth a look.
                 obj = event["data"]["object"]

@@ -702,10 +702,52 @@ async def test_a_dispute_won_forgives_the_shortfall_before_returning_credits(cli
 async def test_a_payment_that_does_not_match_its_pack_is_granted_and_logged(client, make_user, caplog):
     user = await make_user()
     metadata = metadata_for(user, "studio")
-    cheap = {**fake_stripe.session("cs_cheap", metadata, payment_intent="pi_cheap", amount_total=1), "currency": "jpy"}
+    cheap = fake_stripe.session("cs_cheap", metadata, payment_intent="pi_cheap", amount_total=1)
     resp = await post_event(client, fake_stripe.event("checkout.session.completed", cheap))
     assert resp.json()["data"]["result"] == "granted"  # the customer paid what Stripe asked: the pack is theirs
-    assert "paid 1 jpy for pack studio, which costs 5000 usd" in caplog.text
+    assert "paid 1 usd for pack studio, priced 5000 usd at checkout" in caplog.text
+    assert "price" not in resp.json()["data"]
+
+
+async def test_a_payment_at_the_price_its_checkout_recorded_logs_no_mismatch(client, make_user, stripe_api, caplog):
+    """结账后积分包改了价，或买家以另一种币种付款：与购买记下的价格比，不算不符，不报警"""
+    user = await make_user()
+    started = [(await checkout(client, user))["session_id"] for _ in range(3)]  # each priced 500 usd
+    metadata = [fake_stripe.nest(r.form)["metadata"] for r in stripe_api.posts(SESSIONS)]
+    paid = [
+        fake_stripe.session(started[0], metadata[0], payment_intent="pi_m0"),
+        in_euros(fake_stripe.session(started[1], metadata[1], payment_intent="pi_m1")),
+        {**fake_stripe.session(started[2], metadata[2], payment_intent="pi_m2", amount_total=460), "currency": "eur"},
+    ]
+    sql("update public.credit_packages set price_cents = 600 where id = 'starter'")  # a new price, after checkout
+    try:
+        for obj in paid:
+            resp = await post_event(client, fake_stripe.event("checkout.session.completed", obj))
+            assert resp.json()["data"]["result"] == "granted"
+    finally:
+        sql("update public.credit_packages set price_cents = 500 where id = 'starter'")
+    assert "stripe_price_id" not in caplog.text
+    assert balance(user.id) == 1600
+
+    # A payment that differs from its checkout's price in that price's currency is still worth a look.
+    session_id = (await checkout(client, user))["session_id"]
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[-1].form)["metadata"]
+    discounted = fake_stripe.session(session_id, metadata, payment_intent="pi_m3", amount_total=250)
+    await post_event(client, fake_stripe.event("checkout.session.completed", discounted))
+    assert f"stripe session {session_id} paid 250 usd for pack starter, priced 500 usd at checkout" in caplog.text
+
+
+async def test_a_mismatched_payment_settled_by_the_success_page_is_logged(client, make_user, stripe_api, caplog):
+    """成功页先发放时，其 webhook 只见 already_granted：不符的警告由成功页记下"""
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    paid = stripe_api.pay(session_id, payment_intent="pi_page", amount_total=250)
+    asked_a_while_ago(session_id)
+    assert (await checkout_status(client, user, session_id)).json()["data"]["status"] == "paid"
+    assert f"stripe session {session_id} paid 250 usd for pack starter, priced 500 usd at checkout" in caplog.text
+    resp = await post_event(client, fake_stripe.event("checkout.session.completed", paid))
+    assert resp.json()["data"] == {**resp.json()["data"], "result": "already_granted"}
+    assert "price" not in resp.json()["data"]
 
 
 async def test_a_refund_while_a_webhook_holds_the_purchase_still_pays_off_its_shortfall(client, make_user):
