@@ -88,8 +88,9 @@ def event_effect(event: dict, *, disputed_purchase_id: str | None = None) -> tup
     if kind.startswith("checkout.session.") and _typed(obj.get("id"), str):
         user_id = _uuid_or_none(meta.get("user_id") or obj.get("client_reference_id"))
         ids = (purchase_id, obj["id"], _id_of(obj.get("payment_intent")), user_id, package_id)
+        # no_payment_required: a 100 % discount or a Price of 0; nothing is owed, so the pack is the buyer's.
         paid = kind == "checkout.session.async_payment_succeeded" or (
-            kind == "checkout.session.completed" and obj.get("payment_status") == "paid"
+            kind == "checkout.session.completed" and obj.get("payment_status") in ("paid", "no_payment_required")
         )
         if paid:
             # What the PaymentIntent charged: its refunds and disputes count in that amount and currency. With

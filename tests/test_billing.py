@@ -472,6 +472,39 @@ async def test_async_success_after_pending_completion_grants_once(client, make_u
     assert purchases(user.id)[0]["status"] == "paid"
 
 
+async def test_a_checkout_with_nothing_to_pay_grants_the_pack_and_records_nothing_paid(
+    client, make_user, stripe_api, caplog
+):
+    """Stripe 说无需付款（100% 的优惠券、价格为 0 的 Price）：会话完成即发放积分，记下实付 0，不被当成退了款收回"""
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    metadata = fake_stripe.nest(stripe_api.posts(SESSIONS)[0].form)["metadata"]
+    free = fake_stripe.session(
+        session_id, metadata, payment_status="no_payment_required", payment_intent=None, amount_total=0
+    )
+    evt = fake_stripe.event("checkout.session.completed", free)
+    assert (await post_event(client, evt)).json()["data"]["result"] == "granted"
+    again = await post_event(client, {**evt, "id": evt["id"] + "_again"})
+    assert again.json()["data"]["result"] == "already_granted"
+    assert balance(user.id) == 600
+    assert kinds(user.id) == [("grant", 100), ("purchase", 500)]
+    (row,) = purchases(user.id)
+    assert (row["status"], row["amount_cents"], row["currency"], row["credits_clawed_back"]) == ("paid", 0, "usd", 0)
+    assert row["clawback_shortfall"] == 0
+    assert f"stripe session {session_id} paid 0 usd for pack starter, priced 500 usd at checkout" in caplog.text
+
+
+async def test_the_success_page_settles_a_checkout_with_nothing_to_pay(client, make_user, stripe_api):
+    user = await make_user()
+    session_id = (await checkout(client, user))["session_id"]
+    stripe_api.sessions[session_id].update(
+        status="complete", payment_status="no_payment_required", amount_total=0, currency="usd"
+    )
+    asked_a_while_ago(session_id)
+    assert (await checkout_status(client, user, session_id)).json()["data"]["status"] == "paid"
+    assert balance(user.id) == 600
+
+
 @pytest.mark.parametrize(
     ("kind", "status"), [("checkout.session.async_payment_failed", "failed"), ("checkout.session.expired", "expired")]
 )
