@@ -1,7 +1,8 @@
-"""The reaper: requeue stalled tasks, fail and refund the worn-out and the never-started, redispatch the forgotten."""
+"""The reaper: requeue or fail stalled tasks, fail the never-started, cancel their calls, redispatch the forgotten."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 
@@ -9,6 +10,8 @@ from lib import catalog, db
 from lib.config import get_settings
 
 log = logging.getLogger("spool.reaper")
+CANCELS_AT_ONCE = 20
+CANCEL_BUDGET_S = 30.0  # a pass stopping many calls while Modal is slow still gets to its respawns
 
 
 async def reap() -> dict[str, int]:
@@ -27,6 +30,8 @@ async def reap() -> dict[str, int]:
         ),
     )
     counts = Counter(row["action"] for row in rows)
+    # First, before any respawn or file removal: the calls of attempts given up on stop holding their GPUs.
+    await _stop_calls([row for row in rows if row["call_id"]])
     try:
         if abandoned := await get_asset_service().sweep_expired_uploads():
             counts["abandoned_uploads"] = abandoned
@@ -68,6 +73,31 @@ def leftover_grace_seconds() -> int:
     """任务结束多久之后，它的任何尝试都不可能还在上传（最长的任务连同传输余量；Modal 的函数超时也就到此）"""
     longest = max(spec.timeout_s for spec in catalog.CATALOG.values())
     return longest + catalog.IO_ALLOWANCE_S + 2 * catalog.MINUTES
+
+
+async def _stop_calls(rows: list[dict]) -> None:
+    """终止本轮放弃的任务的调用（停滞的尝试、排队超时的任务），否则容器占着 GPU 直到函数超时；失败只记日志"""
+    from lib.dispatch import get_dispatcher
+
+    if not rows:
+        return
+    dispatcher = get_dispatcher()
+    limit = asyncio.Semaphore(CANCELS_AT_ONCE)
+
+    async def stop(row: dict) -> None:
+        async with limit:
+            try:
+                await dispatcher.cancel(task_id=str(row["task_id"]), call_id=row["call_id"])
+            except Exception as exc:  # the call runs on until Modal's timeout, unable to write to the task
+                log.warning("reaper: could not cancel call %s of task %s: %s", row["call_id"], row["task_id"], exc)
+
+    try:
+        async with asyncio.timeout(CANCEL_BUDGET_S):
+            await asyncio.gather(*(stop(row) for row in rows))
+    except TimeoutError:
+        log.warning(
+            "reaper: canceling %d call(s) took over %g s; those not canceled yet run on", len(rows), CANCEL_BUDGET_S
+        )
 
 
 async def _live_calls(task_ids: list[str]) -> dict[str, str]:

@@ -195,6 +195,7 @@ class FakeModal:
         self.spawn_delay = 0.0
         self.while_spawning = None  # a coroutine function run (once) inside the next spawn, before it returns
         self.cancel_error: BaseException | None = None
+        self.cancel_delay = 0.0
         self.ended: dict[str, BaseException | str] = {}  # calls that have ended: what .get() gives
         self.polls: list[str] = []
         self._ids = itertools.count(1)
@@ -216,6 +217,7 @@ class FakeModal:
 
     def from_id(self, call_id: str, **_) -> SimpleNamespace:
         async def cancel(**options):
+            await asyncio.sleep(self.cancel_delay)
             if self.cancel_error is not None:
                 raise self.cancel_error
             self.canceled.append(call_id)
@@ -595,6 +597,70 @@ async def test_a_call_that_lost_the_claim_does_not_take_the_task_from_the_one_th
     row = task_row(task["id"])
     assert row["attempts"] == 1 and row["call_id"] == "fc-1"
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_the_reaper_stops_the_call_of_a_task_it_requeues_or_fails_for_stalling(
+    client, make_user, fake_modal, gpu_job
+):
+    """停滞的尝试（处理器卡住、与数据库断开）的容器被终止，不再占着 GPU 直到 Modal 的函数超时"""
+    from lib.config import get_settings
+
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # fc-1
+    sql("select * from public.claim_task(%s, 'fc-1')", (task["id"],))
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    assert await reap() == {"requeued": 1}
+    assert fake_modal.canceled == ["fc-1"]
+    assert fake_modal.cancel_options == [{"terminate_containers": True}]  # the container goes, not just the input
+    assert task_row(task["id"])["call_id"] == "fc-2"  # the new attempt's call is left alone
+
+    sql("select * from public.claim_task(%s, 'fc-2')", (task["id"],))
+    sql(
+        "update public.tasks set attempts = %s, heartbeat_at = now() - interval '1 hour' where id = %s",
+        (get_settings().task_max_attempts, task["id"]),
+    )
+    assert await reap() == {"failed": 1}
+    assert fake_modal.canceled == ["fc-1", "fc-2"]
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
+
+
+async def test_a_stalled_task_is_requeued_and_spawned_again_when_modal_refuses_the_cancel(
+    client, make_user, fake_modal, gpu_job, monkeypatch
+):
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # fc-1
+    sql("select * from public.claim_task(%s, 'fc-1')", (task["id"],))
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    fake_modal.cancel_error = modal.exception.ConnectionError("Modal is unreachable")
+    assert await reap() == {"requeued": 1}
+    row = task_row(task["id"])
+    assert row["status"] == "queued" and row["call_id"] == "fc-2" and len(fake_modal.spawned) == 2
+
+    # Modal answering no cancel at all: the pass stops waiting for the cancels and still spawns the task again.
+    from lib import reaper
+
+    monkeypatch.setattr(reaper, "CANCEL_BUDGET_S", 0.2)
+    fake_modal.cancel_error, fake_modal.cancel_delay = None, 60
+    sql("select * from public.claim_task(%s, 'fc-2')", (task["id"],))
+    sql("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    assert await asyncio.wait_for(reap(), 5) == {"requeued": 1}
+    assert task_row(task["id"])["call_id"] == "fc-3" and fake_modal.canceled == []
+
+
+async def test_a_task_that_expires_in_the_queue_has_its_waiting_call_canceled(client, make_user, fake_modal, gpu_job):
+    """排队超时而失败退款的任务：仍在 Modal 队列里的调用被取消，不会在有 GPU 时为它白白启动容器"""
+    user = await make_user()
+    task = await create_task(client, user, gpu_job)  # fc-1, waiting for a GPU
+    sql(
+        "update public.tasks set queued_at = now() - interval '7 hours', updated_at = now() - interval '7 hours'"
+        " where id = %s",
+        (task["id"],),
+    )
+    assert await reap() == {"expired": 1}
+    assert fake_modal.canceled == ["fc-1"] and fake_modal.polls == []
+    row = task_row(task["id"])
+    assert row["status"] == "failed" and row["error"]["code"] == "not_started"
+    assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge", "refund"]
 
 
 async def test_a_task_is_created_even_when_noting_its_failed_dispatch_fails(

@@ -234,3 +234,23 @@ async def test_a_worker_started_in_place_of_a_killed_one_requeues_its_tasks_at_o
             "local-worker:alive",
         )
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+async def test_the_reaper_requeues_a_local_workers_stalled_task_without_trying_to_cancel_a_call(
+    client, make_user, worker_models, caplog
+):
+    """本地模式：停滞任务的 call_id 是 worker 的名字而非 Modal 调用：照样放回队列，取消什么也不做，不记警告"""
+    import logging
+
+    from lib import db
+    from lib.reaper import reap
+
+    user = await make_user()
+    task = await create(client, user, "slow", seconds=1)
+    assert (await db.fetch_one("select * from public.claim_next_task(null, 'local-worker:hung')"))["id"]
+    await db.execute("update public.tasks set heartbeat_at = now() - interval '1 hour' where id = %s", (task["id"],))
+    with caplog.at_level(logging.WARNING, logger="spool.reaper"):
+        assert await reap() == {"requeued": 1}
+    assert [r.getMessage() for r in caplog.records if r.name == "spool.reaper"] == []
+    row = task_row(task["id"])
+    assert (row["status"], row["call_id"], row["attempts"]) == ("queued", None, 1)
