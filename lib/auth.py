@@ -100,7 +100,8 @@ class TokenVerifier:
         self.keys = SigningKeys(settings.jwks_url, settings.jwks_cache_seconds)
         # A browser sends the same token with every request for up to an hour: tokens that passed
         # verification are remembered (bounded LRU) until they expire, so repeats skip the signature check.
-        self._verified: OrderedDict[str, dict] = OrderedDict()
+        # Each with the kid that signed it (None: HS256), so a key the project revokes stops its tokens too.
+        self._verified: OrderedDict[str, tuple[dict, str | None]] = OrderedDict()
         self._lock = threading.Lock()  # verify also runs in worker threads (JWKS fetches)
 
     def verify(self, token: str) -> dict:
@@ -108,9 +109,9 @@ class TokenVerifier:
         claims = self._remembered(token)
         if claims is not None:
             return claims
-        claims = self._verify_signed(token)
+        claims, kid = self._verify_signed(token)
         with self._lock:
-            self._verified[token] = claims
+            self._verified[token] = (claims, kid)
             if len(self._verified) > VERIFIED_CACHE_SIZE:
                 self._verified.popitem(last=False)
         return dict(claims)
@@ -125,18 +126,23 @@ class TokenVerifier:
         return self.verify(token)
 
     def _remembered(self, token: str) -> dict | None:
-        """之前验证过且尚未过期的令牌的 claims；否则 None"""
+        """之前验证过、尚未过期、签名密钥仍在当前密钥集里的令牌的 claims；否则 None（重新校验）"""
         with self._lock:
-            claims = self._verified.get(token)
-            if claims is None:
+            remembered = self._verified.get(token)
+            if remembered is None:
                 return None
-            if claims["exp"] + LEEWAY_SECONDS >= time.time():
-                self._verified.move_to_end(token)
-                return dict(claims)
-            del self._verified[token]
-            return None
+            claims, kid = remembered
+            if claims["exp"] + LEEWAY_SECONDS < time.time():
+                del self._verified[token]
+                return None
+            if kid is not None and self.keys.cached(kid) is None:
+                # The key set is due for a fetch: the full check fetches it, and refuses a key no longer listed.
+                return None
+            self._verified.move_to_end(token)
+            return dict(claims)
 
-    def _verify_signed(self, token: str) -> dict:
+    def _verify_signed(self, token: str) -> tuple[dict, str | None]:
+        """校验签名与各项 claims；返回 (claims, 签名密钥的 kid，HS256 为 None)"""
         import jwt
 
         try:
@@ -151,10 +157,12 @@ class TokenVerifier:
         alg = header.get("alg")
         try:
             if alg in ASYMMETRIC_ALGS:
+                kid = header.get("kid")
                 # The PyJWK itself, not its raw key: PyJWT then refuses a header alg that is not the key's
                 # (an RS256 header on an EC key's kid) instead of failing on the key type.
-                claims = self._decode(token, self.keys.get(header.get("kid")), alg)
+                claims = self._decode(token, self.keys.get(kid), alg)
             elif alg == "HS256" and self.hs_secret:
+                kid = None
                 claims = self._decode(token, self.hs_secret, "HS256")
             else:
                 raise Unauthorized("Unsupported token algorithm.")
@@ -174,7 +182,7 @@ class TokenVerifier:
             raise Unauthorized("Access token has no valid subject.")
         if claims.get("role") != "authenticated":  # a signed-in user's token, not an anon or service key's
             raise Unauthorized("Access token is not a signed-in user's.")
-        return claims
+        return claims, kid
 
     def _decode(self, token: str, key, alg: str) -> dict:
         import jwt

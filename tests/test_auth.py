@@ -424,3 +424,23 @@ async def test_a_known_key_answers_at_once_while_its_stale_key_set_is_fetched_ag
     assert other.result()[0] == 200
     assert (await fetching)[0] == 200
     assert jwks_server.fetches == 2
+
+
+async def test_a_revoked_signing_key_stops_the_tokens_it_signed_though_remembered(client, make_user, jwks_server):
+    """项目撤销（泄露的）签名密钥后，密钥集一刷新，用它签的令牌即被拒绝，即使之前验证过并被记住"""
+    from jwt.algorithms import ECAlgorithm
+
+    from lib.auth import get_token_verifier
+
+    user = await make_user()
+    leaked = ec.generate_private_key(ec.SECP256R1())
+    jwk = {**json.loads(ECAlgorithm.to_jwk(leaked.public_key())), "kid": "leaked", "alg": "ES256", "use": "sig"}
+    jwks_server.body = json.dumps({"keys": [*local_issuer().jwks()["keys"], jwk]}).encode()
+    forged = es256(claims(sub=user.id, exp=int(time.time()) + 365 * 86400), key=leaked, kid="leaked")
+    assert (await balance_status(client, forged))[0] == 200  # remembered from now on
+    jwks_server.body = json.dumps(local_issuer().jwks()).encode()  # the project revokes the key
+    get_token_verifier().keys._fetched_at -= 601  # and the cached key set runs out
+    status, body = await balance_status(client, forged)
+    assert status == 401, body
+    assert jwks_server.fetches == 2
+    assert (await balance_status(client, es256(claims(sub=user.id))))[0] == 200  # the key still listed still signs
