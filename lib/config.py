@@ -20,6 +20,10 @@ CLOUD_REQUIRED = (
     "stripe_secret_key",
     "stripe_webhook_secret",
 )
+# The legacy HS256 secret signs every user's token: Supabase's are at least 32 characters, and the local CLI's
+# default is published, so either of those in the cloud would let anyone sign in as anyone.
+JWT_SECRET_MIN_LENGTH = 32
+PUBLISHED_JWT_SECRETS = ("super-secret-jwt-token-with-at-least-32-characters-long",)
 PLACEHOLDER_PREFIXES = ("change-me", "your-")
 PLACEHOLDER_MARKS = ("<", ">", "...", "…")  # `https://<project-ref>.supabase.co`, `sk_test_...` copied from the docs
 URL_SETTINGS = (
@@ -164,12 +168,25 @@ class Settings(BaseSettings):
                 missing.append(name.upper())
         return missing
 
+    def forgeable_jwt_secret(self) -> bool:
+        """设置了的 SUPABASE_JWT_SECRET 是否谁都能用来签名（占位符、公开的默认值、不足 32 个字符）"""
+        secret = self.supabase_jwt_secret
+        if not secret:
+            return False  # unset: HS256 tokens are refused
+        return is_placeholder(secret) or secret in PUBLISHED_JWT_SECRETS or len(secret) < JWT_SECRET_MIN_LENGTH
+
     def require_complete(self) -> None:
-        """云模式下缺少必需配置时拒绝启动"""
+        """云模式下缺少必需配置、或 JWT 密钥可被猜到时拒绝启动"""
         if self.spool_mode == "cloud":
             missing = self.missing_cloud_settings()
             if missing:
                 raise RuntimeError("Cloud mode is missing required settings: " + ", ".join(missing))
+            if self.forgeable_jwt_secret():
+                raise RuntimeError(
+                    "SUPABASE_JWT_SECRET is a placeholder, a published default or shorter than"
+                    f" {JWT_SECRET_MIN_LENGTH} characters, so anyone could sign tokens with it: set the project's"
+                    " legacy JWT secret, or leave it unset if the project signs with asymmetric keys."
+                )
 
 
 def is_placeholder(value: str) -> bool:

@@ -67,6 +67,38 @@ def test_cloud_mode_accepts_secret_keys():
     assert settings.auth_issuer == "https://x.supabase.co/auth/v1"
 
 
+COMPLETE = {
+    "supabase_url": "https://x.supabase.co",
+    "supabase_db_url": "postgresql://u:p@h:6543/postgres",
+    "supabase_service_role_key": "sb_secret_abc",
+    "stripe_secret_key": "sk_test_1",
+    "stripe_webhook_secret": "whsec_1",
+}
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "...",  # the deploy steps' `SUPABASE_JWT_SECRET=...`, copied as written
+        "jwt-secret",
+        "super-secret-jwt-token-with-at-least-32-characters-long",  # the Supabase CLI's local default
+        "your-super-secret-jwt-token-with-at-least-32-characters-long",  # self-hosting's example
+    ],
+)
+def test_cloud_mode_refuses_a_jwt_secret_anyone_could_sign_with(secret):
+    """云模式下 SUPABASE_JWT_SECRET 是占位符、公开的默认值或不足 32 个字符：拒绝启动（否则谁都能签发令牌）"""
+    settings = cloud(**COMPLETE, supabase_jwt_secret=secret)
+    with pytest.raises(RuntimeError, match="SUPABASE_JWT_SECRET"):
+        settings.require_complete()
+    assert "SUPABASE_JWT_SECRET" not in str(settings.missing_cloud_settings())  # optional, not missing
+
+
+def test_cloud_mode_takes_a_real_jwt_secret_or_none():
+    cloud(**COMPLETE, supabase_jwt_secret="Qk3v9x" * 7).require_complete()
+    cloud(**COMPLETE, supabase_jwt_secret="").require_complete()  # empty is unset: HS256 tokens are refused
+    cloud(**COMPLETE).require_complete()
+
+
 async def test_openapi_docs_are_served(client):
     assert (await client.get("/docs")).status_code == 200
     spec = (await client.get("/openapi.json")).json()
