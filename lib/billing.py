@@ -427,8 +427,10 @@ class BillingService:
         import stripe
 
         settings = get_settings()
-        if not settings.stripe_webhook_secret:
-            raise ProviderUnavailable("Stripe webhooks are not configured: STRIPE_WEBHOOK_SECRET is not set.")
+        if not settings.stripe_webhook_configured:  # unset, or a stand-in anyone could sign with
+            raise ProviderUnavailable(
+                "Stripe webhooks are not configured: STRIPE_WEBHOOK_SECRET is not set to the endpoint's signing secret."
+            )
         if signature is not None and not signature.isascii():  # Stripe's comparison raises TypeError on it
             raise InvalidWebhook("The Stripe signature is not valid: it holds characters that are not ASCII.")
         try:

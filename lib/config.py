@@ -24,6 +24,9 @@ CLOUD_REQUIRED = (
 # default is published, so either of those in the cloud would let anyone sign in as anyone.
 JWT_SECRET_MIN_LENGTH = 32
 PUBLISHED_JWT_SECRETS = ("super-secret-jwt-token-with-at-least-32-characters-long",)
+# The deploy steps start with this stand-in until Stripe has the endpoint and its signing secret; being written in
+# the docs, it verifies nothing: webhooks answer 503 (Stripe retries) until the real secret replaces it.
+PENDING_WEBHOOK_SECRET = "whsec_pending"
 PLACEHOLDER_PREFIXES = ("change-me", "your-")
 PLACEHOLDER_MARKS = ("<", ">", "...", "…")  # `https://<project-ref>.supabase.co`, `sk_test_...` copied from the docs
 URL_SETTINGS = (
@@ -154,6 +157,11 @@ class Settings(BaseSettings):
     @property
     def jwks_url(self) -> str:
         return f"{self.auth_issuer}/.well-known/jwks.json"
+
+    @property
+    def stripe_webhook_configured(self) -> bool:
+        secret = self.stripe_webhook_secret
+        return bool(secret) and secret != PENDING_WEBHOOK_SECRET and not is_placeholder(secret)
 
     @property
     def kling_configured(self) -> bool:

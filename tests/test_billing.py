@@ -1115,6 +1115,24 @@ async def test_webhook_without_a_configured_secret_is_503(client, monkeypatch):
     assert stripe_event_count() == 0
 
 
+@pytest.mark.parametrize("stand_in", ["whsec_pending", "whsec_..."])
+async def test_a_webhook_secret_that_is_a_stand_in_verifies_nothing(client, make_user, monkeypatch, stand_in):
+    """部署步骤里先填的 whsec_pending（或照抄的 whsec_...）人人可知：用它签名的事件不发放积分，503 让 Stripe 稍后重试"""
+    user = await make_user()
+    monkeypatch.setenv("STRIPE_WEBHOOK_SECRET", stand_in)
+    get_settings.cache_clear()
+    try:
+        paid = fake_stripe.session("cs_forged", metadata_for(user, "creator"), payment_intent="pi_forged")
+        resp = await post_event(client, fake_stripe.event("checkout.session.completed", paid), secret=stand_in)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert resp.status_code == 503, resp.text
+    assert "STRIPE_WEBHOOK_SECRET" in resp.json()["error"]["message"]
+    assert balance(user.id) == 100 and purchases(user.id) == []
+    assert stripe_event_count() == 0  # not marked processed: Stripe's retry after the real secret is set counts
+
+
 def test_checkout_status_schema_names_every_purchase_status():
     import re
     from pathlib import Path
