@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# URLs that requests carry keys to (the service key, Stripe's secret key, a Kling token): https only in the cloud.
+KEYED_URL_SETTINGS = ("supabase_url", "stripe_api_base", "kling_api_base")
 # Settings that cloud mode cannot run without; checked at start, each missing one named.
 CLOUD_REQUIRED = (
     "supabase_url",
@@ -184,11 +186,14 @@ class Settings(BaseSettings):
         return is_placeholder(secret) or secret in PUBLISHED_JWT_SECRETS or len(secret) < JWT_SECRET_MIN_LENGTH
 
     def require_complete(self) -> None:
-        """云模式下缺少必需配置、或 JWT 密钥可被猜到时拒绝启动"""
+        """云模式下缺少必需配置、带密钥的地址不是 https、或 JWT 密钥可被猜到时拒绝启动"""
         if self.spool_mode == "cloud":
             missing = self.missing_cloud_settings()
             if missing:
                 raise RuntimeError("Cloud mode is missing required settings: " + ", ".join(missing))
+            plain = [n.upper() for n in KEYED_URL_SETTINGS if urlsplit(getattr(self, n) or "").scheme == "http"]
+            if plain:
+                raise RuntimeError(f"Cloud mode sends keys to these URLs, so they must be https: {', '.join(plain)}")
             if self.forgeable_jwt_secret():
                 raise RuntimeError(
                     "SUPABASE_JWT_SECRET is a placeholder, a published default or shorter than"

@@ -99,6 +99,16 @@ def test_cloud_mode_takes_a_real_jwt_secret_or_none():
     cloud(**COMPLETE).require_complete()
 
 
+@pytest.mark.parametrize("name", ["supabase_url", "stripe_api_base", "kling_api_base"])
+def test_cloud_mode_sends_its_keys_over_https_only(name):
+    """云模式下带着密钥去访问的地址须是 https：http 会把服务密钥、Stripe 密钥、Kling 令牌明文发出去"""
+    for url in ("http://x.supabase.co", "HTTP://x.supabase.co"):
+        settings = cloud(**{**COMPLETE, name: url})
+        assert settings.missing_cloud_settings() == []
+        with pytest.raises(RuntimeError, match=name.upper()):
+            settings.require_complete()
+
+
 async def test_openapi_docs_are_served(client):
     assert (await client.get("/docs")).status_code == 200
     spec = (await client.get("/openapi.json")).json()
