@@ -25,6 +25,9 @@ CLOUD_REQUIRED = (
 # The legacy HS256 secret signs every user's token: Supabase's are at least 32 characters, and the local CLI's
 # default is published, so either of those in the cloud would let anyone sign in as anyone.
 JWT_SECRET_MIN_LENGTH = 32
+# The database connection carries the password and every user's data: encrypted in the cloud. Unnamed, libpq's
+# `prefer` falls back to plain text when someone on the path refuses TLS, so cloud mode asks for `require`.
+WEAK_SSLMODES = ("disable", "allow", "prefer")
 PUBLISHED_JWT_SECRETS = ("super-secret-jwt-token-with-at-least-32-characters-long",)
 # The deploy steps start with this stand-in until Stripe has the endpoint and its signing secret; being written in
 # the docs, it verifies nothing: webhooks answer 503 (Stripe retries) until the real secret replaces it.
@@ -185,6 +188,16 @@ class Settings(BaseSettings):
             return False  # unset: HS256 tokens are refused
         return is_placeholder(secret) or secret in PUBLISHED_JWT_SECRETS or len(secret) < JWT_SECRET_MIN_LENGTH
 
+    def db_sslmode(self) -> str | None:
+        """数据库连接的 sslmode：地址里写明的；云模式下没写 → require；本地 → None（libpq 默认）"""
+        from psycopg.conninfo import conninfo_to_dict
+
+        try:
+            named = conninfo_to_dict(self.supabase_db_url or "").get("sslmode")
+        except Exception:  # a URL libpq cannot read fails at connect with its own message
+            named = None
+        return named or ("require" if self.spool_mode == "cloud" else None)
+
     def require_complete(self) -> None:
         """云模式下缺少必需配置、带密钥的地址不是 https、或 JWT 密钥可被猜到时拒绝启动"""
         if self.spool_mode == "cloud":
@@ -194,6 +207,11 @@ class Settings(BaseSettings):
             plain = [n.upper() for n in KEYED_URL_SETTINGS if urlsplit(getattr(self, n) or "").scheme == "http"]
             if plain:
                 raise RuntimeError(f"Cloud mode sends keys to these URLs, so they must be https: {', '.join(plain)}")
+            if self.db_sslmode() in WEAK_SSLMODES:
+                raise RuntimeError(
+                    f"SUPABASE_DB_URL asks for sslmode={self.db_sslmode()}, which may connect in clear: remove it"
+                    " (cloud mode requires TLS) or use sslmode=verify-full with the project's CA."
+                )
             if self.forgeable_jwt_secret():
                 raise RuntimeError(
                     "SUPABASE_JWT_SECRET is a placeholder, a published default or shorter than"

@@ -31,7 +31,10 @@ _pools: dict[asyncio.AbstractEventLoop, asyncio.Future[AsyncConnectionPool]] = {
 def connect_kwargs() -> dict[str, Any]:
     # prepare_threshold=None: no server-side prepared statements, so Supavisor's
     # transaction-mode pooler (and PgBouncer) work.
-    return {"prepare_threshold": None, "row_factory": dict_row, "autocommit": True}
+    kwargs: dict[str, Any] = {"prepare_threshold": None, "row_factory": dict_row, "autocommit": True}
+    if sslmode := get_settings().db_sslmode():
+        kwargs["sslmode"] = sslmode
+    return kwargs
 
 
 class UtcTimestamptzLoader(TimestamptzLoader):

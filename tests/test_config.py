@@ -221,3 +221,27 @@ def test_no_credential_is_committed():
         if name and path.is_file():
             found += [f"{name}: {m.group()[:12]}…" for m in CREDENTIAL.finditer(path.read_text(errors="ignore"))]
     assert found == []
+
+
+def test_cloud_mode_connects_to_the_database_over_tls_only():
+    """云模式下数据库连接要求 TLS：地址没写 sslmode → require；写了会明文连接的 sslmode → 拒绝启动"""
+    db_url = COMPLETE["supabase_db_url"]
+    assert cloud(**COMPLETE).db_sslmode() == "require"  # libpq's own default, prefer, falls back to plain text
+    strict = f"{db_url}?sslmode=verify-full&sslrootcert=/ca.crt"
+    assert cloud(**{**COMPLETE, "supabase_db_url": strict}).db_sslmode() == "verify-full"
+    for weak in ("disable", "allow", "prefer"):
+        settings = cloud(**{**COMPLETE, "supabase_db_url": f"{db_url}?sslmode={weak}"})
+        with pytest.raises(RuntimeError, match=f"sslmode={weak}"):
+            settings.require_complete()
+    local = Settings(_env_file=None, supabase_db_url="postgresql://postgres@127.0.0.1:5432/postgres")
+    assert local.db_sslmode() is None  # the embedded Postgres speaks no TLS
+
+
+def test_the_pool_connects_with_the_sslmode_settings_ask_for(monkeypatch):
+    """连接池的连接参数带上配置给出的 sslmode"""
+    from lib import config, db
+
+    monkeypatch.setattr(config.Settings, "db_sslmode", lambda self: "require")
+    assert db.connect_kwargs()["sslmode"] == "require"
+    monkeypatch.setattr(config.Settings, "db_sslmode", lambda self: None)
+    assert "sslmode" not in db.connect_kwargs()
