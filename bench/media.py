@@ -23,11 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import av
 import numpy as np
 import torch
+from av.video.reformatter import Interpolation
 from PIL import Image
 
 from gpu_jobs import media
 from gpu_jobs.handlers import JobContext, image_animate, video_interpolate, video_upscale
 from gpu_jobs.media import ops
+from gpu_jobs.media.display import YCbCr
 
 FPS = 30
 
@@ -149,15 +151,28 @@ def bench_upscale(tmp: Path, width: int, height: int, frames: int, device: torch
 
     # Decode on its own (the decode thread, into host buffers): yuv420p planes, as video.upscale reads them.
     pin = device.type == "cuda"
-    seconds, decoded = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch, pin=pin, planar=True)])
+    seconds, decoded = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch, pin=pin)])
     if pin:  # the pipeline copies from pinned buffers
         decoded = [b.pin_memory() for b in decoded]
     stages = {"decode": line("decode to yuv420p planes (PyAV, thread)", frames, seconds)}
-    seconds, rgb_in = timed(lambda: [b.clone() for b in media.FrameReader(clip, batch)])
-    line("decode to RGB (+ swscale; the other handlers)", frames, seconds)
+
+    # The colour conversions the batches take on the device: to RGB for the other handlers, and a video coded
+    # otherwise than BT.709 limited range (here full-range BT.601, as Android phones record) to BT.709.
+    def convert(fn) -> list[torch.Tensor]:
+        out = [fn(media.to_device(b, device)) for b in decoded]
+        sync(device)
+        return out
+
+    to_rgb = lambda x: media.yuv420_to_rgb(x, (height, width))  # noqa: E731
+    convert(to_rgb)
+    line("planes to RGB on the device (the other handlers)", frames, timed(lambda: convert(to_rgb))[0])
+    to_bt709 = lambda x: media.yuv420_to_bt709(x, (height, width), YCbCr(0.299, 0.114, True))  # noqa: E731
+    convert(to_bt709)
+    line("full-range BT.601 planes to BT.709 on the device", frames, timed(lambda: convert(to_bt709))[0])
+    rgb_in = [media.to_uint8(x).cpu() for x in convert(to_rgb)]
     hdr = tmp / "hlg.mp4"
     make_clip(hdr, width, height, frames, {"colorspace": 9, "color_trc": 18, "color_primaries": 9})
-    seconds, _ = timed(lambda: sum(1 for _ in media.FrameReader(hdr, batch, pin=pin, planar=True)))
+    seconds, _ = timed(lambda: sum(1 for _ in media.FrameReader(hdr, batch, pin=pin)))
     line("decode an HLG clip, mapped to SDR (swscale)", frames, seconds)
 
     # Process on its own: host planes -> device -> Lanczos 2x of Y, U and V -> uint8 -> host, as the pipeline.
@@ -322,8 +337,8 @@ def bench_quality(tmp: Path, device: torch.device) -> None:
             small = av.VideoFrame.from_ndarray(np.asarray(Image.fromarray(t).resize((320, 180), Image.LANCZOS)))
             out.mux(stream.encode(small.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")))
         out.mux(stream.encode(None))
-    rgb = torch.cat(list(media.FrameReader(clip, 8)))
-    planes = torch.cat(list(media.FrameReader(clip, 8, planar=True)))
+    planes = torch.cat(list(media.FrameReader(clip, 8)))
+    rgb = media.to_uint8(media.yuv420_to_rgb(media.to_device(planes, device), (180, 320))).cpu()
     candidates = {
         "Pillow LANCZOS on the decoded RGB": [
             np.asarray(Image.fromarray(f).resize((640, 360), Image.LANCZOS)) for f in rgb.numpy()
@@ -378,6 +393,25 @@ def bench_conversions(tmp: Path, device: torch.device) -> None:
     print(f"  {'ops.to_uint8, 1440p, into a fresh float copy':<52} {on_device(media.to_uint8):8.1f} ms")
     inplace = on_device(lambda y: media.to_uint8(y, inplace=True))
     print(f"  {'ops.to_uint8, 1440p, in place':<52} {inplace:8.1f} ms  (both include a clone of the batch)")
+    # A video's colours to BT.709 limited range (video.upscale) and to RGB (the other handlers): swscale's fast
+    # paths (default flags) in the decode thread, which were up to 3 levels off, its exact ones, and ours.
+    frame = av.VideoFrame(1920, 1080, "yuv420p")
+    for plane in frame.planes:
+        plane.update(rng.integers(16, 236, plane.buffer_size, dtype=np.uint8).tobytes())
+    frame.colorspace, frame.color_range = 6, 1  # BT.601
+    exact = Interpolation.BILINEAR | Interpolation.ACCURATE_RND | Interpolation.FULL_CHR_H_INT
+    for name, to in (("BT.601 -> BT.709 yuv420p", {"dst_colorspace": "ITU709"}), ("yuv420p -> RGB", {})):
+        fmt = "yuv420p" if to else "rgb24"
+        fast = per_frame_ms(lambda fmt=fmt, to=to: frame.reformat(format=fmt, **to), frames=10)
+        slow = per_frame_ms(lambda fmt=fmt, to=to: frame.reformat(format=fmt, interpolation=exact, **to), frames=10)
+        print(f"  {f'swscale {name}, 1080p (default flags)':<52} {fast:8.1f} ms")
+        print(f"  {'  same, exact (ACCURATE_RND | FULL_CHR_H_INT)':<52} {slow:8.1f} ms")
+    planes = media.to_device(torch.from_numpy(rng.integers(16, 236, (1, 1920 * 1080 * 3 // 2), dtype=np.uint8)), device)
+    bt601 = YCbCr(0.299, 0.114, False)
+    ms = per_frame_ms(lambda: (media.yuv420_to_bt709(planes, (1080, 1920), bt601), sync(device)), frames=10)
+    print(f"  {'ops.yuv420_to_bt709 (BT.601), 1080p, on the device':<52} {ms:8.1f} ms")
+    ms = per_frame_ms(lambda: (media.yuv420_to_rgb(planes, (1080, 1920), bt601), sync(device)), frames=10)
+    print(f"  {'ops.yuv420_to_rgb, 1080p, on the device':<52} {ms:8.1f} ms")
     hdr = tmp / "hlg1080.mp4"
     make_clip(hdr, 1920, 1080, 4, {"colorspace": 9, "color_trc": 18, "color_primaries": 9})
     with av.open(str(hdr)) as container:
@@ -395,11 +429,12 @@ def bench_interpolate(tmp: Path, width: int, height: int, device: torch.device) 
     make_clip(clip, width, height, FPS)
     print(f"\nvideo.interpolate 2x: {width}x{height}, {FPS} -> {2 * FPS} fps, 1 s, {device} (output frames/s)")
     batch = max(2, media.batch_size_for(width, height, device) // 2)
-    decoded = list(media.FrameReader(clip, batch))
+    reader = media.FrameReader(clip, batch)
+    decoded = list(reader)
     for mode in ("motion", "blend"):
 
         def process(mode: str = mode) -> int:
-            batches = (media.to_device(b, device) for b in decoded)
+            batches = (media.yuv420_to_rgb(media.to_device(b, device), reader.size, reader.colour) for b in decoded)
             count = sum(y.shape[0] for y in video_interpolate.interpolate(batches, 2, mode))
             sync(device)
             return count

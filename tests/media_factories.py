@@ -56,6 +56,7 @@ def make_video(
     hold_last: float | None = None,
     audio_seconds: float | None = None,
     keyframe_every: int | None = None,
+    pix_fmt: str | None = None,
 ) -> Path:
     """生成测试视频（移动方块或纯色 fill + 可选正弦波音轨）；rotation 为显示矩阵的逆时针角度（如手机竖拍的 -90）
 
@@ -68,12 +69,13 @@ def make_video(
     ``hold_last`` (with ``times``) shows the last frame that many seconds, as a screen recording holds a still screen.
     ``audio_seconds`` makes the sound that long instead of as long as the picture.
     ``keyframe_every`` starts a new group of pictures (a keyframe) every that many frames.
+    ``pix_fmt`` codes the frames in another pixel format (4:2:2, 10-bit, full-range yuvj420p).
     """
     path = Path(path)
     with av.open(str(path), "w") as out:
         video = out.add_stream(video_codec, rate=Fraction(fps))
         video.width, video.height = width, height
-        video.pix_fmt = "yuvj420p" if video_codec == "mjpeg" else "yuv420p"
+        video.pix_fmt = pix_fmt or ("yuvj420p" if video_codec == "mjpeg" else "yuv420p")
         if video_codec == "libx264":
             video.options = {"preset": "ultrafast", "crf": "12"}
         if keyframe_every:

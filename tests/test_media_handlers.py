@@ -1702,6 +1702,97 @@ def test_colours_swscale_cannot_map_are_decoded_unmapped():
     assert [p.shape for p in display.yuv420(frame)] == [(48, 64), (24, 32), (24, 32)]
 
 
+KR_KB = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}  # the luma weights of red and blue
+BT709_TAGS = {"colorspace": 1, "color_primaries": 1, "color_trc": 1}
+# Input codings players read differently from 8-bit BT.709 limited range: (pixel format, tags, matrix)
+CODINGS = {
+    "untagged SD": ("yuv420p", None, "bt601"),  # SD video without tags is BT.601 to players
+    "BT.601": ("yuv420p", {"colorspace": 6, "color_primaries": 6, "color_trc": 6}, "bt601"),
+    "full range": ("yuvj420p", {"colorspace": 5, "color_range": 2}, "bt601"),  # as many Android phones record
+    "4:2:2": ("yuv422p", BT709_TAGS, "bt709"),
+    "10-bit": ("yuv420p10le", BT709_TAGS, "bt709"),
+    "BT.709": ("yuv420p", BT709_TAGS, "bt709"),
+}
+CHART = [(128, 128, 128), (255, 255, 255), (16, 16, 16), (200, 30, 30), (40, 190, 50)]
+CHART += [(30, 40, 200), (230, 220, 40), (40, 200, 210), (200, 40, 190), (90, 60, 40)]
+PATCH = 32
+
+
+def colour_chart() -> np.ndarray:
+    """两行五列的纯色块：中灰、白、黑与饱和色"""
+    chart = np.zeros((2 * PATCH, 5 * PATCH, 3), np.uint8)
+    for i, colour in enumerate(CHART):
+        row, col = divmod(i, 5)
+        chart[row * PATCH : (row + 1) * PATCH, col * PATCH : (col + 1) * PATCH] = colour
+    return chart
+
+
+def patch_means(rgb: np.ndarray, scale: int = 1) -> np.ndarray:
+    """每个色块中心 8×8（按 scale 放大）的平均 RGB"""
+    means = []
+    for i in range(len(CHART)):
+        row, col = divmod(i, 5)
+        y, x, r = (2 * row + 1) * PATCH * scale // 2, (2 * col + 1) * PATCH * scale // 2, 4 * scale
+        means.append(rgb[y - r : y + r, x - r : x + r].reshape(-1, 3).mean(0))
+    return np.array(means)
+
+
+def as_coded(frame: av.VideoFrame, matrix: str) -> np.ndarray:
+    """帧的 Y、Cb、Cr 码值按矩阵与帧的范围精确换成的 RGB（浮点）：播放器显示的颜色"""
+    bits = frame.format.components[0].bits
+    dtype = np.dtype(np.uint16 if bits > 8 else np.uint8)
+    planes = [
+        np.frombuffer(p, dtype).reshape(p.height, p.line_size // dtype.itemsize)[:, : p.width].astype(np.float64)
+        for p in frame.planes
+    ]
+    y, h, w = planes[0], frame.height, frame.width
+    u, v = (np.repeat(np.repeat(c, h // c.shape[0], 0), w // c.shape[1], 1) for c in planes[1:3])
+    one = 2 ** (bits - 8)
+    if frame.color_range == 2 or frame.format.name.startswith("yuvj"):  # full range
+        y, pb, pr = y / (255 * one), (u - 128 * one) / (255 * one), (v - 128 * one) / (255 * one)
+    else:
+        y, pb, pr = (y - 16 * one) / (219 * one), (u - 128 * one) / (224 * one), (v - 128 * one) / (224 * one)
+    kr, kb = KR_KB[matrix]
+    r, b = y + 2 * (1 - kr) * pr, y + 2 * (1 - kb) * pb
+    return 255 * np.stack([r, (y - kr * r - kb * b) / (1 - kr - kb), b], -1)
+
+
+@pytest.mark.parametrize("coding", list(CODINGS))
+def test_colours_come_out_as_the_input_codes_them(tmp_path, coding):
+    """Grey, white, black and saturated patches keep their colours within 2 levels of the exact conversion of the
+    input's codes, in the upscaled and interpolated clips and in the poster, whatever matrix, range, chroma
+    subsampling or bit depth the input is coded in (8-bit output codes alone are up to 1.5 levels off)."""
+    pix_fmt, tags, matrix = CODINGS[coding]
+    chart = colour_chart()
+    src = make_video(
+        tmp_path / "chart.mp4",
+        5 * PATCH,
+        2 * PATCH,
+        frames=3,
+        audio=False,
+        frames_from=[chart] * 3,
+        colour_tags=tags,
+        pix_fmt=pix_fmt,
+    )
+    with av.open(str(src)) as container:
+        frame = next(container.decode(video=0))
+    assert frame.format.name == pix_fmt
+    exact = patch_means(as_coded(frame, matrix))
+    [up] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": src}))
+    params = {"video_asset_id": "v", "factor": 2, "mode": "blend"}
+    [smooth] = video_interpolate.run(make_ctx(tmp_path / "i", params, {"v": src}))
+    _, poster = media.probe_with_poster(src)  # media.probe's poster, before its JPEG coding adds its own error
+    shown = {"poster": patch_means(np.asarray(poster).astype(np.float64))}
+    for name, out, index, scale in (("upscale", up, 0, 2), ("interpolate", smooth, 1, 1)):
+        with av.open(str(out.path)) as container:
+            frames = container.decode(video=0)
+            frame = next(f for i, f in enumerate(frames) if i == index)  # 1: a frame made between two
+            assert (frame.format.name, frame.colorspace, frame.color_range) == ("yuv420p", 1, 1)
+            shown[name] = patch_means(as_coded(frame, "bt709"), scale)
+    errors = {name: float(np.abs(rgb - exact).max()) for name, rgb in shown.items()}
+    assert max(errors.values()) <= 2, errors
+
+
 # ---------------------------------------------------------------- variable frame rate
 
 VFR_TIMES = [i / 30 for i in range(20)] + [20 / 30 + i / 10 for i in range(10)]  # 30 fps, then 10 in low light
@@ -1822,7 +1913,8 @@ def test_interpolate_keeps_a_variable_frame_rate(tmp_path):
 def test_an_upscaled_variable_rate_clip_read_again_lasts_as_it_plays(tmp_path):
     """Our MP4 has B-frames: at a variable rate its last packet's decode-time duration reaches past the end of the
     clip. Probed again, upscaled again or interpolated, it keeps its length, and its last frame its time."""
-    src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES)
+    # x264 lays out the frames as below for these pictures: BT.709, so that they reach it as decoded.
+    src = make_video(tmp_path / "vfr.mp4", frames=30, fps=30, times=VFR_TIMES, colour_tags=BT709_TAGS)
     length = media.probe_file(src)["duration_s"]
     [up] = video_upscale.run(make_ctx(tmp_path / "u", {"video_asset_id": "v", "scale": 2}, {"v": src}))
     with av.open(str(up.path)) as container:  # the shape of the file: the frame shown last is coded ahead of others

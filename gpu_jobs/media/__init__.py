@@ -4,7 +4,8 @@
 - ``probe``: what a file is (container, codecs, size, duration, fps, frames); refuses what we cannot use.
 - ``images``: Pillow in and out, decompression bombs refused before pixels are decoded.
 - ``ops``: separable Lanczos-3 resize (antialiased when shrinking), one pass per axis: a grouped conv, or on a
-  CPU's upscale shifted multiply-adds; unsharp mask, RGB → yuv420p on the device.
+  CPU's upscale shifted multiply-adds; unsharp mask; colour conversions on the device (RGB → yuv420p, a video's
+  Y'CbCr matrix and range → RGB or BT.709 limited range).
 - ``video``: ``FrameReader`` / ``FrameWriter`` / ``stream_video``: decode thread → device batches → encode
   thread, bounded queues in between, so memory does not grow with the length of the video.
 """
@@ -31,6 +32,8 @@ from gpu_jobs.media.ops import (
     unpremultiply,
     unsharp_mask,
     unsharp_mask_premultiplied,
+    yuv420_to_bt709,
+    yuv420_to_rgb,
 )
 from gpu_jobs.media.probe import (
     check_input_pixels,
@@ -88,4 +91,6 @@ __all__ = [
     "unsharp_mask_premultiplied",
     "video_output",
     "work_dtype",
+    "yuv420_to_bt709",
+    "yuv420_to_rgb",
 ]

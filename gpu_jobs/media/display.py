@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import cache
 from typing import Any, NamedTuple
 
 import av
@@ -16,6 +17,48 @@ log = logging.getLogger(__name__)
 # FFmpeg's colour tags (AVColorTransferCharacteristic, AVColorPrimaries, AVColorSpace values)
 HDR_TRANSFERS = {16, 18}  # SMPTE ST 2084 (PQ: HDR10, Dolby Vision), ARIB STD-B67 (HLG: phones' HDR video)
 BT709, UNSPECIFIED, BT2020 = 1, 2, 9
+SMPTE170M = 6  # BT.601, what players read untagged SD video as
+FULL_RANGE = 2  # AVCOL_RANGE_JPEG
+# The Y'CbCr matrices (AVColorSpace values) converted on the device, by their luma weights of red and blue (Kr, Kb)
+MATRICES = {BT709: (0.2126, 0.0722), 4: (0.30, 0.11), 5: (0.299, 0.114), SMPTE170M: (0.299, 0.114), 7: (0.212, 0.087)}
+
+
+class YCbCr(NamedTuple):
+    """8 位 Y'CbCr 码值的编码：矩阵（红、蓝的亮度权重 Kr、Kb）与是否全范围"""
+
+    kr: float = 0.2126
+    kb: float = 0.0722
+    full: bool = False
+
+
+BT709_LIMITED = YCbCr()  # what the encoder tags its output with
+
+
+def coding(frame: av.VideoFrame) -> YCbCr | None:
+    """帧的 Y'CbCr 编码，若其矩阵与范围可在设备上精确换算；HDR、RGB、灰度、调色板与少见的矩阵 → None（交给 swscale）"""
+    fmt = frame.format
+    if fmt.is_rgb or fmt.has_palette or sum(bool(c.is_chroma) for c in fmt.components) != 2:
+        return None
+    if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
+        return None  # tone- and gamut-mapped by swscale
+    space = frame.colorspace
+    if space == UNSPECIFIED:  # as players read it, and as sdr_options has swscale read it
+        space = BT709 if frame.width >= 1280 or frame.height > 576 else SMPTE170M
+    if space not in MATRICES:
+        return None
+    return YCbCr(*MATRICES[space], frame.color_range == FULL_RANGE or fmt.name.startswith("yuvj"))
+
+
+@cache
+def decoding(colour: YCbCr) -> np.ndarray:
+    """(3, 4) 仿射矩阵：按 colour 编码的 8 位 Y、U、V 码值 → RGB（0..255），最后一列是偏移"""
+    kr, kb = colour.kr, colour.kb
+    kg = 1 - kr - kb
+    to_rgb = np.array([[1, 0, 2 - 2 * kr], [1, -(2 - 2 * kb) * kb / kg, -(2 - 2 * kr) * kr / kg], [1, 2 - 2 * kb, 0]])
+    luma, chroma, black = (255, 255, 0) if colour.full else (219, 224, 16)
+    codes = np.diag([1 / luma, 1 / chroma, 1 / chroma])  # code values → Y' (0..1), Pb and Pr (±0.5)
+    offset = -codes @ np.array([black, 128, 128])
+    return 255 * to_rgb @ np.hstack([codes, offset[:, None]])
 
 
 class Orientation(NamedTuple):
@@ -91,13 +134,27 @@ class Display:
         # One swscale context for the whole video: setting up HDR mapping costs about a second on a CPU.
         self._reformatter = VideoReformatter()
         self._colour: dict | None = None
+        self._coding: YCbCr | None = None
         self.orientation = Orientation()
+
+    @property
+    def colour(self) -> YCbCr:
+        """yuv420 交出的平面的编码（第一帧之后确定）"""
+        return self._coding or BT709_LIMITED
 
     def rgb(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> np.ndarray:
         """uint8 RGB (H, W, 3)；尺寸与视频不同的帧（录像中途改了分辨率）按比例放进 width×height，四周补黑"""
+        self._first(frame)
+        if self._coding is not None:  # as the video path converts it on the device (ops.yuv420_to_rgb)
+            luma, *chroma = (p.astype(np.float32) for p in self.yuv420(frame, width, height))
+            m = decoding(self._coding).astype(np.float32)
+            rows, cols = luma.shape
+            u, v = (c.repeat(2, 0).repeat(2, 1)[:rows, :cols] for c in chroma)  # as swscale's fast path upsamples
+            rgb = np.stack([luma, u, v], -1) @ m[:, :3].T + m[:, 3]
+            return (rgb + 0.5).clip(0, 255).astype(np.uint8)
         box = _box(frame, width, height)
         if box is None:
-            rgb = self._convert(frame, width, height, "rgb24").to_ndarray()  # sets the orientation on the first frame
+            rgb = self._convert(frame, width, height, "rgb24").to_ndarray()
         else:
             x, y, w, h = box
             rgb = np.zeros((height, width, 3), np.uint8)
@@ -105,14 +162,22 @@ class Display:
         return self.orientation.apply(rgb)
 
     def yuv420(self, frame: av.VideoFrame, width: int | None = None, height: int | None = None) -> list[np.ndarray]:
-        """BT.709 有限范围的 Y、U、V 三个 uint8 平面（numpy 视图，用前拷贝）；尺寸不同的帧同 rgb 补黑"""
+        """Y、U、V 三个 uint8 平面（numpy 视图，用前拷贝），按 self.colour 编码；尺寸不同的帧同 rgb 补黑"""
         box = _box(frame, width, height)
         size = (width, height) if box is None else box[2:]
-        converted = self._convert(frame, *size, "yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+        self._first(frame)
+        if self._coding is not None:
+            # swscale changes only what it changes exactly (bit depth, chroma subsampling, size); the matrix and
+            # range stay for the device to convert: swscale's fast paths are up to 3 levels off there, and its
+            # exact ones cost 5-30 ms a 1080p frame in the decode thread.
+            kept = "JPEG" if self._coding.full else "MPEG"
+            converted = self._convert(frame, *size, "yuv420p", False, src_color_range=kept, dst_color_range=kept)
+        else:
+            converted = self._convert(frame, *size, "yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
         planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width] for p in converted.planes]
         if box is not None:
             x, y, w, h = box
-            canvas = [np.full((height, width), 16, np.uint8)]  # black in limited range: Y 16, U and V 128
+            canvas = [np.full((height, width), 0 if self.colour.full else 16, np.uint8)]  # black: U and V 128
             canvas += [np.full(((height + 1) // 2, (width + 1) // 2), 128, np.uint8) for _ in range(2)]
             canvas[0][y : y + h, x : x + w] = planes[0]
             for plane, picture in zip(canvas[1:], planes[1:], strict=True):
@@ -120,20 +185,24 @@ class Display:
             planes = canvas
         return [self.orientation.apply(plane) for plane in planes]
 
-    def _convert(self, frame: av.VideoFrame, width: int | None, height: int | None, fmt: str, **to) -> av.VideoFrame:
+    def _first(self, frame: av.VideoFrame) -> None:
         if self._colour is None:  # the first frame decides, for the whole video
-            self.orientation, self._colour = Orientation.of(frame), sdr_options(frame)
-            try:
-                return self._convert(frame, width, height, fmt, **to)
-            except av.FFmpegError as exc:
-                if not self._colour:
-                    raise
-                # A tag combination swscale cannot map (it answers EOPNOTSUPP): decoded unmapped, not refused.
-                log.warning(
-                    "colours (trc %s, primaries %s) not mapped: %s", frame.color_trc, frame.color_primaries, exc
-                )
-                self._colour = {}
-        return self._reformatter.reformat(frame, width, height, fmt, **self._colour, **to)
+            self.orientation, self._colour, self._coding = Orientation.of(frame), sdr_options(frame), coding(frame)
+
+    def _convert(
+        self, frame: av.VideoFrame, width: int | None, height: int | None, fmt: str, mapped: bool = True, **to
+    ) -> av.VideoFrame:
+        self._first(frame)  # sets the orientation on the first frame
+        colour = self._colour if mapped else {}
+        try:
+            return self._reformatter.reformat(frame, width, height, fmt, **colour, **to)
+        except av.FFmpegError as exc:
+            if not colour:
+                raise
+            # A tag combination swscale cannot map (it answers EOPNOTSUPP): decoded unmapped, not refused.
+            log.warning("colours (trc %s, primaries %s) not mapped: %s", frame.color_trc, frame.color_primaries, exc)
+            self._colour = {}
+        return self._reformatter.reformat(frame, width, height, fmt, **to)
 
 
 def _box(frame: av.VideoFrame, width: int | None, height: int | None) -> tuple[int, int, int, int] | None:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from gpu_jobs.media.device import work_dtype
+from gpu_jobs.media.display import BT709_LIMITED, YCbCr, decoding
 
 log = logging.getLogger(__name__)
 MAX_PHASES = 16  # resize ratios whose reduced denominator exceeds this use a dense matrix
@@ -61,6 +62,55 @@ def to_yuv420(x: torch.Tensor) -> torch.Tensor:
     chroma = torch.einsum("kc,nchw->nkhw", m[1:], F.avg_pool2d(x, 2)).add_(_YUV_OFFSET[1] + 0.5)
     out[:, h * w :] = chroma.clamp_(0, 255).reshape(n, -1)  # the U plane, then the V plane
     return out.view(n, h * 3 // 2, w)
+
+
+@lru_cache(maxsize=16)
+def _recoding(colour: YCbCr) -> np.ndarray:
+    """(3, 4) affine map from Y, U, V code values in ``colour`` to BT.709 limited-range ones."""
+    return _RGB_TO_YUV709.double().numpy() @ decoding(colour) + np.array([[0, 0, 0, o] for o in _YUV_OFFSET])
+
+
+def _split(planes: torch.Tensor, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """扁平的 yuv420p 平面 (N, L) → 浮点的 Y (N, H, W) 与 U、V (N, 2, ⌈H/2⌉, ⌈W/2⌉)"""
+    n, (h, w) = planes.shape[0], size
+    return planes[:, : h * w].float().view(n, h, w), planes[:, h * w :].float().view(n, 2, -(-h // 2), -(-w // 2))
+
+
+def yuv420_to_rgb(planes: torch.Tensor, size: tuple[int, int], colour: YCbCr = BT709_LIMITED) -> torch.Tensor:
+    """扁平的 yuv420p 平面 (N, L)，码值按 colour 编码 → 浮点 RGB NCHW（0..255），按矩阵与范围精确换算"""
+    h, w = size
+    luma, chroma = _split(planes, size)
+    m = decoding(colour)
+    # The chroma's share of each channel, worked out at its own resolution, then given to each pixel of its 2x2
+    # block, as swscale's fast path did: a frame taken back to 4:2:0 unchanged (to_yuv420's 2x2 mean, the
+    # encoder's swscale) gets its chroma back exactly.
+    share = torch.einsum("kc,nchw->nkhw", torch.from_numpy(m[:, 1:3]).float().to(chroma.device), chroma)
+    share += torch.from_numpy(m[:, 3]).float().to(chroma.device).view(3, 1, 1)
+    rgb = F.interpolate(share, scale_factor=2, mode="nearest")[..., :h, :w]
+    rgb.add_(luma.unsqueeze(1), alpha=float(m[0, 0])).clamp_(0, 255)  # luma weighs the same in R, G and B
+    return rgb.contiguous().to(planes.dtype)
+
+
+def yuv420_to_bt709(planes: torch.Tensor, size: tuple[int, int], colour: YCbCr) -> torch.Tensor:
+    """扁平的 yuv420p 平面 (N, L)，码值按 colour 编码 → BT.709 有限范围的码值（浮点，同形状）；已是 BT.709 → 原样"""
+    if colour == BT709_LIMITED:
+        return planes
+    (n, length), (h, w) = planes.shape, size
+    luma, chroma = _split(planes, size)
+    m = _recoding(colour)
+    out = torch.empty((n, length), dtype=torch.float32, device=planes.device)
+    y = torch.mul(luma, float(m[0, 0]), out=out[:, : h * w].view(n, h, w)).add_(float(m[0, 3]))
+    # Chroma takes in no luma, as both matrices code white as (1, 0, 0): the map's first column is (a, 0, 0).
+    # Luma takes in the chroma: its share, worked out at the chroma's resolution, interpolated to the luma's.
+    if np.abs(m[0, 1:3]).max() > 1e-9:  # a matrix change, not only a range change
+        share = torch.einsum("c,nchw->nhw", torch.from_numpy(m[0, 1:3]).float().to(chroma.device), chroma)
+        y.add_(F.interpolate(share[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0, :h, :w])
+    mix = torch.from_numpy(m[1:, 1:3]).float().to(chroma.device)
+    uv = torch.einsum("kc,nchw->nkhw", mix, chroma).add_(
+        torch.from_numpy(m[1:, 3]).float().to(chroma.device).view(2, 1, 1)
+    )
+    out[:, h * w :] = uv.reshape(n, -1)
+    return out.to(planes.dtype)
 
 
 def _lanczos(x: torch.Tensor, a: int = 3) -> torch.Tensor:

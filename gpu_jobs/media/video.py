@@ -16,8 +16,8 @@ import av
 import torch
 
 from gpu_jobs.handlers import OutputFile
-from gpu_jobs.media.display import Display, deinterlaced
-from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420
+from gpu_jobs.media.display import BT709_LIMITED, Display, YCbCr, deinterlaced
+from gpu_jobs.media.ops import to_device, to_uint8, to_yuv420, yuv420_to_bt709, yuv420_to_rgb
 from gpu_jobs.media.probe import (
     PacketDecoder,
     audio_codec,
@@ -103,10 +103,12 @@ class _Worker:
 
 
 class FrameReader(_Worker):
-    """后台线程把视频解码成帧批次（有界队列），按显示时的方向与 SDR BT.709 颜色
+    """后台线程把视频解码成帧批次（有界队列），按显示时的方向与 SDR 颜色
 
-    A batch is uint8 RGB (N, H, W, 3), or with ``planar`` the yuv420p planes of each frame, Y then U then V,
-    flat (N, H·W + 2·⌈H/2⌉·⌈W/2⌉): half the bytes, and no conversion when the video is 8-bit BT.709 already.
+    A batch is the 8-bit yuv420p planes of each frame, Y then U then V, flat (N, H·W + 2·⌈H/2⌉·⌈W/2⌉): half the
+    bytes of RGB, and no conversion when the video is 8-bit 4:2:0 already. Their code values are in the video's
+    own Y'CbCr matrix and range, ``colour``, for the device to convert (``ops.yuv420_to_bt709`` or
+    ``ops.yuv420_to_rgb``); ``size`` is (H, W). Both are set before the first batch is queued.
     """
 
     def __init__(
@@ -115,12 +117,13 @@ class FrameReader(_Worker):
         batch_size: int,
         *,
         pin: bool = False,
-        planar: bool = False,
         depth: int = 3,
         max_frames: int | None = None,
     ):
         super().__init__("spool-decode", depth)
-        self.path, self.batch_size, self.planar = str(path), batch_size, planar
+        self.path, self.batch_size = str(path), batch_size
+        self.size: tuple[int, int] = (0, 0)
+        self.colour: YCbCr = BT709_LIMITED
         self.max_frames = max_frames  # the frames the probe counted (and was priced for), with a margin
         # Each decoded frame's presentation time in stream ticks from the stream's start, appended before the
         # frame is queued: phone video has a variable frame rate, and its output keeps these times.
@@ -168,11 +171,10 @@ class FrameReader(_Worker):
             if self._slots is not None:  # each frame names its packet's slot (see _forget_unshown)
                 stream.codec_context.flags |= av.codec.context.Flags.copy_opaque
             display, buf, n = Display(), None, 0
-            planes_of = display.yuv420 if self.planar else lambda *frame: [display.rgb(*frame)]
             for frame in deinterlaced(self._frames(container, stream), stream):
                 if self.stop.is_set():
                     return
-                planes = planes_of(frame, width, height)
+                planes = display.yuv420(frame, width, height)
                 known = self._slots is None and frame.pts is not None and frame.time_base == stream.time_base
                 if self._slots:
                     self.ticks.append(self._slots.popleft() - start)
@@ -185,8 +187,8 @@ class FrameReader(_Worker):
                     # reaches past the end (the probe reads it the same way).
                     self.last_hold = indexed_end - self.ticks[-1]
                 if buf is None:
-                    shape = (sum(p.size for p in planes),) if self.planar else planes[0].shape
-                    buf, n = self._buffer((self.batch_size, *shape)), 0
+                    self.size, self.colour = planes[0].shape, display.colour  # as the first frame decided
+                    buf, n = self._buffer((self.batch_size, sum(p.size for p in planes))), 0
                 row, at = buf[n].numpy().reshape(-1), 0
                 for plane in planes:
                     row[at : at + plane.size].reshape(plane.shape)[...] = plane
@@ -574,7 +576,8 @@ def stream_video(
     ``process`` maps an iterator of float NCHW device batches (0..255) to an iterable of output batches
     of ``out_size`` (H, W); it may hold frames across batches (interpolation does), but a batch it yields
     belongs to the encoder, which converts it in place: yield copies of frames it keeps. With ``planar``
-    the batches are the frames' flat yuv420p planes, and ``process`` yields (N, H·3/2, W) yuv420p code values.
+    the batches are the frames' flat yuv420p planes (BT.709 limited-range code values), and ``process`` yields
+    (N, H·3/2, W) yuv420p code values.
     """
     with open_media(src) as container:  # header only: timing facts the writer keeps
         stream = video_stream(container)
@@ -590,7 +593,6 @@ def stream_video(
             src,
             batch_size,
             pin=device.type == "cuda",
-            planar=planar,
             max_frames=frames_allowed(info["frame_count"]) if info.get("frame_count") else None,
         ) as reader,
         FrameWriter(
@@ -614,7 +616,11 @@ def stream_video(
                 x = to_device(frames, device)
                 reader.release(frames)
                 done += frames.shape[0]
-                yield x
+                # The video's matrix and range to BT.709's, or to RGB: exact, and on a GPU nearly free.
+                if planar:
+                    yield yuv420_to_bt709(x, reader.size, reader.colour)
+                else:
+                    yield yuv420_to_rgb(x, reader.size, reader.colour)
 
         encode_batches(process(batches()), writer, lambda: progress(min(done / total, 1.0), message))
     if not writer.frames_written:  # the probe saw frames, but none could be decoded: no empty video for a charge
