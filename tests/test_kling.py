@@ -1072,6 +1072,7 @@ async def test_a_slot_that_frees_too_late_for_the_job_to_finish_is_not_taken(cli
     task = await create(client, user)
 
     async def free_a_slot_late() -> None:
+        await wait_until(lambda: kling.refused_submits > 0)  # the job's deadline counts from before its first submit
         await asyncio.sleep(1.3)  # past half the deadline, well before its end
         kling.busy_submits = 0
 
