@@ -1,5 +1,5 @@
 """The Modal App, the registry of every deployable: images, secrets, the `api` web function, one job function
-per GPU class of the catalog plus a CPU one, and the reaper on a schedule.
+per GPU class and per CPU pool of the catalog, and the reaper on a schedule.
 
     modal deploy modal_app.py      # deploy (README "Deploy")
     modal run modal_app.py         # smoke test: the model → function map, then one reaper pass in the cloud
@@ -17,7 +17,7 @@ import modal
 
 from lib.catalog import CATALOG, GPU_CLASSES, IO_ALLOWANCE_S, MINUTES
 from lib.config import get_settings
-from lib.modal_dispatch import function_for, job_functions
+from lib.modal_dispatch import RETIRED_FUNCTIONS, function_for, job_class, job_functions
 
 APP_NAME = get_settings().modal_app_name
 app = modal.App(APP_NAME)
@@ -95,36 +95,47 @@ weights = modal.Volume.from_name("spool-weights", create_if_missing=True)
 
 # ---------------------------------------------------------------- job functions
 RETRIES = modal.Retries(max_retries=2, initial_delay=5.0, backoff_coefficient=2.0)
-MAX_CONTAINERS = {"gpu-small": 10, "gpu-large": 4, None: 20}
+# Containers at once per class. Jobs hold one database connection each most of the time: with the API's 10 × 10,
+# these stay under 80 % of a small Supabase plan's 200 pooler clients (see README, Scaling).
+MAX_CONTAINERS = {"gpu-small": 10, "gpu-large": 4, "probe": 10, "provider": 30}
 # CPU cores and memory (MiB) reserved per container. Modal's default is an eighth of a core and 128 MiB: decoding and
 # x264 encoding run on the CPU beside the GPU (x264 scales with cores), and frame batches need room in host memory.
-RESOURCES = {"gpu-small": (4.0, 16 * 1024), "gpu-large": (8.0, 32 * 1024), None: (1.0, 4 * 1024)}
+# An upload check decodes one frame of the largest input allowed (40 MP, under 1 GiB at its peak); a provider job
+# mostly waits on the provider's API, and its peak (re-encoding a large input image) stays under 1.5 GiB.
+RESOURCES = {
+    "gpu-small": (4.0, 16 * 1024),
+    "gpu-large": (8.0, 32 * 1024),
+    "probe": (1.0, 2 * 1024),
+    "provider": (0.25, 1536),
+}
+RETIRED_MAX_CONTAINERS = 10  # a retired function only runs out the calls spawned before it was retired
 DEFAULT_TIMEOUT_S = 10 * MINUTES
 # Downloading inputs and uploading outputs come on top of a handler's timeout_s (IO_ALLOWANCE_S): the runner's own
 # limit must fire first, so the task fails with `timeout` and a refund instead of being killed and retried by Modal.
 IO_MARGIN_S = IO_ALLOWANCE_S + 2 * MINUTES
 
 
-def job_timeout(gpu_class: str | None) -> int:
+def job_timeout(cls: str) -> int:
     """函数超时 = 其模型中最长的 timeout_s 加上传输余量"""
-    longest = max((spec.timeout_s for spec in CATALOG.values() if spec.gpu == gpu_class), default=DEFAULT_TIMEOUT_S)
+    longest = max((spec.timeout_s for key, spec in CATALOG.items() if job_class(key) == cls), default=DEFAULT_TIMEOUT_S)
     return longest + IO_MARGIN_S
 
 
-def job_options(gpu_class: str | None) -> dict:
-    """一个任务函数的 Modal 参数（GPU 备选列表、超时、重试、并发上限、密钥）"""
+def job_options(cls: str) -> dict:
+    """一类任务函数的 Modal 参数（GPU 备选列表、超时、重试、并发上限、核数与内存、密钥）"""
+    cpu, memory = RESOURCES.get(cls, RESOURCES["gpu-small"])
     options = {
         "image": job_image,
         "secrets": [settings_secret, supabase_secret, kling_secret],
         "env": CLOUD_ENV,
-        "timeout": job_timeout(gpu_class),
+        "timeout": job_timeout(cls),
         "retries": RETRIES,
-        "max_containers": MAX_CONTAINERS.get(gpu_class, 4),
-        "cpu": RESOURCES.get(gpu_class, RESOURCES["gpu-small"])[0],
-        "memory": RESOURCES.get(gpu_class, RESOURCES["gpu-small"])[1],
+        "max_containers": MAX_CONTAINERS.get(cls, 4),
+        "cpu": cpu,
+        "memory": memory,
     }
-    if gpu_class is not None:
-        options |= {"gpu": list(GPU_CLASSES[gpu_class]), "volumes": {WEIGHTS_DIR: weights}}
+    if cls in GPU_CLASSES:
+        options |= {"gpu": list(GPU_CLASSES[cls]), "volumes": {WEIGHTS_DIR: weights}}
     return options
 
 
@@ -157,21 +168,39 @@ def run_gpu_large(task_id: str) -> str:
     return run_job(task_id)
 
 
-@app.function(**job_options(None))
-def run_cpu(task_id: str) -> str:
-    """在 CPU 上运行任务（探测上传、外部提供方）"""
+@app.function(**job_options("probe"))
+def run_probe(task_id: str) -> str:
+    """在 CPU 上检查上传（每个上传都要等它，几秒一个）"""
     return run_job(task_id)
 
 
-JOB_FUNCTIONS = {"run_gpu_small": run_gpu_small, "run_gpu_large": run_gpu_large, "run_cpu": run_cpu}
+@app.function(**job_options("provider"))
+def run_provider(task_id: str) -> str:
+    """在 CPU 上运行外部提供方的任务（大部分时间在等提供方）"""
+    return run_job(task_id)
+
+
+@app.function(**job_options(RETIRED_FUNCTIONS["run_cpu"]) | {"max_containers": RETIRED_MAX_CONTAINERS})
+def run_cpu(task_id: str) -> str:
+    """退役：跑完拆分之前 spawn 到这里的调用（上传检查或外部提供方），不再接新任务"""
+    return run_job(task_id)
+
+
+JOB_FUNCTIONS = {
+    "run_gpu_small": run_gpu_small,
+    "run_gpu_large": run_gpu_large,
+    "run_probe": run_probe,
+    "run_provider": run_provider,
+    "run_cpu": run_cpu,
+}
 _undeclared = (set(job_functions()) | {function_for(key) for key in CATALOG}) - set(JOB_FUNCTIONS)
 if _undeclared:
-    raise RuntimeError(f"modal_app.py declares no function for {sorted(_undeclared)}: add one per GPU class")
+    raise RuntimeError(f"modal_app.py declares no function for {sorted(_undeclared)}: add one per GPU class and pool")
 
 # ---------------------------------------------------------------- web API and reaper
 
 # Each api container holds up to DB_POOL_MAX database connections (10): 10 containers, 1,000 requests at once, stay
-# with the job functions' few each under the 200 clients of a small Supabase plan's pooler (see README, Scaling).
+# with the job functions' one each under the 200 clients of a small Supabase plan's pooler (see README, Scaling).
 API_MAX_CONTAINERS = 10
 
 

@@ -19,6 +19,10 @@ GPU_CLASSES: dict[str, list[str]] = {
     "gpu-small": ["L4", "A10G"],
     "gpu-large": ["H100", "A100-80GB"],
 }
+# Modal pools for the models that need no GPU, each its own function with its own container cap: upload checks
+# (seconds each, every upload waits for one) and provider jobs (up to 48 min each, nearly all of it polling) never
+# wait for each other's containers.
+CPU_POOLS = ("probe", "provider")
 MINUTES = 60
 # A job's inputs are downloaded and its outputs uploaded within this, on top of its handler's timeout_s.
 IO_ALLOWANCE_S = 8 * MINUTES
@@ -132,7 +136,8 @@ class ModelSpec:
     price: Callable[[Any, Assets], int]
     price_rule: str
     handler: str  # "module:function", imported only by the runner
-    gpu: str | None = None  # a GPU_CLASSES key; None runs on the CPU function
+    gpu: str | None = None  # a GPU_CLASSES key; None runs in cpu_pool
+    cpu_pool: str = "probe"  # a CPU_POOLS key, for a model without a GPU
     timeout_s: int = 30 * MINUTES
     inputs: dict[str, str] = field(default_factory=dict)  # params field -> required asset kind
     check: Callable[[Any, Assets, Settings], None] | None = None  # limits, before charging
@@ -270,6 +275,7 @@ CATALOG: dict[str, ModelSpec] = {
             price=lambda p, a: 0,
             price_rule="free (runs when an upload completes)",
             handler="gpu_jobs.handlers.media_probe:run",
+            cpu_pool="probe",
             timeout_s=5 * MINUTES,
             public=False,
         ),
@@ -281,6 +287,7 @@ CATALOG: dict[str, ModelSpec] = {
             price=lambda p, a: kling_price(p),
             price_rule=KLING_PRICE_RULE,
             handler="gpu_jobs.handlers.kling:run",
+            cpu_pool="provider",
             timeout_s=KLING_TIMEOUT_S,
             available=lambda s: s.kling_configured,
         ),
@@ -292,6 +299,7 @@ CATALOG: dict[str, ModelSpec] = {
             price=lambda p, a: kling_price(p),
             price_rule=KLING_PRICE_RULE,
             handler="gpu_jobs.handlers.kling:run",
+            cpu_pool="provider",
             timeout_s=KLING_TIMEOUT_S,
             inputs={"image_asset_id": "image"},
             check=_check_kling_image,

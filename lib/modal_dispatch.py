@@ -1,6 +1,6 @@
 """Modal dispatch: spawn the task's Modal function by name, keep the call id on the task, cancel the call.
 
-The deployed app (`modal_app.py`) has one job function per GPU class of the catalog plus one CPU function;
+The deployed app (`modal_app.py`) has one job function per GPU class and per CPU pool of the catalog;
 `function_for(model_key)` names the one a model runs on, so the dispatcher and the app agree.
 """
 
@@ -17,29 +17,34 @@ from lib.config import get_settings
 
 log = logging.getLogger("spool.dispatch")
 
-CPU_FUNCTION = "run_cpu"
+# Functions no model runs on any more, kept deployed so that the calls spawned before a change still run: name →
+# the class whose limits they keep. run_cpu ran upload checks and provider jobs alike before they had pools.
+RETIRED_FUNCTIONS: dict[str, str] = {"run_cpu": "provider"}
 SPAWN_TIMEOUT_S = 10.0  # a spawn only enqueues; past this the task stays queued and the reaper retries
 CANCEL_TIMEOUT_S = 10.0
 ENDED = ("completed", "failed", "canceled")
 
 
-def function_name(gpu_class: str | None) -> str:
-    """GPU 类别对应的 Modal 函数名（None → CPU 函数）"""
-    if gpu_class is None:
-        return CPU_FUNCTION
-    return "run_" + re.sub(r"[^0-9a-z]+", "_", gpu_class.lower()).strip("_")
+def function_name(job_class: str) -> str:
+    """GPU 类别或 CPU 池对应的 Modal 函数名"""
+    return "run_" + re.sub(r"[^0-9a-z]+", "_", job_class.lower()).strip("_")
+
+
+def job_class(model_key: str) -> str:
+    """模型在哪一类容器里运行：其 GPU 类别，没有 GPU 时其 CPU 池"""
+    spec = catalog.get_model(model_key)
+    return spec.gpu if spec.gpu is not None else spec.cpu_pool
 
 
 def function_for(model_key: str) -> str:
     """模型对应的 Modal 函数名"""
-    return function_name(catalog.get_model(model_key).gpu)
+    return function_name(job_class(model_key))
 
 
-def job_functions() -> dict[str, str | None]:
-    """部署的任务函数：函数名 → GPU 类别（每个 GPU 类别一个，外加 CPU 函数）"""
-    functions: dict[str, str | None] = {function_name(gpu): gpu for gpu in catalog.GPU_CLASSES}
-    functions[CPU_FUNCTION] = None
-    return functions
+def job_functions() -> dict[str, str]:
+    """部署的任务函数：函数名 → 类别（每个 GPU 类别与 CPU 池一个，外加退役但仍部署的函数）"""
+    functions = {function_name(name): name for name in (*catalog.GPU_CLASSES, *catalog.CPU_POOLS)}
+    return functions | RETIRED_FUNCTIONS
 
 
 class ModalDispatcher:

@@ -20,6 +20,7 @@ import pytest
 import modal_app
 from gpu_jobs.runner import run_task_async
 from lib import catalog, dispatch, modal_dispatch
+from lib.config import get_settings
 from lib.modal_dispatch import ModalDispatcher, function_for, function_name
 from lib.reaper import reap
 from lib.tasks import get_task_service
@@ -61,27 +62,70 @@ def test_import_needs_no_credentials_and_loads_no_torch(tmp_path):
     assert out.stdout.split() == ["spool", "[]"]
 
 
-def test_every_gpu_class_has_one_job_function_with_its_limits():
-    names = [function_name(gpu) for gpu in catalog.GPU_CLASSES]
-    assert len(set(names)) == len(names) and modal_dispatch.CPU_FUNCTION not in names
-    assert set(modal_app.JOB_FUNCTIONS) == {*names, modal_dispatch.CPU_FUNCTION}
-    for gpu, fallbacks in [*catalog.GPU_CLASSES.items(), (None, [])]:
-        info = modal_app.JOB_FUNCTIONS[function_name(gpu)].info()
-        models = [spec for spec in catalog.CATALOG.values() if spec.gpu == gpu]
-        assert info.gpus == [(name, 1) for name in fallbacks]
-        assert info.timeout == max(spec.timeout_s for spec in models) + modal_app.IO_MARGIN_S  # runner's limit first
+def test_every_gpu_class_and_cpu_pool_has_one_job_function_with_its_limits():
+    classes = [*catalog.GPU_CLASSES, *catalog.CPU_POOLS]
+    names = [function_name(cls) for cls in classes]
+    assert len(set(names)) == len(names) and not set(names) & set(modal_dispatch.RETIRED_FUNCTIONS)
+    assert list(modal_app.JOB_FUNCTIONS) == list(modal_dispatch.job_functions()) == [*names, "run_cpu"]
+    for cls in classes:
+        info = modal_app.JOB_FUNCTIONS[function_name(cls)].info()
+        models = [key for key in catalog.CATALOG if modal_dispatch.job_class(key) == cls]
+        assert models, cls  # a class no model runs on would be deployed for nothing
+        assert info.gpus == [(name, 1) for name in catalog.GPU_CLASSES.get(cls, [])]
+        longest = max(catalog.CATALOG[key].timeout_s for key in models)
+        assert info.timeout == longest + modal_app.IO_MARGIN_S  # the runner's limit first
+        assert (info.cpu, info.memory_mib) == modal_app.RESOURCES[cls]  # not Modal's eighth of a core
+        assert modal_app.job_options(cls)["max_containers"] == modal_app.MAX_CONTAINERS[cls]
+        assert (modal_app.WEIGHTS_DIR in info.volumes) == (cls in catalog.GPU_CLASSES)
+    for info in (f.info() for f in modal_app.JOB_FUNCTIONS.values()):
         assert info.max_retries == 2
-        assert (info.cpu, info.memory_mib) == modal_app.RESOURCES[gpu]  # not Modal's eighth of a core
         assert "modal.Secret.from_name('spool-supabase')" in info.secrets
         assert "modal.Secret.from_name('spool-settings')" in info.secrets
         assert "modal.Secret.from_name('spool-stripe')" not in info.secrets  # jobs never touch Stripe
         assert "Secret.from_dict([SPOOL_MODE, MODAL_APP_NAME])" in info.secrets
-        assert (modal_app.WEIGHTS_DIR in info.volumes) == (gpu is not None)
         assert info.schedule is None and info.web_info is None
     for key in catalog.CATALOG:
         assert function_for(key) in modal_app.JOB_FUNCTIONS
-    assert function_for("image.upscale") == "run_gpu_small" and function_for("media.probe") == "run_cpu"
+        assert function_for(key) not in modal_dispatch.RETIRED_FUNCTIONS
+    assert function_for("image.upscale") == "run_gpu_small" and function_for("media.probe") == "run_probe"
+    assert function_for("kling.text2video") == function_for("kling.image2video") == "run_provider"
     assert modal_app.CLOUD_ENV == {"SPOOL_MODE": "cloud", "MODAL_APP_NAME": "spool"}
+
+
+def test_upload_checks_and_provider_jobs_have_capacity_fitting_their_work():
+    """上传检查与外部提供方任务的容器上限、核数、内存与超时各按其活计：等提供方的任务只占一小部分核，且上限更高"""
+    probe, provider = modal_app.run_probe.info(), modal_app.run_provider.info()
+    caps = modal_app.MAX_CONTAINERS
+    # More than the 20 containers all CPU jobs once shared, each on a fraction of a core: nearly all of a provider job
+    # is waiting on the provider's API.
+    assert caps["provider"] > 20
+    assert provider.cpu < 1 and provider.memory_mib < 4 * 1024
+    # An upload check is done in minutes, not the 58 a provider job may take, and has room to decode a frame of the
+    # largest input (40 MP 10-bit 4:4:4 peaks near 0.85 GiB).
+    assert probe.timeout < provider.timeout and probe.timeout <= 15 * 60
+    assert probe.cpu >= 1 and probe.memory_mib >= 2 * 1024
+    # The pools' containers and the API's connections stay under 80 % of a small plan's 200 pooler clients.
+    api_clients = modal_app.API_MAX_CONTAINERS * get_settings().db_pool_max
+    assert api_clients + sum(caps.values()) <= 160
+
+
+@pytest.mark.filterwarnings("ignore:The run_cpu function is executing locally")
+async def test_calls_spawned_on_the_retired_cpu_function_still_run_to_their_end(client, make_user, fake_modal):
+    """拆分之前 spawn 到 run_cpu 的调用（排队的上传检查与 Kling 任务）部署后仍有函数接手，不会被 Modal 的超时打断"""
+    from tests.test_assets import direct_upload, png_bytes
+
+    assert modal_dispatch.RETIRED_FUNCTIONS == {"run_cpu": "provider"}
+    retired = await modal_app.run_cpu.info.aio()
+    cpu_models = [spec for spec in catalog.CATALOG.values() if spec.gpu is None]
+    assert retired.timeout >= max(spec.timeout_s for spec in cpu_models) + modal_app.IO_MARGIN_S
+    assert retired.gpus == [] and retired.max_retries == 2
+
+    user = await make_user()
+    resp = await direct_upload(client, user, png_bytes(12, 10))
+    asset = resp.json()["data"]
+    assert await asyncio.to_thread(modal_app.run_cpu.local, asset["probe_task_id"]) == "completed"
+    ready = (await client.get(f"/assets/{asset['id']}", headers=user.headers)).json()["data"]
+    assert ready["status"] == "ready" and (ready["width"], ready["height"]) == (12, 10)
 
 
 def test_a_gpu_class_without_a_function_stops_the_deploy(tmp_path):
@@ -166,7 +210,7 @@ def test_readme_function_table_matches_the_deployed_functions():
             continue
         cores, memory = resources.split(", ")
         assert float(cores.split()[0]) == info.cpu, name
-        assert int(memory.split()[0]) * 1024 == info.memory_mib, name
+        assert float(memory.split()[0]) * 1024 == info.memory_mib, name
 
 
 # ---------------------------------------------------------------- running the app's functions here
@@ -280,6 +324,32 @@ async def test_spawn_stores_the_call_id_and_the_request_does_not_wait(client, ma
     assert row["call_id"] == "fc-1" and row["status"] == "queued" and row["message"] is None
     await create_task(client, user, gpu_job)
     assert len(fake_modal.spawned) == 2 and fake_modal.lookups == 1  # the function handle is looked up once
+
+
+@pytest.fixture
+def kling_keys():
+    """Kling 已配置（只为能创建 Kling 任务；派发被替身接住，不会联系 Kling）"""
+    from tests.test_kling import AK, KLING_ENV, SK, set_env
+
+    saved = {name: os.environ.get(name) for name in KLING_ENV}
+    set_env({"KLING_AI_ACCESS_KEY": AK, "KLING_AI_SECRET_KEY": SK})
+    yield
+    set_env(saved)
+
+
+async def test_upload_checks_and_provider_jobs_are_spawned_on_functions_of_their_own(
+    client, make_user, fake_modal, kling_keys
+):
+    """上传检查与 Kling 任务各排各的函数：Kling 任务占满容器时上传照样被检查，一个账户的上传也挤不掉付费的 Kling 任务"""
+    from tests.test_assets import direct_upload, png_bytes
+
+    user = await make_user()
+    kling = await create_task(client, user, "kling.text2video", {"prompt": "a paper boat on a rainy street"})
+    resp = await direct_upload(client, user, png_bytes())
+    assert resp.status_code == 201, resp.text
+    probe_task_id = resp.json()["data"]["probe_task_id"]
+    spawned = {args[0]: name for _, name, args in fake_modal.spawned}
+    assert spawned == {kling["id"]: "run_provider", probe_task_id: "run_probe"}
 
 
 async def test_failed_spawn_leaves_the_task_queued_and_the_reaper_dispatches_it_again(

@@ -1,4 +1,4 @@
-"""kling.text2video / kling.image2video: a provider task on the CPU function — submit or resume, poll, re-host."""
+"""kling.text2video / kling.image2video: a provider task on the provider function — submit or resume, poll, re-host."""
 
 from __future__ import annotations
 
