@@ -144,6 +144,11 @@ class ModelSpec:
     available: Callable[[Settings], bool] = lambda settings: True
     public: bool = True  # internal models (the probe) are hidden from /models
 
+    @property
+    def job_class(self) -> str:
+        """在哪一类容器里运行：其 GPU 类别，没有 GPU 时其 CPU 池"""
+        return self.gpu if self.gpu is not None else self.cpu_pool
+
     def input_asset_ids(self, params: Params) -> list[str]:
         """参数里引用的输入资源 id"""
         return [str(getattr(params, name)) for name in self.inputs]

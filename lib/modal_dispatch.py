@@ -32,8 +32,7 @@ def function_name(job_class: str) -> str:
 
 def job_class(model_key: str) -> str:
     """模型在哪一类容器里运行：其 GPU 类别，没有 GPU 时其 CPU 池"""
-    spec = catalog.get_model(model_key)
-    return spec.gpu if spec.gpu is not None else spec.cpu_pool
+    return catalog.get_model(model_key).job_class
 
 
 def function_for(model_key: str) -> str:

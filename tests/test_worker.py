@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -254,3 +255,18 @@ async def test_the_reaper_requeues_a_local_workers_stalled_task_without_trying_t
     assert [r.getMessage() for r in caplog.records if r.name == "spool.reaper"] == []
     row = task_row(task["id"])
     assert (row["status"], row["call_id"], row["attempts"]) == ("queued", None, 1)
+
+
+async def test_a_job_of_one_class_does_not_wait_behind_a_long_one_of_another(client, make_user, monkeypatch):
+    """每类任务各有 WORKER_CONCURRENCY 个位置（同云端每类一个函数）：长的 provider 任务运行时，别类任务照样完成"""
+    long_job = dataclasses.replace(spec("slow"), key="test.provider_slow", cpu_pool="provider")
+    monkeypatch.setitem(catalog.CATALOG, "test.provider_slow", long_job)
+    monkeypatch.setitem(catalog.CATALOG, "test.slow", spec("slow"))  # in the probe pool, as upload checks
+    user = await make_user()
+    waiting = await create(client, user, "provider_slow", seconds=60)
+    async with running_worker(concurrency=1):
+        await until(lambda: handler_running(waiting["id"], 1), "the long job runs")
+        short = await create(client, user, "slow", seconds=0.2)
+        await until(lambda: task_row(short["id"])["status"] == "completed", "the other class's job completed")
+        assert task_row(waiting["id"])["status"] == "processing"  # still running beside it
+    assert task_row(waiting["id"])["status"] == "queued"  # handed back when the worker stopped

@@ -1,4 +1,6 @@
-"""The local worker: claims queued tasks (FOR UPDATE SKIP LOCKED), woken by NOTIFY, WORKER_CONCURRENCY at a time."""
+"""The local worker: claims queued tasks (FOR UPDATE SKIP LOCKED), woken by NOTIFY, WORKER_CONCURRENCY at a time in
+each job class (a GPU class, the upload checks, the provider jobs), as the cloud runs each class on its own function:
+an upload is checked while a Kling job waits on Kling, and a long video does not hold up a picture's check."""
 
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ class LocalWorker:
         self.concurrency = concurrency or self.settings.worker_concurrency
         self.wake = asyncio.Event()
         self.stopping = asyncio.Event()
-        self.running: dict[asyncio.Task, dict] = {}
-        self.model_keys = list(CATALOG)  # claim only what this worker can run
+        self.running: dict[asyncio.Task, tuple[str, dict]] = {}  # job → (its class, the claimed task)
+        self.classes: dict[str, list[str]] = {}  # claim only what this worker can run, by job class
+        for key, spec in CATALOG.items():
+            self.classes.setdefault(spec.job_class, []).append(key)
 
     async def run(self) -> None:
         """运行直到 stop()"""
@@ -60,19 +64,23 @@ class LocalWorker:
         self.wake.set()
 
     async def _fill_slots(self) -> None:
-        while len(self.running) < self.concurrency and not self.stopping.is_set():
-            try:
-                task = await db.fetch_one(
-                    "select * from public.claim_next_task(%s, %s)", (self.model_keys, self.worker_id)
-                )
-            except psycopg.Error as exc:
-                log.warning("claim failed: %s", exc)
-                return
-            if task is None:
-                return
-            job = asyncio.create_task(self._run_task(str(task["id"]), claimed=task))
-            self.running[job] = task
-            job.add_done_callback(self._done)
+        for job_class, model_keys in self.classes.items():
+            while not self.stopping.is_set() and self._running_in(job_class) < self.concurrency:
+                try:
+                    task = await db.fetch_one(
+                        "select * from public.claim_next_task(%s, %s)", (model_keys, self.worker_id)
+                    )
+                except psycopg.Error as exc:
+                    log.warning("claim failed: %s", exc)
+                    return
+                if task is None:
+                    break
+                job = asyncio.create_task(self._run_task(str(task["id"]), claimed=task))
+                self.running[job] = (job_class, task)
+                job.add_done_callback(self._done)
+
+    def _running_in(self, job_class: str) -> int:
+        return sum(1 for running_class, _ in self.running.values() if running_class == job_class)
 
     async def _requeue_lost_worker_tasks(self) -> None:
         """接替一个已死的 worker 时，立即把它认领的任务放回队列（或在用尽尝试后失败并退款），不等心跳超时"""
@@ -107,7 +115,7 @@ class LocalWorker:
             job.cancel()
         # A job cut off while saving its result removes what it uploaded (or commits it): that comes first.
         await asyncio.wait(running.keys(), timeout=STOP_SECONDS)
-        for task in running.values():
+        for _, task in running.values():
             with contextlib.suppress(Exception):
                 await db.fetch_one(
                     "select public.release_task(%s, %s, %s)",
