@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+from psycopg.pq import TransactionStatus
 from psycopg.rows import dict_row
 from psycopg.types.datetime import TimestamptzLoader
 from psycopg_pool import AsyncConnectionPool
@@ -132,31 +133,50 @@ async def transaction() -> AsyncIterator[psycopg.AsyncConnection]:
 
 @asynccontextmanager
 async def as_user(user_id: str, claims: dict | None = None) -> AsyncIterator[psycopg.AsyncConnection]:
-    """以用户身份执行（与 PostgREST 相同：authenticated 角色 + JWT claims），由 RLS 把关"""
+    """以用户身份执行（与 PostgREST 相同：authenticated 角色 + JWT claims），由 RLS 把关；账户已删除 → 401"""
     claims = {"sub": user_id, "role": "authenticated", **(claims or {})}
-    # Pipeline mode: BEGIN, the account check, the claims and the caller's first query travel in one round trip.
-    async with connection() as conn, conn.pipeline(), conn.transaction():
-        account = await conn.execute("select exists (select 1 from auth.users where id = %s) as live", (user_id,))
-        await conn.execute(
-            "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true),"
-            " set_config('statement_timeout', %s, true)",
-            (json.dumps(claims), USER_STATEMENT_TIMEOUT),
-        )
-        yield conn
-        if not (await account.fetchone())["live"]:  # a token outlives its deleted user by up to an hour
-            raise Unauthorized(ACCOUNT_GONE)
+    # Pipeline mode with no sync point until the end: BEGIN, the account check, the claims, the caller's queries
+    # and COMMIT travel in one round trip when the caller reads its results after the block (a read inside it
+    # costs one more). A failed statement makes the server skip the rest, COMMIT included.
+    async with connection() as conn:
+        try:
+            async with conn.pipeline():
+                await conn.execute("begin")
+                # A token outlives its deleted user by up to an hour: checked first, so such a query never runs.
+                await conn.execute("select public.require_account(%s)", (user_id,))
+                await conn.execute(
+                    "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true),"
+                    " set_config('statement_timeout', %s, true)",
+                    (json.dumps(claims), USER_STATEMENT_TIMEOUT),
+                )
+                yield conn
+                await conn.execute("commit")
+        except psycopg.Error as exc:
+            if exc.sqlstate == "SP401":
+                raise Unauthorized(ACCOUNT_GONE) from None
+            raise
+        finally:
+            if conn.info.transaction_status in (TransactionStatus.INTRANS, TransactionStatus.INERROR):
+                await conn.rollback()  # an error, or the caller's exception: nothing it did is kept
+
+
+async def fetch_many_as(user_id: str, *queries: tuple[str, Any]) -> list[list[dict]]:
+    """以用户身份执行多条查询（一次往返，RLS 把关），返回每条查询的所有行"""
+    async with as_user(user_id) as conn:
+        cursors = [await conn.execute(sql, params) for sql, params in queries]
+    return [await cur.fetchall() for cur in cursors]
 
 
 async def fetch_one_as(user_id: str, sql: str, params: Any = None) -> dict | None:
     """以用户身份查询第一行（RLS 把关）"""
-    async with as_user(user_id) as conn:
-        return await (await conn.execute(sql, params)).fetchone()
+    [rows] = await fetch_many_as(user_id, (sql, params))
+    return rows[0] if rows else None
 
 
 async def fetch_all_as(user_id: str, sql: str, params: Any = None) -> list[dict]:
     """以用户身份查询所有行（RLS 把关）"""
-    async with as_user(user_id) as conn:
-        return await (await conn.execute(sql, params)).fetchall()
+    [rows] = await fetch_many_as(user_id, (sql, params))
+    return rows
 
 
 async def fetch_one(sql: str, params: Any = None) -> dict | None:

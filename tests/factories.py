@@ -96,3 +96,58 @@ def sql(statement: str, params=None) -> list[dict]:
 
 def dumps(value) -> str:
     return json.dumps(value)
+
+
+class RoundTrips:
+    """记录 API 每次借用连接时与 Postgres 的往返次数（libpq 协议跟踪：客户端每发起一轮消息算一次）"""
+
+    def __init__(self, monkeypatch, folder):
+        from contextlib import asynccontextmanager
+
+        from lib import db
+
+        self.folder, self.files = folder, []
+        borrow = db.connection
+
+        @asynccontextmanager
+        async def traced():
+            async with borrow() as conn:
+                path = self.folder / f"borrow-{len(self.files)}.trace"
+                self.files.append(path)
+                with open(path, "w") as trace:  # noqa: ASYNC230 (opening an empty local file)
+                    conn.pgconn.trace(trace.fileno())
+                    conn.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+                    try:
+                        yield conn
+                    finally:
+                        conn.pgconn.untrace()
+
+        monkeypatch.setattr(db, "connection", traced)
+
+    def clear(self) -> None:
+        self.files.clear()
+
+    def _messages(self):
+        for path in self.files:
+            yield [line.split("\t") for line in path.read_text().splitlines()]
+
+    @property
+    def count(self) -> int:
+        """自上次 clear 以来的往返次数"""
+        turns = 0
+        for messages in self._messages():
+            previous = None
+            for sender, *_ in messages:
+                turns += sender == "F" and previous != "F"  # the client speaks again after the server answered
+                previous = sender
+        return turns
+
+    @property
+    def statements(self) -> list[str]:
+        """自上次 clear 以来发出的语句"""
+        return [
+            fields[3].split('"')[3]
+            for messages in self._messages()
+            for fields in messages
+            if fields[0] == "F" and len(fields) > 3 and fields[2] == "Parse"
+        ]

@@ -42,6 +42,7 @@ SERVICE_FUNCTIONS = [
     "save_task_state(uuid, int, jsonb)",
     "take_task_output_sweeps(int, int)",
     "forget_task_output_sweep(uuid)",
+    "require_account(uuid)",
 ]
 
 
