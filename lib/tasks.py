@@ -53,11 +53,7 @@ class TaskService:
         credits = get_credit_service()
         try:
             require_available(spec)
-            assets = await self._input_assets(user_id, spec, valid)
-            if project_id:
-                from lib.projects import get_project_service
-
-                await get_project_service().require_owned(user_id=user_id, project_id=project_id)
+            assets = await self._input_assets(user_id, spec, valid, project_id=project_id)
             cost = credits.calculate_credits(model_key=model_key, params=valid, assets=assets)  # checks the limits
         except (NotFound, InvalidInput, ProviderUnavailable):
             # A replay whose input or project was deleted since, or that today's limits or providers would refuse:
@@ -229,16 +225,24 @@ class TaskService:
             log.info("task %s: removed %d file(s) no asset refers to", task_id, len(orphans))
         return len(orphans)
 
-    async def _input_assets(self, user_id: str, spec: catalog.ModelSpec, params) -> dict[str, dict]:
+    async def _input_assets(
+        self, user_id: str, spec: catalog.ModelSpec, params, *, project_id: str | None = None
+    ) -> dict[str, dict]:
+        """读取任务的输入资源并检查它们（以及所要的项目）属于该用户，一次往返"""
         ids = spec.input_asset_ids(params)
-        if not ids:
-            return {}
-        rows = await db.fetch_all_as(
-            user_id,
-            "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
-            " from public.assets where id = any(%s::uuid[])",
-            (ids,),
-        )
+        queries = []
+        if ids:
+            queries.append(
+                (
+                    "select id, kind, status, width, height, duration_s, fps, mime, bytes, bucket, path"
+                    " from public.assets where id = any(%s::uuid[])",
+                    (ids,),
+                )
+            )
+        if project_id:
+            queries.append(("select id from public.projects where id = %s", (project_id,)))
+        results = await db.fetch_many_as(user_id, *queries) if queries else []
+        rows = results[0] if ids else []
         found = {str(r["id"]): r for r in rows}
         for field, kind in spec.inputs.items():
             asset_id = str(getattr(params, field))
@@ -256,6 +260,8 @@ class TaskService:
                     f"This model needs {wanted}, but asset {asset_id} is {given}.",
                     details=[{"field": f"params.{field}", "message": f"expected {wanted}"}],
                 )
+        if project_id and not results[-1]:
+            raise NotFound("Project not found.")
         return {asset_id: found[asset_id] for asset_id in ids}
 
 

@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from lib.config import get_settings
-from tests.factories import balance, ledger, make_asset, set_balance, sql, task_row
+from tests.factories import RoundTrips, balance, ledger, make_asset, set_balance, sql, task_row
 
 
 @pytest.fixture
@@ -607,3 +607,20 @@ async def test_times_are_utc_whatever_the_databases_time_zone(client, make_user,
     times = [task["created_at"], read["created_at"], canceled["finished_at"], entry["created_at"]]
     assert all(t.endswith("Z") for t in times), times
     assert task["created_at"] == read["created_at"]
+
+
+async def test_creating_a_task_in_a_project_is_two_round_trips(client, make_user, monkeypatch, tmp_path):
+    """POST /tasks：输入资源与项目一次读取（以用户身份），扣费与建任务一次 SQL 调用"""
+    user = await make_user()
+    asset = make_asset(user.id, width=1000, height=1000)
+    project = (await client.post("/projects", json={"name": "p"}, headers=user.headers)).json()["data"]["id"]
+    round_trips = RoundTrips(monkeypatch, tmp_path)
+    resp = await client.post("/tasks", json={**upscale(asset), "project_id": project}, headers=user.headers)
+    assert resp.status_code == 201, resp.text
+    assert round_trips.count == 2
+    assert round_trips.statements[-1].startswith("select public.create_task(")
+    round_trips.clear()
+    gone = str(uuid.uuid4())
+    resp = await client.post("/tasks", json={**upscale(asset), "project_id": gone}, headers=user.headers)
+    assert resp.status_code == 404 and resp.json()["error"]["message"] == "Project not found."
+    assert round_trips.count == 1  # refused before anything is charged
