@@ -46,6 +46,15 @@ PROBE_TASK_OF_ASSET = (
     "(select t.id from public.tasks t where t.user_id = a.user_id"
     " and t.idempotency_key = %(probe_prefix)s || a.id::text) as probe_task_id"
 )
+# A page of the caller's assets (RLS); a project's page reads assets_project_created_idx (migration 20261208008200).
+ASSET_PAGE = (
+    f"select {ASSET_COLUMNS}, {PROBE_TASK_OF_ASSET} from public.assets a"
+    " where (%(project)s::uuid is null or project_id = %(project)s)"
+    " and (%(kind)s::text is null or kind = %(kind)s)"
+    " and (%(status)s::text is null or status = %(status)s)"
+    " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+    " order by created_at desc, id desc limit %(limit)s"
+)
 EMPTY = "The file is empty."
 SWEEP_AGE_SECONDS = SIGNED_UPLOAD_SECONDS + ABANDON_MARGIN_SECONDS  # its URL expired, and a PUT begun has had time
 UPLOAD_EXPIRED = (
@@ -208,12 +217,7 @@ class AssetService:
         after = page_after(cursor)
         rows = await db.fetch_all_as(
             user_id,
-            f"select {ASSET_COLUMNS}, {PROBE_TASK_OF_ASSET} from public.assets a"
-            " where (%(project)s::uuid is null or project_id = %(project)s)"
-            " and (%(kind)s::text is null or kind = %(kind)s)"
-            " and (%(status)s::text is null or status = %(status)s)"
-            " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-            " order by created_at desc, id desc limit %(limit)s",
+            ASSET_PAGE,
             {
                 "project": project_id,
                 "kind": kind,

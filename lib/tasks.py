@@ -25,6 +25,14 @@ PUBLIC_COLUMNS = (
     "id, project_id, model_key, params, status, progress, message, cost, input_asset_ids, result, "
     "result_url, error, attempts, created_at, started_at, finished_at, updated_at"
 )
+# A page of the caller's tasks (RLS); a project's page reads tasks_project_created_idx (migration 20261208008200).
+TASK_PAGE = (
+    f"select {PUBLIC_COLUMNS} from public.tasks"
+    " where (%(status)s::text is null or status = %(status)s)"
+    " and (%(project)s::uuid is null or project_id = %(project)s)"
+    " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
+    " order by created_at desc, id desc limit %(limit)s"
+)
 
 
 class TaskService:
@@ -147,11 +155,7 @@ class TaskService:
         """任务列表（最新在前，游标分页）"""
         rows = await db.fetch_all_as(
             user_id,
-            f"select {PUBLIC_COLUMNS} from public.tasks"
-            " where (%(status)s::text is null or status = %(status)s)"
-            " and (%(project)s::uuid is null or project_id = %(project)s)"
-            " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
-            " order by created_at desc, id desc limit %(limit)s",
+            TASK_PAGE,
             {"status": status, "project": project_id, **page_after(cursor), "limit": limit + 1},
         )
         page = page_of(rows, limit)

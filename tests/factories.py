@@ -151,3 +151,13 @@ class RoundTrips:
             for fields in messages
             if fields[0] == "F" and len(fields) > 3 and fields[2] == "Parse"
         ]
+
+
+def plan_as(user_id: str, statement: str, params) -> str:
+    """以用户身份（RLS）执行 EXPLAIN，返回计划文本"""
+    with connect() as conn, conn.transaction():
+        conn.execute(
+            "select set_config('role', 'authenticated', true), set_config('request.jwt.claims', %s, true)",
+            (json.dumps({"sub": user_id, "role": "authenticated"}),),
+        )
+        return "\n".join(row["QUERY PLAN"] for row in conn.execute(f"explain {statement}", params))

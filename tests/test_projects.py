@@ -7,9 +7,11 @@ import uuid
 import pytest
 
 from lib import db
+from lib.assets import ASSET_PAGE
 from lib.errors import NotFound
 from lib.projects import get_project_service
-from tests.factories import make_asset, sql
+from lib.tasks import TASK_PAGE
+from tests.factories import connect, make_asset, plan_as, sql
 
 
 async def test_create_read_update_delete(client, make_user):
@@ -121,3 +123,55 @@ async def test_an_account_holds_at_most_a_thousand_projects(client, make_user):
     assert (await client.post("/projects", json={"name": "p"}, headers=other.headers)).status_code == 201
     sql("delete from public.projects where user_id = %s and name = 'p1'", (user.id,))
     assert (await client.post("/projects", json={"name": "again"}, headers=user.headers)).status_code == 201
+
+
+@pytest.fixture
+async def long_history(make_user):
+    """一个有 20 个项目、每个项目 100 个任务和 100 个资源的用户，另加一个空项目"""
+    user = await make_user()
+    sql("insert into public.projects (user_id, name) select %s, 'p' || n from generate_series(1, 21) n", (user.id,))
+    projects = [
+        str(r["id"]) for r in sql("select id from public.projects where user_id = %s order by name", (user.id,))
+    ]
+    full = projects[1:]
+    sql(
+        "insert into public.tasks (user_id, project_id, model_key, params, status, cost)"
+        " select %s, p, 'image.upscale', '{}', 'completed', 1 from unnest(%s::uuid[]) p, generate_series(1, 100)",
+        (user.id, full),
+    )
+    sql(
+        "insert into public.assets (user_id, project_id, kind, bucket, path, mime, status)"
+        " select %s, p, 'image', 'media', %s || '/uploads/' || gen_random_uuid() || '.png', 'image/png', 'ready'"
+        " from unnest(%s::uuid[]) p, generate_series(1, 100)",
+        (user.id, user.id, full),
+    )
+    sql("analyze public.tasks, public.assets")
+    return user, projects[0], full[0]
+
+
+@pytest.mark.parametrize(
+    ("page", "index"),
+    [(TASK_PAGE, "tasks_project_created_idx"), (ASSET_PAGE, "assets_project_created_idx")],
+    ids=["tasks", "assets"],
+)
+async def test_a_projects_page_reads_only_that_projects_rows(long_history, page, index):
+    """按项目列出任务和资源走项目索引，不把用户的全部历史读一遍（空项目也一样）"""
+    user, empty, full = long_history
+    for project in (empty, full):
+        params = {"project": project, "kind": None, "status": None, "at": None, "id": None, "limit": 21}
+        assert index in plan_as(user.id, page, {**params, "probe_prefix": "probe:"})
+
+
+async def test_deleting_a_project_reads_no_table_whole(client, long_history):
+    """删除项目（任务和资源的 project_id 置空）只读该项目的行，不扫描整张 tasks 和 assets 表"""
+    user, _, full = long_history
+    with connect() as conn, conn.transaction():
+        conn.execute("set local enable_seqscan = off")  # tables this small would be read whole anyway
+        conn.execute("delete from public.projects where id = %s", (full,))
+        scans = conn.execute(
+            "select relname, seq_scan from pg_stat_xact_user_tables where relname in ('tasks', 'assets')"
+        ).fetchall()
+    assert sorted((r["relname"], r["seq_scan"]) for r in scans) == [("assets", 0), ("tasks", 0)]
+    assert sql("select count(*) as n from public.tasks where user_id = %s and project_id is null", (user.id,)) == [
+        {"n": 100}
+    ]
