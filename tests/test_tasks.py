@@ -8,7 +8,8 @@ import uuid
 import pytest
 
 from lib.config import get_settings
-from tests.factories import RoundTrips, balance, ledger, make_asset, set_balance, sql, task_row
+from lib.tasks import TASK_PAGE
+from tests.factories import RoundTrips, balance, connect, ledger, make_asset, plan_as, set_balance, sql, task_row
 
 
 @pytest.fixture
@@ -624,3 +625,32 @@ async def test_creating_a_task_in_a_project_is_two_round_trips(client, make_user
     resp = await client.post("/tasks", json={**upscale(asset), "project_id": gone}, headers=user.headers)
     assert resp.status_code == 404 and resp.json()["error"]["message"] == "Project not found."
     assert round_trips.count == 1  # refused before anything is charged
+
+
+async def test_the_active_task_limit_and_the_active_list_read_only_the_callers_active_tasks(make_user):
+    """创建任务时的活跃任务计数与 queued/processing 列表只读调用者的活跃任务（不读其全部历史或所有人的）"""
+    user = await make_user()
+    sql(
+        "with u as (insert into auth.users (id, email) select gen_random_uuid(), gen_random_uuid() || '@example.com'"
+        " from generate_series(1, 500) returning id)"
+        " insert into public.tasks (user_id, model_key, params, status, cost)"
+        " select u.id, 'image.upscale', '{}', case when n = 1 then 'queued' else 'completed' end, 1"
+        " from u, generate_series(1, 40) n"
+    )
+    sql(
+        "insert into public.tasks (user_id, model_key, params, status, cost)"
+        " select %s, 'image.upscale', '{}', case when n <= 2 then 'queued' else 'completed' end, 1"
+        " from generate_series(1, 3000) n",
+        (user.id,),
+    )
+    sql("analyze public.tasks")
+    with connect() as conn, conn.transaction():
+        conn.execute("select public.create_task(%s, 'image.upscale', '{}', 0, null, null, '{}', 100)", (user.id,))
+        read = conn.execute(
+            "select c.relname, pg_stat_get_xact_tuples_returned(c.oid) as n from pg_index i"
+            " join pg_class c on c.oid = i.indexrelid"
+            " where i.indrelid = 'public.tasks'::regclass and pg_stat_get_xact_numscans(c.oid) > 0"
+        ).fetchall()
+    assert read == [{"relname": "tasks_user_active_idx", "n": 2}]  # its two queued tasks, nothing else
+    params = {"status": "queued", "project": None, "at": None, "id": None, "limit": 21}
+    assert "tasks_user_active_idx" in plan_as(user.id, TASK_PAGE, params)
