@@ -6,7 +6,7 @@ starts the embedded Postgres and the local server (JWKS, Storage), puts a proxy 
 by --delay-ms in front of Postgres, and counts round trips there (the turns: the API speaking again after
 Postgres answered). Each request runs --requests times, one at a time, through the API in a process of its own.
 With --against REF the same requests also run against that revision of the code (a temporary git worktree) on
-the same database, without the project indexes this checkout's migrations added: before and after in one run,
+the same database, without the indexes this checkout's migrations added (NEW_INDEXES): before and after in one run,
 taking turns (--rounds) so that the shared machine's drift falls on both.
 """
 
@@ -25,12 +25,14 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Indexes a revision before the project indexes lacked; dropped for --against, created again afterwards.
-PROJECT_INDEXES = {
+# Indexes the revisions before these measurements lacked; dropped for --against, created again afterwards.
+NEW_INDEXES = {
     "tasks_project_created_idx": "create index tasks_project_created_idx on public.tasks"
     " (project_id, created_at desc, id desc) where project_id is not null",
     "assets_project_created_idx": "create index assets_project_created_idx on public.assets"
     " (project_id, created_at desc, id desc) where project_id is not null",
+    "tasks_user_active_idx": "create index tasks_user_active_idx on public.tasks"
+    " (user_id, created_at desc, id desc) where status in ('queued', 'processing')",
 }
 HISTORY = 20_000  # tasks and assets of the measured user, spread over 50 projects
 
@@ -205,9 +207,9 @@ def run_revision(args, code: Path, data: dict) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def set_project_indexes(conn, present: bool) -> None:
-    """建立或去掉本检出的迁移加上的项目索引（--against 的修订版之前没有它们）"""
-    for name, create in PROJECT_INDEXES.items():
+def set_new_indexes(conn, present: bool) -> None:
+    """建立或去掉本检出的迁移新加的索引（--against 的修订版之前没有它们）"""
+    for name, create in NEW_INDEXES.items():
         exists = conn.execute("select to_regclass(%s)", (f"public.{name}",)).fetchone()[0]
         if present and not exists:
             conn.execute(create)
@@ -231,11 +233,11 @@ def measure_all(args, base: str, conn) -> list[tuple[str, list[dict]]]:
         runs = [(label, code) for _ in range(args.rounds) for label, code in revisions]
         share = len(data["doomed"]) // len(runs)
         for n, (label, code) in enumerate(runs):
-            set_project_indexes(conn, present=code == ROOT)
+            set_new_indexes(conn, present=code == ROOT)
             doomed = data["doomed"][n * share : (n + 1) * share]
             figures.append((label, run_revision(args, code, {**data, "doomed": doomed})))
     finally:
-        set_project_indexes(conn, present=True)
+        set_new_indexes(conn, present=True)
         if folder:
             subprocess.run(["git", "worktree", "remove", "--force", str(Path(folder) / "code")], check=True)
     return figures
