@@ -5,7 +5,8 @@ per GPU class and per CPU pool of the catalog, and the reaper on a schedule.
     modal run modal_app.py         # smoke test: the model → function map, then one reaper pass in the cloud
 
 Importing this module needs no credentials and imports neither torch nor av: the web container imports it
-before it serves its first request, and the job functions import the runner (and torch) inside their bodies.
+before it serves its first request, and the job functions import the runner inside their bodies (torch only for a
+handler that computes on the GPU: the CPU pools' image has none).
 """
 
 from __future__ import annotations
@@ -66,10 +67,17 @@ web_image = (
     .uv_pip_install(*pinned(*WEB_PACKAGES))
     .add_local_python_source(*LOCAL_SOURCE)
 )
-# The job image: the runner and the handlers, with a CUDA build of torch and PyAV.
+# The job image of the GPU classes: the runner and the handlers, with a CUDA build of torch and PyAV.
 job_image = (
     modal.Image.debian_slim(python_version=PYTHON_VERSION)
     .uv_pip_install(*pinned("torch"), index_url=TORCH_INDEX_URL)
+    .uv_pip_install(*pinned(*WEB_PACKAGES, *MEDIA_PACKAGES))
+    .add_local_python_source(*LOCAL_SOURCE)
+)
+# The job image of the CPU pools: the runner, the upload checks and the provider jobs, which need PyAV, Pillow and
+# numpy but no torch. Every upload waits for its check: a cold start here skips pulling and importing several GB.
+cpu_job_image = (
+    modal.Image.debian_slim(python_version=PYTHON_VERSION)
     .uv_pip_install(*pinned(*WEB_PACKAGES, *MEDIA_PACKAGES))
     .add_local_python_source(*LOCAL_SOURCE)
 )
@@ -125,7 +133,7 @@ def job_options(cls: str) -> dict:
     """一类任务函数的 Modal 参数（GPU 备选列表、超时、重试、并发上限、核数与内存、密钥）"""
     cpu, memory = RESOURCES.get(cls, RESOURCES["gpu-small"])
     options = {
-        "image": job_image,
+        "image": job_image if cls in GPU_CLASSES else cpu_job_image,
         "secrets": [settings_secret, supabase_secret, kling_secret],
         "env": CLOUD_ENV,
         "timeout": job_timeout(cls),

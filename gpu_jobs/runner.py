@@ -233,7 +233,7 @@ async def _run_steps(task: dict, attempt: int, progress: Progress, workdir: Path
         input_meta=assets,
         workdir=workdir,
         progress=progress,
-        device=_device(),
+        device=_device() if spec.gpu else "cpu",  # CPU pools' jobs never load torch (their image has none)
         state=await load_task_state(task["id"]),
         save_state=lambda state: asyncio.run_coroutine_threadsafe(
             save_task_state(task["id"], attempt, state), loop
@@ -442,7 +442,7 @@ def wait_for_handlers(timeout: float) -> bool:
 
 
 def _device() -> str:
-    from gpu_jobs.media import pick_device
+    from gpu_jobs.media.device import pick_device
 
     return pick_device()
 

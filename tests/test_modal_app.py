@@ -4,6 +4,7 @@ dispatcher with the SDK replaced at its boundary (what `Function.from_name` / `F
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import itertools
 import os
@@ -49,6 +50,13 @@ def image_commands(image) -> list[str]:
 
 def pip_lines(image) -> list[str]:
     return [c for c in image_commands(image) if "pip install" in c]
+
+
+def image_of(function) -> modal.Image:
+    """函数部署时使用的镜像（SDK 内部，modal 1.6.4）"""
+    from modal._utils.async_utils import synchronizer
+
+    return synchronizer._translate_out(synchronizer._translate_in(function)._spec.image)
 
 
 def test_import_needs_no_credentials_and_loads_no_torch(tmp_path):
@@ -161,6 +169,23 @@ def test_web_image_installs_neither_torch_nor_av_and_pins_come_from_requirements
     torch_line = next(line for line in job if "torch==" in line)
     assert modal_app.pinned("torch")[0] in torch_line and f"--index-url {modal_app.TORCH_INDEX_URL}" in torch_line
     assert all(pin in " ".join(job) for pin in modal_app.pinned("av", "pillow", "numpy"))
+
+
+def test_cpu_pools_run_on_an_image_without_torch_and_gpu_classes_on_the_cuda_one():
+    """上传检查与外部提供方任务的容器不拉取、不导入 CUDA 版 torch（数 GB）：冷启动只需 PyAV、Pillow 与 numpy"""
+    cpu = " ".join(pip_lines(modal_app.cpu_job_image))
+    assert "torch" not in cpu and modal_app.TORCH_INDEX_URL not in cpu
+    for pin in modal_app.pinned(*modal_app.WEB_PACKAGES, *modal_app.MEDIA_PACKAGES):
+        assert pin in cpu
+    for name, function in modal_app.JOB_FUNCTIONS.items():
+        cls = modal_dispatch.job_functions()[name]
+        expected = modal_app.job_image if cls in catalog.GPU_CLASSES else modal_app.cpu_job_image
+        assert image_of(function) is expected, name
+    assert {name for name, f in modal_app.JOB_FUNCTIONS.items() if image_of(f) is modal_app.cpu_job_image} == {
+        "run_probe",
+        "run_provider",
+        "run_cpu",
+    }
 
 
 def required_keys(secret) -> list[str]:
@@ -781,6 +806,89 @@ async def test_run_task_local_completes_a_real_upscale(client, make_user, fake_m
     assert (row["result"]["width"], row["result"]["height"]) == (48, 32)
     assert await storage_module.get_storage().exists(path=row["result"]["path"])
     assert [e["kind"] for e in ledger(user.id, task["id"])] == ["charge"]
+
+
+# Run in a fresh process where `import torch` fails, as it does on the CPU pools' image.
+WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NoTorch())
+import modal_app
+print(modal_app.run_probe.local(sys.argv[1]), modal_app.run_provider.local(sys.argv[2]))
+print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+
+
+@pytest.fixture
+def fake_kling(tmp_path):
+    """运行中的假 Kling，且配置指向它（轮询间隔极短）"""
+    from tests.fake_kling import FakeKling
+    from tests.media_factories import make_video
+    from tests.test_kling import AK, KLING_ENV, SK, set_env
+
+    fake = FakeKling(access_key=AK, secret_key=SK, video=make_video(tmp_path / "kling.mp4", 64, 48, frames=12)).start()
+    saved = {name: os.environ.get(name) for name in KLING_ENV}
+    set_env(
+        {
+            "KLING_AI_ACCESS_KEY": AK,
+            "KLING_AI_SECRET_KEY": SK,
+            "KLING_API_BASE": fake.url,
+            "KLING_POLL_INTERVAL_SECONDS": "0.01",
+            "KLING_POLL_DEADLINE_SECONDS": "30",
+        }
+    )
+    yield fake
+    fake.stop()
+    set_env(saved)
+
+
+async def test_upload_checks_and_provider_jobs_run_where_torch_cannot_be_imported(
+    client, make_user, fake_modal, fake_kling, tmp_path
+):
+    """run_probe 与 run_provider 在没有 torch 的镜像上运行：真实的视频上传检查（含海报）与 Kling 图生视频任务都完成"""
+    from PIL import Image
+
+    from lib.storage import get_storage
+    from tests.media_factories import make_video
+
+    user = await make_user()
+    clip = make_video(tmp_path / "upload.mp4", 64, 48, frames=12)
+    resp = await client.post(
+        "/assets", files={"file": ("clip.mp4", clip.read_bytes(), "video/mp4")}, headers=user.headers
+    )
+    assert resp.status_code == 201, resp.text
+    upload = resp.json()["data"]
+    buffer = io.BytesIO()
+    Image.new("RGB", (480, 360), (20, 120, 200)).save(buffer, "PNG")
+    path = f"{user.id}/uploads/still.png"
+    await get_storage().upload_bytes(path=path, data=buffer.getvalue(), content_type="image/png")
+    still = make_asset(user.id, kind="image", width=480, height=360, path=path)
+    kling = await create_task(client, user, "kling.image2video", {"image_asset_id": still, "prompt": "ripples"})
+    spawned = {args[0]: name for _, name, args in fake_modal.spawned}
+    assert spawned == {upload["probe_task_id"]: "run_probe", kling["id"]: "run_provider"}
+
+    out = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", WITHOUT_TORCH, upload["probe_task_id"], kling["id"]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["completed completed", "[]"], out.stderr[-3000:]
+    checked = (await client.get(f"/assets/{upload['id']}", headers=user.headers)).json()["data"]
+    assert checked["status"] == "ready" and (checked["width"], checked["height"]) == (64, 48)
+    poster = sql("select * from public.assets where source_task_id = %s", (upload["probe_task_id"],))
+    assert [(a["kind"], a["mime"]) for a in poster] == [("image", "image/jpeg")]
+    assert len(fake_kling.submits) == 1 and base64.b64decode(fake_kling.submits[0]["image"]) == buffer.getvalue()
+    [video] = sql("select * from public.assets where source_task_id = %s", (kling["id"],))
+    assert (video["kind"], video["width"], video["height"]) == ("video", 64, 48)
 
 
 async def test_a_container_whose_timed_out_handler_still_runs_stops_taking_inputs_even_when_run_task_raises(

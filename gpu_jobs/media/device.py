@@ -5,22 +5,27 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lib.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 
 def pick_device() -> str:
     """选择计算设备"""
+    import torch  # here, not at the top: the upload checks read their context through this module without torch
+
     return os.environ.get("SPOOL_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def job_device(ctx: Any) -> torch.device:
     """任务使用的设备（SPOOL_DEVICE 优先，其次 ctx.device 中的 GPU）"""
+    import torch
+
     if os.environ.get("SPOOL_DEVICE"):
         return torch.device(os.environ["SPOOL_DEVICE"])
     device = getattr(ctx, "device", "cpu") or "cpu"
@@ -29,6 +34,8 @@ def job_device(ctx: Any) -> torch.device:
 
 def work_dtype(device: torch.device) -> torch.dtype:
     """设备上的计算精度：CUDA 用 fp16，CPU 用 fp32"""
+    import torch
+
     return torch.float16 if device.type == "cuda" else torch.float32
 
 

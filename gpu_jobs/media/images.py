@@ -6,15 +6,18 @@ import io
 import logging
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import av
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from gpu_jobs.media.display import Display
 from gpu_jobs.media.probe import check_input_pixels, inspect_file, reason, upright
 from lib.errors import InvalidInput
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 IMAGE_MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -123,6 +126,8 @@ def flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
 
 def load_image(path: str | Path, **options) -> torch.Tensor:
     """读取图片为 uint8 张量 (3, H, W)，或带透明度时 (4, H, W)（参数同 open_image）"""
+    import torch  # here: the upload checks and Kling's input image use this module without torch
+
     return torch.from_numpy(np.array(open_image(path, **options))).permute(2, 0, 1)
 
 
