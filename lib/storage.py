@@ -11,9 +11,11 @@ import asyncio
 import io
 import logging
 import os
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from functools import cache
 from pathlib import Path
@@ -34,6 +36,7 @@ INTERNAL_URL_SECONDS = 10 * 60
 HEAD_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 LIST_PAGE = 1000
+SIGNED_URL_CACHE_SIZE = 10_000  # download URLs one process remembers (a few MB)
 
 
 class StorageError(UpstreamError):
@@ -70,6 +73,11 @@ class StorageService:
         self._client: AsyncStorageClient | None = None
         self._http: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Download URLs signed by the batch call, by (bucket, path, promised lifetime): (URL, until when it may be
+        # handed out again, on the monotonic clock). Bounded LRU; a removed path is forgotten.
+        self._signed: OrderedDict[tuple[str, str, int], tuple[str, float]] = OrderedDict()
+        self._signed_lock = threading.Lock()
+        self._removals = 0  # bumped by every remove: a signing that overlapped one keeps nothing
 
     # ------------------------------------------------------------ client
 
@@ -206,8 +214,12 @@ class StorageService:
             check_path(path, user_id)
         if not paths:
             return []
-        async with self._errors("remove files"):
-            removed = await self._bucket().remove(list(paths))
+        self._forget_signed(paths)
+        try:
+            async with self._errors("remove files"):
+                removed = await self._bucket().remove(list(paths))
+        finally:
+            self._forget_signed(paths)  # and what a signing that overlapped the removal may have kept
         return [item.get("name") for item in removed if isinstance(item, dict)]
 
     # ------------------------------------------------------------ reads
@@ -225,17 +237,64 @@ class StorageService:
             await self._signed_url(path, expires_in or get_settings().signed_url_seconds, user_id, download)
         )
 
-    async def create_signed_urls(self, *, paths: list[str], expires_in: int | None = None) -> dict[str, str | None]:
-        """批量创建签名下载 URL（一次请求）；对象不存在 → None"""
+    async def create_signed_urls(
+        self, *, paths: list[str], expires_in: int | None = None, fresh: Collection[str] = ()
+    ) -> dict[str, str | None]:
+        """批量签名下载 URL（至多一次请求；每个至少还有 expires_in 秒有效，记得的够新就直接交出）；不存在 → None"""
         for path in paths:
             check_path(path)
         if not paths:
             return {}
-        async with self._errors("sign downloads"):
-            signed = await self._bucket().create_signed_urls(
-                list(paths), expires_in or get_settings().signed_url_seconds
-            )
-        return {item["path"]: item["signedURL"] and self.public_url(item["signedURL"]) for item in signed}
+        lifetime = expires_in or get_settings().signed_url_seconds
+        bucket = get_settings().storage_bucket
+        # Signed for half as long again as promised, and handed out again during that extra half: every URL
+        # handed out still has at least `lifetime` left.
+        reuse = lifetime // 2
+        urls = {} if not reuse else self._remembered(bucket, [p for p in paths if p not in fresh], lifetime)
+        missing = sorted({p for p in paths if p not in urls})
+        if missing:
+            removals, started = self._removals, time.monotonic()
+            async with self._errors("sign downloads"):
+                signed = await self._bucket().create_signed_urls(missing, lifetime + reuse)
+            fetched = {item["path"]: item["signedURL"] for item in signed if item["path"] in missing}
+            urls.update(fetched)
+            if reuse and removals == self._removals:
+                self._remember(bucket, fetched, lifetime, started + reuse)
+        return {path: (url := urls.get(path)) and self.public_url(url) for path in paths}
+
+    def _remembered(self, bucket: str, paths: list[str], lifetime: int) -> dict[str, str]:
+        """记得的、仍可再交出的签名 URL（原始地址）"""
+        now, found = time.monotonic(), {}
+        with self._signed_lock:
+            for path in paths:
+                key = (bucket, path, lifetime)
+                entry = self._signed.get(key)
+                if entry is None:
+                    continue
+                if entry[1] <= now:
+                    del self._signed[key]
+                    continue
+                self._signed.move_to_end(key)
+                found[path] = entry[0]
+        return found
+
+    def _remember(self, bucket: str, urls: dict[str, str | None], lifetime: int, until: float) -> None:
+        with self._signed_lock:
+            for path, url in urls.items():
+                if url:  # a missing file is asked about again: it may be uploaded later
+                    self._signed[(bucket, path, lifetime)] = (url, until)
+                    self._signed.move_to_end((bucket, path, lifetime))
+            while len(self._signed) > SIGNED_URL_CACHE_SIZE:
+                self._signed.popitem(last=False)
+
+    def _forget_signed(self, paths: list[str]) -> None:
+        """忘掉这些路径记得的签名 URL（删除之前与之后都不再交出）"""
+        doomed = set(paths)
+        with self._signed_lock:
+            self._removals += 1
+            if self._signed:
+                for key in [key for key in self._signed if key[1] in doomed]:
+                    del self._signed[key]
 
     async def _signed_url(
         self, path: str, expires_in: int, user_id: str | None, download: str | bool | None = None
@@ -339,10 +398,13 @@ def _storage_status(resp) -> int:
     return int(code) if code.isdigit() else resp.status_code
 
 
-async def with_signed_urls(items: list[dict], field: str, path_of: Callable[[dict], str | None]) -> list[dict]:
-    """给每一项的 field 换上新签名的下载地址（一次存储请求）；没有路径或文件已不在 → None"""
+async def with_signed_urls(
+    items: list[dict], field: str, path_of: Callable[[dict], str | None], reusable: Callable[[dict], bool] | None = None
+) -> list[dict]:
+    """给每一项的 field 换上签名的下载地址（至多一次存储请求；reusable 为假的项重新签名）；没有路径或文件不在 → None"""
     paths = {index: path for index, item in enumerate(items) if (path := path_of(item))}
-    urls = await get_storage().create_signed_urls(paths=sorted(set(paths.values()))) if paths else {}
+    fresh = {paths[i] for i in paths if reusable is not None and not reusable(items[i])}
+    urls = await get_storage().create_signed_urls(paths=sorted(set(paths.values())), fresh=fresh) if paths else {}
     return [{**item, field: urls.get(paths[index]) if index in paths else None} for index, item in enumerate(items)]
 
 

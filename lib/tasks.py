@@ -25,9 +25,16 @@ PUBLIC_COLUMNS = (
     "id, project_id, model_key, params, status, progress, message, cost, input_asset_ids, result, "
     "result_url, error, attempts, created_at, started_at, finished_at, updated_at"
 )
+# Whether a completed task's result asset is still there (null for a result that names none): a result deleted
+# through another process must read as null even where this one remembers its signed URL. A scalar subquery, one
+# primary-key probe per row returned (an EXISTS may be planned as a hash of all the user's assets).
+RESULT_KEPT = (
+    "case when tasks.result ->> 'asset_id' is not null then (select true from public.assets a"
+    " where a.id = (tasks.result ->> 'asset_id')::uuid) is not null end as result_kept"
+)
 # A page of the caller's tasks (RLS); a project's page reads tasks_project_created_idx (migration 20261208008200).
 TASK_PAGE = (
-    f"select {PUBLIC_COLUMNS} from public.tasks"
+    f"select {PUBLIC_COLUMNS}, {RESULT_KEPT} from public.tasks"
     " where (%(status)s::text is null or status = %(status)s)"
     " and (%(project)s::uuid is null or project_id = %(project)s)"
     " and (%(at)s::timestamptz is null or (created_at, id) < (%(at)s, %(id)s::uuid))"
@@ -138,7 +145,9 @@ class TaskService:
         )
 
     async def _own_task(self, user_id: str, task_id: str) -> dict:
-        row = await db.fetch_one_as(user_id, f"select {PUBLIC_COLUMNS} from public.tasks where id = %s", (task_id,))
+        row = await db.fetch_one_as(
+            user_id, f"select {PUBLIC_COLUMNS}, {RESULT_KEPT} from public.tasks where id = %s", (task_id,)
+        )
         if row is None:
             raise NotFound("Task not found.")
         return row
@@ -270,13 +279,17 @@ class TaskService:
 
 
 async def with_fresh_result_urls(tasks: list[dict]) -> list[dict]:
-    """已完成任务换上新签名的结果下载地址（存储里的会过期；结果文件已被删除 → null），一次存储请求"""
+    """已完成任务附上结果的下载地址（重新签名或交出仍够新的；结果资源已被删除 → null），至多一次存储请求"""
     from lib.storage import with_signed_urls
 
     def result_path(task: dict) -> str | None:
-        return (task.get("result") or {}).get("path") if task["status"] == "completed" else None
+        if task["status"] != "completed" or task.get("result_kept") is False:
+            return None
+        return (task.get("result") or {}).get("path")
 
-    return await with_signed_urls(tasks, "result_url", result_path)
+    # A remembered URL only where the row just read shows the result asset is still there.
+    signed = await with_signed_urls(tasks, "result_url", result_path, lambda task: task.get("result_kept") is True)
+    return [{key: value for key, value in task.items() if key != "result_kept"} for task in signed]
 
 
 def _same_request(task: dict, request: tuple) -> dict:

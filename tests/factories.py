@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 from psycopg.rows import dict_row
@@ -151,6 +154,33 @@ class RoundTrips:
             for fields in messages
             if fields[0] == "F" and len(fields) > 3 and fields[2] == "Parse"
         ]
+
+
+@contextmanager
+def storage_signings() -> Iterator[list[str]]:
+    """记录本进程向存储发出的下载签名请求（每次请求记下其路径）；须在事件循环中使用"""
+    from lib.storage import get_storage
+
+    storage = get_storage()
+    storage._ensure_client()
+    seen: list[str] = []
+
+    async def record(request) -> None:
+        if request.method == "POST" and "/object/sign/" in request.url.path:
+            seen.append(request.url.path)
+
+    hooks = storage._http.event_hooks["request"]
+    hooks.append(record)
+    try:
+        yield seen
+    finally:
+        hooks.remove(record)
+
+
+def token_expiry(url: str) -> int:
+    """本地存储签名 URL 的令牌里的到期时间（Unix 秒）"""
+    payload = url.split("token=")[1].split(".")[0]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["e"]
 
 
 def plan_as(user_id: str, statement: str, params) -> str:

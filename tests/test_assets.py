@@ -16,7 +16,7 @@ from lib.config import get_settings
 from lib.errors import Forbidden
 from lib.media_types import sniff
 from lib.storage import get_storage
-from tests.factories import balance, connect, make_asset, sql, task_row
+from tests.factories import balance, connect, make_asset, sql, storage_signings, task_row
 
 
 def png_bytes(width: int = 8, height: int = 6) -> bytes:
@@ -595,6 +595,23 @@ async def test_lists_carry_download_urls_and_a_file_gone_from_storage_reads_as_n
         assert (await http.get(items[kept]["download_url"])).content == data  # a gallery needs no call per file
     resp = await client.get(f"/assets/{lost}", headers=user.headers)
     assert resp.status_code == 200 and resp.json()["data"]["download_url"] is None  # the row is there: not a 404
+
+
+async def test_a_gallery_polled_again_costs_no_storage_request_until_a_file_goes(client, make_user):
+    user = await make_user()
+    ids = [(await direct_upload(client, user, png_bytes())).json()["data"]["id"] for _ in range(2)]
+    for asset_id in ids:
+        await get_asset_service().mark_probed(
+            asset_id=asset_id, probe={"kind": "image", "width": 8, "height": 6}, reason=None
+        )
+    with storage_signings() as signings:
+        pages = [(await client.get("/assets", headers=user.headers)).json()["data"]["items"] for _ in range(2)]
+        one = (await client.get(f"/assets/{ids[0]}", headers=user.headers)).json()["data"]
+    assert len(signings) == 1 and pages[0] == pages[1] and one["download_url"] == pages[0][1]["download_url"]
+    assert len({a["download_url"] for a in pages[0]}) == 2
+    await get_storage().remove(paths=[storage_path(ids[0])])
+    resp = await client.get(f"/assets/{ids[0]}", headers=user.headers)
+    assert resp.json()["data"]["download_url"] is None
 
 
 async def test_list_filters_and_pages(client, make_user):

@@ -15,6 +15,7 @@ from lib.config import get_settings
 from lib.errors import Conflict, Forbidden, NotFound
 from lib.local.storage import objects as storage_objects
 from lib.storage import get_storage, user_path
+from tests.factories import storage_signings, token_expiry
 
 BUCKET = "media"
 
@@ -369,3 +370,42 @@ async def test_listing_orders_searches_and_sorts_as_storage_does(storage, owner)
         "b.png",
     ]
     assert await names(limit=2, offset=1) == ["A.png", "a"]
+
+
+async def test_download_urls_are_handed_out_again_while_they_keep_their_promised_lifetime(storage, owner):
+    paths = [user_path(owner, "again", name) for name in ("a.bin", "b.bin")]
+    for path in paths:
+        await storage.upload_bytes(path=path, data=path.encode(), content_type="application/octet-stream")
+    with storage_signings() as signings:
+        first = await storage.create_signed_urls(paths=paths, expires_in=3600)
+        again = await storage.create_signed_urls(paths=list(reversed(paths)), expires_in=3600)
+        assert again == first and len(signings) == 1  # a poll of the same page costs no storage request
+        for url in again.values():
+            assert token_expiry(url) >= time.time() + 3600 - 1  # valid for the whole lifetime asked for
+        short = await storage.create_signed_urls(paths=paths[:1], expires_in=60)
+        assert len(signings) == 2 and short[paths[0]] != first[paths[0]]  # another lifetime, another URL
+        assert token_expiry(short[paths[0]]) <= time.time() + 2 * 60
+    async with httpx.AsyncClient() as http:
+        for path, url in first.items():  # each path its own URL
+            assert (await http.get(url)).content == path.encode()
+
+
+async def test_a_url_is_signed_again_before_less_than_its_promised_lifetime_is_left(storage, owner):
+    path = user_path(owner, "short.bin")
+    await storage.upload_bytes(path=path, data=b"s", content_type="application/octet-stream")
+    with storage_signings() as signings:
+        first = await storage.create_signed_urls(paths=[path], expires_in=2)
+        await asyncio.sleep(1.1)  # past the half of its promised lifetime it may be handed out for
+        again = await storage.create_signed_urls(paths=[path], expires_in=2)
+    assert len(signings) == 2 and token_expiry(again[path]) >= time.time() + 2 - 1
+    assert token_expiry(again[path]) > token_expiry(first[path])
+
+
+async def test_a_removed_file_is_not_handed_out_from_the_remembered_urls(storage, owner):
+    path = user_path(owner, "removed.bin")
+    await storage.upload_bytes(path=path, data=b"r", content_type="application/octet-stream")
+    assert (await storage.create_signed_urls(paths=[path]))[path]
+    await storage.remove(paths=[path])
+    assert await storage.create_signed_urls(paths=[path]) == {path: None}
+    await storage.upload_bytes(path=path, data=b"r", content_type="application/octet-stream")
+    assert (await storage.create_signed_urls(paths=[path]))[path]  # signed again once the file is back

@@ -3,13 +3,27 @@
 import asyncio
 import base64
 import json
+import time
 import uuid
 
+import httpx
 import pytest
 
 from lib.config import get_settings
 from lib.tasks import TASK_PAGE
-from tests.factories import RoundTrips, balance, connect, ledger, make_asset, plan_as, set_balance, sql, task_row
+from tests.factories import (
+    RoundTrips,
+    balance,
+    connect,
+    ledger,
+    make_asset,
+    plan_as,
+    set_balance,
+    sql,
+    storage_signings,
+    task_row,
+    token_expiry,
+)
 
 
 @pytest.fixture
@@ -654,3 +668,74 @@ async def test_the_active_task_limit_and_the_active_list_read_only_the_callers_a
     assert read == [{"relname": "tasks_user_active_idx", "n": 2}]  # its two queued tasks, nothing else
     params = {"status": "queued", "project": None, "at": None, "id": None, "limit": 21}
     assert "tasks_user_active_idx" in plan_as(user.id, TASK_PAGE, params)
+
+
+async def completed_with_result(client, user) -> tuple[dict, str]:
+    """一个已完成、结果文件与资源行都在的任务；返回 (任务, 结果资源 id)"""
+    from lib.storage import get_storage
+
+    task = (await client.post("/tasks", json=upscale(make_asset(user.id)), headers=user.headers)).json()["data"]
+    path = f"{user.id}/tasks/{task['id']}/1/result-0.png"
+    result_asset = make_asset(user.id, path=path)
+    await get_storage().upload_bytes(path=path, data=b"result", content_type="image/png")
+    sql(
+        "update public.tasks set status = 'completed', progress = 1, result = %s where id = %s",
+        (json.dumps({"asset_id": result_asset, "path": path}), task["id"]),
+    )
+    return task, result_asset
+
+
+async def test_polling_a_completed_task_signs_its_result_once(client, make_user):
+    user = await make_user()
+    task, _ = await completed_with_result(client, user)
+    with storage_signings() as signings:
+        urls = []
+        for _ in range(2):
+            urls.append((await client.get(f"/tasks/{task['id']}", headers=user.headers)).json()["data"]["result_url"])
+            [listed] = (await client.get("/tasks", headers=user.headers)).json()["data"]["items"]
+            urls.append(listed["result_url"])
+    assert len(set(urls)) == 1 and len(signings) == 1
+    assert token_expiry(urls[0]) >= time.time() + get_settings().signed_url_seconds - 1
+    async with httpx.AsyncClient() as http:
+        assert (await http.get(urls[0])).content == b"result"
+
+
+async def test_a_result_deleted_by_another_api_process_reads_as_null_at_once(client, make_user):
+    user = await make_user()
+    task, result_asset = await completed_with_result(client, user)
+    assert (await client.get(f"/tasks/{task['id']}", headers=user.headers)).json()["data"]["result_url"]
+    # Another container's DELETE /assets/{id}: the file and the row go, this process is not told.
+    [row] = sql("delete from public.assets where id = %s returning path", (result_asset,))
+    key = get_settings().supabase_service_role_key
+    async with httpx.AsyncClient() as http:
+        resp = await http.request(
+            "DELETE",
+            f"{get_settings().supabase_url}/storage/v1/object/media",
+            json={"prefixes": [row["path"]]},
+            headers={"apikey": key, "Authorization": f"Bearer {key}"},
+        )
+        assert resp.status_code == 200, resp.text
+    assert (await client.get(f"/tasks/{task['id']}", headers=user.headers)).json()["data"]["result_url"] is None
+    [listed] = (await client.get("/tasks", headers=user.headers)).json()["data"]["items"]
+    assert listed["id"] == task["id"] and listed["result_url"] is None
+
+
+async def test_a_page_of_tasks_looks_up_only_its_own_results(client, make_user):
+    user = await make_user()
+    sql(
+        "insert into public.assets (user_id, kind, bucket, path, mime, status, created_at)"
+        " select %s, 'image', 'media', %s || '/uploads/' || gen_random_uuid() || '.png', 'image/png', 'ready',"
+        " now() - make_interval(secs => n) from generate_series(1, 3000) n",
+        (user.id, user.id),
+    )
+    sql(
+        "insert into public.tasks (user_id, model_key, params, status, cost, result, created_at)"
+        " select user_id, 'image.upscale', '{}', 'completed', 1, jsonb_build_object('asset_id', id, 'path', path),"
+        " created_at from public.assets where user_id = %s",
+        (user.id,),
+    )
+    sql("analyze public.tasks, public.assets")
+    params = {"status": None, "project": None, "at": None, "id": None, "limit": 21}
+    plan = plan_as(user.id, TASK_PAGE, params)
+    # One primary-key probe per task on the page, never a scan of the user's 3,000 assets.
+    assert "assets_pkey" in plan and "Seq Scan on assets" not in plan, plan
