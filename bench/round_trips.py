@@ -1,13 +1,15 @@
-"""Database round trips and latency of the hot requests, with a network delay between the API and Postgres.
+"""Database and Storage round trips and latency of the hot requests, with a network delay in front of both.
 
 Run: .venv/bin/python bench/round_trips.py [--against REF] [--delay-ms 2] [--requests 50] [--rounds 2]
-In the cloud the API reaches Postgres through Supavisor: every round trip is a network one (about 1-5 ms). This
-starts the embedded Postgres and the local server (JWKS, Storage), puts a proxy that delays what the API sends
-by --delay-ms in front of Postgres, and counts round trips there (the turns: the API speaking again after
-Postgres answered). Each request runs --requests times, one at a time, through the API in a process of its own.
-With --against REF the same requests also run against that revision of the code (a temporary git worktree) on
-the same database, without the indexes this checkout's migrations added (NEW_INDEXES): before and after in one run,
-taking turns (--rounds) so that the shared machine's drift falls on both.
+In the cloud the API reaches Postgres through Supavisor and Storage over HTTPS: every round trip is a network one
+(about 1-5 ms to Postgres, tens of ms to Storage from Modal). This starts the embedded Postgres and the local server
+(JWKS, Storage), puts a proxy that delays what the API sends by --delay-ms in front of Postgres and another in front
+of the local server (SUPABASE_URL names it: Storage and the JWKS are reached through it), and counts round trips at
+each (the turns: the API speaking again after the other side answered; one per HTTP request). Each request runs
+--requests times, one at a time, through the API in a process of its own. With --against REF the same requests also
+run against that revision of the code (a temporary git worktree) on the same database, without those of this
+checkout's indexes (NEW_INDEXES) that the revision's migrations lack: before and after in one run, taking turns
+(--rounds) so that the shared machine's drift falls on both.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ NEW_INDEXES = {
     " (user_id, created_at desc, id desc) where status in ('queued', 'processing')",
 }
 HISTORY = 20_000  # tasks and assets of the measured user, spread over 50 projects
+PAGE = 20  # the newest results and assets are in storage: the first page of each signs real files
 
 
 class DelayProxy:
@@ -96,6 +99,11 @@ async def measure(args) -> list[dict]:
     server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     os.environ["SUPABASE_DB_URL"] = make_conninfo(url, host="127.0.0.1", port=str(port), sslmode="disable")
+    # SUPABASE_URL names the Storage proxy's port (the local server's tokens carry it as their issuer).
+    storage_proxy = DelayProxy({"host": "127.0.0.1", "port": args.server_port}, args.delay_ms / 1000)
+    storage_server = await asyncio.start_server(
+        storage_proxy.handle, "127.0.0.1", int(os.environ["SUPABASE_URL"].rsplit(":", 1)[1])
+    )
 
     import httpx
 
@@ -127,23 +135,26 @@ async def measure(args) -> list[dict]:
     app = create_app()
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://bench") as client:
         for name, request in cases:
-            latencies, turns = [], 0
+            latencies, turns, storage_turns = [], 0, 0
             for i in range(args.warmup + args.requests):
-                before, start = proxy.turns, time.perf_counter()
+                before, storage_before, start = proxy.turns, storage_proxy.turns, time.perf_counter()
                 resp = await request(client)
                 assert resp.status_code < 300, resp.text
                 if i >= args.warmup:
                     latencies.append(time.perf_counter() - start)
                     turns += proxy.turns - before
+                    storage_turns += storage_proxy.turns - storage_before
             results.append(
                 {
                     "case": name,
                     "round_trips": turns / args.requests,
+                    "storage_round_trips": storage_turns / args.requests,
                     "p50_ms": statistics.median(latencies) * 1000,
                     "p90_ms": sorted(latencies)[int(0.9 * len(latencies))] * 1000,
                 }
             )
     server.close()
+    storage_server.close()
     return results
 
 
@@ -159,18 +170,34 @@ def seed(args, base: str, conn) -> dict:
     )
     projects = [r[0] for r in conn.execute("select id from public.projects where user_id = %s order by name", (uid,))]
     conn.execute(
-        "insert into public.tasks (user_id, project_id, model_key, params, status, cost, result, created_at)"
-        " select %s, (%s::uuid[])[1 + n %% 50], 'image.upscale', '{}', 'completed', 1,"
-        " jsonb_build_object('path', %s || '/tasks/' || gen_random_uuid() || '/out.png'),"
-        " now() - make_interval(secs => n) from generate_series(1, %s) n",
-        (uid, projects, uid, HISTORY),
-    )
-    conn.execute(
         "insert into public.assets (user_id, project_id, kind, bucket, path, mime, width, height, status, created_at)"
         " select %s, (%s::uuid[])[1 + n %% 50], 'image', 'media', %s || '/uploads/' || gen_random_uuid() || '.png',"
         " 'image/png', 512, 512, 'ready', now() - make_interval(secs => n) from generate_series(1, %s) n",
         (uid, projects, uid, HISTORY),
     )
+    # Each task's result is one of those assets, as a completed task's is; dated ahead of the tasks the POST cases
+    # create, so that every run's first page of tasks is these.
+    conn.execute(
+        "insert into public.tasks (user_id, project_id, model_key, params, status, cost, result, created_at)"
+        " select %s, a.project_id, 'image.upscale', '{}', 'completed', 1,"
+        " jsonb_build_object('asset_id', a.id, 'path', a.path), a.created_at + interval '1 day'"
+        " from public.assets a where a.user_id = %s",
+        (uid, uid),
+    )
+    newest = [
+        r[0]
+        for r in conn.execute(
+            "select path from public.assets where user_id = %s order by created_at desc limit %s", (uid, PAGE)
+        )
+    ]
+    key = os.environ["SUPABASE_SERVICE_ROLE_KEY"]
+    for path in newest:  # straight to the local server, not through the measured proxy
+        resp = httpx.post(
+            f"{base}/storage/v1/object/media/{path}",
+            content=b"\x89PNG\r\n\x1a\n",
+            headers={"apikey": key, "Authorization": f"Bearer {key}", "Content-Type": "image/png"},
+        )
+        resp.raise_for_status()
     runs = 2 * args.rounds * (args.warmup + args.requests)  # a project to delete per DELETE, for each run
     conn.execute(
         "insert into public.projects (user_id, name) select %s, 'doomed' || n from generate_series(1, %s) n",
@@ -179,7 +206,9 @@ def seed(args, base: str, conn) -> dict:
     doomed = [str(r[0]) for r in conn.execute("select id from public.projects where name like 'doomed%%'")]
     empty = conn.execute("insert into public.projects (user_id, name) values (%s, 'empty') returning id", (uid,))
     conn.execute("analyze public.tasks, public.assets, public.projects")
-    task = conn.execute("select id from public.tasks where user_id = %s limit 1", (uid,)).fetchone()[0]
+    task = conn.execute(
+        "select id from public.tasks where user_id = %s order by created_at desc limit 1", (uid,)
+    ).fetchone()[0]
     return {
         "token": user["access_token"],
         "asset": str(conn.execute("select id from public.assets where user_id = %s limit 1", (uid,)).fetchone()[0]),
@@ -196,6 +225,7 @@ def run_revision(args, code: Path, data: dict) -> list[dict]:
         [
             *(sys.executable, __file__, "--measure", "--code", str(code), "--data", json.dumps(data)),
             *("--delay-ms", str(args.delay_ms), "--requests", str(args.requests), "--warmup", str(args.warmup)),
+            *("--server-port", str(args.server_port)),
         ],
         cwd=code,
         capture_output=True,
@@ -207,13 +237,22 @@ def run_revision(args, code: Path, data: dict) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def set_new_indexes(conn, present: bool) -> None:
-    """建立或去掉本检出的迁移新加的索引（--against 的修订版之前没有它们）"""
+def lacking_indexes(revision: str) -> set[str]:
+    """NEW_INDEXES 里该修订版的迁移还没有建的索引"""
+    return {
+        name
+        for name in NEW_INDEXES
+        if subprocess.run(["git", "grep", "-q", name, revision, "--", "supabase/migrations"], cwd=ROOT).returncode
+    }
+
+
+def set_new_indexes(conn, absent: set[str]) -> None:
+    """去掉 absent 中的索引，建立其余的（--against 的修订版之前没有它们）"""
     for name, create in NEW_INDEXES.items():
         exists = conn.execute("select to_regclass(%s)", (f"public.{name}",)).fetchone()[0]
-        if present and not exists:
+        if name not in absent and not exists:
             conn.execute(create)
-        elif exists and not present:
+        elif exists and name in absent:
             conn.execute(f"drop index public.{name}")
     conn.execute("analyze public.tasks, public.assets")
 
@@ -222,22 +261,23 @@ def measure_all(args, base: str, conn) -> list[tuple[str, list[dict]]]:
     """各修订版轮流测量 --rounds 轮（先 --against，再本检出），返回 [(标签, 结果)]"""
     data = seed(args, base, conn)
     revisions = [("this checkout", ROOT)]
-    folder = None
+    folder, lacking = None, set()
     if args.against:
         folder = tempfile.mkdtemp(prefix="spool-before-")
         before = Path(folder) / "code"
         subprocess.run(["git", "worktree", "add", "--detach", "-q", str(before), args.against], check=True)
         revisions.insert(0, (args.against, before))
+        lacking = lacking_indexes(args.against)
     figures = []
     try:
         runs = [(label, code) for _ in range(args.rounds) for label, code in revisions]
         share = len(data["doomed"]) // len(runs)
         for n, (label, code) in enumerate(runs):
-            set_new_indexes(conn, present=code == ROOT)
+            set_new_indexes(conn, absent=set() if code == ROOT else lacking)
             doomed = data["doomed"][n * share : (n + 1) * share]
             figures.append((label, run_revision(args, code, {**data, "doomed": doomed})))
     finally:
-        set_new_indexes(conn, present=True)
+        set_new_indexes(conn, absent=set())
         if folder:
             subprocess.run(["git", "worktree", "remove", "--force", str(Path(folder) / "code")], check=True)
     return figures
@@ -253,6 +293,7 @@ def main() -> None:
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--code", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--server-port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
         sys.path.insert(0, args.code)
@@ -266,6 +307,9 @@ def main() -> None:
     from lib.local import stack
 
     os.environ["SPOOL_PORT"] = str(stack.free_port())
+    # The API reaches the local server through the measuring process's Storage proxy, on this port.
+    os.environ["SUPABASE_URL"] = f"http://127.0.0.1:{stack.free_port()}"
+    args.server_port = int(os.environ["SPOOL_PORT"])
     os.environ["MAX_ACTIVE_TASKS_PER_USER"] = "100000"
     os.environ["LOG_LEVEL"] = "WARNING"
     with stack.prepared():
@@ -279,14 +323,18 @@ def main() -> None:
             server.wait(10)
     print(
         f"{args.requests} requests of each kind, one at a time, {args.delay_ms:g} ms added to each round trip to "
-        f"Postgres, {os.cpu_count()} CPUs; the user has {HISTORY:,} tasks and {HISTORY:,} assets in 50 projects"
+        f"Postgres and to Storage, {os.cpu_count()} CPUs; the user has {HISTORY:,} tasks and {HISTORY:,} assets"
+        " in 50 projects"
     )
-    print(f"{'request':<48} {'code':<14} {'round trips':>11} {'p50 ms':>7} {'p90 ms':>7}")
+    print(f"{'request':<48} {'code':<14} {'round trips':>11} {'storage':>7} {'p50 ms':>7} {'p90 ms':>7}")
     for i, row in enumerate(figures[0][1]):
         for n, (label, results) in enumerate(figures):
             r = results[i]
             name = row["case"] if n == 0 else ""
-            print(f"{name:<48} {label[:14]:<14} {r['round_trips']:>11.1f} {r['p50_ms']:>7.1f} {r['p90_ms']:>7.1f}")
+            print(
+                f"{name:<48} {label[:14]:<14} {r['round_trips']:>11.1f} {r.get('storage_round_trips', 0):>7.1f}"
+                f" {r['p50_ms']:>7.1f} {r['p90_ms']:>7.1f}"
+            )
 
 
 if __name__ == "__main__":
