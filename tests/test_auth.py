@@ -234,15 +234,19 @@ class JwksServer:
     """A stand-in for the project's JWKS endpoint: its answer, latency and fetch count are the test's to set."""
 
     def __init__(self):
+        import threading
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         self.status, self.body, self.delay, self.fetches = 200, json.dumps(local_issuer().jwks()).encode(), 0.0, 0
+        self.answering = threading.Event()  # cleared: a fetch waits to answer until the test sets it again
+        self.answering.set()
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 outer.fetches += 1
                 time.sleep(outer.delay)
+                outer.answering.wait(60)
                 self.send_response(outer.status)
                 self.send_header("content-type", "application/json" if outer.body[:1] == b"{" else "text/html")
                 self.send_header("content-length", str(len(outer.body)))
@@ -271,6 +275,7 @@ def jwks_server():
     reset_token_verifier()
     get_token_verifier().keys = SigningKeys(server.url, lifespan=600)
     yield server
+    server.answering.set()
     server.server.shutdown()
     reset_token_verifier()
 
@@ -414,14 +419,15 @@ async def test_a_known_key_answers_at_once_while_its_stale_key_set_is_fetched_ag
     user = await make_user()
     assert (await balance_status(client, es256(claims(sub=user.id))))[0] == 200
     get_token_verifier().keys._fetched_at -= 601  # the cached key set has expired
-    jwks_server.delay = 3  # a slow identity provider: this fetch takes a while
+    jwks_server.answering.clear()  # a slow identity provider: this fetch answers only when the test lets it
     fetching = asyncio.create_task(balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 1))))
     while jwks_server.fetches < 2:
         await asyncio.sleep(0.01)
-    other = asyncio.create_task(balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 2))))
-    done, _ = await asyncio.wait({fetching, other}, return_when=asyncio.FIRST_COMPLETED)
-    assert other in done and fetching not in done
-    assert other.result()[0] == 200
+    try:
+        other = await asyncio.wait_for(balance_status(client, es256(claims(sub=user.id, iat=int(time.time()) - 2))), 30)
+        assert other[0] == 200 and not fetching.done()
+    finally:
+        jwks_server.answering.set()
     assert (await fetching)[0] == 200
     assert jwks_server.fetches == 2
 
