@@ -16,17 +16,39 @@ from tests.factories import connect, dumps, ledger, task_row
 from tests.media_factories import make_video
 
 
+class SharedWorker:
+    """本模块共用的真实 worker 进程（回收器每秒一轮）：可停下再启动"""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "REAPER_INTERVAL_SECONDS": "1"}
+        with open(os.path.join(os.environ["SPOOL_HOME"], "worker.log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lib.local", "worker"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(15)
+
+
 @pytest.fixture(scope="module")
 def worker(live_server):
-    """本模块专用的真实 worker 进程（回收器每秒一轮）"""
-    env = {**os.environ, "REAPER_INTERVAL_SECONDS": "1"}
-    log = open(os.path.join(os.environ["SPOOL_HOME"], "worker.log"), "ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lib.local", "worker"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    yield proc
-    proc.terminate()
-    proc.wait(15)
+    """本模块专用的真实 worker 进程"""
+    shared = SharedWorker()
+    shared.start()
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def without_shared_worker(worker):
+    """本测试期间停下共用的 worker（测试自己启动 worker），之后再启动它，给后面的测试用"""
+    worker.stop()
+    yield
+    worker.start()
 
 
 async def wait_for(check, seconds: float = 60, every: float = 0.2):
@@ -145,10 +167,10 @@ def start_worker():
             proc.wait(15)
 
 
-async def test_worker_killed_mid_task_is_requeued_and_completes(client, make_user, worker, start_worker, tmp_path):
+async def test_worker_killed_mid_task_is_requeued_and_completes(
+    client, make_user, without_shared_worker, start_worker, tmp_path
+):
     """真实的 worker 在处理中被 SIGKILL：回收器重新排队，另一个 worker 完成它，只扣一次费"""
-    worker.terminate()  # this test runs its own workers, with a short stall time
-    worker.wait(15)
     fast = {"TASK_STALL_SECONDS": "5", "REAPER_INTERVAL_SECONDS": "1"}
     first = start_worker(**fast)
     user = await make_user()
