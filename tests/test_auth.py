@@ -271,7 +271,7 @@ def jwks_server():
     from lib.auth import SigningKeys, get_token_verifier
 
     server = JwksServer()
-    threading.Thread(target=server.server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     reset_token_verifier()
     get_token_verifier().keys = SigningKeys(server.url, lifespan=600)
     yield server
