@@ -347,7 +347,7 @@ class OneJobProvider:
     def __init__(self, *, lose_answer: bool):
         self.lose_answer = lose_answer
 
-    def submit(self, *, external_id, params, inputs) -> str:
+    def submit(self, *, external_id, params, inputs, submit_by=None) -> str:
         """提交：回答丢失或返回任务 id"""
         if self.lose_answer:
             raise ProviderBusy("no answer", ambiguous=True)
@@ -1082,7 +1082,39 @@ async def test_a_slot_that_frees_too_late_for_the_job_to_finish_is_not_taken(cli
     assert kling.submits == [] and kinds(user, task) == ["charge", "refund"]
 
 
+async def test_a_slot_freed_past_half_the_deadline_is_not_taken_by_the_adapters_own_retries(client, make_user, kling):
+    """Kling 要求一秒后再试：适配器自己的重试也不能在期限过半之后把任务发出去"""
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "3"})  # sent no later than 1.5 s after the first try
+    kling.busy_submits, kling.retry_after = 10**6, 1
+    user = await make_user()
+    task = await create(client, user)
+
+    async def free_a_slot_past_half() -> None:
+        await wait_until(lambda: kling.refused_submits > 0)
+        await asyncio.sleep(1.6)  # before the adapter's retry two seconds after the first try
+        kling.busy_submits = 0
+
+    freeing = asyncio.create_task(free_a_slot_past_half())
+    assert await run_task_async(task["id"]) == "failed"
+    await freeing
+    assert task_row(task["id"])["error"]["message"].startswith("Kling could not take the job within 1.5 seconds")
+    assert kling.submits == [] and kinds(user, task) == ["charge", "refund"] and balance(user.id) == 100
+
+
+def test_the_adapter_sends_no_submit_at_or_after_the_time_it_is_given():
+    now = [1_000.0]
+    busy = httpx.Response(429, json={"code": 1303, "message": "parallel task over resource pack limit"})
+    provider, sent = mock_provider(*[busy] * 5, clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    with pytest.raises(ProviderBusy) as late:  # tries at 1000, +0.001, +0.002, +0.004: the next would be too late
+        provider.submit(external_id="t", params=KlingParams(prompt="a boat"), inputs={}, submit_by=1_000.01)
+    assert not late.value.ambiguous and len(sent) == 4
+    with pytest.raises(ProviderBusy) as late:  # already past it: nothing is sent at all
+        provider.submit(external_id="t", params=KlingParams(prompt="a boat"), inputs={}, submit_by=now[0])
+    assert not late.value.ambiguous and len(sent) == 4
+
+
 async def test_cancel_is_noticed_while_kling_asks_us_to_retry_later(client, make_user, kling):
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "120"})  # the 30 s asked for still end before half the deadline
     kling.busy_submits, kling.retry_after = 10**6, 30
     user = await make_user()
     task = await create(client, user)

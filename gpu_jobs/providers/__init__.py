@@ -36,6 +36,7 @@ DOWNLOAD_LIMIT_S = 300.0  # a whole download, retries included
 # A job is sent only while at least this share of the deadline is left: the rest is its time to generate. One sent
 # later would be paid for and abandoned unfinished at the deadline.
 SUBMIT_SHARE = 0.5
+RETRY_AFTER_CAP = 30.0  # the longest wait a provider's Retry-After may ask for
 MAX_REDIRECTS = 10
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -83,8 +84,8 @@ class Provider(Protocol):
 
     name: str  # shown to users: "Queued at Kling"
 
-    def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path]) -> str:
-        """提交任务，返回提供方任务 id（ProviderError：被拒绝；ProviderBusy：暂时失败）"""
+    def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path], submit_by: float | None = None) -> str:
+        """提交任务，返回提供方任务 id；submit_by（time.time() 的秒）起不再发出提交（ProviderBusy：暂时失败或已太晚）"""
         ...
 
     def find(self, external_id: str) -> ProviderJob | None:
@@ -157,10 +158,13 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
             raise _no_slot(provider, deadline_s)
     ctx.progress(0.03, f"Sending the request to {provider.name}")
     _save(ctx, {"provider": provider.name.lower(), "provider_submitting": True, "provider_submitted_at": started_at})
+    submit_by = started_at + deadline_s * SUBMIT_SHARE
+    # A resend of a job the provider said it has is refused as a duplicate (it creates nothing): not bound.
+    bound = None if state.get("provider_exists") else submit_by
     delay = max(interval_s, 0.01)
     while True:
         try:
-            job_id = provider.submit(external_id=ctx.task_id, params=ctx.params, inputs=ctx.inputs)
+            job_id = provider.submit(external_id=ctx.task_id, params=ctx.params, inputs=ctx.inputs, submit_by=bound)
             break
         except ProviderBusy as exc:
             if exc.ambiguous:  # the next attempt looks the job up by our id before submitting again
@@ -169,10 +173,11 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
                 raise TransientError(f"{provider.name} did not accept the job: {exc}") from exc
             # Certainly not created: the provider's rate or concurrency limit is full, or it is down. Other jobs
             # of ours end and free a slot, so this one waits in line (a retry would only spend an attempt).
-            if time.time() + delay - started_at >= deadline_s * SUBMIT_SHARE:
+            wait = max(delay, min(exc.retry_after or 0.0, RETRY_AFTER_CAP))
+            if time.time() + wait >= submit_by:
                 raise _no_slot(provider, deadline_s) from exc
             log.warning("task %s: %s has no room for the job (%s); trying again", ctx.task_id, provider.name, exc)
-            _pause(ctx, delay, 0.03, f"Waiting for a free slot at {provider.name}")
+            _pause(ctx, wait, 0.03, f"Waiting for a free slot at {provider.name}")
             delay = min(delay * 1.5, 30.0)
     log.info("task %s: submitted %s job %s", ctx.task_id, provider.name, job_id)
     return _saved(ctx, job_id, started_at)

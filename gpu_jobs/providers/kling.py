@@ -19,6 +19,7 @@ import httpx
 import jwt
 
 from gpu_jobs.providers import (
+    RETRY_AFTER_CAP,
     AccessRefused,
     ProviderBusy,
     ProviderError,
@@ -55,6 +56,10 @@ FILE_ID_CHARS = 64  # of Kling's job id in the downloaded file's name
 CONNECT_TIMEOUT_S = 10.0
 SUBMIT_TIMEOUT_S = 60.0  # a submit carries up to 10 MB of base64 image; also the download's wait between chunks
 LOOKUP_TIMEOUT_S = 15.0  # a status poll or lookup: a hung connection or a cancel is noticed sooner
+
+
+class TooLate(ProviderBusy):
+    """提交的时限已到，没有再发出提交"""
 
 
 class JobNotFound(ProviderError):
@@ -135,12 +140,15 @@ class KlingProvider:
 
     # ------------------------------------------------------------ the Provider interface
 
-    def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path]) -> str:
-        """提交文生视频或图生视频任务，返回 Kling 任务 id"""
+    def submit(self, *, external_id: str, params: Any, inputs: dict[str, Path], submit_by: float | None = None) -> str:
+        """提交文生视频或图生视频任务，返回 Kling 任务 id；submit_by 起不再发出提交（重试也不）"""
         body = self.request_body(external_id=external_id, params=params, inputs=inputs)
         unclear = False  # an earlier try may have created the job although its answer was lost
         for attempt, delay in enumerate([*self.delays, None], start=1):
             try:
+                if submit_by is not None and self.clock() >= submit_by:
+                    # A job sent now could not finish within its deadline, yet would be paid for.
+                    raise TooLate("no time left to send the job")
                 job_id = self._send("POST", f"/v1/videos/{self.endpoint}", body).get("task_id")
                 if not isinstance(job_id, str | int) or not str(job_id):
                     raise ProviderBusy("Kling accepted the job without naming it", ambiguous=True)
@@ -151,13 +159,16 @@ class KlingProvider:
                     if found is not None:
                         return found.job_id
                     unclear = True
-                if delay is None:
+                wait = None if delay is None or isinstance(exc, TooLate) else self._delay(exc, delay)
+                if wait is not None and submit_by is not None and self.clock() + wait >= submit_by:
+                    wait = None  # the retry would come too late: the caller decides what follows
+                if wait is None:
                     if unclear and not exc.ambiguous:
                         # A later try refused as busy does not undo an earlier one that may have created the job
                         # (whose own run may be what fills the account): the next attempt looks it up first.
                         raise ProviderBusy(str(exc), ambiguous=True, retry_after=exc.retry_after) from exc
                     raise
-                self._wait("submit", attempt, exc, delay)
+                self._wait("submit", attempt, exc, wait)
             except ProviderError as exc:
                 # A submit refused for its parameters may be refused for our external id (1201 "external_task_id
                 # already exists"): an earlier try, in this call or an earlier attempt, created the job and Kling's
@@ -325,8 +336,13 @@ class KlingProvider:
         reason = _reason(payload.get("message"))
         raise Refused(refusal_message(status, code, payload.get("message")), code=code, reason=reason)
 
+    @staticmethod
+    def _delay(exc: ProviderBusy, delay: float) -> float:
+        """重试前的等待：退避时间，Kling 要求更久（Retry-After）则按它（至多 30 秒）"""
+        return max(delay, min(exc.retry_after or 0.0, RETRY_AFTER_CAP))
+
     def _wait(self, what: str, attempt: int, exc: ProviderBusy, delay: float) -> None:
-        delay = max(delay, min(exc.retry_after or 0.0, 30.0))
+        delay = self._delay(exc, delay)
         log.warning("Kling %s busy (try %d): %s; retrying in %.2fs", what, attempt, exc, delay)
         self.sleep(delay)
 
