@@ -1269,6 +1269,20 @@ async def test_a_job_kling_says_it_has_is_not_refunded_when_the_next_attempt_com
     await adopts_the_one_job_once_it_is_found(kling, user, task)
 
 
+async def test_a_job_kling_says_it_has_is_not_refunded_when_its_resend_past_half_the_deadline_finds_the_account_full(
+    client, make_user, kling
+):
+    kling.lagging_lookups, kling.concurrency = 100, 1  # the job Kling has (and bills) holds the account's only slot
+    user = await make_user()
+    task = await create(client, user)
+    state = {"provider_submitting": True, "provider_exists": True, "provider_submitted_at": time.time() - 10}
+    submitted_earlier(kling, task["id"], state)
+    set_env({"KLING_POLL_DEADLINE_SECONDS": "16"})  # this attempt comes past half the deadline
+    assert await run_task_async(task["id"]) == "queued"  # the resend is refused as busy: the job still runs and is paid
+    assert kinds(user, task) == ["charge"] and len(kling.jobs) == 1
+    await adopts_the_one_job_once_it_is_found(kling, user, task)
+
+
 async def test_a_job_adopted_after_a_lookup_that_missed_keeps_the_deadline_of_the_submit_that_created_it(
     client, make_user, kling
 ):

@@ -175,6 +175,8 @@ def submit_or_resume(ctx: JobContext, provider: Provider, *, deadline_s: float, 
             # of ours end and free a slot, so this one waits in line (a retry would only spend an attempt).
             wait = max(delay, min(exc.retry_after or 0.0, RETRY_AFTER_CAP))
             if time.time() + wait >= submit_by:
+                if state.get("provider_exists"):  # the job runs and is paid, maybe in the very slot we wait for
+                    raise TransientError(f"{provider.name} has the job but it is not found yet: {exc}") from exc
                 raise _no_slot(provider, deadline_s) from exc
             log.warning("task %s: %s has no room for the job (%s); trying again", ctx.task_id, provider.name, exc)
             _pause(ctx, wait, 0.03, f"Waiting for a free slot at {provider.name}")
