@@ -1,4 +1,4 @@
-"""Assets: signed uploads (then complete), small direct uploads, list, read with a fresh download URL, delete."""
+"""Assets: signed uploads (then complete), small direct uploads, list, read with a download URL, delete."""
 
 from __future__ import annotations
 
@@ -217,7 +217,7 @@ async def list_assets(
 
 @router.get("/{asset_id}", response_model=Envelope[AssetPublic])
 async def get_asset(asset_id: UUID, user_id: CurrentUserId):
-    """查询资源（ready 时附新签名的下载 URL）"""
+    """查询资源（ready 时附下载 URL，至少还有 SIGNED_URL_SECONDS 有效）"""
     return ok(AssetPublic.model_validate(await get_asset_service().get_asset(user_id=user_id, asset_id=str(asset_id))))
 
 

@@ -193,7 +193,7 @@ class AssetService:
     # ------------------------------------------------------------ reads and deletes
 
     async def get_asset(self, *, user_id: str, asset_id: str, sign: bool = True) -> dict:
-        """查询自己的一个资源（他人的 → 404）；ready 时附新签名的下载 URL"""
+        """查询自己的一个资源（他人的 → 404）；ready 时附下载 URL（重新签名或交出仍够新的）"""
         asset = await db.fetch_one_as(
             user_id,
             f"select {ASSET_COLUMNS}, {PROBE_TASK_OF_ASSET} from public.assets a where id = %(id)s",
@@ -576,7 +576,7 @@ def _tombstone_for(asset: dict, user_id: str) -> tuple[str, tuple] | None:
 
 
 async def with_download_urls(assets: list[dict]) -> list[dict]:
-    """ready 的资源附上新签名的下载地址（一次存储请求；文件已不在存储里 → null）"""
+    """ready 的资源附上下载地址（重新签名或交出仍够新的，至多一次存储请求；文件已不在存储里 → null）"""
     return await with_signed_urls(assets, "download_url", lambda a: a["path"] if a["status"] == "ready" else None)
 
 

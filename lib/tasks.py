@@ -133,7 +133,7 @@ class TaskService:
                 log.warning("task %s: could not note the failed dispatch: %s", task_id, exc)
 
     async def get_task(self, *, user_id: str, task_id: str) -> dict:
-        """查询自己的一个任务（结果地址重新签名）"""
+        """查询自己的一个任务（结果地址重新签名或交出仍够新的）"""
         [task] = await with_fresh_result_urls([await self._own_task(user_id, task_id)])
         return task
 
