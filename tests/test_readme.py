@@ -195,3 +195,14 @@ def test_kling_price_table_is_the_catalogs():
     shown = {ticked(row[0])[0]: [int(cell.split()[0]) for cell in row[1:]] for row in rows}
     expected = {mode: [KLING_PRICES[(mode, "5")], KLING_PRICES[(mode, "10")]] for mode in ("std", "pro")}
     assert shown == {**expected, "-master": [KLING_MASTER_PRICES["5"], KLING_MASTER_PRICES["10"]]}
+
+
+def test_every_benchmark_is_named_where_the_readme_runs_and_reports_it():
+    scripts = {path.name for path in (ROOT / "bench").glob("*.py")}
+    reported = set(re.findall(r"^### .*\(`bench/(\w+\.py)`\)$", section("Performance"), flags=re.M))
+    assert reported == scripts
+    makefile = (ROOT / "Makefile").read_text()
+    run_by_make = set(re.findall(r"bench/(\w+\.py)", makefile[makefile.index("\nbench:") :].split("\n\n")[0]))
+    line = next(line for line in section("Development").splitlines() if line.startswith("make bench"))
+    others = set(re.findall(r"(\w+\.py)", line.split("others", 1)[1]))
+    assert run_by_make | others == scripts and not run_by_make & others, line
