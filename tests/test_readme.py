@@ -206,3 +206,33 @@ def test_every_benchmark_is_named_where_the_readme_runs_and_reports_it():
     line = next(line for line in section("Development").splitlines() if line.startswith("make bench"))
     others = set(re.findall(r"(\w+\.py)", line.split("others", 1)[1]))
     assert run_by_make | others == scripts and not run_by_make & others, line
+
+
+def test_deploy_scaling_figures_are_the_apps():
+    import modal_app
+
+    scaling = next(p for p in section("Deploy (Supabase + Modal + Stripe)").split("\n- ") if p.startswith("**Scaling"))
+    scaling = " ".join(scaling.split())
+    api = modal_app.api.info().concurrency_info
+    assert f"container serves {api.max_inputs} requests at once" in scaling
+    assert f"`DB_POOL_MAX` ({Settings.model_fields['db_pool_max'].default})" in scaling
+    assert f"`API_MAX_CONTAINERS` ({modal_app.API_MAX_CONTAINERS})" in scaling
+    caps = re.search(r"job functions at (.*?) \(`MAX_CONTAINERS`\)", scaling).group(1)
+    pools = {"upload-check": "probe"}  # the prose names a pool by what it runs
+    shown = {pools.get(name, name): int(n) for n, name in re.findall(r"(\d+) `?([\w-]+)`?", caps)}
+    assert shown == modal_app.MAX_CONTAINERS, caps
+
+
+def test_deploy_time_limits_in_prose_are_the_codes():
+    import modal_app
+    from lib.catalog import IO_ALLOWANCE_S, KLING_TIMEOUT_S
+    from lib.reaper import leftover_grace_seconds
+
+    deploy = " ".join(section("Deploy (Supabase + Modal + Stripe)").split())
+    assert f"{IO_ALLOWANCE_S // 60} more minutes (`IO_ALLOWANCE_S`)" in deploy
+    assert f"longest model's `timeout_s` plus {modal_app.IO_MARGIN_S // 60} minutes" in deploy
+    assert f"a Kling job takes up to {KLING_TIMEOUT_S // 60} minutes" in deploy
+    retired = modal_app.run_cpu.info().timeout + Settings.model_fields["task_queue_timeout_seconds"].default
+    assert f"a deploy {round(retired / 3600)} hours later (`TASK_QUEUE_TIMEOUT_SECONDS` and its longest job)" in deploy
+    lifecycle = " ".join(section("How a task runs").split())
+    assert f"plus {modal_app.IO_MARGIN_S // 60} minutes: {leftover_grace_seconds() // 60} min)" in lifecycle
