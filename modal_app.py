@@ -240,7 +240,7 @@ def api():
     max_containers=1,
 )
 def reaper() -> dict[str, int]:
-    """回收一轮：重新排队停滞的任务、失败并退款用尽次数的任务、重新派发未派发的任务"""
+    """回收一轮：重新排队停滞的任务、失败并退款用尽次数或排队过久的任务、重新派发未派发的任务、清理遗留的文件"""
     import asyncio
 
     from lib import db

@@ -1,4 +1,7 @@
-"""The reaper: requeue or fail stalled tasks, fail the never-started, cancel their calls, redispatch the forgotten."""
+"""The reaper: requeue or fail stalled tasks, fail the never-started, cancel their calls, redispatch the forgotten.
+
+Then it sweeps files: uploads never completed, what ended tasks left behind, and deleted accounts' folders.
+"""
 
 from __future__ import annotations
 
