@@ -1710,6 +1710,8 @@ CODINGS = {
     "BT.601": ("yuv420p", {"colorspace": 6, "color_primaries": 6, "color_trc": 6}, "bt601"),
     "full range": ("yuvj420p", {"colorspace": 5, "color_range": 2}, "bt601"),  # as many Android phones record
     "4:2:2": ("yuv422p", BT709_TAGS, "bt709"),
+    "4:4:4": ("yuv444p", {"colorspace": 6, "color_primaries": 6, "color_trc": 6}, "bt601"),
+    "4:4:4 10-bit": ("yuv444p10le", BT709_TAGS, "bt709"),
     "10-bit": ("yuv420p10le", BT709_TAGS, "bt709"),
     "BT.709": ("yuv420p", BT709_TAGS, "bt709"),
 }

@@ -37,7 +37,9 @@ BT709_LIMITED = YCbCr()  # what the encoder tags its output with
 def coding(frame: av.VideoFrame) -> YCbCr | None:
     """帧的 Y'CbCr 编码，若其矩阵与范围可在设备上精确换算；HDR、RGB、灰度、调色板与少见的矩阵 → None（交给 swscale）"""
     fmt = frame.format
-    if fmt.is_rgb or fmt.has_palette or sum(bool(c.is_chroma) for c in fmt.components) != 2:
+    # Two colour-difference planes: PyAV's is_chroma is false for unsubsampled ones (4:4:4, ProRes 4444).
+    chroma = sum(not (c.is_luma or c.is_alpha) for c in fmt.components)
+    if fmt.is_rgb or fmt.has_palette or fmt.name.startswith("xyz") or chroma != 2:
         return None
     if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
         return None  # tone- and gamut-mapped by swscale
