@@ -1704,7 +1704,7 @@ def test_colours_swscale_cannot_map_are_decoded_unmapped():
 
 KR_KB = {"bt601": (0.299, 0.114), "bt709": (0.2126, 0.0722)}  # the luma weights of red and blue
 BT709_TAGS = {"colorspace": 1, "color_primaries": 1, "color_trc": 1}
-# Input codings players read differently from 8-bit BT.709 limited range: (pixel format, tags, matrix)
+# Input codings players read differently from 8-bit BT.709 limited range: (pixel format, tags, matrix[, encoder])
 CODINGS = {
     "untagged SD": ("yuv420p", None, "bt601"),  # SD video without tags is BT.601 to players
     "BT.601": ("yuv420p", {"colorspace": 6, "color_primaries": 6, "color_trc": 6}, "bt601"),
@@ -1714,6 +1714,10 @@ CODINGS = {
     "4:4:4 10-bit": ("yuv444p10le", BT709_TAGS, "bt709"),
     "10-bit": ("yuv420p10le", BT709_TAGS, "bt709"),
     "BT.709": ("yuv420p", BT709_TAGS, "bt709"),
+    # Monochrome: untagged grey is full range (as swscale and players read it), HEVC's is tagged limited range.
+    "grey": ("gray", None, "bt709", "ffv1"),
+    "10-bit grey": ("gray10le", None, "bt709", "ffv1"),
+    "grey, limited range": ("gray", None, "bt709", "libx265"),
 }
 CHART = [(128, 128, 128), (255, 255, 255), (16, 16, 16), (200, 30, 30), (40, 190, 50)]
 CHART += [(30, 40, 200), (230, 220, 40), (40, 200, 210), (200, 40, 190), (90, 60, 40)]
@@ -1748,26 +1752,29 @@ def as_coded(frame: av.VideoFrame, matrix: str) -> np.ndarray:
         for p in frame.planes
     ]
     y, h, w = planes[0], frame.height, frame.width
-    u, v = (np.repeat(np.repeat(c, h // c.shape[0], 0), w // c.shape[1], 1) for c in planes[1:3])
     one = 2 ** (bits - 8)
-    if frame.color_range == 2 or frame.format.name.startswith("yuvj"):  # full range
+    grey = len(planes) == 1  # no chroma: neutral
+    chroma = planes[1:3] if not grey else [np.full_like(y, 128 * one)] * 2
+    u, v = (np.repeat(np.repeat(c, h // c.shape[0], 0), w // c.shape[1], 1) for c in chroma)
+    if frame.color_range == 2 or frame.format.name.startswith("yuvj") or (grey and frame.color_range != 1):
         y, pb, pr = y / (255 * one), (u - 128 * one) / (255 * one), (v - 128 * one) / (255 * one)
     else:
         y, pb, pr = (y - 16 * one) / (219 * one), (u - 128 * one) / (224 * one), (v - 128 * one) / (224 * one)
     kr, kb = KR_KB[matrix]
     r, b = y + 2 * (1 - kr) * pr, y + 2 * (1 - kb) * pb
-    return 255 * np.stack([r, (y - kr * r - kb * b) / (1 - kr - kb), b], -1)
+    return (255 * np.stack([r, (y - kr * r - kb * b) / (1 - kr - kb), b], -1)).clip(0, 255)  # as a screen shows it
 
 
 @pytest.mark.parametrize("coding", list(CODINGS))
 def test_colours_come_out_as_the_input_codes_them(tmp_path, coding):
     """Grey, white, black and saturated patches keep their colours within 2 levels of the exact conversion of the
     input's codes, in the upscaled and interpolated clips and in the poster, whatever matrix, range, chroma
-    subsampling or bit depth the input is coded in (8-bit output codes alone are up to 1.5 levels off)."""
-    pix_fmt, tags, matrix = CODINGS[coding]
+    subsampling or bit depth the input is coded in, monochrome included (8-bit output codes alone are up to 1.5
+    levels off)."""
+    pix_fmt, tags, matrix, *encoder = CODINGS[coding]
     chart = colour_chart()
     src = make_video(
-        tmp_path / "chart.mp4",
+        tmp_path / ("chart.mkv" if encoder == ["ffv1"] else "chart.mp4"),
         5 * PATCH,
         2 * PATCH,
         frames=3,
@@ -1775,6 +1782,7 @@ def test_colours_come_out_as_the_input_codes_them(tmp_path, coding):
         frames_from=[chart] * 3,
         colour_tags=tags,
         pix_fmt=pix_fmt,
+        video_codec=encoder[0] if encoder else "libx264",
     )
     with av.open(str(src)) as container:
         frame = next(container.decode(video=0))

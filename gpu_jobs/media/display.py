@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 HDR_TRANSFERS = {16, 18}  # SMPTE ST 2084 (PQ: HDR10, Dolby Vision), ARIB STD-B67 (HLG: phones' HDR video)
 BT709, UNSPECIFIED, BT2020 = 1, 2, 9
 SMPTE170M = 6  # BT.601, what players read untagged SD video as
-FULL_RANGE = 2  # AVCOL_RANGE_JPEG
+LIMITED_RANGE, FULL_RANGE = 1, 2  # AVCOL_RANGE_MPEG, AVCOL_RANGE_JPEG
 # The Y'CbCr matrices (AVColorSpace values) converted on the device, by their luma weights of red and blue (Kr, Kb)
 MATRICES = {BT709: (0.2126, 0.0722), 4: (0.30, 0.11), 5: (0.299, 0.114), SMPTE170M: (0.299, 0.114), 7: (0.212, 0.087)}
 
@@ -35,20 +35,28 @@ BT709_LIMITED = YCbCr()  # what the encoder tags its output with
 
 
 def coding(frame: av.VideoFrame) -> YCbCr | None:
-    """帧的 Y'CbCr 编码，若其矩阵与范围可在设备上精确换算；HDR、RGB、灰度、调色板与少见的矩阵 → None（交给 swscale）"""
+    """帧的 Y'CbCr 编码，若其矩阵与范围可在设备上精确换算；HDR、RGB、调色板与少见的矩阵 → None（交给 swscale）"""
     fmt = frame.format
-    # Two colour-difference planes: PyAV's is_chroma is false for unsubsampled ones (4:4:4, ProRes 4444).
-    chroma = sum(not (c.is_luma or c.is_alpha) for c in fmt.components)
-    if fmt.is_rgb or fmt.has_palette or fmt.name.startswith("xyz") or chroma != 2:
+    if fmt.is_rgb or fmt.has_palette or fmt.name.startswith("xyz"):
         return None
     if frame.color_trc in HDR_TRANSFERS or frame.color_primaries == BT2020:
         return None  # tone- and gamut-mapped by swscale
+    if _grey(fmt):  # its luma, with neutral chroma; untagged grey is full range, as swscale reads it
+        return YCbCr(full=frame.color_range != LIMITED_RANGE)
+    # Two colour-difference planes: PyAV's is_chroma is false for unsubsampled ones (4:4:4, ProRes 4444).
+    if sum(not (c.is_luma or c.is_alpha) for c in fmt.components) != 2:
+        return None
     space = frame.colorspace
     if space == UNSPECIFIED:  # as players read it, and as sdr_options has swscale read it
         space = BT709 if frame.width >= 1280 or frame.height > 576 else SMPTE170M
     if space not in MATRICES:
         return None
     return YCbCr(*MATRICES[space], frame.color_range == FULL_RANGE or fmt.name.startswith("yuvj"))
+
+
+def _grey(fmt: av.VideoFormat) -> bool:
+    """只有亮度（可带 alpha）的像素格式：gray、gray10、ya8 等"""
+    return all(c.is_luma or c.is_alpha for c in fmt.components)
 
 
 @cache
@@ -172,7 +180,8 @@ class Display:
             # swscale changes only what it changes exactly (bit depth, chroma subsampling, size); the matrix and
             # range stay for the device to convert: swscale's fast paths are up to 3 levels off there, and its
             # exact ones cost 5-30 ms a 1080p frame in the decode thread.
-            kept = "JPEG" if self._coding.full else "MPEG"
+            # swscale reads grey as full range whatever its tag: passed through as it is, read as tagged on the device.
+            kept = "JPEG" if self._coding.full or _grey(frame.format) else "MPEG"
             converted = self._convert(frame, *size, "yuv420p", False, src_color_range=kept, dst_color_range=kept)
         else:
             converted = self._convert(frame, *size, "yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
