@@ -270,3 +270,14 @@ async def test_a_job_of_one_class_does_not_wait_behind_a_long_one_of_another(cli
         await until(lambda: task_row(short["id"])["status"] == "completed", "the other class's job completed")
         assert task_row(waiting["id"])["status"] == "processing"  # still running beside it
     assert task_row(waiting["id"])["status"] == "queued"  # handed back when the worker stopped
+
+
+def test_the_gpu_classes_share_one_local_class():
+    """本地只有一块 GPU：所有 GPU 类别的模型同属一类，合起来 WORKER_CONCURRENCY 个；CPU 池各自一类"""
+    from lib.local.worker import LocalWorker
+
+    classes = LocalWorker().classes
+    assert set(classes["gpu"]) == {key for key, spec in catalog.CATALOG.items() if spec.gpu}
+    assert {spec.gpu for key, spec in catalog.CATALOG.items() if spec.gpu} == {"gpu-small", "gpu-large"}
+    for pool in catalog.CPU_POOLS:
+        assert set(classes[pool]) == {key for key, spec in catalog.CATALOG.items() if spec.job_class == pool}

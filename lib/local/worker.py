@@ -1,5 +1,5 @@
 """The local worker: claims queued tasks (FOR UPDATE SKIP LOCKED), woken by NOTIFY, WORKER_CONCURRENCY at a time in
-each job class (a GPU class, the upload checks, the provider jobs), as the cloud runs each class on its own function:
+each job class (the GPU jobs, the upload checks, the provider jobs), as the cloud runs each class on its own function:
 an upload is checked while a Kling job waits on Kling, and a long video does not hold up a picture's check."""
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ class LocalWorker:
         self.stopping = asyncio.Event()
         self.running: dict[asyncio.Task, tuple[str, dict]] = {}  # job → (its class, the claimed task)
         self.classes: dict[str, list[str]] = {}  # claim only what this worker can run, by job class
-        for key, spec in CATALOG.items():
-            self.classes.setdefault(spec.job_class, []).append(key)
+        for key, spec in CATALOG.items():  # the GPU classes share this machine's one GPU: one class here
+            self.classes.setdefault("gpu" if spec.gpu else spec.job_class, []).append(key)
 
     async def run(self) -> None:
         """运行直到 stop()"""
