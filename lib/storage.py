@@ -258,8 +258,8 @@ class StorageService:
                 signed = await self._bucket().create_signed_urls(missing, lifetime + reuse)
             fetched = {item["path"]: item["signedURL"] for item in signed if item["path"] in missing}
             urls.update(fetched)
-            if reuse and removals == self._removals:
-                self._remember(bucket, fetched, lifetime, started + reuse)
+            if reuse:
+                self._remember(bucket, fetched, lifetime, started + reuse, removals)
         return {path: (url := urls.get(path)) and self.public_url(url) for path in paths}
 
     def _remembered(self, bucket: str, paths: list[str], lifetime: int) -> dict[str, str]:
@@ -278,8 +278,10 @@ class StorageService:
                 found[path] = entry[0]
         return found
 
-    def _remember(self, bucket: str, urls: dict[str, str | None], lifetime: int, until: float) -> None:
+    def _remember(self, bucket: str, urls: dict[str, str | None], lifetime: int, until: float, removals: int) -> None:
         with self._signed_lock:
+            if removals != self._removals:  # a removal overlapped the signing: keep nothing (checked under the lock)
+                return
             for path, url in urls.items():
                 if url:  # a missing file is asked about again: it may be uploaded later
                     self._signed[(bucket, path, lifetime)] = (url, until)
