@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import os
@@ -69,10 +70,10 @@ def clip(tmp_path_factory):
     return make_video(tmp_path_factory.mktemp("kling") / "clip.mp4", 64, 48, frames=12, fps=12, audio=False)
 
 
-@pytest.fixture
-def kling(clip):
+@contextlib.contextmanager
+def serving_kling(video):
     """运行中的假 Kling，且配置指向它（轮询间隔极短）"""
-    fake = FakeKling(access_key=AK, secret_key=SK, video=clip).start()
+    fake = FakeKling(access_key=AK, secret_key=SK, video=video).start()
     saved = {name: os.environ.get(name) for name in KLING_ENV}
     set_env(
         {
@@ -83,9 +84,17 @@ def kling(clip):
             "KLING_POLL_DEADLINE_SECONDS": "30",
         }
     )
-    yield fake
-    fake.stop()
-    set_env(saved)
+    try:
+        yield fake
+    finally:
+        fake.stop()
+        set_env(saved)
+
+
+@pytest.fixture
+def kling(clip):
+    with serving_kling(clip) as fake:
+        yield fake
 
 
 @pytest.fixture

@@ -827,24 +827,11 @@ print(sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
 @pytest.fixture
 def fake_kling(tmp_path):
     """运行中的假 Kling，且配置指向它（轮询间隔极短）"""
-    from tests.fake_kling import FakeKling
     from tests.media_factories import make_video
-    from tests.test_kling import AK, KLING_ENV, SK, set_env
+    from tests.test_kling import serving_kling
 
-    fake = FakeKling(access_key=AK, secret_key=SK, video=make_video(tmp_path / "kling.mp4", 64, 48, frames=12)).start()
-    saved = {name: os.environ.get(name) for name in KLING_ENV}
-    set_env(
-        {
-            "KLING_AI_ACCESS_KEY": AK,
-            "KLING_AI_SECRET_KEY": SK,
-            "KLING_API_BASE": fake.url,
-            "KLING_POLL_INTERVAL_SECONDS": "0.01",
-            "KLING_POLL_DEADLINE_SECONDS": "30",
-        }
-    )
-    yield fake
-    fake.stop()
-    set_env(saved)
+    with serving_kling(make_video(tmp_path / "kling.mp4", 64, 48, frames=12)) as fake:
+        yield fake
 
 
 async def test_upload_checks_and_provider_jobs_run_where_torch_cannot_be_imported(
