@@ -367,10 +367,15 @@ class OneJobProvider:
         return ProviderJob(job_id="kt-1", state="running", raw_state="processing")
 
 
-def test_a_job_adopted_by_our_id_keeps_the_deadline_of_its_first_submit(tmp_path):
-    ctx = JobContext(
-        task_id="our-task", params=None, inputs={}, input_meta={}, workdir=tmp_path, progress=lambda *a, **k: None
+def job_context(workdir: Path, progress=lambda *a, **k: None, **state) -> JobContext:
+    """提供方流程直接调用时的任务上下文（无参数、无输入）"""
+    return JobContext(
+        task_id="our-task", params=None, inputs={}, input_meta={}, workdir=workdir, progress=progress, state=state
     )
+
+
+def test_a_job_adopted_by_our_id_keeps_the_deadline_of_its_first_submit(tmp_path):
+    ctx = job_context(tmp_path)
     before = time.time()
     with pytest.raises(TransientError):  # the submit's answer was lost: the attempt ends before the id is known
         submit_or_resume(ctx, OneJobProvider(lose_answer=True), deadline_s=60, interval_s=0.01)
@@ -591,14 +596,7 @@ class ScriptedProvider:
 
 def test_generating_after_a_long_queue_starts_where_the_queue_left_the_progress(tmp_path):
     reports: list[tuple[float, str | None]] = []
-    ctx = JobContext(
-        task_id="our-task",
-        params=None,
-        inputs={},
-        input_meta={},
-        workdir=tmp_path,
-        progress=lambda fraction, message=None: reports.append((fraction, message)),
-    )
+    ctx = job_context(tmp_path, lambda fraction, message=None: reports.append((fraction, message)))
     provider = ScriptedProvider("queued", "running", "running", "succeeded")
     # Ten minutes in Kling's queue (or waiting for a slot) before it starts generating.
     started_at = time.time() - 600
@@ -647,15 +645,7 @@ class RefusedOnceProvider:
 
 def test_the_download_with_a_fresh_link_gets_only_what_is_left_of_the_allowance(tmp_path, monkeypatch, clip):
     monkeypatch.setattr(providers, "DOWNLOAD_LIMIT_S", 2.0)
-    ctx = JobContext(
-        task_id="our-task",
-        params=None,
-        inputs={},
-        input_meta={},
-        workdir=tmp_path,
-        progress=lambda *a, **k: None,
-        state={"provider_job_id": "kt-1", "provider_submitted_at": time.time()},
-    )
+    ctx = job_context(tmp_path, provider_job_id="kt-1", provider_submitted_at=time.time())
     provider = RefusedOnceProvider(clip, spend=0.5)
     [output] = providers.run_provider_job(ctx, provider, deadline_s=60, interval_s=0.01)
     first, second = provider.time_limits
