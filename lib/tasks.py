@@ -174,8 +174,7 @@ class TaskService:
         """取消排队中或处理中的任务并退款；再次取消已取消的任务照样回答它（重试安全）；已完成或失败 → 409"""
         task = await self._own_task(user_id, task_id)
         if task["status"] == "canceled":  # a retry of a cancel whose answer was lost: it did cancel
-            [task] = await with_fresh_result_urls([task])
-            return task
+            return public_task(task)  # as the first answer (a canceled task has no result to sign)
         if task["status"] in TERMINAL:
             raise Conflict(f"The task is already {task['status']}.")
         spec = catalog.CATALOG.get(task["model_key"])
